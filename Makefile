@@ -1,0 +1,47 @@
+# txmta: make run | make test | make bench
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+CONFIG ?= etc/txmta.toml
+export PYTHONPATH := $(CURDIR)
+
+.PHONY: all venv run test test-unit test-integration debs bench check-config clean
+
+all: test
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]' --config-settings editable_mode=compat
+	touch $@
+
+venv: $(VENV)/.installed
+
+run: venv
+	$(VENV)/bin/twistd -n txmta --config $(CONFIG)
+
+check-config: venv
+	$(VENV)/bin/txmta check-config $(CONFIG)
+
+# Debian packages the tests use: smtp-source/smtp-sink (postfix) and swaks.
+# The postfix daemon is never started: policy-rc.d forbids service starts during install.
+debs:
+	@if ! command -v smtp-sink >/dev/null || ! command -v swaks >/dev/null || ! command -v openssl >/dev/null; then \
+	    if [ "$$(id -u)" != 0 ]; then echo "need root to install postfix, swaks, openssl" >&2; exit 1; fi; \
+	    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; \
+	    echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections; \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -q && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends postfix swaks openssl; \
+	fi
+
+test: venv debs
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+test-unit: venv
+	$(PY) -m pytest -q -p no:cacheprovider tests --ignore=tests/integration
+
+bench: venv debs
+	$(PY) bench/run.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

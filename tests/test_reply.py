@@ -1,0 +1,27 @@
+"""Replies render per RFC 5321 4.2.1 with enhanced codes per RFC 2034."""
+
+import pytest
+
+from txmta.reply import Reply
+
+
+def test_single_line_reply_carries_enhanced_code():
+    """A one-line reply is `code SP enhanced SP text CRLF`."""
+    assert Reply(250, "2.1.0", "Sender OK").to_bytes() == b"250 2.1.0 Sender OK\r\n"
+
+
+def test_multiline_reply_repeats_code_and_enhanced_code():
+    """Every line but the last uses `-`; each carries the enhanced code (RFC 2034 3)."""
+    assert Reply(550, "5.7.1", "one\ntwo").to_bytes() == b"550-5.7.1 one\r\n550 5.7.1 two\r\n"
+
+
+def test_greeting_style_reply_without_enhanced_code():
+    """EHLO and greeting replies are exempt from enhanced codes."""
+    assert Reply(250, "", "host\nPIPELINING").to_bytes() == b"250-host\r\n250 PIPELINING\r\n"
+
+
+@pytest.mark.parametrize("code", [199, 600, 0])
+def test_code_out_of_range_is_refused(code):
+    """A reply code outside 2xx-5xx is a programming error."""
+    with pytest.raises(ValueError):
+        Reply(code, "2.0.0", "x")

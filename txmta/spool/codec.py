@@ -1,0 +1,76 @@
+"""Encodes spool records to bytes and back.  Versioned, JSON inside, never pickle.
+
+Each record starts with one format byte.  A record this version cannot decode raises
+`CorruptRecord` (the caller sets it aside and logs it; it is never fatal).  Pure: no I/O.
+"""
+# test: tests/test_codec.py
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from txmta.envelope import Address, Envelope, Recipient
+from txmta.reply import Reply
+from txmta.spool.interface import RecipientState, StoredMessage
+
+VERSION = 1
+_V = bytes([VERSION])
+
+
+class CorruptRecord(ValueError):
+    pass
+
+
+def _dumps(obj: Any) -> bytes:
+    return _V + json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def _loads(data: bytes) -> Any:
+    if not data or data[0] != VERSION:
+        raise CorruptRecord(f"unknown record version {data[:1]!r}")
+    try:
+        return json.loads(bytes(data[1:]).decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CorruptRecord(str(e)) from e
+
+
+def encode_message(m: StoredMessage) -> bytes:
+    e = m.envelope
+    return _dumps({
+        "id": m.id, "arrival": m.arrival, "size": m.size, "file": m.body_in_file,
+        "client": m.client,
+        "from": str(e.sender),
+        "rcpt": [[str(r.address), list(r.notify), r.orcpt] for r in e.recipients],
+        "esize": e.size, "body": e.body, "utf8": e.smtputf8, "ret": e.ret, "envid": e.envid,
+        "auth": e.auth, "extra": e.extra,
+    })
+
+
+def decode_message(data: bytes, states: tuple[RecipientState, ...] | None = None) -> StoredMessage:
+    d = _loads(data)
+    try:
+        rcpts = tuple(Recipient(Address.parse_stored(a), tuple(n), o) for a, n, o in d["rcpt"])
+        env = Envelope(Address.parse_stored(d["from"]), rcpts, d["esize"], d["body"], d["utf8"],
+                       d["ret"], d["envid"], d["auth"], dict(d["extra"]))
+        if states is None:
+            states = tuple(RecipientState() for _ in rcpts)
+        return StoredMessage(d["id"], env, float(d["arrival"]), int(d["size"]), states,
+                             dict(d["client"]), bool(d["file"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise CorruptRecord(f"bad message record: {e}") from e
+
+
+def encode_recipient(r: RecipientState) -> bytes:
+    return _dumps([r.state, r.attempts, r.next_attempt,
+                   r.last_reply.as_dict() if r.last_reply else None])
+
+
+def decode_recipient(data: bytes) -> RecipientState:
+    d = _loads(data)
+    try:
+        state, attempts, next_attempt, reply = d
+        return RecipientState(str(state), int(attempts), float(next_attempt),
+                              Reply.from_dict(reply) if reply else None)
+    except (TypeError, ValueError, KeyError) as e:
+        raise CorruptRecord(f"bad recipient record: {e}") from e

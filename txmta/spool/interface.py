@@ -1,0 +1,127 @@
+"""What a spool is: the interface the queue uses, and the records it stores.
+
+A spool keeps messages (envelope, arrival, body) and per-recipient state durably.
+`put()` fires only once the message is on disk (DESIGN invariant 1); a failure fires
+with `SpoolFull` (map or disk full: the caller answers 452 4.3.1) or `CommitFailed`
+(anything else: 451 4.3.0), and leaves nothing behind.
+
+Bodies are streamed into a `BodyWriter` while DATA arrives; a writer may keep the body in
+memory or spill it to a file, which the spool makes durable before the commit that
+references it.  Implementations: `spool.lmdb.LmdbSpool` (the real one) and
+`spool.memory.MemorySpool` (tests); `tests/test_spool_contract.py` runs on both.
+"""
+# test: tests/test_spool_contract.py
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Iterator, Protocol
+
+from twisted.internet.defer import Deferred
+
+from txmta.envelope import Envelope
+from txmta.reply import Reply
+
+# Recipient states.  Only QUEUED and HELD are unfinished; the others are final.
+QUEUED = "queued"
+HELD = "held"
+DELIVERED = "delivered"
+BOUNCED = "bounced"
+EXPIRED = "expired"
+DELETED = "deleted"
+UNFINISHED = frozenset({QUEUED, HELD})
+
+
+class SpoolError(Exception):
+    """A spool operation failed; nothing it would have written was kept."""
+
+
+class SpoolFull(SpoolError):
+    """The LMDB map or the disk is full."""
+
+
+class CommitFailed(SpoolError):
+    """Any other failure to make a change durable."""
+
+
+class SpoolFormatError(SpoolError):
+    """The spool on disk has a format this version cannot use."""
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientState:
+    state: str = QUEUED
+    attempts: int = 0
+    next_attempt: float = 0.0
+    last_reply: Reply | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMessage:
+    id: str
+    envelope: Envelope
+    arrival: float
+    size: int                                   # octets of the stored body (with our headers)
+    recipients: tuple[RecipientState, ...]      # parallel to envelope.recipients
+    client: dict[str, str]                      # address, helo, tls, auth user, listener
+    body_in_file: bool = False
+
+    def with_recipient_state(self, index: int, state: RecipientState) -> "StoredMessage":
+        states = list(self.recipients)
+        states[index] = state
+        return replace(self, recipients=tuple(states))
+
+    @property
+    def unfinished(self) -> bool:
+        return any(r.state in UNFINISHED for r in self.recipients)
+
+
+class BodyWriter(Protocol):
+    """Collects one message body.  `write()` never blocks on fsync; the spool syncs at put()."""
+
+    @property
+    def size(self) -> int: ...
+
+    def write(self, data: bytes) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+class Spool(Protocol):
+    def body_writer(self, message_id: str) -> BodyWriter: ...
+
+    def put(self, message: StoredMessage, body: BodyWriter) -> "Deferred[None]":
+        """Store envelope, recipient states, due-index entries and body in one durable commit."""
+
+    def update(self, message: StoredMessage) -> "Deferred[None]":
+        """Replace the recipient states of a stored message (and its due-index entries);
+        remove the message and its body when no recipient is unfinished."""
+
+    def remove(self, message_id: str) -> "Deferred[None]":
+        """Delete a message, its recipients, due entries and body."""
+
+    def get(self, message_id: str) -> "Deferred[StoredMessage | None]": ...
+
+    def read_body(self, message_id: str) -> "Deferred[bytes]": ...
+
+    def due(self, now: float, limit: int) -> "Deferred[list[tuple[float, str]]]":
+        """Up to `limit` (time, message id) pairs with a recipient due at or before `now`,
+        oldest first; the time-ordered index, no scan."""
+
+    def next_due(self) -> "Deferred[float | None]": ...
+
+    def count(self) -> "Deferred[int]": ...
+
+    def close(self) -> "Deferred[None]": ...
+
+
+class SpoolView(Protocol):
+    """Read-only access for other processes (`txmta queue list` while the daemon runs)."""
+
+    def messages(self) -> Iterator[StoredMessage]: ...
+
+    def get(self, message_id: str) -> StoredMessage | None: ...
+
+    def read_body(self, message_id: str) -> bytes: ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,489 @@
+"""The LMDB spool: crash-safe storage of messages, recipient states and the due index.
+
+One environment at `spool.path` (sync and metasync on, no writemap), with named databases:
+messages (id -> envelope record), bodies (id -> small body), recipients (id/idx -> state),
+due (time/id/idx -> "", the time-ordered index of recipients to try), events (timelines,
+later issues) and meta (format version).  Bodies above `inline_limit` are streamed to files
+under `bodies/` and fsynced (file, then directory) before the commit that references them;
+a body file no message references is removed at start.
+
+**One writer thread** owns every transaction of the daemon: callers queue operations, the
+thread takes everything pending, runs it in one write transaction, commits once (natural
+group commit: sessions that arrive during a commit share the next one), then fires the
+callers' Deferreds in the reactor thread.  A full map is grown live between transactions,
+up to `max_map_size`; past that, or on a full disk, operations fail with `SpoolFull`.
+
+`LmdbView` is the read-only view other processes use while the daemon runs.
+"""
+# test: tests/test_spool_contract.py, tests/test_spool_lmdb.py
+
+from __future__ import annotations
+
+import errno
+import os
+import struct
+import threading
+from dataclasses import replace
+from typing import Any, Callable, Iterator
+
+import lmdb
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorFromThreads
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from txmta.spool import codec
+from txmta.spool.interface import (QUEUED, UNFINISHED, CommitFailed, RecipientState, SpoolError,
+                                   SpoolFormatError, SpoolFull, StoredMessage)
+
+FORMAT = b"1"
+DB_NAMES = (b"messages", b"bodies", b"recipients", b"due", b"events", b"meta")
+log = Logger()
+
+
+def rcpt_key(message_id: str, index: int) -> bytes:
+    return b"%s/%04x" % (message_id.encode("ascii"), index)
+
+
+def due_key(when: float, message_id: str, index: int) -> bytes:
+    return struct.pack(">Q", max(0, int(when * 1000))) + rcpt_key(message_id, index)
+
+
+def _due_time(key: bytes) -> float:
+    return struct.unpack(">Q", key[:8])[0] / 1000.0
+
+
+def _due_id(key: bytes) -> str:
+    return key[8:].rsplit(b"/", 1)[0].decode("ascii")
+
+
+def _is_disk_full(e: BaseException) -> bool:
+    if isinstance(e, lmdb.MapFullError):
+        return True
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return "No space left" in str(e) or "MDB_MAP_FULL" in str(e)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class MemoryBody:
+    """Body kept in memory until it passes `limit`, then spilled to `path` (not yet synced)."""
+
+    def __init__(self, path: str, limit: int) -> None:
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._limit = limit
+        self.path = path
+        self.file: Any = None
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def in_file(self) -> bool:
+        return self.file is not None
+
+    def write(self, data: bytes) -> None:
+        if not data:
+            return
+        self._size += len(data)
+        if self.file is not None:
+            self.file.write(data)
+            return
+        self._chunks.append(data)
+        if self._size > self._limit:
+            self.file = open(self.path, "wb")
+            for chunk in self._chunks:
+                self.file.write(chunk)
+            self._chunks = []
+
+    def value(self) -> bytes:
+        return b"".join(self._chunks)
+
+    def sync(self) -> None:
+        """Flush and fsync the body file (writer thread)."""
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+
+    def abort(self) -> None:
+        self._chunks = []
+        if self.file is not None:
+            try:
+                self.file.close()
+            finally:
+                try:
+                    os.unlink(self.path)
+                except FileNotFoundError:
+                    pass
+
+
+class _Op:
+    __slots__ = ("fn", "deferred", "pre", "post", "on_fail", "result", "failure")
+
+    def __init__(self, fn: Callable[[Any], Any], pre: Callable[[], None] | None = None,
+                 post: Callable[[], None] | None = None,
+                 on_fail: Callable[[], None] | None = None) -> None:
+        self.fn = fn
+        self.pre = pre
+        self.post = post
+        self.on_fail = on_fail
+        self.deferred: Deferred[Any] = Deferred()
+        self.result: Any = None
+        self.failure: BaseException | None = None
+
+
+class LmdbSpool:
+    def __init__(self, path: str, reactor: IReactorFromThreads, *, map_size: int = 1 << 30,
+                 max_map_size: int = 1 << 36, inline_limit: int = 256 * 1024) -> None:
+        self.path = path
+        self.bodies = os.path.join(path, "bodies")
+        self._reactor = reactor
+        self._inline_limit = inline_limit
+        self._max_map_size = max(max_map_size, map_size)
+        os.makedirs(self.bodies, exist_ok=True)
+        self._env = lmdb.open(path, map_size=map_size, max_dbs=len(DB_NAMES) + 2, subdir=True,
+                              sync=True, metasync=True, writemap=False, map_async=False,
+                              lock=True, readahead=False, max_readers=256)
+        self._env.reader_check()
+        self._db = {name: self._env.open_db(name) for name in DB_NAMES}
+        self._check_format()
+        self._remove_orphan_bodies()
+        self._pending: list[_Op] = []
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="txmta-spool-writer", daemon=True)
+        self._thread.start()
+
+    # -- start ------------------------------------------------------------------------
+
+    def _check_format(self) -> None:
+        with self._env.begin(write=True, db=self._db[b"meta"]) as txn:
+            found = txn.get(b"format")
+            if found is None:
+                txn.put(b"format", FORMAT)
+            elif found != FORMAT:
+                raise SpoolFormatError(
+                    f"spool {self.path} has format {found.decode(errors='replace')}, this txmta "
+                    f"reads format {FORMAT.decode()}; use the txmta version that wrote it")
+
+    def _remove_orphan_bodies(self) -> None:
+        with self._env.begin(db=self._db[b"messages"]) as txn:
+            for name in os.listdir(self.bodies):
+                if txn.get(name.encode("ascii", "replace")) is None:
+                    log.info("removing unreferenced body file {name}", name=name)
+                    os.unlink(os.path.join(self.bodies, name))
+
+    # -- writer thread --------------------------------------------------------------------
+
+    def _submit(self, op: _Op) -> Deferred[Any]:
+        with self._cond:
+            if self._stopping:
+                op.deferred.errback(CommitFailed("spool is closed"))
+                return op.deferred
+            self._pending.append(op)
+            self._cond.notify()
+        return op.deferred
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._stopping:
+                    self._cond.wait()
+                batch, self._pending = self._pending, []
+                if not batch and self._stopping:
+                    return
+            self._run_batch(batch)
+            self._reactor.callFromThread(self._fire, batch)
+
+    def _run_batch(self, batch: list[_Op]) -> None:
+        synced_dir = False
+        for op in batch:
+            if op.pre is not None:
+                try:
+                    op.pre()
+                    synced_dir = True
+                except BaseException as e:
+                    op.failure = SpoolFull(str(e)) if _is_disk_full(e) else CommitFailed(str(e))
+        if synced_dir:
+            try:
+                _fsync_dir(self.bodies)
+            except OSError as e:
+                for op in batch:
+                    if op.pre is not None and op.failure is None:
+                        op.failure = CommitFailed(f"fsync of {self.bodies}: {e}")
+        live = [op for op in batch if op.failure is None]
+        while live:
+            try:
+                with self._env.begin(write=True) as txn:
+                    for op in live:
+                        child = self._env.begin(write=True, parent=txn)
+                        try:
+                            op.result = op.fn(child)
+                            child.commit()
+                        except lmdb.MapFullError:
+                            child.abort()
+                            raise
+                        except Exception as e:  # one operation's error does not fail the rest
+                            child.abort()
+                            op.failure = e if isinstance(e, SpoolError) else CommitFailed(repr(e))
+                break  # committed
+            except lmdb.MapFullError:
+                if not self._grow():
+                    for op in live:
+                        op.failure = SpoolFull("spool map is full (spool.max_map_size reached)")
+                    break
+                for op in live:
+                    op.failure = None
+            except Exception as e:
+                full = _is_disk_full(e)
+                for op in live:
+                    op.failure = SpoolFull(str(e)) if full else CommitFailed(repr(e))
+                break
+        for op in batch:
+            try:
+                if op.failure is not None:
+                    if op.on_fail is not None:
+                        op.on_fail()
+                elif op.post is not None:
+                    op.post()
+            except Exception:
+                log.failure("spool cleanup after commit")
+
+    def _grow(self) -> bool:
+        current = self._env.info()["map_size"]
+        if current >= self._max_map_size:
+            return False
+        new = min(current * 2, self._max_map_size)
+        try:
+            self._env.set_mapsize(new)
+        except lmdb.Error:
+            return False
+        log.info("spool map grown from {old} to {new} bytes", old=current, new=new)
+        return True
+
+    def _fire(self, batch: list[_Op]) -> None:
+        for op in batch:
+            if op.failure is not None:
+                op.deferred.errback(Failure(op.failure))
+            else:
+                op.deferred.callback(op.result)
+
+    # -- writing ----------------------------------------------------------------------------
+
+    def body_writer(self, message_id: str) -> MemoryBody:
+        return MemoryBody(os.path.join(self.bodies, message_id), self._inline_limit)
+
+    def _write_recipients(self, txn: Any, m: StoredMessage, old: tuple[RecipientState, ...] | None) -> None:
+        rdb, ddb = self._db[b"recipients"], self._db[b"due"]
+        for i, st in enumerate(m.recipients):
+            if old is not None:
+                prev = old[i]
+                if prev.state == QUEUED:
+                    txn.delete(due_key(prev.next_attempt, m.id, i), db=ddb)
+            txn.put(rcpt_key(m.id, i), codec.encode_recipient(st), db=rdb)
+            if st.state == QUEUED:
+                txn.put(due_key(st.next_attempt, m.id, i), b"", db=ddb)
+
+    def put(self, message: StoredMessage, body: MemoryBody) -> Deferred[None]:
+        in_file = body.in_file
+        if in_file != message.body_in_file:
+            message = replace(message, body_in_file=in_file)
+        key = message.id.encode("ascii")
+        inline = None if in_file else body.value()
+
+        def fn(txn: Any) -> None:
+            if txn.get(key, db=self._db[b"messages"]) is not None:
+                raise CommitFailed(f"message id {message.id} already exists")
+            txn.put(key, codec.encode_message(message), db=self._db[b"messages"])
+            if inline is not None:
+                txn.put(key, inline, db=self._db[b"bodies"])
+            self._write_recipients(txn, message, None)
+
+        return self._submit(_Op(fn, pre=body.sync if in_file else None,
+                                on_fail=body.abort if in_file else None))
+
+    def _load(self, txn: Any, message_id: str) -> StoredMessage | None:
+        raw = txn.get(message_id.encode("ascii"), db=self._db[b"messages"])
+        if raw is None:
+            return None
+        n = len(codec._loads(raw)["rcpt"])
+        states = []
+        for i in range(n):
+            rs = txn.get(rcpt_key(message_id, i), db=self._db[b"recipients"])
+            states.append(codec.decode_recipient(rs) if rs is not None else RecipientState())
+        return codec.decode_message(raw, tuple(states))
+
+    def _delete(self, txn: Any, m: StoredMessage) -> None:
+        key = m.id.encode("ascii")
+        for i, st in enumerate(m.recipients):
+            if st.state == QUEUED:
+                txn.delete(due_key(st.next_attempt, m.id, i), db=self._db[b"due"])
+            txn.delete(rcpt_key(m.id, i), db=self._db[b"recipients"])
+        txn.delete(key, db=self._db[b"bodies"])
+        txn.delete(key, db=self._db[b"messages"])
+
+    def _unlink_body(self, message_id: str) -> None:
+        try:
+            os.unlink(os.path.join(self.bodies, message_id))
+        except FileNotFoundError:
+            pass
+
+    def update(self, message: StoredMessage) -> Deferred[None]:
+        gone = [False]
+
+        def fn(txn: Any) -> None:
+            old = self._load(txn, message.id)
+            if old is None:
+                raise CommitFailed(f"no message {message.id}")
+            if not any(r.state in UNFINISHED for r in message.recipients):
+                self._delete(txn, old)
+                gone[0] = old.body_in_file
+            else:
+                self._write_recipients(txn, message, old.recipients)
+
+        return self._submit(_Op(fn, post=lambda: gone[0] and self._unlink_body(message.id)))
+
+    def remove(self, message_id: str) -> Deferred[None]:
+        had_file = [False]
+
+        def fn(txn: Any) -> None:
+            old = self._load(txn, message_id)
+            if old is not None:
+                self._delete(txn, old)
+                had_file[0] = old.body_in_file
+
+        return self._submit(_Op(fn, post=lambda: had_file[0] and self._unlink_body(message_id)))
+
+    # -- reading (on the writer thread too: one thread, no map resize races) -----------------
+
+    def get(self, message_id: str) -> Deferred[StoredMessage | None]:
+        return self._submit(_Op(lambda txn: self._load(txn, message_id)))
+
+    def read_body(self, message_id: str) -> Deferred[bytes]:
+        def fn(txn: Any) -> bytes:
+            inline = txn.get(message_id.encode("ascii"), db=self._db[b"bodies"])
+            if inline is not None:
+                return bytes(inline)
+            with open(os.path.join(self.bodies, message_id), "rb") as f:
+                return f.read()
+        return self._submit(_Op(fn))
+
+    def due(self, now: float, limit: int) -> Deferred[list[tuple[float, str]]]:
+        def fn(txn: Any) -> list[tuple[float, str]]:
+            out: list[tuple[float, str]] = []
+            seen: set[str] = set()
+            end = struct.pack(">Q", int(now * 1000) + 1)
+            with txn.cursor(db=self._db[b"due"]) as cur:
+                for key in cur.iternext(keys=True, values=False):
+                    if key >= end or len(out) >= limit:
+                        break
+                    mid = _due_id(key)
+                    if mid not in seen:
+                        seen.add(mid)
+                        out.append((_due_time(key), mid))
+            return out
+        return self._submit(_Op(fn))
+
+    def next_due(self) -> Deferred[float | None]:
+        def fn(txn: Any) -> float | None:
+            with txn.cursor(db=self._db[b"due"]) as cur:
+                return _due_time(cur.key()) if cur.first() else None
+        return self._submit(_Op(fn))
+
+    def count(self) -> Deferred[int]:
+        return self._submit(_Op(lambda txn: txn.stat(self._db[b"messages"])["entries"]))
+
+    def close(self) -> Deferred[None]:
+        """Finish what is pending, stop the writer thread and close the environment."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join()
+        self._env.close()
+        return succeed(None)
+
+
+class LmdbView:
+    """Read-only view of a spool for other processes, with short read transactions."""
+
+    def __init__(self, path: str) -> None:
+        if not os.path.exists(os.path.join(path, "data.mdb")):
+            raise SpoolError(f"no spool at {path}")
+        self.path = path
+        self._env = lmdb.open(path, readonly=True, max_dbs=len(DB_NAMES) + 2, subdir=True,
+                              lock=True, max_readers=256)
+        with self._env.begin() as txn:
+            self._db = {name: self._env.open_db(name, txn=txn, create=False) for name in DB_NAMES}
+            found = txn.get(b"format", db=self._db[b"meta"])
+        if found not in (None, FORMAT):
+            raise SpoolFormatError(f"spool {path} has format {found!r}, expected {FORMAT!r}")
+
+    def _read(self, fn: Callable[[Any], Any]) -> Any:
+        for _ in range(5):
+            try:
+                with self._env.begin() as txn:
+                    return fn(txn)
+            except lmdb.MapResizedError:
+                self._env.set_mapsize(0)
+        raise SpoolError("spool map kept changing size while reading")
+
+    def _load(self, txn: Any, message_id: str) -> StoredMessage | None:
+        raw = txn.get(message_id.encode("ascii", "replace"), db=self._db[b"messages"])
+        if raw is None:
+            return None
+        n = len(codec._loads(raw)["rcpt"])
+        states = []
+        for i in range(n):
+            rs = txn.get(rcpt_key(message_id, i), db=self._db[b"recipients"])
+            states.append(codec.decode_recipient(rs) if rs is not None else RecipientState())
+        return codec.decode_message(raw, tuple(states))
+
+    def get(self, message_id: str) -> StoredMessage | None:
+        return self._read(lambda txn: self._load(txn, message_id))  # type: ignore[no-any-return]
+
+    def ids(self) -> list[str]:
+        def fn(txn: Any) -> list[str]:
+            with txn.cursor(db=self._db[b"messages"]) as cur:
+                return [k.decode("ascii") for k in cur.iternext(keys=True, values=False)]
+        return self._read(fn)  # type: ignore[no-any-return]
+
+    def messages(self) -> Iterator[StoredMessage]:
+        """Every message, in id (arrival) order; a record that cannot be decoded is skipped."""
+        ids = self.ids()
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+
+            def fn(txn: Any) -> list[StoredMessage]:
+                out = []
+                for mid in chunk:
+                    try:
+                        m = self._load(txn, mid)
+                    except codec.CorruptRecord as e:
+                        log.warn("corrupt spool record {id}: {e}", id=mid, e=e)
+                        continue
+                    if m is not None:
+                        out.append(m)
+                return out
+            yield from self._read(fn)
+
+    def read_body(self, message_id: str) -> bytes:
+        def fn(txn: Any) -> bytes | None:
+            inline = txn.get(message_id.encode("ascii", "replace"), db=self._db[b"bodies"])
+            return bytes(inline) if inline is not None else None
+        inline = self._read(fn)
+        if inline is not None:
+            return inline  # type: ignore[no-any-return]
+        with open(os.path.join(self.path, "bodies", message_id), "rb") as f:
+            return f.read()
+
+    def close(self) -> None:
+        self._env.close()

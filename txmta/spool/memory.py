@@ -1,0 +1,122 @@
+"""An in-memory spool for tests: the same interface and contract as the LMDB spool.
+
+`fail_next` makes the next write fail with the given error, to test the 4xx paths
+(DESIGN invariant 1: a failed commit leaves nothing behind).
+"""
+# test: tests/test_spool_contract.py
+
+from __future__ import annotations
+
+import bisect
+
+from twisted.internet.defer import Deferred, fail, succeed
+
+from txmta.spool.interface import (QUEUED, UNFINISHED, CommitFailed, SpoolError, StoredMessage)
+
+
+class MemoryBodyWriter:
+    def __init__(self) -> None:
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self.aborted = False
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def write(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._size += len(data)
+
+    def value(self) -> bytes:
+        return b"".join(self._chunks)
+
+    def abort(self) -> None:
+        self._chunks = []
+        self.aborted = True
+
+
+class MemorySpool:
+    def __init__(self) -> None:
+        self.messages: dict[str, StoredMessage] = {}
+        self.bodies: dict[str, bytes] = {}
+        self._due: list[tuple[float, str, int]] = []
+        self.fail_next: SpoolError | None = None
+        self.commits = 0
+
+    def _failing(self) -> SpoolError | None:
+        err, self.fail_next = self.fail_next, None
+        return err
+
+    def body_writer(self, message_id: str) -> MemoryBodyWriter:
+        return MemoryBodyWriter()
+
+    def _index(self, m: StoredMessage) -> None:
+        for i, st in enumerate(m.recipients):
+            if st.state == QUEUED:
+                bisect.insort(self._due, (st.next_attempt, m.id, i))
+
+    def _unindex(self, m: StoredMessage) -> None:
+        self._due = [e for e in self._due if e[1] != m.id]
+
+    def put(self, message: StoredMessage, body: MemoryBodyWriter) -> Deferred[None]:  # type: ignore[override]
+        err = self._failing()
+        if err is None and message.id in self.messages:
+            err = CommitFailed(f"message id {message.id} already exists")
+        if err is not None:
+            body.abort()
+            return fail(err)
+        self.messages[message.id] = message
+        self.bodies[message.id] = body.value()
+        self._index(message)
+        self.commits += 1
+        return succeed(None)
+
+    def update(self, message: StoredMessage) -> Deferred[None]:
+        err = self._failing()
+        if err is None and message.id not in self.messages:
+            err = CommitFailed(f"no message {message.id}")
+        if err is not None:
+            return fail(err)
+        self._unindex(self.messages[message.id])
+        if not any(r.state in UNFINISHED for r in message.recipients):
+            del self.messages[message.id]
+            del self.bodies[message.id]
+        else:
+            self.messages[message.id] = message
+            self._index(message)
+        self.commits += 1
+        return succeed(None)
+
+    def remove(self, message_id: str) -> Deferred[None]:
+        m = self.messages.pop(message_id, None)
+        if m is not None:
+            self._unindex(m)
+            del self.bodies[message_id]
+        return succeed(None)
+
+    def get(self, message_id: str) -> Deferred[StoredMessage | None]:
+        return succeed(self.messages.get(message_id))
+
+    def read_body(self, message_id: str) -> Deferred[bytes]:
+        return succeed(self.bodies[message_id])
+
+    def due(self, now: float, limit: int) -> Deferred[list[tuple[float, str]]]:
+        out: list[tuple[float, str]] = []
+        seen: set[str] = set()
+        for when, mid, _ in self._due:
+            if when > now or len(out) >= limit:
+                break
+            if mid not in seen:
+                seen.add(mid)
+                out.append((when, mid))
+        return succeed(out)
+
+    def next_due(self) -> Deferred[float | None]:
+        return succeed(self._due[0][0] if self._due else None)
+
+    def count(self) -> Deferred[int]:
+        return succeed(len(self.messages))
+
+    def close(self) -> Deferred[None]:
+        return succeed(None)
