@@ -46,7 +46,7 @@ def rcpt_key(message_id: str, index: int) -> bytes:
 
 
 def due_key(when: float, message_id: str, index: int) -> bytes:
-    return struct.pack(">Q", max(0, int(when * 1000))) + rcpt_key(message_id, index)
+    return struct.pack(">Q", max(0, round(when * 1000))) + rcpt_key(message_id, index)
 
 
 def _due_time(key: bytes) -> float:
@@ -381,7 +381,7 @@ class LmdbSpool:
         def fn(txn: Any) -> list[tuple[float, str]]:
             out: list[tuple[float, str]] = []
             seen: set[str] = set()
-            end = struct.pack(">Q", int(now * 1000) + 1)
+            end = struct.pack(">Q", max(0, round(now * 1000)) + 1)
             with txn.cursor(db=self._db[b"due"]) as cur:
                 for key in cur.iternext(keys=True, values=False):
                     if key >= end or len(out) >= limit:

@@ -1,0 +1,171 @@
+"""Collects one message's DATA into the spool: Received header, Message-ID, Date, commit.
+
+The protocol hands each accepted transaction to `Receiver.begin()` and streams the
+un-stuffed body into the returned `Intake`.  The Intake prepends our Received header
+(RFC 5321 4.4; with the TLS version and cipher, never credentials), adds Message-ID and
+Date when the header section lacks them (RFC 5322 3.6, as Postfix's cleanup does), and
+streams the rest into the spool's body writer, so memory does not grow with message size.
+`finish()` fires with 250 only after `queue.put()` committed (DESIGN invariant 1);
+a full spool gives 452 4.3.1, any other failure 451 4.3.0, and nothing is left behind.
+"""
+# test: tests/test_receiver.py
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timezone
+from email.utils import format_datetime
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from txmta import reply as R
+from txmta.envelope import Envelope
+from txmta.inbound.session import Session
+from txmta.reply import Reply
+from txmta.spool.interface import SpoolFull
+
+log = Logger()
+
+_HEADER_LINE = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*:")
+_HAS_MSGID = re.compile(rb"^message-id[ \t]*:", re.I | re.M)
+_HAS_DATE = re.compile(rb"^date[ \t]*:", re.I | re.M)
+_UNSAFE = re.compile(r"[^\x21-\x7e]")
+MAX_HEADER_SCAN = 1024 * 1024   # past this, the header section is passed on unchanged
+
+
+def rfc5322_date(when: float) -> str:
+    return format_datetime(datetime.fromtimestamp(when, timezone.utc))
+
+
+def protocol_name(session: Session, envelope: Envelope) -> str:
+    """The "with" keyword of the Received header (RFC 3848, RFC 6531 4.3)."""
+    if not session.esmtp:
+        return "SMTP"
+    base = "UTF8SMTP" if envelope.smtputf8 else "ESMTP"
+    return base + ("S" if session.tls else "") + ("A" if session.auth_user else "")
+
+
+def received_header(session: Session, envelope: Envelope, hostname: str, message_id: str,
+                    when: float) -> bytes:
+    helo = _UNSAFE.sub("?", session.helo or "unknown")[:255]
+    ip = session.client_ip
+    literal = f"IPv6:{ip}" if ":" in ip else ip
+    lines = [f"Received: from {helo} ([{literal}])",
+             f"\tby {hostname} (txmta) with {protocol_name(session, envelope)} id {message_id}"]
+    if session.tls:
+        lines.append(f"\t(using {session.tls_version} with cipher {session.tls_cipher}"
+                     f" ({session.tls_bits} bits))")
+    when_text = rfc5322_date(when)
+    if len(envelope.recipients) == 1:
+        lines.append(f"\tfor <{envelope.recipients[0].address}>; {when_text}")
+    else:
+        lines[-1] += ";"
+        lines.append(f"\t{when_text}")
+    return ("\r\n".join(lines) + "\r\n").encode("utf-8")
+
+
+class Intake:
+    def __init__(self, receiver: "Receiver", session: Session, envelope: Envelope) -> None:
+        self._receiver = receiver
+        self._queue = receiver.queue
+        self.session = session
+        self.envelope = envelope
+        self.arrival = receiver.clock.seconds()
+        self.message_id = self._queue.new_message_id(self.arrival)
+        self.body = self._queue.body_writer(self.message_id)
+        self.body.write(received_header(session, envelope, receiver.hostname, self.message_id,
+                                        self.arrival))
+        self._head = b""        # the header section while it is being read
+        self._scan = 0          # where the next unread line of _head starts
+        self._in_header = True
+        self._done = False
+
+    def write(self, data: bytes) -> None:
+        if not self._in_header:
+            self.body.write(data)
+            return
+        self._head += data
+        self._scan_header()
+
+    def _scan_header(self) -> None:
+        head = self._head
+        pos = self._scan
+        while True:
+            nl = head.find(b"\n", pos)
+            if nl < 0:
+                break
+            line = head[pos:nl + 1]
+            if line in (b"\r\n", b"\n"):
+                return self._end_header(pos, blank=True)
+            if line[:1] in (b" ", b"\t"):
+                if pos == 0:
+                    return self._end_header(pos, blank=False)
+            elif not _HEADER_LINE.match(line):
+                return self._end_header(pos, blank=False)
+            pos = nl + 1
+        self._scan = pos
+        if len(head) > MAX_HEADER_SCAN:
+            log.info("header section of {id} over {n} octets: passed on unchanged",
+                     id=self.message_id, n=MAX_HEADER_SCAN)
+            self._in_header = False
+            self._head = b""
+            self.body.write(head)
+
+    def _end_header(self, end: int, blank: bool) -> None:
+        head = self._head
+        header, rest = head[:end], head[end:]
+        self._in_header = False
+        self._head = b""
+        if header and not header.endswith(b"\n"):
+            header += b"\r\n"
+        self.body.write(header + self._missing(header) + (b"" if blank else b"\r\n") + rest)
+
+    def _missing(self, header: bytes) -> bytes:
+        add = b""
+        if not _HAS_MSGID.search(header):
+            add += f"Message-ID: <{self.message_id}@{self._receiver.hostname}>\r\n".encode()
+        if not _HAS_DATE.search(header):
+            add += f"Date: {rfc5322_date(self.arrival)}\r\n".encode()
+        return add
+
+    def finish(self) -> Deferred[Reply]:
+        self._done = True
+        if self._in_header:  # the message ended inside its header section
+            head, self._head = self._head, b""
+            self._in_header = False
+            if head and not head.endswith(b"\n"):
+                head += b"\r\n"
+            self.body.write(head + self._missing(head))
+        d = self._queue.put(self.message_id, self.envelope, self.body, self.session.client_info(),
+                            self.arrival)
+
+        def stored(_: Any) -> Reply:
+            return Reply(250, "2.0.0", f"Ok: queued as {self.message_id}")
+
+        def failed(f: Failure) -> Reply:
+            if f.check(SpoolFull):
+                log.warn("spool full, message refused: {e}", e=f.getErrorMessage())
+                return R.SPOOL_FULL
+            log.failure("commit failed for {id}", f, id=self.message_id)
+            return R.COMMIT_FAILED
+
+        return d.addCallbacks(stored, failed)
+
+    def abort(self) -> None:
+        if not self._done:
+            self._done = True
+            self.body.abort()
+
+
+class Receiver:
+    def __init__(self, queue: Any, hostname: str, clock: IReactorTime) -> None:
+        self.queue = queue
+        self.hostname = hostname
+        self.clock = clock
+
+    def begin(self, session: Session, envelope: Envelope) -> Intake:
+        return Intake(self, session, envelope)

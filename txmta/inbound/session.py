@@ -1,0 +1,30 @@
+"""Facts about one inbound SMTP connection, shared by the protocol and the receiver."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class Session:
+    client_ip: str
+    client_port: int
+    listener: str                  # the listen address it came in on
+    helo: str | None = None
+    esmtp: bool = False
+    tls_version: str | None = None     # e.g. "TLSv1.3" once TLS is up
+    tls_cipher: str | None = None
+    tls_bits: int | None = None
+    auth_user: str | None = None
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_version is not None
+
+    def client_info(self) -> dict[str, str]:
+        info = {"address": self.client_ip, "helo": self.helo or "", "listener": self.listener}
+        if self.tls_version:
+            info["tls"] = f"{self.tls_version} {self.tls_cipher}"
+        if self.auth_user:
+            info["auth"] = self.auth_user
+        return info
