@@ -1,0 +1,292 @@
+"""The configuration loads from TOML with defaults from one table, and every bad value is a
+ConfigError naming the file, the dotted key and the value."""
+
+import ipaddress
+import os
+from pathlib import Path
+
+import pytest
+
+from txmta import config
+from txmta.config import ConfigError, load, load_text, parse_duration, parse_size
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT / "etc" / "txmta.toml"
+MAN = ROOT / "man" / "txmta.toml.5"
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("100", 100),
+    ("100B", 100),
+    ("512KiB", 512 * 1024),
+    ("35MiB", 35 * 1024 * 1024),
+    ("35mib", 35 * 1024 * 1024),
+    ("1GiB", 1 << 30),
+    ("10MB", 10_000_000),
+    ("10kb", 10_000),
+    ("1GB", 10 ** 9),
+    ("1.5KiB", 1536),
+    ("0", 0),
+])
+def test_parse_size(text, expected):
+    """Binary units are powers of 1024, decimal ones of 1000, bare numbers are bytes."""
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "MiB", "10 parsecs", "-1MiB", "1e3", "ten"])
+def test_parse_size_rejects_garbage(text):
+    """Anything that is not number+unit is a ValueError."""
+    with pytest.raises(ValueError):
+        parse_size(text)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("0", 0.0),
+    ("30s", 30.0),
+    ("5m", 300.0),
+    ("1h", 3600.0),
+    ("5d", 432000.0),
+    ("1w", 604800.0),
+    ("1h30m", 5400.0),
+    ("1H30M", 5400.0),
+    ("250ms", 0.25),
+    ("45", 45.0),
+])
+def test_parse_duration(text, expected):
+    """Durations are seconds; units s m h d w (and ms) combine, e.g. 1h30m."""
+    assert parse_duration(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "m", "5 minutes", "-5m", "1h 30m", "5mh", "nan", "5x"])
+def test_parse_duration_rejects_garbage(text):
+    """Anything else is a ValueError."""
+    with pytest.raises(ValueError):
+        parse_duration(text)
+
+
+def test_defaults_match_documented_values():
+    """With no file: one listener 127.0.0.1:25 with STARTTLS, documented limits and schedule."""
+    c = config.defaults()
+    assert c.path is None
+    assert c.listen == (config.ListenConfig("127.0.0.1:25", "127.0.0.1", 25, "starttls", "none",
+                                            "reject-remote"),)
+    assert c.server.hostname
+    assert c.server.max_errors == 20
+    assert c.server.command_timeout == 300.0
+    assert c.spool.max_message_size == 35 * 1024 * 1024
+    assert c.spool.map_size == 1 << 30 and c.spool.max_map_size == 64 << 30
+    assert c.spool.inline_body_limit == 256 * 1024
+    assert c.retry.schedule == (60, 300, 900, 1800, 3600, 7200, 14400)
+    assert c.retry.max_lifetime == 5 * 86400
+    assert c.relay.networks == (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+    assert c.tls == config.TLSConfig() and c.auth == config.AuthConfig()
+    assert c.delivery.relayhost == "" and c.dns.nameservers == () and c.log == config.LogConfig()
+
+
+def test_dataclass_defaults_equal_loaded_defaults():
+    """The dataclass field defaults come from the same table as the loader's."""
+    c = config.defaults()
+    assert c.spool == config.SpoolConfig()
+    assert c.retry == config.RetryConfig()
+    assert c.relay == config.RelayConfig()
+
+
+def test_empty_text_gives_defaults_with_its_path():
+    """An empty file is the defaults, remembering where it came from."""
+    c = load_text("", "x.toml")
+    assert c.path == "x.toml"
+    assert c.spool == config.defaults().spool
+
+
+def test_sample_file_loads_and_listens_on_2525():
+    """etc/txmta.toml loads, listens on 127.0.0.1:2525 (no root needed) and uses spool "spool"."""
+    c = load(str(SAMPLE))
+    assert c.path == str(SAMPLE)
+    assert [(l.host, l.port) for l in c.listen] == [("127.0.0.1", 2525)]
+    assert c.spool.path == "spool"
+    assert [str(n) for n in c.relay.networks] == ["127.0.0.0/8", "::1/128"]
+    assert c.tls.cert is None
+
+
+def test_sample_file_and_man_page_mention_every_key():
+    """Each option is documented in both the sample file and txmta.toml(5)."""
+    sample = SAMPLE.read_text()
+    man = MAN.read_text()
+    for section, keys in config._TABLE.items():
+        for key in keys:
+            assert f"{key} =" in sample, f"{section}.{key} missing from etc/txmta.toml"
+            assert key.replace("_", r"\(ul") in man or key in man, f"{section}.{key} missing from man page"
+
+
+def test_full_file_overrides_every_section(tmp_path):
+    """Every section's values reach the dataclasses, converted."""
+    cert, key, users = tmp_path / "c.pem", tmp_path / "k.pem", tmp_path / "users"
+    for f in (cert, key, users):
+        f.write_text("x")
+    c = load_text(f"""
+[server]
+hostname = "mx.example.org"
+max_connections = 10
+max_connections_per_ip = 2
+max_recipients = 5
+max_errors = 3
+command_timeout = "30s"
+data_timeout = "10m"
+[[listen]]
+address = "0.0.0.0:25"
+[[listen]]
+address = "[::1]:465"
+tls = "implicit"
+auth = "required"
+bare_newlines = "fix"
+[tls]
+cert = "{cert}"
+key = "{key}"
+[auth]
+users = "{users}"
+[relay]
+networks = ["10.0.0.0/8", "192.0.2.7", "2001:db8::/32"]
+[spool]
+path = "/var/spool/txmta"
+max_message_size = "10MB"
+map_size = "64MiB"
+max_map_size = "1GiB"
+inline_body_limit = "64KiB"
+[delivery]
+relayhost = "[smarthost.example.net]:587"
+[retry]
+schedule = ["30s", "1h30m"]
+max_lifetime = "2d"
+[dns]
+nameservers = ["127.0.0.1", "127.0.0.1:5353", "[::1]:53"]
+[log]
+maillog = "/var/log/txmta/mail.log"
+format = "json"
+""", "t.toml")
+    assert c.server == config.ServerConfig("mx.example.org", 10, 2, 5, 3, 30.0, 600.0)
+    assert c.listen[0] == config.ListenConfig("0.0.0.0:25", "0.0.0.0", 25)
+    assert c.listen[1] == config.ListenConfig("[::1]:465", "::1", 465, "implicit", "required", "fix")
+    assert c.tls == config.TLSConfig(str(cert), str(key), None)
+    assert c.auth.users == str(users)
+    assert [str(n) for n in c.relay.networks] == ["10.0.0.0/8", "192.0.2.7/32", "2001:db8::/32"]
+    assert c.spool == config.SpoolConfig("/var/spool/txmta", 10_000_000, 64 << 20, 1 << 30, 64 << 10)
+    assert c.delivery.relayhost == "[smarthost.example.net]:587"
+    assert c.retry == config.RetryConfig((30.0, 5400.0), 2 * 86400)
+    assert c.dns.nameservers == ("127.0.0.1", "127.0.0.1:5353", "[::1]:53")
+    assert c.log == config.LogConfig("/var/log/txmta/mail.log", "json")
+
+
+def test_config_is_frozen():
+    """Configuration values cannot be changed after load."""
+    c = config.defaults()
+    with pytest.raises(AttributeError):
+        c.spool.path = "elsewhere"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("toml, key, value", [
+    ('[[listen]]\naddress = "127.0.0.1:25"\ntls = "tls13"', "listen[0].tls", '"tls13"'),
+    ('[[listen]]\naddress = "127.0.0.1:0"', "listen[0].address", '"127.0.0.1:0"'),
+    ('[[listen]]\naddress = "127.0.0.1:65536"', "listen[0].address", '"127.0.0.1:65536"'),
+    ('[[listen]]\naddress = "::1:25"', "listen[0].address", '"::1:25"'),
+    ('[[listen]]\naddress = "127.0.0.1"', "listen[0].address", '"127.0.0.1"'),
+    ('[[listen]]\naddress = "mail.example.org:25"', "listen[0].address", '"mail.example.org:25"'),
+    ('[[listen]]\ntls = "none"', "listen[0].address", None),
+    ('[[listen]]\naddress = "127.0.0.1:25"\nport = 25', "listen[0].port", "25"),
+    ('[[listen]]\naddress = "127.0.0.1:25"\n[[listen]]\naddress = "127.0.0.1:25"',
+     "listen[1].address", '"127.0.0.1:25"'),
+    ('[[listen]]\naddress = "[::1]:25"\n[[listen]]\naddress = "[0:0::1]:25"',
+     "listen[1].address", '"[0:0::1]:25"'),
+    ('[[listen]]\naddress = "127.0.0.1:25"\n[[listen]]\naddress = "127.0.0.1:465"\ntls = "implicit"',
+     "listen[1].tls", '"implicit"'),
+    ('[[listen]]\naddress = "127.0.0.1:587"\nauth = "required"', "listen[0].auth", '"required"'),
+    ('[[listen]]\naddress = "127.0.0.1:587"\nbare_newlines = "ignore"',
+     "listen[0].bare_newlines", '"ignore"'),
+    ('[listen]\naddress = "127.0.0.1:25"', "listen", None),
+    ('[server]\nmax_connections = "many"', "server.max_connections", '"many"'),
+    ('[server]\nmax_connections = 0', "server.max_connections", "0"),
+    ('[server]\nmax_errors = true', "server.max_errors", "true"),
+    ('[server]\ncommand_timeout = 300', "server.command_timeout", "300"),
+    ('[server]\ncommand_timeout = "0"', "server.command_timeout", '"0"'),
+    ('[server]\nhost_name = "x"', "server.host_name", '"x"'),
+    ('[spool]\nmax_message_size = "0"', "spool.max_message_size", '"0"'),
+    ('[spool]\nmax_message_size = "35 megs"', "spool.max_message_size", '"35 megs"'),
+    ('[spool]\nmax_message_size = 1000', "spool.max_message_size", "1000"),
+    ('[spool]\nmap_size = "2GiB"\nmax_map_size = "1GiB"', "spool.map_size", '"2GiB"'),
+    ('[relay]\nnetworks = ["10.0.0.1/8"]', "relay.networks", '["10.0.0.1/8"]'),
+    ('[relay]\nnetworks = ["localhost"]', "relay.networks", '["localhost"]'),
+    ('[relay]\nnetworks = "127.0.0.0/8"', "relay.networks", '"127.0.0.0/8"'),
+    ('[retry]\nschedule = []', "retry.schedule", "[]"),
+    ('[retry]\nschedule = ["1m", "soon"]', "retry.schedule", '["1m", "soon"]'),
+    ('[retry]\nmax_lifetime = "forever"', "retry.max_lifetime", '"forever"'),
+    ('[delivery]\nrelayhost = "smarthost:smtp"', "delivery.relayhost", '"smarthost:smtp"'),
+    ('[delivery]\nrelayhost = "2001:db8::1"', "delivery.relayhost", '"2001:db8::1"'),
+    ('[dns]\nnameservers = ["dns.example.net"]', "dns.nameservers", '["dns.example.net"]'),
+    ('[log]\nformat = "xml"', "log.format", '"xml"'),
+    ('[log]\nmaillog = false', "log.maillog", "false"),
+    ('[tls]\ncert = "/etc/hostname"', "tls.cert", '"/etc/hostname"'),
+    ('[tls]\nkey = "/etc/hostname"', "tls.key", '"/etc/hostname"'),
+    ('[tls]\ncert = "/nonexistent/c.pem"\nkey = "/nonexistent/k.pem"', "tls.cert", '"/nonexistent/c.pem"'),
+    ('[auth]\nusers = "/nonexistent/users"', "auth.users", '"/nonexistent/users"'),
+    ('[frobnicate]\nx = 1', "frobnicate", None),
+    ('server = 1', "server", "1"),
+])
+def test_bad_value_names_file_key_and_value(toml, key, value):
+    """Every invalid setting is a ConfigError `file: key = value: reason`."""
+    with pytest.raises(ConfigError) as e:
+        load_text(toml, "etc/txmta.toml")
+    text = str(e.value)
+    prefix = f"etc/txmta.toml: {key} = {value}: " if value is not None else f"etc/txmta.toml: {key}"
+    assert text.startswith(prefix), text
+    assert e.value.key == key
+    assert e.value.path == "etc/txmta.toml"
+
+
+def test_message_for_bad_choice_lists_the_choices():
+    """The example from the design: a bad TLS mode lists the valid ones."""
+    with pytest.raises(ConfigError) as e:
+        load_text('[[listen]]\naddress = "127.0.0.1:25"\ntls = "tls13"', "etc/txmta.toml")
+    assert str(e.value) == ('etc/txmta.toml: listen[0].tls = "tls13": '
+                            'must be one of "none", "starttls", "implicit"')
+
+
+def test_toml_syntax_error_names_file():
+    """A TOML syntax error is a ConfigError naming the file and the position."""
+    with pytest.raises(ConfigError, match=r"^bad\.toml: TOML syntax error: .*line 2"):
+        load_text("[server]\nmax_errors = = 3\n", "bad.toml")
+
+
+def test_missing_file_is_a_config_error(tmp_path):
+    """An unreadable file is a ConfigError naming it."""
+    path = str(tmp_path / "missing.toml")
+    with pytest.raises(ConfigError, match=f"^{path}: cannot read"):
+        load(path)
+
+
+def test_load_none_without_default_file_gives_defaults(monkeypatch, tmp_path):
+    """load(None) falls back to built-in defaults when /etc/txmta/txmta.toml is absent."""
+    monkeypatch.setattr(config, "DEFAULT_PATH", str(tmp_path / "absent.toml"))
+    assert load(None).path is None
+
+
+def test_load_none_reads_default_file_when_present(monkeypatch, tmp_path):
+    """load(None) reads DEFAULT_PATH when it exists."""
+    f = tmp_path / "txmta.toml"
+    f.write_text('[spool]\npath = "/srv/spool"\n')
+    monkeypatch.setattr(config, "DEFAULT_PATH", str(f))
+    c = load(None)
+    assert c.path == str(f) and c.spool.path == "/srv/spool"
+
+
+def test_readable_tls_and_users_files_are_accepted(tmp_path):
+    """Existing cert, key and users files allow implicit TLS and AUTH listeners; paths stay as written."""
+    for name in ("c.pem", "k.pem", "users"):
+        (tmp_path / name).write_text("x")
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        c = load_text('[tls]\ncert = "c.pem"\nkey = "k.pem"\n[auth]\nusers = "users"\n'
+                      '[[listen]]\naddress = "127.0.0.1:465"\ntls = "implicit"\nauth = "optional"\n')
+    finally:
+        os.chdir(cwd)
+    assert c.tls.cert == "c.pem" and c.auth.users == "users"
+    assert c.listen[0].tls == "implicit" and c.listen[0].auth == "optional"

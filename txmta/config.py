@@ -1,0 +1,537 @@
+"""Reads the txmta configuration: one TOML file -> frozen dataclasses.
+
+Every option, its default and its converter sit in ONE table (`_TABLE`); the file
+overrides the defaults; everything is validated here, at load, so the daemon never
+meets a bad value later.  Unknown sections or keys, wrong types, bad values, unreadable
+files and TOML syntax errors raise `ConfigError`, whose text names the file, the dotted
+key and the value, e.g.::
+
+    etc/txmta.toml: listen[0].tls = "tls13": must be one of "none", "starttls", "implicit"
+
+Sizes ("35MiB") and durations ("5m", "1h30m") are strings with units.  Paths stay as
+written (relative paths are relative to the working directory).
+
+Pure apart from reading the configuration file and checking that the files it names
+(TLS certificate and key, CA file, AUTH users) can be opened for reading.  It does not
+parse those files, bind sockets or open the spool.  Each option is documented once in
+`man/txmta.toml.5` and in the sample `etc/txmta.toml`.
+"""
+# test: tests/test_config.py
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+import socket
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+DEFAULT_PATH = "/etc/txmta/txmta.toml"
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+_MISSING: Any = object()
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used.  `str()` names the file, the key and the value."""
+
+    def __init__(self, message: str, *, path: str | None = None, key: str | None = None,
+                 value: Any = _MISSING, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+        self.key = key
+        self.value = None if value is _MISSING else value
+        self.reason = reason
+
+    @classmethod
+    def bad_value(cls, path: str, key: str, value: Any, reason: str) -> "ConfigError":
+        if value is _MISSING:
+            message = f"{path}: {key}: {reason}"
+        else:
+            message = f"{path}: {key} = {_toml_repr(value)}: {reason}"
+        return cls(message, path=path, key=key, value=value, reason=reason)
+
+
+def _toml_repr(value: Any) -> str:
+    """The value as it would be written in TOML, so the message matches the file."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_repr(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml_repr(v)}" for k, v in value.items()) + "}"
+    return str(value)
+
+
+# -- sizes and durations --------------------------------------------------------------
+
+_SIZE_UNITS = {"": 1, "b": 1,
+               "kb": 1000, "mb": 1000 ** 2, "gb": 1000 ** 3, "tb": 1000 ** 4,
+               "kib": 1024, "mib": 1024 ** 2, "gib": 1024 ** 3, "tib": 1024 ** 4}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """Bytes from "35MiB", "10MB", "512KiB", "1GiB", "100" (bytes) or "100B".
+
+    KiB/MiB/GiB/TiB are powers of 1024, KB/MB/GB/TB powers of 1000; units are
+    case-insensitive.  Raises ValueError for anything else.
+    """
+    m = _SIZE_RE.match(text)
+    if m is None or m.group(2).lower() not in _SIZE_UNITS:
+        raise ValueError(f"not a size: {text!r} (write e.g. \"35MiB\", \"10MB\", \"512KiB\", \"100\")")
+    try:
+        return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+    except OverflowError:
+        raise ValueError(f"size too large: {text!r}") from None
+
+
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)", re.IGNORECASE)
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from "30s", "5m", "1h", "5d", "1w", "1h30m", "0" or a bare number of seconds.
+
+    Raises ValueError for anything else.
+    """
+    s = text.strip()
+    try:
+        value = float(s)
+    except ValueError:
+        pass
+    else:
+        if value < 0 or value != value or value == float("inf"):
+            raise ValueError(f"not a duration: {text!r}")
+        return value
+    pos, total = 0, 0.0
+    for m in _DURATION_PART.finditer(s):
+        if m.start() != pos:
+            break
+        total += float(m.group(1)) * _DURATION_UNITS[m.group(2).lower()]
+        pos = m.end()
+    if pos == 0 or pos != len(s):
+        raise ValueError(f"not a duration: {text!r} (write e.g. \"30s\", \"5m\", \"1h30m\", \"5d\")")
+    return total
+
+
+def split_host_port(text: str, default_port: int | None = None) -> tuple[str, int]:
+    """("host", port) from "host:port", "[v6 or host]:port", "host" or "[host]".
+
+    A bare IPv6 address must be bracketed when a port follows; without a default port
+    the port is required.  Raises ValueError.
+    """
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ValueError("missing \"]\"")
+        host, rest = text[1:end], text[end + 1:]
+        if rest and not rest.startswith(":"):
+            raise ValueError("expected \":port\" after \"]\"")
+        port_text = rest[1:] if rest else None
+    elif text.count(":") > 1:
+        raise ValueError("write IPv6 addresses in brackets, e.g. \"[::1]:25\"")
+    elif ":" in text:
+        host, port_text = text.split(":")
+    else:
+        host, port_text = text, None
+    if not host:
+        raise ValueError("empty host")
+    if port_text is None:
+        if default_port is None:
+            raise ValueError("missing \":port\"")
+        return host, default_port
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ValueError("port must be 1-65535")
+    return host, int(port_text)
+
+
+# -- converters: TOML value -> Python value, raising ValueError with the reason ---------
+
+Convert = Callable[[Any], Any]
+
+
+def _string(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError("must be a string")
+    return value
+
+
+def _optional_path(value: Any) -> str | None:
+    return _string(value) or None
+
+
+def _integer(low: int, high: int | None = None) -> Convert:
+    def convert(value: Any) -> int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError("must be an integer")
+        if value < low or (high is not None and value > high):
+            raise ValueError(f"must be at least {low}" if high is None else f"must be {low}-{high}")
+        return value
+    return convert
+
+
+def _size(minimum: int = 0) -> Convert:
+    def convert(value: Any) -> int:
+        if not isinstance(value, str):
+            raise ValueError("must be a string with a unit, e.g. \"35MiB\"")
+        n = parse_size(value)
+        if n < minimum:
+            raise ValueError("must be greater than 0" if minimum == 1 else f"must be at least {minimum}")
+        return n
+    return convert
+
+
+def _duration(positive: bool = False) -> Convert:
+    def convert(value: Any) -> float:
+        if not isinstance(value, str):
+            raise ValueError("must be a string with a unit, e.g. \"5m\"")
+        seconds = parse_duration(value)
+        if positive and seconds <= 0:
+            raise ValueError("must be greater than 0")
+        return seconds
+    return convert
+
+
+def _choice(*options: str) -> Convert:
+    def convert(value: Any) -> str:
+        if value not in options:
+            raise ValueError("must be one of " + ", ".join(f'"{o}"' for o in options))
+        return str(value)
+    return convert
+
+
+def _list_of(item: Convert, non_empty: bool = False) -> Convert:
+    def convert(value: Any) -> tuple[Any, ...]:
+        if not isinstance(value, list):
+            raise ValueError("must be an array")
+        if non_empty and not value:
+            raise ValueError("must not be empty")
+        out = []
+        for i, v in enumerate(value):
+            try:
+                out.append(item(v))
+            except ValueError as e:
+                raise ValueError(f"entry {i} ({_toml_repr(v)}): {e}") from e
+        return tuple(out)
+    return convert
+
+
+def _network(value: Any) -> IPNetwork:
+    if not isinstance(value, str):
+        raise ValueError("must be a string")
+    try:
+        return ipaddress.ip_network(value, strict=True)
+    except ValueError as e:
+        raise ValueError(f"not a CIDR network: {e}") from e
+
+
+def _nameserver(value: Any) -> str:
+    text = _string(value)
+    host, _ = split_host_port(text, 53)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError("must be an IP address, \"ip:port\" or \"[v6]:port\"") from None
+    return text
+
+
+def _relayhost(value: Any) -> str:
+    text = _string(value)
+    if text:
+        split_host_port(text, 25)
+    return text
+
+
+def _listen_address(value: Any) -> str:
+    text = _string(value)
+    host, _ = split_host_port(text)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError("host must be an IP address, e.g. \"127.0.0.1:25\" or \"[::1]:25\"") from None
+    return text
+
+
+@dataclass(frozen=True)
+class _Key:
+    default: Any            # as written in TOML; _MISSING = required
+    convert: Convert
+
+
+# THE table of options and defaults.  Defaults are written as in the TOML file and go
+# through the same converters as the file's values.  `listen` is an array of tables:
+# "listen" gives the keys of one [[listen]] entry, _DEFAULT_LISTEN the default array.
+_TABLE: dict[str, dict[str, _Key]] = {
+    "server": {
+        "hostname": _Key("", _string),                      # "" = socket.getfqdn()
+        "max_connections": _Key(1000, _integer(1)),
+        "max_connections_per_ip": _Key(50, _integer(1)),
+        "max_recipients": _Key(1000, _integer(1)),
+        "max_errors": _Key(20, _integer(1)),
+        "command_timeout": _Key("5m", _duration(positive=True)),
+        "data_timeout": _Key("5m", _duration(positive=True)),
+    },
+    "listen": {
+        "address": _Key(_MISSING, _listen_address),
+        "tls": _Key("none", _choice("none", "starttls", "implicit")),
+        "auth": _Key("none", _choice("none", "optional", "required")),
+        "bare_newlines": _Key("reject-remote", _choice("reject", "reject-remote", "fix")),
+    },
+    "tls": {
+        "cert": _Key("", _optional_path),
+        "key": _Key("", _optional_path),
+        "ca_file": _Key("", _optional_path),
+    },
+    "auth": {
+        "users": _Key("", _optional_path),
+    },
+    "relay": {
+        "networks": _Key(["127.0.0.0/8", "::1/128"], _list_of(_network)),
+    },
+    "spool": {
+        "path": _Key("spool", _string),
+        "max_message_size": _Key("35MiB", _size(minimum=1)),
+        "map_size": _Key("1GiB", _size(minimum=1024 * 1024)),
+        "max_map_size": _Key("64GiB", _size(minimum=1024 * 1024)),
+        "inline_body_limit": _Key("256KiB", _size()),
+    },
+    "delivery": {
+        "relayhost": _Key("", _relayhost),
+    },
+    "retry": {
+        "schedule": _Key(["1m", "5m", "15m", "30m", "1h", "2h", "4h"],
+                         _list_of(_duration(), non_empty=True)),
+        "max_lifetime": _Key("5d", _duration(positive=True)),
+    },
+    "dns": {
+        "nameservers": _Key([], _list_of(_nameserver)),
+    },
+    "log": {
+        "maillog": _Key("", _string),
+        "format": _Key("text", _choice("text", "json")),
+    },
+}
+_DEFAULT_LISTEN: list[dict[str, Any]] = [{"address": "127.0.0.1:25", "tls": "starttls"}]
+
+
+def _default(section: str, key: str) -> Any:
+    return _TABLE[section][key].convert(_TABLE[section][key].default)
+
+
+# -- the values -----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ListenConfig:
+    address: str            # as written, e.g. "127.0.0.1:25" or "[::1]:25"
+    host: str               # "127.0.0.1" / "::1"
+    port: int
+    tls: str = _default("listen", "tls")                        # none | starttls | implicit
+    auth: str = _default("listen", "auth")                      # none | optional | required
+    bare_newlines: str = _default("listen", "bare_newlines")    # reject | reject-remote | fix
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    hostname: str = field(default_factory=socket.getfqdn)
+    max_connections: int = _default("server", "max_connections")
+    max_connections_per_ip: int = _default("server", "max_connections_per_ip")
+    max_recipients: int = _default("server", "max_recipients")
+    max_errors: int = _default("server", "max_errors")
+    command_timeout: float = _default("server", "command_timeout")
+    data_timeout: float = _default("server", "data_timeout")
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    cert: str | None = None
+    key: str | None = None
+    ca_file: str | None = None
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    users: str | None = None
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    networks: tuple[IPNetwork, ...] = _default("relay", "networks")
+
+
+@dataclass(frozen=True)
+class SpoolConfig:
+    path: str = _default("spool", "path")
+    max_message_size: int = _default("spool", "max_message_size")
+    map_size: int = _default("spool", "map_size")
+    max_map_size: int = _default("spool", "max_map_size")
+    inline_body_limit: int = _default("spool", "inline_body_limit")
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    relayhost: str = _default("delivery", "relayhost")     # "" = MX delivery
+
+
+@dataclass(frozen=True)
+class RetryConfig:
+    schedule: tuple[float, ...] = _default("retry", "schedule")
+    max_lifetime: float = _default("retry", "max_lifetime")
+
+
+@dataclass(frozen=True)
+class DnsConfig:
+    nameservers: tuple[str, ...] = _default("dns", "nameservers")
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    maillog: str = _default("log", "maillog")       # "" = into the daemon's log
+    format: str = _default("log", "format")         # text | json
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str | None        # the file it came from; None for built-in defaults
+    server: ServerConfig
+    listen: tuple[ListenConfig, ...]
+    tls: TLSConfig
+    auth: AuthConfig
+    relay: RelayConfig
+    spool: SpoolConfig
+    delivery: DeliveryConfig
+    retry: RetryConfig
+    dns: DnsConfig
+    log: LogConfig
+
+
+# -- loading --------------------------------------------------------------------------
+
+def load(path: str | None) -> Config:
+    """The configuration in `path`; with None, DEFAULT_PATH if it exists, else defaults()."""
+    if path is None:
+        if not os.path.exists(DEFAULT_PATH):
+            return defaults()
+        path = DEFAULT_PATH
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror or e}", path=path) from e
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8: {e}", path=path) from e
+    return load_text(text, path)
+
+
+def defaults() -> Config:
+    """The built-in configuration (no file)."""
+    return _build({}, None)
+
+
+def load_text(text: str, path: str = "<string>") -> Config:
+    """The configuration in TOML `text`; `path` names it in error messages."""
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: TOML syntax error: {e}", path=path) from e
+    return _build(doc, path)
+
+
+def _build(doc: dict[str, Any], path: str | None) -> Config:
+    where = path if path is not None else "<defaults>"
+
+    def bad(key: str, value: Any, reason: str) -> ConfigError:
+        return ConfigError.bad_value(where, key, value, reason)
+
+    for name, value in doc.items():
+        if name not in _TABLE:
+            raise bad(name, _MISSING, "unknown section (known: "
+                      + ", ".join(_TABLE) + ")")
+        if name == "listen":
+            if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+                raise bad(name, value, "must be an array of tables, written [[listen]]")
+        elif not isinstance(value, dict):
+            raise bad(name, value, f"must be a table, written [{name}]")
+
+    def section(name: str, table: dict[str, Any], prefix: str) -> dict[str, Any]:
+        keys = _TABLE[name]
+        for k in table:
+            if k not in keys:
+                raise bad(f"{prefix}.{k}", table[k], "unknown key (known: " + ", ".join(keys) + ")")
+        out = {}
+        for k, spec in keys.items():
+            given = k in table
+            raw = table[k] if given else spec.default
+            if raw is _MISSING:
+                raise bad(f"{prefix}.{k}", _MISSING, "required")
+            try:
+                out[k] = spec.convert(raw)
+            except ValueError as e:
+                raise bad(f"{prefix}.{k}", raw, str(e)) from None
+        return out
+
+    s = {name: section(name, doc.get(name, {}), name) for name in _TABLE if name != "listen"}
+    if not s["server"]["hostname"]:
+        s["server"]["hostname"] = socket.getfqdn()
+    server = ServerConfig(**s["server"])
+    tls = TLSConfig(**s["tls"])
+    auth = AuthConfig(**s["auth"])
+    relay = RelayConfig(**s["relay"])
+    spool = SpoolConfig(**s["spool"])
+    delivery = DeliveryConfig(**s["delivery"])
+    retry = RetryConfig(**s["retry"])
+    dns = DnsConfig(**s["dns"])
+    log = LogConfig(**s["log"])
+
+    listen_doc = doc.get("listen", _DEFAULT_LISTEN)
+    listeners: list[ListenConfig] = []
+    seen: dict[tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int], int] = {}
+    for i, entry in enumerate(listen_doc):
+        prefix = f"listen[{i}]"
+        v = section("listen", entry, prefix)
+        host, port = split_host_port(v["address"])
+        ip = ipaddress.ip_address(host)
+        if (ip, port) in seen:
+            raise bad(f"{prefix}.address", v["address"],
+                      f"listed twice (also listen[{seen[(ip, port)]}])")
+        seen[(ip, port)] = i
+        if v["tls"] == "implicit" and not (tls.cert and tls.key):
+            raise bad(f"{prefix}.tls", v["tls"], "requires tls.cert and tls.key")
+        if v["auth"] != "none" and not auth.users:
+            raise bad(f"{prefix}.auth", v["auth"], "requires auth.users")
+        listeners.append(ListenConfig(v["address"], host, port, v["tls"], v["auth"],
+                                      v["bare_newlines"]))
+
+    if tls.cert and not tls.key:
+        raise bad("tls.cert", tls.cert, "tls.key must be set too")
+    if tls.key and not tls.cert:
+        raise bad("tls.key", tls.key, "tls.cert must be set too")
+    for key, file in (("tls.cert", tls.cert), ("tls.key", tls.key),
+                      ("tls.ca_file", tls.ca_file), ("auth.users", auth.users)):
+        if file:
+            _check_readable(file, lambda reason, key=key, file=file: bad(key, file, reason))
+    if spool.map_size > spool.max_map_size:
+        raise bad("spool.map_size", doc.get("spool", {}).get("map_size", _TABLE["spool"]["map_size"].default),
+                  "must not exceed spool.max_map_size")
+
+    return Config(path, server, tuple(listeners), tls, auth, relay, spool, delivery, retry,
+                  dns, log)
+
+
+def _check_readable(file: str, bad: Callable[[str], ConfigError]) -> None:
+    """Open and close `file`, so a missing or unreadable file fails at load, not at use.
+
+    (Opening a directory fails too: IsADirectoryError.)"""
+    try:
+        with open(file, "rb"):
+            pass
+    except OSError as e:
+        raise bad(f"cannot read: {e.strerror or e}") from None
