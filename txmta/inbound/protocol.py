@@ -225,6 +225,7 @@ class SMTPServer(Protocol, TimeoutMixin):
             return
         self._waiting = True
         self.transport.pauseProducing()  # type: ignore[union-attr]
+        synchronous = [True]
 
         def done(reply: Reply) -> None:
             self._waiting = False
@@ -233,13 +234,15 @@ class SMTPServer(Protocol, TimeoutMixin):
             self._send(reply)
             if self._mode != "closed":
                 self.transport.resumeProducing()  # type: ignore[union-attr]
-                self._process()
+                if not synchronous[0]:  # else the caller's loop goes on parsing
+                    self._process()
 
         def failed(f: Failure) -> None:
             log.failure("reply failed", f)
             done(Reply(451, "4.3.0", "Internal error, try again later"))
 
         result.addCallbacks(done, failed)
+        synchronous[0] = False
 
     # -- commands -------------------------------------------------------------------------
 

@@ -1,0 +1,1 @@
+txmta accepts mail over ESMTP (PIPELINING, SIZE, 8BITMIME, SMTPUTF8, DSN, CHUNKING, STARTTLS, AUTH) into a crash-safe LMDB spool, answering 250 only after a synced commit; `txmta queue list|show` read the spool while the daemon runs.
