@@ -31,7 +31,7 @@ def _loads(data: bytes) -> Any:
         raise CorruptRecord(f"unknown record version {data[:1]!r}")
     try:
         return json.loads(bytes(data[1:]).decode("utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: deep nesting
         raise CorruptRecord(str(e)) from e
 
 
@@ -57,7 +57,7 @@ def decode_message(data: bytes, states: tuple[RecipientState, ...] | None = None
             states = tuple(RecipientState() for _ in rcpts)
         return StoredMessage(d["id"], env, float(d["arrival"]), int(d["size"]), states,
                              dict(d["client"]), bool(d["file"]))
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
         raise CorruptRecord(f"bad message record: {e}") from e
 
 
@@ -72,5 +72,5 @@ def decode_recipient(data: bytes) -> RecipientState:
         state, attempts, next_attempt, reply = d
         return RecipientState(str(state), int(attempts), float(next_attempt),
                               Reply.from_dict(reply) if reply else None)
-    except (TypeError, ValueError, KeyError) as e:
+    except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as e:
         raise CorruptRecord(f"bad recipient record: {e}") from e

@@ -100,7 +100,8 @@ class MemoryBody:
             return
         self._chunks.append(data)
         if self._size > self._limit:
-            self.file = open(self.path, "wb")
+            # "x": never truncate (and later abort-unlink) the body file of a stored message
+            self.file = open(self.path, "xb")
             for chunk in self._chunks:
                 self.file.write(chunk)
             self._chunks = []
@@ -153,13 +154,18 @@ class LmdbSpool:
         self._env = lmdb.open(path, map_size=map_size, max_dbs=len(DB_NAMES) + 2, subdir=True,
                               sync=True, metasync=True, writemap=False, map_async=False,
                               lock=True, readahead=False, max_readers=256)
-        self._env.reader_check()
-        self._db = {name: self._env.open_db(name) for name in DB_NAMES}
-        self._check_format()
-        self._remove_orphan_bodies()
+        try:
+            self._env.reader_check()
+            self._db = {name: self._env.open_db(name) for name in DB_NAMES}
+            self._check_format()
+            self._remove_orphan_bodies()
+        except BaseException:
+            self._env.close()  # py-lmdb refuses a second open in this process while it lives
+            raise
         self._pending: list[_Op] = []
         self._cond = threading.Condition()
         self._stopping = False
+        self._closed: Deferred[None] | None = None
         self._thread = threading.Thread(target=self._run, name="txmta-spool-writer", daemon=True)
         self._thread.start()
 
@@ -200,9 +206,10 @@ class LmdbSpool:
                     self._cond.wait()
                 batch, self._pending = self._pending, []
                 if not batch and self._stopping:
-                    return
+                    break
             self._run_batch(batch)
             self._reactor.callFromThread(self._fire, batch)
+        self._reactor.callFromThread(self._exit)
 
     def _run_batch(self, batch: list[_Op]) -> None:
         synced_dir = False
@@ -220,34 +227,26 @@ class LmdbSpool:
                 for op in batch:
                     if op.pre is not None and op.failure is None:
                         op.failure = CommitFailed(f"fsync of {self.bodies}: {e}")
-        live = [op for op in batch if op.failure is None]
-        while live:
-            try:
-                with self._env.begin(write=True) as txn:
-                    for op in live:
-                        child = self._env.begin(write=True, parent=txn)
-                        try:
-                            op.result = op.fn(child)
-                            child.commit()
-                        except lmdb.MapFullError:
-                            child.abort()
-                            raise
-                        except Exception as e:  # one operation's error does not fail the rest
-                            child.abort()
-                            op.failure = e if isinstance(e, SpoolError) else CommitFailed(repr(e))
-                break  # committed
-            except lmdb.MapFullError:
-                if not self._grow():
-                    for op in live:
-                        op.failure = SpoolFull("spool map is full (spool.max_map_size reached)")
-                    break
-                for op in live:
-                    op.failure = None
-            except Exception as e:
-                full = _is_disk_full(e)
-                for op in live:
-                    op.failure = SpoolFull(str(e)) if full else CommitFailed(repr(e))
-                break
+        groups = [[op for op in batch if op.failure is None]]
+        while groups:
+            group = groups.pop(0)
+            if not group:
+                continue
+            error = self._commit(group)
+            if error is None:
+                continue
+            if isinstance(error, lmdb.MapFullError):
+                if self._grow():
+                    groups.insert(0, group)
+                    continue
+                if len(group) > 1:  # find the operations that do fit, one by one
+                    groups[0:0] = [[op] for op in group]
+                    continue
+                group[0].failure = SpoolFull("spool map is full (spool.max_map_size reached)")
+                continue
+            full = _is_disk_full(error)
+            for op in group:
+                op.failure = SpoolFull(str(error)) if full else CommitFailed(repr(error))
         for op in batch:
             try:
                 if op.failure is not None:
@@ -257,6 +256,30 @@ class LmdbSpool:
                     op.post()
             except Exception:
                 log.failure("spool cleanup after commit")
+
+    def _commit(self, group: list[_Op]) -> BaseException | None:
+        """Run `group` in one write transaction; each operation in a child transaction so one
+        operation's error fails only that operation.  Returns the error that prevented the
+        commit (the whole group then failed), or None."""
+        for op in group:
+            op.failure = None
+            op.result = None
+        try:
+            with self._env.begin(write=True) as txn:
+                for op in group:
+                    child = self._env.begin(write=True, parent=txn)
+                    try:
+                        op.result = op.fn(child)
+                        child.commit()
+                    except lmdb.MapFullError:
+                        child.abort()
+                        raise
+                    except Exception as e:
+                        child.abort()
+                        op.failure = e if isinstance(e, SpoolError) else CommitFailed(repr(e))
+        except Exception as e:
+            return e
+        return None
 
     def _grow(self) -> bool:
         current = self._env.info()["map_size"]
@@ -403,13 +426,26 @@ class LmdbSpool:
         return self._submit(_Op(lambda txn: txn.stat(self._db[b"messages"])["entries"]))
 
     def close(self) -> Deferred[None]:
-        """Finish what is pending, stop the writer thread and close the environment."""
+        """Finish what is pending, stop the writer thread and close the environment.
+
+        Never blocks the reactor: the Deferred fires (in the reactor thread) after the writer
+        thread has committed and answered everything it had, so the sessions waiting on
+        those commits still get their replies during a clean shutdown.
+        """
+        if self._closed is not None:
+            return self._closed
+        self._closed = Deferred()
         with self._cond:
             self._stopping = True
             self._cond.notify()
-        self._thread.join()
+        return self._closed
+
+    def _exit(self) -> None:
+        if threading.current_thread() is not self._thread:
+            self._thread.join()
         self._env.close()
-        return succeed(None)
+        assert self._closed is not None
+        self._closed.callback(None)
 
 
 class LmdbView:
@@ -421,8 +457,9 @@ class LmdbView:
         self.path = path
         self._env = lmdb.open(path, readonly=True, max_dbs=len(DB_NAMES) + 2, subdir=True,
                               lock=True, max_readers=256)
+        # no txn= here: py-lmdb drops handles opened inside a read transaction when it ends
+        self._db = {name: self._env.open_db(name, create=False) for name in DB_NAMES}
         with self._env.begin() as txn:
-            self._db = {name: self._env.open_db(name, txn=txn, create=False) for name in DB_NAMES}
             found = txn.get(b"format", db=self._db[b"meta"])
         if found not in (None, FORMAT):
             raise SpoolFormatError(f"spool {path} has format {found!r}, expected {FORMAT!r}")

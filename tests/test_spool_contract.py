@@ -1,0 +1,343 @@
+"""The spool contract: MemorySpool and LmdbSpool keep the same promises (STYLE habit 9).
+
+Every test runs once per implementation through the `spool` fixture (tests/conftest.py).
+Times are whole milliseconds because the LMDB due index has millisecond resolution.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (RuleBasedStateMachine, invariant, precondition,
+                                 rule, run_state_machine_as_test)
+
+from txmta.envelope import Address, Envelope, Recipient, new_message_id
+from txmta.reply import Reply
+from txmta.spool.interface import (BOUNCED, DELIVERED, HELD, QUEUED, CommitFailed,
+                                   RecipientState, StoredMessage)
+from txmta.spool.lmdb import LmdbSpool
+
+
+def queued(ms: int, attempts: int = 0) -> RecipientState:
+    return RecipientState(QUEUED, attempts, ms / 1000)
+
+
+def put(spool: Any, wait: Any, message: StoredMessage, body: bytes = b"Subject: x\r\n\r\nhi\r\n") -> None:
+    writer = spool.body_writer(message.id)
+    writer.write(body)
+    wait(spool.put(message, writer))
+
+
+# -- put, get, read_body ---------------------------------------------------------------------
+
+def test_put_then_get_returns_equal_record(spool, wait):
+    """A message read back after put() equals the message stored, recipient states included."""
+    env = Envelope(Address("s\u00e9nder", "example.com"),
+                   (Recipient(Address("a", "example.org"), ("SUCCESS", "FAILURE"), "rfc822;a@x"),
+                    Recipient(Address("\u00fc", "b\u00fccher.example"))),
+                   size=1234, body="8BITMIME", smtputf8=True, ret="HDRS", envid="E1",
+                   auth="<>", extra={"MT-PRIORITY": "3"})
+    m = StoredMessage(new_message_id(), env, 1700000000.25, 21,
+                      (queued(5000), RecipientState(HELD, 2, 7.0, Reply(451, "4.7.1", "grey"))),
+                      {"address": "192.0.2.7", "tls": "TLSv1.3"})
+    put(spool, wait, m)
+    assert wait(spool.get(m.id)) == m
+
+
+def test_get_of_unknown_id_is_none(spool, wait):
+    """get() of an id the spool never stored fires with None."""
+    assert wait(spool.get(new_message_id())) is None
+
+
+@pytest.mark.parametrize("body", [b"", b"x", b"line\r\n" * 100, bytes(range(256)) * 16],
+                         ids=["empty", "one-octet", "lines", "binary-at-limit"])
+def test_read_body_returns_exactly_the_bytes_written(spool, wait, make_message, body):
+    """read_body() returns the body octets unchanged, written in several chunks."""
+    m = make_message()
+    writer = spool.body_writer(m.id)
+    for i in range(0, len(body), 1000):
+        writer.write(body[i:i + 1000])
+    assert writer.size == len(body)
+    wait(spool.put(m, writer))
+    assert wait(spool.read_body(m.id)) == body
+
+
+def test_body_above_inline_limit_round_trips(spool, wait, make_message, inline_limit):
+    """A body larger than inline_limit reads back exactly; LMDB keeps it in bodies/<id>."""
+    m = make_message()
+    body = bytes(range(256)) * (inline_limit // 256 * 3) + b"tail"
+    put(spool, wait, m, body)
+    assert wait(spool.read_body(m.id)) == body
+    got = wait(spool.get(m.id))
+    assert replace(got, body_in_file=False) == m
+    if isinstance(spool, LmdbSpool):
+        assert got.body_in_file
+        with open(f"{spool.bodies}/{m.id}", "rb") as f:
+            assert f.read() == body
+
+
+# -- the due index ---------------------------------------------------------------------------
+
+def test_due_returns_queued_messages_at_or_before_now_oldest_first(spool, wait, make_message):
+    """due(now) lists messages with a QUEUED recipient due by now, oldest first, not later ones."""
+    late = make_message(states=(queued(9000),))
+    mid = make_message(states=(queued(5000),))
+    early = make_message(states=(queued(1000),))
+    exact = make_message(states=(queued(7000),))
+    for m in (late, mid, early, exact):
+        put(spool, wait, m)
+    assert wait(spool.due(7.0, 100)) == [(1.0, early.id), (5.0, mid.id), (7.0, exact.id)]
+    assert wait(spool.due(0.999, 100)) == []
+
+
+def test_due_lists_a_message_once_at_its_oldest_recipient(spool, wait, make_message):
+    """A message with several due recipients appears once, at its earliest due time."""
+    m = make_message(states=(queued(3000), queued(1000), queued(2000)))
+    put(spool, wait, m)
+    assert wait(spool.due(10.0, 100)) == [(1.0, m.id)]
+
+
+def test_due_honours_limit(spool, wait, make_message):
+    """due(now, limit) returns the `limit` oldest due messages."""
+    ms = [make_message(states=(queued(1000 * (i + 1)),)) for i in range(5)]
+    for m in reversed(ms):
+        put(spool, wait, m)
+    assert wait(spool.due(100.0, 2)) == [(1.0, ms[0].id), (2.0, ms[1].id)]
+
+
+def test_held_and_final_recipients_are_not_due(spool, wait, make_message):
+    """Only QUEUED recipients are due: HELD (and final) ones never are, whatever their time."""
+    held = make_message(states=(RecipientState(HELD, 0, 1.0),))
+    mixed = make_message(states=(RecipientState(HELD, 0, 1.0), RecipientState(DELIVERED, 1, 1.0),
+                                 queued(4000)))
+    put(spool, wait, held)
+    put(spool, wait, mixed)
+    assert wait(spool.due(100.0, 100)) == [(4.0, mixed.id)]
+
+
+@pytest.mark.parametrize("ms", [1, 570, 1001, 4055, 1_700_000_000_123])
+def test_due_time_is_kept_to_the_millisecond(spool, wait, make_message, ms):
+    """A recipient due at a whole millisecond is reported at that time, and not a ms earlier."""
+    m = make_message(states=(queued(ms),))
+    put(spool, wait, m)
+    assert wait(spool.due((ms - 1) / 1000, 10)) == []
+    assert wait(spool.due(ms / 1000, 10)) == [(ms / 1000, m.id)]
+    assert wait(spool.next_due()) == ms / 1000
+
+
+def test_next_due_is_the_earliest_queued_time_or_none(spool, wait, make_message):
+    """next_due() is the earliest QUEUED recipient's time, None with nothing queued."""
+    assert wait(spool.next_due()) is None
+    put(spool, wait, make_message(states=(RecipientState(HELD, 0, 1.0),)))
+    assert wait(spool.next_due()) is None
+    put(spool, wait, make_message(states=(queued(8000),)))
+    put(spool, wait, make_message(states=(queued(3000), queued(6000))))
+    assert wait(spool.next_due()) == 3.0
+
+
+def test_update_moving_next_attempt_moves_the_due_entry(spool, wait, make_message):
+    """After update() defers a recipient, its old time is no longer due and the new one is."""
+    m = make_message(states=(queued(1000),))
+    put(spool, wait, m)
+    later = m.with_recipient_state(0, queued(60000, attempts=1))
+    wait(spool.update(later))
+    assert wait(spool.due(59.999, 100)) == []
+    assert wait(spool.next_due()) == 60.0
+    assert wait(spool.due(60.0, 100)) == [(60.0, m.id)]
+    assert wait(spool.get(m.id)) == later
+
+
+def test_update_to_held_takes_the_recipient_out_of_the_due_index(spool, wait, make_message):
+    """A recipient updated to HELD stops being due; the message stays stored."""
+    m = make_message(states=(queued(1000),))
+    put(spool, wait, m)
+    wait(spool.update(m.with_recipient_state(0, RecipientState(HELD, 0, 1.0))))
+    assert wait(spool.due(100.0, 100)) == []
+    assert wait(spool.next_due()) is None
+    assert wait(spool.count()) == 1
+
+
+def test_update_with_every_recipient_final_removes_message_and_body(spool, wait, make_message):
+    """When update() leaves no unfinished recipient, message, due entries and body are gone."""
+    m = make_message(states=(queued(1000), queued(2000)))
+    put(spool, wait, m)
+    partly = m.with_recipient_state(0, RecipientState(DELIVERED, 1, 1.0))
+    wait(spool.update(partly))
+    assert wait(spool.get(m.id)) == partly
+    wait(spool.update(partly.with_recipient_state(
+        1, RecipientState(BOUNCED, 1, 2.0, Reply(550, "5.1.1", "no such user")))))
+    assert wait(spool.get(m.id)) is None
+    assert wait(spool.count()) == 0
+    assert wait(spool.due(100.0, 100)) == []
+    assert wait(spool.next_due()) is None
+
+
+def test_final_update_removes_the_body_file(open_lmdb, wait, make_message, inline_limit):
+    """LMDB: a message leaving through update() takes its bodies/<id> file with it."""
+    spool = open_lmdb()
+    m = make_message()
+    put(spool, wait, m, b"x" * (inline_limit * 2))
+    path = f"{spool.bodies}/{m.id}"
+    with open(path, "rb") as f:
+        assert f.read() == b"x" * (inline_limit * 2)
+    wait(spool.update(m.with_recipient_state(0, RecipientState(DELIVERED, 1, 0.0))))
+    assert wait(spool.count()) == 0
+    with pytest.raises(FileNotFoundError):
+        open(path, "rb")
+
+
+def test_update_of_unknown_message_fails_with_commit_failed(spool, wait, make_message):
+    """update() of a message not in the spool fails with CommitFailed and stores nothing."""
+    with pytest.raises(CommitFailed):
+        wait(spool.update(make_message()))
+    assert wait(spool.count()) == 0
+
+
+@pytest.mark.parametrize("big", [False, True], ids=["inline-body", "file-body"])
+def test_remove_deletes_message_due_entries_and_body(spool, wait, make_message, inline_limit,
+                                                    big):
+    """remove() deletes the message, its due entries and its body (LMDB: the body file too)."""
+    keep, gone = make_message(states=(queued(2000),)), make_message(states=(queued(1000),))
+    put(spool, wait, keep)
+    put(spool, wait, gone, b"y" * (inline_limit * 2 if big else 10))
+    wait(spool.remove(gone.id))
+    assert wait(spool.get(gone.id)) is None
+    assert wait(spool.due(100.0, 100)) == [(2.0, keep.id)]
+    assert wait(spool.count()) == 1
+    if isinstance(spool, LmdbSpool):
+        assert os.listdir(spool.bodies) == []
+
+
+def test_remove_of_unknown_id_is_harmless(spool, wait, make_message):
+    """remove() of an id that is not stored succeeds and changes nothing."""
+    m = make_message()
+    put(spool, wait, m)
+    wait(spool.remove(new_message_id()))
+    assert wait(spool.count()) == 1
+
+
+def test_count_is_the_number_of_stored_messages(spool, wait, make_message):
+    """count() counts messages (not recipients), following puts and removals."""
+    assert wait(spool.count()) == 0
+    ms = [make_message(n_rcpts=3) for _ in range(4)]
+    for m in ms:
+        put(spool, wait, m)
+    assert wait(spool.count()) == 4
+    wait(spool.remove(ms[0].id))
+    assert wait(spool.count()) == 3
+
+
+def test_duplicate_id_fails_with_commit_failed_and_keeps_the_first(spool, wait, make_message):
+    """A second put() of a stored id fails with CommitFailed; the first message and body stay."""
+    first = make_message(states=(queued(1000),))
+    put(spool, wait, first, b"first body")
+    second = replace(make_message(n_rcpts=2, states=(queued(500), queued(500))), id=first.id)
+    with pytest.raises(CommitFailed):
+        put(spool, wait, second, b"second body")
+    assert wait(spool.get(first.id)) == first
+    assert wait(spool.read_body(first.id)) == b"first body"
+    assert wait(spool.due(100.0, 100)) == [(1.0, first.id)]
+    assert wait(spool.count()) == 1
+
+
+# -- the state machine -------------------------------------------------------------------------
+
+TIMES_MS = st.integers(min_value=0, max_value=20_000)
+
+
+class SpoolMachine(RuleBasedStateMachine):
+    """Random puts, recipient updates, removals and clock advances, checked against a model.
+
+    The model maps each stored message id to its recipient states; what is due is computed
+    from it directly.  Times are whole milliseconds (see the module docstring).
+    """
+
+    def __init__(self, factory: Any, wait: Any) -> None:
+        super().__init__()
+        self.spool = factory()
+        self.wait = wait
+        self.now_ms = 0
+        self.model: dict[str, StoredMessage] = {}
+        self.finished: set[str] = set()
+
+    def teardown(self) -> None:
+        self.wait(self.spool.close())
+
+    def model_due(self, limit: int) -> list[tuple[float, str]]:
+        firsts = []
+        for mid, m in self.model.items():
+            times = [r.next_attempt for r in m.recipients if r.state == QUEUED]
+            if times and min(times) <= self.now_ms / 1000:
+                firsts.append((min(times), mid))
+        return sorted(firsts)[:limit]
+
+    @rule(states=st.lists(st.one_of(TIMES_MS.map(queued),
+                                    st.just(RecipientState(HELD, 0, 0.0))),
+                          min_size=1, max_size=3))
+    def put(self, states: list[RecipientState]) -> None:
+        m = StoredMessage(new_message_id(), Envelope(
+            Address("s", "example.com"),
+            tuple(Recipient(Address(f"r{i}", "example.org")) for i in range(len(states)))),
+            1.0, 3, tuple(states), {})
+        writer = self.spool.body_writer(m.id)
+        writer.write(b"abc")
+        self.wait(self.spool.put(m, writer))
+        self.model[m.id] = m
+
+    @precondition(lambda self: self.model)
+    @rule(data=st.data(), new=st.one_of(
+        TIMES_MS.map(lambda ms: queued(ms, attempts=1)),
+        st.sampled_from([RecipientState(HELD, 1, 0.0), RecipientState(DELIVERED, 1, 0.0),
+                         RecipientState(BOUNCED, 1, 0.0, Reply(550, "5.1.1", "unknown user"))])))
+    def update_recipient(self, data: st.DataObject, new: RecipientState) -> None:
+        mid = data.draw(st.sampled_from(sorted(self.model)))
+        m = self.model[mid]
+        m = m.with_recipient_state(data.draw(st.integers(0, len(m.recipients) - 1)), new)
+        self.wait(self.spool.update(m))
+        if m.unfinished:
+            self.model[mid] = m
+        else:
+            del self.model[mid]
+            self.finished.add(mid)
+
+    @precondition(lambda self: self.model)
+    @rule(data=st.data())
+    def remove(self, data: st.DataObject) -> None:
+        mid = data.draw(st.sampled_from(sorted(self.model)))
+        self.wait(self.spool.remove(mid))
+        del self.model[mid]
+
+    @rule(ms=st.integers(min_value=0, max_value=5_000))
+    def advance(self, ms: int) -> None:
+        self.now_ms += ms
+
+    @invariant()
+    def due_matches_the_model(self) -> None:
+        now = self.now_ms / 1000
+        assert self.wait(self.spool.due(now, 1000)) == self.model_due(1000)
+        assert self.wait(self.spool.due(now, 2)) == self.model_due(2)
+        queued_times = [r.next_attempt for m in self.model.values() for r in m.recipients
+                        if r.state == QUEUED]
+        assert self.wait(self.spool.next_due()) == (min(queued_times) if queued_times else None)
+
+    @invariant()
+    def count_matches_the_model(self) -> None:
+        assert self.wait(self.spool.count()) == len(self.model)
+
+    @invariant()
+    def finished_messages_are_gone(self) -> None:
+        for mid in self.finished:
+            assert self.wait(self.spool.get(mid)) is None
+
+
+def test_spool_state_machine_matches_the_model(spool_factory, wait):
+    """Under any sequence of puts, updates, removals and time, due/next_due/count match a model."""
+    run_state_machine_as_test(
+        lambda: SpoolMachine(spool_factory, wait),
+        settings=settings(max_examples=100, stateful_step_count=30, deadline=None,
+                          suppress_health_check=list(HealthCheck)))

@@ -1,0 +1,272 @@
+"""LMDB spool behaviour beyond the shared contract: failed commits, map growth, restart,
+orphan body files, the read-only view, the format check and group commit (DESIGN "Spool",
+invariants 1 and 3)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lmdb
+import pytest
+
+from txmta.spool.interface import (HELD, QUEUED, CommitFailed, RecipientState, SpoolFormatError,
+                                   SpoolFull)
+from txmta.spool.lmdb import LmdbView
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def put(spool, wait, message, body=b"Subject: t\r\n\r\nbody\r\n"):
+    writer = spool.body_writer(message.id)
+    writer.write(body)
+    return wait(spool.put(message, writer))
+
+
+# -- (a) a failed commit leaves nothing behind ---------------------------------------------------
+
+@pytest.mark.parametrize("big_body", [False, True], ids=["inline-body", "file-body"])
+def test_put_too_big_for_a_full_map_fails_with_spool_full_and_leaves_nothing(
+        open_lmdb, wait, make_message, inline_limit, big_body):
+    """With the map at max_map_size, a put that does not fit fails with SpoolFull, stores
+    nothing, removes its body file, and a later small put still commits (invariant 1)."""
+    limit = inline_limit if big_body else 1 << 20
+    spool = open_lmdb(map_size=256 * 1024, max_map_size=256 * 1024, inline_limit=limit)
+    kept = make_message()
+    put(spool, wait, kept)
+    if big_body:  # the body goes to a file, so make the envelope record too big for the map
+        big, body = make_message(extra={"X-PAD": "p" * 600_000}), b"b" * (2 * limit)
+    else:
+        big, body = make_message(), b"b" * 600_000
+    with pytest.raises(SpoolFull):
+        put(spool, wait, big, body)
+    assert wait(spool.count()) == 1
+    assert wait(spool.get(big.id)) is None
+    assert os.listdir(spool.bodies) == []
+    assert wait(spool.due(1e9, 100)) == [(0.0, kept.id)]
+    small = make_message()
+    put(spool, wait, small, b"small")
+    assert wait(spool.count()) == 2
+    assert wait(spool.read_body(small.id)) == b"small"
+
+
+# -- (b) live map growth -------------------------------------------------------------------------
+
+def test_map_grows_live_up_to_max_map_size(open_lmdb, wait, make_message):
+    """Puts past a small map_size succeed: the writer thread grows the map between transactions."""
+    spool = open_lmdb(map_size=128 * 1024, max_map_size=64 * 1024 * 1024)
+    before = spool._env.info()["map_size"]
+    ms = [make_message() for _ in range(150)]
+    for m in ms:
+        put(spool, wait, m, os.urandom(3000))
+    assert wait(spool.count()) == 150
+    assert spool._env.info()["map_size"] > before
+    assert wait(spool.get(ms[-1].id)) == ms[-1]
+
+
+# -- (c) restart ----------------------------------------------------------------------------------
+
+def test_reopened_spool_has_every_message_body_and_due_entry(open_lmdb, wait, make_message,
+                                                             inline_limit, tmp_path):
+    """Close and reopen on the same path: messages, states, bodies and due index all survive."""
+    path = tmp_path / "restart"
+    spool = open_lmdb(path)
+    small = make_message(states=(RecipientState(QUEUED, 2, 5.0), RecipientState(HELD, 0, 1.0)))
+    large = make_message(states=(RecipientState(QUEUED, 0, 3.0),))
+    big_body = os.urandom(3 * inline_limit)
+    put(spool, wait, small, b"small body")
+    put(spool, wait, large, big_body)
+    wait(spool.close())
+
+    again = open_lmdb(path)
+    assert wait(again.count()) == 2
+    assert wait(again.get(small.id)) == small
+    assert wait(again.get(large.id)).body_in_file
+    assert wait(again.read_body(small.id)) == b"small body"
+    assert wait(again.read_body(large.id)) == big_body
+    assert wait(again.due(10.0, 100)) == [(3.0, large.id), (5.0, small.id)]
+    assert wait(again.next_due()) == 3.0
+
+
+# -- (d) orphan body files ----------------------------------------------------------------------
+
+def test_unreferenced_body_file_is_removed_at_open(open_lmdb, wait, make_message, inline_limit,
+                                                   tmp_path):
+    """A file in bodies/ that no message references is removed when the spool opens; the body
+    file of a stored message stays."""
+    path = tmp_path / "orphans"
+    spool = open_lmdb(path)
+    m = make_message()
+    put(spool, wait, m, b"z" * (2 * inline_limit))
+    wait(spool.close())
+    orphan = path / "bodies" / "0151orphan0000"
+    orphan.write_bytes(b"left over by a crash before commit")
+
+    again = open_lmdb(path)
+    assert sorted(os.listdir(again.bodies)) == [m.id]
+    assert wait(again.read_body(m.id)) == b"z" * (2 * inline_limit)
+
+
+# -- (e) the read-only view ------------------------------------------------------------------------
+
+VIEW_SCRIPT = """
+import json, sys
+from txmta.spool.lmdb import LmdbView
+view = LmdbView(sys.argv[1])
+out = {m.id: [m.body_in_file, [r.state for r in m.recipients],
+              view.read_body(m.id).decode("latin-1")] for m in view.messages()}
+out["get-unknown"] = view.get("0151nosuchid00") is None
+view.close()
+print(json.dumps(out))
+"""
+
+
+def test_view_in_another_process_sees_committed_messages_and_bodies(open_lmdb, wait, make_message,
+                                                                    inline_limit, tmp_path):
+    """LmdbView, opened by another process while the writer spool is open, sees every committed
+    message and body (inline and in a file); py-lmdb refuses a second handle in one process."""
+    path = tmp_path / "viewed"
+    spool = open_lmdb(path)
+    small = make_message(states=(RecipientState(HELD, 0, 1.0),))
+    large = make_message()
+    put(spool, wait, small, b"inline")
+    put(spool, wait, large, b"f" * (2 * inline_limit))
+    done = subprocess.run([sys.executable, "-c", VIEW_SCRIPT, str(path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {
+        small.id: [False, [HELD], "inline"],
+        large.id: [True, [QUEUED], "f" * (2 * inline_limit)],
+        "get-unknown": True,
+    }
+    put(spool, wait, make_message())  # the writer is unaffected by the reader
+    assert wait(spool.count()) == 3
+
+
+# -- (f) format check -----------------------------------------------------------------------------
+
+def test_unknown_format_refuses_to_open_naming_the_path(open_lmdb, wait, tmp_path):
+    """A spool whose meta format is unknown raises SpoolFormatError naming the path, and the
+    environment is closed again, so the same process can open it once the format is fixed."""
+    path = tmp_path / "future"
+    wait(open_lmdb(path).close())
+    env = lmdb.open(str(path), max_dbs=8)
+    with env.begin(write=True, db=env.open_db(b"meta")) as txn:
+        txn.put(b"format", b"99")
+    env.close()
+    with pytest.raises(SpoolFormatError, match=str(path)) as refused:
+        open_lmdb(path)
+    assert refused.traceback  # keeps the refused spool object alive: its env must be closed
+    with pytest.raises(SpoolFormatError, match=str(path)):
+        LmdbView(str(path))
+    env = lmdb.open(str(path), max_dbs=8)
+    with env.begin(write=True, db=env.open_db(b"meta")) as txn:
+        txn.put(b"format", b"1")
+    env.close()
+    assert wait(open_lmdb(path).count()) == 0
+
+
+# -- (g) group commit -------------------------------------------------------------------------------
+
+def test_puts_submitted_together_share_one_commit(open_lmdb, wait, make_message, monkeypatch):
+    """200 puts queued while the writer is busy are committed as one batch (group commit)."""
+    spool = open_lmdb()
+    assert wait(spool.count()) == 0  # the writer is idle, waiting for work
+    batches: list[int] = []
+    run_batch = spool._run_batch
+
+    def recording(batch):
+        batches.append(len(batch))
+        run_batch(batch)
+
+    monkeypatch.setattr(spool, "_run_batch", recording)
+    ms = [make_message() for _ in range(200)]
+    with spool._cond:  # the writer cannot take work until every put is pending
+        deferreds = []
+        for m in ms:
+            writer = spool.body_writer(m.id)
+            writer.write(b"x")
+            deferreds.append(spool.put(m, writer))
+    for d in deferreds:
+        wait(d)
+    assert batches == [200]
+    assert wait(spool.count()) == 200
+
+
+def test_one_failing_put_does_not_fail_the_others_in_its_batch(open_lmdb, wait, make_message):
+    """In a shared commit, a duplicate id fails alone; the other puts of the batch are stored."""
+    spool = open_lmdb()
+    first = make_message()
+    put(spool, wait, first)
+    ms = [make_message() for _ in range(5)]
+    ms[2] = first
+    with spool._cond:
+        deferreds = []
+        for m in ms:
+            writer = spool.body_writer(m.id)
+            writer.write(b"x")
+            deferreds.append(spool.put(m, writer))
+    outcomes = []
+    for d in deferreds:
+        try:
+            wait(d)
+            outcomes.append("ok")
+        except CommitFailed:
+            outcomes.append("failed")
+    assert outcomes == ["ok", "ok", "failed", "ok", "ok"]
+    assert wait(spool.count()) == 5
+
+
+def test_duplicate_id_with_a_large_body_never_touches_the_first_body_file(
+        open_lmdb, wait, make_message, inline_limit):
+    """A second body for a stored id cannot overwrite or delete the first message's body file."""
+    spool = open_lmdb()
+    first = make_message()
+    body = b"1" * (2 * inline_limit)
+    put(spool, wait, first, body)
+    writer = spool.body_writer(first.id)
+    try:
+        writer.write(b"2" * (2 * inline_limit))
+    except FileExistsError:
+        writer.abort()
+    else:
+        with pytest.raises(CommitFailed):
+            wait(spool.put(first, writer))
+    assert wait(spool.read_body(first.id)) == body
+    assert wait(spool.get(first.id)).body_in_file
+
+
+def test_operations_after_close_fail_with_commit_failed(open_lmdb, wait, make_message):
+    """Once closed, the spool refuses new work with CommitFailed instead of hanging."""
+    spool = open_lmdb()
+    wait(spool.close())
+    with pytest.raises(CommitFailed):
+        wait(spool.count())
+
+
+def test_a_put_too_big_for_the_map_fails_alone_in_its_batch(open_lmdb, wait, make_message):
+    """With the map at max_map_size, an oversized put in a shared commit fails with SpoolFull
+    while the small puts of the same batch are stored (one session's message never costs
+    another session's)."""
+    spool = open_lmdb(map_size=256 * 1024, max_map_size=256 * 1024, inline_limit=1 << 20)
+    ms = [make_message() for _ in range(4)]
+    bodies = [b"small", b"b" * 600_000, b"small", b"small"]
+    with spool._cond:
+        deferreds = []
+        for m, body in zip(ms, bodies):
+            writer = spool.body_writer(m.id)
+            writer.write(body)
+            deferreds.append(spool.put(m, writer))
+    outcomes = []
+    for d in deferreds:
+        try:
+            wait(d)
+            outcomes.append("ok")
+        except SpoolFull:
+            outcomes.append("full")
+    assert outcomes == ["ok", "full", "ok", "ok"]
+    assert wait(spool.count()) == 3
+    assert wait(spool.get(ms[1].id)) is None
