@@ -13,7 +13,7 @@ are answered strictly in order.  It knows nothing of the spool: mail goes to an
 Not here: relay decisions (inbound/policy.py), path grammar (inbound/grammar.py), the DATA
 byte stream (inbound/data.py).
 """
-# test: tests/test_server.py, tests/test_smuggling.py, tests/test_server_tls_auth.py
+# test: tests/test_server.py, tests/test_smuggling.py, tests/test_server_auth.py
 
 from __future__ import annotations
 
@@ -97,6 +97,9 @@ class SMTPServer(Protocol, TimeoutMixin):
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()  # type: ignore[union-attr]
         host = getattr(peer, "host", "") or ""
+        ip = P.parse_ip(host)
+        if ip is not None:  # one form per client: ::ffff:192.0.2.1 counts as 192.0.2.1
+            host = str(ip)
         port = getattr(peer, "port", 0) or 0
         self.session = Session(host, port, self.listener.address)
         refusal = self.factory.admit(self)
@@ -188,6 +191,9 @@ class SMTPServer(Protocol, TimeoutMixin):
         line, self._buffer = buf[:idx], buf[idx + 1:]
         if self._discarding:
             self._discarding = False
+            if self._mode == "auth":  # the refused line ends the AUTH exchange
+                self._mode = "command"
+                self._auth_step = None
             self._send(R.LINE_TOO_LONG)
             return True
         if line.endswith(b"\r"):
@@ -225,10 +231,15 @@ class SMTPServer(Protocol, TimeoutMixin):
             return
         self._waiting = True
         self.transport.pauseProducing()  # type: ignore[union-attr]
+        # our own wait (the commit) never counts against the client's timeout
+        timeout = self.timeOut
+        self.setTimeout(None)
         synchronous = [True]
 
         def done(reply: Reply) -> None:
             self._waiting = False
+            if self._mode != "closed":
+                self.setTimeout(timeout)
             if self._mode == "closed":
                 return
             self._send(reply)
@@ -276,11 +287,14 @@ class SMTPServer(Protocol, TimeoutMixin):
     def _hello(self, arg: str, esmtp: bool) -> Reply:
         assert self.session is not None
         name = arg.strip()
-        if not name or " " in name:
+        if not name or not name.isprintable() or any(c.isspace() for c in name):
             return Reply(501, "5.5.4", f"Syntax: {'EHLO' if esmtp else 'HELO'} hostname")
         self.session.helo = name
         self.session.esmtp = esmtp
-        self.envelope = None
+        self.envelope = None       # RFC 5321 4.1.4: EHLO/HELO reset like RSET,
+        self._bdat_used = False    # including a BDAT transaction between chunks
+        self._bdat = None
+        self._abort_intake()
         greeting = f"{self.policy.hostname} Hello {name} [{self.session.client_ip}]"
         if not esmtp:
             return Reply(250, "", greeting)
@@ -376,7 +390,7 @@ class SMTPServer(Protocol, TimeoutMixin):
     def do_BDAT(self, arg: str) -> Reply | None:
         assert self.session is not None
         parts = arg.split()
-        if not parts or len(parts) > 2 or not parts[0].isdigit() or (
+        if not parts or len(parts) > 2 or not (parts[0].isascii() and parts[0].isdigit()) or (
                 len(parts) == 2 and parts[1].upper() != "LAST"):
             return Reply(501, "5.5.4", "Syntax: BDAT size [LAST]")
         size = int(parts[0])

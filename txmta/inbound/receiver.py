@@ -134,11 +134,13 @@ class Intake:
 
     def finish(self) -> Deferred[Reply]:
         self._done = True
+        if self._in_header and self._head and not self._head.endswith(b"\n"):
+            # a last line without CRLF (BDAT): scan it too, it may not be a header line
+            self._head += b"\r\n"
+            self._scan_header()
         if self._in_header:  # the message ended inside its header section
             head, self._head = self._head, b""
             self._in_header = False
-            if head and not head.endswith(b"\n"):
-                head += b"\r\n"
             self.body.write(head + self._missing(head))
         d = self._queue.put(self.message_id, self.envelope, self.body, self.session.client_info(),
                             self.arrival)
