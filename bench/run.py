@@ -1,0 +1,965 @@
+#!/usr/bin/env python3
+"""Intake benchmark: txmta side by side with Postfix, in the same run.
+
+What it measures (everything on 127.0.0.1; see bench/README.md for details):
+
+    smtp-source --(S sessions)--> MTA 127.0.0.1:2525 --relayhost--> smtp-sink 127.0.0.1:2501
+                  probe.py  --(1 session, 20 msg/s)--^
+
+For each MTA (txmta, Postfix) and each load mode
+  * "1/msg":  smtp-source opens a new connection for every message (HELO, MAIL, RCPT, DATA, QUIT)
+  * "reuse":  smtp-source -d, all messages of a session over one connection
+the script measures, per run:
+  * accepted msg/s  = N / wall time of smtp-source (it exits after the last 250 and 221)
+  * MTA CPU ms/msg  = CPU time (user+system) of all the MTA's processes during that window / N,
+                      from a cpuacct cgroup (fallback: utime+stime of the process tree in /proc)
+  * latency p50/p99 = end of data ("\\r\\n.\\r\\n" sent) -> 250 reply, measured by bench/probe.py,
+                      a separate client sending one message at a time at 20 msg/s during the load
+and in a third mode, "probe 100/s", the probe alone at ~100 msg/s (no other load): the pure
+latency of an unloaded MTA.
+
+Runs are interleaved (txmta run 1, Postfix run 1, txmta run 2, ...) so that background noise on
+a shared machine hits both.  Every run starts a fresh MTA instance with a fresh spool.
+
+--rss: 100 concurrent sessions each send one 10 MB message to txmta; reports txmta's peak RSS
+(VmHWM) and the time taken.
+
+Output: a markdown table on stdout, JSON in bench/results/<date>-intake.json.
+Run as root from the repository root:  .venv/bin/python bench/run.py [--quick] [--only txmta]
+By default the script re-executes itself in a private network namespace (unshare --net) that has
+only a loopback interface, so no packet can leave the machine; --no-sandbox disables that.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import pwd
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+BENCH = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(BENCH)
+sys.path.insert(0, BENCH)
+sys.dont_write_bytecode = True    # no bench/__pycache__
+import probe  # noqa: E402  (bench/probe.py)
+
+HOST = "127.0.0.1"
+SENDER = "bench@example.com"
+RCPT = "rcpt@example.net"
+HELO = "client.bench.invalid"
+SMTP_SOURCE = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
+SMTP_SINK = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
+TWISTD = os.path.join(REPO, ".venv", "bin", "twistd")
+VENV_PY = os.path.join(REPO, ".venv", "bin", "python")
+MTAS = ("txmta", "postfix")
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+def sh(argv, check=True, **kw):
+    """Run a short helper command; return its output (stdout+stderr)."""
+    p = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                       timeout=kw.pop("timeout", 60), **kw)
+    if check and p.returncode != 0:
+        raise RuntimeError("command failed (%d): %s\n%s" % (p.returncode, " ".join(argv), p.stdout))
+    return p.stdout
+
+
+def read_text(path, default="?"):
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return default
+
+
+# --------------------------------------------------------------------------------------------
+# Process bookkeeping: every process we start is registered here and killed on exit.
+# --------------------------------------------------------------------------------------------
+
+STARTED = []     # Popen objects
+CGROUPS = []     # CpuGroup objects
+
+
+def _die_with_parent():
+    """preexec_fn: ask the kernel to SIGTERM the child if this script dies (PR_SET_PDEATHSIG)."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)
+    except Exception:
+        pass
+
+
+def spawn(argv, cgroup=None, **kw):
+    def pre():
+        _die_with_parent()
+        if cgroup is not None:
+            cgroup.add_self()
+    p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, preexec_fn=pre, **kw)
+    STARTED.append(p)
+    return p
+
+
+def stop_process(p, timeout=10, sig=signal.SIGTERM):
+    if p is None or p.poll() is not None:
+        return
+    try:
+        p.send_signal(sig)
+        p.wait(timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait(10)
+    except ProcessLookupError:
+        pass
+
+
+def cleanup_all():
+    for p in reversed(STARTED):
+        stop_process(p, timeout=5)
+    for cg in CGROUPS:
+        cg.remove()
+
+
+# --------------------------------------------------------------------------------------------
+# CPU accounting: a cpuacct cgroup per role (v1 or v2); fallback: /proc process tree.
+# --------------------------------------------------------------------------------------------
+
+def proc_children():
+    """{ppid: [pid, ...]} for all processes."""
+    tree = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            stat = read_text("/proc/%s/stat" % d, "")
+            if stat:
+                ppid = int(stat.rsplit(")", 1)[1].split()[1])
+                tree.setdefault(ppid, []).append(int(d))
+    return tree
+
+
+def proc_tree_cpu(root_pid):
+    """utime+stime (+ reaped children) of root_pid and all its descendants, in seconds."""
+    tree = proc_children()
+    total, todo = 0, [root_pid]
+    while todo:
+        pid = todo.pop()
+        f = read_text("/proc/%d/stat" % pid, "")
+        if f:
+            v = f.rsplit(")", 1)[1].split()
+            total += int(v[11]) + int(v[12]) + int(v[13]) + int(v[14])   # utime stime cutime cstime
+        todo += tree.get(pid, [])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+class CpuGroup:
+    """A cgroup that only holds processes this script started; .seconds() = their CPU time."""
+
+    def __init__(self, name):
+        self.path = self.kind = None
+        self.root_pid = None      # for the /proc fallback
+        name = "txmta-bench-%d/%s" % (os.getpid(), name)
+        for base, kind in (("/sys/fs/cgroup/cpuacct", "v1"), ("/sys/fs/cgroup/unified", "v2"),
+                           ("/sys/fs/cgroup", "v2")):
+            marker = "cpuacct.usage" if kind == "v1" else "cgroup.procs"
+            if not os.path.exists(os.path.join(base, marker)):
+                continue
+            p = os.path.join(base, name)
+            try:
+                os.makedirs(p, exist_ok=True)
+            except OSError:
+                continue
+            if kind == "v2" and not os.path.exists(os.path.join(p, "cpu.stat")):
+                continue
+            self.path, self.kind = p, kind
+            break
+        CGROUPS.append(self)
+
+    def add_self(self):
+        """Runs in the child between fork and exec."""
+        if self.path:
+            with open(os.path.join(self.path, "cgroup.procs"), "w") as f:
+                f.write(str(os.getpid()))
+
+    def seconds(self):
+        if self.path is None:
+            return proc_tree_cpu(self.root_pid) if self.root_pid else None
+        if self.kind == "v1":
+            return int(read_text(os.path.join(self.path, "cpuacct.usage"))) / 1e9
+        for line in read_text(os.path.join(self.path, "cpu.stat")).splitlines():
+            k, v = line.split()
+            if k == "usage_usec":
+                return int(v) / 1e6
+        return None
+
+    @property
+    def source(self):
+        return "cgroup-%s" % self.kind if self.path else "proc"
+
+    def pids(self):
+        if not self.path:
+            return []
+        try:
+            return [int(x) for x in read_text(os.path.join(self.path, "cgroup.procs"), "").split()]
+        except ValueError:
+            return []
+
+    def remove(self):
+        """Kill whatever is left in the group (all started by us), then remove it."""
+        if not self.path:
+            return
+        for _ in range(50):
+            pids = self.pids()
+            if not pids:
+                break
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.1)
+        for p in (self.path, os.path.dirname(self.path)):
+            try:
+                os.rmdir(p)
+            except OSError:
+                pass
+
+
+def machine_busy_seconds():
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return (sum(v[:8]) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers: banner wait, smtp-sink, smtp-source
+# --------------------------------------------------------------------------------------------
+
+def wait_banner(port, timeout, proc=None):
+    """Wait until 127.0.0.1:port answers with a 220 banner (then QUIT)."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError("process exited with status %s before its 220 banner" % proc.returncode)
+        try:
+            with socket.create_connection((HOST, port), timeout=2) as s:
+                s.settimeout(5)
+                data = s.recv(512)
+                if data.startswith(b"220"):
+                    try:
+                        s.sendall(b"QUIT\r\n")
+                        s.recv(512)
+                    except OSError:
+                        pass
+                    return
+                last = data
+        except OSError as e:
+            last = e
+        time.sleep(0.1)
+    raise RuntimeError("no 220 banner on port %d after %ss (%r)" % (port, timeout, last))
+
+
+def port_free(port):
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((HOST, port))
+            return True
+        except OSError:
+            return False
+
+
+class Sink:
+    """smtp-sink as the relayhost; .count() = transactions received so far (-c counters)."""
+    COUNTER = re.compile(rb"mesg=(\d+)")
+
+    def __init__(self, port, rundir, cgroup):
+        self.port, self.rundir, self.cgroup = port, rundir, cgroup
+        self.proc = self._fh = None
+        self._last = 0
+
+    def start(self):
+        out_path = os.path.join(self.rundir, "sink.out")
+        with open(out_path, "wb") as out, open(os.path.join(self.rundir, "sink.err"), "wb") as err:
+            self.proc = spawn([SMTP_SINK, "-u", "nobody", "-c", "-m", "1000",
+                               "%s:%d" % (HOST, self.port), "1024"],
+                              cgroup=self.cgroup, stdout=out, stderr=err)
+        wait_banner(self.port, 10, self.proc)
+        self._fh = open(out_path, "rb")
+
+    def count(self):
+        data = self._fh.read() if self._fh else b""
+        for m in self.COUNTER.finditer(data):
+            self._last = int(m.group(1))
+        return self._last
+
+    def stop(self):
+        stop_process(self.proc, 5)
+        if self._fh:
+            self._fh.close()
+
+
+def smtp_source_argv(port, n, sessions, size, reuse):
+    argv = [SMTP_SOURCE, "-s", str(sessions), "-m", str(n), "-l", str(size), "-r", "1",
+            "-N", "-M", HELO, "-f", SENDER, "-t", RCPT]
+    if reuse:
+        argv.append("-d")
+    return argv + ["%s:%d" % (HOST, port)]
+
+
+# --------------------------------------------------------------------------------------------
+# The two MTAs.  Each instance = one fresh configuration + spool in its own run directory.
+# --------------------------------------------------------------------------------------------
+
+class TxMTA:
+    name = "txmta"
+
+    def __init__(self, rundir, port, sink_port, extra_server=None):
+        self.rundir, self.port, self.sink_port = rundir, port, sink_port
+        self.extra_server = extra_server or {}
+        self.proc = None
+        self.conf = os.path.join(rundir, "txmta.toml")
+        self.spool = os.path.join(rundir, "spool")
+
+    @staticmethod
+    def env():
+        return dict(os.environ, PYTHONPATH=REPO)
+
+    @classmethod
+    def unavailable(cls):
+        """None if txmta's twistd plugin runs, else the reason why not."""
+        if not os.path.exists(TWISTD):
+            return "%s missing (run: make venv)" % TWISTD
+        p = subprocess.run([TWISTD, "txmta", "--help"], stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True, env=cls.env(), cwd=REPO, timeout=60)
+        if p.returncode != 0:
+            return "`twistd txmta --help` fails: " + p.stdout.strip().splitlines()[-1][:300]
+        return None
+
+    @classmethod
+    def version(cls):
+        code = ("import importlib.metadata as m, twisted, txmta;"
+                "print(getattr(txmta, '__version__', None) or m.version('txmta'), twisted.__version__)")
+        out = sh([VENV_PY, "-c", code], check=False, env=cls.env(), cwd=REPO).split()
+        rev = sh(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], check=False).strip()
+        dirty = sh(["git", "-C", REPO, "status", "--porcelain", "--untracked-files=no"], check=False)
+        v = {"txmta": out[0] if len(out) == 2 else "?", "twisted": out[1] if len(out) == 2 else "?",
+             "git": rev + ("+uncommitted changes" if dirty.strip() else "")}
+        return v
+
+    def configure(self):
+        os.makedirs(self.spool)
+        server = {"hostname": '"bench.txmta.test"'}
+        server.update({k: str(v) for k, v in self.extra_server.items()})
+        lines = ["[server]"] + ["%s = %s" % kv for kv in server.items()] + [
+            "", "[[listen]]", 'address = "%s:%d"' % (HOST, self.port), 'tls = "none"', 'auth = "none"',
+            "", "[relay]", 'networks = ["127.0.0.0/8"]',
+            "", "[spool]", 'path = "%s"' % self.spool,
+            "", "[delivery]", 'relayhost = "%s:%d"' % (HOST, self.sink_port), ""]
+        with open(self.conf, "w") as f:
+            f.write("\n".join(lines))
+
+    def start(self, cgroup):
+        with open(os.path.join(self.rundir, "twistd.stdout"), "wb") as out:
+            self.proc = spawn([TWISTD, "-n", "--pidfile", os.path.join(self.rundir, "twistd.pid"),
+                               "-l", os.path.join(self.rundir, "twistd.log"),
+                               "txmta", "--config", self.conf],
+                              cgroup=cgroup, stdout=out, stderr=subprocess.STDOUT,
+                              env=self.env(), cwd=self.rundir)
+        cgroup.root_pid = self.proc.pid
+        wait_banner(self.port, 30, self.proc)
+
+    def stop(self):
+        stop_process(self.proc, 20)
+
+    def queue_len(self):
+        return None      # no cheap spool count from outside (LMDB); not needed for intake
+
+    def settings(self):
+        return read_text(self.conf)
+
+
+POSTFIX_MASTER_CF = """\
+# service type  private unpriv  chroot  wakeup  maxproc command + args
+{listen}      inet  n       -       n       -       -       smtpd
+pickup    unix  n       -       n       60      1       pickup
+cleanup   unix  n       -       n       -       0       cleanup
+qmgr      unix  n       -       n       300     1       qmgr
+tlsmgr    unix  -       -       n       1000?   1       tlsmgr
+rewrite   unix  -       -       n       -       -       trivial-rewrite
+bounce    unix  -       -       n       -       0       bounce
+defer     unix  -       -       n       -       0       bounce
+trace     unix  -       -       n       -       0       bounce
+verify    unix  -       -       n       -       1       verify
+flush     unix  n       -       n       1000?   0       flush
+proxymap  unix  -       -       n       -       -       proxymap
+proxywrite unix -       -       n       -       1       proxymap
+smtp      unix  -       -       n       -       -       smtp
+relay     unix  -       -       n       -       -       smtp
+showq     unix  n       -       n       -       -       showq
+error     unix  -       -       n       -       -       error
+retry     unix  -       -       n       -       -       error
+discard   unix  -       -       n       -       -       discard
+local     unix  -       n       n       -       -       local
+virtual   unix  -       n       n       -       -       virtual
+lmtp      unix  -       -       n       -       -       lmtp
+anvil     unix  -       -       n       -       1       anvil
+scache    unix  -       -       n       -       1       scache
+postlog   unix-dgram n  -       n       -       1       postlogd
+"""
+
+
+class Postfix:
+    """A private Postfix instance: own config dir (RUNDIR/etc) and queue dir, started with
+    `postfix -c DIR start-fg`, stopped with `postfix -c DIR stop`, as in the team's reference
+    harness /work/shared/bench/peers.py (the main.cf and master.cf below come from there).
+    The system-wide postfix service is never touched."""
+    name = "postfix"
+
+    def __init__(self, rundir, port, sink_port, hold=False):
+        self.rundir, self.port, self.sink_port, self.hold = rundir, port, sink_port, hold
+        self.etc = os.path.join(rundir, "etc")
+        self.spool = os.path.join(rundir, "spool")
+        self.proc = None
+
+    @staticmethod
+    def unavailable():
+        return None if shutil.which("postfix") else "postfix not installed (make debs)"
+
+    @staticmethod
+    def version():
+        v = sh(["postconf", "-d", "-h", "mail_version"], check=False).strip()
+        d = sh(["dpkg-query", "-W", "-f", "${Version}", "postfix"], check=False).strip()
+        return "Postfix %s (Debian %s)" % (v, d)
+
+    def configure(self):
+        data = os.path.join(self.rundir, "data")
+        for d in (self.etc, self.spool, data):
+            os.makedirs(d)
+        pw = pwd.getpwnam("postfix")
+        os.chown(data, pw.pw_uid, pw.pw_gid)
+        main = {
+            "compatibility_level": "3.6",
+            "queue_directory": self.spool,
+            "data_directory": data,
+            "mail_owner": "postfix",
+            "setgid_group": "postdrop",
+            "myhostname": "mta.bench.invalid",
+            "mydomain": "bench.invalid",
+            "myorigin": "$myhostname",
+            "mydestination": "",
+            "local_recipient_maps": "",
+            "local_transport": "error:5.1.1 local delivery disabled in benchmark",
+            "alias_maps": "",
+            "alias_database": "",
+            "inet_interfaces": HOST,
+            "inet_protocols": "ipv4",
+            "mynetworks": "127.0.0.0/8",
+            "smtpd_relay_restrictions": "permit_mynetworks, reject_unauth_destination",
+            "relayhost": "[%s]:%d" % (HOST, self.sink_port),
+            "smtp_dns_support_level": "disabled",
+            "maillog_file": os.path.join(self.rundir, "maillog"),
+            "maillog_file_prefixes": self.rundir,
+            "biff": "no",
+            "append_dot_mydomain": "no",
+        }
+        if self.hold:
+            # intake only: every message goes to the hold queue, the queue manager never sees it
+            main["smtpd_end_of_data_restrictions"] = "check_client_access static:HOLD"
+        with open(os.path.join(self.etc, "main.cf"), "w") as f:
+            f.writelines("%s = %s\n" % kv for kv in main.items())
+        with open(os.path.join(self.etc, "master.cf"), "w") as f:
+            f.write(POSTFIX_MASTER_CF.format(listen="%s:%d" % (HOST, self.port)))
+        sh(["postfix", "-c", self.etc, "set-permissions"], check=False)   # creates queue subdirs
+        # (without a tty or syslog, postfix's fatal messages go nowhere; to see them run:
+        #  script -qc "postfix -c RUNDIR/etc check" /dev/null)
+        sh(["postfix", "-c", self.etc, "check"])
+
+    def start(self, cgroup):
+        with open(os.path.join(self.rundir, "postfix.stdout"), "wb") as out:
+            self.proc = spawn(["postfix", "-c", self.etc, "start-fg"], cgroup=cgroup,
+                              stdout=out, stderr=subprocess.STDOUT, cwd=self.rundir)
+        cgroup.root_pid = self.proc.pid
+        wait_banner(self.port, 30, self.proc)
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            sh(["postfix", "-c", self.etc, "stop"], check=False, timeout=30)
+            stop_process(self.proc, 20)
+
+    def queue_len(self):
+        n = 0
+        for q in ("maildrop", "incoming", "active", "deferred"):
+            for _, _, files in os.walk(os.path.join(self.spool, q)):
+                n += len(files)
+        return n
+
+    def settings(self):
+        return read_text(os.path.join(self.etc, "main.cf"))
+
+
+# --------------------------------------------------------------------------------------------
+# One run = fresh sink + fresh MTA + warm-up + measured load
+# --------------------------------------------------------------------------------------------
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.counter = 0
+
+    def new_mta(self, name, tag, **kw):
+        self.counter += 1
+        rundir = os.path.join(self.args.workdir, "runs", "%02d-%s-%s" % (self.counter, name, tag))
+        shutil.rmtree(rundir, ignore_errors=True)
+        os.makedirs(rundir)
+        os.chmod(rundir, 0o755)
+        if name == "txmta":
+            return TxMTA(rundir, self.args.port, self.args.sink_port, **kw)
+        return Postfix(rundir, self.args.port, self.args.sink_port, hold=self.args.postfix_hold)
+
+    def run(self, name, mode, idx):
+        """mode: '1/msg', 'reuse' (smtp-source + probe at --probe-rate) or 'probe' (probe alone)."""
+        a = self.args
+        n = a.messages if mode != "probe" else None
+        tag = {"1/msg": "1msg", "reuse": "reuse", "probe": "probe"}[mode] + "-%d" % idx
+        mta = self.new_mta(name, tag)
+        res = {"mta": name, "mode": mode, "run": idx, "n": n, "sessions": a.sessions,
+               "size": a.size, "rundir": mta.rundir, "ok": False}
+        cg_mta, cg_load = CpuGroup("mta"), CpuGroup("load")
+        sink = Sink(a.sink_port, mta.rundir, cg_load)
+        src = prb = None
+        try:
+            sink.start()
+            mta.configure()
+            res["config"] = mta.settings()
+            mta.start(cg_mta)
+            res["cpu_source"] = cg_mta.source
+            # warm-up: 2 * sessions messages (starts Postfix's smtpd/cleanup processes)
+            warm = 2 * a.sessions
+            p = subprocess.run(smtp_source_argv(a.port, warm, a.sessions, a.size, False),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=120)
+            if p.returncode != 0:
+                raise RuntimeError("warm-up: smtp-source rc=%d %s" % (p.returncode, p.stdout[-300:]))
+            self.wait_queue_empty(mta, 60)
+            time.sleep(0.3)
+            os.sync()
+            sink0 = sink.count()
+            probe_out = os.path.join(mta.rundir, "probe.json")
+            rate = a.probe_rate if mode != "probe" else a.probe_only_rate
+            max_s = a.timeout if mode != "probe" else a.probe_seconds
+            cpu0, load0, busy0 = cg_mta.seconds(), cg_load.seconds(), machine_busy_seconds()
+            t0 = time.monotonic()
+            if mode != "probe":
+                with open(os.path.join(mta.rundir, "source.out"), "wb") as out:
+                    src = spawn(smtp_source_argv(a.port, n, a.sessions, a.size, mode == "reuse"),
+                                cgroup=cg_load, stdout=out, stderr=subprocess.STDOUT)
+            with open(os.path.join(mta.rundir, "probe.err"), "wb") as err:
+                prb = spawn([sys.executable, os.path.join(BENCH, "probe.py"), "--port", str(a.port),
+                             "--rate", str(rate), "--seconds", str(max_s), "--size", str(a.size),
+                             "--out", probe_out], cgroup=cg_load, stdout=err, stderr=subprocess.STDOUT)
+            waited = src if src is not None else prb
+            try:
+                waited.wait(a.timeout + 5)
+            except subprocess.TimeoutExpired:
+                raise RuntimeError("timeout: load did not finish in %ss" % a.timeout)
+            t1 = time.monotonic()
+            cpu1, load1, busy1 = cg_mta.seconds(), cg_load.seconds(), machine_busy_seconds()
+            stop_process(prb, 40)      # the probe finishes its current message, then writes JSON
+            pr = json.loads(read_text(probe_out, "{}") or "{}")
+            if src is not None and src.returncode != 0:
+                raise RuntimeError("smtp-source rc=%d: %s" % (src.returncode, read_text(
+                    os.path.join(mta.rundir, "source.out"))[-300:]))
+            if not pr.get("ok"):
+                raise RuntimeError("probe got no 250: %s" % (pr.get("errors") or read_text(
+                    os.path.join(mta.rundir, "probe.err"))[-300:]))
+            wall = t1 - t0
+            msgs = n if mode != "probe" else pr["ok"]
+            # probe-only: the probe's own clock (excludes the ~0.1 s interpreter start-up)
+            rate = msgs / wall if mode != "probe" else pr["achieved_rate"]
+            res.update(ok=True, wall_s=wall, messages=msgs, rate=rate,
+                       probe=pr, probe_msgs=pr["ok"], probe_errors=pr.get("errors", []))
+            if cpu0 is not None:
+                res["mta_cpu_s"] = cpu1 - cpu0
+                res["mta_cpu_ms_per_msg"] = 1000 * (cpu1 - cpu0) / (msgs + (pr["ok"] if mode != "probe" else 0))
+                res["load_cpu_s"] = (load1 - load0) if load0 is not None else None
+                res["other_cpu_s"] = max(0.0, (busy1 - busy0) - (cpu1 - cpu0) - (res["load_cpu_s"] or 0))
+            # Postfix relays to the sink while it accepts; record when that is finished too
+            if mta.queue_len() is not None and not a.postfix_hold:
+                self.wait_queue_empty(mta, 120)
+                t2 = time.monotonic()
+                res["drained_s"] = t2 - t0
+                res["mta_cpu_incl_delivery_s"] = cg_mta.seconds() - cpu0
+                res["sink_received"] = sink.count() - sink0
+        except Exception as e:
+            res["error"] = "%s: %s (logs in %s)" % (type(e).__name__, e, mta.rundir)
+        finally:
+            stop_process(src, 5)
+            stop_process(prb, 5)
+            mta.stop()
+            cg_mta.remove()
+            sink.stop()
+            cg_load.remove()
+            if not a.keep:
+                shutil.rmtree(mta.spool, ignore_errors=True)
+        return res
+
+    @staticmethod
+    def wait_queue_empty(mta, timeout):
+        deadline = time.monotonic() + timeout
+        while mta.queue_len():
+            if time.monotonic() > deadline:
+                raise RuntimeError("queue not empty after %ss: %s" % (timeout, mta.queue_len()))
+            time.sleep(0.02)
+
+    # ---------------------------------------- memory test -----------------------------------
+
+    def rss(self):
+        """--rss: `sessions` concurrent clients each send one message of `mb` MiB to txmta."""
+        a = self.args
+        sessions, size = a.rss_sessions, a.rss_mb * 1024 * 1024
+        # txmta's default max_connections_per_ip (50) would refuse half of the 100 sessions
+        mta = self.new_mta("txmta", "rss", extra_server={"max_connections_per_ip": sessions + 10,
+                                                          "max_connections": sessions + 10})
+        res = {"mta": "txmta", "mode": "rss", "sessions": sessions, "message_bytes": size, "ok": False}
+        cg = CpuGroup("mta")
+        sink = Sink(a.sink_port, mta.rundir, CpuGroup("load"))
+        try:
+            sink.start()
+            mta.configure()
+            mta.start(cg)
+            pid = mta.proc.pid
+            res["rss_before_mb"] = vm_kb(pid, "VmRSS") / 1024
+            clients = [RssClient(a.port, size, i, a.rss_timeout) for i in range(sessions)]
+            start = threading.Barrier(sessions + 1, timeout=60)
+            threads = [threading.Thread(target=c.run, args=(start,), daemon=True) for c in clients]
+            for t in threads:
+                t.start()
+            cpu0 = cg.seconds()
+            start.wait()
+            t0 = time.monotonic()
+            max_rss = 0
+            deadline = t0 + a.rss_timeout
+            while any(t.is_alive() for t in threads) and time.monotonic() < deadline:
+                max_rss = max(max_rss, vm_kb(pid, "VmRSS"))
+                time.sleep(0.05)
+            t1 = time.monotonic()
+            codes = {}
+            for c in clients:
+                codes[str(c.code)] = codes.get(str(c.code), 0) + 1
+            hwm = vm_kb(pid, "VmHWM")
+            # VmHWM is the kernel's peak; the 50 ms samples of VmRSS can read a little higher
+            # (the kernel syncs its RSS counters lazily), so report the larger of the two
+            res.update(wall_s=t1 - t0, peak_rss_mb=max(hwm, max_rss) / 1024, vmhwm_mb=hwm / 1024,
+                       max_sampled_rss_mb=max_rss / 1024, reply_codes=codes,
+                       mta_cpu_s=cg.seconds() - cpu0,
+                       errors=sorted({c.error for c in clients if c.error})[:5],
+                       mb_per_s=sum(1 for c in clients if c.code == 250) * size / 1048576 / (t1 - t0))
+            res["ok"] = codes.get("250") == sessions
+            if time.monotonic() >= deadline:
+                res["error"] = "timeout after %ss" % a.rss_timeout
+        except Exception as e:
+            res["error"] = "%s: %s" % (type(e).__name__, e)
+        finally:
+            mta.stop()
+            cg.remove()
+            sink.stop()
+            if not a.keep:
+                shutil.rmtree(mta.spool, ignore_errors=True)
+        return res
+
+
+def vm_kb(pid, key):
+    for line in read_text("/proc/%d/status" % pid, "").splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+class RssClient:
+    """One SMTP session sending one big message (stdlib socket, runs in a thread)."""
+    BLOCK = (b"y" * 1022 + b"\r\n") * 64          # 64 KiB of 1 KiB lines
+
+    def __init__(self, port, size, idx, timeout):
+        self.port, self.size, self.idx, self.timeout = port, size, idx, timeout
+        self.code = None
+        self.error = None
+
+    def run(self, barrier):
+        conn = None
+        try:
+            barrier.wait()
+            conn = probe.Conn(self.port, min(self.timeout, 300))
+            if conn.reply()[0] != 220:
+                raise probe.SMTPError("no 220 banner")
+            conn.cmd(b"EHLO rss.bench.invalid", 2)
+            conn.cmd(b"MAIL FROM:<bench@example.com>", 2)
+            conn.cmd(b"RCPT TO:<rss%d@example.net>" % self.idx, 2)
+            conn.cmd(b"DATA", 3)
+            conn.sock.sendall(b"Subject: rss test %d\r\n\r\n" % self.idx)
+            for _ in range(self.size // len(self.BLOCK)):
+                conn.sock.sendall(self.BLOCK)
+            conn.sock.sendall(b".\r\n")
+            self.code, text = conn.reply()
+            if self.code != 250:
+                self.error = text[:200]
+        except Exception as e:
+            self.error = "%s: %s" % (type(e).__name__, e)
+        finally:
+            if conn is not None:
+                conn.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Summary and output
+# --------------------------------------------------------------------------------------------
+
+def stat(vals, nd=0):
+    if not vals:
+        return "n/a"
+    f = "%%.%df" % nd
+    if len(vals) == 1:
+        return f % vals[0]
+    return (f + " [" + f + "-" + f + "]") % (statistics.median(vals), min(vals), max(vals))
+
+
+def summarize(results):
+    rows = []
+    for mode in ("1/msg", "reuse", "probe"):
+        for name in MTAS:
+            rs = [r for r in results if r["mta"] == name and r["mode"] == mode]
+            if not rs:
+                continue
+            ok = [r for r in rs if r.get("ok")]
+            samples = sorted(s for r in ok for s in r["probe"]["samples_ms"])
+            rows.append({
+                "mta": name, "mode": mode, "runs": len(rs), "ok": len(ok),
+                "rate": [r["rate"] for r in ok],
+                "cpu_ms": [r["mta_cpu_ms_per_msg"] for r in ok if "mta_cpu_ms_per_msg" in r],
+                "other_cpu_s": [r["other_cpu_s"] for r in ok if "other_cpu_s" in r],
+                "latency_samples": len(samples),
+                "p50_ms": probe.percentile(samples, 50), "p99_ms": probe.percentile(samples, 99),
+                "max_ms": samples[-1] if samples else None,
+                "errors": [r["error"] for r in rs if r.get("error")],
+            })
+    return rows
+
+
+def label(mta, args):
+    if mta == "postfix":
+        return "postfix (hold: intake only)" if args.postfix_hold else "postfix (relays to sink)"
+    return mta
+
+
+def markdown(rows, args):
+    load = "%d sessions x %d msgs, %d B" % (args.sessions, args.messages, args.size)
+    names = {"1/msg": "new conn/msg (%s)" % load, "reuse": "reuse -d (%s)" % load,
+             "probe": "probe alone, %g msg/s" % args.probe_only_rate}
+    out = ["| MTA | load | ok/runs | msg/s med [min-max] | MTA CPU ms/msg med [min-max] "
+           "| latency p50 ms | p99 ms | max ms | samples | other CPU s |", "|" + "---|" * 10]
+    for r in rows:
+        lat = lambda v: "%.2f" % v if v is not None else "n/a"   # noqa: E731
+        out.append("| %s | %s | %d/%d | %s | %s | %s | %s | %s | %d | %s |" % (
+            label(r["mta"], args), names[r["mode"]], r["ok"], r["runs"], stat(r["rate"]),
+            stat(r["cpu_ms"], 2),
+            lat(r["p50_ms"]), lat(r["p99_ms"]), lat(r["max_ms"]), r["latency_samples"],
+            stat(r["other_cpu_s"], 1)))
+    return "\n".join(out)
+
+
+def machine_info(args):
+    info = {"nproc": os.cpu_count(), "kernel": platform.release(),
+            "cpu": next((l.split(":", 1)[1].strip() for l in read_text("/proc/cpuinfo").splitlines()
+                         if l.startswith("model name")), "?"),
+            "mem_total": next((l.split(":", 1)[1].strip() for l in read_text("/proc/meminfo").splitlines()
+                               if l.startswith("MemTotal")), "?"),
+            "os": read_text("/etc/debian_version"),
+            "workdir_fs": sh(["df", "-T", args.workdir], check=False).splitlines()[-1].split()[1],
+            "python_harness": platform.python_version(),
+            "postfix": Postfix.version(),
+            "smtp-source/smtp-sink": "from the postfix package",
+            "sandbox": "unshare --net (loopback only)" if os.environ.get("TXMTA_BENCH_SANDBOX") else "none"}
+    try:
+        info.update(TxMTA.version())
+    except Exception as e:
+        info["txmta"] = "? (%s)" % e
+    return info
+
+
+def results_path():
+    d = os.path.join(BENCH, "results")
+    os.makedirs(d, exist_ok=True)
+    now = datetime.datetime.now()
+    path = os.path.join(d, "%s-intake.json" % now.strftime("%Y-%m-%d"))
+    if os.path.exists(path):       # keep earlier results of the same day
+        path = os.path.join(d, "%s-intake.json" % now.strftime("%Y-%m-%d-%H%M%S"))
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# Sandbox and main
+# --------------------------------------------------------------------------------------------
+
+def enter_sandbox():
+    """Re-execute this script in a new network namespace (only `lo`) + private mounts."""
+    if os.environ.get("TXMTA_BENCH_SANDBOX") == "1":
+        sh(["ip", "link", "set", "lo", "up"])
+        # any DNS lookup goes to loopback and fails fast
+        rc = os.path.join(BENCH, "work", "resolv.conf")
+        os.makedirs(os.path.dirname(rc), exist_ok=True)
+        with open(rc, "w") as f:
+            f.write("nameserver 127.0.0.1\noptions timeout:1 attempts:1\n")
+        sh(["mount", "--bind", rc, "/etc/resolv.conf"])
+        return
+    env = dict(os.environ, TXMTA_BENCH_SANDBOX="1")
+    os.execvpe("unshare", ["unshare", "--net", "--mount", "--propagation", "private",
+                           sys.executable, os.path.abspath(__file__)] + sys.argv[1:], env)
+
+
+def parse_args():
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--messages", "-n", type=int, default=5000, help="messages per smtp-source run")
+    ap.add_argument("--sessions", "-s", type=int, default=20, help="smtp-source parallel sessions")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per MTA and mode")
+    ap.add_argument("--only", choices=MTAS, help="benchmark only this MTA")
+    ap.add_argument("--quick", action="store_true", help="N=1000, repeat 1, 5 s probe-only run")
+    ap.add_argument("--modes", default="1/msg,reuse,probe",
+                    help="comma list of: 1/msg, reuse, probe (default: all three)")
+    ap.add_argument("--size", type=int, default=4096, help="payload bytes per message")
+    ap.add_argument("--probe-rate", type=float, default=20.0, help="probe msg/s during the load")
+    ap.add_argument("--probe-only-rate", type=float, default=100.0, help="probe msg/s when alone")
+    ap.add_argument("--probe-seconds", type=float, default=10.0, help="length of a probe-only run")
+    ap.add_argument("--rss", action="store_true",
+                    help="also run the memory test (100 sessions x 10 MB into txmta)")
+    ap.add_argument("--rss-only", action="store_true", help="run only the memory test")
+    ap.add_argument("--rss-sessions", type=int, default=100)
+    ap.add_argument("--rss-mb", type=int, default=10, help="MiB per message in the memory test")
+    ap.add_argument("--rss-timeout", type=float, default=600.0)
+    ap.add_argument("--postfix-hold", action="store_true",
+                    help="Postfix puts every message on hold (intake only, no relaying)")
+    ap.add_argument("--timeout", type=float, default=300.0, help="limit per load run, seconds")
+    ap.add_argument("--port", type=int, default=2525, help="MTA port on 127.0.0.1")
+    ap.add_argument("--sink-port", type=int, default=2501, help="smtp-sink port on 127.0.0.1")
+    ap.add_argument("--workdir", default=os.path.join(BENCH, "work"),
+                    help="run directories (configs, spools, logs); default bench/work")
+    ap.add_argument("--keep", action="store_true", help="keep the spools after each run")
+    ap.add_argument("--no-sandbox", action="store_true", help="do not enter a private net namespace")
+    args = ap.parse_args()
+    if args.quick:
+        args.messages, args.repeat, args.probe_seconds = 1000, 1, 5.0
+    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    for m in args.modes:
+        if m not in ("1/msg", "reuse", "probe"):
+            ap.error("unknown mode %r" % m)
+    args.workdir = os.path.abspath(args.workdir)
+    return args
+
+
+def main():
+    args = parse_args()
+    if os.geteuid() != 0:
+        sys.exit("run as root (Postfix needs it; the sandbox needs unshare)")
+    if not args.no_sandbox:
+        enter_sandbox()
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt("signal %d" % signum)
+    signal.signal(signal.SIGTERM, on_term)
+
+    for port in (args.port, args.sink_port):
+        if not port_free(port):
+            sys.exit("port %d on %s is in use" % (port, HOST))
+    os.makedirs(args.workdir, exist_ok=True)
+
+    names = [args.only] if args.only else list(MTAS)
+    skipped = {}
+    for name in names:
+        why = (TxMTA if name == "txmta" else Postfix).unavailable()
+        if why:
+            log("SKIP %s: %s" % (name, why))
+            skipped[name] = why
+    names = [n for n in names if n not in skipped]
+
+    out = {"started": datetime.datetime.now().isoformat(timespec="seconds"), "argv": sys.argv[1:],
+           "machine": machine_info(args), "loadavg_before": read_text("/proc/loadavg"),
+           "settings": {"messages": args.messages, "sessions": args.sessions, "size": args.size,
+                        "repeat": args.repeat, "probe_rate": args.probe_rate,
+                        "probe_only_rate": args.probe_only_rate, "probe_seconds": args.probe_seconds,
+                        "postfix_hold": args.postfix_hold,
+                        "load_1msg": " ".join(smtp_source_argv(args.port, args.messages, args.sessions,
+                                                               args.size, False)),
+                        "load_reuse": " ".join(smtp_source_argv(args.port, args.messages, args.sessions,
+                                                                args.size, True))},
+           "skipped": skipped, "results": []}
+    bench = Bench(args)
+    interrupted = False
+    try:
+        if not args.rss_only:
+            # interleaved: run 1 of every (mode, MTA), then run 2, ...
+            for i in range(1, args.repeat + 1):
+                for mode in args.modes:
+                    for name in names:
+                        r = bench.run(name, mode, i)
+                        log("%-7s %-6s #%d: %s" % (name, mode, i, {
+                            k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items()
+                            if k in ("rate", "mta_cpu_ms_per_msg", "probe_msgs", "error")}
+                            | ({"p50_ms": round(r["probe"]["p50_ms"], 2),
+                                "p99_ms": round(r["probe"]["p99_ms"], 2)} if r.get("ok") else {})))
+                        out["results"].append(r)
+        if (args.rss or args.rss_only) and "txmta" in names:
+            r = bench.rss()
+            log("rss: %s" % r)
+            out["rss"] = r
+    except KeyboardInterrupt:
+        interrupted = True
+        log("interrupted: cleaning up")
+    finally:
+        cleanup_all()
+
+    out["loadavg_after"] = read_text("/proc/loadavg")
+    out["interrupted"] = interrupted
+    out["summary"] = summarize(out["results"])
+    path = results_path()
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1)
+
+    m = out["machine"]
+    print("## txmta intake benchmark, %s\n" % out["started"])
+    print("Machine: %s CPUs (%s), %s, kernel %s, Debian %s, spool fs %s. %s; txmta %s (git %s), "
+          "Twisted %s.\n" % (m["nproc"], m["cpu"], m["mem_total"], m["kernel"], m["os"],
+                             m["workdir_fs"], m["postfix"], m.get("txmta"), m.get("git"),
+                             m.get("twisted")))
+    if out["summary"]:
+        print(markdown(out["summary"], args))
+        print("\nmsg/s = N / smtp-source wall time (probe-only: probe messages / run time). "
+              "CPU = all MTA processes, user+sys, during that window, per message (incl. probe "
+              "messages). Latency = probe: sent final \".\\r\\n\" -> read 250, pooled over runs "
+              "(%g msg/s during the load).\n" % args.probe_rate)
+    for row in out["summary"]:
+        for e in row["errors"]:
+            print("- error %s %s: %s" % (row["mta"], row["mode"], e))
+    for name, why in skipped.items():
+        print("- skipped %s: %s" % (name, why))
+    if "rss" in out:
+        r = out["rss"]
+        print("\nMemory test (txmta): %d sessions x %d MiB: peak RSS (VmHWM) %.0f MB (before: %.0f MB), "
+              "%.1f s, replies %s%s" % (r["sessions"], r["message_bytes"] // 1048576,
+                                       r.get("peak_rss_mb", 0), r.get("rss_before_mb", 0),
+                                       r.get("wall_s", 0), r.get("reply_codes"),
+                                       ", error: " + r["error"] if r.get("error") else ""))
+    print("\nJSON: %s" % os.path.relpath(path, REPO))
+    return 130 if interrupted else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
