@@ -14,8 +14,8 @@ from typing import Any
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
-from twisted.logger import (FileLogObserver, FilteringLogObserver, LogLevelFilterPredicate,
-                            PredicateResult, formatEventAsClassicLogText, globalLogPublisher,
+from twisted.logger import (FileLogObserver, FilteringLogObserver, PredicateResult,
+                            formatEventAsClassicLogText, globalLogPublisher,
                             jsonFileLogObserver)
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
@@ -66,7 +66,7 @@ def _maillog_observer(cfg: C.Config) -> Any:
         return None
     out = sys.stdout if cfg.log.maillog == "-" else open(cfg.log.maillog, "a", encoding="utf-8")
     if cfg.log.format == "json":
-        obs = jsonFileLogObserver(out)
+        obs = jsonFileLogObserver(out, recordSeparator="")  # one JSON object per line
     else:
         obs = FileLogObserver(out, lambda e: (formatEventAsClassicLogText(e) or ""))
 

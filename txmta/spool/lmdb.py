@@ -455,17 +455,28 @@ class LmdbView:
         if not os.path.exists(os.path.join(path, "data.mdb")):
             raise SpoolError(f"no spool at {path}")
         self.path = path
-        self._env = lmdb.open(path, readonly=True, max_dbs=len(DB_NAMES) + 2, subdir=True,
-                              lock=True, max_readers=256)
-        # no txn= here: py-lmdb drops handles opened inside a read transaction when it ends
-        self._db = {name: self._env.open_db(name, create=False) for name in DB_NAMES}
-        with self._env.begin() as txn:
-            found = txn.get(b"format", db=self._db[b"meta"])
+        # the daemon may grow the map at any moment: every step retries MDB_MAP_RESIZED
+        for attempt in range(20):
+            env = None
+            try:
+                env = lmdb.open(path, readonly=True, max_dbs=len(DB_NAMES) + 2, subdir=True,
+                                lock=True, max_readers=256)
+                # no txn= here: py-lmdb drops handles opened inside a read transaction
+                dbs = {name: env.open_db(name, create=False) for name in DB_NAMES}
+                with env.begin() as txn:
+                    found = txn.get(b"format", db=dbs[b"meta"])
+                break
+            except lmdb.MapResizedError:
+                if env is not None:
+                    env.close()
+                if attempt == 19:
+                    raise SpoolError(f"spool {path} kept changing size while opening")
+        self._env, self._db = env, dbs
         if found not in (None, FORMAT):
             raise SpoolFormatError(f"spool {path} has format {found!r}, expected {FORMAT!r}")
 
     def _read(self, fn: Callable[[Any], Any]) -> Any:
-        for _ in range(5):
+        for _ in range(20):
             try:
                 with self._env.begin() as txn:
                     return fn(txn)
