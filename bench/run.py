@@ -836,7 +836,7 @@ def parse_args():
     ap.add_argument("--modes", default="1/msg,reuse,probe",
                     help="comma list of: 1/msg, reuse, probe (default: all three)")
     ap.add_argument("--size", type=int, default=4096, help="payload bytes per message")
-    ap.add_argument("--probe-rate", type=float, default=20.0, help="probe msg/s during the load")
+    ap.add_argument("--probe-rate", type=float, default=50.0, help="probe msg/s during the load")
     ap.add_argument("--probe-only-rate", type=float, default=100.0, help="probe msg/s when alone")
     ap.add_argument("--probe-seconds", type=float, default=10.0, help="length of a probe-only run")
     ap.add_argument("--rss", action="store_true",

@@ -7,6 +7,7 @@ Parts get plain values and the reactor as their clock; nothing else reads the co
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from typing import Any
@@ -120,4 +121,11 @@ def makeService(options: Options) -> service.IService:
     if observer is not None:
         globalLogPublisher.addObserver(observer)
     os.makedirs(cfg.spool.path, exist_ok=True)
-    return build(cfg, reactor)
+    top = build(cfg, reactor)
+    # The objects built at start live as long as the daemon: keep the cyclic collector from
+    # walking them again and again, and let it run less often (a full collection under load
+    # was a visible share of the end-of-data -> 250 tail latency).
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20000, 20, 20)
+    return top
