@@ -73,6 +73,19 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def load_message(txn: Any, dbs: dict[bytes, Any], message_id: str) -> StoredMessage | None:
+    """A message with its recipients' states, read in the transaction `txn`."""
+    raw = txn.get(message_id.encode("ascii", "replace"), db=dbs[b"messages"])
+    if raw is None:
+        return None
+    message = codec.decode_message(raw)
+    states = []
+    for i in range(len(message.envelope.recipients)):
+        rs = txn.get(rcpt_key(message_id, i), db=dbs[b"recipients"])
+        states.append(codec.decode_recipient(rs) if rs is not None else RecipientState())
+    return replace(message, recipients=tuple(states))
+
+
 class MemoryBody:
     """Body kept in memory until it passes `limit`, then spilled to `path` (not yet synced)."""
 
@@ -335,15 +348,7 @@ class LmdbSpool:
                                 on_fail=body.abort if in_file else None))
 
     def _load(self, txn: Any, message_id: str) -> StoredMessage | None:
-        raw = txn.get(message_id.encode("ascii"), db=self._db[b"messages"])
-        if raw is None:
-            return None
-        n = len(codec._loads(raw)["rcpt"])
-        states = []
-        for i in range(n):
-            rs = txn.get(rcpt_key(message_id, i), db=self._db[b"recipients"])
-            states.append(codec.decode_recipient(rs) if rs is not None else RecipientState())
-        return codec.decode_message(raw, tuple(states))
+        return load_message(txn, self._db, message_id)
 
     def _delete(self, txn: Any, m: StoredMessage) -> None:
         key = m.id.encode("ascii")
@@ -485,15 +490,7 @@ class LmdbView:
         raise SpoolError("spool map kept changing size while reading")
 
     def _load(self, txn: Any, message_id: str) -> StoredMessage | None:
-        raw = txn.get(message_id.encode("ascii", "replace"), db=self._db[b"messages"])
-        if raw is None:
-            return None
-        n = len(codec._loads(raw)["rcpt"])
-        states = []
-        for i in range(n):
-            rs = txn.get(rcpt_key(message_id, i), db=self._db[b"recipients"])
-            states.append(codec.decode_recipient(rs) if rs is not None else RecipientState())
-        return codec.decode_message(raw, tuple(states))
+        return load_message(txn, self._db, message_id)
 
     def get(self, message_id: str) -> StoredMessage | None:
         return self._read(lambda txn: self._load(txn, message_id))  # type: ignore[no-any-return]
