@@ -1,14 +1,18 @@
 """The `txmta` command: check-config, passwd, and the read-only queue list/show on a real
-LMDB spool written through the daemon's own spool API."""
+LMDB spool written through the daemon's own spool API; the queue-changing commands and
+status against a fake daemon serving the control socket from a thread."""
 
 import io
 import json
+import socket
 import threading
 from calendar import timegm
 
 import pytest
+from twisted.protocols import amp
 
 from txmta import cli
+from txmta.control.amp import control_socket_path
 from txmta.envelope import Address, Envelope, Recipient
 from txmta.passwords import verify_password
 from txmta.reply import Reply
@@ -258,5 +262,178 @@ def test_header_section_stops_at_first_empty_line():
 def test_command_table_lists_each_subcommand_once():
     """The grammar is one table; every entry is reachable through main()."""
     words = [c.words for c in cli.COMMANDS]
-    assert words == ["check-config", "passwd", "queue list", "queue show"]
+    assert words == ["check-config", "passwd", "queue list", "queue show", "queue flush",
+                     "queue hold", "queue release", "queue requeue", "queue delete", "status"]
     assert len(set(words)) == len(words)
+
+
+# -- commands through the control socket ---------------------------------------------------------
+# A fake daemon: a thread serving the control socket that parses requests with Twisted's own
+# AMP parser (so the CLI's hand-written codec is checked against it) and answers scripted boxes.
+
+
+class FakeDaemon:
+    """Listens on `path`; each request box goes to `answer(box) -> dict of bytes` (or None to
+    hang up); every request is kept in `requests`."""
+
+    def __init__(self, path, answer):
+        self.answer = answer
+        self.requests = []
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(path)
+        self.sock.listen(4)
+        self.sock.settimeout(0.05)
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self):
+        while not self.stopping.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(10)
+                data = b""
+                while not data.endswith(b"\x00\x00") or not amp.parseString(data):
+                    chunk = conn.recv(4096)
+                    if not chunk:
+                        break
+                    data += chunk
+                for box in amp.parseString(data):
+                    self.requests.append(dict(box))
+                    reply = self.answer(box)
+                    if reply is None:
+                        break
+                    conn.sendall(amp.AmpBox(reply).serialize())
+
+    def close(self):
+        self.stopping.set()
+        self.thread.join(5)
+        self.sock.close()
+
+
+KNOWN_ID = "0000AAAAAAAAbcdf"
+
+
+def scripted_answer(box):
+    """What a daemon with one message, KNOWN_ID, answers."""
+    command, ask = box[b"_command"], box[b"_ask"]
+    if command == b"Flush":
+        count = b"0" if box.get(b"message_id", KNOWN_ID.encode()) != KNOWN_ID.encode() else b"3"
+        return {b"_answer": ask, b"count": count}
+    if command in (b"Hold", b"Release", b"Requeue", b"Delete"):
+        found = box[b"message_id"] == KNOWN_ID.encode()
+        return {b"_answer": ask, b"found": b"True" if found else b"False"}
+    if command == b"Status":
+        return {b"_answer": ask,
+                b"json": b'{"messages": 1, "pid": 4242, "version": "0.1.0"}'}
+    return {b"_error": ask, b"_error_code": b"UNHANDLED",
+            b"_error_description": b"Unhandled Command: " + command}
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    """A configuration whose spool directory holds a fake daemon's control socket."""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    f = tmp_path / "txmta.toml"
+    f.write_text(f'[spool]\npath = "{spool}"\n')
+    fake = FakeDaemon(control_socket_path(str(spool)), scripted_answer)
+    fake.config = str(f)
+    yield fake
+    fake.close()
+
+
+@pytest.mark.parametrize("argv, request_fields, out", [
+    (["queue", "flush"], {}, "3\n"),
+    (["queue", "flush", KNOWN_ID], {b"message_id": KNOWN_ID.encode()}, "3\n"),
+    (["queue", "flush", "--domain", "example.com"], {b"domain": b"example.com"}, "3\n"),
+    (["queue", "flush", "--json"], {}, '{"count": 3}\n'),
+    (["queue", "flush", "0000ZZZZZZZZzzzz"], {b"message_id": b"0000ZZZZZZZZzzzz"}, "0\n"),
+])
+def test_queue_flush_sends_flush_and_prints_the_count(daemon, capsys, argv, request_fields, out):
+    """`queue flush [ID] [--domain D]` sends one Flush with only the given fields."""
+    assert cli.main(argv + ["--config", daemon.config]) == 0
+    assert capsys.readouterr().out == out
+    [request] = daemon.requests
+    assert {k: v for k, v in request.items() if not k.startswith(b"_")} == request_fields
+    assert request[b"_command"] == b"Flush"
+
+
+@pytest.mark.parametrize("verb, command, done", [
+    ("hold", b"Hold", "held"), ("release", b"Release", "released"),
+    ("requeue", b"Requeue", "requeued"), ("delete", b"Delete", "deleted"),
+])
+def test_queue_id_commands_print_what_was_done(daemon, capsys, verb, command, done):
+    """`queue hold|release|requeue|delete ID` sends its AMP command and prints `ID: held` etc."""
+    assert cli.main(["queue", verb, KNOWN_ID, "--config", daemon.config]) == 0
+    assert capsys.readouterr().out == f"{KNOWN_ID}: {done}\n"
+    assert daemon.requests[0][b"_command"] == command
+    assert daemon.requests[0][b"message_id"] == KNOWN_ID.encode()
+
+
+@pytest.mark.parametrize("verb", ["hold", "release", "requeue", "delete"])
+def test_queue_id_commands_unknown_id_exits_1(daemon, capsys, verb):
+    """An id the daemon does not know: a message on stderr, exit 1."""
+    assert cli.main(["queue", verb, "0000ZZZZZZZZzzzz", "--config", daemon.config]) == 1
+    out = capsys.readouterr()
+    assert out.out == ""
+    assert out.err == "0000ZZZZZZZZzzzz: no such message in the queue\n"
+
+
+def test_status_prints_fields_or_json(daemon, capsys):
+    """`status` prints one `key: value` line per field; `--json` the daemon's JSON."""
+    assert cli.main(["status", "--config", daemon.config]) == 0
+    assert capsys.readouterr().out == "messages: 1\npid: 4242\nversion: 0.1.0\n"
+    assert cli.main(["status", "--json", "--config", daemon.config]) == 0
+    assert json.loads(capsys.readouterr().out) == {"messages": 1, "pid": 4242, "version": "0.1.0"}
+
+
+@pytest.mark.parametrize("argv", [["status"], ["queue", "flush"], ["queue", "hold", KNOWN_ID]])
+def test_control_commands_without_a_daemon_say_so_and_exit_1(tmp_path, capsys, argv):
+    """No control socket: "is the daemon running?" naming the socket, exit 1, no traceback."""
+    f = tmp_path / "txmta.toml"
+    f.write_text(f'[spool]\npath = "{tmp_path / "spool"}"\n')
+    assert cli.main(argv + ["--config", str(f)]) == 1
+    err = capsys.readouterr().err
+    assert err == (f"is the daemon running? no control socket at "
+                   f"{tmp_path / 'spool' / 'control.sock'}\n")
+
+
+def test_control_command_error_from_the_daemon_exits_1(tmp_path, capsys):
+    """An AMP error answer (here: an older daemon without the command) is shown, exit 1."""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    f = tmp_path / "txmta.toml"
+    f.write_text(f'[spool]\npath = "{spool}"\n')
+    fake = FakeDaemon(control_socket_path(str(spool)),
+                      lambda box: {b"_error": box[b"_ask"], b"_error_code": b"UNHANDLED",
+                                   b"_error_description": b"Unhandled Command: 'Requeue'"})
+    try:
+        assert cli.main(["queue", "requeue", KNOWN_ID, "--config", str(f)]) == 1
+    finally:
+        fake.close()
+    err = capsys.readouterr().err
+    assert "UNHANDLED" in err and "Requeue" in err and "Traceback" not in err
+
+
+def test_control_command_daemon_hangs_up_exits_1(tmp_path, capsys):
+    """A daemon that closes without answering is an error, not a hang."""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    f = tmp_path / "txmta.toml"
+    f.write_text(f'[spool]\npath = "{spool}"\n')
+    fake = FakeDaemon(control_socket_path(str(spool)), lambda box: None)
+    try:
+        assert cli.main(["status", "--config", str(f)]) == 1
+    finally:
+        fake.close()
+    assert "without answering" in capsys.readouterr().err
+
+
+def test_queue_id_commands_need_an_id(capsys):
+    """hold/release/requeue/delete without an id are usage errors (exit 2)."""
+    for verb in ("hold", "release", "requeue", "delete"):
+        assert cli.main(["queue", verb]) == 2

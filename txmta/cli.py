@@ -7,11 +7,17 @@ and the function that runs it.  Implemented here:
     txmta passwd [USER]                  print a `USER:HASH` line for the AUTH users file
     txmta queue list [--json]            the queue, like Postfix mailq
     txmta queue show ID                  one message: envelope, states, header section
+    txmta queue flush [ID] [--domain D]  make deferred recipients due now
+    txmta queue hold|release ID          stop / resume delivery attempts for a message
+    txmta queue requeue ID               retry a message now with a fresh retry schedule
+    txmta queue delete ID                remove a message, without a bounce
+    txmta status [--json]                the running daemon's status
 
 `queue list` and `queue show` read the spool read-only (`LmdbView`, short read
 transactions), so they work while the daemon runs and never change anything.
-Commands that change the queue (flush, hold, release, delete) will go through the
-running daemon's control socket, never straight to the spool; they are not here yet.
+Commands that change the queue go through the running daemon's control socket
+(`txmta.control.amp`, `control.sock` in the spool directory), never straight to the
+spool: the daemon is the spool's only writer.  Each maps to one AMP command.
 The daemon itself is started by `twistd -n txmta --config FILE`, not by this command.
 """
 # test: tests/test_cli.py
@@ -242,6 +248,75 @@ def queue_show(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- commands through the daemon's control socket ------------------------------------------
+
+def _control_call(args: argparse.Namespace, command_name: str, **kwargs: Any) -> dict[str, Any]:
+    """Send one control command to the daemon of the configuration in --config."""
+    from txmta.control import amp as control    # Twisted's AMP is only needed here
+    cfg = config.load(args.config)
+    path = control.control_socket_path(cfg.spool.path)
+    try:
+        return control.call(path, getattr(control, command_name), **kwargs)
+    except control.ControlError as e:
+        raise CommandFailed(str(e)) from e
+
+
+def _args_queue_flush(p: argparse.ArgumentParser) -> None:
+    p.add_argument("id", nargs="?", default=None, help="queue id (default: every message)")
+    p.add_argument("--domain", metavar="D", default=None,
+                   help="only recipients at domain D")
+    p.add_argument("--json", action="store_true", help='print {"count": N} instead of N')
+    _args_config(p)
+
+
+def queue_flush(args: argparse.Namespace) -> int:
+    """Prints the daemon's count: the messages that had recipients made due."""
+    count = _control_call(args, "Flush", message_id=args.id, domain=args.domain)["count"]
+    print(json.dumps({"count": count}) if args.json else count)
+    return 0
+
+
+def _args_queue_id(p: argparse.ArgumentParser) -> None:
+    p.add_argument("id", help="queue id")
+    _args_config(p)
+
+
+def _by_id(command_name: str, done: str) -> Callable[[argparse.Namespace], int]:
+    """The run function of a control command that acts on one message."""
+    def run(args: argparse.Namespace) -> int:
+        if not _control_call(args, command_name, message_id=args.id)["found"]:
+            raise CommandFailed(f"{args.id}: no such message in the queue")
+        print(f"{args.id}: {done}")
+        return 0
+    run.__name__ = f"queue_{command_name.lower()}"
+    return run
+
+
+queue_hold = _by_id("Hold", "held")
+queue_release = _by_id("Release", "released")
+queue_requeue = _by_id("Requeue", "requeued")
+queue_delete = _by_id("Delete", "deleted")
+
+
+def _args_status(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print the daemon's JSON status")
+    _args_config(p)
+
+
+def status(args: argparse.Namespace) -> int:
+    text = _control_call(args, "Status")["json"]
+    if args.json:
+        print(text)
+        return 0
+    try:
+        fields = json.loads(text)
+    except ValueError as e:
+        raise CommandFailed(f"the daemon's status is not JSON: {e}") from e
+    for key in sorted(fields):
+        print(f"{key}: {fields[key]}")
+    return 0
+
+
 # -- the table ------------------------------------------------------------------------
 
 COMMANDS: tuple[Command, ...] = (
@@ -251,9 +326,18 @@ COMMANDS: tuple[Command, ...] = (
             queue_list),
     Command("queue show", "show one queued message's envelope and header section",
             _args_queue_show, queue_show),
-    # Later, through the daemon's control socket (txmta.control), never the spool directly:
-    # Command("queue flush", ...), Command("queue hold", ...),
-    # Command("queue release", ...), Command("queue delete", ...).
+    # Through the daemon's control socket (txmta.control.amp), never the spool directly:
+    Command("queue flush", "make deferred recipients due now (one message, one domain, or all)",
+            _args_queue_flush, queue_flush),
+    Command("queue hold", "stop delivery attempts for a message until released",
+            _args_queue_id, queue_hold),
+    Command("queue release", "resume delivery of a held message now", _args_queue_id,
+            queue_release),
+    Command("queue requeue", "retry a message now with a fresh retry schedule", _args_queue_id,
+            queue_requeue),
+    Command("queue delete", "remove a message from the queue, without a bounce",
+            _args_queue_id, queue_delete),
+    Command("status", "show the running daemon's status", _args_status, status),
 )
 
 

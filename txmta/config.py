@@ -167,6 +167,16 @@ def _optional_path(value: Any) -> str | None:
     return _string(value) or None
 
 
+def _source_address(value: Any) -> str:
+    text = _string(value)
+    if text:
+        try:
+            ipaddress.ip_address(text)
+        except ValueError:
+            raise ValueError("must be an IP address of this host") from None
+    return text
+
+
 def _integer(low: int, high: int | None = None) -> Convert:
     def convert(value: Any) -> int:
         if not isinstance(value, int) or isinstance(value, bool):
@@ -304,6 +314,19 @@ _TABLE: dict[str, dict[str, _Key]] = {
     },
     "delivery": {
         "relayhost": _Key("", _relayhost),
+        "relayhost_username": _Key("", _string),
+        "relayhost_password_file": _Key("", _optional_path),
+        "relayhost_tls": _Key("may", _choice("none", "may", "encrypt")),
+        "helo_name": _Key("", _string),                  # "" = server.hostname
+        "source_address": _Key("", _source_address),     # "" = the system's choice
+        "max_per_destination": _Key(20, _integer(1)),
+        "initial_per_destination": _Key(5, _integer(1)),
+        "max_connections": _Key(500, _integer(1)),
+        "max_messages_per_connection": _Key(100, _integer(1)),
+        "idle_timeout": _Key("30s", _duration()),
+        "connect_timeout": _Key("30s", _duration(positive=True)),
+        "max_inflight": _Key(1000, _integer(1)),
+        "smtp_port": _Key(25, _integer(1, 65535)),
     },
     "retry": {
         "schedule": _Key(["1m", "5m", "15m", "30m", "1h", "2h", "4h"],
@@ -377,6 +400,19 @@ class SpoolConfig:
 @dataclass(frozen=True)
 class DeliveryConfig:
     relayhost: str = _default("delivery", "relayhost")     # "" = MX delivery
+    relayhost_username: str = _default("delivery", "relayhost_username")
+    relayhost_password_file: str | None = _default("delivery", "relayhost_password_file")
+    relayhost_tls: str = _default("delivery", "relayhost_tls")   # none | may | encrypt
+    helo_name: str = _default("delivery", "helo_name")
+    source_address: str = _default("delivery", "source_address")
+    max_per_destination: int = _default("delivery", "max_per_destination")
+    initial_per_destination: int = _default("delivery", "initial_per_destination")
+    max_connections: int = _default("delivery", "max_connections")
+    max_messages_per_connection: int = _default("delivery", "max_messages_per_connection")
+    idle_timeout: float = _default("delivery", "idle_timeout")
+    connect_timeout: float = _default("delivery", "connect_timeout")
+    max_inflight: int = _default("delivery", "max_inflight")
+    smtp_port: int = _default("delivery", "smtp_port")
 
 
 @dataclass(frozen=True)
@@ -510,12 +546,22 @@ def _build(doc: dict[str, Any], path: str | None) -> Config:
         listeners.append(ListenConfig(v["address"], host, port, v["tls"], v["auth"],
                                       v["bare_newlines"]))
 
+    if delivery.relayhost_username and not delivery.relayhost_password_file:
+        raise bad("delivery.relayhost_password_file", _MISSING,
+                  "required with delivery.relayhost_username")
+    if delivery.relayhost_username and not delivery.relayhost:
+        raise bad("delivery.relayhost_username", delivery.relayhost_username,
+                  "requires delivery.relayhost")
+    if delivery.initial_per_destination > delivery.max_per_destination:
+        raise bad("delivery.initial_per_destination", delivery.initial_per_destination,
+                  "must not exceed delivery.max_per_destination")
     if tls.cert and not tls.key:
         raise bad("tls.cert", tls.cert, "tls.key must be set too")
     if tls.key and not tls.cert:
         raise bad("tls.key", tls.key, "tls.cert must be set too")
     for key, file in (("tls.cert", tls.cert), ("tls.key", tls.key),
-                      ("tls.ca_file", tls.ca_file), ("auth.users", auth.users)):
+                      ("tls.ca_file", tls.ca_file), ("auth.users", auth.users),
+                      ("delivery.relayhost_password_file", delivery.relayhost_password_file)):
         if file:
             _check_readable(file, lambda reason, key=key, file=file: bad(key, file, reason))
     if spool.map_size > spool.max_map_size:

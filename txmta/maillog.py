@@ -1,24 +1,85 @@
 """The mail log: one line per mail event, apart from the debug log.
 
 Each event names the queue id first, then the words operators grep for
-(`client=`, `from=<…>`, `nrcpt=`, `size=`, `tls=`).  Events go through twisted.logger
-under the namespace "txmta.maillog" with the values as structured fields, so
-`[log] format = "json"` ships them as JSON objects (one per line) without parsing text.
+(`client=`, `from=<…>`, `nrcpt=`, `size=`, `tls=`, `to=<…>`, `relay=`, `status=`).
+Where the lines go is the caller's choice of sink:
+
+* `LoggerSink` (the default, `[log] maillog = ""`): twisted.logger events under the
+  namespace "txmta.maillog", with the values as structured fields;
+* `FileSink` (`[log] maillog = PATH` or "-"): our own lines, text or one JSON object per
+  line, written in batches (a mail log line is not mail: it is flushed within a second,
+  not fsynced), so the busy path does not pay for a formatted, flushed log event.
 """
 # test: tests/test_maillog.py
 
 from __future__ import annotations
 
-from typing import Any
+import json
+import time
+from typing import IO, Any, Protocol
 
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from txmta.spool.interface import StoredMessage
+from txmta.outcome import Delivered, Outcome, PermFailed
+from txmta.spool.interface import EXPIRED, QUEUED, StoredMessage
+
+
+class Sink(Protocol):
+    def emit(self, fields: dict[str, Any], line: str) -> None: ...
+
+
+class LoggerSink:
+    def __init__(self, logger: Logger | None = None) -> None:
+        self.log = logger or Logger(namespace="txmta.maillog")
+
+    def emit(self, fields: dict[str, Any], line: str) -> None:
+        self.log.info("{line}", line=line, **fields)
+
+
+class FileSink:
+    """Appends lines to `out`; `flush_after` seconds after the first unflushed line, it flushes."""
+
+    def __init__(self, out: IO[str], clock: IReactorTime, fmt: str = "text",
+                 flush_after: float = 0.5) -> None:
+        self.out = out
+        self.clock = clock
+        self.json = fmt == "json"
+        self.flush_after = flush_after
+        self._pending: list[str] = []
+        self._timer: Any = None
+
+    def emit(self, fields: dict[str, Any], line: str) -> None:
+        now = time.time()
+        if self.json:
+            record = dict(fields)
+            record["time"] = round(now, 3)
+            record["text"] = line
+            self._pending.append(json.dumps(record, ensure_ascii=False, default=str) + "\n")
+        else:
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
+            self._pending.append(f"{stamp}.{int(now % 1 * 1000):03d}Z {line}\n")
+        if self._timer is None:
+            self._timer = self.clock.callLater(self.flush_after, self.flush)
+
+    def flush(self) -> None:
+        self._timer = None
+        if self._pending:
+            lines, self._pending = self._pending, []
+            self.out.write("".join(lines))
+            self.out.flush()
+
+    def close(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self.flush()
 
 
 class MailLog:
-    def __init__(self, logger: Logger | None = None) -> None:
-        self.log = logger or Logger(namespace="txmta.maillog")
+    def __init__(self, sink: Sink | Logger | None = None) -> None:
+        if sink is None or isinstance(sink, Logger):
+            sink = LoggerSink(sink)
+        self.sink = sink
 
     def received(self, m: StoredMessage) -> None:
         c = m.client
@@ -27,5 +88,32 @@ class MailLog:
             "helo": c.get("helo", ""), "sender": str(m.envelope.sender),
             "nrcpt": len(m.envelope.recipients), "size": m.size, "tls": c.get("tls", "none"),
         }
-        self.log.info("{id}: received client={client} helo={helo} from=<{sender}> "
-                      "nrcpt={nrcpt} size={size} tls={tls}", **fields)
+        self.sink.emit(fields, (
+            f"{m.id}: received client={fields['client']} helo={fields['helo']} "
+            f"from=<{fields['sender']}> nrcpt={fields['nrcpt']} size={m.size} tls={fields['tls']}"))
+
+    def outcome(self, m: StoredMessage, index: int, outcome: Outcome, now: float) -> None:
+        """One line per recipient per attempt, Postfix style: to, relay, delay, status."""
+        state = m.recipients[index]
+        if isinstance(outcome, Delivered):
+            status = "sent"
+        elif isinstance(outcome, PermFailed):
+            status = "bounced"
+        elif state.state == EXPIRED:
+            status = "expired"
+        else:
+            status = "deferred"
+        relay = f"{outcome.host}[{outcome.address}]" if outcome.address else (outcome.host or "none")
+        rcpt = str(m.envelope.recipients[index].address)
+        delay = round(now - m.arrival, 3)
+        tls = outcome.tls or "none"
+        fields: dict[str, Any] = {
+            "event": status, "id": m.id, "rcpt": rcpt, "relay": relay, "delay": delay,
+            "tls": tls, "attempts": state.attempts, "reply": str(outcome.reply),
+        }
+        line = (f"{m.id}: to=<{rcpt}> relay={relay} delay={delay} tls={tls} "
+                f"attempts={state.attempts} status={status} ({outcome.reply})")
+        if state.state == QUEUED:
+            fields["next_attempt"] = state.next_attempt
+            line += f" next_attempt_in={round(state.next_attempt - now)}s"
+        self.sink.emit(fields, line)

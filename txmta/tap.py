@@ -15,9 +15,6 @@ from typing import Any
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
-from twisted.logger import (FileLogObserver, FilteringLogObserver, PredicateResult,
-                            formatEventAsClassicLogText, globalLogPublisher,
-                            jsonFileLogObserver)
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
@@ -25,7 +22,7 @@ from txmta import config as C
 from txmta.inbound.policy import ServerPolicy
 from txmta.inbound.protocol import SMTPFactory
 from txmta.inbound.receiver import Receiver
-from txmta.maillog import MailLog
+from txmta.maillog import FileSink, MailLog
 from txmta.queue import Queue
 from txmta.spool.lmdb import LmdbSpool
 
@@ -53,6 +50,96 @@ def tls_options(cert_path: str, key_path: str) -> Any:
                                   extraCertChain=chain, raiseMinimumTo=TLSVersion.TLSv1_2)
 
 
+class Connector:
+    """Opens a connection for a pool key; fires with the client once its session is ready
+    (greeting, EHLO, STARTTLS, AUTH), or errbacks SessionFailureError."""
+
+    def __init__(self, reactor: Any, settings_for: Any, connect_timeout: float) -> None:
+        self.reactor = reactor
+        self.settings_for = settings_for
+        self.connect_timeout = connect_timeout
+
+    def __call__(self, key: Any) -> Any:
+        from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
+        from twisted.internet.protocol import Factory
+
+        from txmta.outbound.client import SessionFailure, SessionFailureError, SMTPClient
+        from txmta.outcome import CONNECT
+        from txmta.reply import Reply
+        cls = TCP6ClientEndpoint if ":" in key.address else TCP4ClientEndpoint
+        bind = (key.source, 0) if key.source else None
+        endpoint = cls(self.reactor, key.address, key.port, timeout=self.connect_timeout,
+                       bindAddress=bind)
+        settings = self.settings_for(key)
+        factory = Factory.forProtocol(lambda: SMTPClient(settings, self.reactor, key.mx, key.address))
+        d = endpoint.connect(factory)
+
+        def connected(client: Any) -> Any:
+            return client.ready.addCallback(lambda _: client)
+
+        def failed(f: Any) -> Any:
+            if f.check(SessionFailureError):
+                return f
+            reason = f.getErrorMessage().strip() or f.type.__name__
+            raise SessionFailureError(SessionFailure(CONNECT, Reply(
+                451, "4.4.1", f"connect to {key.mx}[{key.address}]:{key.port} failed: {reason}")))
+
+        return d.addCallback(connected).addErrback(failed)
+
+
+class DeliveryService(service.Service):
+    def __init__(self, dispatcher: Any, pool: Any) -> None:
+        self.dispatcher = dispatcher
+        self.pool = pool
+
+    def startService(self) -> None:
+        service.Service.startService(self)
+        self.dispatcher.start()
+
+    def stopService(self) -> Any:
+        service.Service.stopService(self)
+        self.dispatcher.stop()
+        return self.pool.close()
+
+
+def build_delivery(cfg: C.Config, reactor: Any, queue: Queue) -> DeliveryService:
+    from txmta.dispatch import Dispatcher
+    from txmta.outbound.client import ClientSettings
+    from txmta.outbound.deliverer import Deliverer
+    from txmta.outbound.dns import Resolver, parse_nameserver
+    from txmta.outbound.pool import ConnectionPool
+    from txmta.outbound.route import Router
+    d = cfg.delivery
+    resolver = Resolver(reactor, [parse_nameserver(n) for n in cfg.dns.nameservers] or None)
+    # an MX at one of our own listening addresses (on the SMTP port) is a loop
+    local_addresses = {lst.host for lst in cfg.listen
+                       if lst.port == d.smtp_port and lst.host not in ("0.0.0.0", "::")}
+    router = Router(resolver, relayhost=d.relayhost, local_names={cfg.server.hostname},
+                    local_addresses=local_addresses, port=d.smtp_port)
+    helo = d.helo_name or cfg.server.hostname
+    auth = None
+    if d.relayhost_username and d.relayhost_password_file:
+        with open(d.relayhost_password_file, encoding="utf-8") as f:
+            auth = (d.relayhost_username, f.readline().rstrip("\r\n"))
+    relay_key = f"relay:{d.relayhost}"
+
+    def settings_for(key: Any) -> ClientSettings:
+        if key.destination == relay_key:
+            return ClientSettings(helo_name=key.helo, tls=key.tls, auth=auth,
+                                  allow_plaintext_auth=False)
+        return ClientSettings(helo_name=key.helo, tls=key.tls)
+
+    pool = ConnectionPool(reactor, Connector(reactor, settings_for, d.connect_timeout),
+                          per_destination=d.max_per_destination, total=d.max_connections,
+                          max_messages_per_connection=d.max_messages_per_connection,
+                          idle_timeout=d.idle_timeout,
+                          initial_per_destination=d.initial_per_destination)
+    deliverer = Deliverer(router, pool, helo=helo, source=d.source_address,
+                          tls_level="may", relay_tls=d.relayhost_tls)
+    dispatcher = Dispatcher(queue, deliverer, reactor, max_inflight=d.max_inflight)
+    return DeliveryService(dispatcher, pool)
+
+
 class SpoolService(service.Service):
     def __init__(self, spool: LmdbSpool) -> None:
         self.spool = spool
@@ -62,20 +149,14 @@ class SpoolService(service.Service):
         return self.spool.close()
 
 
-def _maillog_observer(cfg: C.Config) -> Any:
+def maillog_for(cfg: C.Config, reactor: Any) -> MailLog:
+    """The mail log: into the daemon's log, or its own file (text or JSON lines)."""
     if not cfg.log.maillog:
-        return None
+        return MailLog()
     out = sys.stdout if cfg.log.maillog == "-" else open(cfg.log.maillog, "a", encoding="utf-8")
-    if cfg.log.format == "json":
-        obs = jsonFileLogObserver(out, recordSeparator="")  # one JSON object per line
-    else:
-        obs = FileLogObserver(out, lambda e: (formatEventAsClassicLogText(e) or ""))
-
-    def only_maillog(event: dict[str, Any]) -> Any:
-        if event.get("log_namespace") == "txmta.maillog":
-            return PredicateResult.yes
-        return PredicateResult.no
-    return FilteringLogObserver(obs, [only_maillog])
+    sink = FileSink(out, reactor, cfg.log.format)
+    reactor.addSystemEventTrigger("after", "shutdown", sink.close)
+    return MailLog(sink)
 
 
 def build(cfg: C.Config, reactor: Any) -> service.MultiService:
@@ -84,7 +165,8 @@ def build(cfg: C.Config, reactor: Any) -> service.MultiService:
                       max_map_size=cfg.spool.max_map_size,
                       inline_limit=cfg.spool.inline_body_limit)
     SpoolService(spool).setServiceParent(top)
-    queue = Queue(spool, reactor, MailLog())
+    queue = Queue(spool, reactor, maillog_for(cfg, reactor), schedule=cfg.retry.schedule,
+                  max_lifetime=cfg.retry.max_lifetime)
     receiver = Receiver(queue, cfg.server.hostname, reactor)
     checker = None
     if cfg.auth.users:
@@ -98,6 +180,9 @@ def build(cfg: C.Config, reactor: Any) -> service.MultiService:
         max_errors=cfg.server.max_errors, command_timeout=cfg.server.command_timeout,
         data_timeout=cfg.server.data_timeout, tls_available=tls is not None,
         auth_available=checker is not None)
+    build_delivery(cfg, reactor, queue).setServiceParent(top)
+    from txmta.control.amp import ControlService, control_socket_path
+    ControlService(reactor, control_socket_path(cfg.spool.path), queue).setServiceParent(top)
     counts: dict[str, int] = {}
     for lst in cfg.listen:
         factory: Any = SMTPFactory(policy, lst, receiver, reactor, checker=checker, tls_options=tls,
@@ -117,9 +202,6 @@ def makeService(options: Options) -> service.IService:
         cfg = C.load(options["config"])
     except C.ConfigError as e:
         raise SystemExit(f"txmta: {e}")
-    observer = _maillog_observer(cfg)
-    if observer is not None:
-        globalLogPublisher.addObserver(observer)
     os.makedirs(cfg.spool.path, exist_ok=True)
     top = build(cfg, reactor)
     # The objects built at start live as long as the daemon: keep the cyclic collector from

@@ -91,6 +91,9 @@ class SMTPServer(Protocol, TimeoutMixin):
         self._data_error: Reply | None = None
         self._auth_step: Callable[[bytes], Reply | Deferred[Reply] | None] | None = None
         self._counted = False
+        self._loopback = False
+        self._relay_client = False
+        self._fix_bare = False
 
     # -- connection -----------------------------------------------------------------------
 
@@ -102,6 +105,10 @@ class SMTPServer(Protocol, TimeoutMixin):
             host = str(ip)
         port = getattr(peer, "port", 0) or 0
         self.session = Session(host, port, self.listener.address)
+        # facts about the client address, worked out once per connection
+        self._loopback = P.is_loopback(host)
+        self._relay_client = P.may_relay(host, False, self.policy)
+        self._fix_bare = not P.reject_bare_newlines(self.listener.bare_newlines, host)
         refusal = self.factory.admit(self)
         if refusal is not None:
             self._mode = "closed"
@@ -276,7 +283,7 @@ class SMTPServer(Protocol, TimeoutMixin):
     def _auth_offered(self) -> bool:
         assert self.session is not None
         return (self.factory.checker is not None and self.session.auth_user is None
-                and P.auth_offered(self.listener.auth, self.session.tls, self.session.client_ip))
+                and self.listener.auth != "none" and (self.session.tls or self._loopback))
 
     def do_EHLO(self, arg: str) -> Reply:
         return self._hello(arg, esmtp=True)
@@ -329,7 +336,7 @@ class SMTPServer(Protocol, TimeoutMixin):
             cmd = parse_rcpt(arg, self.envelope.smtputf8)
         except GrammarError as e:
             return e.reply
-        if not P.may_relay(self.session.client_ip, self.session.auth_user is not None, self.policy):
+        if not (self._relay_client or self.session.auth_user is not None):
             return P.RELAY_DENIED
         if len(self.envelope.recipients) >= self.policy.max_recipients:
             return Reply(452, "4.5.3", "Too many recipients")
@@ -349,7 +356,7 @@ class SMTPServer(Protocol, TimeoutMixin):
             return Reply(503, "5.5.1", "DATA cannot follow BDAT in one transaction")
         if not self.envelope.recipients:
             return Reply(554, "5.5.1", "No valid recipients")
-        fix = not P.reject_bare_newlines(self.listener.bare_newlines, self.session.client_ip)
+        fix = self._fix_bare
         self._data = DataStream(fix=fix)
         self._data_error = None
         self._intake = self.receiver.begin(self.session, self.envelope)
@@ -406,7 +413,7 @@ class SMTPServer(Protocol, TimeoutMixin):
             self._abort_intake()
             self.envelope = None
         elif self._intake is None:
-            fix = not P.reject_bare_newlines(self.listener.bare_newlines, self.session.client_ip)
+            fix = self._fix_bare
             self._bdat = BdatStream(fix=fix)
             self._bdat_error = None
             self._bdat_used = True

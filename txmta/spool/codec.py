@@ -63,14 +63,15 @@ def decode_message(data: bytes, states: tuple[RecipientState, ...] | None = None
 
 def encode_recipient(r: RecipientState) -> bytes:
     return _dumps([r.state, r.attempts, r.next_attempt,
-                   r.last_reply.as_dict() if r.last_reply else None])
+                   r.last_reply.as_dict() if r.last_reply else None, int(r.greylisted), r.remote])
 
 
 def decode_recipient(data: bytes) -> RecipientState:
     d = _loads(data)
     try:
-        state, attempts, next_attempt, reply = d
+        state, attempts, next_attempt, reply = d[:4]
+        greylisted, remote = (bool(d[4]), str(d[5])) if len(d) >= 6 else (False, "")
         return RecipientState(str(state), int(attempts), float(next_attempt),
-                              Reply.from_dict(reply) if reply else None)
+                              Reply.from_dict(reply) if reply else None, greylisted, remote)
     except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as e:
         raise CorruptRecord(f"bad recipient record: {e}") from e

@@ -54,6 +54,8 @@ class RecipientState:
     attempts: int = 0
     next_attempt: float = 0.0
     last_reply: Reply | None = None
+    greylisted: bool = False        # a greylisting reply was seen once (retry.next_delay)
+    remote: str = ""                # the host that gave last_reply, e.g. "mx.example.net[192.0.2.1]"
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,7 +110,13 @@ class Spool(Protocol):
         """Up to `limit` (time, message id) pairs with a recipient due at or before `now`,
         oldest first; the time-ordered index, no scan."""
 
-    def next_due(self) -> "Deferred[float | None]": ...
+    def next_due(self, exclude: "set[str] | frozenset[str]" = frozenset()) -> "Deferred[float | None]":
+        """The earliest due time of a recipient whose message is not in `exclude`."""
+
+    def load_due(self, now: float, limit: int, exclude: "set[str] | frozenset[str]" = frozenset()
+                 ) -> "Deferred[list[StoredMessage]]":
+        """Up to `limit` messages with a recipient due at or before `now`, oldest due first,
+        skipping the ids in `exclude` (those in flight), read from the due index."""
 
     def count(self) -> "Deferred[int]": ...
 

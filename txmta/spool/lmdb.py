@@ -421,10 +421,37 @@ class LmdbSpool:
             return out
         return self._submit(_Op(fn))
 
-    def next_due(self) -> Deferred[float | None]:
+    def load_due(self, now: float, limit: int, exclude: set[str] | frozenset[str] = frozenset()
+                 ) -> Deferred[list[StoredMessage]]:
+        def fn(txn: Any) -> list[StoredMessage]:
+            out: list[StoredMessage] = []
+            seen: set[str] = set(exclude)
+            end = struct.pack(">Q", max(0, round(now * 1000)) + 1)
+            with txn.cursor(db=self._db[b"due"]) as cur:
+                for key in cur.iternext(keys=True, values=False):
+                    if key >= end or len(out) >= limit:
+                        break
+                    mid = _due_id(key)
+                    if mid in seen:
+                        continue
+                    seen.add(mid)
+                    try:
+                        m = self._load(txn, mid)
+                    except codec.CorruptRecord as e:
+                        log.warn("corrupt spool record {id} skipped: {e}", id=mid, e=e)
+                        continue
+                    if m is not None:
+                        out.append(m)
+            return out
+        return self._submit(_Op(fn))
+
+    def next_due(self, exclude: set[str] | frozenset[str] = frozenset()) -> Deferred[float | None]:
         def fn(txn: Any) -> float | None:
             with txn.cursor(db=self._db[b"due"]) as cur:
-                return _due_time(cur.key()) if cur.first() else None
+                for key in cur.iternext(keys=True, values=False):
+                    if not exclude or _due_id(key) not in exclude:
+                        return _due_time(key)
+            return None
         return self._submit(_Op(fn))
 
     def count(self) -> Deferred[int]:

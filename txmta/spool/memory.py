@@ -112,8 +112,23 @@ class MemorySpool:
                 out.append((when, mid))
         return succeed(out)
 
-    def next_due(self) -> Deferred[float | None]:
-        return succeed(self._due[0][0] if self._due else None)
+    def load_due(self, now: float, limit: int, exclude: set[str] | frozenset[str] = frozenset()
+                 ) -> Deferred[list[StoredMessage]]:
+        out: list[StoredMessage] = []
+        seen: set[str] = set(exclude)
+        for when, mid, _ in self._due:
+            if when > now or len(out) >= limit:
+                break
+            if mid not in seen:
+                seen.add(mid)
+                out.append(self.messages[mid])
+        return succeed(out)
+
+    def next_due(self, exclude: set[str] | frozenset[str] = frozenset()) -> Deferred[float | None]:
+        for when, mid, _ in self._due:
+            if mid not in exclude:
+                return succeed(when)
+        return succeed(None)
 
     def count(self) -> Deferred[int]:
         return succeed(len(self.messages))

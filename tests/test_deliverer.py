@@ -1,0 +1,140 @@
+"""The deliverer walks the hops of a route and turns replies into one outcome per recipient."""
+
+from twisted.internet.defer import succeed
+
+from txmta import outcome as O
+from txmta.envelope import Address, Envelope, Recipient
+from txmta.outbound.client import SessionFailure, TransactionResult
+from txmta.outbound.deliverer import Deliverer
+from txmta.outbound.route import Hop, Route, Unroutable
+from txmta.reply import Reply
+
+OK = Reply(250, "2.0.0", "OK")
+QUEUED_REMOTE = Reply(250, "2.0.0", "queued as X")
+REFUSED = Reply(451, "4.4.1", "connection refused")
+
+
+def envelope(n=2):
+    return Envelope(Address("app", "example.com"),
+                    tuple(Recipient(Address(f"u{i}", "example.net")) for i in range(n)))
+
+
+class FakeRouter:
+    def __init__(self, result):
+        self.result = result
+
+    def destination(self, domain):
+        return domain
+
+    def route(self, domain):
+        return succeed(self.result)
+
+
+class FakePool:
+    """Answers transactions from a script keyed by the hop's address."""
+
+    def __init__(self, script):
+        self.script = script
+        self.calls = []
+
+    def transaction(self, key, env, rcpts, body):
+        self.calls.append((key.address, [str(r.address) for r in rcpts]))
+        answer = self.script[key.address]
+        result = answer(rcpts) if callable(answer) else answer
+        return succeed(result)
+
+
+def ok_for(rcpts):
+    return TransactionResult(None, tuple(OK for _ in rcpts), QUEUED_REMOTE, "mx", "addr", "")
+
+
+def connect_failed(rcpts):
+    return TransactionResult(SessionFailure(O.CONNECT, REFUSED), (), None, "mx", "addr", "")
+
+
+ROUTE = Route("example.net", (Hop("mx1.example.net", "127.0.0.21", 25, 10),
+                              Hop("mx2.example.net", "127.0.0.22", 25, 20)))
+
+
+def run(deliverer, env, indices):
+    results = []
+    deliverer.deliver(env, indices, b"body\r\n").addBoth(results.append)
+    assert len(results) == 1
+    return results[0]
+
+
+def test_first_mx_down_second_takes_the_mail():
+    """A connect failure at the first MX sends the recipients on to the next (RFC 5321 5.1)."""
+    pool = FakePool({"127.0.0.21": connect_failed, "127.0.0.22": ok_for})
+    result = run(Deliverer(FakeRouter(ROUTE), pool, helo="me"), envelope(), [0, 1])
+    assert [c[0] for c in pool.calls] == ["127.0.0.21", "127.0.0.22"]
+    assert all(isinstance(o, O.Delivered) for o in result.outcomes.values())
+    assert set(result.outcomes) == {0, 1} and result.site_failure is None
+
+
+def test_every_host_down_defers_and_marks_a_site_failure():
+    """When no hop can be reached, every recipient is deferred and the destination failed."""
+    pool = FakePool({"127.0.0.21": connect_failed, "127.0.0.22": connect_failed})
+    result = run(Deliverer(FakeRouter(ROUTE), pool, helo="me"), envelope(), [0, 1])
+    assert all(isinstance(o, O.TempFailed) for o in result.outcomes.values())
+    assert result.site_failure == REFUSED
+
+
+def test_per_recipient_replies_decide_each_recipient():
+    """550 at RCPT fails that recipient; the other is delivered by the same transaction."""
+    def mixed(rcpts):
+        return TransactionResult(None, (Reply(550, "5.1.1", "no such user"), OK), QUEUED_REMOTE,
+                                 "mx1.example.net", "127.0.0.21", "TLSv1.3 X")
+    pool = FakePool({"127.0.0.21": mixed})
+    result = run(Deliverer(FakeRouter(ROUTE), pool, helo="me"), envelope(), [0, 1])
+    assert isinstance(result.outcomes[0], O.PermFailed)
+    assert result.outcomes[0].reply.enhanced == "5.1.1" and result.outcomes[0].stage == O.RCPT
+    assert isinstance(result.outcomes[1], O.Delivered)
+    assert result.outcomes[1].tls == "TLSv1.3 X"
+    assert len(pool.calls) == 1
+
+
+def test_452_too_many_recipients_leaves_the_rest_for_another_transaction():
+    """Recipients refused with 452 go in a further transaction on the same host (RFC 5321 4.5.3.1.10)."""
+    def two_at_a_time(rcpts):
+        replies = tuple(OK if i < 2 else Reply(452, "4.5.3", "too many recipients")
+                        for i in range(len(rcpts)))
+        return TransactionResult(None, replies, QUEUED_REMOTE, "mx", "127.0.0.21", "")
+    pool = FakePool({"127.0.0.21": two_at_a_time})
+    result = run(Deliverer(FakeRouter(ROUTE), pool, helo="me"), envelope(5), [0, 1, 2, 3, 4])
+    assert [len(c[1]) for c in pool.calls] == [5, 3, 1]
+    assert all(isinstance(o, O.Delivered) for o in result.outcomes.values())
+    assert len(result.outcomes) == 5
+
+
+def test_data_rejected_permanently_bounces_every_accepted_recipient():
+    """A 554 after the message content fails every recipient of the transaction."""
+    def rejected(rcpts):
+        return TransactionResult(None, tuple(OK for _ in rcpts), Reply(554, "5.7.1", "spam"),
+                                 "mx", "127.0.0.21", "")
+    pool = FakePool({"127.0.0.21": rejected})
+    result = run(Deliverer(FakeRouter(ROUTE), pool, helo="me"), envelope(), [0, 1])
+    assert all(isinstance(o, O.PermFailed) and o.stage == O.DOT for o in result.outcomes.values())
+
+
+def test_lost_connection_during_data_defers_without_trying_the_next_mx():
+    """A connection lost after the content was sent is a temporary failure for these recipients."""
+    def lost(rcpts):
+        return TransactionResult(SessionFailure(O.DOT, Reply(451, "4.4.2", "connection lost")),
+                                 tuple(OK for _ in rcpts), None, "mx", "127.0.0.21", "")
+    pool = FakePool({"127.0.0.21": lost, "127.0.0.22": ok_for})
+    result = run(Deliverer(FakeRouter(ROUTE), pool, helo="me"), envelope(), [0, 1])
+    assert all(isinstance(o, O.TempFailed) for o in result.outcomes.values())
+    assert result.site_failure is None
+
+
+def test_null_mx_fails_at_once_and_dns_trouble_defers():
+    """An unroutable permanent reply bounces; a temporary one defers and throttles the site."""
+    null = Unroutable("example.net", Reply(556, "5.1.10", "null MX"))
+    result = run(Deliverer(FakeRouter(null), FakePool({}), helo="me"), envelope(), [0, 1])
+    assert all(isinstance(o, O.PermFailed) for o in result.outcomes.values())
+    assert result.site_failure is None
+    servfail = Unroutable("example.net", Reply(451, "4.4.3", "SERVFAIL"))
+    result = run(Deliverer(FakeRouter(servfail), FakePool({}), helo="me"), envelope(), [0, 1])
+    assert all(isinstance(o, O.TempFailed) for o in result.outcomes.values())
+    assert result.site_failure == servfail.reply

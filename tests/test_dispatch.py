@@ -1,0 +1,159 @@
+"""The dispatcher delivers due mail, records outcomes, waits with one timer, throttles dead sites."""
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
+
+from txmta import outcome as O
+from txmta.dispatch import Dispatcher
+from txmta.envelope import Address, Envelope, Recipient
+from txmta.outbound.deliverer import AttemptResult
+from txmta.queue import Queue
+from txmta.reply import Reply
+from txmta.spool.interface import DELIVERED, QUEUED
+from txmta.spool.memory import MemorySpool
+
+OK = Reply(250, "2.0.0", "OK")
+LATER = Reply(451, "4.3.0", "try later")
+
+
+class FakeDeliverer:
+    def __init__(self):
+        self.calls = []          # (message recipients' addresses)
+        self.answer = lambda env, indices: AttemptResult(
+            {i: O.Delivered(OK, "mx", "127.0.0.21") for i in indices}, "d")
+        self.hold = False
+        self.pending = []
+
+    def destination(self, domain):
+        return domain
+
+    def deliver(self, env, indices, body):
+        self.calls.append([str(env.recipients[i].address) for i in indices])
+        if self.hold:
+            d = Deferred()
+            self.pending.append((d, env, indices))
+            return d
+        return succeed(self.answer(env, indices))
+
+
+def setup(schedule=(60.0, 300.0)):
+    clock = Clock()
+    clock.advance(1_700_000_000)
+    spool = MemorySpool()
+    queue = Queue(spool, clock, schedule=schedule, max_lifetime=3600.0, jitter=lambda: 0.0)
+    deliverer = FakeDeliverer()
+    dispatcher = Dispatcher(queue, deliverer, clock)
+    dispatcher.start()
+    return clock, spool, queue, deliverer, dispatcher
+
+
+def put(queue, clock, *rcpts):
+    env = Envelope(Address("app", "example.com"),
+                   tuple(Recipient(Address(*r.split("@"))) for r in rcpts))
+    mid = queue.new_message_id()
+    body = queue.body_writer(mid)
+    body.write(b"Subject: x\r\n\r\nhi\r\n")
+    queue.put(mid, env, body, {}, clock.seconds())
+    return mid
+
+
+def test_new_mail_is_delivered_and_leaves_the_spool():
+    """A message put in the queue is attempted at once; when delivered it leaves the spool."""
+    clock, spool, queue, deliverer, _ = setup()
+    put(queue, clock, "a@example.net")
+    clock.advance(0)
+    assert deliverer.calls == [["a@example.net"]]
+    assert spool.messages == {}
+
+
+def test_temporary_failure_is_retried_after_the_schedule():
+    """A 4xx schedules the next attempt schedule[0] later, and no earlier (one timer, no polling)."""
+    clock, spool, queue, deliverer, _ = setup()
+    deliverer.answer = lambda env, idx: AttemptResult({i: O.TempFailed(LATER) for i in idx}, "d")
+    mid = put(queue, clock, "a@example.net")
+    clock.advance(0)
+    state = spool.messages[mid].recipients[0]
+    assert state.state == QUEUED and state.attempts == 1
+    assert state.next_attempt == clock.seconds() + 60
+    clock.advance(59)
+    assert len(deliverer.calls) == 1
+    deliverer.answer = lambda env, idx: AttemptResult({i: O.Delivered(OK) for i in idx}, "d")
+    clock.advance(1)
+    assert len(deliverer.calls) == 2
+    assert spool.messages == {}
+
+
+def test_recipients_with_one_destination_share_an_attempt_and_others_get_their_own():
+    """Recipients of one message are grouped by destination; all outcomes commit together."""
+    clock, spool, queue, deliverer, _ = setup()
+    put(queue, clock, "a@example.net", "b@example.net", "c@example.org")
+    clock.advance(0)
+    assert sorted(deliverer.calls) == [["a@example.net", "b@example.net"], ["c@example.org"]]
+    assert spool.messages == {}
+
+
+def test_a_message_in_flight_is_not_attempted_twice():
+    """While an attempt runs, wake-ups do not start another attempt for the same message."""
+    clock, spool, queue, deliverer, dispatcher = setup()
+    deliverer.hold = True
+    mid = put(queue, clock, "a@example.net")
+    clock.advance(0)
+    put(queue, clock, "b@example.net")
+    clock.advance(0)
+    dispatcher.wake()
+    clock.advance(0)
+    assert deliverer.calls == [["a@example.net"], ["b@example.net"]]
+    d, env, indices = deliverer.pending[0]
+    d.callback(AttemptResult({0: O.Delivered(OK)}, "d"))
+    assert mid not in spool.messages
+
+
+def test_a_dead_destination_is_throttled_as_a_whole():
+    """After every host of a destination failed, its other queued mail waits for the
+    destination's next retry instead of being tried message by message."""
+    clock, spool, queue, deliverer, _ = setup()
+    refused = Reply(451, "4.4.1", "connection refused")
+    deliverer.answer = lambda env, idx: AttemptResult(
+        {i: O.TempFailed(refused, stage=O.CONNECT) for i in idx}, "example.net", refused)
+    first = put(queue, clock, "a@example.net")
+    clock.advance(0)
+    assert len(deliverer.calls) == 1
+    second = put(queue, clock, "b@example.net")
+    clock.advance(0)
+    assert len(deliverer.calls) == 1          # not attempted: the destination is throttled
+    until = spool.messages[first].recipients[0].next_attempt
+    postponed = spool.messages[second].recipients[0]
+    assert postponed.next_attempt == until and postponed.attempts == 0
+    assert postponed.last_reply == refused
+    deliverer.answer = lambda env, idx: AttemptResult({i: O.Delivered(OK) for i in idx}, "d")
+    clock.advance(until - clock.seconds())
+    assert len(deliverer.calls) == 3 and spool.messages == {}
+
+
+def test_held_message_is_not_delivered_until_released():
+    """hold keeps a message out of delivery; release makes it due at once."""
+    clock, spool, queue, deliverer, dispatcher = setup()
+    deliverer.answer = lambda env, idx: AttemptResult({i: O.TempFailed(LATER) for i in idx}, "d")
+    mid = put(queue, clock, "a@example.net")
+    clock.advance(0)
+    queue.hold(mid)
+    clock.advance(3600)
+    assert len(deliverer.calls) == 1
+    deliverer.answer = lambda env, idx: AttemptResult({i: O.Delivered(OK) for i in idx}, "d")
+    queue.release(mid)
+    clock.advance(0)
+    assert len(deliverer.calls) == 2 and spool.messages == {}
+
+
+def test_expiry_marks_recipients_expired():
+    """Temporary failures past max_lifetime end the recipient as expired (not bounced)."""
+    clock, spool, queue, deliverer, _ = setup(schedule=(1800.0,))
+    states = []
+    queue.changed.append(lambda m, nxt: states.append(m))
+    deliverer.answer = lambda env, idx: AttemptResult({i: O.TempFailed(LATER) for i in idx}, "d")
+    put(queue, clock, "a@example.net")
+    for _ in range(5):
+        clock.advance(1800)
+    assert spool.messages == {}
+    assert 2 <= len(deliverer.calls) <= 4
+    assert states[-1] is None

@@ -1,0 +1,374 @@
+"""The running daemon's admin interface: AMP commands over a UNIX socket.
+
+The daemon listens on `control_socket_path(spool.path)` (mode 0600: only the daemon's user,
+and root, may change the queue) and answers each command by calling an `IQueueControl`
+(the queue); the `txmta` command is the client, through `call()`, a small blocking AMP
+client on a plain socket so that the CLI needs no reactor.  One command per admin verb
+(STYLE habit 15, as OpenSMTPD's smtpctl speaks imsg to smtpd):
+
+    Flush(message_id?, domain?) -> count     make deferred recipients due now
+    Hold(message_id) / Release / Delete / Requeue -> found
+    Status() -> json                         {"messages": n, "pid": ..., "version": ...}
+
+This module does not decide anything about the queue; it carries requests and answers.
+It does not read the configuration; `tap.py` passes the path and the queue control.
+Wire format: AMP as twisted.protocols.amp speaks it: each box is a sequence of (2-byte
+big-endian key length, key, 2-byte value length, value) ended by an empty key; a request
+carries _command and _ask, an answer _answer, an error _error, _error_code and
+_error_description.  A failure in the queue control is answered as the declared error
+INTERNAL (`InternalError`), so the connection stays up and the CLI can show what broke.
+"""
+# test: tests/test_control.py
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import struct
+from typing import Any, Protocol
+
+from twisted.application import service
+from twisted.internet import defer
+from twisted.internet.interfaces import IListeningPort, IReactorUNIX
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.protocols import amp
+from twisted.python.failure import Failure
+
+import txmta
+
+CONTROL_SOCKET_NAME = "control.sock"
+CALL_TIMEOUT = 60.0        # seconds the CLI waits for the daemon's answer
+INTERNAL_ERROR = b"INTERNAL"
+
+_log = Logger()
+
+
+# -- the commands --------------------------------------------------------------------------
+
+class InternalError(Exception):
+    """The daemon failed to carry out a command (a bug of ours); sent as INTERNAL."""
+
+
+_ERRORS: dict[type[Exception], bytes] = {InternalError: INTERNAL_ERROR}
+
+
+class Flush(amp.Command):
+    """Make deferred recipients due now: of one message, of one domain, or all."""
+    arguments = [(b"message_id", amp.Unicode(optional=True)),
+                 (b"domain", amp.Unicode(optional=True))]
+    response = [(b"count", amp.Integer())]
+    errors = _ERRORS
+
+
+class Hold(amp.Command):
+    """Stop delivery attempts for a message's unfinished recipients until released."""
+    arguments = [(b"message_id", amp.Unicode())]
+    response = [(b"found", amp.Boolean())]
+    errors = _ERRORS
+
+
+class Release(amp.Command):
+    """Undo Hold: the held recipients are queued again and due now."""
+    arguments = [(b"message_id", amp.Unicode())]
+    response = [(b"found", amp.Boolean())]
+    errors = _ERRORS
+
+
+class Delete(amp.Command):
+    """Remove a message from the queue without a delivery status notification."""
+    arguments = [(b"message_id", amp.Unicode())]
+    response = [(b"found", amp.Boolean())]
+    errors = _ERRORS
+
+
+class Requeue(amp.Command):
+    """Reset a message's unfinished recipients (attempts, greylisting) and make them due now."""
+    arguments = [(b"message_id", amp.Unicode())]
+    response = [(b"found", amp.Boolean())]
+    errors = _ERRORS
+
+
+class Status(amp.Command):
+    """The daemon's status as JSON text."""
+    arguments: list[tuple[bytes, amp.Argument]] = []
+    response = [(b"json", amp.Unicode())]
+    errors = _ERRORS
+
+
+COMMANDS: tuple[type[amp.Command], ...] = (Flush, Hold, Release, Delete, Requeue, Status)
+
+
+class IQueueControl(Protocol):
+    """What the control socket asks of the queue.  Each method may return a value or a
+    Deferred of it."""
+
+    def flush(self, message_id: str | None, domain: str | None) -> "defer.Deferred[int]": ...
+    def hold(self, message_id: str) -> "defer.Deferred[bool]": ...
+    def release(self, message_id: str) -> "defer.Deferred[bool]": ...
+    def delete(self, message_id: str) -> "defer.Deferred[bool]": ...
+    def requeue(self, message_id: str) -> "defer.Deferred[bool]": ...
+    def status(self) -> "defer.Deferred[dict[str, Any]]": ...
+
+
+# -- the daemon side -------------------------------------------------------------------------
+
+class ControlProtocol(amp.AMP):
+    """Answers the control commands of one admin connection by calling the queue control."""
+
+    def __init__(self, queue_control: IQueueControl) -> None:
+        super().__init__()
+        self.queue_control = queue_control
+
+    def _ask(self, method: Any, *args: Any) -> defer.Deferred:
+        """Call the queue control.  A failure there (our bug) is logged and answered as an
+        INTERNAL error naming it; AMP's default would answer "Unknown Error" and close the
+        connection."""
+        def internal(failure: Failure) -> None:
+            _log.failure("control command {method} failed", failure, method=method.__name__)
+            raise InternalError(f"{failure.type.__name__}: {failure.getErrorMessage()}")
+        return defer.maybeDeferred(method, *args).addErrback(internal)
+
+    @Flush.responder
+    def flush(self, message_id: str | None = None, domain: str | None = None) -> defer.Deferred:
+        d = self._ask(self.queue_control.flush, message_id, domain)
+        return d.addCallback(lambda n: {"count": int(n)})
+
+    def _found(self, method: Any, message_id: str) -> defer.Deferred:
+        return self._ask(method, message_id).addCallback(lambda f: {"found": bool(f)})
+
+    @Hold.responder
+    def hold(self, message_id: str) -> defer.Deferred:
+        return self._found(self.queue_control.hold, message_id)
+
+    @Release.responder
+    def release(self, message_id: str) -> defer.Deferred:
+        return self._found(self.queue_control.release, message_id)
+
+    @Delete.responder
+    def delete(self, message_id: str) -> defer.Deferred:
+        return self._found(self.queue_control.delete, message_id)
+
+    @Requeue.responder
+    def requeue(self, message_id: str) -> defer.Deferred:
+        return self._found(self.queue_control.requeue, message_id)
+
+    @Status.responder
+    def status(self) -> defer.Deferred:
+        def render(queue_status: dict[str, Any]) -> dict[str, str]:
+            out: dict[str, Any] = {"pid": os.getpid(), "version": txmta.__version__}
+            out.update(queue_status)
+            return {"json": json.dumps(out, sort_keys=True)}
+        return self._ask(self.queue_control.status).addCallback(render)
+
+
+class ControlFactory(Factory):
+    """Builds one ControlProtocol per admin connection, all sharing the queue control."""
+
+    def __init__(self, queue_control: IQueueControl) -> None:
+        self.queue_control = queue_control
+
+    def buildProtocol(self, addr: Any) -> ControlProtocol:
+        p = ControlProtocol(self.queue_control)
+        p.factory = self
+        return p
+
+
+def control_factory(queue_control: IQueueControl) -> Factory:
+    return ControlFactory(queue_control)
+
+
+def control_socket_path(spool_path: str) -> str:
+    """The control socket lives in the spool directory, which the daemon owns."""
+    return os.path.join(spool_path, CONTROL_SOCKET_NAME)
+
+
+class ControlService(service.Service):
+    """Listens on the control socket while running.
+
+    A socket file left by a daemon that died is removed first; a socket another live daemon
+    answers on is not (starting fails instead), nor is a file that is not a socket.
+    `listenUNIX(mode=0o600)` chmods the socket before it listens, so nobody can connect
+    through wider permissions in between.
+    """
+
+    def __init__(self, reactor: IReactorUNIX, path: str, queue_control: IQueueControl) -> None:
+        self.reactor = reactor
+        self.path = path
+        self.queue_control = queue_control
+        self.port: IListeningPort | None = None
+
+    def startService(self) -> None:
+        remove_stale_socket(self.path)
+        self.port = self.reactor.listenUNIX(self.path, control_factory(self.queue_control),
+                                            mode=0o600, wantPID=False)
+        super().startService()
+
+    def stopService(self) -> defer.Deferred | None:
+        super().stopService()
+        port, self.port = self.port, None
+        if port is None:
+            return None
+        return defer.maybeDeferred(port.stopListening)   # the Port removes the socket file
+
+
+def remove_stale_socket(path: str) -> None:
+    """Remove `path` if it is a socket nobody listens on; refuse if a daemon answers there."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ControlError(f"{path} exists and is not a socket; not removing it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except OSError:        # ECONNREFUSED: nobody listens; the file is stale
+        os.unlink(path)
+        return
+    finally:
+        probe.close()
+    raise ControlError(f"another daemon is listening on {path}")
+
+
+# -- the blocking client (the txmta command) ---------------------------------------------------
+
+class ControlError(Exception):
+    """The control socket cannot be reached, or the daemon answered with an error."""
+
+
+def encode_box(box: dict[bytes, bytes]) -> bytes:
+    """One AMP box: (2-byte key length, key, 2-byte value length, value)..., then 0x0000."""
+    out = []
+    for k, v in box.items():
+        if not 0 < len(k) <= amp.MAX_KEY_LENGTH:
+            raise ValueError(f"AMP key length out of range: {k!r}")
+        if len(v) > amp.MAX_VALUE_LENGTH:
+            raise ValueError(f"AMP value too long for key {k!r}: {len(v)} bytes")
+        out.append(struct.pack("!H", len(k)) + k + struct.pack("!H", len(v)) + v)
+    out.append(b"\x00\x00")
+    return b"".join(out)
+
+
+class BoxReader:
+    """Decodes AMP boxes from bytes received in arbitrary pieces."""
+
+    def __init__(self) -> None:
+        self.buffer = b""
+
+    def feed(self, data: bytes) -> None:
+        self.buffer += data
+
+    def next_box(self) -> dict[bytes, bytes] | None:
+        """The next complete box, or None if more bytes are needed."""
+        box: dict[bytes, bytes] = {}
+        pos, buf = 0, self.buffer
+        while True:
+            if len(buf) < pos + 2:
+                return None
+            (klen,) = struct.unpack_from("!H", buf, pos)
+            pos += 2
+            if klen == 0:
+                self.buffer = buf[pos:]
+                return box
+            if klen > amp.MAX_KEY_LENGTH:
+                raise ControlError(f"bad AMP answer: key length {klen}")
+            if len(buf) < pos + klen + 2:
+                return None
+            key = buf[pos:pos + klen]
+            pos += klen
+            (vlen,) = struct.unpack_from("!H", buf, pos)
+            pos += 2
+            if len(buf) < pos + vlen:
+                return None
+            box[key] = buf[pos:pos + vlen]
+            pos += vlen
+
+
+def _command_name(command: type[amp.Command]) -> bytes:
+    name = command.commandName
+    return name if isinstance(name, bytes) else name.encode("ascii")
+
+
+def request_box(command: type[amp.Command], ask: bytes, kwargs: dict[str, Any]) -> dict[bytes, bytes]:
+    """The request box for `command` with `kwargs` (None for an optional argument: left out)."""
+    known = {name.decode("ascii"): arg for name, arg in command.arguments}
+    unknown = set(kwargs) - set(known)
+    if unknown:
+        raise TypeError(f"{command.__name__} takes no argument {', '.join(sorted(unknown))}")
+    box = {b"_command": _command_name(command), b"_ask": ask}
+    for name, arg in known.items():
+        value = kwargs.get(name)
+        if value is None:
+            if not arg.optional:
+                raise TypeError(f"{command.__name__} needs {name}")
+            continue
+        box[name.encode("ascii")] = arg.toString(value)
+    return box
+
+
+def parse_answer(command: type[amp.Command], box: dict[bytes, bytes]) -> dict[str, Any]:
+    """The response of `command` from its answer box; ControlError for an error box."""
+    if b"_error" in box:
+        code = box.get(b"_error_code", b"").decode("utf-8", "replace")
+        text = box.get(b"_error_description", b"").decode("utf-8", "replace")
+        raise ControlError(f"the daemon answered {command.__name__} with an error: {code}: {text}")
+    out: dict[str, Any] = {}
+    for name, arg in command.response:
+        key = name.decode("ascii")
+        if name in box:
+            try:
+                out[key] = arg.fromString(box[name])
+            except (ValueError, UnicodeDecodeError) as e:
+                raise ControlError(f"bad AMP answer: {key}={box[name]!r}: {e}") from e
+        elif arg.optional:
+            out[key] = None
+        else:
+            raise ControlError(f"bad AMP answer to {command.__name__}: no {key}")
+    return out
+
+
+def call(socket_path: str, command: type[amp.Command], timeout: float = CALL_TIMEOUT,
+         **kwargs: Any) -> dict[str, Any]:
+    """Send one command to the daemon at `socket_path` and return its response (blocking)."""
+    ask = b"1"
+    request = encode_box(request_box(command, ask, kwargs))
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        try:
+            sock.connect(socket_path)
+        except (FileNotFoundError, NotADirectoryError):
+            raise ControlError(
+                f"is the daemon running? no control socket at {socket_path}") from None
+        except ConnectionRefusedError:
+            raise ControlError(f"is the daemon running? nothing answers on {socket_path} "
+                               f"(a stale socket)") from None
+        except PermissionError:
+            raise ControlError(f"permission denied on {socket_path}: run this as the daemon's "
+                               f"user or root") from None
+        except OSError as e:
+            raise ControlError(f"cannot connect to {socket_path}: {e.strerror or e}") from None
+        try:
+            sock.sendall(request)
+            reader = BoxReader()
+            while True:
+                box = reader.next_box()
+                if box is not None:
+                    if box.get(b"_answer") == ask or box.get(b"_error") == ask:
+                        return parse_answer(command, box)
+                    continue                     # not ours (AMP allows it); keep reading
+                data = sock.recv(65536)
+                if not data:
+                    raise ControlError(f"the daemon closed {socket_path} without answering")
+                reader.feed(data)
+        except socket.timeout:
+            raise ControlError(f"no answer from the daemon on {socket_path} "
+                               f"within {timeout:g} s") from None
+        except (BrokenPipeError, ConnectionResetError) as e:
+            raise ControlError(f"the daemon closed {socket_path}: {e.strerror or e}") from None
+    finally:
+        sock.close()

@@ -1,0 +1,176 @@
+"""The delivery loop: wakes when something is due, starts attempts, records their outcomes.
+
+The dispatcher reads due messages from the queue's time-ordered index (never a scan),
+splits each message's due recipients by destination (recipients of one message with the
+same destination go in one attempt), runs the attempts through the deliverer, and hands
+all outcomes of the message to `queue.record()`, which commits them in one transaction.
+Nothing in flight is persisted (DESIGN invariant 3): after a crash every unfinished
+recipient is due again at its stored time.
+
+There is no polling loop: the dispatcher sleeps with one `callLater` until the next due
+time, and is woken by new mail, by finished attempts and by admin changes.  A destination
+whose hosts all failed at the session level is throttled as a whole: its other queued mail
+waits for the destination's next retry instead of each message trying on its own.
+"""
+# test: tests/test_dispatch.py
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import DeferredList, inlineCallbacks
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+
+from txmta import outcome as O
+from txmta.reply import Reply
+from txmta.spool.interface import QUEUED, StoredMessage
+
+log = Logger()
+
+
+class Dispatcher:
+    def __init__(self, queue: Any, deliverer: Any, clock: IReactorTime, *,
+                 max_inflight: int = 1000) -> None:
+        self.queue = queue
+        self.deliverer = deliverer
+        self.clock = clock
+        self.max_inflight = max_inflight
+        self.inflight: set[str] = set()
+        self.throttled: dict[str, tuple[float, Reply]] = {}
+        self._timer: IDelayedCall | None = None
+        self._timer_at: float | None = None
+        self._scanning = False
+        self._again = False
+        self._running = False
+        queue.listeners.append(lambda message: self.wake())
+        queue.changed.append(self._changed)
+
+    # -- scheduling -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._running = True
+        self.wake()
+
+    def stop(self) -> None:
+        self._running = False
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def wake(self, at: float | None = None) -> None:
+        """Scan for due mail at `at` (now if None); keeps only the earliest wake-up."""
+        if not self._running:
+            return
+        now = self.clock.seconds()
+        at = now if at is None else max(at, now)
+        if self._timer is not None and self._timer.active():
+            if self._timer_at is not None and self._timer_at <= at:
+                return
+            self._timer.cancel()
+        self._timer_at = at
+        self._timer = self.clock.callLater(at - now, self._scan)
+
+    def _changed(self, message: StoredMessage | None, next_attempt: float | None) -> None:
+        if next_attempt is not None:
+            self.wake(next_attempt)
+
+    @inlineCallbacks
+    def _scan(self) -> Any:
+        self._timer = None
+        self._timer_at = None
+        if self._scanning:
+            self._again = True
+            return
+        self._scanning = True
+        try:
+            while self._running:
+                self._again = False
+                room = self.max_inflight - len(self.inflight)
+                if room <= 0:
+                    break  # a finishing attempt wakes us
+                now = self.clock.seconds()
+                messages = yield self.queue.due(now, min(room, 500), exclude=self.inflight)
+                for m in messages:
+                    self._start(m, now)
+                if not self._again and len(messages) < min(room, 500):
+                    break
+            if self._running and len(self.inflight) < self.max_inflight:
+                nxt = yield self.queue.next_due(exclude=self.inflight)
+                if nxt is not None:
+                    self.wake(nxt)
+        except Exception:
+            log.failure("dispatch scan failed; retrying in 5 s")
+            self.wake(self.clock.seconds() + 5)
+        finally:
+            self._scanning = False
+        if self._again:
+            self.wake()
+
+    # -- attempts ---------------------------------------------------------------------------
+
+    def _start(self, message: StoredMessage, now: float) -> None:
+        due = [i for i, r in enumerate(message.recipients)
+               if r.state == QUEUED and r.next_attempt <= now]
+        if not due:
+            return
+        self.inflight.add(message.id)
+        d = self._attempt(message, due, now)
+        d.addErrback(lambda f: log.failure("attempt for {id} failed", f, id=message.id))
+        d.addBoth(self._finished, message.id)
+
+    def _finished(self, _: Any, message_id: str) -> None:
+        self.inflight.discard(message_id)
+        self.wake()
+
+    @inlineCallbacks
+    def _attempt(self, message: StoredMessage, due: list[int], now: float) -> Any:
+        groups: dict[str, list[int]] = {}
+        for i in due:
+            dest = self.deliverer.destination(message.envelope.recipients[i].address.domain)
+            groups.setdefault(dest, []).append(i)
+        outcomes: dict[int, O.Outcome] = {}
+        postponed: dict[int, tuple[float, Reply]] = {}
+        live: list[tuple[str, list[int]]] = []
+        for dest, indices in groups.items():
+            throttle = self.throttled.get(dest)
+            if throttle is not None and throttle[0] > now:
+                for i in indices:
+                    postponed[i] = throttle
+            else:
+                self.throttled.pop(dest, None)
+                live.append((dest, indices))
+        site_failed: list[tuple[str, list[int], Reply]] = []
+        if live:
+            body = yield self.queue.read_body(message.id)
+            attempts = [self.deliverer.deliver(message.envelope, indices, body)
+                        for _, indices in live]
+            results = yield DeferredList(attempts, consumeErrors=True)
+            for (dest, indices), (ok, result) in zip(live, results):
+                if not ok:
+                    log.failure("delivery to {dest} failed", result, dest=dest)
+                    reply = Reply(451, "4.3.0", "internal error during delivery")
+                    outcomes.update({i: O.TempFailed(reply) for i in indices})
+                    continue
+                outcomes.update(result.outcomes)
+                if result.site_failure is not None:
+                    site_failed.append((dest, indices, result.site_failure))
+        if postponed:
+            yield self.queue.postpone(message, postponed)
+        if outcomes:
+            updated = yield self.queue.record(message, outcomes)
+            for dest, indices, reply in site_failed:
+                self._throttle(dest, indices, reply, updated)
+
+    def _throttle(self, dest: str, indices: list[int], reply: Reply,
+                  updated: StoredMessage | None) -> None:
+        """Hold the destination's other mail until this message's next try for it."""
+        if updated is None:
+            return
+        times = [updated.recipients[i].next_attempt for i in indices
+                 if updated.recipients[i].state == QUEUED]
+        if times:
+            until = min(times)
+            self.throttled[dest] = (until, reply)
+            log.info("destination {dest} throttled for {s:.0f} s: {reply}", dest=dest,
+                     s=until - self.clock.seconds(), reply=str(reply))
