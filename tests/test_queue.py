@@ -77,3 +77,126 @@ def test_message_ids_sort_by_arrival_and_are_unique():
     q, _, clock, _ = make_queue()
     ids = [q.new_message_id(clock.seconds() + i // 10) for i in range(100)]
     assert ids == sorted(ids) and len(set(ids)) == 100
+
+
+# -- record: outcomes committed in one transaction ------------------------------------------
+
+from txmta import outcome as O  # noqa: E402
+from txmta.reply import Reply  # noqa: E402
+from txmta.spool.interface import BOUNCED, DELIVERED, EXPIRED, HELD  # noqa: E402
+
+OK = Reply(250, "2.0.0", "OK")
+LATER = Reply(451, "4.3.0", "try later")
+GREY = Reply(451, "4.7.1", "Greylisted, please retry in 120 seconds")
+
+
+def queue_with(schedule=(60.0, 300.0), lifetime=3600.0):
+    clock = Clock()
+    clock.advance(1_700_000_000)
+    spool = MemorySpool()
+    rec = Recorder()
+    q = Queue(spool, clock, MailLog(Logger(namespace="txmta.maillog", observer=rec)),
+              schedule=schedule, max_lifetime=lifetime, jitter=lambda: 0.0)
+    return q, spool, clock, rec
+
+
+def stored(q, clock, n=2):
+    mid = q.new_message_id()
+    done = []
+    q.put(mid, envelope(n), q.body_writer(mid), {}, clock.seconds()).addCallback(done.append)
+    return done[0]
+
+
+def test_record_commits_each_outcome_and_logs_after():
+    """Delivered and bounced recipients become final; a deferred one is due after schedule[0]."""
+    q, spool, clock, rec = queue_with()
+    m = stored(q, clock, 3)
+    clock.advance(10)
+    q.record(m, {0: O.Delivered(OK, "mx", "192.0.2.1"), 1: O.PermFailed(Reply(550, "5.1.1", "no")),
+                 2: O.TempFailed(LATER)})
+    states = spool.messages[m.id].recipients
+    assert [s.state for s in states] == [DELIVERED, BOUNCED, QUEUED]
+    assert states[2].attempts == 1 and states[2].next_attempt == clock.seconds() + 60
+    assert states[0].remote == "mx[192.0.2.1]" and states[1].last_reply.code == 550
+    events = [e["event"] for e in rec.events]
+    assert events == ["received", "sent", "bounced", "deferred"]
+
+
+def test_greylisting_reply_waits_the_named_delay_once():
+    """A greylisting 4xx is retried after the delay it names, once; then the schedule goes on."""
+    q, spool, clock, _ = queue_with()
+    m = stored(q, clock, 1)
+    q.record(m, {0: O.TempFailed(GREY)})
+    state = spool.messages[m.id].recipients[0]
+    assert state.greylisted and state.next_attempt == clock.seconds() + 120
+    q.record(spool.messages[m.id], {0: O.TempFailed(GREY)})
+    state = spool.messages[m.id].recipients[0]
+    assert state.attempts == 2 and state.next_attempt == clock.seconds() + 300
+
+
+def test_retry_after_never_goes_past_the_lifetime():
+    """A reply asking for a long wait is cut at the end of the lifetime."""
+    q, spool, clock, _ = queue_with(lifetime=600.0)
+    m = stored(q, clock, 1)
+    clock.advance(500)
+    q.record(m, {0: O.TempFailed(LATER, retry_after=3600.0)})
+    state = spool.messages[m.id].recipients[0]
+    assert state.state == QUEUED and state.next_attempt == m.arrival + 600.0
+
+
+def test_lifetime_over_expires_the_recipient_and_the_message_leaves():
+    """Temporary failure past max_lifetime: expired (not bounced), and the message is gone."""
+    q, spool, clock, rec = queue_with(lifetime=600.0)
+    m = stored(q, clock, 1)
+    clock.advance(600)
+    left = []
+    q.record(m, {0: O.TempFailed(LATER)}).addCallback(left.append)
+    assert left == [None] and spool.messages == {}
+    assert rec.events[-1]["event"] == "expired"
+
+
+def test_admin_changes_hold_release_requeue_delete_flush():
+    """hold/release/requeue/delete/flush change recipient states as the man page says."""
+    q, spool, clock, _ = queue_with()
+    m = stored(q, clock, 2)
+    q.record(m, {0: O.TempFailed(LATER), 1: O.TempFailed(LATER)})
+    out = []
+    q.hold(m.id).addCallback(out.append)
+    assert [s.state for s in spool.messages[m.id].recipients] == [HELD, HELD]
+    q.release(m.id).addCallback(out.append)
+    assert all(s.state == QUEUED and s.next_attempt == clock.seconds()
+               for s in spool.messages[m.id].recipients)
+    q.record(spool.messages[m.id], {0: O.TempFailed(LATER), 1: O.TempFailed(LATER)})
+    q.flush().addCallback(out.append)
+    assert all(s.next_attempt == clock.seconds() for s in spool.messages[m.id].recipients)
+    q.requeue(m.id).addCallback(out.append)
+    assert all(s.attempts == 0 for s in spool.messages[m.id].recipients)
+    q.delete(m.id).addCallback(out.append)
+    assert spool.messages == {}
+    q.hold("nosuchid").addCallback(out.append)
+    assert out == [True, True, 1, True, True, False]
+
+
+def test_flush_by_domain_only_touches_that_domain():
+    """`flush --domain` makes only recipients in that domain due now."""
+    q, spool, clock, _ = queue_with()
+    env = Envelope(Address("app", "example.com"),
+                   (Recipient(Address("a", "one.example")), Recipient(Address("b", "two.example"))))
+    mid = q.new_message_id()
+    q.put(mid, env, q.body_writer(mid), {}, clock.seconds())
+    q.record(spool.messages[mid], {0: O.TempFailed(LATER), 1: O.TempFailed(LATER)})
+    counts = []
+    q.flush(domain="two.example").addCallback(counts.append)
+    states = spool.messages[mid].recipients
+    assert counts == [1]
+    assert states[0].next_attempt == clock.seconds() + 60 and states[1].next_attempt == clock.seconds()
+
+
+def test_postpone_moves_recipients_without_counting_an_attempt():
+    """Mail for a throttled destination waits for its retry; attempts stay the same."""
+    q, spool, clock, _ = queue_with()
+    m = stored(q, clock, 1)
+    q.postpone(m, {0: (clock.seconds() + 500, LATER)})
+    state = spool.messages[m.id].recipients[0]
+    assert state.attempts == 0 and state.next_attempt == clock.seconds() + 500
+    assert state.last_reply == LATER
