@@ -73,11 +73,13 @@ class Conn:
         self.sock.close()
 
 
-def make_body(size, seq, helo):
-    """An RFC 5322 message of about `size` payload bytes, CRLF line endings, ending in CRLF."""
+def make_body(size, seq, helo, bench_id=None):
+    """An RFC 5322 message of about `size` payload bytes, CRLF line endings, ending in CRLF.
+    With bench_id, it carries an `X-Bench-Id: <bench_id>` header (see bench/pysink.py)."""
     head = ("From: <bench@example.com>\r\nTo: <probe@example.net>\r\n"
-            "Subject: latency probe %d\r\nMessage-ID: <probe.%d.%f@%s>\r\n\r\n"
-            % (seq, seq, time.time(), helo)).encode()
+            "Subject: latency probe %d\r\nMessage-ID: <probe.%d.%f@%s>\r\n%s\r\n"
+            % (seq, seq, time.time(), helo,
+               "X-Bench-Id: %s\r\n" % bench_id if bench_id else "")).encode()
     line = b"x" * 78 + b"\r\n"
     nlines = max(1, size // len(line))
     return head + line * nlines
@@ -101,9 +103,12 @@ def summarize(samples_s):
 
 
 def run_probe(port, rate, count, seconds, size=4096, timeout=30.0, helo="probe.bench.invalid",
-              stop=lambda: False):
-    """Send up to `count` messages at `rate`/s for at most `seconds`; return a result dict."""
+              stop=lambda: False, id_prefix=None):
+    """Send up to `count` messages at `rate`/s for at most `seconds`; return a result dict.
+    With id_prefix, message i carries the header `X-Bench-Id: <id_prefix>.<i>` and the result
+    has "ids" and "t250" (time.monotonic() when its 250 was read) for every accepted message."""
     samples = []
+    ids, t250 = [], []
     errors = []
     t_start = time.monotonic()
     deadline = t_start + seconds
@@ -126,7 +131,8 @@ def run_probe(port, rate, count, seconds, size=4096, timeout=30.0, helo="probe.b
                 continue
             # fixed schedule; if we fall behind, do not burst to catch up
             next_at = max(next_at + interval, now)
-            body = make_body(size, sent, helo)
+            bid = "%s.%d" % (id_prefix, sent) if id_prefix else None
+            body = make_body(size, sent, helo, bid)
             conn.cmd(b"MAIL FROM:<bench@example.com>", 2)
             conn.cmd(b"RCPT TO:<probe%d@example.net>" % sent, 2)
             conn.cmd(b"DATA", 3)
@@ -135,9 +141,13 @@ def run_probe(port, rate, count, seconds, size=4096, timeout=30.0, helo="probe.b
             conn.sock.sendall(b".\r\n")
             code, text = conn.reply()
             t1 = time.perf_counter()
+            tm = time.monotonic()
             sent += 1
             if code == 250:
                 samples.append(t1 - t0)
+                if id_prefix:
+                    ids.append(bid)
+                    t250.append(tm)
             else:
                 errors.append(text)
                 if len(errors) >= 10:
@@ -153,6 +163,8 @@ def run_probe(port, rate, count, seconds, size=4096, timeout=30.0, helo="probe.b
            "achieved_rate": len(samples) / wall if wall > 0 else 0.0,
            "errors": errors[:10], "samples_ms": [round(1000 * x, 3) for x in samples]}
     res.update(summarize(samples))
+    if id_prefix:
+        res.update(ids=ids, t250=t250)
     return res
 
 
@@ -166,6 +178,8 @@ def main():
     ap.add_argument("--size", type=int, default=4096, help="payload bytes per message")
     ap.add_argument("--timeout", type=float, default=30.0, help="socket timeout per read")
     ap.add_argument("--out", help="write the JSON result here (default: stdout)")
+    ap.add_argument("--id-prefix", help="add X-Bench-Id: PREFIX.<seq> to each message and record "
+                                        "the monotonic time of each 250 (end-to-end latency test)")
     args = ap.parse_args()
 
     stopping = []
@@ -176,7 +190,7 @@ def main():
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     res = run_probe(args.port, args.rate, args.count, args.seconds, args.size, args.timeout,
-                    stop=lambda: bool(stopping))
+                    stop=lambda: bool(stopping), id_prefix=args.id_prefix)
     text = json.dumps(res)
     if args.out:
         with open(args.out, "w") as f:
@@ -184,7 +198,7 @@ def main():
     else:
         print(text)
     if not args.out:
-        s = {k: v for k, v in res.items() if k != "samples_ms"}
+        s = {k: v for k, v in res.items() if k not in ("samples_ms", "ids", "t250")}
         print(json.dumps(s, indent=1), file=sys.stderr)
     return 0 if res["ok"] else 1
 

@@ -280,28 +280,47 @@ def port_free(port):
 
 
 class Sink:
-    """smtp-sink as the relayhost; .count() = transactions received so far (-c counters)."""
+    """smtp-sink as the relayhost; .count() = transactions received so far (-c counters).
+    With python=True: bench/pysink.py instead (same counters; it also timestamps every message
+    with an X-Bench-Id header and writes them to RUNDIR/pysink.json when stopped)."""
     COUNTER = re.compile(rb"mesg=(\d+)")
 
-    def __init__(self, port, rundir, cgroup):
-        self.port, self.rundir, self.cgroup = port, rundir, cgroup
+    def __init__(self, port, rundir, cgroup, python=False):
+        self.port, self.rundir, self.cgroup, self.python = port, rundir, cgroup, python
         self.proc = self._fh = None
         self._last = 0
+        self._tail = b""
+        self.result_path = os.path.join(rundir, "pysink.json")
 
     def start(self):
         out_path = os.path.join(self.rundir, "sink.out")
+        if self.python:
+            argv = [sys.executable, os.path.join(BENCH, "pysink.py"), "--port", str(self.port),
+                    "--out", self.result_path]
+        else:
+            argv = [SMTP_SINK, "-u", "nobody", "-c", "-m", "1000", "%s:%d" % (HOST, self.port), "1024"]
         with open(out_path, "wb") as out, open(os.path.join(self.rundir, "sink.err"), "wb") as err:
-            self.proc = spawn([SMTP_SINK, "-u", "nobody", "-c", "-m", "1000",
-                               "%s:%d" % (HOST, self.port), "1024"],
-                              cgroup=self.cgroup, stdout=out, stderr=err)
+            self.proc = spawn(argv, cgroup=self.cgroup, stdout=out, stderr=err)
         wait_banner(self.port, 10, self.proc)
         self._fh = open(out_path, "rb")
 
     def count(self):
+        """Latest complete "... mesg=N\r" record (a partly written one is kept for the next call)."""
         data = self._fh.read() if self._fh else b""
-        for m in self.COUNTER.finditer(data):
-            self._last = int(m.group(1))
+        if data:
+            buf = self._tail + data
+            cut = buf.rfind(b"\r")
+            if cut < 0:
+                self._tail = buf
+            else:
+                for m in self.COUNTER.finditer(buf, 0, cut):
+                    self._last = int(m.group(1))
+                self._tail = buf[cut + 1:]
         return self._last
+
+    def result(self):
+        """pysink only, after stop(): its JSON (arrival times by X-Bench-Id)."""
+        return json.loads(read_text(self.result_path, "{}") or "{}")
 
     def stop(self):
         stop_process(self.proc, 5)
@@ -380,10 +399,29 @@ class TxMTA:
         wait_banner(self.port, 30, self.proc)
 
     def stop(self):
+        self.close_view()
         stop_process(self.proc, 20)
 
+    _view = None
+
     def queue_len(self):
-        return None      # no cheap spool count from outside (LMDB); not needed for intake
+        """Messages still in the spool: LmdbView(spool).ids() (read-only LMDB view, in-process;
+        the harness must run under the virtualenv's python, as `make bench` does)."""
+        if self._view is None:
+            if REPO not in sys.path:
+                sys.path.append(REPO)
+            try:
+                from txmta.spool.lmdb import LmdbView
+            except ImportError as e:
+                raise RuntimeError("cannot import txmta.spool.lmdb (%s): run the benchmark with "
+                                   "%s" % (e, VENV_PY))
+            self._view = LmdbView(self.spool)
+        return len(self._view.ids())
+
+    def close_view(self):
+        if self._view is not None:
+            self._view.close()
+            self._view = None
 
     def settings(self):
         return read_text(self.conf)

@@ -4,7 +4,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 
 from txmta import outcome as O
-from txmta.dispatch import Dispatcher
+from txmta.dispatch import SCAN_COALESCE, Dispatcher
 from txmta.envelope import Address, Envelope, Recipient
 from txmta.outbound.deliverer import AttemptResult
 from txmta.queue import Queue
@@ -61,7 +61,7 @@ def test_new_mail_is_delivered_and_leaves_the_spool():
     """A message put in the queue is attempted at once; when delivered it leaves the spool."""
     clock, spool, queue, deliverer, _ = setup()
     put(queue, clock, "a@example.net")
-    clock.advance(0)
+    clock.advance(SCAN_COALESCE)
     assert deliverer.calls == [["a@example.net"]]
     assert spool.messages == {}
 
@@ -71,7 +71,7 @@ def test_temporary_failure_is_retried_after_the_schedule():
     clock, spool, queue, deliverer, _ = setup()
     deliverer.answer = lambda env, idx: AttemptResult({i: O.TempFailed(LATER) for i in idx}, "d")
     mid = put(queue, clock, "a@example.net")
-    clock.advance(0)
+    clock.advance(SCAN_COALESCE)
     state = spool.messages[mid].recipients[0]
     assert state.state == QUEUED and state.attempts == 1
     assert state.next_attempt == clock.seconds() + 60
@@ -87,7 +87,7 @@ def test_recipients_with_one_destination_share_an_attempt_and_others_get_their_o
     """Recipients of one message are grouped by destination; all outcomes commit together."""
     clock, spool, queue, deliverer, _ = setup()
     put(queue, clock, "a@example.net", "b@example.net", "c@example.org")
-    clock.advance(0)
+    clock.advance(SCAN_COALESCE)
     assert sorted(deliverer.calls) == [["a@example.net", "b@example.net"], ["c@example.org"]]
     assert spool.messages == {}
 
@@ -97,11 +97,11 @@ def test_a_message_in_flight_is_not_attempted_twice():
     clock, spool, queue, deliverer, dispatcher = setup()
     deliverer.hold = True
     mid = put(queue, clock, "a@example.net")
-    clock.advance(0)
+    clock.advance(SCAN_COALESCE)
     put(queue, clock, "b@example.net")
-    clock.advance(0)
+    clock.advance(SCAN_COALESCE)
     dispatcher.wake()
-    clock.advance(0)
+    clock.advance(SCAN_COALESCE)
     assert deliverer.calls == [["a@example.net"], ["b@example.net"]]
     d, env, indices = deliverer.pending[0]
     d.callback(AttemptResult({0: O.Delivered(OK)}, "d"))
@@ -116,10 +116,10 @@ def test_a_dead_destination_is_throttled_as_a_whole():
     deliverer.answer = lambda env, idx: AttemptResult(
         {i: O.TempFailed(refused, stage=O.CONNECT) for i in idx}, "example.net", refused)
     first = put(queue, clock, "a@example.net")
-    clock.advance(0)
+    clock.advance(SCAN_COALESCE)
     assert len(deliverer.calls) == 1
     second = put(queue, clock, "b@example.net")
-    clock.advance(0)
+    clock.advance(SCAN_COALESCE)
     assert len(deliverer.calls) == 1          # not attempted: the destination is throttled
     until = spool.messages[first].recipients[0].next_attempt
     postponed = spool.messages[second].recipients[0]
@@ -135,13 +135,13 @@ def test_held_message_is_not_delivered_until_released():
     clock, spool, queue, deliverer, dispatcher = setup()
     deliverer.answer = lambda env, idx: AttemptResult({i: O.TempFailed(LATER) for i in idx}, "d")
     mid = put(queue, clock, "a@example.net")
-    clock.advance(0)
+    clock.advance(SCAN_COALESCE)
     queue.hold(mid)
     clock.advance(3600)
     assert len(deliverer.calls) == 1
     deliverer.answer = lambda env, idx: AttemptResult({i: O.Delivered(OK) for i in idx}, "d")
     queue.release(mid)
-    clock.advance(0)
+    clock.advance(SCAN_COALESCE)
     assert len(deliverer.calls) == 2 and spool.messages == {}
 
 

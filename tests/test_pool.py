@@ -280,3 +280,23 @@ def test_close_quits_idle_fails_waiters_and_waits_for_busy() -> None:
     assert busy.quits == 1 and closed == [None]
     late = start(pool, A, "late")
     assert late[0].failure.reply.text.endswith("shutting down")
+
+
+def test_a_body_loader_is_called_only_once_a_connection_is_ready() -> None:
+    """Mail for a host that cannot be reached is never read from the spool."""
+    pool, connector, _ = make()
+    loads: list[int] = []
+
+    def loader() -> Deferred[bytes]:
+        loads.append(1)
+        return succeed(b"x\r\n")
+
+    out: list[Any] = []
+    pool.transaction(A, Envelope(Address("m", "example.com"), RCPTS), RCPTS, loader).addBoth(out.append)
+    connector.fail(ConnectionRefusedError("refused"))
+    assert loads == [] and out[0].failure.stage == O.CONNECT
+    pool.transaction(A, Envelope(Address("m", "example.com"), RCPTS), RCPTS, loader).addBoth(out.append)
+    client = connector.open()
+    assert loads == [1]
+    client.finish()
+    assert len(out) == 2 and out[1].failure is None

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import DeferredList, inlineCallbacks
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
@@ -27,6 +27,40 @@ from txmta.reply import Reply
 from txmta.spool.interface import QUEUED, StoredMessage
 
 log = Logger()
+SCAN_COALESCE = 0.002   # seconds: wake-ups this close together share one scan
+
+
+class BodyLoader:
+    """Reads a message body from the spool on first use (only once a connection is ready),
+    once for all the destinations of an attempt."""
+
+    def __init__(self, queue: Any, message_id: str) -> None:
+        self.queue = queue
+        self.message_id = message_id
+        self._body: bytes | None = None
+        self._waiting: list[Deferred[bytes]] | None = None
+
+    def __call__(self) -> Deferred[bytes]:
+        if self._body is not None:
+            return succeed(self._body)
+        d: Deferred[bytes] = Deferred()
+        if self._waiting is None:
+            self._waiting = [d]
+            self.queue.read_body(self.message_id).addCallbacks(self._loaded, self._failed)
+        else:
+            self._waiting.append(d)
+        return d
+
+    def _loaded(self, body: bytes) -> None:
+        self._body = body
+        waiting, self._waiting = self._waiting or [], None
+        for d in waiting:
+            d.callback(body)
+
+    def _failed(self, failure: Any) -> None:
+        waiting, self._waiting = self._waiting or [], None
+        for d in waiting:
+            d.errback(failure)
 
 
 class Dispatcher:
@@ -43,7 +77,7 @@ class Dispatcher:
         self._scanning = False
         self._again = False
         self._running = False
-        queue.listeners.append(lambda message: self.wake())
+        queue.listeners.append(lambda message: self.wake(self.clock.seconds() + SCAN_COALESCE))
         queue.changed.append(self._changed)
 
     # -- scheduling -----------------------------------------------------------------------
@@ -121,7 +155,8 @@ class Dispatcher:
 
     def _finished(self, _: Any, message_id: str) -> None:
         self.inflight.discard(message_id)
-        self.wake()
+        # coalesce: attempts finishing close together share one scan of the due index
+        self.wake(self.clock.seconds() + SCAN_COALESCE)
 
     @inlineCallbacks
     def _attempt(self, message: StoredMessage, due: list[int], now: float) -> Any:
@@ -142,7 +177,7 @@ class Dispatcher:
                 live.append((dest, indices))
         site_failed: list[tuple[str, list[int], Reply]] = []
         if live:
-            body = yield self.queue.read_body(message.id)
+            body = BodyLoader(self.queue, message.id)
             attempts = [self.deliverer.deliver(message.envelope, indices, body)
                         for _, indices in live]
             results = yield DeferredList(attempts, consumeErrors=True)

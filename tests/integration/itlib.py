@@ -373,3 +373,99 @@ def find_by_token(daemon: Daemon, token: str | bytes) -> list[str]:
         return [mid for mid in v.ids() if t in v.read_body(mid)]
     finally:
         v.close()
+
+
+# -- delivery helpers (test_delivery*.py, test_crash_delivery.py) ------------------------------
+
+MAILLOG_RE = re.compile(
+    r"(?P<id>\w+): to=<(?P<to>[^>]*)> relay=(?P<relay>\S+) delay=(?P<delay>[\d.]+) "
+    r"tls=(?P<tls>.*?) attempts=(?P<attempts>\d+) status=(?P<status>\w+) \((?P<reply>.*)\)"
+    r"(?: next_attempt_in=(?P<next>-?\d+)s)?$")
+
+
+def wait_until(pred: Callable[[], Any], timeout: float, what: str, interval: float = 0.05,
+               diagnose: Callable[[], str] | None = None) -> Any:
+    """Poll `pred` until it returns something true (which is returned); AssertionError
+    naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            extra = "\n" + diagnose() if diagnose is not None else ""
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}{extra}")
+        time.sleep(interval)
+
+
+def maillog_events(daemon: Daemon) -> list[dict[str, str]]:
+    """The delivery lines of the daemon's text mail log, parsed (id, to, relay, tls, attempts,
+    status, reply, next)."""
+    out = []
+    for line in daemon.maillog().splitlines():
+        _, _, rest = line.partition(" ")
+        m = MAILLOG_RE.match(rest)
+        if m is not None:
+            out.append(m.groupdict())
+    return out
+
+
+def statuses(daemon: Daemon, message_id: str | None = None, rcpt: str | None = None) -> list[str]:
+    """The statuses (sent, deferred, bounced, expired) logged, in order, for a message and/or
+    recipient."""
+    return [e["status"] for e in maillog_events(daemon)
+            if (message_id is None or e["id"] == message_id) and (rcpt is None or e["to"] == rcpt)]
+
+
+def txmta_cli(daemon: Daemon, *args: str, timeout: float = 20.0,
+              check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run the `txmta` command against the daemon's configuration (`--config` appended)."""
+    exe = Path(sys.executable).with_name("txmta")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "txmta.cli"]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    p = subprocess.run(cmd + list(args) + ["--config", str(daemon.config_path)], env=env,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=timeout,
+                       stdin=subprocess.DEVNULL, cwd=str(daemon.dir))
+    if check:
+        assert p.returncode == 0, f"txmta {' '.join(args)} exited {p.returncode}: {p.stderr}{p.stdout}"
+    return p
+
+
+def queue_json(daemon: Daemon) -> dict[str, dict[str, Any]]:
+    """`txmta queue list --json`, keyed by message id."""
+    import json
+    return {m["id"]: m for m in json.loads(txmta_cli(daemon, "queue", "list", "--json").stdout)}
+
+
+def submit(daemon: Daemon, sender: str, rcpts: list[str] | tuple[str, ...], body: bytes | str,
+           timeout: float = 10.0) -> str:
+    """Send one message to the daemon with smtplib; its queue id."""
+    import smtplib
+    if isinstance(body, str):
+        body = body.encode()
+    with smtplib.SMTP(daemon.host, daemon.port, timeout=timeout) as s:
+        s.ehlo("client.test.invalid")
+        code, resp = s.mail(sender)
+        assert code == 250, (code, resp)
+        for r in rcpts:
+            code, resp = s.rcpt(r)
+            assert code == 250, (r, code, resp)
+        code, resp = s.data(body)
+        assert code == 250, (code, resp)
+    return queued_id(resp)
+
+
+def delivery_sections(smtp_port: int, dns: tuple[str, int] | None = None, *,
+                      schedule: tuple[str, ...] = ("1s", "2s"), **delivery: Any) -> dict[str, dict[str, Any]]:
+    """Config sections for a daemon that really delivers: MX delivery (relayhost "") on
+    `smtp_port`, the test DNS server as resolver, a short retry schedule; `delivery`
+    keywords override [delivery] keys (e.g. relayhost=...)."""
+    sections: dict[str, dict[str, Any]] = {
+        "delivery": {"relayhost": "", "smtp_port": smtp_port, "connect_timeout": "5s",
+                     "idle_timeout": "5s", **delivery},
+        "retry": {"schedule": list(schedule), "max_lifetime": "1h"},
+    }
+    if dns is not None:
+        sections["dns"] = {"nameservers": [f"{dns[0]}:{dns[1]}"]}
+    return sections

@@ -154,7 +154,8 @@ class ConnectionPool:
     # -- one transaction ------------------------------------------------------------------
 
     async def _transaction(self, key: PoolKey, envelope: Envelope,
-                           recipients: tuple[Recipient, ...], body: bytes) -> TransactionResult:
+                           recipients: tuple[Recipient, ...],
+                           body: bytes | Callable[[], Deferred[bytes]]) -> TransactionResult:
         def failed(failure: SessionFailure) -> TransactionResult:
             return TransactionResult(failure, (None,) * len(recipients), None, key.mx, key.address)
 
@@ -175,6 +176,9 @@ class ConnectionPool:
                     continue
             conn.messages += 1
             try:
+                if callable(body):
+                    body = await body()
+                assert isinstance(body, bytes)
                 result = await conn.client.send(envelope, recipients, body)
             except Exception:            # a bug: send() fails only with values
                 self._discard(conn)
