@@ -555,7 +555,7 @@ class Bench:
         self.args = args
         self.counter = 0
 
-    def new_mta(self, name, tag, **kw):
+    def new_mta(self, name, tag, hold=None, **kw):
         self.counter += 1
         rundir = os.path.join(self.args.workdir, "runs", "%02d-%s-%s" % (self.counter, name, tag))
         shutil.rmtree(rundir, ignore_errors=True)
@@ -563,10 +563,16 @@ class Bench:
         os.chmod(rundir, 0o755)
         if name == "txmta":
             return TxMTA(rundir, self.args.port, self.args.sink_port, **kw)
-        return Postfix(rundir, self.args.port, self.args.sink_port, hold=self.args.postfix_hold)
+        return Postfix(rundir, self.args.port, self.args.sink_port,
+                       hold=self.args.postfix_hold if hold is None else hold)
 
     def run(self, name, mode, idx):
-        """mode: '1/msg', 'reuse' (smtp-source + probe at --probe-rate) or 'probe' (probe alone)."""
+        """mode: '1/msg', 'reuse' (smtp-source + probe at --probe-rate) or 'probe' (probe alone);
+        'e2e-1/msg', 'e2e-reuse' (end-to-end throughput), 'e2e-lat' (end-to-end latency)."""
+        if mode in ("e2e-1/msg", "e2e-reuse"):
+            return self.run_e2e(name, mode, idx)
+        if mode == "e2e-lat":
+            return self.run_latency(name, idx)
         a = self.args
         n = a.messages if mode != "probe" else None
         tag = {"1/msg": "1msg", "reuse": "reuse", "probe": "probe"}[mode] + "-%d" % idx
@@ -632,16 +638,186 @@ class Bench:
                 res["load_cpu_s"] = (load1 - load0) if load0 is not None else None
                 res["other_cpu_s"] = max(0.0, (busy1 - busy0) - (cpu1 - cpu0) - (res["load_cpu_s"] or 0))
             # Postfix relays to the sink while it accepts; record when that is finished too
-            if mta.queue_len() is not None and not a.postfix_hold:
-                self.wait_queue_empty(mta, 120)
-                t2 = time.monotonic()
-                res["drained_s"] = t2 - t0
-                res["mta_cpu_incl_delivery_s"] = cg_mta.seconds() - cpu0
+            if mta.queue_len() is not None and not (a.postfix_hold and name == "postfix"):
+                try:
+                    self.wait_queue_empty(mta, 120)
+                    t2 = time.monotonic()
+                    res["drained_s"] = t2 - t0
+                    res["mta_cpu_incl_delivery_s"] = cg_mta.seconds() - cpu0
+                except RuntimeError as e:
+                    res["drain_error"] = str(e)
                 res["sink_received"] = sink.count() - sink0
         except Exception as e:
             res["error"] = "%s: %s (logs in %s)" % (type(e).__name__, e, mta.rundir)
         finally:
             stop_process(src, 5)
+            stop_process(prb, 5)
+            mta.stop()
+            cg_mta.remove()
+            sink.stop()
+            cg_load.remove()
+            if not a.keep:
+                shutil.rmtree(mta.spool, ignore_errors=True)
+        return res
+
+    def start_pair(self, mta, sink, cg_mta, res):
+        """Start sink + MTA, send 2 * sessions warm-up messages (1 per connection) and wait until
+        they are delivered (sink count) and the MTA's queue is empty."""
+        a = self.args
+        sink.start()
+        mta.configure()
+        res["config"] = mta.settings()
+        mta.start(cg_mta)
+        res["cpu_source"] = cg_mta.source
+        warm = 2 * a.sessions
+        base = sink.count()
+        p = subprocess.run(smtp_source_argv(a.port, warm, a.sessions, a.size, False),
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=120)
+        if p.returncode != 0:
+            raise RuntimeError("warm-up: smtp-source rc=%d %s" % (p.returncode, p.stdout[-300:]))
+        deadline = time.monotonic() + 60
+        while sink.count() < base + warm or mta.queue_len():
+            if time.monotonic() > deadline:
+                raise RuntimeError("warm-up not delivered in 60 s (sink %d/%d, queue %s)" % (
+                    sink.count() - base, warm, mta.queue_len()))
+            time.sleep(0.02)
+        time.sleep(0.3)
+        os.sync()
+
+    def run_e2e(self, name, mode, idx):
+        """End-to-end throughput: smtp-source (N messages, S sessions) -> MTA -> smtp-sink.
+        delivered msg/s = N / (start of smtp-source -> sink has counted N AND MTA queue empty)."""
+        a = self.args
+        n, reuse = a.messages, mode == "e2e-reuse"
+        mta = self.new_mta(name, "e2e-%s-%d" % ("reuse" if reuse else "1msg", idx), hold=False)
+        res = {"mta": name, "mode": mode, "run": idx, "n": n, "sessions": a.sessions,
+               "size": a.size, "rundir": mta.rundir, "ok": False}
+        cg_mta, cg_load = CpuGroup("mta"), CpuGroup("load")
+        sink = Sink(a.sink_port, mta.rundir, cg_load)
+        src = None
+        try:
+            self.start_pair(mta, sink, cg_mta, res)
+            base = sink.count()
+            target = base + n
+            cpu0, load0, busy0 = cg_mta.seconds(), cg_load.seconds(), machine_busy_seconds()
+            t0 = time.monotonic()
+            with open(os.path.join(mta.rundir, "source.out"), "wb") as out:
+                src = spawn(smtp_source_argv(a.port, n, a.sessions, a.size, reuse),
+                            cgroup=cg_load, stdout=out, stderr=subprocess.STDOUT)
+            t_acc = t_sink = t_done = None
+            deadline = t0 + a.timeout
+            qcheck_next = 0.0
+            while True:           # bounded by the deadline
+                now = time.monotonic()
+                if t_acc is None and src.poll() is not None:
+                    t_acc = now
+                    if src.returncode != 0:
+                        raise RuntimeError("smtp-source rc=%d: %s" % (src.returncode, read_text(
+                            os.path.join(mta.rundir, "source.out"))[-300:]))
+                if t_sink is None and sink.count() >= target:
+                    t_sink = now
+                # the queue is only looked at once the sink has everything (cheap polling)
+                if t_acc is not None and t_sink is not None and now >= qcheck_next:
+                    if not mta.queue_len():
+                        t_done = now
+                        break
+                    qcheck_next = now + 0.02
+                if now > deadline:
+                    raise RuntimeError("timeout after %ss: accepted=%s sink=%d/%d queue=%s" % (
+                        a.timeout, t_acc is not None, sink.count() - base, n, mta.queue_len()))
+                time.sleep(0.005)
+            cpu1, load1, busy1 = cg_mta.seconds(), cg_load.seconds(), machine_busy_seconds()
+            res.update(ok=True, accept_s=t_acc - t0, sink_done_s=t_sink - t0, e2e_s=t_done - t0,
+                       accept_rate=n / (t_acc - t0), rate=n / (t_done - t0))
+            if cpu0 is not None:
+                res["mta_cpu_s"] = cpu1 - cpu0
+                res["mta_cpu_ms_per_msg"] = 1000 * (cpu1 - cpu0) / n
+                res["load_cpu_s"] = (load1 - load0) if load0 is not None else None
+                res["other_cpu_s"] = max(0.0, (busy1 - busy0) - (cpu1 - cpu0) - (res["load_cpu_s"] or 0))
+            time.sleep(0.2)
+            res["sink_received"] = sink.count() - base
+        except Exception as e:
+            res["error"] = "%s: %s (logs in %s)" % (type(e).__name__, e, mta.rundir)
+        finally:
+            stop_process(src, 5)
+            mta.stop()
+            cg_mta.remove()
+            sink.stop()
+            cg_load.remove()
+            if not a.keep:
+                shutil.rmtree(mta.spool, ignore_errors=True)
+        return res
+
+    def run_latency(self, name, idx):
+        """End-to-end latency at a steady rate: probe.py (one connection, one message at a time,
+        --lat-rate msg/s, X-Bench-Id header each) -> MTA -> pysink.py (timestamps each id).
+        latency = time the sink has the whole message - time the client read the 250 at intake."""
+        a = self.args
+        mta = self.new_mta(name, "lat-%d" % idx, hold=False)
+        count = a.lat_count
+        res = {"mta": name, "mode": "e2e-lat", "run": idx, "target_rate": a.lat_rate,
+               "count": count, "size": a.size, "rundir": mta.rundir, "ok": False}
+        cg_mta, cg_load = CpuGroup("mta"), CpuGroup("load")
+        sink = Sink(a.sink_port, mta.rundir, cg_load, python=True)
+        prb = None
+        try:
+            self.start_pair(mta, sink, cg_mta, res)
+            base = sink.count()
+            probe_out = os.path.join(mta.rundir, "probe.json")
+            max_s = count / a.lat_rate * 1.5 + 10
+            cpu0, load0, busy0 = cg_mta.seconds(), cg_load.seconds(), machine_busy_seconds()
+            t0 = time.monotonic()
+            with open(os.path.join(mta.rundir, "probe.err"), "wb") as err:
+                prb = spawn([sys.executable, os.path.join(BENCH, "probe.py"), "--port", str(a.port),
+                             "--rate", str(a.lat_rate), "--count", str(count), "--seconds", str(max_s),
+                             "--size", str(a.size), "--id-prefix", "%s-%d" % (name, idx),
+                             "--out", probe_out], cgroup=cg_load, stdout=err, stderr=subprocess.STDOUT)
+            try:
+                prb.wait(max_s + 30)
+            except subprocess.TimeoutExpired:
+                raise RuntimeError("probe did not finish in %ss" % (max_s + 30))
+            t1 = time.monotonic()
+            pr = json.loads(read_text(probe_out, "{}") or "{}")
+            if not pr.get("ok"):
+                raise RuntimeError("probe got no 250: %s" % (pr.get("errors") or read_text(
+                    os.path.join(mta.rundir, "probe.err"))[-300:]))
+            # let the last messages arrive (bounded)
+            deadline = time.monotonic() + 60
+            while sink.count() < base + pr["ok"] or mta.queue_len():
+                if time.monotonic() > deadline:
+                    res["drain_error"] = "after 60 s: sink %d/%d, queue %s" % (
+                        sink.count() - base, pr["ok"], mta.queue_len())
+                    break
+                time.sleep(0.01)
+            t2 = time.monotonic()
+            cpu1, load1, busy1 = cg_mta.seconds(), cg_load.seconds(), machine_busy_seconds()
+            sink.stop()
+            arrivals = sink.result().get("arrivals", {})
+            lat, missing = [], 0
+            for bid, t250 in zip(pr["ids"], pr["t250"]):
+                t = arrivals.get(bid)
+                if t is None:
+                    missing += 1
+                else:
+                    lat.append(1000 * (t - t250))
+            lat_sorted = sorted(lat)
+            res.update(ok=bool(lat), sent=pr["sent"], accepted=pr["ok"], delivered=len(lat),
+                       missing=missing, achieved_rate=pr["achieved_rate"], probe_wall_s=t1 - t0,
+                       drain_s=t2 - t1, latency_ms=[round(x, 3) for x in lat],
+                       intake_ms=pr["samples_ms"], probe_errors=pr.get("errors", []),
+                       p50_ms=probe.percentile(lat_sorted, 50),
+                       p99_ms=probe.percentile(lat_sorted, 99),
+                       max_ms=lat_sorted[-1] if lat_sorted else None,
+                       min_ms=lat_sorted[0] if lat_sorted else None,
+                       intake_p50_ms=pr.get("p50_ms"), intake_p99_ms=pr.get("p99_ms"))
+            if cpu0 is not None:
+                res["mta_cpu_s"] = cpu1 - cpu0
+                res["mta_cpu_ms_per_msg"] = 1000 * (cpu1 - cpu0) / max(1, pr["ok"])
+                res["load_cpu_s"] = (load1 - load0) if load0 is not None else None
+                res["other_cpu_s"] = max(0.0, (busy1 - busy0) - (cpu1 - cpu0) - (res["load_cpu_s"] or 0))
+        except Exception as e:
+            res["error"] = "%s: %s (logs in %s)" % (type(e).__name__, e, mta.rundir)
+        finally:
             stop_process(prb, 5)
             mta.stop()
             cg_mta.remove()

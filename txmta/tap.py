@@ -125,8 +125,9 @@ def build_delivery(cfg: C.Config, reactor: Any, queue: Queue) -> DeliveryService
 
     def settings_for(key: Any) -> ClientSettings:
         if key.destination == relay_key:
+            # a password goes over plaintext only when relayhost_tls = "none" says so
             return ClientSettings(helo_name=key.helo, tls=key.tls, auth=auth,
-                                  allow_plaintext_auth=False)
+                                  allow_plaintext_auth=d.relayhost_tls == "none")
         return ClientSettings(helo_name=key.helo, tls=key.tls)
 
     pool = ConnectionPool(reactor, Connector(reactor, settings_for, d.connect_timeout),
