@@ -88,9 +88,14 @@ class Connector:
 
 
 class DeliveryService(service.Service):
-    def __init__(self, dispatcher: Any, pool: Any) -> None:
+    """Starts the dispatcher; on stop, lets busy connections finish for up to `grace`
+    seconds (what is still in flight then is simply due again at the next start)."""
+
+    def __init__(self, dispatcher: Any, pool: Any, reactor: Any, grace: float = 10.0) -> None:
         self.dispatcher = dispatcher
         self.pool = pool
+        self.reactor = reactor
+        self.grace = grace
 
     def startService(self) -> None:
         service.Service.startService(self)
@@ -99,7 +104,9 @@ class DeliveryService(service.Service):
     def stopService(self) -> Any:
         service.Service.stopService(self)
         self.dispatcher.stop()
-        return self.pool.close()
+        d = self.pool.close()
+        d.addTimeout(self.grace, self.reactor)
+        return d.addErrback(lambda _: None)
 
 
 def build_delivery(cfg: C.Config, reactor: Any, queue: Queue) -> DeliveryService:
@@ -138,7 +145,7 @@ def build_delivery(cfg: C.Config, reactor: Any, queue: Queue) -> DeliveryService
     deliverer = Deliverer(router, pool, helo=helo, source=d.source_address,
                           tls_level="may", relay_tls=d.relayhost_tls)
     dispatcher = Dispatcher(queue, deliverer, reactor, max_inflight=d.max_inflight)
-    return DeliveryService(dispatcher, pool)
+    return DeliveryService(dispatcher, pool, reactor)
 
 
 class SpoolService(service.Service):
