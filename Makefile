@@ -41,7 +41,7 @@ test-unit: venv
 	$(PY) -m pytest -q -p no:cacheprovider tests --ignore=tests/integration
 
 bench: venv debs
-	$(PY) bench/run.py
+	$(PY) bench/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
-"""Intake benchmark: txmta side by side with Postfix, in the same run.
+"""txmta side by side with Postfix, in the same run: intake and end-to-end benchmark.
 
-What it measures (everything on 127.0.0.1; see bench/README.md for details):
+Everything runs on 127.0.0.1 in a private network namespace; see bench/README.md for details.
+
+INTAKE (modes 1/msg, reuse, probe):
 
     smtp-source --(S sessions)--> MTA 127.0.0.1:2525 --relayhost--> smtp-sink 127.0.0.1:2501
                   probe.py  --(1 session, 20 msg/s)--^
@@ -18,14 +20,25 @@ the script measures, per run:
 and in a third mode, "probe 100/s", the probe alone at ~100 msg/s (no other load): the pure
 latency of an unloaded MTA.
 
+END TO END (modes e2e-1/msg, e2e-reuse, e2e-lat), both MTAs relaying to the sink:
+  * "e2e-1/msg", "e2e-reuse": smtp-source as above (no probe) -> MTA -> smtp-sink;
+      delivered msg/s = N / (start of smtp-source -> smtp-sink has counted N messages AND the
+      MTA's queue is empty: Postfix = files in its queue dirs, txmta = LmdbView(spool).ids());
+      MTA CPU ms/msg over that window; ratio txmta/Postfix of the medians.
+  * "e2e-lat": probe.py at a steady 100 msg/s (one connection, one message at a time, each with
+      a unique X-Bench-Id header; records the time of each intake 250) -> MTA -> bench/pysink.py
+      (records when it has each whole message); latency = sink time - intake 250 time,
+      p50/p99/max over --lat-count (3000) messages per run.
+
 Runs are interleaved (txmta run 1, Postfix run 1, txmta run 2, ...) so that background noise on
 a shared machine hits both.  Every run starts a fresh MTA instance with a fresh spool.
 
 --rss: 100 concurrent sessions each send one 10 MB message to txmta; reports txmta's peak RSS
 (VmHWM) and the time taken.
 
-Output: a markdown table on stdout, JSON in bench/results/<date>-intake.json.
+Output: markdown tables on stdout, JSON in bench/results/<date>-{intake,e2e,intake-e2e}.json.
 Run as root from the repository root:  .venv/bin/python bench/run.py [--quick] [--only txmta]
+[--intake | --e2e | --modes ...]
 By default the script re-executes itself in a private network namespace (unshare --net) that has
 only a loopback interface, so no packet can leave the machine; --no-sandbox disables that.
 """
@@ -61,6 +74,10 @@ SMTP_SINK = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
 TWISTD = os.path.join(REPO, ".venv", "bin", "twistd")
 VENV_PY = os.path.join(REPO, ".venv", "bin", "python")
 MTAS = ("txmta", "postfix")
+INTAKE_MODES = ("1/msg", "reuse", "probe")
+E2E_MODES = ("e2e-1/msg", "e2e-reuse", "e2e-lat")
+MODE_ALIASES = {"intake": INTAKE_MODES, "e2e": ("e2e-1/msg", "e2e-reuse"), "latency": ("e2e-lat",),
+                "all": INTAKE_MODES + E2E_MODES}
 
 
 def log(*a):
@@ -968,6 +985,105 @@ def summarize(results):
     return rows
 
 
+def med(vals):
+    return statistics.median(vals) if vals else None
+
+
+def summarize_e2e(results):
+    """One row per (e2e mode, MTA), plus the txmta/Postfix ratio of the medians per mode."""
+    rows, ratios = [], []
+    for mode in ("e2e-1/msg", "e2e-reuse"):
+        by = {}
+        for name in MTAS:
+            rs = [r for r in results if r["mta"] == name and r["mode"] == mode]
+            if not rs:
+                continue
+            ok = [r for r in rs if r.get("ok")]
+            row = {"mta": name, "mode": mode, "runs": len(rs), "ok": len(ok),
+                   "n": rs[0].get("n"), "sessions": rs[0].get("sessions"),
+                   "rate": [r["rate"] for r in ok],
+                   "accept_rate": [r["accept_rate"] for r in ok],
+                   "cpu_ms": [r["mta_cpu_ms_per_msg"] for r in ok if "mta_cpu_ms_per_msg" in r],
+                   "other_cpu_s": [r["other_cpu_s"] for r in ok if "other_cpu_s" in r],
+                   "errors": [r["error"] for r in rs if r.get("error")]}
+            rows.append(row)
+            by[name] = row
+        if "txmta" in by and "postfix" in by:
+            t, p = by["txmta"], by["postfix"]
+            ratio = {"mode": mode}
+            if t["rate"] and p["rate"]:
+                ratio["rate_ratio"] = med(t["rate"]) / med(p["rate"])
+            if t["cpu_ms"] and p["cpu_ms"]:
+                ratio["cpu_ratio"] = med(t["cpu_ms"]) / med(p["cpu_ms"])
+            # per run pair (run i of txmta vs run i of Postfix, which ran right after it)
+            pairs = {}
+            for r in results:
+                if r["mode"] == mode and r.get("ok"):
+                    pairs.setdefault(r["run"], {})[r["mta"]] = r["rate"]
+            ratio["paired_rate_ratios"] = [v["txmta"] / v["postfix"] for k, v in sorted(pairs.items())
+                                           if "txmta" in v and "postfix" in v]
+            ratios.append(ratio)
+    return rows, ratios
+
+
+def summarize_latency(results):
+    rows = []
+    for name in MTAS:
+        rs = [r for r in results if r["mta"] == name and r["mode"] == "e2e-lat"]
+        if not rs:
+            continue
+        ok = [r for r in rs if r.get("ok")]
+        lat = sorted(x for r in ok for x in r["latency_ms"])
+        intake = sorted(x for r in ok for x in r["intake_ms"])
+        rows.append({
+            "mta": name, "runs": len(rs), "ok": len(ok),
+            "sent": sum(r["sent"] for r in ok), "delivered": sum(r["delivered"] for r in ok),
+            "missing": sum(r["missing"] for r in ok),
+            "achieved_rate": [r["achieved_rate"] for r in ok],
+            "p50_ms": probe.percentile(lat, 50), "p99_ms": probe.percentile(lat, 99),
+            "max_ms": lat[-1] if lat else None, "min_ms": lat[0] if lat else None,
+            "run_p99_ms": [r["p99_ms"] for r in ok],
+            "intake_p50_ms": probe.percentile(intake, 50), "intake_p99_ms": probe.percentile(intake, 99),
+            "cpu_ms": [r["mta_cpu_ms_per_msg"] for r in ok if "mta_cpu_ms_per_msg" in r],
+            "errors": [r["error"] for r in rs if r.get("error")] +
+                      [r["drain_error"] for r in rs if r.get("drain_error")]})
+    return rows
+
+
+def markdown_e2e(rows, ratios, args):
+    names = {"e2e-1/msg": "new conn/msg", "e2e-reuse": "reuse -d"}
+    out = ["| MTA | load (%d sessions x %d msgs, %d B) | ok/runs | delivered msg/s med [min-max] "
+           "| accepted msg/s med [min-max] | MTA CPU ms/msg med [min-max] | other CPU s |"
+           % (args.sessions, args.messages, args.size), "|" + "---|" * 7]
+    for r in rows:
+        out.append("| %s | %s | %d/%d | %s | %s | %s | %s |" % (
+            r["mta"], names[r["mode"]], r["ok"], r["runs"], stat(r["rate"]), stat(r["accept_rate"]),
+            stat(r["cpu_ms"], 2), stat(r["other_cpu_s"], 1)))
+    if ratios:
+        out += ["", "| load | txmta/Postfix delivered msg/s (medians) | per run pair | "
+                    "txmta/Postfix CPU ms/msg (medians) |", "|---|---|---|---|"]
+        for q in ratios:
+            out.append("| %s | %s | %s | %s |" % (
+                names[q["mode"]], "%.2f" % q["rate_ratio"] if "rate_ratio" in q else "n/a",
+                ", ".join("%.2f" % x for x in q["paired_rate_ratios"]) or "n/a",
+                "%.2f" % q["cpu_ratio"] if "cpu_ratio" in q else "n/a"))
+    return "\n".join(out)
+
+
+def markdown_latency(rows, args):
+    f = lambda v: "%.1f" % v if v is not None else "n/a"   # noqa: E731
+    out = ["| MTA | ok/runs | delivered/sent (missing) | msg/s achieved | e2e p50 ms | e2e p99 ms "
+           "| e2e max ms | p99 per run med [min-max] | intake 250 p50 / p99 ms | MTA CPU ms/msg |",
+           "|" + "---|" * 10]
+    for r in rows:
+        out.append("| %s | %d/%d | %d/%d (%d) | %s | %s | %s | %s | %s | %s / %s | %s |" % (
+            r["mta"], r["ok"], r["runs"], r["delivered"], r["sent"], r["missing"],
+            stat(r["achieved_rate"], 1), f(r["p50_ms"]), f(r["p99_ms"]), f(r["max_ms"]),
+            stat(r["run_p99_ms"], 1), f(r["intake_p50_ms"]), f(r["intake_p99_ms"]),
+            stat(r["cpu_ms"], 2)))
+    return "\n".join(out)
+
+
 def label(mta, args):
     if mta == "postfix":
         return "postfix (hold: intake only)" if args.postfix_hold else "postfix (relays to sink)"
@@ -1009,13 +1125,20 @@ def machine_info(args):
     return info
 
 
-def results_path():
+def results_path(args):
+    """bench/results/<date>-<parts>.json, parts = intake / e2e / intake-e2e (never overwritten)."""
+    parts = []
+    if any(m in INTAKE_MODES for m in args.modes) or args.rss or args.rss_only:
+        parts.append("intake")
+    if any(m in E2E_MODES for m in args.modes):
+        parts.append("e2e")
     d = os.path.join(BENCH, "results")
     os.makedirs(d, exist_ok=True)
     now = datetime.datetime.now()
-    path = os.path.join(d, "%s-intake.json" % now.strftime("%Y-%m-%d"))
+    tag = "-".join(parts) or "bench"
+    path = os.path.join(d, "%s-%s.json" % (now.strftime("%Y-%m-%d"), tag))
     if os.path.exists(path):       # keep earlier results of the same day
-        path = os.path.join(d, "%s-intake.json" % now.strftime("%Y-%m-%d-%H%M%S"))
+        path = os.path.join(d, "%s-%s.json" % (now.strftime("%Y-%m-%d-%H%M%S"), tag))
     return path
 
 
@@ -1046,9 +1169,17 @@ def parse_args():
     ap.add_argument("--sessions", "-s", type=int, default=20, help="smtp-source parallel sessions")
     ap.add_argument("--repeat", type=int, default=3, help="runs per MTA and mode")
     ap.add_argument("--only", choices=MTAS, help="benchmark only this MTA")
-    ap.add_argument("--quick", action="store_true", help="N=1000, repeat 1, 5 s probe-only run")
-    ap.add_argument("--modes", default="1/msg,reuse,probe",
-                    help="comma list of: 1/msg, reuse, probe (default: all three)")
+    ap.add_argument("--quick", action="store_true",
+                    help="N=1000, repeat 1, 5 s probe-only run, 500 messages in the latency test")
+    ap.add_argument("--modes", default="all",
+                    help="comma list of: 1/msg, reuse, probe (intake); e2e-1/msg, e2e-reuse "
+                         "(end-to-end throughput); e2e-lat (end-to-end latency); or the groups "
+                         "intake, e2e, latency, all (default: all)")
+    ap.add_argument("--intake", action="store_true", help="only the intake part (= --modes intake)")
+    ap.add_argument("--e2e", action="store_true",
+                    help="only the end-to-end part (= --modes e2e,latency)")
+    ap.add_argument("--lat-rate", type=float, default=100.0, help="latency test: msg/s")
+    ap.add_argument("--lat-count", type=int, default=3000, help="latency test: messages per run")
     ap.add_argument("--size", type=int, default=4096, help="payload bytes per message")
     ap.add_argument("--probe-rate", type=float, default=50.0, help="probe msg/s during the load")
     ap.add_argument("--probe-only-rate", type=float, default=100.0, help="probe msg/s when alone")
@@ -1071,10 +1202,21 @@ def parse_args():
     args = ap.parse_args()
     if args.quick:
         args.messages, args.repeat, args.probe_seconds = 1000, 1, 5.0
-    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    for m in args.modes:
-        if m not in ("1/msg", "reuse", "probe"):
-            ap.error("unknown mode %r" % m)
+        args.lat_count = min(args.lat_count, 500)
+    if args.intake and args.e2e:
+        args.modes = "all"
+    elif args.intake:
+        args.modes = "intake"
+    elif args.e2e:
+        args.modes = "e2e,latency"
+    modes = []
+    for m in (m.strip() for m in args.modes.split(",") if m.strip()):
+        for x in MODE_ALIASES.get(m, (m,)):
+            if x not in INTAKE_MODES + E2E_MODES:
+                ap.error("unknown mode %r" % x)
+            if x not in modes:
+                modes.append(x)
+    args.modes = modes
     args.workdir = os.path.abspath(args.workdir)
     return args
 
@@ -1109,6 +1251,7 @@ def main():
            "settings": {"messages": args.messages, "sessions": args.sessions, "size": args.size,
                         "repeat": args.repeat, "probe_rate": args.probe_rate,
                         "probe_only_rate": args.probe_only_rate, "probe_seconds": args.probe_seconds,
+                        "modes": args.modes, "lat_rate": args.lat_rate, "lat_count": args.lat_count,
                         "postfix_hold": args.postfix_hold,
                         "load_1msg": " ".join(smtp_source_argv(args.port, args.messages, args.sessions,
                                                                args.size, False)),
@@ -1126,9 +1269,12 @@ def main():
                         r = bench.run(name, mode, i)
                         log("%-7s %-6s #%d: %s" % (name, mode, i, {
                             k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items()
-                            if k in ("rate", "mta_cpu_ms_per_msg", "probe_msgs", "error")}
+                            if k in ("rate", "accept_rate", "mta_cpu_ms_per_msg", "probe_msgs",
+                                     "delivered", "missing", "p50_ms", "p99_ms", "max_ms",
+                                     "intake_p99_ms", "error", "drain_error")}
                             | ({"p50_ms": round(r["probe"]["p50_ms"], 2),
-                                "p99_ms": round(r["probe"]["p99_ms"], 2)} if r.get("ok") else {})))
+                                "p99_ms": round(r["probe"]["p99_ms"], 2)}
+                               if r.get("ok") and "probe" in r else {})))
                         out["results"].append(r)
         if (args.rss or args.rss_only) and "txmta" in names:
             r = bench.rss()
@@ -1143,25 +1289,43 @@ def main():
     out["loadavg_after"] = read_text("/proc/loadavg")
     out["interrupted"] = interrupted
     out["summary"] = summarize(out["results"])
-    path = results_path()
+    out["summary_e2e"], out["e2e_ratios"] = summarize_e2e(out["results"])
+    out["summary_latency"] = summarize_latency(out["results"])
+    path = results_path(args)
     with open(path, "w") as f:
         json.dump(out, f, indent=1)
 
     m = out["machine"]
-    print("## txmta intake benchmark, %s\n" % out["started"])
+    print("## txmta benchmark (%s), %s\n" % (", ".join(args.modes), out["started"]))
     print("Machine: %s CPUs (%s), %s, kernel %s, Debian %s, spool fs %s. %s; txmta %s (git %s), "
           "Twisted %s.\n" % (m["nproc"], m["cpu"], m["mem_total"], m["kernel"], m["os"],
                              m["workdir_fs"], m["postfix"], m.get("txmta"), m.get("git"),
                              m.get("twisted")))
     if out["summary"]:
+        print("### Intake\n")
         print(markdown(out["summary"], args))
         print("\nmsg/s = N / smtp-source wall time (probe-only: probe messages / run time). "
               "CPU = all MTA processes, user+sys, during that window, per message (incl. probe "
               "messages). Latency = probe: sent final \".\\r\\n\" -> read 250, pooled over runs "
               "(%g msg/s during the load).\n" % args.probe_rate)
-    for row in out["summary"]:
+    if out["summary_e2e"]:
+        print("### End-to-end throughput (relayhost = smtp-sink)\n")
+        print(markdown_e2e(out["summary_e2e"], out["e2e_ratios"], args))
+        print("\ndelivered msg/s = N / (start of smtp-source -> smtp-sink has counted N messages AND "
+              "the MTA's queue is empty); accepted msg/s = N / smtp-source wall time. CPU = all MTA "
+              "processes, user+sys, over the whole end-to-end window, per message. Median [min-max] "
+              "of %d interleaved runs.\n" % args.repeat)
+    if out["summary_latency"]:
+        print("### End-to-end latency at a steady %g msg/s (relayhost = bench/pysink.py)\n"
+              % args.lat_rate)
+        print(markdown_latency(out["summary_latency"], args))
+        print("\ne2e latency = time the sink has the whole message (final \".\" read, before its "
+              "250) - time the client read the intake 250; one client connection, one message at a "
+              "time, %d messages per run, pooled over runs. Target for txmta: p99 < 50 ms.\n"
+              % args.lat_count)
+    for row in out["summary"] + out["summary_e2e"] + out["summary_latency"]:
         for e in row["errors"]:
-            print("- error %s %s: %s" % (row["mta"], row["mode"], e))
+            print("- error %s %s: %s" % (row["mta"], row.get("mode", "e2e-lat"), e))
     for name, why in skipped.items():
         print("- skipped %s: %s" % (name, why))
     if "rss" in out:

@@ -157,3 +157,26 @@ def test_expiry_marks_recipients_expired():
     assert spool.messages == {}
     assert 2 <= len(deliverer.calls) <= 4
     assert states[-1] is None
+
+
+def test_stop_waits_for_attempts_in_flight_and_keeps_only_final_facts():
+    """On shutdown the dispatcher starts nothing new, records deliveries that finish, drops
+    deferrals (the recipients stay due at their stored time) and then says it is drained."""
+    clock, spool, queue, deliverer, dispatcher = setup()
+    deliverer.hold = True
+    first = put(queue, clock, "a@example.net")
+    second = put(queue, clock, "b@example.net")
+    clock.advance(SCAN_COALESCE)
+    assert len(deliverer.pending) == 2
+    drained = []
+    dispatcher.stop().addCallback(drained.append)
+    put(queue, clock, "c@example.net")
+    clock.advance(1)
+    assert len(deliverer.calls) == 2                      # nothing new after stop
+    (d1, _, i1), (d2, _, i2) = deliverer.pending
+    d1.callback(AttemptResult({0: O.Delivered(OK)}, "d"))
+    assert first not in spool.messages and drained == []
+    d2.callback(AttemptResult({0: O.TempFailed(LATER)}, "d"))
+    assert drained == [None]
+    state = spool.messages[second].recipients[0]
+    assert state.attempts == 0 and state.state == QUEUED

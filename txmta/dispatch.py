@@ -24,7 +24,7 @@ from twisted.logger import Logger
 
 from txmta import outcome as O
 from txmta.reply import Reply
-from txmta.spool.interface import QUEUED, StoredMessage
+from txmta.spool.interface import QUEUED, SpoolError, StoredMessage
 
 log = Logger()
 SCAN_COALESCE = 0.002   # seconds: wake-ups this close together share one scan
@@ -77,6 +77,7 @@ class Dispatcher:
         self._scanning = False
         self._again = False
         self._running = False
+        self._drained: list[Deferred[None]] = []
         queue.listeners.append(lambda message: self.wake(self.clock.seconds() + SCAN_COALESCE))
         queue.changed.append(self._changed)
 
@@ -86,11 +87,18 @@ class Dispatcher:
         self._running = True
         self.wake()
 
-    def stop(self) -> None:
+    def stop(self) -> Deferred[None]:
+        """Start nothing new; fires when the attempts in flight have been recorded."""
         self._running = False
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        d: Deferred[None] = Deferred()
+        if self.inflight:
+            self._drained.append(d)
+        else:
+            d.callback(None)
+        return d
 
     def wake(self, at: float | None = None) -> None:
         """Scan for due mail at `at` (now if None); keeps only the earliest wake-up."""
@@ -150,11 +158,22 @@ class Dispatcher:
             return
         self.inflight.add(message.id)
         d = self._attempt(message, due, now)
-        d.addErrback(lambda f: log.failure("attempt for {id} failed", f, id=message.id))
+        d.addErrback(self._attempt_failed, message.id)
         d.addBoth(self._finished, message.id)
+
+    def _attempt_failed(self, failure: Any, message_id: str) -> None:
+        if not self._running and failure.check(SpoolError):
+            log.info("{id}: outcome not recorded during shutdown ({e}); due again at start",
+                     id=message_id, e=failure.getErrorMessage())
+            return
+        log.failure("attempt for {id} failed", failure, id=message_id)
 
     def _finished(self, _: Any, message_id: str) -> None:
         self.inflight.discard(message_id)
+        if not self.inflight and self._drained:
+            drained, self._drained = self._drained, []
+            for d in drained:
+                d.callback(None)
         # coalesce: attempts finishing close together share one scan of the due index
         self.wake(self.clock.seconds() + SCAN_COALESCE)
 
@@ -190,6 +209,11 @@ class Dispatcher:
                 outcomes.update(result.outcomes)
                 if result.site_failure is not None:
                     site_failed.append((dest, indices, result.site_failure))
+        if not self._running:
+            # shutting down: keep the facts (delivered, bounced) and leave the rest due;
+            # a "shutting down" deferral is not an attempt worth counting
+            outcomes = {i: o for i, o in outcomes.items() if not isinstance(o, O.TempFailed)}
+            postponed = {}
         if postponed:
             yield self.queue.postpone(message, postponed)
         if outcomes:

@@ -102,9 +102,9 @@ class DeliveryService(service.Service):
         self.dispatcher.start()
 
     def stopService(self) -> Any:
+        from twisted.internet.defer import gatherResults
         service.Service.stopService(self)
-        self.dispatcher.stop()
-        d = self.pool.close()
+        d = gatherResults([self.dispatcher.stop(), self.pool.close()])
         d.addTimeout(self.grace, self.reactor)
         return d.addErrback(lambda _: None)
 
