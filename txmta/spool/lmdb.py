@@ -23,6 +23,7 @@ import errno
 import os
 import struct
 import threading
+from itertools import islice
 from dataclasses import replace
 from typing import Any, Callable, Iterator
 
@@ -405,43 +406,39 @@ class LmdbSpool:
                 return f.read()
         return self._submit(_Op(fn))
 
+    def _due_ids(self, txn: Any, now: float, exclude: set[str] | frozenset[str]
+                 ) -> Iterator[tuple[float, str]]:
+        """(time, id) of messages with a recipient due by `now`, oldest first, each once."""
+        seen: set[str] = set(exclude)
+        end = struct.pack(">Q", max(0, round(now * 1000)) + 1)
+        with txn.cursor(db=self._db[b"due"]) as cur:
+            for key in cur.iternext(keys=True, values=False):
+                if key >= end:
+                    return
+                mid = _due_id(key)
+                if mid not in seen:
+                    seen.add(mid)
+                    yield _due_time(key), mid
+
     def due(self, now: float, limit: int) -> Deferred[list[tuple[float, str]]]:
         def fn(txn: Any) -> list[tuple[float, str]]:
-            out: list[tuple[float, str]] = []
-            seen: set[str] = set()
-            end = struct.pack(">Q", max(0, round(now * 1000)) + 1)
-            with txn.cursor(db=self._db[b"due"]) as cur:
-                for key in cur.iternext(keys=True, values=False):
-                    if key >= end or len(out) >= limit:
-                        break
-                    mid = _due_id(key)
-                    if mid not in seen:
-                        seen.add(mid)
-                        out.append((_due_time(key), mid))
-            return out
+            return list(islice(self._due_ids(txn, now, frozenset()), limit))
         return self._submit(_Op(fn))
 
     def load_due(self, now: float, limit: int, exclude: set[str] | frozenset[str] = frozenset()
                  ) -> Deferred[list[StoredMessage]]:
         def fn(txn: Any) -> list[StoredMessage]:
             out: list[StoredMessage] = []
-            seen: set[str] = set(exclude)
-            end = struct.pack(">Q", max(0, round(now * 1000)) + 1)
-            with txn.cursor(db=self._db[b"due"]) as cur:
-                for key in cur.iternext(keys=True, values=False):
-                    if key >= end or len(out) >= limit:
-                        break
-                    mid = _due_id(key)
-                    if mid in seen:
-                        continue
-                    seen.add(mid)
-                    try:
-                        m = self._load(txn, mid)
-                    except codec.CorruptRecord as e:
-                        log.warn("corrupt spool record {id} skipped: {e}", id=mid, e=e)
-                        continue
-                    if m is not None:
-                        out.append(m)
+            for _, mid in self._due_ids(txn, now, exclude):
+                if len(out) >= limit:
+                    break
+                try:
+                    m = self._load(txn, mid)
+                except codec.CorruptRecord as e:
+                    log.warn("corrupt spool record {id} skipped: {e}", id=mid, e=e)
+                    continue
+                if m is not None:
+                    out.append(m)
             return out
         return self._submit(_Op(fn))
 
