@@ -6,7 +6,7 @@ Everything runs on 127.0.0.1 in a private network namespace; see bench/README.md
 INTAKE (modes 1/msg, reuse, probe):
 
     smtp-source --(S sessions)--> MTA 127.0.0.1:2525 --relayhost--> smtp-sink 127.0.0.1:2501
-                  probe.py  --(1 session, 20 msg/s)--^
+                  probe.py  --(1 session, 50 msg/s)--^
 
 For each MTA (txmta, Postfix) and each load mode
   * "1/msg":  smtp-source opens a new connection for every message (HELO, MAIL, RCPT, DATA, QUIT)
@@ -16,7 +16,8 @@ the script measures, per run:
   * MTA CPU ms/msg  = CPU time (user+system) of all the MTA's processes during that window / N,
                       from a cpuacct cgroup (fallback: utime+stime of the process tree in /proc)
   * latency p50/p99 = end of data ("\\r\\n.\\r\\n" sent) -> 250 reply, measured by bench/probe.py,
-                      a separate client sending one message at a time at 20 msg/s during the load
+                      a separate client sending one message at a time at 50 msg/s (--probe-rate)
+                      during the load
 and in a third mode, "probe 100/s", the probe alone at ~100 msg/s (no other load): the pure
 latency of an unloaded MTA.
 

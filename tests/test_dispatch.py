@@ -180,3 +180,18 @@ def test_stop_waits_for_attempts_in_flight_and_keeps_only_final_facts():
     assert drained == [None]
     state = spool.messages[second].recipients[0]
     assert state.attempts == 0 and state.state == QUEUED
+
+
+def test_flush_lifts_the_throttle_of_the_message_destinations():
+    """`txmta queue flush ID` tries a throttled destination again at once (like postqueue -i)."""
+    clock, spool, queue, deliverer, _ = setup()
+    refused = Reply(451, "4.4.1", "connection refused")
+    deliverer.answer = lambda env, idx: AttemptResult(
+        {i: O.TempFailed(refused, stage=O.CONNECT) for i in idx}, "example.net", refused)
+    mid = put(queue, clock, "a@example.net")
+    clock.advance(SCAN_COALESCE)
+    assert len(deliverer.calls) == 1
+    deliverer.answer = lambda env, idx: AttemptResult({i: O.Delivered(OK) for i in idx}, "d")
+    queue.flush(mid)
+    clock.advance(SCAN_COALESCE)
+    assert len(deliverer.calls) == 2 and spool.messages == {}

@@ -80,6 +80,7 @@ class Dispatcher:
         self._drained: list[Deferred[None]] = []
         queue.listeners.append(lambda message: self.wake(self.clock.seconds() + SCAN_COALESCE))
         queue.changed.append(self._changed)
+        queue.retry_now.append(self._unthrottle)
 
     # -- scheduling -----------------------------------------------------------------------
 
@@ -112,6 +113,14 @@ class Dispatcher:
             self._timer.cancel()
         self._timer_at = at
         self._timer = self.clock.callLater(at - now, self._scan)
+
+    def _unthrottle(self, message: StoredMessage | None) -> None:
+        """An admin flushed (or released, requeued): try its destinations again now."""
+        if message is None:
+            self.throttled.clear()
+            return
+        for rcpt in message.envelope.recipients:
+            self.throttled.pop(self.deliverer.destination(rcpt.address.domain), None)
 
     def _changed(self, message: StoredMessage | None, next_attempt: float | None) -> None:
         if next_attempt is not None:

@@ -43,6 +43,8 @@ class Queue:
         self.jitter = jitter
         self.listeners: list[Callable[[StoredMessage], Any]] = []       # new messages
         self.changed: list[Callable[[StoredMessage | None, float | None], Any]] = []  # after record/admin
+        # told of an admin's "try now" (flush, release, requeue): the message, or None for all
+        self.retry_now: list[Callable[[StoredMessage | None], Any]] = []
 
     # -- intake ---------------------------------------------------------------------------
 
@@ -153,13 +155,17 @@ class Queue:
     # -- admin ----------------------------------------------------------------------------
 
     @inlineCallbacks
-    def _change(self, message_id: str, change: Callable[[RecipientState, float], RecipientState]) -> Any:
+    def _change(self, message_id: str, change: Callable[[RecipientState, float], RecipientState],
+                retry_now: bool = False) -> Any:
         current = yield self.spool.get(message_id)
         if current is None:
             return False
         now = self.clock.seconds()
         updated = replace(current, recipients=tuple(change(r, now) for r in current.recipients))
         yield self.spool.update(updated)
+        if retry_now:  # an admin asked: whatever throttles its destinations is lifted
+            for listener in self.retry_now:
+                listener(updated)
         self._changed(updated if updated.unfinished else None)
         return True
 
@@ -168,12 +174,12 @@ class Queue:
 
     def release(self, message_id: str) -> Deferred[bool]:
         return self._change(message_id, lambda r, now: replace(r, state=QUEUED, next_attempt=now)
-                            if r.state == HELD else r)
+                            if r.state == HELD else r, retry_now=True)
 
     def requeue(self, message_id: str) -> Deferred[bool]:
         """Every unfinished recipient due now, as if new (attempts and greylisting state reset)."""
         return self._change(message_id, lambda r, now: RecipientState(QUEUED, 0, now)
-                            if r.state in (QUEUED, HELD) else r)
+                            if r.state in (QUEUED, HELD) else r, retry_now=True)
 
     def delete(self, message_id: str) -> Deferred[bool]:
         return self._change(message_id, lambda r, now: replace(r, state=DELETED)
@@ -185,9 +191,12 @@ class Queue:
         now = self.clock.seconds()
         if message_id is not None:
             found = yield self._change(message_id, lambda r, n: replace(r, next_attempt=n)
-                                       if r.state == QUEUED else r)
+                                       if r.state == QUEUED else r, retry_now=True)
             return 1 if found else 0
         count = 0
+        if domain is None:
+            for listener in self.retry_now:
+                listener(None)
         messages = yield self.spool.load_due(now + 1e12, 1 << 30)  # every queued message
         for m in messages:
             wanted = [domain is None or rcpt.address.domain == domain.lower()
@@ -196,7 +205,7 @@ class Queue:
                        for w, r in zip(wanted, m.recipients)):
                 continue
             yield self._change(m.id, lambda r, n, _w=iter(wanted): replace(r, next_attempt=n)
-                               if next(_w) and r.state == QUEUED else r)
+                               if next(_w) and r.state == QUEUED else r, retry_now=True)
             count += 1
         return count
 

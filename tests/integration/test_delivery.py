@@ -336,10 +336,6 @@ def test_flush_makes_a_deferred_message_due_now(deliverer: Callable[..., Daemon]
     assert statuses(d, qid) == ["deferred", "sent"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "txmta bug: flush/requeue/release do not lift the dispatcher's destination throttle "
-    "(dispatch.Dispatcher.throttled); the recipient is postponed straight back to the "
-    "throttle time without an attempt"))
 def test_flush_after_the_destination_came_back(deliverer: Callable[..., Daemon], port: int) -> None:
     """Deferred because the only MX was down (connection refused: the destination is
     throttled until the next retry, an hour away); the MX comes back; `queue flush ID` (like
