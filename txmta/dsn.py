@@ -434,6 +434,9 @@ def _boundary(seed: str, parts: Sequence[bytes]) -> str:
 
 def _crlf(data: bytes) -> bytes:
     """Every line ending as CRLF (the spool keeps CRLF; this is for bodies that do not)."""
+    crlf = data.count(b"\r\n")
+    if data.count(b"\r") == crlf and data.count(b"\n") == crlf:     # the usual case, fast
+        return data
     return re.sub(rb"\r?\n|\r", b"\r\n", data)
 
 
