@@ -23,12 +23,16 @@ class FakeDeliverer:
             {i: O.Delivered(OK, "mx", "127.0.0.21") for i in indices}, "d")
         self.hold = False
         self.pending = []
+        self.bodies = []
 
     def destination(self, domain):
         return domain
 
     def deliver(self, env, indices, body):
         self.calls.append([str(env.recipients[i].address) for i in indices])
+        if callable(body):  # as the pool does once a connection is ready
+            self.bodies.append([])
+            body().addCallback(self.bodies[-1].append)
         if self.hold:
             d = Deferred()
             self.pending.append((d, env, indices))
@@ -63,6 +67,7 @@ def test_new_mail_is_delivered_and_leaves_the_spool():
     put(queue, clock, "a@example.net")
     clock.advance(SCAN_COALESCE)
     assert deliverer.calls == [["a@example.net"]]
+    assert deliverer.bodies == [[b"Subject: x\r\n\r\nhi\r\n"]]
     assert spool.messages == {}
 
 

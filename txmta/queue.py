@@ -76,24 +76,26 @@ class Queue:
     def next_due(self, exclude: Iterable[str] = ()) -> Deferred[float | None]:
         return self.spool.next_due(frozenset(exclude))
 
-    @inlineCallbacks
-    def postpone(self, message: StoredMessage, until: Mapping[int, tuple[float, Reply]]) -> Any:
-        """Move recipients of a throttled destination to the destination's next retry,
-        without counting an attempt (their destination was not tried)."""
-        current = yield self.spool.get(message.id)
-        if current is None:
-            return None
-        states = list(current.recipients)
-        for index, (when, reply) in until.items():
-            if states[index].state == QUEUED:
-                states[index] = replace(states[index], next_attempt=when, last_reply=reply)
-        updated = replace(current, recipients=tuple(states))
-        yield self.spool.update(updated)
-        self._changed(updated)
-        return updated
-
     def read_body(self, message_id: str) -> Deferred[bytes]:
         return self.spool.read_body(message_id)
+
+    def postpone(self, message: StoredMessage, until: Mapping[int, tuple[float, Reply]]
+                 ) -> Deferred[StoredMessage | None]:
+        """Move recipients of a throttled destination to the destination's next retry,
+        without counting an attempt (their destination was not tried)."""
+        def change(current: StoredMessage) -> StoredMessage:
+            states = list(current.recipients)
+            for index, (when, reply) in until.items():
+                if states[index].state == QUEUED:
+                    states[index] = replace(states[index], next_attempt=when, last_reply=reply)
+            return replace(current, recipients=tuple(states))
+
+        def committed(updated: StoredMessage | None) -> StoredMessage | None:
+            if updated is not None:
+                self._changed(updated if updated.unfinished else None)
+            return updated
+
+        return self.spool.modify(message.id, change).addCallback(committed)
 
     def _next_state(self, message: StoredMessage, old: RecipientState, outcome: Outcome,
                     now: float) -> RecipientState:
@@ -121,28 +123,30 @@ class Queue:
         return replace(old, state=QUEUED, attempts=attempts, next_attempt=now + delay,
                        last_reply=outcome.reply, remote=remote, greylisted=greylisted)
 
-    @inlineCallbacks
     def record(self, message: StoredMessage, outcomes: Mapping[int, Outcome],
-               now: float | None = None) -> Any:
+               now: float | None = None) -> Deferred[StoredMessage | None]:
         """Commit the outcomes of an attempt in one transaction, then tell the others.
 
         Fires with the updated message (None if it left the spool)."""
-        now = self.clock.seconds() if now is None else now
-        current = yield self.spool.get(message.id)
-        if current is None:  # deleted by an admin while in flight
-            return None
-        states = list(current.recipients)
-        for index, outcome in outcomes.items():
-            if states[index].state != QUEUED:
-                continue  # held or finished meanwhile
-            states[index] = self._next_state(current, states[index], outcome, now)
-        updated = replace(current, recipients=tuple(states))
-        yield self.spool.update(updated)
-        for index, outcome in sorted(outcomes.items()):
-            self.maillog.outcome(updated, index, outcome, now)
-        left = updated if updated.unfinished else None
-        self._changed(left)
-        return left
+        at = self.clock.seconds() if now is None else now
+
+        def change(current: StoredMessage) -> StoredMessage:   # pure; on the spool's thread
+            states = list(current.recipients)
+            for index, outcome in outcomes.items():
+                if states[index].state == QUEUED:   # not held or finished meanwhile
+                    states[index] = self._next_state(current, states[index], outcome, at)
+            return replace(current, recipients=tuple(states))
+
+        def committed(updated: StoredMessage | None) -> StoredMessage | None:
+            if updated is None:  # deleted by an admin while in flight
+                return None
+            for index, outcome in sorted(outcomes.items()):
+                self.maillog.outcome(updated, index, outcome, at)
+            left = updated if updated.unfinished else None
+            self._changed(left)
+            return left
+
+        return self.spool.modify(message.id, change).addCallback(committed)
 
     def _changed(self, message: StoredMessage | None) -> None:
         nxt = None
@@ -154,20 +158,23 @@ class Queue:
 
     # -- admin ----------------------------------------------------------------------------
 
-    @inlineCallbacks
     def _change(self, message_id: str, change: Callable[[RecipientState, float], RecipientState],
-                retry_now: bool = False) -> Any:
-        current = yield self.spool.get(message_id)
-        if current is None:
-            return False
+                retry_now: bool = False) -> Deferred[bool]:
         now = self.clock.seconds()
-        updated = replace(current, recipients=tuple(change(r, now) for r in current.recipients))
-        yield self.spool.update(updated)
-        if retry_now:  # an admin asked: whatever throttles its destinations is lifted
-            for listener in self.retry_now:
-                listener(updated)
-        self._changed(updated if updated.unfinished else None)
-        return True
+
+        def apply(current: StoredMessage) -> StoredMessage:
+            return replace(current, recipients=tuple(change(r, now) for r in current.recipients))
+
+        def committed(updated: StoredMessage | None) -> bool:
+            if updated is None:
+                return False
+            if retry_now:  # an admin asked: whatever throttles its destinations is lifted
+                for listener in self.retry_now:
+                    listener(updated)
+            self._changed(updated if updated.unfinished else None)
+            return True
+
+        return self.spool.modify(message_id, apply).addCallback(committed)
 
     def hold(self, message_id: str) -> Deferred[bool]:
         return self._change(message_id, lambda r, now: replace(r, state=HELD) if r.state == QUEUED else r)

@@ -15,7 +15,7 @@ references it.  Implementations: `spool.lmdb.LmdbSpool` (the real one) and
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Iterator, Protocol
+from typing import Callable, Iterator, Protocol
 
 from twisted.internet.defer import Deferred
 
@@ -98,6 +98,11 @@ class Spool(Protocol):
     def update(self, message: StoredMessage) -> "Deferred[None]":
         """Replace the recipient states of a stored message (and its due-index entries);
         remove the message and its body when no recipient is unfinished."""
+
+    def modify(self, message_id: str, change: "Callable[[StoredMessage], StoredMessage]"
+               ) -> "Deferred[StoredMessage | None]":
+        """Read, change (pure, may run on another thread) and write one message's recipient
+        states in one transaction; None if there is no such message."""
 
     def remove(self, message_id: str) -> "Deferred[None]":
         """Delete a message, its recipients, due entries and body."""

@@ -367,19 +367,34 @@ class LmdbSpool:
             pass
 
     def update(self, message: StoredMessage) -> Deferred[None]:
+        def change(old: StoredMessage) -> StoredMessage:
+            return message
+
+        def missing(result: StoredMessage | None) -> None:
+            if result is None:
+                raise CommitFailed(f"no message {message.id}")
+        return self.modify(message.id, change).addCallback(missing)
+
+    def modify(self, message_id: str, change: Callable[[StoredMessage], StoredMessage]
+               ) -> Deferred[StoredMessage | None]:
+        """Read a message, let `change` (pure, run on the writer thread) give its new recipient
+        states, and write them, in one transaction; the message and its body leave the spool
+        when no recipient is unfinished.  Fires with the new message (None if there was none)."""
         gone = [False]
 
-        def fn(txn: Any) -> None:
-            old = self._load(txn, message.id)
+        def fn(txn: Any) -> StoredMessage | None:
+            old = self._load(txn, message_id)
             if old is None:
-                raise CommitFailed(f"no message {message.id}")
-            if not any(r.state in UNFINISHED for r in message.recipients):
+                return None
+            new = change(old)
+            if not any(r.state in UNFINISHED for r in new.recipients):
                 self._delete(txn, old)
                 gone[0] = old.body_in_file
             else:
-                self._write_recipients(txn, message, old.recipients)
+                self._write_recipients(txn, new, old.recipients)
+            return new
 
-        return self._submit(_Op(fn, post=lambda: gone[0] and self._unlink_body(message.id)))
+        return self._submit(_Op(fn, post=lambda: gone[0] and self._unlink_body(message_id)))
 
     def remove(self, message_id: str) -> Deferred[None]:
         had_file = [False]

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import bisect
+from typing import Callable
 
 from twisted.internet.defer import Deferred, fail, succeed
 
@@ -87,6 +88,25 @@ class MemorySpool:
             self._index(message)
         self.commits += 1
         return succeed(None)
+
+    def modify(self, message_id: str, change: Callable[[StoredMessage], StoredMessage]
+               ) -> Deferred[StoredMessage | None]:
+        err = self._failing()
+        if err is not None:
+            return fail(err)
+        old = self.messages.get(message_id)
+        if old is None:
+            return succeed(None)
+        new = change(old)
+        self._unindex(old)
+        if not any(r.state in UNFINISHED for r in new.recipients):
+            del self.messages[message_id]
+            del self.bodies[message_id]
+        else:
+            self.messages[message_id] = new
+            self._index(new)
+        self.commits += 1
+        return succeed(new)
 
     def remove(self, message_id: str) -> Deferred[None]:
         m = self.messages.pop(message_id, None)
