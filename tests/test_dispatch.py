@@ -150,18 +150,23 @@ def test_held_message_is_not_delivered_until_released():
     assert len(deliverer.calls) == 2 and spool.messages == {}
 
 
-def test_expiry_marks_recipients_expired():
-    """Temporary failures past max_lifetime end the recipient as expired (not bounced)."""
+def test_expiry_marks_recipients_expired_and_queues_one_failure_report():
+    """Temporary failures past max_lifetime end the recipient as expired (not bounced); the
+    message leaves with a failure DSN to its sender committed in the same transaction."""
     clock, spool, queue, deliverer, _ = setup(schedule=(1800.0,))
-    states = []
-    queue.changed.append(lambda m, nxt: states.append(m))
     deliverer.answer = lambda env, idx: AttemptResult({i: O.TempFailed(LATER) for i in idx}, "d")
-    put(queue, clock, "a@example.net")
-    for _ in range(5):
-        clock.advance(1800)
-    assert spool.messages == {}
-    assert 2 <= len(deliverer.calls) <= 4
-    assert states[-1] is None
+    mid = put(queue, clock, "a@example.net")
+    clock.advance(SCAN_COALESCE)
+    clock.advance(1800)
+    assert mid in spool.messages
+    clock.advance(1800)                       # the last try, at the end of the lifetime
+    assert mid not in spool.messages
+    assert spool.history[mid][0].recipients[0].state == "expired"
+    reports = list(spool.messages.values())
+    assert len(reports) == 1 and reports[0].envelope.sender.is_null
+    assert [str(r.address) for r in reports[0].envelope.recipients] == ["app@example.com"]
+    assert b"Action: failed" in spool.bodies[reports[0].id]
+    assert b"Status: 4.4.7" in spool.bodies[reports[0].id]
 
 
 def test_stop_waits_for_attempts_in_flight_and_keeps_only_final_facts():
@@ -200,3 +205,14 @@ def test_flush_lifts_the_throttle_of_the_message_destinations():
     queue.flush(mid)
     clock.advance(SCAN_COALESCE)
     assert len(deliverer.calls) == 2 and spool.messages == {}
+
+
+def test_a_recipient_left_without_outcome_is_deferred_not_retried_at_once():
+    """A deliverer bug that returns no outcome for a recipient must not make a hot loop."""
+    clock, spool, queue, deliverer, _ = setup()
+    deliverer.answer = lambda env, idx: AttemptResult({}, "d")
+    mid = put(queue, clock, "a@example.net")
+    clock.advance(10)
+    assert len(deliverer.calls) == 1
+    state = spool.messages[mid].recipients[0]
+    assert state.attempts == 1 and state.next_attempt > clock.seconds()

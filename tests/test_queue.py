@@ -119,7 +119,9 @@ def test_record_commits_each_outcome_and_logs_after():
     assert states[2].attempts == 1 and states[2].next_attempt == clock.seconds() + 60
     assert states[0].remote == "mx[192.0.2.1]" and states[1].last_reply.code == 550
     events = [e["event"] for e in rec.events]
-    assert events == ["received", "sent", "bounced", "deferred"]
+    assert events == ["received", "sent", "bounced", "deferred", "dsn"]
+    reports = [m for m in spool.messages.values() if m.envelope.sender.is_null]
+    assert len(reports) == 1 and b"Action: failed" in spool.bodies[reports[0].id]
 
 
 def test_greylisting_reply_waits_the_named_delay_once():
@@ -151,8 +153,10 @@ def test_lifetime_over_expires_the_recipient_and_the_message_leaves():
     clock.advance(600)
     left = []
     q.record(m, {0: O.TempFailed(LATER)}).addCallback(left.append)
-    assert left == [None] and spool.messages == {}
-    assert rec.events[-1]["event"] == "expired"
+    assert left == [None] and m.id not in spool.messages
+    assert [e["event"] for e in rec.events[-2:]] == ["expired", "dsn"]
+    [report] = spool.messages.values()       # the failure report, committed with the expiry
+    assert report.envelope.sender.is_null and b"Status: 4.4.7" in spool.bodies[report.id]
 
 
 def test_admin_changes_hold_release_requeue_delete_flush():

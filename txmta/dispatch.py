@@ -218,6 +218,10 @@ class Dispatcher:
                 outcomes.update(result.outcomes)
                 if result.site_failure is not None:
                     site_failed.append((dest, indices, result.site_failure))
+        for i in due:  # every due recipient gets an outcome, or it would be due again at once
+            if i not in outcomes and i not in postponed:
+                log.error("{id}: no outcome for recipient {i}; deferring it", id=message.id, i=i)
+                outcomes[i] = O.TempFailed(Reply(451, "4.3.0", "internal error: no outcome"))
         if not self._running:
             # shutting down: keep the facts (delivered, bounced) and leave the rest due;
             # a "shutting down" deferral is not an attempt worth counting

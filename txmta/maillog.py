@@ -111,9 +111,19 @@ class MailLog:
             "event": status, "id": m.id, "rcpt": rcpt, "relay": relay, "delay": delay,
             "tls": tls, "attempts": state.attempts, "reply": str(outcome.reply),
         }
+        if state.category:
+            fields["category"] = state.category
         line = (f"{m.id}: to=<{rcpt}> relay={relay} delay={delay} tls={tls} "
                 f"attempts={state.attempts} status={status} ({outcome.reply})")
+        if state.category:
+            line += f" category={state.category}"
         if state.state == QUEUED:
             fields["next_attempt"] = state.next_attempt
             line += f" next_attempt_in={round(state.next_attempt - now)}s"
         self.sink.emit(fields, line)
+
+    def dsn(self, m: StoredMessage, report: StoredMessage) -> None:
+        """A delivery status notification was queued for message `m` (as message `report`)."""
+        to = ", ".join(str(r.address) for r in report.envelope.recipients)
+        fields: dict[str, Any] = {"event": "dsn", "id": m.id, "dsn_id": report.id, "to": to}
+        self.sink.emit(fields, f"{m.id}: sender delivery status notification: {report.id} to=<{to}>")

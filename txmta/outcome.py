@@ -42,6 +42,8 @@ class Delivered:
     host: str = ""            # remote MX name
     address: str = ""         # remote IP
     tls: str = ""             # e.g. "TLSv1.3 TLS_AES_256_GCM_SHA384"
+    remote_dsn: bool = False  # the next hop took DSN parameters (else a "relayed" DSN is owed)
+    stage: str = "dot"
 
 
 @dataclass(frozen=True, slots=True)

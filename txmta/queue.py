@@ -20,27 +20,39 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.interfaces import IReactorTime
 
-from txmta import retry
+from txmta import dsn, retry
+from txmta.categories import Classifier
 from txmta.envelope import Envelope, new_message_id
 from txmta.maillog import MailLog
 from txmta.outcome import Delivered, Outcome, PermFailed, TempFailed
 from txmta.reply import Reply
 from txmta.spool.interface import (BOUNCED, DELETED, DELIVERED, EXPIRED, HELD, QUEUED,
-                                   BodyWriter, RecipientState, Spool, StoredMessage)
+                                   BodyWriter, Change, Event, RecipientState, Spool, StoredMessage,
+                                   Suppression)
 
 DEFAULT_SCHEDULE = (60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0)
+DSN_FULL_LIMIT = 256 * 1024     # above this, a DSN returns only the header section unless RET=FULL
 
 
 class Queue:
     def __init__(self, spool: Spool, clock: IReactorTime, maillog: MailLog | None = None, *,
                  schedule: Sequence[float] = DEFAULT_SCHEDULE, max_lifetime: float = 5 * 86400.0,
-                 jitter: Callable[[], float] | None = None) -> None:
+                 jitter: Callable[[], float] | None = None, hostname: str = "localhost",
+                 delay_warning: float = 4 * 3600.0, classifier: Classifier | None = None,
+                 suppress_categories: Iterable[str] = ("invalid-recipient", "bad-domain"),
+                 suppression_ttl: float = 90 * 86400.0) -> None:
         self.spool = spool
         self.clock = clock
         self.maillog = maillog or MailLog()
         self.schedule = tuple(schedule)
         self.max_lifetime = max_lifetime
         self.jitter = jitter
+        self.hostname = hostname
+        self.delay_warning = delay_warning          # 0: no delay DSNs
+        self.classifier = classifier or Classifier()
+        self.suppress_categories = frozenset(suppress_categories)
+        self.suppression_ttl = suppression_ttl
+        self.suppressed: list[Callable[[Suppression], Any]] = []   # told of new suppressions
         self.listeners: list[Callable[[StoredMessage], Any]] = []       # new messages
         self.changed: list[Callable[[StoredMessage | None, float | None], Any]] = []  # after record/admin
         # told of an admin's "try now" (flush, release, requeue): the message, or None for all
@@ -127,26 +139,109 @@ class Queue:
                now: float | None = None) -> Deferred[StoredMessage | None]:
         """Commit the outcomes of an attempt in one transaction, then tell the others.
 
-        Fires with the updated message (None if it left the spool)."""
+        The same transaction holds the timeline events, the suppressions of hard-bounced
+        addresses, and every DSN owed (DESIGN invariant 2: a recipient fails only with its
+        DSN committed).  Fires with the updated message (None if it left the spool)."""
         at = self.clock.seconds() if now is None else now
+        dsns: list[StoredMessage] = []
+        suppressions: list[Suppression] = []
 
-        def change(current: StoredMessage) -> StoredMessage:   # pure; on the spool's thread
+        def change(current: StoredMessage, body: Callable[[], bytes]) -> Change:
+            # pure but for `body`; runs on the spool's writer thread
             states = list(current.recipients)
-            for index, outcome in outcomes.items():
-                if states[index].state == QUEUED:   # not held or finished meanwhile
-                    states[index] = self._next_state(current, states[index], outcome, at)
-            return replace(current, recipients=tuple(states))
+            events: list[Event] = []
+            reports: dict[str, list[dsn.RecipientReport]] = {}
+            for index, outcome in sorted(outcomes.items()):
+                old = states[index]
+                if old.state != QUEUED:   # held or finished meanwhile
+                    continue
+                new = self._next_state(current, old, outcome, at)
+                rcpt = current.envelope.recipients[index]
+                category = "" if isinstance(outcome, Delivered) else \
+                    self.classifier.category(outcome.reply, outcome.stage)
+                new = replace(new, category=category)
+                events.append(Event(at, new.state if new.state != QUEUED else "deferred",
+                                    str(rcpt.address), str(outcome.reply), new.remote, category))
+                action = self._report_action(current, new, outcome, rcpt, at)
+                if action is not None:
+                    reports.setdefault(action, []).append(dsn.RecipientReport(
+                        rcpt, action,
+                        dsn.EXPIRED_STATUS if new.state == EXPIRED else
+                        dsn.status_for(action, outcome.reply),
+                        outcome.reply, new.remote, at,
+                        current.arrival + self.max_lifetime if action == dsn.DELAYED else None))
+                    if action == dsn.DELAYED:
+                        new = replace(new, warned=True)
+                if new.state == BOUNCED and category in self.suppress_categories:
+                    suppressions.append(Suppression(
+                        rcpt.address.domain and str(rcpt.address).lower() or str(rcpt.address),
+                        category, at, at + self.suppression_ttl, str(outcome.reply)))
+                states[index] = new
+            updated = replace(current, recipients=tuple(states))
+            new_messages = []
+            for action, recipient_reports in reports.items():
+                built = self._dsn(current, recipient_reports, body, at)
+                if built is not None:
+                    dsns.append(built[0])
+                    new_messages.append(built)
+                    events.append(Event(at, "dsn", text=f"{action} report {built[0].id}"))
+            return Change(updated, tuple(events), tuple(new_messages), tuple(suppressions),
+                          finished_at=at)
 
         def committed(updated: StoredMessage | None) -> StoredMessage | None:
             if updated is None:  # deleted by an admin while in flight
                 return None
             for index, outcome in sorted(outcomes.items()):
                 self.maillog.outcome(updated, index, outcome, at)
+            for report in dsns:
+                self.maillog.dsn(updated, report)
+                for listener in self.listeners:
+                    listener(report)
+            for sup in suppressions:
+                for listener in self.suppressed:
+                    listener(sup)
             left = updated if updated.unfinished else None
             self._changed(left)
             return left
 
-        return self.spool.modify(message.id, change).addCallback(committed)
+        return self.spool.modify(message.id, change, with_body=True).addCallback(committed)
+
+    def _report_action(self, m: StoredMessage, new: RecipientState, outcome: Outcome,
+                       rcpt: Any, now: float) -> str | None:
+        """The DSN action owed for this recipient after this attempt, if any (RFC 3461)."""
+        if m.envelope.sender.is_null:
+            return None          # never a report for a report (invariant 7)
+        if new.state in (BOUNCED, EXPIRED):
+            return dsn.FAILED if dsn.owed(rcpt, dsn.FAILED) else None
+        if new.state == DELIVERED:
+            if isinstance(outcome, Delivered) and not outcome.remote_dsn \
+                    and dsn.owed(rcpt, dsn.RELAYED):
+                return dsn.RELAYED    # the next hop cannot report success: we say "relayed"
+            return None
+        if (new.state == QUEUED and self.delay_warning > 0 and not new.warned
+                and now - m.arrival >= self.delay_warning and dsn.owed(rcpt, dsn.DELAYED)):
+            return dsn.DELAYED
+        return None
+
+    def _dsn(self, m: StoredMessage, reports: list[Any], body: Callable[[], bytes],
+             now: float) -> tuple[StoredMessage, bytes] | None:
+        envelope = m.envelope
+        if envelope.ret != "FULL" and m.size > DSN_FULL_LIMIT:
+            envelope = replace(envelope, ret="HDRS")   # only the header section is needed
+        original = body()
+        dsn_id = self.new_message_id(now)
+        report = dsn.build_report(envelope=envelope, message_id=m.id, arrival=m.arrival,
+                                  reports=reports, original=original, reporting_mta=self.hostname,
+                                  now=now, dsn_message_id=dsn_id,
+                                  headers_only_above=DSN_FULL_LIMIT)
+        env = dsn.envelope_for_report(m.envelope, report)
+        if env is None:
+            return None
+        states = tuple(RecipientState(QUEUED, 0, now) for _ in env.recipients)
+        stored = StoredMessage(dsn_id, env, now, len(report), states,
+                               {"address": "", "helo": "", "listener": "dsn", "dsn_for": m.id},
+                               header_id=f"<{dsn_id}@{self.hostname}>")
+        return stored, report
 
     def _changed(self, message: StoredMessage | None) -> None:
         nxt = None

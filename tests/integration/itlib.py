@@ -380,7 +380,7 @@ def find_by_token(daemon: Daemon, token: str | bytes) -> list[str]:
 MAILLOG_RE = re.compile(
     r"(?P<id>\w+): to=<(?P<to>[^>]*)> relay=(?P<relay>\S+) delay=(?P<delay>[\d.]+) "
     r"tls=(?P<tls>.*?) attempts=(?P<attempts>\d+) status=(?P<status>\w+) \((?P<reply>.*)\)"
-    r"(?: next_attempt_in=(?P<next>-?\d+)s)?$")
+    r"(?: category=(?P<category>[\w-]+))?(?: next_attempt_in=(?P<next>-?\d+)s)?$")
 
 
 def wait_until(pred: Callable[[], Any], timeout: float, what: str, interval: float = 0.05,

@@ -97,6 +97,7 @@ class TransactionResult:
     address: str = ""
     tls: str = ""                            # "" or e.g. "TLSv1.3 TLS_AES_256_GCM_SHA384"
     notes: tuple[str, ...] = ()              # things worth a line in the mail log
+    dsn: bool = False                        # the next hop offered DSN (RFC 3461): NOTIFY went on
 
 
 # -- replies ------------------------------------------------------------------------------
@@ -467,7 +468,8 @@ class SMTPClient(Protocol):
 
     def _result(self, failure: SessionFailure | None, rcpts: tuple[Reply | None, ...],
                 final: Reply | None, notes: tuple[str, ...] = ()) -> TransactionResult:
-        return TransactionResult(failure, rcpts, final, self.host, self.address, self.tls, notes)
+        return TransactionResult(failure, rcpts, final, self.host, self.address, self.tls, notes,
+                                 "DSN" in self.extensions)
 
     # -- session setup --------------------------------------------------------------------
 

@@ -143,7 +143,8 @@ class Deliverer:
     @staticmethod
     def _outcome(kind: type, reply: Reply, stage: str, result: Any) -> O.Outcome:
         if kind is O.Delivered:
-            return O.Delivered(reply, result.host, result.address, result.tls)
+            return O.Delivered(reply, result.host, result.address, result.tls,
+                               getattr(result, "dsn", False))
         if kind is O.PermFailed:
             return O.PermFailed(reply, result.host, result.address, result.tls, stage)
         return O.TempFailed(reply, result.host, result.address, result.tls, stage)

@@ -12,7 +12,7 @@ from typing import Any
 
 from txmta.envelope import Address, Envelope, Recipient
 from txmta.reply import Reply
-from txmta.spool.interface import RecipientState, StoredMessage
+from txmta.spool.interface import Event, RecipientState, StoredMessage, Suppression
 
 VERSION = 1
 _V = bytes([VERSION])
@@ -43,7 +43,7 @@ def encode_message(m: StoredMessage) -> bytes:
         "from": str(e.sender),
         "rcpt": [[str(r.address), list(r.notify), r.orcpt] for r in e.recipients],
         "esize": e.size, "body": e.body, "utf8": e.smtputf8, "ret": e.ret, "envid": e.envid,
-        "auth": e.auth, "extra": e.extra,
+        "auth": e.auth, "extra": e.extra, "hid": m.header_id,
     })
 
 
@@ -56,14 +56,15 @@ def decode_message(data: bytes, states: tuple[RecipientState, ...] | None = None
         if states is None:
             states = tuple(RecipientState() for _ in rcpts)
         return StoredMessage(d["id"], env, float(d["arrival"]), int(d["size"]), states,
-                             dict(d["client"]), bool(d["file"]))
+                             dict(d["client"]), bool(d["file"]), str(d.get("hid", "")))
     except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
         raise CorruptRecord(f"bad message record: {e}") from e
 
 
 def encode_recipient(r: RecipientState) -> bytes:
     return _dumps([r.state, r.attempts, r.next_attempt,
-                   r.last_reply.as_dict() if r.last_reply else None, int(r.greylisted), r.remote])
+                   r.last_reply.as_dict() if r.last_reply else None, int(r.greylisted), r.remote,
+                   int(r.warned), r.category])
 
 
 def decode_recipient(data: bytes) -> RecipientState:
@@ -71,7 +72,52 @@ def decode_recipient(data: bytes) -> RecipientState:
     try:
         state, attempts, next_attempt, reply = d[:4]
         greylisted, remote = (bool(d[4]), str(d[5])) if len(d) >= 6 else (False, "")
+        warned, category = (bool(d[6]), str(d[7])) if len(d) >= 8 else (False, "")
         return RecipientState(str(state), int(attempts), float(next_attempt),
-                              Reply.from_dict(reply) if reply else None, greylisted, remote)
+                              Reply.from_dict(reply) if reply else None, greylisted, remote,
+                              warned, category)
     except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as e:
         raise CorruptRecord(f"bad recipient record: {e}") from e
+
+
+def encode_event(e: "Event") -> bytes:
+    return _dumps(e.as_dict())
+
+
+def decode_event(data: bytes) -> "Event":
+    d = _loads(data)
+    try:
+        return Event(float(d["time"]), str(d["event"]), str(d.get("rcpt", "")),
+                     str(d.get("text", "")), str(d.get("remote", "")), str(d.get("category", "")))
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
+        raise CorruptRecord(f"bad event record: {e}") from e
+
+
+def encode_history(m: StoredMessage, finished: float) -> bytes:
+    """A finished message: its envelope record, its final recipient states, when it finished."""
+    return _dumps({"message": encode_message(m)[1:].decode("utf-8"),
+                   "states": [encode_recipient(r)[1:].decode("utf-8") for r in m.recipients],
+                   "finished": finished})
+
+
+def decode_history(data: bytes) -> tuple[StoredMessage, float]:
+    d = _loads(data)
+    try:
+        states = tuple(decode_recipient(_V + s.encode("utf-8")) for s in d["states"])
+        m = decode_message(_V + d["message"].encode("utf-8"), states)
+        return m, float(d["finished"])
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
+        raise CorruptRecord(f"bad history record: {e}") from e
+
+
+def encode_suppression(s: "Suppression") -> bytes:
+    return _dumps([s.reason, s.since, s.expires, s.reply])
+
+
+def decode_suppression(address: str, data: bytes) -> "Suppression":
+    d = _loads(data)
+    try:
+        reason, since, expires, reply = d
+        return Suppression(address, str(reason), float(since), float(expires), str(reply))
+    except (TypeError, ValueError) as e:
+        raise CorruptRecord(f"bad suppression record: {e}") from e

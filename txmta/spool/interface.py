@@ -28,7 +28,9 @@ HELD = "held"
 DELIVERED = "delivered"
 BOUNCED = "bounced"
 EXPIRED = "expired"
+SUPPRESSED = "suppressed"
 DELETED = "deleted"
+FINAL = frozenset({DELIVERED, BOUNCED, EXPIRED, SUPPRESSED, DELETED})
 UNFINISHED = frozenset({QUEUED, HELD})
 
 
@@ -56,6 +58,8 @@ class RecipientState:
     last_reply: Reply | None = None
     greylisted: bool = False        # a greylisting reply was seen once (retry.next_delay)
     remote: str = ""                # the host that gave last_reply, e.g. "mx.example.net[192.0.2.1]"
+    warned: bool = False            # a delay DSN was sent for it
+    category: str = ""              # bounce category of last_reply (categories.py), for failures
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +71,7 @@ class StoredMessage:
     recipients: tuple[RecipientState, ...]      # parallel to envelope.recipients
     client: dict[str, str]                      # address, helo, tls, auth user, listener
     body_in_file: bool = False
+    header_id: str = ""                         # the Message-ID header, e.g. "<abc@example.com>"
 
     def with_recipient_state(self, index: int, state: RecipientState) -> "StoredMessage":
         states = list(self.recipients)
@@ -76,6 +81,46 @@ class StoredMessage:
     @property
     def unfinished(self) -> bool:
         return any(r.state in UNFINISHED for r in self.recipients)
+
+
+@dataclass(frozen=True)
+class Event:
+    """One entry of a message's timeline (received, attempt outcomes, DSNs, admin changes)."""
+
+    time: float
+    kind: str                       # received | delivered | deferred | bounced | expired | ...
+    rcpt: str = ""
+    text: str = ""                  # the reply or a human note
+    remote: str = ""
+    category: str = ""
+
+    def as_dict(self) -> dict[str, object]:
+        d: dict[str, object] = {"time": self.time, "event": self.kind}
+        for k in ("rcpt", "text", "remote", "category"):
+            if getattr(self, k):
+                d[k] = getattr(self, k)
+        return d
+
+
+@dataclass(frozen=True)
+class Suppression:
+    address: str                    # lower-cased
+    reason: str                     # category, or "manual"
+    since: float
+    expires: float
+    reply: str = ""
+
+
+@dataclass(frozen=True)
+class Change:
+    """What one `Spool.modify()` commits beside the new recipient states: timeline events,
+    new messages (DSNs, committed in the same transaction, invariant 2) and suppressions."""
+
+    message: StoredMessage
+    events: tuple[Event, ...] = ()
+    new_messages: tuple[tuple[StoredMessage, bytes], ...] = ()
+    suppress: tuple[Suppression, ...] = ()
+    finished_at: float | None = None    # when the message finished, if this change finishes it
 
 
 class BodyWriter(Protocol):

@@ -23,6 +23,7 @@ import errno
 import os
 import struct
 import threading
+import time
 from itertools import islice
 from dataclasses import replace
 from typing import Any, Callable, Iterator
@@ -34,11 +35,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from txmta.spool import codec
-from txmta.spool.interface import (QUEUED, UNFINISHED, CommitFailed, RecipientState, SpoolError,
-                                   SpoolFormatError, SpoolFull, StoredMessage)
+from txmta.spool.interface import (QUEUED, UNFINISHED, Change, CommitFailed, Event,
+                                   RecipientState, SpoolError, SpoolFormatError, SpoolFull,
+                                   StoredMessage, Suppression)
 
 FORMAT = b"1"
-DB_NAMES = (b"messages", b"bodies", b"recipients", b"due", b"events", b"meta")
+DB_NAMES = (b"messages", b"bodies", b"recipients", b"due", b"events", b"meta",
+            b"history", b"finished", b"msgids", b"suppression")
 log = Logger()
 
 
@@ -48,6 +51,19 @@ def rcpt_key(message_id: str, index: int) -> bytes:
 
 def due_key(when: float, message_id: str, index: int) -> bytes:
     return struct.pack(">Q", max(0, round(when * 1000))) + rcpt_key(message_id, index)
+
+
+_event_seq = [0]
+
+
+def event_key(message_id: str, when: float) -> bytes:
+    _event_seq[0] = (_event_seq[0] + 1) & 0xFFFF
+    return message_id.encode("ascii") + b"/" + struct.pack(">QH", max(0, int(when * 1e6)),
+                                                           _event_seq[0])
+
+
+def finished_key(when: float, message_id: str) -> bytes:
+    return struct.pack(">Q", max(0, int(when * 1000))) + message_id.encode("ascii")
 
 
 def _due_time(key: bytes) -> float:
@@ -85,6 +101,38 @@ def load_message(txn: Any, dbs: dict[bytes, Any], message_id: str) -> StoredMess
         rs = txn.get(rcpt_key(message_id, i), db=dbs[b"recipients"])
         states.append(codec.decode_recipient(rs) if rs is not None else RecipientState())
     return replace(message, recipients=tuple(states))
+
+
+def received_event(m: StoredMessage) -> Event:
+    client = m.client.get("address", "") or "local"
+    return Event(m.arrival, "received", text=f"from <{m.envelope.sender}> client={client} "
+                 f"size={m.size} nrcpt={len(m.envelope.recipients)}")
+
+
+def read_suppressions(txn: Any, dbs: dict[bytes, Any]) -> list[Suppression]:
+    out = []
+    with txn.cursor(db=dbs[b"suppression"]) as cur:
+        for k, v in cur.iternext():
+            try:
+                out.append(codec.decode_suppression(bytes(k).decode("utf-8"), bytes(v)))
+            except (codec.CorruptRecord, UnicodeDecodeError):
+                continue
+    return out
+
+
+def read_events(txn: Any, dbs: dict[bytes, Any], message_id: str) -> list[Event]:
+    out = []
+    prefix = message_id.encode("ascii", "replace") + b"/"
+    with txn.cursor(db=dbs[b"events"]) as cur:
+        if cur.set_range(prefix):
+            for k, v in cur:
+                if not bytes(k).startswith(prefix):
+                    break
+                try:
+                    out.append(codec.decode_event(bytes(v)))
+                except codec.CorruptRecord:
+                    continue
+    return out
 
 
 class MemoryBody:
@@ -344,6 +392,9 @@ class LmdbSpool:
             if inline is not None:
                 txn.put(key, inline, db=self._db[b"bodies"])
             self._write_recipients(txn, message, None)
+            self._write_events(txn, message.id, (received_event(message),))
+            if message.header_id:
+                txn.put(message.header_id.encode("utf-8")[:500], key, db=self._db[b"msgids"])
 
         return self._submit(_Op(fn, pre=body.sync if in_file else None,
                                 on_fail=body.abort if in_file else None))
@@ -375,26 +426,139 @@ class LmdbSpool:
                 raise CommitFailed(f"no message {message.id}")
         return self.modify(message.id, change).addCallback(missing)
 
-    def modify(self, message_id: str, change: Callable[[StoredMessage], StoredMessage]
+    def modify(self, message_id: str,
+               change: Callable[..., StoredMessage | Change], with_body: bool = False
                ) -> Deferred[StoredMessage | None]:
         """Read a message, let `change` (pure, run on the writer thread) give its new recipient
-        states, and write them, in one transaction; the message and its body leave the spool
-        when no recipient is unfinished.  Fires with the new message (None if there was none)."""
+        states (and the events, new messages and suppressions to commit with them), and write
+        all of it in one transaction.  A message with no unfinished recipient leaves the
+        spool for the history (kept until `expire_history`).  Fires with the new message
+        (None if there was none)."""
         gone = [False]
+        written: list[str] = []
 
         def fn(txn: Any) -> StoredMessage | None:
             old = self._load(txn, message_id)
             if old is None:
                 return None
-            new = change(old)
+            if with_body:
+                result = change(old, lambda: self._body_in(txn, message_id))
+            else:
+                result = change(old)
+            c = result if isinstance(result, Change) else Change(result)
+            new = c.message
             if not any(r.state in UNFINISHED for r in new.recipients):
-                self._delete(txn, old)
+                self._finish(txn, old, new, c.finished_at)
                 gone[0] = old.body_in_file
             else:
                 self._write_recipients(txn, new, old.recipients)
+            self._write_events(txn, message_id, c.events)
+            for extra, body in c.new_messages:
+                self._put_new(txn, extra, body, written)
+            for sup in c.suppress:
+                txn.put(sup.address.encode("utf-8"), codec.encode_suppression(sup),
+                        db=self._db[b"suppression"])
             return new
 
-        return self._submit(_Op(fn, post=lambda: gone[0] and self._unlink_body(message_id)))
+        def undo() -> None:  # the commit failed: files written for new messages go
+            for mid in written:
+                self._unlink_body(mid)
+
+        return self._submit(_Op(fn, post=lambda: gone[0] and self._unlink_body(message_id),
+                                on_fail=undo))
+
+    def _body_in(self, txn: Any, message_id: str) -> bytes:
+        inline = txn.get(message_id.encode("ascii"), db=self._db[b"bodies"])
+        if inline is not None:
+            return bytes(inline)
+        with open(os.path.join(self.bodies, message_id), "rb") as f:
+            return f.read()
+
+    def _write_events(self, txn: Any, message_id: str, events: Any) -> None:
+        for e in events:
+            txn.put(event_key(message_id, e.time), codec.encode_event(e), db=self._db[b"events"])
+
+    def _put_new(self, txn: Any, message: StoredMessage, body: bytes, written: list[str]) -> None:
+        """A message made by the daemon (a DSN), in the transaction of the change that owes it."""
+        key = message.id.encode("ascii")
+        if len(body) > self._inline_limit:
+            path = os.path.join(self.bodies, message.id)
+            with open(path, "xb") as f:
+                written.append(message.id)
+                f.write(body)
+                f.flush()
+                os.fsync(f.fileno())
+            _fsync_dir(self.bodies)
+            message = replace(message, body_in_file=True, size=len(body))
+        else:
+            txn.put(key, body, db=self._db[b"bodies"])
+            message = replace(message, body_in_file=False, size=len(body))
+        txn.put(key, codec.encode_message(message), db=self._db[b"messages"])
+        self._write_recipients(txn, message, None)
+        self._write_events(txn, message.id, (received_event(message),))
+        if message.header_id:
+            txn.put(message.header_id.encode("utf-8")[:500], key, db=self._db[b"msgids"])
+
+    def _finish(self, txn: Any, old: StoredMessage, new: StoredMessage,
+                finished_at: float | None) -> None:
+        when = time.time() if finished_at is None else finished_at
+        self._delete(txn, old)
+        key = new.id.encode("ascii")
+        txn.put(key, codec.encode_history(new, when), db=self._db[b"history"])
+        txn.put(finished_key(when, new.id), b"", db=self._db[b"finished"])
+
+    def expire_history(self, before: float, limit: int = 1000) -> Deferred[int]:
+        """Forget finished messages (history, timeline, Message-ID index) that finished
+        before `before`, oldest first, at most `limit` per call."""
+        def fn(txn: Any) -> int:
+            end = struct.pack(">Q", max(0, int(before * 1000)))
+            done = 0
+            with txn.cursor(db=self._db[b"finished"]) as cur:
+                keys = []
+                for key in cur.iternext(keys=True, values=False):
+                    if key[:8] >= end or len(keys) >= limit:
+                        break
+                    keys.append(key)
+            for key in keys:
+                mid = key[8:]
+                raw = txn.get(mid, db=self._db[b"history"])
+                if raw is not None:
+                    try:
+                        m, _ = codec.decode_history(raw)
+                        if m.header_id:
+                            hkey = m.header_id.encode("utf-8")[:500]
+                            if txn.get(hkey, db=self._db[b"msgids"]) == mid:
+                                txn.delete(hkey, db=self._db[b"msgids"])
+                    except codec.CorruptRecord:
+                        pass
+                    txn.delete(mid, db=self._db[b"history"])
+                with txn.cursor(db=self._db[b"events"]) as ec:
+                    prefix = mid + b"/"
+                    if ec.set_range(prefix):
+                        while ec.key().startswith(prefix):
+                            if not ec.delete():
+                                break
+                txn.delete(key, db=self._db[b"finished"])
+                done += 1
+            return done
+        return self._submit(_Op(fn))
+
+    # -- suppression list ---------------------------------------------------------------------
+
+    def suppression_put(self, entries: list[Suppression]) -> Deferred[int]:
+        def fn(txn: Any) -> int:
+            for e in entries:
+                txn.put(e.address.encode("utf-8"), codec.encode_suppression(e),
+                        db=self._db[b"suppression"])
+            return len(entries)
+        return self._submit(_Op(fn))
+
+    def suppression_delete(self, address: str) -> Deferred[bool]:
+        return self._submit(_Op(lambda txn: bool(txn.delete(address.encode("utf-8"),
+                                                            db=self._db[b"suppression"]))))
+
+    def suppression_all(self) -> Deferred[list[Suppression]]:
+        return self._submit(_Op(lambda txn: read_suppressions(txn, self._db)))
 
     def remove(self, message_id: str) -> Deferred[None]:
         had_file = [False]
@@ -506,7 +670,12 @@ class LmdbView:
                 env = lmdb.open(path, readonly=True, max_dbs=len(DB_NAMES) + 2, subdir=True,
                                 lock=True, max_readers=256)
                 # no txn= here: py-lmdb drops handles opened inside a read transaction
-                dbs = {name: env.open_db(name, create=False) for name in DB_NAMES}
+                dbs = {}
+                for name in DB_NAMES:
+                    try:
+                        dbs[name] = env.open_db(name, create=False)
+                    except lmdb.NotFoundError:  # a spool the newest daemon has not opened yet
+                        pass
                 with env.begin() as txn:
                     found = txn.get(b"format", db=dbs[b"meta"])
                 break
@@ -558,6 +727,32 @@ class LmdbView:
                         out.append(m)
                 return out
             yield from self._read(fn)
+
+    def history(self, message_id: str) -> tuple[StoredMessage, float] | None:
+        """A finished message with its final states and when it finished, if still kept."""
+        if b"history" not in self._db:
+            return None
+        raw = self._read(lambda txn: txn.get(message_id.encode("ascii", "replace"),
+                                             db=self._db[b"history"]))
+        return codec.decode_history(bytes(raw)) if raw is not None else None
+
+    def events(self, message_id: str) -> list[Event]:
+        if b"events" not in self._db:
+            return []
+        return self._read(lambda txn: read_events(txn, self._db, message_id))  # type: ignore[no-any-return]
+
+    def find_by_header_id(self, header_id: str) -> str | None:
+        """The queue id of the message whose Message-ID header is `header_id`."""
+        if b"msgids" not in self._db:
+            return None
+        raw = self._read(lambda txn: txn.get(header_id.encode("utf-8")[:500],
+                                             db=self._db[b"msgids"]))
+        return bytes(raw).decode("ascii") if raw is not None else None
+
+    def suppressions(self) -> list[Suppression]:
+        if b"suppression" not in self._db:
+            return []
+        return self._read(lambda txn: read_suppressions(txn, self._db))  # type: ignore[no-any-return]
 
     def read_body(self, message_id: str) -> bytes:
         def fn(txn: Any) -> bytes | None:

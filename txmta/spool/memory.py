@@ -8,11 +8,14 @@
 from __future__ import annotations
 
 import bisect
+from dataclasses import replace
 from typing import Callable
 
 from twisted.internet.defer import Deferred, fail, succeed
 
-from txmta.spool.interface import (QUEUED, UNFINISHED, CommitFailed, SpoolError, StoredMessage)
+from txmta.spool.interface import (QUEUED, UNFINISHED, Change, CommitFailed, Event, SpoolError,
+                                   StoredMessage, Suppression)
+from txmta.spool.lmdb import received_event
 
 
 class MemoryBodyWriter:
@@ -44,6 +47,9 @@ class MemorySpool:
         self._due: list[tuple[float, str, int]] = []
         self.fail_next: SpoolError | None = None
         self.commits = 0
+        self.events: dict[str, list[Event]] = {}
+        self.history: dict[str, tuple[StoredMessage, float]] = {}
+        self.suppressions: dict[str, Suppression] = {}
 
     def _failing(self) -> SpoolError | None:
         err, self.fail_next = self.fail_next, None
@@ -70,6 +76,7 @@ class MemorySpool:
         self.messages[message.id] = message
         self.bodies[message.id] = body.value()
         self._index(message)
+        self.events.setdefault(message.id, []).append(received_event(message))
         self.commits += 1
         return succeed(None)
 
@@ -89,24 +96,54 @@ class MemorySpool:
         self.commits += 1
         return succeed(None)
 
-    def modify(self, message_id: str, change: Callable[[StoredMessage], StoredMessage]
-               ) -> Deferred[StoredMessage | None]:
+    def modify(self, message_id: str, change: Callable[..., StoredMessage | Change],
+               with_body: bool = False) -> Deferred[StoredMessage | None]:
         err = self._failing()
         if err is not None:
             return fail(err)
         old = self.messages.get(message_id)
         if old is None:
             return succeed(None)
-        new = change(old)
+        result = change(old, lambda: self.bodies[message_id]) if with_body else change(old)
+        c = result if isinstance(result, Change) else Change(result)
+        new = c.message
         self._unindex(old)
         if not any(r.state in UNFINISHED for r in new.recipients):
             del self.messages[message_id]
             del self.bodies[message_id]
+            self.history[message_id] = (new, c.finished_at or 0.0)
         else:
             self.messages[message_id] = new
             self._index(new)
+        self.events.setdefault(message_id, []).extend(c.events)
+        for extra, body in c.new_messages:
+            extra = replace(extra, size=len(body))
+            self.messages[extra.id] = extra
+            self.bodies[extra.id] = body
+            self._index(extra)
+            self.events.setdefault(extra.id, []).append(received_event(extra))
+        for sup in c.suppress:
+            self.suppressions[sup.address] = sup
         self.commits += 1
         return succeed(new)
+
+    def suppression_put(self, entries: list[Suppression]) -> Deferred[int]:
+        for e in entries:
+            self.suppressions[e.address] = e
+        return succeed(len(entries))
+
+    def suppression_delete(self, address: str) -> Deferred[bool]:
+        return succeed(self.suppressions.pop(address, None) is not None)
+
+    def suppression_all(self) -> Deferred[list[Suppression]]:
+        return succeed(list(self.suppressions.values()))
+
+    def expire_history(self, before: float, limit: int = 1000) -> Deferred[int]:
+        gone = [mid for mid, (_, when) in self.history.items() if when < before][:limit]
+        for mid in gone:
+            del self.history[mid]
+            self.events.pop(mid, None)
+        return succeed(len(gone))
 
     def remove(self, message_id: str) -> Deferred[None]:
         m = self.messages.pop(message_id, None)
