@@ -6,18 +6,26 @@ and the function that runs it.  Implemented here:
     txmta check-config [FILE]            validate a configuration file
     txmta passwd [USER]                  print a `USER:HASH` line for the AUTH users file
     txmta queue list [--json]            the queue, like Postfix mailq
-    txmta queue show ID                  one message: envelope, states, header section
+    txmta queue show ID [--json]         one message, queued or finished: envelope, states,
+                                         timeline, header section
+    txmta history --message-id ID [--json]   the same, found by its Message-ID header
+    txmta suppression list [--all] [--json]  the suppressed addresses
     txmta queue flush [ID] [--domain D]  make deferred recipients due now
     txmta queue hold|release ID          stop / resume delivery attempts for a message
     txmta queue requeue ID               retry a message now with a fresh retry schedule
     txmta queue delete ID                remove a message, without a bounce
     txmta status [--json]                the running daemon's status
+    txmta suppression add ADDRESS [--reason TEXT]   suppress mail to an address
+    txmta suppression remove ADDRESS     take it off the list
+    txmta suppression import FILE        suppress each `address[,reason]` line of FILE
 
-`queue list` and `queue show` read the spool read-only (`LmdbView`, short read
-transactions), so they work while the daemon runs and never change anything.
-Commands that change the queue go through the running daemon's control socket
-(`txmta.control.amp`, `control.sock` in the spool directory), never straight to the
-spool: the daemon is the spool's only writer.  Each maps to one AMP command.
+`queue list`, `queue show`, `history` and `suppression list` read the spool read-only
+(`LmdbView`, short read transactions), so they work while the daemon runs and never change
+anything.
+Commands that change the queue or the suppression list go through the running daemon's
+control socket (`txmta.control.amp`, `control.sock` in the spool directory), never straight
+to the spool: the daemon is the spool's only writer.  Each maps to one AMP command
+(`suppression import` sends a long file as several SuppressionImport requests).
 The daemon itself is started by `twistd -n txmta --config FILE`, not by this command.
 """
 # test: tests/test_cli.py
@@ -37,7 +45,8 @@ from typing import Any, Callable, Sequence
 from txmta import config
 from txmta.config import ConfigError
 from txmta.passwords import hash_password
-from txmta.spool.interface import HELD, QUEUED, UNFINISHED, SpoolError, StoredMessage
+from txmta.spool.interface import (HELD, QUEUED, UNFINISHED, Event, SpoolError, StoredMessage,
+                                   Suppression)
 
 
 class CommandFailed(Exception):
@@ -101,7 +110,9 @@ def _args_queue_list(p: argparse.ArgumentParser) -> None:
 
 
 def _args_queue_show(p: argparse.ArgumentParser) -> None:
-    p.add_argument("id", help="queue id")
+    p.add_argument("id", help="queue id (of a queued message, or a finished one still in the "
+                              "history)")
+    p.add_argument("--json", action="store_true", help="print the message as JSON")
     _args_config(p)
 
 
@@ -197,32 +208,106 @@ def header_section(body: bytes) -> str:
     return head
 
 
-def queue_show(args: argparse.Namespace) -> int:
-    view = _open_view(args)
-    body: bytes | None = None
-    body_error = ""
+@dataclass(frozen=True)
+class Shown:
+    """What `queue show` and `history` print: a live or finished message, its timeline and,
+    for a live message, its header section (None with the reason when it cannot be read)."""
+    message: StoredMessage
+    finished: float | None            # when it finished; None while it is in the queue
+    events: list[Event]
+    headers: str | None
+    headers_missing: str = ""
+
+
+def _lookup(view: Any, message_id: str) -> Shown:
+    """The message `message_id` from the queue, else from the history of finished messages."""
     try:
-        try:
-            m = view.get(args.id)
-        except ValueError as e:     # codec.CorruptRecord
-            raise CommandFailed(f"{args.id}: the spool record cannot be decoded: {e}") from e
+        m = view.get(message_id)
+        finished = None
         if m is None:
-            raise CommandFailed(f"{args.id}: no such message in the queue")
+            kept = view.history(message_id)
+            if kept is not None:
+                m, finished = kept
+    except ValueError as e:     # codec.CorruptRecord
+        raise CommandFailed(f"{message_id}: the spool record cannot be decoded: {e}") from e
+    if m is None:
+        raise CommandFailed(f"{message_id}: no such message in the queue or its history")
+    events = list(view.events(message_id))
+    headers, missing = None, ""
+    if finished is not None:
+        missing = "the body is not kept after the message finished"
+    else:
         try:
-            body = view.read_body(args.id)
+            headers = header_section(view.read_body(message_id))
         except OSError as e:
-            body_error = str(e)
-    finally:
-        view.close()
-    e = m.envelope
+            missing = f"body unreadable: {e}"
+    return Shown(m, finished, events, headers, missing)
+
+
+def _event_line(e: Event) -> str:
+    """One timeline line: time, kind, recipient, text, remote host, bounce category."""
+    parts = [iso_utc(e.time), f"{e.kind:<9}"]
+    if e.rcpt:
+        parts.append(e.rcpt)
+    if e.text:
+        parts.append(e.text)
+    if e.remote:
+        parts.append(f"remote={e.remote}")
+    if e.category:
+        parts.append(f"category={e.category}")
+    return "  " + " ".join(parts)
+
+
+def event_json(e: Event) -> dict[str, Any]:
+    return {"time": iso_utc(e.time), "event": e.kind, "rcpt": e.rcpt, "text": e.text,
+            "remote": e.remote, "category": e.category}
+
+
+def _reply_json(reply: Any) -> dict[str, Any] | None:
+    return None if reply is None else {"code": reply.code, "enhanced": reply.enhanced,
+                                       "text": reply.text}
+
+
+def shown_json(s: Shown) -> dict[str, Any]:
+    """The `queue show --json` form: envelope, client, recipients, timeline, header section."""
+    m, e = s.message, s.message.envelope
+    rcpts = []
+    for r, st in zip(e.recipients, m.recipients):
+        rcpts.append({
+            "address": str(r.address),
+            "state": st.state,
+            "attempts": st.attempts,
+            "next_attempt": iso_utc(st.next_attempt) if st.state == QUEUED else None,
+            "notify": list(r.notify) if r.notify else [],
+            "orcpt": r.orcpt or None,
+            "last_reply": _reply_json(st.last_reply),
+            "remote": st.remote or None,
+            "category": st.category or None,
+        })
+    return {"id": m.id, "arrival": iso_utc(m.arrival), "size": m.size, "sender": _sender(m),
+            "message_id": m.header_id or None, "body": e.body, "smtputf8": bool(e.smtputf8),
+            "ret": e.ret or None, "envid": e.envid or None, "declared_size": e.size,
+            "auth": e.auth, "parameters": dict(sorted(e.extra.items())),
+            "client": dict(sorted(m.client.items())),
+            "finished": iso_utc(s.finished) if s.finished is not None else None,
+            "recipients": rcpts, "events": [event_json(ev) for ev in s.events],
+            "headers": s.headers}
+
+
+def shown_text(s: Shown) -> str:
+    """The `queue show` text: envelope and recipients, the timeline, the header section."""
+    m, e = s.message, s.message.envelope
     out = [f"id: {m.id}",
-           f"arrival: {iso_utc(m.arrival)}",
-           f"size: {m.size}",
-           f"sender: {_sender(m)}",
-           f"body: {e.body}",
-           f"smtputf8: {'yes' if e.smtputf8 else 'no'}",
-           f"ret: {e.ret or '-'}",
-           f"envid: {e.envid or '-'}"]
+           f"arrival: {iso_utc(m.arrival)}"]
+    if s.finished is not None:
+        out.append(f"finished at: {iso_utc(s.finished)} (no longer queued; from the history)")
+    out += [f"size: {m.size}",
+            f"sender: {_sender(m)}",
+            f"message-id: {m.header_id or '-'}",
+            f"body: {e.body}",
+            f"smtputf8: {'yes' if e.smtputf8 else 'no'}",
+            f"ret: {e.ret or '-'}",
+            f"envid: {e.envid or '-'}"]
     if e.size is not None:
         out.append(f"declared size: {e.size}")
     if e.auth is not None:
@@ -239,13 +324,66 @@ def queue_show(args: argparse.Namespace) -> int:
         out.append(f"  notify: {','.join(r.notify) if r.notify else '-'}")
         out.append(f"  orcpt: {r.orcpt or '-'}")
         out.append(f"  last reply: {_reply_text(st.last_reply) if st.last_reply else '-'}")
+        out.append(f"  remote: {st.remote or '-'}")
+        out.append(f"  category: {st.category or '-'}")
     out.append("")
-    if body is None:
-        out.append(f"(body unreadable: {body_error})")
+    out.append("timeline:")
+    out += [_event_line(ev) for ev in s.events] or ["  (no events recorded)"]
+    out.append("")
+    out.append(s.headers if s.headers is not None else f"({s.headers_missing})")
+    return "\n".join(out)
+
+
+def _show(args: argparse.Namespace, find: Callable[[Any], str]) -> int:
+    """Print the message `find(view)` names, as text or (--json) JSON."""
+    view = _open_view(args)
+    try:
+        shown = _lookup(view, find(view))
+    finally:
+        view.close()
+    if args.json:
+        print(json.dumps(shown_json(shown), indent=2, ensure_ascii=False))
     else:
-        out.append(header_section(body))
-    print("\n".join(out))
+        print(shown_text(shown))
     return 0
+
+
+def queue_show(args: argparse.Namespace) -> int:
+    return _show(args, lambda view: str(args.id))
+
+
+# -- history ----------------------------------------------------------------------------------
+
+def _args_history(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--message-id", metavar="ID", required=True,
+                   help="the Message-ID header, with or without its angle brackets")
+    p.add_argument("--json", action="store_true", help="print the message as JSON")
+    _args_config(p)
+
+
+def header_id_forms(value: str) -> list[str]:
+    """The spellings to look a Message-ID up by: with angle brackets first (as the header
+    has them and the spool indexes them), then as given."""
+    bare = value.strip()
+    if bare.startswith("<") and bare.endswith(">"):
+        bare = bare[1:-1].strip()
+    forms = [f"<{bare}>", value.strip(), bare]
+    return [f for i, f in enumerate(forms) if f and f not in forms[:i]]
+
+
+def history(args: argparse.Namespace) -> int:
+    forms = header_id_forms(args.message_id)
+    if not forms or forms == ["<>"]:
+        raise CommandFailed("--message-id: empty Message-ID")
+
+    def find(view: Any) -> str:
+        for form in forms:
+            found = view.find_by_header_id(form)
+            if found is not None:
+                return str(found)
+        raise CommandFailed(f"{forms[0]}: no message with this Message-ID in the queue or "
+                            f"its history")
+    return _show(args, find)
 
 
 # -- commands through the daemon's control socket ------------------------------------------
@@ -317,6 +455,163 @@ def status(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- suppression ------------------------------------------------------------------------------
+
+def _args_suppression_list(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--all", action="store_true", help="also the entries that have expired")
+    p.add_argument("--json", action="store_true", help="print a JSON list of entries")
+    _args_config(p)
+
+
+def suppression_json(s: Suppression, now: float) -> dict[str, Any]:
+    return {"address": s.address, "reason": s.reason, "since": iso_utc(s.since),
+            "expires": iso_utc(s.expires), "reply": s.reply, "expired": s.expires <= now}
+
+
+def suppression_list(args: argparse.Namespace) -> int:
+    """The suppression list, read from the spool: entries whose `expires` has passed no
+    longer suppress anything (the daemon's own rule) and are left out unless --all."""
+    view = _open_view(args)
+    try:
+        entries = view.suppressions()
+    finally:
+        view.close()
+    now = time.time()
+    shown = sorted((s for s in entries if args.all or s.expires > now), key=lambda s: s.address)
+    if args.json:
+        print(json.dumps([suppression_json(s, now) for s in shown], indent=2, ensure_ascii=False))
+        return 0
+    if not shown:
+        print("Suppression list is empty")
+        return 0
+    rows = [("ADDRESS", "REASON", "SINCE", "EXPIRES", "REPLY")]
+    rows += [(s.address, s.reason or "-", iso_utc(s.since),
+              iso_utc(s.expires) + (" (expired)" if s.expires <= now else ""), s.reply or "-")
+             for s in shown]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[4])
+    return 0
+
+
+def check_address(address: str) -> str:
+    """A light check of an address given to suppression add/remove/import: it must have an
+    "@" and no white space or control characters.  Returns it without surrounding space."""
+    a = address.strip()
+    if not a:
+        raise ValueError("empty address")
+    if "@" not in a:
+        raise ValueError(f"bad address {a!r}: no @")
+    if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in a):
+        raise ValueError(f"bad address {a!r}: no spaces or control characters allowed")
+    return a
+
+
+def _checked(address: str) -> str:
+    try:
+        return check_address(address)
+    except ValueError as e:
+        raise CommandFailed(str(e)) from e
+
+
+def _args_suppression_add(p: argparse.ArgumentParser) -> None:
+    p.add_argument("address", help="the address to suppress")
+    p.add_argument("--reason", metavar="TEXT", default=None,
+                   help='why (default "manual"); shown by suppression list')
+    _args_config(p)
+
+
+def suppression_add(args: argparse.Namespace) -> int:
+    address = _checked(args.address)
+    reason = args.reason.strip() if args.reason is not None else None
+    if reason is not None and (not reason or "\n" in reason or "\r" in reason):
+        raise CommandFailed("--reason: give one line of text")
+    if not _control_call(args, "SuppressionAdd", address=address, reason=reason)["ok"]:
+        raise CommandFailed(f"{address}: the daemon did not add it")
+    print(f"{address}: suppressed")
+    return 0
+
+
+def _args_suppression_remove(p: argparse.ArgumentParser) -> None:
+    p.add_argument("address", help="the address to take off the suppression list")
+    _args_config(p)
+
+
+def suppression_remove(args: argparse.Namespace) -> int:
+    address = _checked(args.address)
+    if not _control_call(args, "SuppressionRemove", address=address)["found"]:
+        raise CommandFailed(f"{address}: not on the suppression list")
+    print(f"{address}: removed")
+    return 0
+
+
+def _args_suppression_import(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", help='one "address" or "address,reason" per line; "#" starts a '
+                                'comment line; "-" reads standard input')
+    _args_config(p)
+
+
+def parse_import(lines: Sequence[str], name: str = "-") -> list[tuple[str, str]]:
+    """(address, reason) of each line "address[,reason]"; blank lines and lines starting
+    with "#" are skipped; a bad address is an error naming the file and line."""
+    entries = []
+    for number, line in enumerate(lines, 1):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        address, _, reason = text.partition(",")
+        try:
+            entries.append((check_address(address), reason.strip()))
+        except ValueError as e:
+            raise CommandFailed(f"{name}:{number}: {e}") from e
+    return entries
+
+
+# A SuppressionImport request carries at most this many octets of lines (AMP values are
+# limited to 65535 octets); a longer file is sent in several requests.
+IMPORT_BATCH_OCTETS = 60000
+
+
+def import_batches(entries: Sequence[tuple[str, str]],
+                   limit: int = IMPORT_BATCH_OCTETS) -> list[str]:
+    """The newline-joined "address,reason" lines of `entries`, cut into batches of at most
+    `limit` octets."""
+    batches: list[str] = []
+    batch: list[str] = []
+    size = 0
+    for address, reason in entries:
+        line = f"{address},{reason}" if reason else address
+        n = len(line.encode("utf-8")) + 1
+        if n > limit:
+            raise CommandFailed(f"{address}: the line is too long to send ({n} octets)")
+        if batch and size + n > limit:
+            batches.append("\n".join(batch))
+            batch, size = [], 0
+        batch.append(line)
+        size += n
+    if batch:
+        batches.append("\n".join(batch))
+    return batches
+
+
+def suppression_import(args: argparse.Namespace) -> int:
+    """Prints how many entries the daemon stored."""
+    try:
+        if args.file == "-":
+            lines = sys.stdin.read().splitlines()
+        else:
+            with open(args.file, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CommandFailed(f"cannot read {args.file}: {e}") from e
+    entries = parse_import(lines, args.file)
+    count = 0
+    for batch in import_batches(entries):
+        count += _control_call(args, "SuppressionImport", lines=batch)["count"]
+    print(count)
+    return 0
+
+
 # -- the table ------------------------------------------------------------------------
 
 COMMANDS: tuple[Command, ...] = (
@@ -324,8 +619,12 @@ COMMANDS: tuple[Command, ...] = (
     Command("passwd", "print a USER:HASH line for the AUTH users file", _args_passwd, passwd),
     Command("queue list", "list the queued messages (read-only, like mailq)", _args_queue_list,
             queue_list),
-    Command("queue show", "show one queued message's envelope and header section",
+    Command("queue show", "show one message (queued or finished): envelope, states, timeline",
             _args_queue_show, queue_show),
+    Command("history", "show a queued or finished message found by its Message-ID header",
+            _args_history, history),
+    Command("suppression list", "list the suppressed addresses (read-only)",
+            _args_suppression_list, suppression_list),
     # Through the daemon's control socket (txmta.control.amp), never the spool directly:
     Command("queue flush", "make deferred recipients due now (one message, one domain, or all)",
             _args_queue_flush, queue_flush),
@@ -338,6 +637,12 @@ COMMANDS: tuple[Command, ...] = (
     Command("queue delete", "remove a message from the queue, without a bounce",
             _args_queue_id, queue_delete),
     Command("status", "show the running daemon's status", _args_status, status),
+    Command("suppression add", "suppress mail to an address", _args_suppression_add,
+            suppression_add),
+    Command("suppression remove", "take an address off the suppression list",
+            _args_suppression_remove, suppression_remove),
+    Command("suppression import", "suppress every address of a file (address[,reason] lines)",
+            _args_suppression_import, suppression_import),
 )
 
 

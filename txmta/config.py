@@ -167,6 +167,21 @@ def _optional_path(value: Any) -> str | None:
     return _string(value) or None
 
 
+def _category(value: Any) -> str:
+    from txmta.categories import CATEGORIES
+    text = _string(value)
+    if text not in CATEGORIES:
+        raise ValueError("must be one of " + ", ".join(f'"{c}"' for c in CATEGORIES))
+    return text
+
+
+def _bounce_rules(value: Any) -> tuple[Any, ...]:
+    from txmta.categories import parse_rules
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise ValueError("must be an array of tables, written [[bounce.rules]]")
+    return tuple(parse_rules(value))
+
+
 def _source_address(value: Any) -> str:
     text = _string(value)
     if text:
@@ -336,6 +351,20 @@ _TABLE: dict[str, dict[str, _Key]] = {
     "dns": {
         "nameservers": _Key([], _list_of(_nameserver)),
     },
+    "dsn": {
+        "delay_warning": _Key("4h", _duration()),          # "0" = no delay warnings
+    },
+    "suppression": {
+        "ttl": _Key("90d", _duration(positive=True)),
+        "categories": _Key(["invalid-recipient", "bad-domain"], _list_of(_category)),
+        "action": _Key("reject", _choice("reject", "drop")),
+    },
+    "history": {
+        "retention": _Key("7d", _duration()),
+    },
+    "bounce": {
+        "rules": _Key([], _bounce_rules),
+    },
     "log": {
         "maillog": _Key("", _string),
         "format": _Key("text", _choice("text", "json")),
@@ -427,6 +456,28 @@ class DnsConfig:
 
 
 @dataclass(frozen=True)
+class DsnConfig:
+    delay_warning: float = _default("dsn", "delay_warning")
+
+
+@dataclass(frozen=True)
+class SuppressionConfig:
+    ttl: float = _default("suppression", "ttl")
+    categories: tuple[str, ...] = _default("suppression", "categories")
+    action: str = _default("suppression", "action")          # reject | drop
+
+
+@dataclass(frozen=True)
+class HistoryConfig:
+    retention: float = _default("history", "retention")
+
+
+@dataclass(frozen=True)
+class BounceConfig:
+    rules: tuple[Any, ...] = _default("bounce", "rules")
+
+
+@dataclass(frozen=True)
 class LogConfig:
     maillog: str = _default("log", "maillog")       # "" = into the daemon's log
     format: str = _default("log", "format")         # text | json
@@ -445,6 +496,10 @@ class Config:
     retry: RetryConfig
     dns: DnsConfig
     log: LogConfig
+    dsn: DsnConfig = field(default_factory=DsnConfig)
+    suppression: SuppressionConfig = field(default_factory=SuppressionConfig)
+    history: HistoryConfig = field(default_factory=HistoryConfig)
+    bounce: BounceConfig = field(default_factory=BounceConfig)
 
 
 # -- loading --------------------------------------------------------------------------
@@ -526,6 +581,10 @@ def _build(doc: dict[str, Any], path: str | None) -> Config:
     retry = RetryConfig(**s["retry"])
     dns = DnsConfig(**s["dns"])
     log = LogConfig(**s["log"])
+    dsn_cfg = DsnConfig(**s["dsn"])
+    suppression = SuppressionConfig(**s["suppression"])
+    history = HistoryConfig(**s["history"])
+    bounce = BounceConfig(**s["bounce"])
 
     listen_doc = doc.get("listen", _DEFAULT_LISTEN)
     listeners: list[ListenConfig] = []
@@ -569,7 +628,7 @@ def _build(doc: dict[str, Any], path: str | None) -> Config:
                   "must not exceed spool.max_map_size")
 
     return Config(path, server, tuple(listeners), tls, auth, relay, spool, delivery, retry,
-                  dns, log)
+                  dns, log, dsn_cfg, suppression, history, bounce)
 
 
 def _check_readable(file: str, bad: Callable[[str], ConfigError]) -> None:

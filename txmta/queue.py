@@ -20,13 +20,14 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.interfaces import IReactorTime
 
-from txmta import dsn, retry
+from txmta import dsn, retry, suppression
 from txmta.categories import Classifier
+from txmta.suppression import SuppressionList
 from txmta.envelope import Envelope, new_message_id
 from txmta.maillog import MailLog
 from txmta.outcome import Delivered, Outcome, PermFailed, TempFailed
 from txmta.reply import Reply
-from txmta.spool.interface import (BOUNCED, DELETED, DELIVERED, EXPIRED, HELD, QUEUED,
+from txmta.spool.interface import (BOUNCED, DELETED, DELIVERED, EXPIRED, HELD, QUEUED, SUPPRESSED,
                                    BodyWriter, Change, Event, RecipientState, Spool, StoredMessage,
                                    Suppression)
 
@@ -53,6 +54,9 @@ class Queue:
         self.suppress_categories = frozenset(suppress_categories)
         self.suppression_ttl = suppression_ttl
         self.suppressed: list[Callable[[Suppression], Any]] = []   # told of new suppressions
+        self.suppression = SuppressionList()
+        self.suppressed.append(self.suppression.add)
+        self.drop_suppressed = False     # [suppression] action = "drop": end them at intake
         self.listeners: list[Callable[[StoredMessage], Any]] = []       # new messages
         self.changed: list[Callable[[StoredMessage | None, float | None], Any]] = []  # after record/admin
         # told of an admin's "try now" (flush, release, requeue): the message, or None for all
@@ -67,9 +71,10 @@ class Queue:
         return self.spool.body_writer(message_id)
 
     def put(self, message_id: str, envelope: Envelope, body: BodyWriter, client: dict[str, str],
-            arrival: float) -> Deferred[StoredMessage]:
-        states = tuple(RecipientState(next_attempt=arrival) for _ in envelope.recipients)
-        message = StoredMessage(message_id, envelope, arrival, body.size, states, client)
+            arrival: float, header_id: str = "") -> Deferred[StoredMessage]:
+        states = tuple(self._initial_state(r, arrival) for r in envelope.recipients)
+        message = StoredMessage(message_id, envelope, arrival, body.size, states, client,
+                                header_id=header_id)
         d = self.spool.put(message, body)
 
         def committed(_: Any) -> StoredMessage:
@@ -79,6 +84,46 @@ class Queue:
             return message
 
         return d.addCallback(committed)
+
+    def _initial_state(self, rcpt: Any, arrival: float) -> RecipientState:
+        if self.drop_suppressed:
+            entry = self.suppression.check(str(rcpt.address), arrival)
+            if entry is not None:
+                return RecipientState(SUPPRESSED, 0, arrival,
+                                      suppression.rejection(str(rcpt.address), entry),
+                                      category=entry.reason)
+        return RecipientState(next_attempt=arrival)
+
+    # -- suppression list (admin) -----------------------------------------------------------
+
+    def load_suppressions(self) -> Deferred[int]:
+        def loaded(entries: list[Suppression]) -> int:
+            self.suppression.load(entries)
+            return len(entries)
+        return self.spool.suppression_all().addCallback(loaded)
+
+    def suppress_add(self, address: str, reason: str = "manual") -> Deferred[bool]:
+        return self.suppress_import([(address, reason)]).addCallback(lambda n: n == 1)
+
+    def suppress_import(self, entries: Sequence[tuple[str, str]]) -> Deferred[int]:
+        now = self.clock.seconds()
+        records = [Suppression(suppression.key(a), r or "manual", now, now + self.suppression_ttl)
+                   for a, r in entries if a.strip()]
+
+        def stored(n: int) -> int:
+            for r in records:
+                self.suppression.add(r)
+            return n
+        return self.spool.suppression_put(records).addCallback(stored)
+
+    def suppress_remove(self, address: str) -> Deferred[bool]:
+        def removed(found: bool) -> bool:
+            self.suppression.remove(address)
+            return found
+        return self.spool.suppression_delete(suppression.key(address)).addCallback(removed)
+
+    def expire_history(self, retention: float) -> Deferred[int]:
+        return self.spool.expire_history(self.clock.seconds() - retention)
 
     # -- delivery -------------------------------------------------------------------------
 
@@ -174,8 +219,8 @@ class Queue:
                         new = replace(new, warned=True)
                 if new.state == BOUNCED and category in self.suppress_categories:
                     suppressions.append(Suppression(
-                        rcpt.address.domain and str(rcpt.address).lower() or str(rcpt.address),
-                        category, at, at + self.suppression_ttl, str(outcome.reply)))
+                        suppression.key(str(rcpt.address)), category, at,
+                        at + self.suppression_ttl, str(outcome.reply)))
                 states[index] = new
             updated = replace(current, recipients=tuple(states))
             new_messages = []

@@ -148,6 +148,33 @@ def build_delivery(cfg: C.Config, reactor: Any, queue: Queue) -> DeliveryService
     return DeliveryService(dispatcher, pool, reactor)
 
 
+class QueueService(service.Service):
+    """Loads the suppression list at start; forgets finished messages past the retention."""
+
+    def __init__(self, queue: Queue, reactor: Any, retention: float) -> None:
+        self.queue = queue
+        self.reactor = reactor
+        self.retention = retention
+        self._loop: Any = None
+
+    def startService(self) -> None:
+        from twisted.internet.task import LoopingCall
+        service.Service.startService(self)
+        self.queue.load_suppressions().addErrback(
+            lambda f: f.printTraceback() if f else None)
+        self._loop = LoopingCall(self._expire)
+        self._loop.clock = self.reactor
+        self._loop.start(600, now=False)
+
+    def _expire(self) -> Any:
+        return self.queue.expire_history(self.retention).addErrback(lambda f: None)
+
+    def stopService(self) -> Any:
+        service.Service.stopService(self)
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+
+
 class SpoolService(service.Service):
     def __init__(self, spool: LmdbSpool) -> None:
         self.spool = spool
@@ -173,8 +200,15 @@ def build(cfg: C.Config, reactor: Any) -> service.MultiService:
                       max_map_size=cfg.spool.max_map_size,
                       inline_limit=cfg.spool.inline_body_limit)
     SpoolService(spool).setServiceParent(top)
+    from txmta.categories import Classifier
     queue = Queue(spool, reactor, maillog_for(cfg, reactor), schedule=cfg.retry.schedule,
-                  max_lifetime=cfg.retry.max_lifetime)
+                  max_lifetime=cfg.retry.max_lifetime, hostname=cfg.server.hostname,
+                  delay_warning=cfg.dsn.delay_warning,
+                  classifier=Classifier(extra=cfg.bounce.rules),
+                  suppress_categories=cfg.suppression.categories,
+                  suppression_ttl=cfg.suppression.ttl)
+    queue.drop_suppressed = cfg.suppression.action == "drop"
+    QueueService(queue, reactor, cfg.history.retention).setServiceParent(top)
     receiver = Receiver(queue, cfg.server.hostname, reactor)
     checker = None
     if cfg.auth.users:
@@ -195,7 +229,9 @@ def build(cfg: C.Config, reactor: Any) -> service.MultiService:
     for lst in cfg.listen:
         factory: Any = SMTPFactory(policy, lst, receiver, reactor, checker=checker, tls_options=tls,
                                    max_connections=cfg.server.max_connections,
-                                   max_per_ip=cfg.server.max_connections_per_ip, counts=counts)
+                                   max_per_ip=cfg.server.max_connections_per_ip, counts=counts,
+                                   suppression=queue.suppression,
+                                   reject_suppressed=cfg.suppression.action == "reject")
         if lst.tls == "implicit":
             factory = TLSMemoryBIOFactory(tls, False, factory)
         endpoint_class = TCP6ServerEndpoint if ":" in lst.host else TCP4ServerEndpoint

@@ -9,6 +9,9 @@ client on a plain socket so that the CLI needs no reactor.  One command per admi
     Flush(message_id?, domain?) -> count     make deferred recipients due now
     Hold(message_id) / Release / Delete / Requeue -> found
     Status() -> json                         {"messages": n, "pid": ..., "version": ...}
+    SuppressionAdd(address, reason?) -> ok   suppress mail to an address
+    SuppressionRemove(address) -> found      take it off the suppression list
+    SuppressionImport(lines) -> count        many at once: newline-joined "address,reason"
 
 This module does not decide anything about the queue; it carries requests and answers.
 It does not read the configuration; `tap.py` passes the path and the queue control.
@@ -98,7 +101,43 @@ class Status(amp.Command):
     errors = _ERRORS
 
 
-COMMANDS: tuple[type[amp.Command], ...] = (Flush, Hold, Release, Delete, Requeue, Status)
+class SuppressionAdd(amp.Command):
+    """Add an address to the suppression list (reason default "manual"); ok: it was stored."""
+    arguments = [(b"address", amp.Unicode()),
+                 (b"reason", amp.Unicode(optional=True))]
+    response = [(b"ok", amp.Boolean())]
+    errors = _ERRORS
+
+
+class SuppressionRemove(amp.Command):
+    """Take an address off the suppression list; found: it was on it."""
+    arguments = [(b"address", amp.Unicode())]
+    response = [(b"found", amp.Boolean())]
+    errors = _ERRORS
+
+
+class SuppressionImport(amp.Command):
+    """Add many addresses: `lines` is newline-joined "address" or "address,reason" lines
+    (an AMP value holds at most 65535 octets: the client sends a long list in several
+    requests).  count: how many entries the queue stored."""
+    arguments = [(b"lines", amp.Unicode())]
+    response = [(b"count", amp.Integer())]
+    errors = _ERRORS
+
+
+COMMANDS: tuple[type[amp.Command], ...] = (Flush, Hold, Release, Delete, Requeue, Status,
+                                           SuppressionAdd, SuppressionRemove, SuppressionImport)
+
+
+def import_entries(lines: str) -> list[tuple[str, str]]:
+    """The (address, reason) pairs of a SuppressionImport's `lines`: each non-blank line is
+    "address" or "address,reason" (split at the first comma; both stripped)."""
+    entries = []
+    for line in lines.splitlines():
+        address, _, reason = line.partition(",")
+        if address.strip():
+            entries.append((address.strip(), reason.strip()))
+    return entries
 
 
 class IQueueControl(Protocol):
@@ -111,6 +150,9 @@ class IQueueControl(Protocol):
     def delete(self, message_id: str) -> "defer.Deferred[bool]": ...
     def requeue(self, message_id: str) -> "defer.Deferred[bool]": ...
     def status(self) -> "defer.Deferred[dict[str, Any]]": ...
+    def suppress_add(self, address: str, reason: str) -> "defer.Deferred[bool]": ...
+    def suppress_remove(self, address: str) -> "defer.Deferred[bool]": ...
+    def suppress_import(self, entries: list[tuple[str, str]]) -> "defer.Deferred[int]": ...
 
 
 # -- the daemon side -------------------------------------------------------------------------
@@ -162,6 +204,21 @@ class ControlProtocol(amp.AMP):
             out.update(queue_status)
             return {"json": json.dumps(out, sort_keys=True)}
         return self._ask(self.queue_control.status).addCallback(render)
+
+    @SuppressionAdd.responder
+    def suppression_add(self, address: str, reason: str | None = None) -> defer.Deferred:
+        d = self._ask(self.queue_control.suppress_add, address,
+                      reason if reason is not None else "manual")
+        return d.addCallback(lambda ok: {"ok": bool(ok)})
+
+    @SuppressionRemove.responder
+    def suppression_remove(self, address: str) -> defer.Deferred:
+        return self._found(self.queue_control.suppress_remove, address)
+
+    @SuppressionImport.responder
+    def suppression_import(self, lines: str) -> defer.Deferred:
+        d = self._ask(self.queue_control.suppress_import, import_entries(lines))
+        return d.addCallback(lambda n: {"count": int(n)})
 
 
 class ControlFactory(Factory):

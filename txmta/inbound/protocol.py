@@ -38,6 +38,7 @@ from txmta.inbound.data import BdatStream, DataStream
 from txmta.inbound.grammar import GrammarError, parse_mail, parse_rcpt
 from txmta.inbound.session import Session
 from txmta.reply import Reply
+from txmta.suppression import rejection
 
 log = Logger()
 
@@ -343,6 +344,11 @@ class SMTPServer(Protocol, TimeoutMixin):
         address = cmd.address
         if not address.domain:  # <postmaster> (RFC 5321 4.5.1)
             address = Address(address.local, self.policy.hostname.lower())
+        suppressed = self.factory.suppression
+        if suppressed is not None and self.factory.reject_suppressed:
+            entry = suppressed.check(str(address), self.factory.clock.seconds())
+            if entry is not None:
+                return rejection(str(address), entry)
         self.envelope = self.envelope.with_recipient(Recipient(address, cmd.notify, cmd.orcpt))
         return Reply(250, "2.1.5", "Recipient OK")
 
@@ -629,7 +635,8 @@ class SMTPFactory(Factory):
     def __init__(self, policy: P.ServerPolicy, listener: ListenerSettings, receiver: IReceiver,
                  clock: IReactorTime, *, checker: Any = None, tls_options: Any = None,
                  max_connections: int = 1000, max_per_ip: int = 50,
-                 counts: dict[str, int] | None = None) -> None:
+                 counts: dict[str, int] | None = None, suppression: Any = None,
+                 reject_suppressed: bool = True) -> None:
         self.policy = policy
         self.listener = listener
         self.receiver = receiver
@@ -642,6 +649,8 @@ class SMTPFactory(Factory):
         self.counts: dict[str, int] = counts if counts is not None else {}
         self.counts.setdefault("", 0)
         self.accepting = True
+        self.suppression = suppression            # SuppressionList, checked at RCPT
+        self.reject_suppressed = reject_suppressed
 
     def buildProtocol(self, addr: Any) -> SMTPServer:
         return SMTPServer(self)

@@ -32,6 +32,7 @@ log = Logger()
 
 _HEADER_LINE = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*:")
 _HAS_MSGID = re.compile(rb"^message-id[ \t]*:", re.I | re.M)
+_MSGID_VALUE = re.compile(rb"^message-id[ \t]*:[ \t]*(?:\r?\n[ \t]+)?(<[^>\r\n]{1,500}>)", re.I | re.M)
 _HAS_DATE = re.compile(rb"^date[ \t]*:", re.I | re.M)
 _UNSAFE = re.compile(r"[^\x21-\x7e]")
 MAX_HEADER_SCAN = 1024 * 1024   # past this, the header section is passed on unchanged
@@ -83,6 +84,7 @@ class Intake:
         self._scan = 0          # where the next unread line of _head starts
         self._in_header = True
         self._done = False
+        self.header_id = ""     # the message's Message-ID header (ours if it had none)
 
     def write(self, data: bytes) -> None:
         if not self._in_header:
@@ -126,8 +128,12 @@ class Intake:
 
     def _missing(self, header: bytes) -> bytes:
         add = b""
+        found = _MSGID_VALUE.search(header)
+        if found is not None:
+            self.header_id = found.group(1).decode("utf-8", "replace")
         if not _HAS_MSGID.search(header):
-            add += f"Message-ID: <{self.message_id}@{self._receiver.hostname}>\r\n".encode()
+            self.header_id = f"<{self.message_id}@{self._receiver.hostname}>"
+            add += f"Message-ID: {self.header_id}\r\n".encode()
         if not _HAS_DATE.search(header):
             add += f"Date: {rfc5322_date(self.arrival)}\r\n".encode()
         return add
@@ -143,7 +149,7 @@ class Intake:
             self._in_header = False
             self.body.write(head + self._missing(head))
         d = self._queue.put(self.message_id, self.envelope, self.body, self.session.client_info(),
-                            self.arrival)
+                            self.arrival, header_id=self.header_id)
 
         def stored(_: Any) -> Reply:
             return Reply(250, "2.0.0", f"Ok: queued as {self.message_id}")

@@ -395,6 +395,8 @@ class LmdbSpool:
             self._write_events(txn, message.id, (received_event(message),))
             if message.header_id:
                 txn.put(message.header_id.encode("utf-8")[:500], key, db=self._db[b"msgids"])
+            if message.recipients and not message.unfinished:  # all ended at intake (suppressed)
+                self._finish(txn, message, message, message.arrival)
 
         return self._submit(_Op(fn, pre=body.sync if in_file else None,
                                 on_fail=body.abort if in_file else None))

@@ -73,11 +73,14 @@ class MemorySpool:
         if err is not None:
             body.abort()
             return fail(err)
+        self.events.setdefault(message.id, []).append(received_event(message))
+        self.commits += 1
+        if message.recipients and not message.unfinished:  # all ended at intake (suppressed)
+            self.history[message.id] = (message, message.arrival)
+            return succeed(None)
         self.messages[message.id] = message
         self.bodies[message.id] = body.value()
         self._index(message)
-        self.events.setdefault(message.id, []).append(received_event(message))
-        self.commits += 1
         return succeed(None)
 
     def update(self, message: StoredMessage) -> Deferred[None]:
