@@ -14,6 +14,7 @@ import lmdb
 import pytest
 
 from txmta.spool.interface import (HELD, QUEUED, CommitFailed, RecipientState, SpoolFormatError,
+                                   StoredMessage,
                                    SpoolFull)
 from txmta.spool.lmdb import LmdbView
 
@@ -270,3 +271,51 @@ def test_a_put_too_big_for_the_map_fails_alone_in_its_batch(open_lmdb, wait, mak
     assert outcomes == ["ok", "full", "ok", "ok"]
     assert wait(spool.count()) == 3
     assert wait(spool.get(ms[1].id)) is None
+
+
+def test_a_finished_message_moves_to_history_with_its_timeline_dsn_and_suppression(
+        open_lmdb, wait, make_message, tmp_path):
+    """One modify() commits final states, events, a DSN and a suppression together; the
+    finished message stays readable (history, timeline, Message-ID index) until it expires."""
+    from dataclasses import replace as dc_replace
+
+    from txmta.envelope import Address, Envelope, Recipient
+    from txmta.reply import Reply
+    from txmta.spool.interface import Change, Event, Suppression
+    path = tmp_path / "history-spool"
+    spool = open_lmdb(path)
+    m = dc_replace(make_message(), header_id="<abc@example.com>")
+    put(spool, wait, m)
+    dsn_msg = StoredMessage("0151dsnmessage1", Envelope(Address("", ""),
+                            (Recipient(Address("sender", "example.com")),)), 2000.0, 0,
+                            (RecipientState(QUEUED, 0, 2000.0),), {"listener": "dsn"})
+    bounce = Reply(550, "5.1.1", "no such user")
+
+    def change(old):
+        states = tuple(dc_replace(r, state="bounced", last_reply=bounce, category="invalid-recipient")
+                       for r in old.recipients)
+        return Change(dc_replace(old, recipients=states),
+                      (Event(2000.0, "bounced", "r0@example.org", str(bounce)),),
+                      ((dsn_msg, b"Subject: report\r\n\r\nfailed\r\n"),),
+                      (Suppression("r0@example.org", "invalid-recipient", 2000.0, 9000.0, str(bounce)),),
+                      finished_at=2000.0)
+    assert wait(spool.modify(m.id, change)).recipients[0].state == "bounced"
+    assert wait(spool.get(m.id)) is None
+    assert wait(spool.read_body(dsn_msg.id)) == b"Subject: report\r\n\r\nfailed\r\n"
+    assert [t for t, _ in wait(spool.due(3000.0, 10))] == [2000.0]
+    wait(spool.close())
+    view = LmdbView(str(path))
+    finished, when = view.history(m.id)
+    assert when == 2000.0 and finished.recipients[0].category == "invalid-recipient"
+    assert [e.kind for e in view.events(m.id)] == ["received", "bounced"]
+    assert view.find_by_header_id("<abc@example.com>") == m.id
+    assert [s.address for s in view.suppressions()] == ["r0@example.org"]
+    view.close()
+    spool = open_lmdb(path)
+    assert wait(spool.expire_history(1000.0)) == 0       # finished at 2000: kept
+    assert wait(spool.expire_history(2001.0)) == 1
+    wait(spool.close())
+    view = LmdbView(str(path))
+    assert view.history(m.id) is None and view.events(m.id) == []
+    assert view.find_by_header_id("<abc@example.com>") is None
+    view.close()
