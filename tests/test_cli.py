@@ -2,6 +2,7 @@
 LMDB spool written through the daemon's own spool API; the queue-changing commands and
 status against a fake daemon serving the control socket from a thread."""
 
+import dataclasses
 import io
 import json
 import socket
@@ -16,7 +17,8 @@ from txmta.control.amp import control_socket_path
 from txmta.envelope import Address, Envelope, Recipient
 from txmta.passwords import verify_password
 from txmta.reply import Reply
-from txmta.spool.interface import DELIVERED, HELD, QUEUED, RecipientState, StoredMessage
+from txmta.spool.interface import (DELIVERED, HELD, QUEUED, Change, Event, RecipientState,
+                                   StoredMessage, Suppression)
 from txmta.spool.lmdb import LmdbSpool
 
 ARRIVAL = timegm((2026, 11, 28, 7, 14, 23, 0, 0, 0))    # 2026-11-28T07:14:23Z
@@ -87,6 +89,66 @@ def empty_conf(tmp_path):
     f = tmp_path / "txmta.toml"
     f.write_text(f'[spool]\npath = "{tmp_path / "spool"}"\n')
     return str(f)
+
+
+FINISHED_ID = "0000AAAAAAACbcdf"
+FINISHED_AT = ARRIVAL + 65
+MX = "mx.example.com[192.0.2.25]"
+NO_SUCH_USER = Reply(550, "5.1.1", "no such user")
+FAR = timegm((2099, 1, 1, 0, 0, 0, 0, 0, 0))
+LONG_AGO = timegm((2020, 1, 1, 0, 0, 0, 0, 0, 0))
+
+
+def add_history(path):
+    """To make_spool's spool: a finished message (one recipient bounced, one delivered, with
+    its timeline and Message-ID), a second one finished by a plain modify(), and two
+    suppressions, one of them expired."""
+    spool = LmdbSpool(str(path), ImmediateReactor())
+    try:
+        env = Envelope(Address("alice", "example.org"),
+                       (Recipient(Address("bob", "example.com")),
+                        Recipient(Address("erin", "example.com"))))
+        m = StoredMessage(FINISHED_ID, env, ARRIVAL + 60, len(BODY),
+                          (RecipientState(next_attempt=ARRIVAL + 60),) * 2,
+                          {"address": "192.0.2.10"}, header_id="<abc@example.com>")
+        put(spool, m, BODY)
+
+        def finish(old):
+            new = dataclasses.replace(old, recipients=(
+                RecipientState("bounced", 1, 0.0, NO_SUCH_USER, remote=MX,
+                               category="invalid-recipient"),
+                RecipientState(DELIVERED, 1, 0.0, Reply(250, "2.0.0", "Ok: queued as 4XyZ"),
+                               remote=MX)))
+            events = (Event(FINISHED_AT, "bounced", "bob@example.com", str(NO_SUCH_USER), MX,
+                            "invalid-recipient"),
+                      Event(FINISHED_AT + 0.001, "delivered", "erin@example.com",
+                            "250 2.0.0 Ok: queued as 4XyZ", MX))
+            sup = Suppression("bob@example.com", "invalid-recipient", FINISHED_AT, FAR,
+                              str(NO_SUCH_USER))
+            return Change(new, events, suppress=(sup,), finished_at=FINISHED_AT)
+        assert wait(spool.modify(FINISHED_ID, finish)) is not None
+
+        env2 = Envelope(Address("alice", "example.org"), (Recipient(Address("x", "example.net")),))
+        m2 = StoredMessage("0000AAAAAAADbcdf", env2, ARRIVAL + 70, len(BODY),
+                           (RecipientState(next_attempt=ARRIVAL + 70),), {},
+                           header_id="<def@example.org>")
+        put(spool, m2, BODY)
+        wait(spool.modify(m2.id, lambda m: dataclasses.replace(m, recipients=tuple(
+            dataclasses.replace(r, state="bounced", last_reply=NO_SUCH_USER,
+                                category="invalid-recipient") for r in m.recipients))))
+        wait(spool.suppression_put([
+            Suppression("old@example.net", "bad-domain", LONG_AGO - 86400, LONG_AGO,
+                        "550 5.1.2 no such domain"),
+            Suppression("manual@example.org", "manual", ARRIVAL, FAR)]))
+    finally:
+        wait(spool.close())
+
+
+@pytest.fixture
+def history_conf(conf, tmp_path):
+    """conf's spool plus add_history()'s finished messages and suppressions."""
+    add_history(tmp_path / "spool")
+    return conf
 
 
 # -- check-config -------------------------------------------------------------------------
@@ -262,9 +324,172 @@ def test_header_section_stops_at_first_empty_line():
 def test_command_table_lists_each_subcommand_once():
     """The grammar is one table; every entry is reachable through main()."""
     words = [c.words for c in cli.COMMANDS]
-    assert words == ["check-config", "passwd", "queue list", "queue show", "queue flush",
-                     "queue hold", "queue release", "queue requeue", "queue delete", "status"]
+    assert words == ["check-config", "passwd", "queue list", "queue show", "history",
+                     "suppression list", "queue flush", "queue hold", "queue release",
+                     "queue requeue", "queue delete", "status", "suppression add",
+                     "suppression remove", "suppression import"]
     assert len(set(words)) == len(words)
+
+
+def test_queue_show_prints_the_timeline_between_envelope_and_headers(conf, capsys):
+    """A queued message's timeline (here: its `received` event) follows the recipients;
+    the header section still comes last; each recipient has remote and category lines."""
+    assert cli.main(["queue", "show", "0000AAAAAAAAbcdf", "--config", conf]) == 0
+    out = capsys.readouterr().out
+    assert "finished at" not in out
+    assert "  remote: -" in out and "  category: -" in out
+    timeline = out[out.index("\ntimeline:\n"):out.index("Received: from client")]
+    assert ("  2026-11-28T07:14:23Z received  from <alice@example.org> client=192.0.2.10 "
+            f"size={len(BODY)} nrcpt=2\n") in timeline
+    assert out.rstrip().endswith("Subject: hello")
+
+
+def test_queue_show_finished_message_from_the_history(history_conf, capsys):
+    """A finished message: "finished at", each recipient's final state with the reply that
+    decided it, the remote host and the category, and the whole timeline in order."""
+    assert cli.main(["queue", "show", FINISHED_ID, "--config", history_conf]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[:3] == [f"id: {FINISHED_ID}", "arrival: 2026-11-28T07:15:23Z",
+                         "finished at: 2026-11-28T07:15:28Z (no longer queued; from the history)"]
+    assert "message-id: <abc@example.com>" in lines
+    i = lines.index("recipient 0: bob@example.com")
+    assert lines[i + 1] == "  state: bounced"
+    assert "  last reply: 550 5.1.1 no such user" in lines[i:i + 9]
+    assert f"  remote: {MX}" in lines[i:i + 9]
+    assert "  category: invalid-recipient" in lines[i:i + 9]
+    j = lines.index("recipient 1: erin@example.com")
+    assert lines[j + 1] == "  state: delivered"
+    assert "  last reply: 250 2.0.0 Ok: queued as 4XyZ" in lines[j:j + 9]
+    t = lines.index("timeline:")
+    assert lines[t + 1].startswith("  2026-11-28T07:15:23Z received  from <alice@example.org>")
+    assert lines[t + 2] == ("  2026-11-28T07:15:28Z bounced   bob@example.com 550 5.1.1 no such "
+                            f"user remote={MX} category=invalid-recipient")
+    assert lines[t + 3] == ("  2026-11-28T07:15:28Z delivered erin@example.com 250 2.0.0 Ok: "
+                            f"queued as 4XyZ remote={MX}")
+    assert lines[-1] == "(the body is not kept after the message finished)"
+
+
+def test_queue_show_json_of_a_finished_message(history_conf, capsys):
+    """--json: envelope fields, recipients with reply/remote/category, events, finished."""
+    assert cli.main(["queue", "show", FINISHED_ID, "--json", "--config", history_conf]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["id"] == FINISHED_ID
+    assert data["finished"] == "2026-11-28T07:15:28Z"
+    assert data["sender"] == "alice@example.org"
+    assert data["message_id"] == "<abc@example.com>"
+    assert data["headers"] is None
+    assert data["recipients"][0] == {
+        "address": "bob@example.com", "state": "bounced", "attempts": 1, "next_attempt": None,
+        "notify": [], "orcpt": None,
+        "last_reply": {"code": 550, "enhanced": "5.1.1", "text": "no such user"},
+        "remote": MX, "category": "invalid-recipient"}
+    assert data["recipients"][1]["state"] == "delivered"
+    assert [e["event"] for e in data["events"]] == ["received", "bounced", "delivered"]
+    assert data["events"][1] == {"time": "2026-11-28T07:15:28Z", "event": "bounced",
+                                 "rcpt": "bob@example.com", "text": "550 5.1.1 no such user",
+                                 "remote": MX, "category": "invalid-recipient"}
+
+
+def test_queue_show_json_of_a_queued_message(conf, capsys):
+    """--json for a message still queued: finished is null, the header section is there."""
+    assert cli.main(["queue", "show", "0000AAAAAAAAbcdf", "--json", "--config", conf]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["finished"] is None
+    assert data["envid"] == "env-1" and data["ret"] == "HDRS" and data["body"] == "8BITMIME"
+    assert data["declared_size"] == len(BODY)
+    assert data["client"]["helo"] == "client.example.org"
+    assert data["recipients"][0]["notify"] == ["FAILURE", "DELAY"]
+    assert data["recipients"][0]["next_attempt"] == "2026-11-28T07:29:23Z"
+    assert data["headers"].endswith("Subject: hello")
+    assert [e["event"] for e in data["events"]] == ["received"]
+
+
+def test_queue_show_message_finished_by_a_plain_modify(history_conf, capsys):
+    """A message finished without events or a finish time of its own still shows, with
+    the time it finished and its final state."""
+    assert cli.main(["queue", "show", "0000AAAAAAADbcdf", "--json",
+                     "--config", history_conf]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["finished"] is not None
+    assert data["recipients"][0]["state"] == "bounced"
+    assert data["recipients"][0]["category"] == "invalid-recipient"
+
+
+@pytest.mark.parametrize("value", ["<abc@example.com>", "abc@example.com", " <abc@example.com> "])
+def test_history_finds_a_message_by_message_id(history_conf, capsys, value):
+    """history --message-id, with or without the angle brackets, prints what queue show does."""
+    assert cli.main(["queue", "show", FINISHED_ID, "--config", history_conf]) == 0
+    expected = capsys.readouterr().out
+    assert cli.main(["history", "--message-id", value, "--config", history_conf]) == 0
+    assert capsys.readouterr().out == expected
+
+
+def test_history_json(history_conf, capsys):
+    assert cli.main(["history", "--message-id", "abc@example.com", "--json",
+                     "--config", history_conf]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["id"] == FINISHED_ID and data["finished"] == "2026-11-28T07:15:28Z"
+
+
+def test_history_unknown_message_id_exits_1(history_conf, capsys):
+    assert cli.main(["history", "--message-id", "nope@example.com", "--config", history_conf]) == 1
+    out = capsys.readouterr()
+    assert out.out == ""
+    assert out.err == ("<nope@example.com>: no message with this Message-ID in the queue or "
+                       "its history\n")
+
+
+def test_history_needs_a_message_id(history_conf, capsys):
+    assert cli.main(["history", "--config", history_conf]) == 2
+    assert cli.main(["history", "--message-id", "<>", "--config", history_conf]) == 1
+    assert "empty" in capsys.readouterr().err
+
+
+def test_header_id_forms():
+    assert cli.header_id_forms("a@b") == ["<a@b>", "a@b"]
+    assert cli.header_id_forms("<a@b>") == ["<a@b>", "a@b"]
+
+
+# -- suppression list -------------------------------------------------------------------------
+
+def test_suppression_list_skips_expired_entries(history_conf, capsys):
+    """Columns address, reason, since, expires, reply; sorted by address; expired left out."""
+    assert cli.main(["suppression", "list", "--config", history_conf]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["ADDRESS", "REASON", "SINCE", "EXPIRES", "REPLY"]
+    assert [l.split()[0] for l in lines[1:]] == ["bob@example.com", "manual@example.org"]
+    assert lines[1].split() == ["bob@example.com", "invalid-recipient", "2026-11-28T07:15:28Z",
+                                "2099-01-01T00:00:00Z", "550", "5.1.1", "no", "such", "user"]
+    assert lines[2].split() == ["manual@example.org", "manual", "2026-11-28T07:14:23Z",
+                                "2099-01-01T00:00:00Z", "-"]
+    # the columns line up
+    assert len({l.index("20") for l in lines[1:]}) == 1
+
+
+def test_suppression_list_all_shows_expired_entries(history_conf, capsys):
+    assert cli.main(["suppression", "list", "--all", "--config", history_conf]) == 0
+    out = capsys.readouterr().out
+    assert "old@example.net" in out and "2020-01-01T00:00:00Z (expired)" in out
+
+
+def test_suppression_list_json(history_conf, capsys):
+    assert cli.main(["suppression", "list", "--json", "--config", history_conf]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data[0] == {"address": "bob@example.com", "reason": "invalid-recipient",
+                       "since": "2026-11-28T07:15:28Z", "expires": "2099-01-01T00:00:00Z",
+                       "reply": "550 5.1.1 no such user", "expired": False}
+    assert [e["address"] for e in data] == ["bob@example.com", "manual@example.org"]
+    assert cli.main(["suppression", "list", "--json", "--all", "--config", history_conf]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [e["expired"] for e in data] == [False, False, True]
+
+
+def test_suppression_list_empty(empty_conf, capsys):
+    assert cli.main(["suppression", "list", "--config", empty_conf]) == 0
+    assert capsys.readouterr().out == "Suppression list is empty\n"
+    assert cli.main(["suppression", "list", "--json", "--config", empty_conf]) == 0
+    assert json.loads(capsys.readouterr().out) == []
 
 
 # -- commands through the control socket ---------------------------------------------------------
@@ -315,6 +540,7 @@ class FakeDaemon:
 
 
 KNOWN_ID = "0000AAAAAAAAbcdf"
+SUPPRESSED = "bob@example.com"
 
 
 def scripted_answer(box):
@@ -329,6 +555,13 @@ def scripted_answer(box):
     if command == b"Status":
         return {b"_answer": ask,
                 b"json": b'{"messages": 1, "pid": 4242, "version": "0.1.0"}'}
+    if command == b"SuppressionAdd":
+        return {b"_answer": ask, b"ok": b"True"}
+    if command == b"SuppressionRemove":
+        found = box[b"address"] == SUPPRESSED.encode()
+        return {b"_answer": ask, b"found": b"True" if found else b"False"}
+    if command == b"SuppressionImport":
+        return {b"_answer": ask, b"count": str(len(box[b"lines"].splitlines())).encode()}
     return {b"_error": ask, b"_error_code": b"UNHANDLED",
             b"_error_description": b"Unhandled Command: " + command}
 
@@ -391,7 +624,9 @@ def test_status_prints_fields_or_json(daemon, capsys):
     assert json.loads(capsys.readouterr().out) == {"messages": 1, "pid": 4242, "version": "0.1.0"}
 
 
-@pytest.mark.parametrize("argv", [["status"], ["queue", "flush"], ["queue", "hold", KNOWN_ID]])
+@pytest.mark.parametrize("argv", [["status"], ["queue", "flush"], ["queue", "hold", KNOWN_ID],
+                                  ["suppression", "add", "a@example.com"],
+                                  ["suppression", "remove", "a@example.com"]])
 def test_control_commands_without_a_daemon_say_so_and_exit_1(tmp_path, capsys, argv):
     """No control socket: "is the daemon running?" naming the socket, exit 1, no traceback."""
     f = tmp_path / "txmta.toml"
@@ -437,3 +672,147 @@ def test_queue_id_commands_need_an_id(capsys):
     """hold/release/requeue/delete without an id are usage errors (exit 2)."""
     for verb in ("hold", "release", "requeue", "delete"):
         assert cli.main(["queue", verb]) == 2
+
+
+# -- suppression add / remove / import, through the control socket --------------------------------
+
+def _fields(request):
+    return {k: v for k, v in request.items() if not k.startswith(b"_")}
+
+
+@pytest.mark.parametrize("argv, fields", [
+    (["a@example.com"], {b"address": b"a@example.com"}),
+    (["a@example.com", "--reason", "complaint #42"],
+     {b"address": b"a@example.com", b"reason": b"complaint #42"}),
+    (["Ünïcode@exämple.com"], {b"address": "Ünïcode@exämple.com".encode()}),
+])
+def test_suppression_add_sends_suppression_add(daemon, capsys, argv, fields):
+    """`suppression add ADDRESS [--reason TEXT]` sends one SuppressionAdd (no reason: left
+    out, the daemon says "manual") and prints `ADDRESS: suppressed`."""
+    assert cli.main(["suppression", "add"] + argv + ["--config", daemon.config]) == 0
+    assert capsys.readouterr().out == f"{argv[0]}: suppressed\n"
+    [request] = daemon.requests
+    assert request[b"_command"] == b"SuppressionAdd"
+    assert _fields(request) == fields
+
+
+def test_suppression_add_refused_by_the_daemon_exits_1(tmp_path, capsys):
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    f = tmp_path / "txmta.toml"
+    f.write_text(f'[spool]\npath = "{spool}"\n')
+    fake = FakeDaemon(control_socket_path(str(spool)),
+                      lambda box: {b"_answer": box[b"_ask"], b"ok": b"False"})
+    try:
+        assert cli.main(["suppression", "add", "a@example.com", "--config", str(f)]) == 1
+    finally:
+        fake.close()
+    assert capsys.readouterr().err == "a@example.com: the daemon did not add it\n"
+
+
+@pytest.mark.parametrize("verb", ["add", "remove"])
+@pytest.mark.parametrize("address, complaint", [
+    ("no-at-sign.example.com", "no @"), ("a b@example.com", "no spaces"),
+    ("a@example.com\t", None), ("", "empty address")])
+def test_suppression_add_and_remove_check_the_address(daemon, capsys, verb, address, complaint):
+    """An address without "@" or with white space inside is refused before anything is sent
+    (surrounding white space is dropped)."""
+    rc = cli.main(["suppression", verb, address, "--config", daemon.config])
+    out = capsys.readouterr()
+    if complaint is None:
+        assert daemon.requests[0][b"address"] == b"a@example.com"
+        return
+    assert rc == 1 and out.out == "" and complaint in out.err
+    assert daemon.requests == []
+
+
+def test_suppression_add_refuses_an_empty_reason(daemon, capsys):
+    assert cli.main(["suppression", "add", "a@example.com", "--reason", " ",
+                     "--config", daemon.config]) == 1
+    assert "--reason" in capsys.readouterr().err and daemon.requests == []
+
+
+def test_suppression_remove(daemon, capsys):
+    """`suppression remove ADDRESS`: `ADDRESS: removed`, or exit 1 if it was not listed."""
+    assert cli.main(["suppression", "remove", SUPPRESSED, "--config", daemon.config]) == 0
+    assert capsys.readouterr().out == f"{SUPPRESSED}: removed\n"
+    assert daemon.requests[0][b"_command"] == b"SuppressionRemove"
+    assert _fields(daemon.requests[0]) == {b"address": SUPPRESSED.encode()}
+    assert cli.main(["suppression", "remove", "x@example.com", "--config", daemon.config]) == 1
+    out = capsys.readouterr()
+    assert out.out == "" and out.err == "x@example.com: not on the suppression list\n"
+
+
+IMPORT_FILE = """# bounced in the old system
+bob@example.com,invalid-recipient
+
+  carol@example.net  ,  complaint, via the feedback loop
+dave@example.org
+   # indented comment
+"""
+
+
+def test_suppression_import_sends_the_lines_and_prints_the_count(daemon, tmp_path, capsys):
+    """Comments and blank lines are skipped; each entry goes as "address,reason" (reason
+    may hold commas; an entry without one is the bare address); the count is printed."""
+    f = tmp_path / "list.txt"
+    f.write_text(IMPORT_FILE)
+    assert cli.main(["suppression", "import", str(f), "--config", daemon.config]) == 0
+    assert capsys.readouterr().out == "3\n"
+    [request] = daemon.requests
+    assert request[b"_command"] == b"SuppressionImport"
+    assert request[b"lines"].decode() == ("bob@example.com,invalid-recipient\n"
+                                          "carol@example.net,complaint, via the feedback loop\n"
+                                          "dave@example.org")
+
+
+def test_suppression_import_from_stdin(daemon, monkeypatch, capsys):
+    monkeypatch.setattr("sys.stdin", io.StringIO("a@example.com\nb@example.com,manual\n"))
+    assert cli.main(["suppression", "import", "-", "--config", daemon.config]) == 0
+    assert capsys.readouterr().out == "2\n"
+
+
+def test_suppression_import_a_bad_line_sends_nothing(daemon, tmp_path, capsys):
+    """A bad address anywhere: an error naming file and line, and nothing is imported."""
+    f = tmp_path / "list.txt"
+    f.write_text("a@example.com\n# fine\nnot an address\n")
+    assert cli.main(["suppression", "import", str(f), "--config", daemon.config]) == 1
+    out = capsys.readouterr()
+    assert out.out == "" and out.err.startswith(f"{f}:3: bad address 'not an address'")
+    assert daemon.requests == []
+
+
+def test_suppression_import_missing_file_exits_1(daemon, tmp_path, capsys):
+    assert cli.main(["suppression", "import", str(tmp_path / "nope"),
+                     "--config", daemon.config]) == 1
+    assert "cannot read" in capsys.readouterr().err and daemon.requests == []
+
+
+def test_suppression_import_empty_file_prints_0_without_asking(daemon, tmp_path, capsys):
+    f = tmp_path / "list.txt"
+    f.write_text("# nothing yet\n\n")
+    assert cli.main(["suppression", "import", str(f), "--config", daemon.config]) == 0
+    assert capsys.readouterr().out == "0\n" and daemon.requests == []
+
+
+def test_suppression_import_splits_a_long_list_into_requests(daemon, tmp_path, capsys):
+    """An AMP value holds at most 65535 octets: a long file goes as several requests whose
+    counts are added up."""
+    f = tmp_path / "list.txt"
+    f.write_text("".join(f"user{i:05d}@example.com,hard bounce\n" for i in range(5000)))
+    assert cli.main(["suppression", "import", str(f), "--config", daemon.config]) == 0
+    assert capsys.readouterr().out == "5000\n"
+    assert len(daemon.requests) > 1
+    assert all(len(r[b"lines"]) <= cli.IMPORT_BATCH_OCTETS for r in daemon.requests)
+    sent = b"\n".join(r[b"lines"] for r in daemon.requests).decode().splitlines()
+    assert sent == [f"user{i:05d}@example.com,hard bounce" for i in range(5000)]
+
+
+def test_import_batches():
+    entries = [("a@x", ""), ("b@x", "r"), ("c@x", "")]
+    assert cli.import_batches(entries) == ["a@x\nb@x,r\nc@x"]
+    assert cli.import_batches(entries, limit=9) == ["a@x\nb@x,r", "c@x"]
+    assert cli.import_batches(entries, limit=8) == ["a@x", "b@x,r", "c@x"]
+    with pytest.raises(cli.CommandFailed, match="too long"):
+        cli.import_batches(entries, limit=4)
+    assert cli.import_batches([]) == []

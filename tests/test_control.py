@@ -22,8 +22,9 @@ from twisted.test import iosim
 import txmta
 from txmta.control import amp as control
 from txmta.control.amp import (BoxReader, ControlError, ControlProtocol, ControlService, Delete,
-                               Flush, Hold, Release, Requeue, Status, call, control_factory,
-                               control_socket_path, encode_box)
+                               Flush, Hold, Release, Requeue, Status, SuppressionAdd,
+                               SuppressionImport, SuppressionRemove, call, control_factory,
+                               control_socket_path, encode_box, import_entries)
 
 
 class FakeQueueControl:
@@ -34,6 +35,7 @@ class FakeQueueControl:
         self.calls: list[tuple[Any, ...]] = []
         self.asynchronous = asynchronous
         self.pending: list[tuple[defer.Deferred, Any]] = []
+        self.suppressed: dict[str, str] = {}
 
     def _answer(self, value: Any) -> Any:
         if not self.asynchronous:
@@ -74,6 +76,24 @@ class FakeQueueControl:
     def status(self):
         self.calls.append(("status",))
         return self._answer({"messages": 2, "recipients": 3})
+
+    def suppress_add(self, address, reason):
+        self.calls.append(("suppress_add", address, reason))
+        if address == "boom@example.com":
+            raise RuntimeError("the spool broke")
+        self.suppressed[address] = reason
+        return self._answer(True)
+
+    def suppress_remove(self, address):
+        self.calls.append(("suppress_remove", address))
+        return self._answer(self.suppressed.pop(address, None)
+                            is not None)
+
+    def suppress_import(self, entries):
+        self.calls.append(("suppress_import", list(entries)))
+        for address, reason in entries:
+            self.suppressed[address] = reason
+        return self._answer(len(entries))
 
 
 def connect(queue_control):
@@ -141,6 +161,62 @@ def test_status_is_json_with_pid_and_version():
     status = json.loads(got()["json"])
     assert status == {"messages": 2, "recipients": 3, "pid": os.getpid(),
                       "version": txmta.__version__}
+
+
+@pytest.mark.parametrize("kwargs, reason", [
+    ({"address": "a@example.com"}, "manual"),
+    ({"address": "a@example.com", "reason": "complaint"}, "complaint"),
+])
+def test_suppression_add_calls_suppress_add(kwargs, reason):
+    """SuppressionAdd's reason is optional ("manual" without one); ok comes back."""
+    qc = FakeQueueControl()
+    client, pump = connect(qc)
+    got = capture(client.callRemote(SuppressionAdd, **kwargs))
+    pump.flush()
+    assert got() == {"ok": True}
+    assert qc.calls == [("suppress_add", "a@example.com", reason)]
+
+
+def test_suppression_remove_says_whether_the_address_was_listed():
+    qc = FakeQueueControl()
+    qc.suppressed = {"a@example.com": "manual"}
+    client, pump = connect(qc)
+    first = capture(client.callRemote(SuppressionRemove, address="a@example.com"))
+    second = capture(client.callRemote(SuppressionRemove, address="a@example.com"))
+    pump.flush()
+    assert first() == {"found": True} and second() == {"found": False}
+    assert qc.calls == [("suppress_remove", "a@example.com")] * 2
+
+
+def test_suppression_import_passes_address_reason_pairs_and_returns_the_count():
+    """The newline-joined lines become (address, reason) pairs (split at the first comma,
+    blank lines skipped, no reason: "")."""
+    qc = FakeQueueControl(asynchronous=True)
+    client, pump = connect(qc)
+    got = capture(client.callRemote(
+        SuppressionImport, lines="a@example.com,invalid-recipient\n\nb@exämple.com\n"
+                                 " c@example.net , complaint, by phone "))
+    pump.flush()
+    qc.fire_pending()
+    pump.flush()
+    assert got() == {"count": 3}
+    assert qc.calls == [("suppress_import", [("a@example.com", "invalid-recipient"),
+                                             ("b@exämple.com", ""),
+                                             ("c@example.net", "complaint, by phone")])]
+
+
+def test_import_entries():
+    assert import_entries("") == []
+    assert import_entries("a@x\r\n,orphan reason\n  \nb@x,r") == [("a@x", ""), ("b@x", "r")]
+
+
+def test_a_failing_suppress_add_is_an_internal_error():
+    qc = FakeQueueControl()
+    client, pump = connect(qc)
+    got = capture(client.callRemote(SuppressionAdd, address="boom@example.com"))
+    pump.flush()
+    with pytest.raises(control.InternalError, match="^RuntimeError: the spool broke$"):
+        got()
 
 
 def test_answers_wait_for_the_queue_deferred():
@@ -285,6 +361,27 @@ def test_call_round_trip_over_a_unix_socket(served):
     assert json.loads(call(path, Status)["json"])["messages"] == 2
     assert qc.calls[:3] == [("flush", None, None), ("flush", MID, None),
                             ("flush", None, "exämple.com")]
+
+
+def test_call_round_trip_of_the_suppression_commands(served):
+    """call() with each suppression command, optional reason left out or given."""
+    path, qc = served.path, served.queue_control
+    assert call(path, SuppressionAdd, address="a@example.com") == {"ok": True}
+    assert call(path, SuppressionAdd, address="b@exämple.com", reason="complaint") == {"ok": True}
+    assert call(path, SuppressionImport, lines="c@example.com,x\nd@example.com") == {"count": 2}
+    assert call(path, SuppressionRemove, address="a@example.com") == {"found": True}
+    assert call(path, SuppressionRemove, address="a@example.com") == {"found": False}
+    assert qc.calls == [("suppress_add", "a@example.com", "manual"),
+                        ("suppress_add", "b@exämple.com", "complaint"),
+                        ("suppress_import", [("c@example.com", "x"), ("d@example.com", "")]),
+                        ("suppress_remove", "a@example.com"),
+                        ("suppress_remove", "a@example.com")]
+    assert qc.suppressed == {"b@exämple.com": "complaint", "c@example.com": "x",
+                             "d@example.com": ""}
+
+
+def test_commands_table_has_the_suppression_commands():
+    assert {SuppressionAdd, SuppressionRemove, SuppressionImport} <= set(control.COMMANDS)
 
 
 def test_call_reports_the_daemons_error(served):

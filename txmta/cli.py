@@ -581,14 +581,14 @@ def import_batches(entries: Sequence[tuple[str, str]],
     size = 0
     for address, reason in entries:
         line = f"{address},{reason}" if reason else address
-        n = len(line.encode("utf-8")) + 1
+        n = len(line.encode("utf-8"))
         if n > limit:
             raise CommandFailed(f"{address}: the line is too long to send ({n} octets)")
-        if batch and size + n > limit:
+        if batch and size + 1 + n > limit:       # 1: the newline before it
             batches.append("\n".join(batch))
             batch, size = [], 0
+        size += n + 1 if batch else n
         batch.append(line)
-        size += n
     if batch:
         batches.append("\n".join(batch))
     return batches

@@ -102,6 +102,12 @@ class Event:
         return d
 
 
+def received_event(m: StoredMessage) -> Event:
+    client = m.client.get("address", "") or "local"
+    return Event(m.arrival, "received", text=f"from <{m.envelope.sender}> client={client} "
+                 f"size={m.size} nrcpt={len(m.envelope.recipients)}")
+
+
 @dataclass(frozen=True)
 class Suppression:
     address: str                    # lower-cased

@@ -37,7 +37,7 @@ from twisted.python.failure import Failure
 from txmta.spool import codec
 from txmta.spool.interface import (QUEUED, UNFINISHED, Change, CommitFailed, Event,
                                    RecipientState, SpoolError, SpoolFormatError, SpoolFull,
-                                   StoredMessage, Suppression)
+                                   StoredMessage, Suppression, received_event)
 
 FORMAT = b"1"
 DB_NAMES = (b"messages", b"bodies", b"recipients", b"due", b"events", b"meta",
@@ -101,12 +101,6 @@ def load_message(txn: Any, dbs: dict[bytes, Any], message_id: str) -> StoredMess
         rs = txn.get(rcpt_key(message_id, i), db=dbs[b"recipients"])
         states.append(codec.decode_recipient(rs) if rs is not None else RecipientState())
     return replace(message, recipients=tuple(states))
-
-
-def received_event(m: StoredMessage) -> Event:
-    client = m.client.get("address", "") or "local"
-    return Event(m.arrival, "received", text=f"from <{m.envelope.sender}> client={client} "
-                 f"size={m.size} nrcpt={len(m.envelope.recipients)}")
 
 
 def read_suppressions(txn: Any, dbs: dict[bytes, Any]) -> list[Suppression]:

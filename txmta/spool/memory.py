@@ -14,8 +14,7 @@ from typing import Callable
 from twisted.internet.defer import Deferred, fail, succeed
 
 from txmta.spool.interface import (QUEUED, UNFINISHED, Change, CommitFailed, Event, SpoolError,
-                                   StoredMessage, Suppression)
-from txmta.spool.lmdb import received_event
+                                   StoredMessage, Suppression, received_event)
 
 
 class MemoryBodyWriter:
