@@ -349,3 +349,47 @@ def test_flush_after_the_destination_came_back(deliverer: Callable[..., Daemon],
         sink.wait(lambda s: len(s.transactions) >= 1, 6,
                   "the flushed message at the sink (flush should make it due now)")
         wait_status(d, qid, "sent")
+
+
+def test_mx_delivery_to_postfix_smtp_sink(deliverer: Callable[..., Daemon], port: int,
+                                          tmp_path: Path) -> None:
+    """A real peer: 30 messages to happy.test's MX, Postfix's smtp-sink on 127.0.0.21,
+    arrive once each (smtp-sink -d dumps each message to a file), and the spool empties."""
+    import shutil
+    import subprocess
+    sink_bin = shutil.which("smtp-sink")
+    assert sink_bin, "smtp-sink (Debian package postfix) is required; `make test` installs it"
+    import tempfile
+    # smtp-sink drops privileges to `nobody`, which cannot enter pytest's private tmp_path
+    dump = Path(tempfile.mkdtemp(prefix="txmta-sink-", dir="/tmp"))
+    dump.chmod(0o777)
+    os_user = "nobody"
+    proc = subprocess.Popen([sink_bin, "-u", os_user, "-d", str(dump / "%M."), f"127.0.0.21:{port}",
+                             "100"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_until(lambda: _listening("127.0.0.21", port), 10, "smtp-sink listening")
+        d = deliverer()
+        ids = [submit(d, "sender@client.test", ["bob@happy.test"], body_for(f"sink{i}"))
+               for i in range(30)]
+        for qid in ids:
+            wait_status(d, qid, "sent", timeout=30)
+        wait_until(lambda: len(list(dump.iterdir())) >= 30, 15, "30 dumped messages")
+        dumped = [p.read_bytes() for p in dump.iterdir()]
+        assert len(dumped) == 30
+        for i in range(30):
+            assert sum(f"Subject: sink{i}\r\n".encode() in m or f"Subject: sink{i}\n".encode() in m
+                       for m in dumped) == 1
+        wait_until(lambda: queue_json(d) == {}, 15, "an empty queue")
+    finally:
+        proc.terminate()
+        proc.wait(5)
+        shutil.rmtree(dump, ignore_errors=True)
+
+
+def _listening(host: str, port: int) -> bool:
+    import socket
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
