@@ -320,19 +320,19 @@ def test_delay_warning_once_per_recipient(daemon: Callable[..., Daemon], port: i
 
 def test_notify_success_relayed_only_without_remote_dsn(daemon: Callable[..., Daemon],
                                                         port: int) -> None:
-    opts = dict(mail_options=("RET=HDRS", "ENVID=abc123"))
+    mail_options = ("RET=HDRS", "ENVID=abc123")
     with SmtpSink(BOUNCE_IP, port) as bounces, \
             SmtpSink(DSNHOP_IP, port, extensions=list(DEFAULT_EXTENSIONS) + ["DSN"]) as dsnhop, \
             SmtpSink(PLAINHOP_IP, port) as plainhop:
         assert "DSN" not in DEFAULT_EXTENSIONS
         d = daemon()
         qa = send(d, SENDER, ["bob@dsnhop.test"], body_for("notify-a"),
-                  rcpt_options={"bob@dsnhop.test": ["NOTIFY=SUCCESS", "ORCPT=rfc822;bob@x.test"]},
-                  **opts)  # type: ignore[arg-type]
+                  mail_options,
+                  rcpt_options={"bob@dsnhop.test": ["NOTIFY=SUCCESS", "ORCPT=rfc822;bob@x.test"]})
         qb = send(d, SENDER, ["carol@plainhop.test"], body_for("notify-b"),
+                  mail_options,
                   rcpt_options={"carol@plainhop.test": ["NOTIFY=SUCCESS",
-                                                        "ORCPT=rfc822;carol@x.test"]},
-                  **opts)  # type: ignore[arg-type]
+                                                        "ORCPT=rfc822;carol@x.test"]})
         wait_status(d, qa, "sent")
         wait_status(d, qb, "sent")
         [t] = wait_dsns(bounces, 1)
@@ -419,7 +419,7 @@ def test_bounced_dsn_is_not_reported(daemon: Callable[..., Daemon], port: int) -
     assert d.spool_ids() == []
 
 
-def _bounce_once(d: Daemon, dest: SmtpSink, rcpt: str) -> str:
+def _bounce_once(d: Daemon, rcpt: str) -> str:
     qid = submit(d, SENDER, [rcpt], body_for("hard"))
     wait_status(d, qid, "bounced")
     return qid
@@ -429,7 +429,7 @@ def test_hard_bounce_suppresses_then_rejects(daemon: Callable[..., Daemon], port
     replies = {"RCPT:gone@dest.test": NO_SUCH_USER.format("gone@dest.test")}
     with SmtpSink(BOUNCE_IP, port), SmtpSink(DEST_IP, port, replies=replies) as dest:
         d = daemon()
-        _bounce_once(d, dest, "gone@dest.test")
+        _bounce_once(d, "gone@dest.test")
         listed = json.loads(txmta_cli(d, "suppression", "list", "--json").stdout)
         assert [(x["address"], x["reason"]) for x in listed] == [("gone@dest.test", "invalid-recipient")]
         assert "no such user here" in (listed[0]["reply"] or "")
@@ -452,7 +452,7 @@ def test_hard_bounce_suppresses_then_drops(daemon: Callable[..., Daemon], port: 
     replies = {"RCPT:gone@dest.test": NO_SUCH_USER.format("gone@dest.test")}
     with SmtpSink(BOUNCE_IP, port) as bounces, SmtpSink(DEST_IP, port, replies=replies) as dest:
         d = daemon(suppression={"action": "drop"})
-        _bounce_once(d, dest, "gone@dest.test")
+        _bounce_once(d, "gone@dest.test")
         # only the suppressed recipient: accepted, ended at intake
         q1 = submit(d, SENDER, ["gone@dest.test"], body_for("dropped"))
         # with another recipient: that one is delivered, the suppressed one is not tried
