@@ -1,0 +1,1 @@
+txmta delivers mail to MX hosts or a relayhost with its own ESMTP client, per-destination connection pools, greylisting-aware retries and throttling of dead destinations; `txmta queue flush|hold|release|delete|requeue` and `txmta status` act on the running daemon.

@@ -1,0 +1,1 @@
+txmta sends RFC 3464 delivery status notifications (failure, delay, relayed), gives every failure a bounce category, suppresses hard-bounced addresses (`txmta suppression ...`), and keeps each message's timeline (`txmta queue show`, `txmta history --message-id`).
