@@ -204,3 +204,14 @@ def test_postpone_moves_recipients_without_counting_an_attempt():
     state = spool.messages[m.id].recipients[0]
     assert state.attempts == 0 and state.next_attempt == clock.seconds() + 500
     assert state.last_reply == LATER
+
+
+def test_admin_changes_appear_in_the_timeline():
+    """hold, release and delete are events of the message's timeline, kept in its history."""
+    q, spool, clock, _ = queue_with()
+    m = stored(q, clock, 1)
+    q.hold(m.id)
+    q.release(m.id)
+    q.delete(m.id)
+    assert [e.kind for e in spool.events[m.id]] == ["received", "held", "released", "deleted"]
+    assert spool.history[m.id][0].recipients[0].state == "deleted"

@@ -299,11 +299,13 @@ class Queue:
     # -- admin ----------------------------------------------------------------------------
 
     def _change(self, message_id: str, change: Callable[[RecipientState, float], RecipientState],
-                retry_now: bool = False) -> Deferred[bool]:
+                retry_now: bool = False, event: str = "") -> Deferred[bool]:
         now = self.clock.seconds()
 
-        def apply(current: StoredMessage) -> StoredMessage:
-            return replace(current, recipients=tuple(change(r, now) for r in current.recipients))
+        def apply(current: StoredMessage) -> Change:
+            updated = replace(current, recipients=tuple(change(r, now) for r in current.recipients))
+            events = (Event(now, event, text="by the administrator"),) if event else ()
+            return Change(updated, events, finished_at=now)
 
         def committed(updated: StoredMessage | None) -> bool:
             if updated is None:
@@ -317,20 +319,21 @@ class Queue:
         return self.spool.modify(message_id, apply).addCallback(committed)
 
     def hold(self, message_id: str) -> Deferred[bool]:
-        return self._change(message_id, lambda r, now: replace(r, state=HELD) if r.state == QUEUED else r)
+        return self._change(message_id, lambda r, now: replace(r, state=HELD) if r.state == QUEUED
+                            else r, event="held")
 
     def release(self, message_id: str) -> Deferred[bool]:
         return self._change(message_id, lambda r, now: replace(r, state=QUEUED, next_attempt=now)
-                            if r.state == HELD else r, retry_now=True)
+                            if r.state == HELD else r, retry_now=True, event="released")
 
     def requeue(self, message_id: str) -> Deferred[bool]:
         """Every unfinished recipient due now, as if new (attempts and greylisting state reset)."""
         return self._change(message_id, lambda r, now: RecipientState(QUEUED, 0, now)
-                            if r.state in (QUEUED, HELD) else r, retry_now=True)
+                            if r.state in (QUEUED, HELD) else r, retry_now=True, event="requeued")
 
     def delete(self, message_id: str) -> Deferred[bool]:
         return self._change(message_id, lambda r, now: replace(r, state=DELETED)
-                            if r.state in (QUEUED, HELD) else r)
+                            if r.state in (QUEUED, HELD) else r, event="deleted")
 
     @inlineCallbacks
     def flush(self, message_id: str | None = None, domain: str | None = None) -> Any:
@@ -338,7 +341,7 @@ class Queue:
         now = self.clock.seconds()
         if message_id is not None:
             found = yield self._change(message_id, lambda r, n: replace(r, next_attempt=n)
-                                       if r.state == QUEUED else r, retry_now=True)
+                                       if r.state == QUEUED else r, retry_now=True, event="flushed")
             return 1 if found else 0
         count = 0
         if domain is None:
