@@ -79,3 +79,23 @@ def test_admin_add_remove_import_update_the_spool_and_the_mirror():
     assert q.suppression.check("A@example.com", T0) is not None
     assert q.suppression.check("x@example.com", T0) is None
     assert spool.suppressions["b@example.com"].reason == "manual"
+
+
+def test_a_dropped_recipient_is_in_the_mail_log_and_the_timeline():
+    """With action = drop, the drop is visible: a status=suppressed line and a timeline event."""
+    from twisted.logger import Logger
+
+    from txmta.maillog import MailLog
+    clock = Clock()
+    clock.advance(T0)
+    spool = MemorySpool()
+    events = []
+    q = Queue(spool, clock, MailLog(Logger(namespace="txmta.maillog", observer=events.append)))
+    q.drop_suppressed = True
+    q.suppression.add(entry())
+    env = Envelope(Address("app", "example.com"), (Recipient(Address("bob", "example.net")),))
+    mid = q.new_message_id()
+    q.put(mid, env, q.body_writer(mid), {}, T0)
+    assert [e["event"] for e in events] == ["received", "suppressed"]
+    assert "status=suppressed" in events[1]["line"]
+    assert [e.kind for e in spool.events[mid]] == ["received", "suppressed"]

@@ -127,3 +127,12 @@ class MailLog:
         to = ", ".join(str(r.address) for r in report.envelope.recipients)
         fields: dict[str, Any] = {"event": "dsn", "id": m.id, "dsn_id": report.id, "to": to}
         self.sink.emit(fields, f"{m.id}: sender delivery status notification: {report.id} to=<{to}>")
+
+    def suppressed(self, m: StoredMessage, index: int) -> None:
+        """A recipient ended at intake because its address is on the suppression list."""
+        state = m.recipients[index]
+        rcpt = str(m.envelope.recipients[index].address)
+        fields: dict[str, Any] = {"event": "suppressed", "id": m.id, "rcpt": rcpt,
+                                  "reply": str(state.last_reply or ""), "category": state.category}
+        self.sink.emit(fields, f"{m.id}: to=<{rcpt}> relay=none delay=0 tls=none attempts=0 "
+                               f"status=suppressed ({state.last_reply})")

@@ -79,6 +79,9 @@ class Queue:
 
         def committed(_: Any) -> StoredMessage:
             self.maillog.received(message)
+            for index, state in enumerate(message.recipients):
+                if state.state == SUPPRESSED:
+                    self.maillog.suppressed(message, index)
             for listener in self.listeners:
                 listener(message)
             return message

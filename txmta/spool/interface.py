@@ -102,6 +102,13 @@ class Event:
         return d
 
 
+def intake_events(m: StoredMessage) -> tuple[Event, ...]:
+    """The timeline a new message starts with: received, and any recipient ended at intake."""
+    return (received_event(m),) + tuple(
+        Event(m.arrival, r.state, str(rcpt.address), str(r.last_reply or ""), category=r.category)
+        for rcpt, r in zip(m.envelope.recipients, m.recipients) if r.state == SUPPRESSED)
+
+
 def received_event(m: StoredMessage) -> Event:
     client = m.client.get("address", "") or "local"
     return Event(m.arrival, "received", text=f"from <{m.envelope.sender}> client={client} "

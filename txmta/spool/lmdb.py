@@ -37,7 +37,7 @@ from twisted.python.failure import Failure
 from txmta.spool import codec
 from txmta.spool.interface import (QUEUED, UNFINISHED, Change, CommitFailed, Event,
                                    RecipientState, SpoolError, SpoolFormatError, SpoolFull,
-                                   StoredMessage, Suppression, received_event)
+                                   StoredMessage, Suppression, intake_events, received_event)
 
 FORMAT = b"1"
 DB_NAMES = (b"messages", b"bodies", b"recipients", b"due", b"events", b"meta",
@@ -386,7 +386,7 @@ class LmdbSpool:
             if inline is not None:
                 txn.put(key, inline, db=self._db[b"bodies"])
             self._write_recipients(txn, message, None)
-            self._write_events(txn, message.id, (received_event(message),))
+            self._write_events(txn, message.id, intake_events(message))
             if message.header_id:
                 txn.put(message.header_id.encode("utf-8")[:500], key, db=self._db[b"msgids"])
             if message.recipients and not message.unfinished:  # all ended at intake (suppressed)

@@ -14,7 +14,7 @@ from typing import Callable
 from twisted.internet.defer import Deferred, fail, succeed
 
 from txmta.spool.interface import (QUEUED, UNFINISHED, Change, CommitFailed, Event, SpoolError,
-                                   StoredMessage, Suppression, received_event)
+                                   StoredMessage, Suppression, intake_events, received_event)
 
 
 class MemoryBodyWriter:
@@ -72,7 +72,7 @@ class MemorySpool:
         if err is not None:
             body.abort()
             return fail(err)
-        self.events.setdefault(message.id, []).append(received_event(message))
+        self.events.setdefault(message.id, []).extend(intake_events(message))
         self.commits += 1
         if message.recipients and not message.unfinished:  # all ended at intake (suppressed)
             self.history[message.id] = (message, message.arrival)
