@@ -184,12 +184,13 @@ class MemoryBody:
 
 
 class _Op:
-    __slots__ = ("fn", "deferred", "pre", "post", "on_fail", "result", "failure")
+    __slots__ = ("fn", "deferred", "pre", "post", "on_fail", "result", "failure", "read")
 
     def __init__(self, fn: Callable[[Any], Any], pre: Callable[[], None] | None = None,
                  post: Callable[[], None] | None = None,
-                 on_fail: Callable[[], None] | None = None) -> None:
+                 on_fail: Callable[[], None] | None = None, read: bool = False) -> None:
         self.fn = fn
+        self.read = read      # read-only: answered from the last commit, without waiting for one
         self.pre = pre
         self.post = post
         self.on_fail = on_fail
@@ -263,9 +264,29 @@ class LmdbSpool:
                 batch, self._pending = self._pending, []
                 if not batch and self._stopping:
                     break
-            self._run_batch(batch)
-            self._reactor.callFromThread(self._fire, batch)
+            reads = [op for op in batch if op.read]
+            if reads:
+                # reads see the last commit and are answered at once: a delivery waiting for
+                # a body or for due mail never waits for the fsyncs of other sessions' writes
+                self._run_reads(reads)
+                self._reactor.callFromThread(self._fire, reads)
+                batch = [op for op in batch if not op.read]
+            if batch:
+                self._run_batch(batch)
+                self._reactor.callFromThread(self._fire, batch)
         self._reactor.callFromThread(self._exit)
+
+    def _run_reads(self, reads: list[_Op]) -> None:
+        try:
+            with self._env.begin(write=False) as txn:
+                for op in reads:
+                    try:
+                        op.result = op.fn(txn)
+                    except Exception as e:
+                        op.failure = e if isinstance(e, SpoolError) else CommitFailed(repr(e))
+        except Exception as e:
+            for op in reads:
+                op.failure = CommitFailed(repr(e))
 
     def _run_batch(self, batch: list[_Op]) -> None:
         synced_dir = False
@@ -554,7 +575,7 @@ class LmdbSpool:
                                                             db=self._db[b"suppression"]))))
 
     def suppression_all(self) -> Deferred[list[Suppression]]:
-        return self._submit(_Op(lambda txn: read_suppressions(txn, self._db)))
+        return self._submit(_Op(lambda txn: read_suppressions(txn, self._db), read=True))
 
     def remove(self, message_id: str) -> Deferred[None]:
         had_file = [False]
@@ -570,7 +591,7 @@ class LmdbSpool:
     # -- reading (on the writer thread too: one thread, no map resize races) -----------------
 
     def get(self, message_id: str) -> Deferred[StoredMessage | None]:
-        return self._submit(_Op(lambda txn: self._load(txn, message_id)))
+        return self._submit(_Op(lambda txn: self._load(txn, message_id), read=True))
 
     def read_body(self, message_id: str) -> Deferred[bytes]:
         def fn(txn: Any) -> bytes:
@@ -579,7 +600,7 @@ class LmdbSpool:
                 return bytes(inline)
             with open(os.path.join(self.bodies, message_id), "rb") as f:
                 return f.read()
-        return self._submit(_Op(fn))
+        return self._submit(_Op(fn, read=True))
 
     def _due_ids(self, txn: Any, now: float, exclude: set[str] | frozenset[str]
                  ) -> Iterator[tuple[float, str]]:
@@ -598,7 +619,7 @@ class LmdbSpool:
     def due(self, now: float, limit: int) -> Deferred[list[tuple[float, str]]]:
         def fn(txn: Any) -> list[tuple[float, str]]:
             return list(islice(self._due_ids(txn, now, frozenset()), limit))
-        return self._submit(_Op(fn))
+        return self._submit(_Op(fn, read=True))
 
     def load_due(self, now: float, limit: int, exclude: set[str] | frozenset[str] = frozenset()
                  ) -> Deferred[list[StoredMessage]]:
@@ -615,7 +636,7 @@ class LmdbSpool:
                 if m is not None:
                     out.append(m)
             return out
-        return self._submit(_Op(fn))
+        return self._submit(_Op(fn, read=True))
 
     def next_due(self, exclude: set[str] | frozenset[str] = frozenset()) -> Deferred[float | None]:
         def fn(txn: Any) -> float | None:
@@ -624,10 +645,11 @@ class LmdbSpool:
                     if not exclude or _due_id(key) not in exclude:
                         return _due_time(key)
             return None
-        return self._submit(_Op(fn))
+        return self._submit(_Op(fn, read=True))
 
     def count(self) -> Deferred[int]:
-        return self._submit(_Op(lambda txn: txn.stat(self._db[b"messages"])["entries"]))
+        return self._submit(_Op(lambda txn: txn.stat(self._db[b"messages"])["entries"],
+                                read=True))
 
     def close(self) -> Deferred[None]:
         """Finish what is pending, stop the writer thread and close the environment.
