@@ -265,6 +265,8 @@ def make_daemon(base: Path, *, listeners: list[dict[str, Any]] | None = None,
         # Never deliver anywhere: a closed loopback port keeps every message queued (deferred)
         # should delivery be switched on.
         "delivery": {"relayhost": f"127.0.0.1:{free_port()}"},
+        # and never ask the machine's resolver: tests send traffic to loopback only
+        "dns": {"nameservers": ["127.0.0.1:9"]},
         "log": {"maillog": str(d / "mail.log"), "format": "text"},
     }
     for name, table in sections.items():
