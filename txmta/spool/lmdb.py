@@ -10,7 +10,9 @@ a body file no message references is removed at start.
 **One writer thread** owns every transaction of the daemon: callers queue operations, the
 thread takes everything pending, runs it in one write transaction, commits once (natural
 group commit: sessions that arrive during a commit share the next one), then fires the
-callers' Deferreds in the reactor thread.  A full map is grown live between transactions,
+callers' Deferreds in the reactor thread.  Read-only operations of a batch run first, in a
+read transaction, and are answered before the batch's commit: they see the last commit, not
+writes queued beside them, so a caller that needs its own write must wait for it first.  A full map is grown live between transactions,
 up to `max_map_size`; past that, or on a full disk, operations fail with `SpoolFull`.
 
 `LmdbView` is the read-only view other processes use while the daemon runs.
