@@ -215,3 +215,16 @@ def test_admin_changes_appear_in_the_timeline():
     q.delete(m.id)
     assert [e.kind for e in spool.events[m.id]] == ["received", "held", "released", "deleted"]
     assert spool.history[m.id][0].recipients[0].state == "deleted"
+
+
+def test_expire_history_forgets_every_old_finished_message_in_batches():
+    """Finished messages past the retention are all forgotten, a batch per transaction."""
+    q, spool, clock, _ = queue_with()
+    for _ in range(5):
+        m = stored(q, clock, 1)
+        q.record(m, {0: O.Delivered(OK)})
+    assert len(spool.history) == 5
+    clock.advance(100)
+    done = []
+    q.expire_history(50.0, batch=2).addCallback(done.append)
+    assert done == [5] and spool.history == {}

@@ -125,8 +125,17 @@ class Queue:
             return found
         return self.spool.suppression_delete(suppression.key(address)).addCallback(removed)
 
-    def expire_history(self, retention: float) -> Deferred[int]:
-        return self.spool.expire_history(self.clock.seconds() - retention)
+    @inlineCallbacks
+    def expire_history(self, retention: float, batch: int = 1000) -> Any:
+        """Forget finished messages older than `retention`, `batch` per spool transaction
+        (so one call never holds the writer for long), until none is left to forget."""
+        before = self.clock.seconds() - retention
+        total = 0
+        while True:
+            n = yield self.spool.expire_history(before, batch)
+            total += n
+            if n < batch:
+                return total
 
     # -- delivery -------------------------------------------------------------------------
 
