@@ -29,6 +29,8 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from txmta.hostport import split_host_port  # noqa: E402,F401 (also public here)
+
 DEFAULT_PATH = "/etc/txmta/txmta.toml"
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -119,37 +121,6 @@ def parse_duration(text: str) -> float:
     if pos == 0 or pos != len(s):
         raise ValueError(f"not a duration: {text!r} (write e.g. \"30s\", \"5m\", \"1h30m\", \"5d\")")
     return total
-
-
-def split_host_port(text: str, default_port: int | None = None) -> tuple[str, int]:
-    """("host", port) from "host:port", "[v6 or host]:port", "host" or "[host]".
-
-    A bare IPv6 address must be bracketed when a port follows; without a default port
-    the port is required.  Raises ValueError.
-    """
-    if text.startswith("["):
-        end = text.find("]")
-        if end < 0:
-            raise ValueError("missing \"]\"")
-        host, rest = text[1:end], text[end + 1:]
-        if rest and not rest.startswith(":"):
-            raise ValueError("expected \":port\" after \"]\"")
-        port_text = rest[1:] if rest else None
-    elif text.count(":") > 1:
-        raise ValueError("write IPv6 addresses in brackets, e.g. \"[::1]:25\"")
-    elif ":" in text:
-        host, port_text = text.split(":")
-    else:
-        host, port_text = text, None
-    if not host:
-        raise ValueError("empty host")
-    if port_text is None:
-        if default_port is None:
-            raise ValueError("missing \":port\"")
-        return host, default_port
-    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-        raise ValueError("port must be 1-65535")
-    return host, int(port_text)
 
 
 # -- converters: TOML value -> Python value, raising ValueError with the reason ---------
@@ -270,7 +241,9 @@ def _nameserver(value: Any) -> str:
 def _relayhost(value: Any) -> str:
     text = _string(value)
     if text:
-        split_host_port(text, 25)
+        from txmta.outbound.route import parse_relayhost
+        split_host_port(text, 25)  # the configuration's grammar (IPv6 in brackets)
+        parse_relayhost(text)      # and the daemon's own checks: what passes here, routes
     return text
 
 

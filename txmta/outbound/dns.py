@@ -35,6 +35,8 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import ClientFactory, DatagramProtocol, Protocol
 from twisted.python.failure import Failure
 
+from txmta.hostport import parse_host_port
+
 RESOLV_CONF = "/etc/resolv.conf"
 NEGATIVE_TTL_DEFAULT = 60.0    # no SOA in a negative answer
 NEGATIVE_TTL_MAX = 3600.0      # RFC 2308 5 suggests 1-3 hours; Postfix-like caution
@@ -70,33 +72,12 @@ class Answer:
 
 def parse_nameserver(text: str) -> tuple[str, int]:
     """'192.0.2.1', '192.0.2.1:5353', '2001:db8::1', '[2001:db8::1]:5353' → (ip, port)."""
-    text = text.strip()
-    port = 53
-    if text.startswith("["):
-        end = text.find("]")
-        if end < 0:
-            raise ValueError(f"bad nameserver {text!r}: missing ']'")
-        host, rest = text[1:end], text[end + 1:]
-        if rest:
-            if not rest.startswith(":"):
-                raise ValueError(f"bad nameserver {text!r}")
-            port = _port(rest[1:], text)
-    elif text.count(":") == 1:
-        host, _, p = text.partition(":")
-        port = _port(p, text)
-    else:
-        host = text
     try:
-        ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        raise ValueError(f"bad nameserver {text!r}: not an IP address") from None
-    return host, port
-
-
-def _port(text: str, whole: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 65536:
-        raise ValueError(f"bad nameserver {whole!r}: bad port")
-    return int(text)
+        hp = parse_host_port(text.strip(), 53, bare_ipv6=True)
+        ipaddress.ip_address(hp.host.split("%", 1)[0])
+    except ValueError as e:
+        raise ValueError(f"bad nameserver {text!r}: {e}") from None
+    return hp.host, hp.port
 
 
 def system_nameservers(path: str = RESOLV_CONF) -> list[tuple[str, int]]:

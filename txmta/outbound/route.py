@@ -26,6 +26,7 @@ from typing import Iterable, Protocol
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
 from twisted.python.failure import Failure
 
+from txmta.hostport import parse_host_port
 from txmta.outbound.dns import DNSError
 from txmta.reply import Reply
 
@@ -66,34 +67,16 @@ class _Relayhost:
 
 def parse_relayhost(text: str, default_port: int = 25) -> _Relayhost:
     """'[host]:port', '[host]', 'host:port', 'host', '127.0.0.1:2501', '[::1]:25'."""
-    text = text.strip()
-    port, explicit = default_port, False
-    if text.startswith("["):
-        end = text.find("]")
-        if end < 0:
-            raise ValueError(f"bad relayhost {text!r}: missing ']'")
-        host, rest = text[1:end], text[end + 1:]
-        if rest:
-            if not rest.startswith(":") or not rest[1:].isdigit():
-                raise ValueError(f"bad relayhost {text!r}")
-            port, explicit = int(rest[1:]), True
-        lookup_mx = False
-    else:
-        lookup_mx = True
-        if text.count(":") == 1:
-            host, _, p = text.partition(":")
-            if not p.isdigit():
-                raise ValueError(f"bad relayhost {text!r}")
-            port, explicit = int(p), True
-        else:
-            host = text   # a bare IPv6 address has several colons
-    if host.lower().startswith("ipv6:"):
-        host = host[5:]
+    try:
+        hp = parse_host_port(text.strip(), default_port, bare_ipv6=True)
+    except ValueError as e:
+        raise ValueError(f"bad relayhost {text!r}: {e}") from None
+    host = hp.host[5:] if hp.host.lower().startswith("ipv6:") else hp.host
     literal = _ip(host) is not None
-    if not host or (":" in host and not literal) or not 0 < port < 65536:
+    if not host or (":" in host and not literal):
         raise ValueError(f"bad relayhost {text!r}")
-    return _Relayhost(host.lower().rstrip(".") if not literal else str(_ip(host)), port,
-                      lookup_mx and not literal, literal, explicit)
+    return _Relayhost(host.lower().rstrip(".") if not literal else str(_ip(host)), hp.port,
+                      not hp.bracketed and not literal, literal, hp.explicit_port)
 
 
 def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
