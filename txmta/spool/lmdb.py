@@ -28,7 +28,7 @@ import threading
 import time
 from itertools import islice
 from dataclasses import replace
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import lmdb
 from twisted.internet.defer import Deferred, succeed
@@ -103,6 +103,24 @@ def load_message(txn: Any, dbs: dict[bytes, Any], message_id: str) -> StoredMess
         rs = txn.get(rcpt_key(message_id, i), db=dbs[b"recipients"])
         states.append(codec.decode_recipient(rs) if rs is not None else RecipientState())
     return replace(message, recipients=tuple(states))
+
+
+def load_messages(txn: Any, dbs: dict[bytes, Any], ids: Iterable[str],
+                  limit: int | None = None) -> list[StoredMessage]:
+    """The messages `ids` that exist, up to `limit`; a record that cannot be decoded is
+    logged and skipped, never fatal."""
+    out: list[StoredMessage] = []
+    for mid in ids:
+        if limit is not None and len(out) >= limit:
+            break
+        try:
+            m = load_message(txn, dbs, mid)
+        except codec.CorruptRecord as e:
+            log.warn("corrupt spool record {id} skipped: {e}", id=mid, e=e)
+            continue
+        if m is not None:
+            out.append(m)
+    return out
 
 
 def read_suppressions(txn: Any, dbs: dict[bytes, Any]) -> list[Suppression]:
@@ -626,18 +644,8 @@ class LmdbSpool:
     def load_due(self, now: float, limit: int, exclude: set[str] | frozenset[str] = frozenset()
                  ) -> Deferred[list[StoredMessage]]:
         def fn(txn: Any) -> list[StoredMessage]:
-            out: list[StoredMessage] = []
-            for _, mid in self._due_ids(txn, now, exclude):
-                if len(out) >= limit:
-                    break
-                try:
-                    m = self._load(txn, mid)
-                except codec.CorruptRecord as e:
-                    log.warn("corrupt spool record {id} skipped: {e}", id=mid, e=e)
-                    continue
-                if m is not None:
-                    out.append(m)
-            return out
+            ids = (mid for _, mid in self._due_ids(txn, now, exclude))
+            return load_messages(txn, self._db, ids, limit)
         return self._submit(_Op(fn, read=True))
 
     def next_due(self, exclude: set[str] | frozenset[str] = frozenset()) -> Deferred[float | None]:
@@ -735,18 +743,7 @@ class LmdbView:
         for start in range(0, len(ids), 500):
             chunk = ids[start:start + 500]
 
-            def fn(txn: Any) -> list[StoredMessage]:
-                out = []
-                for mid in chunk:
-                    try:
-                        m = self._load(txn, mid)
-                    except codec.CorruptRecord as e:
-                        log.warn("corrupt spool record {id}: {e}", id=mid, e=e)
-                        continue
-                    if m is not None:
-                        out.append(m)
-                return out
-            yield from self._read(fn)
+            yield from self._read(lambda txn, chunk=chunk: load_messages(txn, self._db, chunk))
 
     def history(self, message_id: str) -> tuple[StoredMessage, float] | None:
         """A finished message with its final states and when it finished, if still kept."""
