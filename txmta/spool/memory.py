@@ -83,20 +83,10 @@ class MemorySpool:
         return succeed(None)
 
     def update(self, message: StoredMessage) -> Deferred[None]:
-        err = self._failing()
-        if err is None and message.id not in self.messages:
-            err = CommitFailed(f"no message {message.id}")
-        if err is not None:
-            return fail(err)
-        self._unindex(self.messages[message.id])
-        if not any(r.state in UNFINISHED for r in message.recipients):
-            del self.messages[message.id]
-            del self.bodies[message.id]
-        else:
-            self.messages[message.id] = message
-            self._index(message)
-        self.commits += 1
-        return succeed(None)
+        def missing(result: StoredMessage | None) -> None:
+            if result is None:
+                raise CommitFailed(f"no message {message.id}")
+        return self.modify(message.id, lambda old: message).addCallback(missing)
 
     def modify(self, message_id: str, change: Callable[..., StoredMessage | Change],
                with_body: bool = False) -> Deferred[StoredMessage | None]:
