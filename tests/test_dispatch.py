@@ -9,7 +9,7 @@ from txmta.envelope import Address, Envelope, Recipient
 from txmta.outbound.deliverer import AttemptResult
 from txmta.queue import Queue
 from txmta.reply import Reply
-from txmta.spool.interface import DELIVERED, QUEUED
+from txmta.spool.interface import QUEUED
 from txmta.spool.memory import MemorySpool
 
 OK = Reply(250, "2.0.0", "OK")

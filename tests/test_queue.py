@@ -83,7 +83,7 @@ def test_message_ids_sort_by_arrival_and_are_unique():
 
 from txmta import outcome as O  # noqa: E402
 from txmta.reply import Reply  # noqa: E402
-from txmta.spool.interface import BOUNCED, DELIVERED, EXPIRED, HELD  # noqa: E402
+from txmta.spool.interface import BOUNCED, DELIVERED, HELD  # noqa: E402
 
 OK = Reply(250, "2.0.0", "OK")
 LATER = Reply(451, "4.3.0", "try later")

@@ -3,13 +3,11 @@ read back through LmdbView, the mail log, raw BDAT, graceful stop and restart.""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 import signal
 import smtplib
-import socket
 import subprocess
 import sys
 import uuid

@@ -31,7 +31,7 @@ from dataclasses import replace
 from typing import Any, Callable, Iterable, Iterator
 
 import lmdb
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.logger import Logger
 from twisted.python.failure import Failure
