@@ -290,3 +290,66 @@ def test_readable_tls_and_users_files_are_accepted(tmp_path):
         os.chdir(cwd)
     assert c.tls.cert == "c.pem" and c.auth.users == "users"
     assert c.listen[0].tls == "implicit" and c.listen[0].auth == "optional"
+
+
+def test_tls_policy_dkim_and_signing_sections(tmp_path):
+    """[[tls.policy]], [delivery] tls_level, [[dkim]] and [signing] load into values."""
+    key = tmp_path / "k.pem"
+    key.write_text("not parsed here\n")
+    c = config.load_text(f'''
+[tls]
+min_version = "TLSv1.3"
+[[tls.policy]]
+domain = "Example.ORG."
+level = "verify"
+[[tls.policy]]
+domain = "dane.example"
+level = "dane"
+[delivery]
+tls_level = "may"
+[[dkim]]
+domain = "example.org"
+selector = "rsa2026"
+key = "{key}"
+[[dkim]]
+domain = "example.org"
+selector = "ed2026"
+key = "{key}"
+algorithm = "ed25519-sha256"
+[signing]
+default_domain = "EXAMPLE.org"
+''')
+    assert c.tls.min_version == "TLSv1.3"
+    assert c.tls.level_for("example.org") == "verify"
+    assert c.tls.level_for("DANE.example.") == "dane"
+    assert c.tls.level_for("other.example") is None
+    assert c.delivery.tls_level == "may"
+    assert [(k.selector, k.algorithm) for k in c.dkim] == [("rsa2026", "rsa-sha256"),
+                                                           ("ed2026", "ed25519-sha256")]
+    assert c.signing.default_domain == "example.org"
+    d = config.defaults()
+    assert (d.delivery.tls_level, d.tls.policy, d.dkim, d.signing.default_domain) == ("auto", (), (), "")
+
+
+@pytest.mark.parametrize("text, key", [
+    ('[[tls.policy]]\ndomain = "x.example"\nlevel = "must"', "tls.policy"),
+    ('[[tls.policy]]\ndomain = "x.example"', "tls.policy"),
+    ('[[tls.policy]]\ndomain = "bad domain"\nlevel = "may"', "tls.policy"),
+    ('[[tls.policy]]\ndomain = "a.example"\nlevel = "may"\nmx = "x"', "tls.policy"),
+    ('[[tls.policy]]\ndomain = "a.example"\nlevel = "may"\n[[tls.policy]]\ndomain = "A.example"\nlevel = "none"',
+     "tls.policy"),
+    ('[tls]\nmin_version = "TLSv1.1"', "tls.min_version"),
+    ('[delivery]\ntls_level = "dane-only"', "delivery.tls_level"),
+    ('[delivery]\nrelayhost_tls = "dane"', "delivery.relayhost_tls"),
+    ('[[dkim]]\ndomain = "a.example"\nselector = "s"\nkey = "/nonexistent/k.pem"', "dkim[0].key"),
+    ('[[dkim]]\ndomain = "a.example"\nkey = "/etc/hostname"', "dkim[0].selector"),
+    ('[[dkim]]\ndomain = "a.example"\nselector = "s"\nkey = "/etc/hostname"\nalgorithm = "rsa-sha1"',
+     "dkim[0].algorithm"),
+    ('[[dkim]]\ndomain = "a.example"\nselector = "bad sel"\nkey = "/etc/hostname"', "dkim[0].selector"),
+    ('[dkim]\ndomain = "a.example"', "dkim"),
+    ('[signing]\ndefault_domain = "a.example"', "signing.default_domain"),
+])
+def test_tls_and_dkim_errors_name_the_key(text, key):
+    with pytest.raises(config.ConfigError) as e:
+        config.load_text(text, "f.toml")
+    assert str(e.value).startswith(f"f.toml: {key}"), str(e.value)

@@ -247,6 +247,50 @@ def _relayhost(value: Any) -> str:
     return text
 
 
+TLS_LEVELS = ("none", "may", "encrypt", "verify", "dane", "mta-sts")
+DKIM_ALGORITHMS = ("rsa-sha256", "ed25519-sha256")
+
+
+def _domain(value: Any) -> str:
+    text = _string(value).strip().rstrip(".").lower()
+    try:
+        ascii_form = text.encode("idna").decode("ascii")
+    except UnicodeError:
+        ascii_form = ""
+    if not re.fullmatch(r"[a-z0-9-]{1,63}(\.[a-z0-9-]{1,63})*", ascii_form):
+        raise ValueError("must be a domain name, e.g. \"example.org\"")
+    return text
+
+
+@dataclass(frozen=True)
+class TLSPolicyEntry:
+    domain: str             # lower-case, no trailing dot
+    level: str              # one of TLS_LEVELS
+
+
+def _tls_policies(value: Any) -> tuple[TLSPolicyEntry, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise ValueError("must be an array of tables, written [[tls.policy]]")
+    out: list[TLSPolicyEntry] = []
+    seen: set[str] = set()
+    for i, entry in enumerate(value):
+        unknown = set(entry) - {"domain", "level"}
+        if unknown:
+            raise ValueError(f"entry {i}: unknown key {sorted(unknown)[0]!r} (known: domain, level)")
+        if "domain" not in entry or "level" not in entry:
+            raise ValueError(f"entry {i}: needs domain and level")
+        try:
+            domain = _domain(entry["domain"])
+            level = _choice(*TLS_LEVELS)(entry["level"])
+        except ValueError as e:
+            raise ValueError(f"entry {i} ({_toml_repr(entry)}): {e}") from None
+        if domain in seen:
+            raise ValueError(f"entry {i}: domain {domain!r} listed twice")
+        seen.add(domain)
+        out.append(TLSPolicyEntry(domain, level))
+    return tuple(out)
+
+
 def _listen_address(value: Any) -> str:
     text = _string(value)
     host, _ = split_host_port(text)
@@ -264,8 +308,9 @@ class _Key:
 
 
 # THE table of options and defaults.  Defaults are written as in the TOML file and go
-# through the same converters as the file's values.  `listen` is an array of tables:
-# "listen" gives the keys of one [[listen]] entry, _DEFAULT_LISTEN the default array.
+# through the same converters as the file's values.  `listen` and `dkim` are arrays of
+# tables: their entries give the keys of one [[listen]] or [[dkim]] table;
+# _DEFAULT_LISTEN is the default array of listeners (there are no default DKIM keys).
 _TABLE: dict[str, dict[str, _Key]] = {
     "server": {
         "hostname": _Key("", _string),                      # "" = socket.getfqdn()
@@ -286,6 +331,9 @@ _TABLE: dict[str, dict[str, _Key]] = {
         "cert": _Key("", _optional_path),
         "key": _Key("", _optional_path),
         "ca_file": _Key("", _optional_path),
+        "min_version": _Key("TLSv1.2", _choice("TLSv1.2", "TLSv1.3")),
+        "ciphers": _Key("", _string),                   # "" = the built-in modern list
+        "policy": _Key([], _tls_policies),              # [[tls.policy]] domain, level
     },
     "auth": {
         "users": _Key("", _optional_path),
@@ -304,7 +352,8 @@ _TABLE: dict[str, dict[str, _Key]] = {
         "relayhost": _Key("", _relayhost),
         "relayhost_username": _Key("", _string),
         "relayhost_password_file": _Key("", _optional_path),
-        "relayhost_tls": _Key("may", _choice("none", "may", "encrypt")),
+        "relayhost_tls": _Key("may", _choice("none", "may", "encrypt", "verify")),
+        "tls_level": _Key("auto", _choice("auto", *TLS_LEVELS)),  # domains without [[tls.policy]]
         "helo_name": _Key("", _string),                  # "" = server.hostname
         "source_address": _Key("", _source_address),     # "" = the system's choice
         "max_per_destination": _Key(20, _integer(1)),
@@ -338,12 +387,22 @@ _TABLE: dict[str, dict[str, _Key]] = {
     "bounce": {
         "rules": _Key([], _bounce_rules),
     },
+    "dkim": {
+        "domain": _Key(_MISSING, _domain),
+        "selector": _Key(_MISSING, _string),
+        "key": _Key(_MISSING, _string),
+        "algorithm": _Key("rsa-sha256", _choice(*DKIM_ALGORITHMS)),
+    },
+    "signing": {
+        "default_domain": _Key("", _string),    # "" = sign only mail whose From domain has a key
+    },
     "log": {
         "maillog": _Key("", _string),
         "format": _Key("text", _choice("text", "json")),
     },
 }
 _DEFAULT_LISTEN: list[dict[str, Any]] = [{"address": "127.0.0.1:25", "tls": "starttls"}]
+_ARRAYS = ("listen", "dkim")
 
 
 def _default(section: str, key: str) -> Any:
@@ -378,6 +437,14 @@ class TLSConfig:
     cert: str | None = None
     key: str | None = None
     ca_file: str | None = None
+    min_version: str = _default("tls", "min_version")     # TLSv1.2 | TLSv1.3 (inbound)
+    ciphers: str = _default("tls", "ciphers")             # OpenSSL list; "" = built-in
+    policy: tuple[TLSPolicyEntry, ...] = ()               # per-domain outbound levels
+
+    def level_for(self, domain: str) -> str | None:
+        """The configured [[tls.policy]] level of `domain` (exact match), or None."""
+        domain = domain.rstrip(".").lower()
+        return next((p.level for p in self.policy if p.domain == domain), None)
 
 
 @dataclass(frozen=True)
@@ -404,7 +471,8 @@ class DeliveryConfig:
     relayhost: str = _default("delivery", "relayhost")     # "" = MX delivery
     relayhost_username: str = _default("delivery", "relayhost_username")
     relayhost_password_file: str | None = _default("delivery", "relayhost_password_file")
-    relayhost_tls: str = _default("delivery", "relayhost_tls")   # none | may | encrypt
+    relayhost_tls: str = _default("delivery", "relayhost_tls")   # none | may | encrypt | verify
+    tls_level: str = _default("delivery", "tls_level")           # auto | one of TLS_LEVELS
     helo_name: str = _default("delivery", "helo_name")
     source_address: str = _default("delivery", "source_address")
     max_per_destination: int = _default("delivery", "max_per_destination")
@@ -451,6 +519,19 @@ class BounceConfig:
 
 
 @dataclass(frozen=True)
+class DkimKey:
+    domain: str             # lower-case, no trailing dot
+    selector: str
+    key: str                # path of the PEM private key
+    algorithm: str = "rsa-sha256"
+
+
+@dataclass(frozen=True)
+class SigningConfig:
+    default_domain: str = _default("signing", "default_domain")
+
+
+@dataclass(frozen=True)
 class LogConfig:
     maillog: str = _default("log", "maillog")       # "" = into the daemon's log
     format: str = _default("log", "format")         # text | json
@@ -473,6 +554,8 @@ class Config:
     suppression: SuppressionConfig = field(default_factory=SuppressionConfig)
     history: HistoryConfig = field(default_factory=HistoryConfig)
     bounce: BounceConfig = field(default_factory=BounceConfig)
+    dkim: tuple[DkimKey, ...] = ()
+    signing: SigningConfig = field(default_factory=SigningConfig)
 
 
 # -- loading --------------------------------------------------------------------------
@@ -519,9 +602,9 @@ def _build(doc: dict[str, Any], path: str | None) -> Config:
         if name not in _TABLE:
             raise bad(name, _MISSING, "unknown section (known: "
                       + ", ".join(_TABLE) + ")")
-        if name == "listen":
+        if name in _ARRAYS:
             if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
-                raise bad(name, value, "must be an array of tables, written [[listen]]")
+                raise bad(name, value, f"must be an array of tables, written [[{name}]]")
         elif not isinstance(value, dict):
             raise bad(name, value, f"must be a table, written [{name}]")
 
@@ -542,7 +625,7 @@ def _build(doc: dict[str, Any], path: str | None) -> Config:
                 raise bad(f"{prefix}.{k}", raw, str(e)) from None
         return out
 
-    s = {name: section(name, doc.get(name, {}), name) for name in _TABLE if name != "listen"}
+    s = {name: section(name, doc.get(name, {}), name) for name in _TABLE if name not in _ARRAYS}
     if not s["server"]["hostname"]:
         s["server"]["hostname"] = socket.getfqdn()
     server = ServerConfig(**s["server"])
@@ -558,6 +641,25 @@ def _build(doc: dict[str, Any], path: str | None) -> Config:
     suppression = SuppressionConfig(**s["suppression"])
     history = HistoryConfig(**s["history"])
     bounce = BounceConfig(**s["bounce"])
+    signing = SigningConfig(**s["signing"])
+
+    dkim_keys: list[DkimKey] = []
+    for i, entry in enumerate(doc.get("dkim", [])):
+        v = section("dkim", entry, f"dkim[{i}]")
+        if not v["selector"] or not re.fullmatch(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*", v["selector"]):
+            raise bad(f"dkim[{i}].selector", v["selector"], "must be a DNS label, e.g. \"mail2026\"")
+        if any((k.domain, k.selector, k.algorithm) == (v["domain"], v["selector"], v["algorithm"])
+               for k in dkim_keys):
+            raise bad(f"dkim[{i}].selector", v["selector"],
+                      f"listed twice for {v['domain']} with {v['algorithm']}")
+        _check_readable(v["key"], lambda reason, i=i, file=v["key"]: bad(f"dkim[{i}].key", file, reason))
+        dkim_keys.append(DkimKey(v["domain"], v["selector"], v["key"], v["algorithm"]))
+    if signing.default_domain:
+        wanted = signing.default_domain.rstrip(".").lower()
+        if not any(k.domain == wanted for k in dkim_keys):
+            raise bad("signing.default_domain", signing.default_domain,
+                      "no [[dkim]] key for this domain")
+        signing = SigningConfig(wanted)
 
     listen_doc = doc.get("listen", _DEFAULT_LISTEN)
     listeners: list[ListenConfig] = []
@@ -601,7 +703,7 @@ def _build(doc: dict[str, Any], path: str | None) -> Config:
                   "must not exceed spool.max_map_size")
 
     return Config(path, server, tuple(listeners), tls, auth, relay, spool, delivery, retry,
-                  dns, log, dsn_cfg, suppression, history, bounce)
+                  dns, log, dsn_cfg, suppression, history, bounce, tuple(dkim_keys), signing)
 
 
 def _check_readable(file: str, bad: Callable[[str], ConfigError]) -> None:
