@@ -123,6 +123,15 @@ def test_session_stages_are_those_before_mail():
     assert outcome.SESSION_STAGES == {CONNECT, GREETING, EHLO, STARTTLS, AUTH}
 
 
+@pytest.mark.parametrize("last_mx, kind, next_mx", [(NOT_LAST, PermFailed, True),
+                                                    (LAST, PermFailed, False)])
+def test_requiretls_refusal_tries_the_next_mx_then_bounces(last_mx, kind, next_mx):
+    """RFC 8689 4.2.1: 5.7.10 (REQUIRETLS not met) at MAIL moves on to the next MX host, and
+    bounces at the last one."""
+    v = classify(Reply(550, "5.7.10", "REQUIRETLS: not verified"), MAIL, last_mx)
+    assert (v.kind, v.next_mx) == (kind, next_mx)
+
+
 def test_last_mx_defaults_to_true():
     """Without last_mx the reply is judged as if no other host remained."""
     assert classify(reply(521), GREETING).kind is PermFailed

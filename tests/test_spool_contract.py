@@ -245,6 +245,28 @@ def test_duplicate_id_fails_with_commit_failed_and_keeps_the_first(spool, wait, 
     assert wait(spool.count()) == 1
 
 
+# -- the cache (MTA-STS policies) ---------------------------------------------------------------
+
+def test_cache_put_then_get_and_replace(spool, wait):
+    """cache_get() returns what cache_put() stored last under the key, None for other keys."""
+    assert wait(spool.cache_get("mta-sts:example.org")) is None
+    wait(spool.cache_put("mta-sts:example.org", b'{"v": 1}'))
+    wait(spool.cache_put("mta-sts:example.net", b"other"))
+    assert wait(spool.cache_get("mta-sts:example.org")) == b'{"v": 1}'
+    wait(spool.cache_put("mta-sts:example.org", b'{"v": 2}'))
+    assert wait(spool.cache_get("mta-sts:example.org")) == b'{"v": 2}'
+    assert wait(spool.cache_get("mta-sts:example.com")) is None
+
+
+def test_cache_survives_reopening(open_lmdb, wait, tmp_path):
+    """The LMDB cache is durable: a new spool on the same directory still has the value."""
+    path = tmp_path / "cached"
+    first = open_lmdb(path)
+    wait(first.cache_put("mta-sts:example.org", b"policy"))
+    wait(first.close())
+    assert wait(open_lmdb(path).cache_get("mta-sts:example.org")) == b"policy"
+
+
 # -- the state machine -------------------------------------------------------------------------
 
 TIMES_MS = st.integers(min_value=0, max_value=20_000)

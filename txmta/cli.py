@@ -253,14 +253,19 @@ def _event_line(e: Event) -> str:
         parts.append(e.text)
     if e.remote:
         parts.append(f"remote={e.remote}")
+    if e.tls:
+        parts.append(f"tls={e.tls}")
     if e.category:
         parts.append(f"category={e.category}")
     return "  " + " ".join(parts)
 
 
 def event_json(e: Event) -> dict[str, Any]:
-    return {"time": iso_utc(e.time), "event": e.kind, "rcpt": e.rcpt, "text": e.text,
-            "remote": e.remote, "category": e.category}
+    out = {"time": iso_utc(e.time), "event": e.kind, "rcpt": e.rcpt, "text": e.text,
+           "remote": e.remote, "category": e.category}
+    if e.tls:   # an attempt over TLS: version, cipher, verification
+        out["tls"] = e.tls
+    return out
 
 
 def _reply_json(reply: Any) -> dict[str, Any] | None:

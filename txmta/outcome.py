@@ -93,6 +93,9 @@ def classify(reply: Reply, stage: str, last_mx: bool = True) -> Verdict:
         return Verdict(PermFailed if reply.permanent else TempFailed, site_failure=True)
     if reply.code < 400:
         return Verdict(Delivered)
+    if stage == MAIL and reply.enhanced == "5.7.10" and not last_mx:
+        # RFC 8689 4.2.1: REQUIRETLS could not be met by this host; another MX may meet it
+        return Verdict(PermFailed, next_mx=True)
     if reply.permanent:
         return Verdict(PermFailed)
     # 4xx at MAIL/RCPT/DATA/DOT: temporary for these recipients. A 421 means the server is

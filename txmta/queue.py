@@ -218,7 +218,8 @@ class Queue:
                     self.classifier.category(outcome.reply, outcome.stage)
                 new = replace(new, category=category)
                 events.append(Event(at, new.state if new.state != QUEUED else "deferred",
-                                    str(rcpt.address), str(outcome.reply), new.remote, category))
+                                    str(rcpt.address), str(outcome.reply), new.remote, category,
+                                    outcome.tls))
                 action = self._report_action(current, new, outcome, rcpt, at)
                 if action is not None:
                     reports.setdefault(action, []).append(dsn.RecipientReport(

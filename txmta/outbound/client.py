@@ -2,7 +2,8 @@
 
 Follows RFC 5321 (EHLO with HELO fallback, MAIL, RCPT, DATA, RSET, QUIT; multi-line replies
 per 4.2.1; the timeouts of 4.5.3.2), PIPELINING (RFC 2920), SIZE (1870), 8BITMIME (6152),
-SMTPUTF8 (6531), DSN (3461), STARTTLS (3207) and AUTH PLAIN/LOGIN (4954) towards a relayhost.
+SMTPUTF8 (6531), DSN (3461), STARTTLS (3207), REQUIRETLS (8689) and AUTH PLAIN/LOGIN (4954)
+towards a relayhost.
 
 Remote behaviour is never an exception (DESIGN invariant 4): `ready` errbacks with a
 `SessionFailureError` carrying a `SessionFailure` value, and `send()` always fires with a
@@ -14,8 +15,17 @@ The message body goes out in 64 KiB chunks, dot-stuffed and CRLF-normalised chun
 (line starts are tracked across chunks, so a "." line on a chunk boundary is stuffed), as a
 streaming producer: the next chunk is written only when the transport has room.
 
+TLS: at "none" no STARTTLS; at "may" STARTTLS when offered; at "encrypt" and "verify" STARTTLS
+is required.  Once the handshake is done, `tls_options.verify_peer(ssl_connection)` (when the
+options have it) judges the peer and gives the label the mail log shows ("verified",
+"dane-ee", ...); a peer it refuses ends the session before anything but EHLO went out, with
+451 4.7.5.  A message with REQUIRETLS goes only over a connection whose peer was
+authenticated, to a server offering REQUIRETLS; otherwise MAIL is not sent and the
+transaction fails with 550 5.7.10 (RFC 8689 4.2.1).
+
 Not here: which host to connect to (route.py), connection reuse and limits (pool.py), the TLS
-policy per destination (tlspolicy.py), classifying replies (outcome.py).
+policy per destination and the certificate checks (tlspolicy.py), classifying replies
+(outcome.py).
 """
 # test: tests/test_client.py
 
@@ -62,7 +72,8 @@ MAX_REPLY_LINE = 64 * 1024   # a reply line longer than this is garbage (RFC 532
 @dataclass(frozen=True)
 class ClientSettings:
     helo_name: str
-    tls: str = "may"                 # none | may | encrypt (STARTTLS required, not verified)
+    tls: str = "may"                 # none | may | encrypt | verify (STARTTLS required, and the
+                                     # peer checked by tls_options.verify_peer)
     tls_options: Any = None          # IOpenSSLClientConnectionCreator; None: unverified, with SNI
     auth: tuple[str, str] | None = None   # (user, password) for a relayhost
     allow_plaintext_auth: bool = False
@@ -78,6 +89,8 @@ class SessionFailure:
 
     stage: str
     reply: Reply
+    tls: str = ""            # the TLS negotiated before the failure, with its verification label
+    tls_failure: str = ""    # "handshake", "not-offered", "refused" or "verification"
 
 
 class SessionFailureError(Exception):
@@ -95,7 +108,7 @@ class TransactionResult:
     final: Reply | None                      # after the content, for recipients accepted at RCPT
     host: str = ""
     address: str = ""
-    tls: str = ""                            # "" or e.g. "TLSv1.3 TLS_AES_256_GCM_SHA384"
+    tls: str = ""                            # "" or e.g. "TLSv1.3 TLS_AES_256_GCM_SHA384 verified"
     notes: tuple[str, ...] = ()              # things worth a line in the mail log
     dsn: bool = False                        # the next hop offered DSN (RFC 3461): NOTIFY went on
 
@@ -200,6 +213,19 @@ def dot_stuff(body: bytes) -> bytes:
 
 # -- TLS ----------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class PeerCheck:
+    """What `verify_peer()` found: may the session go on, the label for the logs, why not."""
+
+    ok: bool
+    label: str                  # "verified", "dane-ee", "dane-ta", "sts-enforce", "unverified"...
+    reason: str = ""            # why the peer is refused (or, when ok, what was not checked)
+    authenticated: bool = False # the peer's identity was checked: REQUIRETLS may go
+
+
+UNVERIFIED = PeerCheck(True, "unverified")
+
+
 @implementer(IOpenSSLClientConnectionCreator)
 class UnverifiedTLS:
     """Opportunistic TLS: encrypt, send SNI, verify nothing (what "may" and "encrypt" mean;
@@ -224,6 +250,9 @@ class UnverifiedTLS:
         if self._sni:
             connection.set_tlsext_host_name(self._sni)
         return connection
+
+    def verify_peer(self, connection: Any) -> PeerCheck:
+        return UNVERIFIED
 
 
 # -- the protocol -------------------------------------------------------------------------
@@ -280,6 +309,7 @@ class SMTPClient(Protocol):
         self._block_timer: IDelayedCall | None = None
         self._tls_started = False
         self._handshake_done = False
+        self._peer_check: PeerCheck | None = None   # set once the TLS peer was judged
         self._clean_at: float | None = None    # when the last transaction completed cleanly
 
     # -- public ---------------------------------------------------------------------------
@@ -345,7 +375,7 @@ class SMTPClient(Protocol):
         if self._tls_started and not self._handshake_done and self._waiters:
             failure = SessionFailure(O.STARTTLS, Reply(
                 451, "4.7.0", f"TLS handshake failed with {self._peer()}: "
-                              f"{reason.getErrorMessage()}"))
+                              f"{reason.getErrorMessage()}"), tls_failure="handshake")
         else:
             stage = self._waiters[0].stage if self._waiters else O.DOT
             what = self._waiters[0].what if self._waiters else "message content"
@@ -356,6 +386,39 @@ class SMTPClient(Protocol):
         """IHandshakeListener: the TLS layer finished the handshake."""
         self._handshake_done = True
         self.tls = _describe_tls(self.transport)
+        failure = self._check_peer()
+        if failure is not None:   # nothing but EHLO was written, and it is still in the TLS buffer
+            self._break(failure)
+
+    @property
+    def authenticated(self) -> bool:
+        """The TLS peer's identity was verified (what REQUIRETLS needs)."""
+        return self._peer_check is not None and self._peer_check.authenticated
+
+    def _check_peer(self) -> SessionFailure | None:
+        """Judge the TLS peer once, after the handshake; a SessionFailure if it is refused."""
+        if self._peer_check is not None:
+            return None
+        verify = getattr(self.settings.tls_options, "verify_peer", None)
+        if verify is None:
+            self._peer_check = UNVERIFIED if self.settings.tls_options is None else \
+                PeerCheck(True, "")
+        else:
+            try:
+                handle = self.transport.getHandle()  # type: ignore[union-attr]
+            except Exception:
+                handle = None
+            self._peer_check = verify(handle)
+        check = self._peer_check
+        if check.label:
+            self.tls = f"{self.tls or 'TLS'} {check.label}"
+        if check.ok:
+            if check.reason:
+                log.info("TLS with {peer}: {reason}", peer=self._peer(), reason=check.reason)
+            return None
+        return SessionFailure(O.STARTTLS, Reply(
+            451, "4.7.5", f"TLS policy: {check.reason or 'peer not accepted'} ({self._peer()})"),
+            tls=self.tls, tls_failure="verification")
 
     def dataReceived(self, data: bytes) -> None:
         if self._state == "closed":
@@ -422,8 +485,9 @@ class SMTPClient(Protocol):
         head = self._waiters[0]
         if self._tls_started and not self._handshake_done and head.stage == O.STARTTLS:
             reply = Reply(451, "4.7.0", f"TLS handshake failed with {self._peer()}: timeout")
-        else:
-            reply = Reply(451, "4.4.2", f"timeout waiting for {head.what} from {self._peer()}")
+            self._break(SessionFailure(head.stage, reply, tls_failure="handshake"))
+            return
+        reply = Reply(451, "4.4.2", f"timeout waiting for {head.what} from {self._peer()}")
         self._break(SessionFailure(head.stage, reply))
 
     def _malformed(self) -> None:
@@ -486,14 +550,14 @@ class SMTPClient(Protocol):
             self._break(f.value.failure)
         self.ready.errback(f)
 
-    def _give_up(self, stage: str, reply: Reply) -> None:
+    def _give_up(self, stage: str, reply: Reply, tls_failure: str = "") -> None:
         """A failure the server told us (or that we decide): QUIT politely, then fail."""
         if self._state not in ("closed", "closing"):
             self._state = "ready"
             self.quit()
         else:
             self._close()
-        raise SessionFailureError(SessionFailure(stage, reply))
+        raise SessionFailureError(SessionFailure(stage, reply, self.tls, tls_failure))
 
     async def _setup(self, greeting: Deferred[Reply]) -> None:
         reply = await greeting
@@ -503,9 +567,10 @@ class SMTPClient(Protocol):
         if self.settings.tls != "none":
             if "STARTTLS" in self.extensions:
                 await self._starttls()
-            elif self.settings.tls == "encrypt":
+            elif self.settings.tls != "may":
                 self._give_up(O.STARTTLS, Reply(451, "4.7.0",
-                                                f"TLS required but not offered by {self._peer()}"))
+                                                f"TLS required but not offered by {self._peer()}"),
+                              "not-offered")
         if self.settings.auth is not None:
             await self._auth(*self.settings.auth)
 
@@ -529,10 +594,10 @@ class SMTPClient(Protocol):
     async def _starttls(self) -> None:
         reply = await self._command(b"STARTTLS", O.STARTTLS, "reply to STARTTLS", "starttls")
         if reply.code != 220:
-            if self.settings.tls == "encrypt" or reply.code == 421:
+            if self.settings.tls != "may" or reply.code == 421:
                 if reply.permanent:   # our policy refuses plaintext: worth a retry later
                     reply = Reply(451, "4.7.0", f"STARTTLS refused by {self._peer()}: {reply}")
-                self._give_up(O.STARTTLS, reply)
+                self._give_up(O.STARTTLS, reply, "refused")
             log.info("STARTTLS refused by {peer} ({reply}); going on in plaintext",
                      peer=self._peer(), reply=reply)
             return
@@ -547,7 +612,8 @@ class SMTPClient(Protocol):
         try:
             self.transport.startTLS(options)  # type: ignore[union-attr]
         except Exception as e:
-            failure = SessionFailure(O.STARTTLS, Reply(451, "4.7.0", f"TLS handshake failed: {e}"))
+            failure = SessionFailure(O.STARTTLS, Reply(451, "4.7.0", f"TLS handshake failed: {e}"),
+                                     tls_failure="handshake")
             self._break(failure)
             raise SessionFailureError(failure) from e
         self.extensions = {}   # RFC 3207 4.2: forget everything learned in plaintext
@@ -558,6 +624,9 @@ class SMTPClient(Protocol):
         self._handshake_done = True
         if not self.tls:
             self.tls = _describe_tls(self.transport)
+        failure = self._check_peer()   # when the transport told no handshakeCompleted
+        if failure is not None:
+            self._give_up(failure.stage, failure.reply, failure.tls_failure)
         if not reply.positive:
             self._give_up(O.EHLO, reply)
         self.extensions = parse_ehlo(reply)
@@ -620,6 +689,8 @@ class SMTPClient(Protocol):
                 notes.append(f"8-bit message sent to {self._peer()}, which does not offer 8BITMIME")
         if envelope.smtputf8 and "SMTPUTF8" in ext:
             params.append("SMTPUTF8")
+        if envelope.requiretls:   # checked by _requiretls_refusal() before
+            params.append("REQUIRETLS")
         if "DSN" in ext:
             if envelope.ret:
                 params.append(f"RET={envelope.ret.upper()}")
@@ -639,6 +710,19 @@ class SMTPClient(Protocol):
                     params.append(f"ORCPT={addr_type};{xtext_encode(addr)}")
         line = f"RCPT TO:<{rcpt.address}>" + "".join(" " + p for p in params)
         return line.encode("utf-8")
+
+    def _requiretls_refusal(self, envelope: Envelope) -> Reply | None:
+        """RFC 8689 4.2.1: a REQUIRETLS message goes only over TLS whose peer was verified,
+        to a server that offers REQUIRETLS; else 550 5.7.10, and MAIL is not sent."""
+        if not envelope.requiretls:
+            return None
+        if not self.tls or not self.authenticated:
+            how = f"TLS not verified ({self.tls})" if self.tls else "no TLS"
+            return Reply(550, "5.7.10", f"REQUIRETLS: {self._peer()} was not reached over "
+                                        f"verified TLS ({how})")
+        if "REQUIRETLS" not in self.extensions:
+            return Reply(550, "5.7.10", f"REQUIRETLS: {self._peer()} does not offer REQUIRETLS")
+        return None
 
     def _needs_smtputf8(self, envelope: Envelope, recipients: tuple[Recipient, ...]) -> bool:
         addresses: list[Address] = [envelope.sender] + [r.address for r in recipients]
@@ -661,6 +745,9 @@ class SMTPClient(Protocol):
                 and self._state == "ready" else None
             return self._result(failure, tuple(rcpt_replies), final, tuple(notes))
 
+        refusal = self._requiretls_refusal(envelope)
+        if refusal is not None:
+            return result(SessionFailure(O.MAIL, refusal, self.tls))
         if self._needs_smtputf8(envelope, recipients) and "SMTPUTF8" not in self.extensions:
             return result(SessionFailure(O.MAIL, Reply(
                 553, "5.6.7", f"{self._peer()} does not support SMTPUTF8, "

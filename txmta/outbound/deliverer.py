@@ -6,7 +6,9 @@ reached, or closed on us) go on to the next hop; recipients a server answered ar
 `outcome.classify()`.  A 452 at RCPT ("too many recipients", RFC 5321 4.5.3.1.10) leaves
 those recipients for another transaction on the same hop.  Returns one Outcome per
 recipient and whether the whole destination failed (for throttling).  Remote behaviour
-never raises (DESIGN invariant 4).
+never raises (DESIGN invariant 4).  With a `tls_policy` (tlspolicy.TLSPolicy), the TLS of each
+hop is decided before connecting; a hop the policy rules out for now (a failed TLSA lookup, an
+MX host an MTA-STS policy does not list) is skipped like a host that cannot be reached.
 
 Not here: the queue, the spool, retry timing; this module never sees them.
 """
@@ -39,9 +41,10 @@ class AttemptResult:
 
 class Deliverer:
     def __init__(self, router: Any, pool: Any, *, helo: str, source: str = "",
-                 tls_level: str = "may", relay_tls: str = "may") -> None:
+                 tls_level: str = "may", relay_tls: str = "may", tls_policy: Any = None) -> None:
         self.router = router
         self.pool = pool
+        self.tls_policy = tls_policy   # None: the fixed levels below
         self.helo = helo
         self.source = source
         self.tls_level = tls_level     # towards MX hosts
@@ -75,10 +78,20 @@ class Deliverer:
         outcomes: dict[int, O.Outcome] = {}
         hops = route.hops
         last_failure: Reply | None = None   # the last session-level failure seen
+        last_result: Any = None             # the attempt that gave it (host, TLS for the log)
         reached = False                     # some hop got as far as a mail transaction
+        plan = (yield self.tls_policy.plan(route)) if self.tls_policy is not None else None
         for n, hop in enumerate(hops):
             last = n == len(hops) - 1
-            tls = self.relay_tls if route.destination.startswith("relay:") else self.tls_level
+            if plan is not None:
+                tls = plan.for_host(hop.mx)
+                if isinstance(tls, Reply):      # ruled out by the TLS policy, for now
+                    last_failure, last_result = tls, None
+                    log.info("{mx}[{address}] skipped: {reply}", mx=hop.mx, address=hop.address,
+                             reply=tls)
+                    continue
+            else:
+                tls = self.relay_tls if route.destination.startswith("relay:") else self.tls_level
             key = PoolKey(route.destination, hop.mx, hop.address, hop.port, tls,
                           self.source, self.helo)
             undecided: list[int] = []
@@ -91,7 +104,7 @@ class Deliverer:
                 if failure is None or failure.stage not in O.SESSION_STAGES:
                     reached = True
                 else:
-                    last_failure = failure.reply
+                    last_failure, last_result = failure.reply, result
                 retry_here, next_hop, decided = self._decide(result, batch, last)
                 outcomes.update(decided)
                 undecided.extend(next_hop)
@@ -107,7 +120,11 @@ class Deliverer:
                 break
         for i in pending:  # the hops ran out with recipients undecided
             reply = last_failure or Reply(451, "4.4.0", f"no usable host for {route.destination}")
-            outcomes[i] = O.TempFailed(reply, stage=O.CONNECT)
+            if last_result is not None:
+                outcomes[i] = O.TempFailed(reply, last_result.host, last_result.address,
+                                           last_result.tls, last_result.failure.stage)
+            else:
+                outcomes[i] = O.TempFailed(reply, stage=O.CONNECT)
         site = None
         if not reached and last_failure is not None and not last_failure.permanent:
             site = last_failure

@@ -50,7 +50,7 @@ class PoolKey:
     mx: str
     address: str
     port: int
-    tls: str
+    tls: Any             # a level name, or the tlspolicy.HostTLS the connection must satisfy
     source: str
     helo: str
 
@@ -157,7 +157,8 @@ class ConnectionPool:
                            recipients: tuple[Recipient, ...],
                            body: bytes | Callable[[], Deferred[bytes]]) -> TransactionResult:
         def failed(failure: SessionFailure) -> TransactionResult:
-            return TransactionResult(failure, (None,) * len(recipients), None, key.mx, key.address)
+            return TransactionResult(failure, (None,) * len(recipients), None, key.mx, key.address,
+                                     failure.tls)
 
         retried = False
         while True:

@@ -88,7 +88,8 @@ def decode_event(data: bytes) -> "Event":
     d = _loads(data)
     try:
         return Event(float(d["time"]), str(d["event"]), str(d.get("rcpt", "")),
-                     str(d.get("text", "")), str(d.get("remote", "")), str(d.get("category", "")))
+                     str(d.get("text", "")), str(d.get("remote", "")), str(d.get("category", "")),
+                     str(d.get("tls", "")))
     except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
         raise CorruptRecord(f"bad event record: {e}") from e
 

@@ -93,10 +93,11 @@ class Event:
     text: str = ""                  # the reply or a human note
     remote: str = ""
     category: str = ""
+    tls: str = ""                   # the attempt's TLS and its verification, "" without TLS
 
     def as_dict(self) -> dict[str, object]:
         d: dict[str, object] = {"time": self.time, "event": self.kind}
-        for k in ("rcpt", "text", "remote", "category"):
+        for k in ("rcpt", "text", "remote", "category", "tls"):
             if getattr(self, k):
                 d[k] = getattr(self, k)
         return d
@@ -182,6 +183,13 @@ class Spool(Protocol):
         skipping the ids in `exclude` (those in flight), read from the due index."""
 
     def count(self) -> "Deferred[int]": ...
+
+    def cache_get(self, key: str) -> "Deferred[bytes | None]":
+        """A value of the small persistent cache other parts keep in the spool (MTA-STS
+        policies, key "mta-sts:<domain>"), or None."""
+
+    def cache_put(self, key: str, value: bytes) -> "Deferred[None]":
+        """Store (replace) a cache value, durably, through the one writer."""
 
     def close(self) -> "Deferred[None]": ...
 

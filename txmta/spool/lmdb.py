@@ -43,7 +43,7 @@ from txmta.spool.interface import (QUEUED, UNFINISHED, Change, CommitFailed, Eve
 
 FORMAT = b"1"
 DB_NAMES = (b"messages", b"bodies", b"recipients", b"due", b"events", b"meta",
-            b"history", b"finished", b"msgids", b"suppression")
+            b"history", b"finished", b"msgids", b"suppression", b"cache")
 log = Logger()
 
 
@@ -596,6 +596,19 @@ class LmdbSpool:
 
     def suppression_all(self) -> Deferred[list[Suppression]]:
         return self._submit(_Op(lambda txn: read_suppressions(txn, self._db), read=True))
+
+    # -- the small cache other parts keep here (MTA-STS policies) -----------------------------
+
+    def cache_get(self, key: str) -> Deferred[bytes | None]:
+        def fn(txn: Any) -> bytes | None:
+            raw = txn.get(key.encode("utf-8")[:500], db=self._db[b"cache"])
+            return bytes(raw) if raw is not None else None
+        return self._submit(_Op(fn, read=True))
+
+    def cache_put(self, key: str, value: bytes) -> Deferred[None]:
+        def fn(txn: Any) -> None:
+            txn.put(key.encode("utf-8")[:500], value, db=self._db[b"cache"])
+        return self._submit(_Op(fn))
 
     def remove(self, message_id: str) -> Deferred[None]:
         had_file = [False]

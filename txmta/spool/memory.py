@@ -49,6 +49,7 @@ class MemorySpool:
         self.events: dict[str, list[Event]] = {}
         self.history: dict[str, tuple[StoredMessage, float]] = {}
         self.suppressions: dict[str, Suppression] = {}
+        self.cache: dict[str, bytes] = {}
 
     def _failing(self) -> SpoolError | None:
         err, self.fail_next = self.fail_next, None
@@ -118,6 +119,16 @@ class MemorySpool:
             self.suppressions[sup.address] = sup
         self.commits += 1
         return succeed(new)
+
+    def cache_get(self, key: str) -> Deferred[bytes | None]:
+        return succeed(self.cache.get(key))
+
+    def cache_put(self, key: str, value: bytes) -> Deferred[None]:
+        err = self._failing()
+        if err is not None:
+            return fail(err)
+        self.cache[key] = bytes(value)
+        return succeed(None)
 
     def suppression_put(self, entries: list[Suppression]) -> Deferred[int]:
         for e in entries:
