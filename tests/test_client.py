@@ -18,7 +18,8 @@ from twisted.test import iosim
 from txmta import outcome as O
 from txmta.envelope import Address, Envelope, Recipient
 from txmta.outbound.client import (
-    CHUNK, CLEAN_REUSE, ClientSettings, DotStuffer, ReplyParser, SessionFailureError, SMTPClient,
+    CHUNK, CLEAN_REUSE, ClientSettings, DotStuffer, PeerCheck, ReplyParser, SessionFailureError,
+    SMTPClient,
     TransactionResult, dot_stuff)
 from txmta.reply import Reply
 from tests.scripted_remote import (
@@ -636,3 +637,93 @@ def test_quit_says_quit_and_closes() -> None:
     p.flush()
     assert p.remote.lines[-1] == "QUIT"
     assert p.remote.closed and not p.client.usable
+
+
+# -- the TLS peer check and REQUIRETLS (RFC 8689) ------------------------------------------------
+
+class CheckedTLS(FakeTLSOptions):
+    """iosim's pretend TLS with a `verify_peer` giving a fixed verdict."""
+
+    def __init__(self, check: PeerCheck) -> None:
+        super().__init__()
+        self.check = check
+        self.asked = 0
+
+    def verify_peer(self, connection: Any) -> PeerCheck:
+        self.asked += 1
+        return self.check
+
+
+VERIFIED = PeerCheck(True, "verified", authenticated=True)
+REFUSED = PeerCheck(False, "unverified", "certificate not trusted: self-signed")
+
+
+def test_verified_peer_label_goes_into_the_tls_string() -> None:
+    options = CheckedTLS(VERIFIED)
+    settings = ClientSettings("client.example", tls="verify", tls_options=options)
+    p = start(extensions=("STARTTLS", "PIPELINING"), settings=settings)
+    assert p.results == [None] and options.asked == 1
+    assert send(p).tls == "TLS verified"
+    assert p.client.authenticated
+
+
+def test_refused_peer_defers_with_4_7_5_before_mail() -> None:
+    """A peer the TLS policy refuses: 451 4.7.5 naming the reason, QUIT, no MAIL; the
+    failure carries the negotiated TLS for the mail log."""
+    settings = ClientSettings("client.example", tls="verify", tls_options=CheckedTLS(REFUSED))
+    p = start(extensions=("STARTTLS", "PIPELINING"), settings=settings)
+    failure = ready_failure(p)
+    assert failure.stage == O.STARTTLS and failure.tls_failure == "verification"
+    assert (failure.reply.code, failure.reply.enhanced) == (451, "4.7.5")
+    assert "certificate not trusted: self-signed" in failure.reply.text
+    assert failure.tls == "TLS unverified"
+    assert not any(line.startswith("MAIL") for line in p.remote.lines)
+
+
+@pytest.mark.parametrize("level", ["encrypt", "verify"])
+def test_required_tls_not_offered_fails_at_starttls(level: str) -> None:
+    p = start(extensions=("PIPELINING",), settings=ClientSettings("client.example", tls=level))
+    failure = ready_failure(p)
+    assert failure.stage == O.STARTTLS and failure.tls_failure == "not-offered"
+    assert failure.reply.enhanced == "4.7.0"
+
+
+def test_handshake_failure_is_marked_for_the_may_fallback() -> None:
+    settings = ClientSettings("client.example", tls="may", tls_options=FakeTLSOptions(ok=False))
+    failure = ready_failure(start(extensions=("STARTTLS",), settings=settings))
+    assert failure.tls_failure == "handshake"
+
+
+def requiretls_send(p: Pair) -> TransactionResult:
+    return send(p, requiretls=True)
+
+
+def test_requiretls_over_verified_tls_sends_the_parameter() -> None:
+    """RFC 8689 4.2.1: verified TLS and a server offering REQUIRETLS: MAIL ... REQUIRETLS."""
+    settings = ClientSettings("client.example", tls="verify", tls_options=CheckedTLS(VERIFIED))
+    p = start(extensions=("STARTTLS",), tls_extensions=("PIPELINING", "REQUIRETLS"),
+              settings=settings)
+    result = requiretls_send(p)
+    assert result.failure is None and result.final is not None and result.final.code == 250
+    assert "MAIL FROM:<sender@example.com> REQUIRETLS" in p.remote.lines
+
+
+@pytest.mark.parametrize("settings, extensions, tls_extensions, why", [
+    (ClientSettings("client.example", tls="none"), ("PIPELINING", "REQUIRETLS"), None, "no TLS"),
+    (ClientSettings("client.example", tls="may", tls_options=CheckedTLS(PeerCheck(True, "unverified"))),
+     ("STARTTLS",), ("PIPELINING", "REQUIRETLS"), "TLS not verified"),
+    (ClientSettings("client.example", tls="verify", tls_options=CheckedTLS(VERIFIED)),
+     ("STARTTLS",), ("PIPELINING",), "does not offer REQUIRETLS"),
+])
+def test_requiretls_refused_with_5_7_10_without_sending_mail(
+        settings: ClientSettings, extensions: tuple[str, ...], tls_extensions: Any,
+        why: str) -> None:
+    """RFC 8689 4.2.1: without verified TLS or without the server's REQUIRETLS the message
+    is not sent: 550 5.7.10 at MAIL, and the connection stays usable for other mail."""
+    p = start(extensions=extensions, tls_extensions=tls_extensions, settings=settings)
+    result = requiretls_send(p)
+    assert result.failure is not None and result.failure.stage == O.MAIL
+    assert (result.failure.reply.code, result.failure.reply.enhanced) == (550, "5.7.10")
+    assert why in result.failure.reply.text
+    assert not any(line.startswith("MAIL") for line in p.remote.lines)
+    assert p.client.usable

@@ -109,13 +109,26 @@ class DeliveryService(service.Service):
         return d.addErrback(lambda _: None)
 
 
-def build_delivery(cfg: C.Config, reactor: Any, queue: Queue) -> DeliveryService:
+def build_tls_policy(cfg: C.Config, reactor: Any, resolver: Any, cache_store: Any) -> Any:
+    """The outbound TLS policy: [[tls.policy]], [delivery] tls_level and relayhost_tls, the CA
+    certificates of [tls] ca_file (or the system's), MTA-STS cached in the spool."""
+    from txmta.outbound import tlspolicy as T
+    trust = T.Trust(cfg.tls.ca_file)
+    sts = T.STSResolver(reactor, resolver, T.STSFetcher(reactor, resolver, trust.web_trust_root()),
+                        T.STSCache(reactor, cache_store))
+    return T.TLSPolicy(reactor, resolver, trust=trust, sts=sts, level_for=cfg.tls.level_for,
+                       default=cfg.delivery.tls_level, relay_level=cfg.delivery.relayhost_tls)
+
+
+def build_delivery(cfg: C.Config, reactor: Any, queue: Queue,
+                   cache_store: Any = None) -> DeliveryService:
     from txmta.dispatch import Dispatcher
     from txmta.outbound.client import ClientSettings
     from txmta.outbound.deliverer import Deliverer
     from txmta.outbound.dns import Resolver, parse_nameserver
     from txmta.outbound.pool import ConnectionPool
     from txmta.outbound.route import Router
+    from txmta.outbound.tlspolicy import MayFallback
     d = cfg.delivery
     resolver = Resolver(reactor, [parse_nameserver(n) for n in cfg.dns.nameservers] or None)
     # an MX at one of our own listening addresses (on the SMTP port) is a loop
@@ -130,20 +143,25 @@ def build_delivery(cfg: C.Config, reactor: Any, queue: Queue) -> DeliveryService
             auth = (d.relayhost_username, f.readline().rstrip("\r\n"))
     relay_key = f"relay:{d.relayhost}"
 
+    tls_policy = build_tls_policy(cfg, reactor, resolver, cache_store)
+
     def settings_for(key: Any) -> ClientSettings:
         if key.destination == relay_key:
             # a password goes over plaintext only when relayhost_tls = "none" says so
-            return ClientSettings(helo_name=key.helo, tls=key.tls, auth=auth,
+            base = ClientSettings(helo_name=key.helo, auth=auth,
                                   allow_plaintext_auth=d.relayhost_tls == "none")
-        return ClientSettings(helo_name=key.helo, tls=key.tls)
+        else:
+            base = ClientSettings(helo_name=key.helo)
+        return tls_policy.client_settings(key.tls, key.mx, base, connect.plaintext(key))
 
-    pool = ConnectionPool(reactor, Connector(reactor, settings_for, d.connect_timeout),
+    connect = MayFallback(reactor, Connector(reactor, settings_for, d.connect_timeout))
+    pool = ConnectionPool(reactor, connect,
                           per_destination=d.max_per_destination, total=d.max_connections,
                           max_messages_per_connection=d.max_messages_per_connection,
                           idle_timeout=d.idle_timeout,
                           initial_per_destination=d.initial_per_destination)
     deliverer = Deliverer(router, pool, helo=helo, source=d.source_address,
-                          tls_level="may", relay_tls=d.relayhost_tls)
+                          tls_level="may", relay_tls=d.relayhost_tls, tls_policy=tls_policy)
     dispatcher = Dispatcher(queue, deliverer, reactor, max_inflight=d.max_inflight)
     return DeliveryService(dispatcher, pool, reactor)
 
@@ -222,7 +240,7 @@ def build(cfg: C.Config, reactor: Any) -> service.MultiService:
         max_errors=cfg.server.max_errors, command_timeout=cfg.server.command_timeout,
         data_timeout=cfg.server.data_timeout, tls_available=tls is not None,
         auth_available=checker is not None)
-    build_delivery(cfg, reactor, queue).setServiceParent(top)
+    build_delivery(cfg, reactor, queue, spool).setServiceParent(top)
     from txmta.control.amp import ControlService, control_socket_path
     ControlService(reactor, control_socket_path(cfg.spool.path), queue).setServiceParent(top)
     counts: dict[str, int] = {}
