@@ -66,7 +66,7 @@ class Zone:
         self.knobs = {k: {_norm(n) for n in spec.get(k, ())} for k in KNOBS}
         self.names: dict[str, dict[str, list[str]]] = {}
         for name, entry in spec.items():
-            if name.startswith("_"):
+            if name in KNOBS or name in ("_ttl", "_negative_ttl"):   # "_25._tcp.mx." is a name
                 continue
             self.names[_norm(name)] = {t.upper(): self._texts(t.upper(), v)
                                        for t, v in entry.items()}

@@ -153,7 +153,9 @@ def _name_matches(cert: x509.Certificate, name: str) -> str:
             verify_certificate_ip_address(cert, name)
         else:
             verify_certificate_hostname(cert, name)
-    except (VerificationError, CertificateError) as e:
+    except VerificationError:
+        return f"certificate does not match {name}"
+    except CertificateError as e:
         return f"certificate does not match {name} ({_short(e)})"
     return ""
 
@@ -163,6 +165,8 @@ def _chain_error(chain: Sequence[x509.Certificate], name: str, anchors: Sequence
     """"" when chain[0] chains up to one of `anchors` (through chain[1:]), else why not."""
     if not anchors:
         return "no trusted CA certificates"
+    if len(chain) == 1 and chain[0].issuer == chain[0].subject and chain[0] not in anchors:
+        return "certificate not trusted: self-signed"
     subject: Any = xv.IPAddress(ipaddress.ip_address(name)) if _is_ip(name) else xv.DNSName(name)
     try:
         verifier = (xv.PolicyBuilder().store(xv.Store(list(anchors))).time(now)
