@@ -1,0 +1,1 @@
+Outbound TLS policies per destination: `none`, `may`, `encrypt`, `verify`, `dane` (RFC 7672) and `mta-sts` (RFC 8461, policies cached in the spool), chosen by `[[tls.policy]]` or `[delivery] tls_level = "auto"`; REQUIRETLS messages go only over verified TLS.
