@@ -151,3 +151,14 @@ def test_random_bytes_never_raise_anything_but_corrupt_record(decode, data):
 def test_well_formed_json_of_the_wrong_shape_is_corrupt_record(decode, value):
     """Valid JSON behind the version byte, but not a record, decodes or raises CorruptRecord."""
     corrupt_only(decode, b"\x01" + json.dumps(value).encode())
+
+
+def test_event_keeps_the_tls_of_the_attempt() -> None:
+    """An attempt's TLS line survives the codec; an old event without one reads as ""."""
+    from txmta.spool.codec import decode_event, encode_event
+    from txmta.spool.interface import Event
+    e = Event(1.5, "delivered", "a@example.org", "250 2.0.0 Ok", "mx[192.0.2.1]", "",
+              "TLSv1.3 TLS_AES_256_GCM_SHA384 dane-ee")
+    assert decode_event(encode_event(e)) == e
+    old = Event(1.5, "deferred", "a@example.org", "451 4.4.1 no")
+    assert decode_event(encode_event(old)).tls == ""
