@@ -14,7 +14,7 @@ from typing import Any
 
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
-from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+from txmta.tcp import TCPServerEndpoint
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
@@ -234,8 +234,7 @@ def build(cfg: C.Config, reactor: Any) -> service.MultiService:
                                    reject_suppressed=cfg.suppression.action == "reject")
         if lst.tls == "implicit":
             factory = TLSMemoryBIOFactory(tls, False, factory)
-        endpoint_class = TCP6ServerEndpoint if ":" in lst.host else TCP4ServerEndpoint
-        endpoint = endpoint_class(reactor, lst.port, backlog=1024, interface=lst.host)
+        endpoint = TCPServerEndpoint(reactor, lst.port, backlog=1024, interface=lst.host)
         StreamServerEndpointService(endpoint, factory).setServiceParent(top)
     return top
 

@@ -1,0 +1,100 @@
+"""EagerServer: replies leave in write() when nothing is queued, and order is kept otherwise.
+
+Real sockets on loopback and a private epoll reactor that the test iterates by hand, so
+"sent without a reactor iteration" is observable."""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+import pytest
+from twisted.internet.epollreactor import EPollReactor
+from twisted.internet.protocol import Factory, Protocol
+
+from txmta.tcp import EagerServer, TCPServerEndpoint
+
+
+class Keep(Protocol):
+    def __init__(self, made: list[Any]) -> None:
+        self.made = made
+
+    def connectionMade(self) -> None:
+        self.made.append(self)
+
+
+@pytest.fixture
+def served():
+    reactor = EPollReactor()
+    made: list[Any] = []
+    factory = Factory.forProtocol(lambda: Keep(made))
+    ports: list[Any] = []
+    TCPServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory).addCallback(ports.append)
+    port = ports[0]
+    client = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=5)
+    for _ in range(100):
+        if made:
+            break
+        reactor.iterate(0.05)
+    assert made, "the connection was not accepted"
+    yield reactor, made[0], client
+    client.close()
+    made[0].transport.abortConnection()
+    port.stopListening()
+    for _ in range(5):
+        reactor.iterate(0)
+
+
+def test_connections_are_eager(served):
+    _, proto, _ = served
+    assert isinstance(proto.transport, EagerServer)
+
+
+def test_a_reply_leaves_inside_write(served):
+    _, proto, client = served
+    proto.transport.write(b"220 ready\r\n")
+    # no reactor iteration between the write and the read
+    assert client.recv(100) == b"220 ready\r\n"
+    assert not proto.transport.dataBuffer and not proto.transport._tempDataBuffer
+
+
+def test_a_write_the_socket_cannot_take_is_buffered_and_order_is_kept(served):
+    reactor, proto, client = served
+    big = bytes(range(256)) * (64 * 1024)          # 16 MiB: more than the socket buffers hold
+    proto.transport.write(big)
+    assert proto.transport._tempDataBuffer, "expected part of the write to wait for the reactor"
+    proto.transport.write(b"END")                   # queued behind, never sent ahead
+    client.settimeout(0.01)
+    got = bytearray()
+    while len(got) < len(big) + 3:
+        reactor.iterate(0)
+        try:
+            chunk = client.recv(1 << 20)
+        except socket.timeout:
+            continue
+        assert chunk
+        got += chunk
+    assert bytes(got) == big + b"END"
+    reactor.iterate(0)
+    proto.transport.write(b"again")                 # the buffer drained: eager again
+    client.settimeout(5)
+    assert client.recv(100) == b"again"
+
+
+def test_writes_after_lose_connection_take_the_normal_path(served):
+    reactor, proto, client = served
+    proto.transport.write(b"221 bye\r\n")
+    proto.transport.loseConnection()
+    proto.transport.write(b"late\r\n")              # buffered path: sent before the close
+    client.settimeout(0.01)
+    got = b""
+    for _ in range(200):
+        reactor.iterate(0)
+        try:
+            chunk = client.recv(100)
+        except socket.timeout:
+            continue
+        if not chunk:
+            break
+        got += chunk
+    assert got == b"221 bye\r\nlate\r\n"
