@@ -204,6 +204,9 @@ def parse(text: str) -> Record:
     for term in text[6:].split(" "):
         if not term:
             continue
+        bad = next((c for c in term if not "\x21" <= c <= "\x7e"), None)
+        if bad is not None:      # 12: terms are visible ASCII, separated by SP only
+            raise SpfSyntaxError(f"{term!r}: character {bad!r} not allowed")
         mod = _MODIFIER.match(term)
         if mod is None:
             mechanisms.append(_directive(term))
