@@ -25,6 +25,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import dns.reversename
 from twisted.internet.defer import Deferred
 
 from txmta.outbound.dns import Answer, DNSError
@@ -429,7 +430,6 @@ class _Evaluation:
     async def ptr_matches(self, target: str) -> bool:
         """5.5: a validated PTR name (its addresses include the client's) equal to or
         under `target`."""
-        import dns.reversename
         reverse = dns.reversename.from_address(str(self.ip)).to_text(True)
         names = [r.target.to_text(True).lower() for r in await self.query(reverse, "PTR")]
         target = target.rstrip(".").lower()
