@@ -124,7 +124,10 @@ def doctor(args: argparse.Namespace) -> int:
     except (ConfigError, ValueError) as e:
         print(f"txmta doctor: {e}", file=sys.stderr)
         return 2
-    rows = checks.run(reactor, setup, [parse_nameserver(n) for n in cfg.dns.nameservers])
+    try:
+        rows = checks.run(reactor, setup, [parse_nameserver(n) for n in cfg.dns.nameservers])
+    except RuntimeError as e:
+        raise CommandFailed(f"txmta doctor: {e}") from e
     if args.json:
         print(json.dumps(checks.report_json(setup.domain, rows), indent=2, ensure_ascii=False))
     else:

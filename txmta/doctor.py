@@ -401,6 +401,9 @@ async def _dkim_row(resolver: spf.TXTResolver, domain: str, key: DkimKey) -> Row
 
 # -- DMARC --------------------------------------------------------------------------------
 
+_DMARC = re.compile(r"\s*v\s*=\s*DMARC1\s*(;|\Z)")     # RFC 7489 6.4: "match precisely"
+
+
 @dataclass(frozen=True)
 class DmarcFound:
     name: str                   # where the records were found (or last looked for)
@@ -422,7 +425,7 @@ async def find_dmarc(resolver: spf.TXTResolver, domain: str) -> DmarcFound:
             texts = await _txt(resolver, name)
         except DNSError as e:
             return DmarcFound(name, (), i > 0, _lookup_failed(e))
-        records = tuple(t for t in texts if t[:8].replace(" ", "").lower().startswith("v=dmarc1"))
+        records = tuple(t for t in texts if _DMARC.match(t))
         if records:
             return DmarcFound(name, records, i > 0)
     return found
@@ -694,6 +697,6 @@ def run(reactor: Any, setup: Setup, nameservers: Sequence[tuple[str, int]] | Non
     reactor.run()
     if not box:
         raise KeyboardInterrupt
-    if not isinstance(box[0], list):
-        box[0].raiseException()
+    if not isinstance(box[0], list):       # a bug of ours: one line, not a traceback
+        raise RuntimeError(f"internal error: {box[0].getErrorMessage()}")
     return box[0]
