@@ -5,6 +5,8 @@ and the function that runs it.  Implemented here:
 
     txmta check-config [FILE]            validate a configuration file
     txmta passwd [USER]                  print a `USER:HASH` line for the AUTH users file
+    txmta doctor DOMAIN [--address IP]... [--json]   check DOMAIN's SPF, DKIM, DMARC, MX,
+                                         reverse DNS, MTA-STS and TLS-RPT records in DNS
     txmta queue list [--json]            the queue, like Postfix mailq
     txmta queue show ID [--json]         one message, queued or finished: envelope, states,
                                          timeline, header section
@@ -95,6 +97,42 @@ def passwd(args: argparse.Namespace) -> int:
         raise CommandFailed("empty password")
     print(f"{user}:{hash_password(password)}")
     return 0
+
+
+# -- doctor ---------------------------------------------------------------------------
+
+def _args_doctor(p: argparse.ArgumentParser) -> None:
+    p.add_argument("domain", help="the sending domain (the From domain of your mail)")
+    p.add_argument("--address", metavar="IP", action="append", default=[],
+                   help="an address mail leaves from (repeatable; default "
+                        "delivery.source_address, else the addresses of server.hostname)")
+    p.add_argument("--json", action="store_true", help="print the checks as JSON")
+    _args_config(p)
+
+
+def doctor(args: argparse.Namespace) -> int:
+    """Check DOMAIN's DNS as receivers will (txmta.doctor): exit 0 when no check failed, 1
+    when one did, 2 on a usage or configuration error.  The one subcommand that runs the
+    Twisted reactor; it asks `dns.nameservers`."""
+    from twisted.internet import reactor    # only this command needs one
+
+    from txmta import doctor as checks
+    from txmta.outbound.dns import parse_nameserver
+    try:
+        cfg = config.load(args.config)
+        setup = checks.Setup.from_config(cfg, args.domain, args.address)
+    except (ConfigError, ValueError) as e:
+        print(f"txmta doctor: {e}", file=sys.stderr)
+        return 2
+    try:
+        rows = checks.run(reactor, setup, [parse_nameserver(n) for n in cfg.dns.nameservers])
+    except RuntimeError as e:
+        raise CommandFailed(f"txmta doctor: {e}") from e
+    if args.json:
+        print(json.dumps(checks.report_json(setup.domain, rows), indent=2, ensure_ascii=False))
+    else:
+        print(checks.report_text(setup.domain, rows))
+    return 1 if checks.failed(rows) else 0
 
 
 # -- queue list / queue show ------------------------------------------------------------
@@ -617,6 +655,8 @@ def suppression_import(args: argparse.Namespace) -> int:
 COMMANDS: tuple[Command, ...] = (
     Command("check-config", "validate a configuration file", _args_check_config, check_config),
     Command("passwd", "print a USER:HASH line for the AUTH users file", _args_passwd, passwd),
+    Command("doctor", "check a sending domain's DNS (SPF, DKIM, DMARC, MX, reverse DNS, ...)",
+            _args_doctor, doctor),
     Command("queue list", "list the queued messages (read-only, like mailq)", _args_queue_list,
             queue_list),
     Command("queue show", "show one message (queued or finished): envelope, states, timeline",
