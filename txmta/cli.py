@@ -114,9 +114,8 @@ def doctor(args: argparse.Namespace) -> int:
     """Check DOMAIN's DNS as receivers will (txmta.doctor): exit 0 when no check failed, 1
     when one did, 2 on a usage or configuration error.  The one subcommand that runs the
     Twisted reactor; it asks `dns.nameservers`."""
-    from twisted.internet import reactor    # only this command needs one
-
     from txmta import doctor as checks
+    from txmta.tap import global_reactor    # only this command needs one
     from txmta.outbound.dns import parse_nameserver
     try:
         cfg = config.load(args.config)
@@ -125,7 +124,7 @@ def doctor(args: argparse.Namespace) -> int:
         print(f"txmta doctor: {e}", file=sys.stderr)
         return 2
     try:
-        rows = checks.run(reactor, setup, [parse_nameserver(n) for n in cfg.dns.nameservers])
+        rows = checks.run(global_reactor(), setup, [parse_nameserver(n) for n in cfg.dns.nameservers])
     except RuntimeError as e:
         raise CommandFailed(f"txmta doctor: {e}") from e
     if args.json:

@@ -254,3 +254,10 @@ def makeService(options: Options) -> service.IService:
     gc.freeze()
     gc.set_threshold(20000, 20, 20)
     return top
+
+
+def global_reactor() -> Any:
+    """The global reactor, for the `txmta` commands that run Twisted code once (doctor): this
+    module stays its only importer."""
+    from twisted.internet import reactor
+    return reactor
