@@ -69,7 +69,10 @@ def _args_check_config(p: argparse.ArgumentParser) -> None:
 
 
 def check_config(args: argparse.Namespace) -> int:
-    config.load(args.file)      # ConfigError -> stderr, exit 1 (see main)
+    cfg = config.load(args.file)      # ConfigError -> stderr, exit 1 (see main)
+    if cfg.tls.cert and cfg.tls.key:  # the daemon would refuse to start on bad TLS material
+        from txmta.inbound.tlscontext import load_server_context
+        load_server_context(cfg.tls, cfg.path)
     print(f"{args.file}: OK")
     return 0
 
