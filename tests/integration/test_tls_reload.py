@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from itlib import HOSTNAME, Daemon, Raw, queued_id, wait_until
+from itlib import HOSTNAME, Daemon, Raw, queued_id, txmta_cli, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -227,6 +227,10 @@ def test_requiretls_only_under_tls_and_stored(start_daemon, material_dir):
     assert d.stored(marked)[0].envelope.requiretls is True
     assert d.stored(plain)[0].envelope.requiretls is False
     assert d.stored(smtps)[0].envelope.requiretls is True
+    # and the operator sees it
+    import json
+    assert json.loads(txmta_cli(d, "queue", "show", marked, "--json").stdout)["requiretls"] is True
+    assert "requiretls: no" in txmta_cli(d, "queue", "show", plain).stdout.splitlines()
 
 
 def test_bad_cipher_list_stops_the_start_with_a_clear_error(tmp_path, material_dir):
