@@ -27,7 +27,7 @@ def implicit_client() -> tuple[Harness, Client]:
     return h, h.connect(RELAY_IP, tls=True)
 
 
-# -- the EHLO keyword (RFC 8689 2, 4) -------------------------------------------------------
+# -- the EHLO keyword (RFC 8689) -----------------------------------------------------------
 
 def test_requiretls_not_advertised_in_the_clear():
     """Before STARTTLS, EHLO lists STARTTLS but not REQUIRETLS."""
@@ -56,7 +56,7 @@ def test_requiretls_advertised_on_implicit_tls_listener():
     assert "REQUIRETLS" in c.ehlo()
 
 
-# -- the MAIL parameter (RFC 8689 4.1) ------------------------------------------------------
+# -- the MAIL parameter (RFC 8689) ----------------------------------------------------------
 
 @pytest.mark.parametrize("param", [b"REQUIRETLS", b"requiretls", b"RequireTLS"])
 def test_mail_requiretls_under_tls_is_stored_on_the_envelope(param):
@@ -73,7 +73,7 @@ def test_mail_requiretls_under_tls_is_stored_on_the_envelope(param):
 
 
 def test_mail_requiretls_on_implicit_listener_with_bdat_is_stored():
-    """REQUIRETLS goes with BDAT too (RFC 8689 2), here on an SMTPS listener."""
+    """REQUIRETLS goes with BDAT too, here on an SMTPS listener."""
     h, c = implicit_client()
     c.ehlo()
     chunk = b"Subject: t\r\n\r\nhi\r\n"
@@ -144,7 +144,7 @@ def test_mail_requiretls_pipelined_before_starttls_is_not_carried_over():
 
 
 def test_mail_requiretls_with_a_value_is_malformed_even_under_tls():
-    """REQUIRETLS takes no value (RFC 8689 4.1): 501 5.5.4."""
+    """REQUIRETLS takes no value (RFC 8689): 501 5.5.4."""
     _, c = implicit_client()
     c.ehlo()
     assert c.send(b"MAIL FROM:<s@example.com> REQUIRETLS=YES\r\n") == ["501 5.5.4"]

@@ -270,7 +270,7 @@ class SMTPServer(Protocol, TimeoutMixin):
         assert self.session is not None
         lines = ["PIPELINING", f"SIZE {self.policy.max_message_size}", "8BITMIME", "SMTPUTF8",
                  "ENHANCEDSTATUSCODES", "DSN", "CHUNKING"]
-        if self.session.tls:  # RFC 8689 4: only a TLS-protected session may carry REQUIRETLS
+        if self.session.tls:  # RFC 8689: REQUIRETLS is for TLS-protected sessions only
             lines.append("REQUIRETLS")
         if self._starttls_offered():
             lines.append("STARTTLS")
