@@ -327,7 +327,7 @@ class SMTPServer(Protocol, TimeoutMixin):
             return Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
         if cmd.requiretls and not self.session.tls:
             # not advertised in the clear: an unknown parameter (RFC 5321 4.1.1.11); permanent,
-            # since the client must not send the message without TLS (RFC 8689 4.1)
+            # since the client must not send the message without TLS (RFC 8689)
             return Reply(555, "5.5.4", "REQUIRETLS parameter not supported without TLS; use STARTTLS")
         self.envelope = Envelope(cmd.sender, (), cmd.size, cmd.body, cmd.smtputf8, cmd.ret,
                                  cmd.envid, cmd.auth if self.session.auth_user else None,
