@@ -328,7 +328,8 @@ class SMTPServer(Protocol, TimeoutMixin):
         if cmd.requiretls and not self.session.tls:
             # not advertised in the clear: an unknown parameter (RFC 5321 4.1.1.11); permanent,
             # since the client must not send the message without TLS (RFC 8689)
-            return Reply(555, "5.5.4", "REQUIRETLS parameter not supported without TLS; use STARTTLS")
+            hint = "; use STARTTLS first" if self._starttls_offered() else ""
+            return Reply(555, "5.5.4", f"REQUIRETLS parameter not supported without TLS{hint}")
         self.envelope = Envelope(cmd.sender, (), cmd.size, cmd.body, cmd.smtputf8, cmd.ret,
                                  cmd.envid, cmd.auth if self.session.auth_user else None,
                                  requiretls=cmd.requiretls)
