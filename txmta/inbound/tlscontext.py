@@ -51,9 +51,10 @@ DEFAULT_CIPHERS = ":".join([
 
 MIN_VERSIONS = {"TLSv1.2": SSL.TLS1_2_VERSION, "TLSv1.3": SSL.TLS1_3_VERSION}
 
+# the version floor is also set with set_min_proto_version(); the OP_NO_* flags keep old
+# versions off even if a system-wide OpenSSL configuration lowers that floor
 _OPTIONS = (SSL.OP_NO_SSLv2 | SSL.OP_NO_SSLv3 | SSL.OP_NO_TLSv1 | SSL.OP_NO_TLSv1_1
-            | SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION | SSL.OP_CIPHER_SERVER_PREFERENCE
-            | SSL.OP_SINGLE_ECDH_USE | SSL.OP_SINGLE_DH_USE)
+            | SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION | SSL.OP_CIPHER_SERVER_PREFERENCE)
 
 
 @dataclass(frozen=True)
@@ -75,9 +76,9 @@ class LoadedContext:
 
 def _openssl_reason(e: SSL.Error) -> str:
     """The reason strings of an OpenSSL error queue, e.g. "no cipher match"."""
-    parts = [str(item[2]) for item in e.args[0] if isinstance(item, tuple) and len(item) == 3] \
-        if e.args and isinstance(e.args[0], list) else []
-    return "; ".join(p for p in parts if p) or str(e) or "rejected by OpenSSL"
+    queue = e.args[0] if e.args and isinstance(e.args[0], list) else []
+    reasons = [str(item[2]) for item in queue if isinstance(item, tuple) and len(item) == 3 and item[2]]
+    return "; ".join(reasons) or str(e) or "rejected by OpenSSL"
 
 
 def _read(path: str, key: str, where: str) -> bytes:
