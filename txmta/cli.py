@@ -71,7 +71,10 @@ def _args_check_config(p: argparse.ArgumentParser) -> None:
 
 
 def check_config(args: argparse.Namespace) -> int:
-    config.load(args.file)      # ConfigError -> stderr, exit 1 (see main)
+    cfg = config.load(args.file)      # ConfigError -> stderr, exit 1 (see main)
+    if cfg.tls.cert and cfg.tls.key:  # the daemon would refuse to start on bad TLS material
+        from txmta.inbound.tlscontext import load_server_context
+        load_server_context(cfg.tls, cfg.path)
     print(f"{args.file}: OK")
     return 0
 
@@ -324,7 +327,7 @@ def shown_json(s: Shown) -> dict[str, Any]:
     return {"id": m.id, "arrival": iso_utc(m.arrival), "size": m.size, "sender": _sender(m),
             "message_id": m.header_id or None, "body": e.body, "smtputf8": bool(e.smtputf8),
             "ret": e.ret or None, "envid": e.envid or None, "declared_size": e.size,
-            "auth": e.auth, "parameters": dict(sorted(e.extra.items())),
+            "requiretls": bool(e.requiretls), "auth": e.auth, "parameters": dict(sorted(e.extra.items())),
             "client": dict(sorted(m.client.items())),
             "finished": iso_utc(s.finished) if s.finished is not None else None,
             "recipients": rcpts, "events": [event_json(ev) for ev in s.events],
@@ -344,7 +347,8 @@ def shown_text(s: Shown) -> str:
             f"body: {e.body}",
             f"smtputf8: {'yes' if e.smtputf8 else 'no'}",
             f"ret: {e.ret or '-'}",
-            f"envid: {e.envid or '-'}"]
+            f"envid: {e.envid or '-'}",
+            f"requiretls: {'yes' if e.requiretls else 'no'}"]
     if e.size is not None:
         out.append(f"declared size: {e.size}")
     if e.auth is not None:

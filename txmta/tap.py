@@ -34,22 +34,6 @@ class Options(usage.Options):
     optParameters = [["config", "c", None, "the configuration file (TOML)"]]
 
 
-def tls_options(cert_path: str, key_path: str) -> Any:
-    """Server TLS: TLS 1.2 or newer, Twisted's modern cipher list, the full chain from the PEM."""
-    from twisted.internet import ssl
-    from twisted.internet.ssl import TLSVersion
-    with open(cert_path, "rb") as f:
-        cert_pem = f.read()
-    with open(key_path, "rb") as f:
-        key_pem = f.read()
-    certs = [b"-----BEGIN CERTIFICATE-----" + part for part in
-             cert_pem.split(b"-----BEGIN CERTIFICATE-----")[1:]]
-    leaf = ssl.PrivateCertificate.loadPEM(certs[0] + b"\n" + key_pem)
-    chain = [ssl.Certificate.loadPEM(c).original for c in certs[1:]]
-    return ssl.CertificateOptions(privateKey=leaf.privateKey.original, certificate=leaf.original,
-                                  extraCertChain=chain, raiseMinimumTo=TLSVersion.TLSv1_2)
-
-
 class Connector:
     """Opens a connection for a pool key; fires with the client once its session is ready
     (greeting, EHLO, STARTTLS, AUTH), or errbacks SessionFailureError."""
@@ -194,7 +178,20 @@ def maillog_for(cfg: C.Config, reactor: Any) -> MailLog:
     return MailLog(sink)
 
 
+def build_reload(cfg: C.Config, reactor: Any, parts: list[Any]) -> service.Service:
+    """SIGHUP re-reads cfg.path; today only the inbound TLS context takes the new settings."""
+    from twisted.internet.threads import deferToThreadPool
+
+    from txmta.reload import ReloadService
+    return ReloadService(reactor, cfg.path, parts,
+                         run_in_thread=lambda f: deferToThreadPool(reactor, reactor.getThreadPool(), f))
+
+
 def build(cfg: C.Config, reactor: Any) -> service.MultiService:
+    tls = None
+    if cfg.tls.cert and cfg.tls.key:   # one reloadable context for STARTTLS and implicit TLS
+        from txmta.inbound.tlscontext import ServerTLS, load_server_context
+        tls = ServerTLS(load_server_context(cfg.tls, cfg.path))   # ConfigError before the spool opens
     top = service.MultiService()
     spool = LmdbSpool(cfg.spool.path, reactor, map_size=cfg.spool.map_size,
                       max_map_size=cfg.spool.max_map_size,
@@ -215,7 +212,6 @@ def build(cfg: C.Config, reactor: Any) -> service.MultiService:
         from txmta.inbound.auth import UsersFileChecker
         from txmta.passwords import load_users
         checker = UsersFileChecker(load_users(cfg.auth.users), reactor, reactor.getThreadPool())
-    tls = tls_options(cfg.tls.cert, cfg.tls.key) if cfg.tls.cert and cfg.tls.key else None
     policy = ServerPolicy(
         hostname=cfg.server.hostname, relay_networks=tuple(cfg.relay.networks),
         max_message_size=cfg.spool.max_message_size, max_recipients=cfg.server.max_recipients,
@@ -225,6 +221,7 @@ def build(cfg: C.Config, reactor: Any) -> service.MultiService:
     build_delivery(cfg, reactor, queue).setServiceParent(top)
     from txmta.control.amp import ControlService, control_socket_path
     ControlService(reactor, control_socket_path(cfg.spool.path), queue).setServiceParent(top)
+    build_reload(cfg, reactor, [tls] if tls is not None else []).setServiceParent(top)
     counts: dict[str, int] = {}
     for lst in cfg.listen:
         factory: Any = SMTPFactory(policy, lst, receiver, reactor, checker=checker, tls_options=tls,
@@ -243,10 +240,10 @@ def makeService(options: Options) -> service.IService:
     from twisted.internet import reactor
     try:
         cfg = C.load(options["config"])
+        os.makedirs(cfg.spool.path, exist_ok=True)
+        top = build(cfg, reactor)      # reads the TLS material: bad files are ConfigErrors too
     except C.ConfigError as e:
         raise SystemExit(f"txmta: {e}")
-    os.makedirs(cfg.spool.path, exist_ok=True)
-    top = build(cfg, reactor)
     # The objects built at start live as long as the daemon: keep the cyclic collector from
     # walking them again and again, and let it run less often (a full collection under load
     # was a visible share of the end-of-data -> 250 tail latency).
