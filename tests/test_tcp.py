@@ -98,3 +98,91 @@ def test_writes_after_lose_connection_take_the_normal_path(served):
             break
         got += chunk
     assert got == b"221 bye\r\nlate\r\n"
+
+
+# -- outgoing connections -----------------------------------------------------------------
+
+def _pump(reactor: Any, until: Any, rounds: int = 200) -> None:
+    for _ in range(rounds):
+        if until():
+            return
+        reactor.iterate(0.01)
+    raise AssertionError("condition not reached")
+
+
+def _listening_socket(host: str = "127.0.0.1") -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    srv = socket.socket(family, socket.SOCK_STREAM)
+    srv.bind((host, 0))
+    srv.listen(5)
+    return srv
+
+
+def test_connect_gives_an_eager_client_with_the_source_address():
+    from txmta.tcp import EagerClient, connect
+    reactor = EPollReactor()
+    srv = _listening_socket()
+    made: list[Any] = []
+    results: list[Any] = []
+    d = connect(reactor, "127.0.0.1", srv.getsockname()[1],
+                Factory.forProtocol(lambda: Keep(made)), timeout=5, bind_address=("127.0.0.5", 0))
+    d.addBoth(results.append)
+    _pump(reactor, lambda: results and made)
+    proto = results[0]
+    assert proto is made[0] and isinstance(proto.transport, EagerClient)
+    peer, addr = srv.accept()
+    assert addr[0] == "127.0.0.5"
+    proto.transport.write(b"EHLO x\r\n")            # out without a reactor iteration
+    peer.settimeout(5)
+    assert peer.recv(100) == b"EHLO x\r\n"
+    proto.transport.abortConnection()
+    peer.close()
+    srv.close()
+    reactor.iterate(0)
+
+
+def test_connect_refused_errbacks():
+    from twisted.internet.error import ConnectionRefusedError
+
+    from txmta.tcp import connect
+    reactor = EPollReactor()
+    srv = _listening_socket()
+    port = srv.getsockname()[1]
+    srv.close()                                      # nothing listens there now
+    results: list[Any] = []
+    connect(reactor, "127.0.0.1", port, Factory.forProtocol(Protocol), timeout=5).addBoth(results.append)
+    _pump(reactor, lambda: results)
+    assert results[0].check(ConnectionRefusedError)
+
+
+def test_connect_over_ipv6():
+    from txmta.tcp import connect
+    try:
+        srv = _listening_socket("::1")
+    except OSError:
+        pytest.fail("no IPv6 loopback on this machine: the test needs ::1")
+    reactor = EPollReactor()
+    results: list[Any] = []
+    connect(reactor, "::1", srv.getsockname()[1], Factory.forProtocol(Protocol), timeout=5
+            ).addBoth(results.append)
+    _pump(reactor, lambda: results)
+    assert results[0].transport.getPeer().host == "::1"
+    results[0].transport.abortConnection()
+    srv.close()
+    reactor.iterate(0)
+
+
+def test_cancelling_a_connect_errbacks_once():
+    from twisted.internet.defer import CancelledError
+
+    from txmta.tcp import connect
+    reactor = EPollReactor()
+    srv = _listening_socket()
+    results: list[Any] = []
+    d = connect(reactor, "127.0.0.1", srv.getsockname()[1], Factory.forProtocol(Protocol), timeout=5)
+    d.addBoth(results.append)
+    d.cancel()                                       # before the reactor ever ran
+    for _ in range(5):
+        reactor.iterate(0)
+    assert len(results) == 1 and results[0].check(CancelledError)
+    srv.close()

@@ -14,7 +14,6 @@ from typing import Any
 
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
-from txmta.tcp import TCPServerEndpoint
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
@@ -25,6 +24,7 @@ from txmta.inbound.receiver import Receiver
 from txmta.maillog import FileSink, MailLog
 from txmta.queue import Queue
 from txmta.spool.lmdb import LmdbSpool
+from txmta.tcp import TCPServerEndpoint
 
 
 class Options(usage.Options):

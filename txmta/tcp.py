@@ -1,4 +1,4 @@
-"""TCP listening sockets whose connections write at once.
+"""TCP connections that write at once: listening sockets and outgoing connections.
 
 Twisted's TCP transport never sends inside `write()`: it buffers the bytes, registers the
 socket for writing, and sends them on the reactor's next iteration.  An SMTP server answers
@@ -9,8 +9,9 @@ straight away when nothing is queued before it and the socket takes all of it; a
 (a partial send, EAGAIN, an error, TLS) takes Twisted's ordinary buffered path, which keeps
 ordering, flow control (producers) and error reporting exactly as they were.
 
-`TCPServerEndpoint` listens with such connections; it is the IStreamServerEndpoint that
-tap.py gives each [[listen]] table.
+`TCPServerEndpoint` listens with such connections (tap.py gives one to each [[listen]]
+table); `connect()` opens an outgoing one (the delivery side: the pipelined MAIL/RCPT/DATA
+group and the message content leave in the same reactor turn that produced them).
 """
 # test: tests/test_tcp.py
 
@@ -20,11 +21,12 @@ from typing import Any
 
 from twisted.internet import defer, tcp
 from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.internet.protocol import ClientFactory
 from zope.interface import implementer
 
 
-class EagerServer(tcp.Server):
-    """A server-side TCP connection that sends in `write()` when it can."""
+class _EagerWrite:
+    """Mixed in before a tcp.Connection class: sends in `write()` when it can."""
 
     def write(self, data: bytes) -> None:
         if (not self.TLS and self.connected and not self.disconnecting
@@ -37,11 +39,61 @@ class EagerServer(tcp.Server):
             if sent == len(data):
                 return
             data = data[sent:]
-        super().write(data)
+        super().write(data)  # type: ignore[misc]
+
+
+class EagerServer(_EagerWrite, tcp.Server):
+    """A server-side TCP connection that sends in `write()` when it can."""
+
+
+class EagerClient(_EagerWrite, tcp.Client):
+    """A client-side TCP connection that sends in `write()` when it can."""
 
 
 class EagerPort(tcp.Port):
     transport = EagerServer
+
+
+class _EagerConnector(tcp.Connector):
+    def _makeTransport(self) -> EagerClient:
+        return EagerClient(self.host, self.port, self.bindAddress, self, self.reactor)
+
+
+class _Connecting(ClientFactory):
+    """Fires `connected` with the protocol once TCP is up, or errbacks with the reason."""
+
+    def __init__(self, factory: Any, connected: defer.Deferred[Any]) -> None:
+        self.factory = factory
+        self.connected = connected
+
+    def buildProtocol(self, addr: Any) -> Any:
+        proto = self.factory.buildProtocol(addr)
+        if not self.connected.called:
+            self.connected.callback(proto)
+        return proto
+
+    def clientConnectionFailed(self, connector: Any, reason: Any) -> None:
+        if not self.connected.called:
+            self.connected.errback(reason)
+
+
+def connect(reactor: Any, host: str, port: int, factory: Any, timeout: float = 30,
+            bind_address: tuple[str, int] | None = None) -> defer.Deferred[Any]:
+    """Connect to the IP address `host` (IPv4 or IPv6) with an `EagerClient`; fires with the
+    protocol `factory` built, or errbacks (refused, unreachable, timed out).  Cancelling the
+    Deferred abandons the attempt."""
+    connector: _EagerConnector | None = None
+
+    def cancel(d: defer.Deferred[Any]) -> None:
+        d.errback(defer.CancelledError(f"connection to {host}:{port} cancelled"))
+        if connector is not None and connector.state == "connecting":
+            connector.stopConnecting()      # its UserError finds `d` already fired
+
+    connected: defer.Deferred[Any] = defer.Deferred(cancel)
+    connector = _EagerConnector(host, port, _Connecting(factory, connected), timeout,
+                                bind_address, reactor)
+    connector.connect()
+    return connected
 
 
 @implementer(IStreamServerEndpoint)
