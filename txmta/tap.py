@@ -194,8 +194,27 @@ def maillog_for(cfg: C.Config, reactor: Any) -> MailLog:
     return MailLog(sink)
 
 
+def signing_for(cfg: C.Config, reactor: Any) -> tuple[Any, Any]:
+    """DKIM: the signer (keys read now: a bad key file is a ConfigError) and the function that
+    runs intake signing on its own thread pool (DSNs are signed on the spool's writer thread,
+    in the transaction that commits them).  (None, None) without [[dkim]]."""
+    from txmta.dkim import Signer
+    signer = Signer.from_config(cfg)
+    if signer is None:
+        return None, None
+    from functools import partial
+
+    from twisted.internet.threads import deferToThreadPool
+    from twisted.python.threadpool import ThreadPool
+    pool = ThreadPool(minthreads=1, maxthreads=2, name="txmta-dkim")
+    reactor.callWhenRunning(pool.start)
+    reactor.addSystemEventTrigger("after", "shutdown", pool.stop)
+    return signer, partial(deferToThreadPool, reactor, pool)
+
+
 def build(cfg: C.Config, reactor: Any) -> service.MultiService:
     top = service.MultiService()
+    signer, run_signing = signing_for(cfg, reactor)
     spool = LmdbSpool(cfg.spool.path, reactor, map_size=cfg.spool.map_size,
                       max_map_size=cfg.spool.max_map_size,
                       inline_limit=cfg.spool.inline_body_limit)
@@ -209,7 +228,8 @@ def build(cfg: C.Config, reactor: Any) -> service.MultiService:
                   suppression_ttl=cfg.suppression.ttl)
     queue.drop_suppressed = cfg.suppression.action == "drop"
     QueueService(queue, reactor, cfg.history.retention).setServiceParent(top)
-    receiver = Receiver(queue, cfg.server.hostname, reactor)
+    queue.sign_report = signer.sign_message if signer is not None else None
+    receiver = Receiver(queue, cfg.server.hostname, reactor, signer, run_signing)
     checker = None
     if cfg.auth.users:
         from txmta.inbound.auth import UsersFileChecker
@@ -247,7 +267,10 @@ def makeService(options: Options) -> service.IService:
     except C.ConfigError as e:
         raise SystemExit(f"txmta: {e}")
     os.makedirs(cfg.spool.path, exist_ok=True)
-    top = build(cfg, reactor)
+    try:
+        top = build(cfg, reactor)
+    except C.ConfigError as e:   # e.g. a [[dkim]] key file that is not a usable key
+        raise SystemExit(f"txmta: {e}")
     # The objects built at start live as long as the daemon: keep the cyclic collector from
     # walking them again and again, and let it run less often (a full collection under load
     # was a visible share of the end-of-data -> 250 tail latency).
