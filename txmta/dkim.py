@@ -60,8 +60,6 @@ OVERSIGNED = ("from", "to", "subject", "date", "message-id")
 _RELAXED = CanonicalizationPolicy.from_c_value(b"relaxed/relaxed")
 _FROM = re.compile(rb"^from[ \t]*:(.*(?:\r?\n[ \t].*)*)", re.I | re.M)
 _EOL = re.compile(rb"\r?\n")
-_TRAILING_WSP = re.compile(rb"[ \t]+\r\n")
-_WSP = re.compile(rb"[ \t]+")
 _WIDTH = 78
 
 
@@ -160,7 +158,9 @@ class BodyHash:
             self._lines(data[:cut] if cut < len(data) else data)
 
     def _lines(self, block: bytes) -> None:
-        block = _WSP.sub(b" ", _TRAILING_WSP.sub(b"\r\n", _EOL.sub(b"\r\n", block)))
+        block = _relaxed(block.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"))
+        if b" \r\n" in block:        # after _relaxed, trailing white space is one space
+            block = block.replace(b" \r\n", b"\r\n")
         end, n = len(block), 0
         while end >= 2 and block[end - 2] == 0x0D and block[end - 1] == 0x0A:
             end -= 2
@@ -181,12 +181,22 @@ class BodyHash:
     def digest(self) -> bytes:
         """The hash; call once, after the last update()."""
         if self._carry:
-            last = _WSP.sub(b" ", self._carry)
+            last = _relaxed(self._carry)
             self._carry = b""
             self._emit(last)
         if self._any:
             self._hash.update(b"\r\n")
         return self._hash.digest()
+
+
+def _relaxed(data: bytes) -> bytes:
+    """Each run of spaces and tabs as one space.  bytes.replace, not a regular expression:
+    several times faster, and each call holds the GIL (and so the reactor) only briefly."""
+    if b"\t" in data:
+        data = data.replace(b"\t", b" ")
+    while b"  " in data:
+        data = data.replace(b"  ", b" ")
+    return data
 
 
 def body_hash(pieces: Iterable[bytes]) -> bytes:

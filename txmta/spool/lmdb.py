@@ -185,7 +185,7 @@ class MemoryBody:
     def value(self) -> bytes:
         return b"".join(self._chunks)
 
-    def read_chunks(self, offset: int = 0, piece: int = 1 << 20) -> Iterator[bytes]:
+    def read_chunks(self, offset: int = 0, piece: int = 64 * 1024) -> Iterator[bytes]:
         """The body from `offset` on: the chunks in memory, or the file in `piece`-sized reads
         (so a big body is never whole in memory).  Off the reactor, after the last write."""
         if self.file is None:
