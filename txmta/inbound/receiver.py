@@ -10,7 +10,7 @@ a full spool gives 452 4.3.1, any other failure 451 4.3.0, and nothing is left b
 
 With a DKIM signer (txmta/dkim.py), the keys are chosen when the header section ends (by its
 From: domain), and `finish()` first runs the signing on the signing thread pool: the body is
-read back from the body writer (memory, or the body file in 1 MiB pieces) and hashed, the
+read back from the body writer (memory, or the body file in 64 KiB pieces) and hashed, the
 header fields we added are signed too, and the signature is put in front of the stored
 message (`BodyWriter.prepend`); then the commit.  A failed signing is logged and the message
 stored unsigned.  Without a signer nothing of this runs.
