@@ -198,14 +198,15 @@ def signing_for(cfg: C.Config, reactor: Any) -> tuple[Any, Any]:
     """DKIM: the signer (keys read now: a bad key file is a ConfigError) and the function that
     runs intake signing on its own thread pool (DSNs are signed on the spool's writer thread,
     in the transaction that commits them).  (None, None) without [[dkim]]."""
-    from txmta.dkim import Signer
-    signer = Signer.from_config(cfg)
-    if signer is None:
+    if not cfg.dkim:
         return None, None
     from functools import partial
 
     from twisted.internet.threads import deferToThreadPool
     from twisted.python.threadpool import ThreadPool
+
+    from txmta.dkim import Signer
+    signer = Signer.from_config(cfg)
     pool = ThreadPool(minthreads=1, maxthreads=2, name="txmta-dkim")
     reactor.callWhenRunning(pool.start)
     reactor.addSystemEventTrigger("after", "shutdown", pool.stop)
