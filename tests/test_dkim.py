@@ -292,19 +292,20 @@ class Runner:
         return maybeDeferred(f, *args)
 
 
-def intake(signer: Signer | None, pieces: list[bytes], spool: Any = None,
-           runner: Runner | None = None, clock: Clock | None = None) -> tuple[Reply, bytes]:
+def intake(signer: Signer | None, pieces: list[bytes], runner: Runner | None = None,
+           clock: Clock | None = None) -> tuple[Reply, bytes]:
+    """Feed `pieces` to an Intake over a memory spool: (the reply, the stored message)."""
     if clock is None:
         clock = Clock()
         clock.advance(NOW)
-    spool = spool if spool is not None else MemorySpool()
+    spool = MemorySpool()
     receiver = Receiver(Queue(spool, clock), HOST, clock, signer, runner)
     i = receiver.begin(session(), ENV)
     for p in pieces:
         i.write(p)
     replies: list[Reply] = []
     i.finish().addCallback(replies.append)
-    return replies[0], spool.bodies.get(i.message_id) if hasattr(spool, "bodies") else i.message_id
+    return replies[0], spool.bodies[i.message_id]
 
 
 def test_intake_signs_the_stored_message_with_our_added_fields(rsa_key: Any) -> None:

@@ -11,13 +11,14 @@ Every signature is relaxed/relaxed (RFC 6376 3.4.2, 3.4.4), has no l= and no x=,
 each present header field of `SIGNED` plus `OVERSIGNED` once more than present, so nobody
 can add a second From, To, Subject, Date or Message-ID later (RFC 6376 8.15).
 
-Pure but for reading the key files at start, and thread-safe: the receiver and the spool
-writer call it from their threads.  dkimpy provides the header canonicalisation and
-hashing and the folding that its verifier reads back; the body hash is computed here in
-pieces (`BodyHash`, the same relaxed canonicalisation as dkimpy's, proven equal by
-tests/test_dkim.py), so a 35 MB body is never whole in memory; the private-key operation
-is OpenSSL's through `cryptography` (dkimpy's RSA is a pure-Python pow() that holds the
-GIL, and so the reactor, for several milliseconds per signature).  Not here: deciding
+Pure but for reading the key files at start, and thread-safe: the receiver's signing
+threads and the spool writer call it.  dkimpy parses the header section and computes the
+header hash (`hash_headers`, the code its verifier runs); the body hash is computed here in
+pieces (`BodyHash`: dkimpy's relaxed canonicalisation, proven equal by tests/test_dkim.py),
+so a 35 MB body is never whole in memory and no call holds the GIL for long; the
+private-key operation is OpenSSL's through `cryptography` (dkimpy's RSA is a pure-Python
+pow() that holds the GIL, and so stalls the reactor, for several milliseconds per
+signature; OpenSSL takes a fraction of one).  Not here: deciding
 which sessions may have their mail signed (every accepted message was relayed for a
 trusted client, inbound/policy.py), verification (the next hop's job).
 """
