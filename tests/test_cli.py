@@ -327,7 +327,7 @@ def test_command_table_lists_each_subcommand_once():
     assert words == ["check-config", "passwd", "doctor", "queue list", "queue show", "history",
                      "suppression list", "queue flush", "queue hold", "queue release",
                      "queue requeue", "queue delete", "status", "suppression add",
-                     "suppression remove", "suppression import"]
+                     "suppression remove", "suppression import", "dkim keygen"]
     assert len(set(words)) == len(words)
 
 

@@ -20,6 +20,8 @@ and the function that runs it.  Implemented here:
     txmta suppression add ADDRESS [--reason TEXT]   suppress mail to an address
     txmta suppression remove ADDRESS     take it off the list
     txmta suppression import FILE        suppress each `address[,reason]` line of FILE
+    txmta dkim keygen --domain D --selector S [--algorithm A] [--bits N] [--key PATH]
+                                         write a DKIM private key, print the DNS record
 
 `queue list`, `queue show`, `history` and `suppression list` read the spool read-only
 (`LmdbView`, short read transactions), so they work while the daemon runs and never change
@@ -38,6 +40,7 @@ import argparse
 import getpass
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -75,6 +78,8 @@ def check_config(args: argparse.Namespace) -> int:
     if cfg.tls.cert and cfg.tls.key:  # the daemon would refuse to start on bad TLS material
         from txmta.inbound.tlscontext import load_server_context
         load_server_context(cfg.tls, cfg.path)
+    from txmta.dkim import Signer
+    Signer.from_config(cfg)           # the [[dkim]] key files, as the daemon reads them
     print(f"{args.file}: OK")
     return 0
 
@@ -653,6 +658,54 @@ def suppression_import(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- dkim keygen ----------------------------------------------------------------------
+
+def _args_dkim_keygen(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--domain", required=True, help="the signing domain (d=)")
+    p.add_argument("--selector", required=True, help="the selector (s=), e.g. mail2026")
+    p.add_argument("--algorithm", choices=config.DKIM_ALGORITHMS, default="rsa-sha256",
+                   help="rsa-sha256 (default) or ed25519-sha256")
+    p.add_argument("--bits", type=int, default=2048, help="RSA key size (default 2048)")
+    p.add_argument("--key", metavar="PATH", default=None,
+                   help="where to write the private key (default ./DOMAIN.SELECTOR.pem)")
+
+
+def dkim_keygen(args: argparse.Namespace) -> int:
+    """Write a new private key (mode 0600, never over an existing file) and print the TXT
+    record to publish and the [[dkim]] table to paste."""
+    from txmta import dkim
+    try:
+        domain = config._domain(args.domain)
+    except ValueError as e:
+        raise CommandFailed(f"--domain {args.domain}: {e}") from None
+    if not re.fullmatch(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*", args.selector):
+        raise CommandFailed(f"--selector {args.selector}: must be a DNS label, e.g. mail2026")
+    try:
+        key = dkim.generate_key(args.algorithm, args.bits)
+    except ValueError as e:
+        raise CommandFailed(f"--bits {args.bits}: {e}") from None
+    path = os.path.abspath(args.key or f"{domain}.{args.selector}.pem")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise CommandFailed(f"{path}: exists; not overwritten (choose another --key)") from None
+    except OSError as e:
+        raise CommandFailed(f"{path}: {e.strerror or e}") from None
+    with os.fdopen(fd, "wb") as f:
+        f.write(dkim.private_pem(key))
+    print(f"; private key written to {path}")
+    print(f"; publish in the DNS zone of {domain}:")
+    print(dkim.zone_record(domain, args.selector, dkim.txt_value(key)))
+    print()
+    print("# and add to txmta.toml:")
+    print("[[dkim]]")
+    print(f"domain = {json.dumps(domain)}")
+    print(f"selector = {json.dumps(args.selector)}")
+    print(f"key = {json.dumps(path)}")
+    print(f"algorithm = {json.dumps(args.algorithm)}")
+    return 0
+
+
 # -- the table ------------------------------------------------------------------------
 
 COMMANDS: tuple[Command, ...] = (
@@ -686,6 +739,8 @@ COMMANDS: tuple[Command, ...] = (
             _args_suppression_remove, suppression_remove),
     Command("suppression import", "suppress every address of a file (address[,reason] lines)",
             _args_suppression_import, suppression_import),
+    Command("dkim keygen", "write a new DKIM private key and print the DNS TXT record to publish",
+            _args_dkim_keygen, dkim_keygen),
 )
 
 

@@ -187,12 +187,32 @@ def build_reload(cfg: C.Config, reactor: Any, parts: list[Any]) -> service.Servi
                          run_in_thread=lambda f: deferToThreadPool(reactor, reactor.getThreadPool(), f))
 
 
+def signing_for(cfg: C.Config, reactor: Any) -> tuple[Any, Any]:
+    """DKIM: the signer (keys read now: a bad key file is a ConfigError) and the function that
+    runs intake signing on its own thread pool (DSNs are signed on the spool's writer thread,
+    in the transaction that commits them).  (None, None) without [[dkim]]."""
+    if not cfg.dkim:
+        return None, None
+    from functools import partial
+
+    from twisted.internet.threads import deferToThreadPool
+    from twisted.python.threadpool import ThreadPool
+
+    from txmta.dkim import Signer
+    signer = Signer.from_config(cfg)
+    pool = ThreadPool(minthreads=1, maxthreads=2, name="txmta-dkim")
+    reactor.callWhenRunning(pool.start)
+    reactor.addSystemEventTrigger("after", "shutdown", pool.stop)
+    return signer, partial(deferToThreadPool, reactor, pool)
+
+
 def build(cfg: C.Config, reactor: Any) -> service.MultiService:
     tls = None
     if cfg.tls.cert and cfg.tls.key:   # one reloadable context for STARTTLS and implicit TLS
         from txmta.inbound.tlscontext import ServerTLS, load_server_context
         tls = ServerTLS(load_server_context(cfg.tls, cfg.path))   # ConfigError before the spool opens
     top = service.MultiService()
+    signer, run_signing = signing_for(cfg, reactor)
     spool = LmdbSpool(cfg.spool.path, reactor, map_size=cfg.spool.map_size,
                       max_map_size=cfg.spool.max_map_size,
                       inline_limit=cfg.spool.inline_body_limit)
@@ -206,7 +226,8 @@ def build(cfg: C.Config, reactor: Any) -> service.MultiService:
                   suppression_ttl=cfg.suppression.ttl)
     queue.drop_suppressed = cfg.suppression.action == "drop"
     QueueService(queue, reactor, cfg.history.retention).setServiceParent(top)
-    receiver = Receiver(queue, cfg.server.hostname, reactor)
+    queue.sign_report = signer.sign_message if signer is not None else None
+    receiver = Receiver(queue, cfg.server.hostname, reactor, signer, run_signing)
     checker = None
     if cfg.auth.users:
         from txmta.inbound.auth import UsersFileChecker
