@@ -14,6 +14,11 @@ Zone format (names with or without the trailing dot, any case):
      "_servfail": ["broken.test."], "_refused": [...], "_drop": [...], "_ad": [...],
      "_truncate": [...], "_ttl": 300, "_negative_ttl": 60}
 
+Keys starting with "_" without a dot are knobs; "_dmarc.example.test." and
+"s1._domainkey.example.test." are names.  A TXT value starting with '"' is taken as
+zone-file text, so '"v=DKIM1; p=AB" "CD"' is one record of two strings; PTR records live
+at their reverse names ("9.0.0.127.in-addr.arpa.").
+
 Negative answers carry an SOA owned by the queried name's top-level label whose TTL and
 minimum are `_negative_ttl`.
 
@@ -66,7 +71,7 @@ class Zone:
         self.knobs = {k: {_norm(n) for n in spec.get(k, ())} for k in KNOBS}
         self.names: dict[str, dict[str, list[str]]] = {}
         for name, entry in spec.items():
-            if name in KNOBS or name in ("_ttl", "_negative_ttl"):   # "_25._tcp.mx." is a name
+            if name.startswith("_") and "." not in name:   # a knob; "_dmarc.x.test." is a name
                 continue
             self.names[_norm(name)] = {t.upper(): self._texts(t.upper(), v)
                                        for t, v in entry.items()}

@@ -324,10 +324,10 @@ def test_header_section_stops_at_first_empty_line():
 def test_command_table_lists_each_subcommand_once():
     """The grammar is one table; every entry is reachable through main()."""
     words = [c.words for c in cli.COMMANDS]
-    assert words == ["check-config", "passwd", "queue list", "queue show", "history",
+    assert words == ["check-config", "passwd", "doctor", "queue list", "queue show", "history",
                      "suppression list", "queue flush", "queue hold", "queue release",
                      "queue requeue", "queue delete", "status", "suppression add",
-                     "suppression remove", "suppression import"]
+                     "suppression remove", "suppression import", "dkim keygen"]
     assert len(set(words)) == len(words)
 
 

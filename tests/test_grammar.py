@@ -185,6 +185,10 @@ INVALID_MAIL: list[tuple[str, int, str]] = [
     (" FROM:<a@b.example> SMTPUTF8=yes", 501, "5.5.4"),
     # RFC 8689 4.1: REQUIRETLS takes no value
     (" FROM:<a@b.example> REQUIRETLS=1", 501, "5.5.4"),
+    # RFC 8689 4.1: REQUIRETLS at most once
+    (" FROM:<a@b.example> REQUIRETLS requiretls", 501, "5.5.4"),
+    # RFC 8689 4.1: no value, not even an empty one
+    (" FROM:<a@b.example> REQUIRETLS=", 501, "5.5.4"),
     # RFC 3461 4.3: RET is FULL or HDRS
     (" FROM:<a@b.example> RET=BODY", 501, "5.5.4"),
     # RFC 3461 4.4: ENVID at most 100 characters
@@ -248,6 +252,8 @@ def test_valid_rcpt_arguments_parse(arg: str, smtputf8: bool, expected: RcptComm
 # --- invalid RCPT ---------------------------------------------------------------------------
 
 INVALID_RCPT: list[tuple[str, bool, int, str]] = [
+    # RFC 8689 4.1: REQUIRETLS is a MAIL parameter, unknown on RCPT (RFC 5321 4.1.1.11)
+    (" TO:<x@y.example> REQUIRETLS", False, 555, "5.5.4"),
     # RFC 5321 4.1.1.3: "TO:" is required
     (" <x@y.example>", False, 501, "5.5.2"),
     # RFC 5321 4.1.1.3: the path must be in angle brackets
@@ -390,6 +396,25 @@ def test_valid_addresses_round_trip(local: str, domain: str) -> None:
     """A Dot-string@Domain recipient keeps its local part and gets a lower-cased domain."""
     rcpt = parse_rcpt(f" TO:<{local}@{domain}>", False)
     assert rcpt.address == Address(local, domain.lower())
+
+
+_mail_params = st.lists(st.sampled_from(["SIZE=12", "BODY=8BITMIME", "SMTPUTF8", "RET=HDRS",
+                                          "ENVID=e1", "REQUIRETLS", "requiretls", "RequireTls"]),
+                        max_size=6)
+
+
+@settings(max_examples=200, deadline=None)
+@given(_mail_params, st.text(alphabet=" ", min_size=1, max_size=3))
+def test_requiretls_flag_follows_the_parameter(params: list[str], gap: str) -> None:
+    """REQUIRETLS (any case, any position) sets the flag; given twice it is refused; absent,
+    the flag is off (RFC 8689 4.1)."""
+    arg = " FROM:<a@b.example>" + "".join(gap + p for p in params)
+    names = [p.partition("=")[0].upper() for p in params]
+    if len(names) != len(set(names)):
+        with pytest.raises(GrammarError):
+            parse_mail(arg)
+        return
+    assert parse_mail(arg).requiretls == ("REQUIRETLS" in names)
 
 
 _noise = st.text() | st.text(alphabet=' <>@"\\:.,;=+[]FROMTOfromto-SIZENOTIFY\x00é', max_size=40)

@@ -5,6 +5,8 @@ and the function that runs it.  Implemented here:
 
     txmta check-config [FILE]            validate a configuration file
     txmta passwd [USER]                  print a `USER:HASH` line for the AUTH users file
+    txmta doctor DOMAIN [--address IP]... [--json]   check DOMAIN's SPF, DKIM, DMARC, MX,
+                                         reverse DNS, MTA-STS and TLS-RPT records in DNS
     txmta queue list [--json]            the queue, like Postfix mailq
     txmta queue show ID [--json]         one message, queued or finished: envelope, states,
                                          timeline, header section
@@ -18,6 +20,8 @@ and the function that runs it.  Implemented here:
     txmta suppression add ADDRESS [--reason TEXT]   suppress mail to an address
     txmta suppression remove ADDRESS     take it off the list
     txmta suppression import FILE        suppress each `address[,reason]` line of FILE
+    txmta dkim keygen --domain D --selector S [--algorithm A] [--bits N] [--key PATH]
+                                         write a DKIM private key, print the DNS record
 
 `queue list`, `queue show`, `history` and `suppression list` read the spool read-only
 (`LmdbView`, short read transactions), so they work while the daemon runs and never change
@@ -36,6 +40,7 @@ import argparse
 import getpass
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -69,7 +74,12 @@ def _args_check_config(p: argparse.ArgumentParser) -> None:
 
 
 def check_config(args: argparse.Namespace) -> int:
-    config.load(args.file)      # ConfigError -> stderr, exit 1 (see main)
+    cfg = config.load(args.file)      # ConfigError -> stderr, exit 1 (see main)
+    if cfg.tls.cert and cfg.tls.key:  # the daemon would refuse to start on bad TLS material
+        from txmta.inbound.tlscontext import load_server_context
+        load_server_context(cfg.tls, cfg.path)
+    from txmta.dkim import Signer
+    Signer.from_config(cfg)           # the [[dkim]] key files, as the daemon reads them
     print(f"{args.file}: OK")
     return 0
 
@@ -95,6 +105,41 @@ def passwd(args: argparse.Namespace) -> int:
         raise CommandFailed("empty password")
     print(f"{user}:{hash_password(password)}")
     return 0
+
+
+# -- doctor ---------------------------------------------------------------------------
+
+def _args_doctor(p: argparse.ArgumentParser) -> None:
+    p.add_argument("domain", help="the sending domain (the From domain of your mail)")
+    p.add_argument("--address", metavar="IP", action="append", default=[],
+                   help="an address mail leaves from (repeatable; default "
+                        "delivery.source_address, else the addresses of server.hostname)")
+    p.add_argument("--json", action="store_true", help="print the checks as JSON")
+    _args_config(p)
+
+
+def doctor(args: argparse.Namespace) -> int:
+    """Check DOMAIN's DNS as receivers will (txmta.doctor): exit 0 when no check failed, 1
+    when one did, 2 on a usage or configuration error.  The one subcommand that runs the
+    Twisted reactor; it asks `dns.nameservers`."""
+    from txmta import doctor as checks
+    from txmta.tap import global_reactor    # only this command needs one
+    from txmta.outbound.dns import parse_nameserver
+    try:
+        cfg = config.load(args.config)
+        setup = checks.Setup.from_config(cfg, args.domain, args.address)
+    except (ConfigError, ValueError) as e:
+        print(f"txmta doctor: {e}", file=sys.stderr)
+        return 2
+    try:
+        rows = checks.run(global_reactor(), setup, [parse_nameserver(n) for n in cfg.dns.nameservers])
+    except RuntimeError as e:
+        raise CommandFailed(f"txmta doctor: {e}") from e
+    if args.json:
+        print(json.dumps(checks.report_json(setup.domain, rows), indent=2, ensure_ascii=False))
+    else:
+        print(checks.report_text(setup.domain, rows))
+    return 1 if checks.failed(rows) else 0
 
 
 # -- queue list / queue show ------------------------------------------------------------
@@ -292,7 +337,7 @@ def shown_json(s: Shown) -> dict[str, Any]:
     return {"id": m.id, "arrival": iso_utc(m.arrival), "size": m.size, "sender": _sender(m),
             "message_id": m.header_id or None, "body": e.body, "smtputf8": bool(e.smtputf8),
             "ret": e.ret or None, "envid": e.envid or None, "declared_size": e.size,
-            "auth": e.auth, "parameters": dict(sorted(e.extra.items())),
+            "requiretls": bool(e.requiretls), "auth": e.auth, "parameters": dict(sorted(e.extra.items())),
             "client": dict(sorted(m.client.items())),
             "finished": iso_utc(s.finished) if s.finished is not None else None,
             "recipients": rcpts, "events": [event_json(ev) for ev in s.events],
@@ -312,7 +357,8 @@ def shown_text(s: Shown) -> str:
             f"body: {e.body}",
             f"smtputf8: {'yes' if e.smtputf8 else 'no'}",
             f"ret: {e.ret or '-'}",
-            f"envid: {e.envid or '-'}"]
+            f"envid: {e.envid or '-'}",
+            f"requiretls: {'yes' if e.requiretls else 'no'}"]
     if e.size is not None:
         out.append(f"declared size: {e.size}")
     if e.auth is not None:
@@ -617,11 +663,61 @@ def suppression_import(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- dkim keygen ----------------------------------------------------------------------
+
+def _args_dkim_keygen(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--domain", required=True, help="the signing domain (d=)")
+    p.add_argument("--selector", required=True, help="the selector (s=), e.g. mail2026")
+    p.add_argument("--algorithm", choices=config.DKIM_ALGORITHMS, default="rsa-sha256",
+                   help="rsa-sha256 (default) or ed25519-sha256")
+    p.add_argument("--bits", type=int, default=2048, help="RSA key size (default 2048)")
+    p.add_argument("--key", metavar="PATH", default=None,
+                   help="where to write the private key (default ./DOMAIN.SELECTOR.pem)")
+
+
+def dkim_keygen(args: argparse.Namespace) -> int:
+    """Write a new private key (mode 0600, never over an existing file) and print the TXT
+    record to publish and the [[dkim]] table to paste."""
+    from txmta import dkim
+    try:
+        domain = config._domain(args.domain)
+    except ValueError as e:
+        raise CommandFailed(f"--domain {args.domain}: {e}") from None
+    if not re.fullmatch(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*", args.selector):
+        raise CommandFailed(f"--selector {args.selector}: must be a DNS label, e.g. mail2026")
+    try:
+        key = dkim.generate_key(args.algorithm, args.bits)
+    except ValueError as e:
+        raise CommandFailed(f"--bits {args.bits}: {e}") from None
+    path = os.path.abspath(args.key or f"{domain}.{args.selector}.pem")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise CommandFailed(f"{path}: exists; not overwritten (choose another --key)") from None
+    except OSError as e:
+        raise CommandFailed(f"{path}: {e.strerror or e}") from None
+    with os.fdopen(fd, "wb") as f:
+        f.write(dkim.private_pem(key))
+    print(f"; private key written to {path}")
+    print(f"; publish in the DNS zone of {domain}:")
+    print(dkim.zone_record(domain, args.selector, dkim.txt_value(key)))
+    print()
+    print("# and add to txmta.toml:")
+    print("[[dkim]]")
+    print(f"domain = {json.dumps(domain)}")
+    print(f"selector = {json.dumps(args.selector)}")
+    print(f"key = {json.dumps(path)}")
+    print(f"algorithm = {json.dumps(args.algorithm)}")
+    return 0
+
+
 # -- the table ------------------------------------------------------------------------
 
 COMMANDS: tuple[Command, ...] = (
     Command("check-config", "validate a configuration file", _args_check_config, check_config),
     Command("passwd", "print a USER:HASH line for the AUTH users file", _args_passwd, passwd),
+    Command("doctor", "check a sending domain's DNS (SPF, DKIM, DMARC, MX, reverse DNS, ...)",
+            _args_doctor, doctor),
     Command("queue list", "list the queued messages (read-only, like mailq)", _args_queue_list,
             queue_list),
     Command("queue show", "show one message (queued or finished): envelope, states, timeline",
@@ -648,6 +744,8 @@ COMMANDS: tuple[Command, ...] = (
             _args_suppression_remove, suppression_remove),
     Command("suppression import", "suppress every address of a file (address[,reason] lines)",
             _args_suppression_import, suppression_import),
+    Command("dkim keygen", "write a new DKIM private key and print the DNS TXT record to publish",
+            _args_dkim_keygen, dkim_keygen),
 )
 
 

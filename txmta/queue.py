@@ -61,6 +61,8 @@ class Queue:
         self.changed: list[Callable[[StoredMessage | None, float | None], Any]] = []  # after record/admin
         # told of an admin's "try now" (flush, release, requeue): the message, or None for all
         self.retry_now: list[Callable[[StoredMessage | None], Any]] = []
+        # DKIM: (report, now) -> the report signed, or unchanged; never raises (tap sets it)
+        self.sign_report: Callable[[bytes, float], bytes] | None = None
 
     # -- intake ---------------------------------------------------------------------------
 
@@ -292,6 +294,8 @@ class Queue:
                                   reports=reports, original=original, reporting_mta=self.hostname,
                                   now=now, dsn_message_id=dsn_id,
                                   headers_only_above=DSN_FULL_LIMIT)
+        if self.sign_report is not None:  # on the writer thread, in the transaction that owes it
+            report = self.sign_report(report, now)
         env = dsn.envelope_for_report(m.envelope, report)
         if env is None:
             return None

@@ -14,7 +14,6 @@ from typing import Any
 
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
-from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
@@ -25,6 +24,7 @@ from txmta.inbound.receiver import Receiver
 from txmta.maillog import FileSink, MailLog
 from txmta.queue import Queue
 from txmta.spool.lmdb import LmdbSpool
+from txmta.tcp import TCPServerEndpoint
 
 
 class Options(usage.Options):
@@ -32,22 +32,6 @@ class Options(usage.Options):
     longdesc = ("Runs the txmta mail transfer agent.  Without --config it reads "
                 f"{C.DEFAULT_PATH} if present, else built-in defaults.")
     optParameters = [["config", "c", None, "the configuration file (TOML)"]]
-
-
-def tls_options(cert_path: str, key_path: str) -> Any:
-    """Server TLS: TLS 1.2 or newer, Twisted's modern cipher list, the full chain from the PEM."""
-    from twisted.internet import ssl
-    from twisted.internet.ssl import TLSVersion
-    with open(cert_path, "rb") as f:
-        cert_pem = f.read()
-    with open(key_path, "rb") as f:
-        key_pem = f.read()
-    certs = [b"-----BEGIN CERTIFICATE-----" + part for part in
-             cert_pem.split(b"-----BEGIN CERTIFICATE-----")[1:]]
-    leaf = ssl.PrivateCertificate.loadPEM(certs[0] + b"\n" + key_pem)
-    chain = [ssl.Certificate.loadPEM(c).original for c in certs[1:]]
-    return ssl.CertificateOptions(privateKey=leaf.privateKey.original, certificate=leaf.original,
-                                  extraCertChain=chain, raiseMinimumTo=TLSVersion.TLSv1_2)
 
 
 class Connector:
@@ -212,8 +196,41 @@ def maillog_for(cfg: C.Config, reactor: Any) -> MailLog:
     return MailLog(sink)
 
 
+def build_reload(cfg: C.Config, reactor: Any, parts: list[Any]) -> service.Service:
+    """SIGHUP re-reads cfg.path; today only the inbound TLS context takes the new settings."""
+    from twisted.internet.threads import deferToThreadPool
+
+    from txmta.reload import ReloadService
+    return ReloadService(reactor, cfg.path, parts,
+                         run_in_thread=lambda f: deferToThreadPool(reactor, reactor.getThreadPool(), f))
+
+
+def signing_for(cfg: C.Config, reactor: Any) -> tuple[Any, Any]:
+    """DKIM: the signer (keys read now: a bad key file is a ConfigError) and the function that
+    runs intake signing on its own thread pool (DSNs are signed on the spool's writer thread,
+    in the transaction that commits them).  (None, None) without [[dkim]]."""
+    if not cfg.dkim:
+        return None, None
+    from functools import partial
+
+    from twisted.internet.threads import deferToThreadPool
+    from twisted.python.threadpool import ThreadPool
+
+    from txmta.dkim import Signer
+    signer = Signer.from_config(cfg)
+    pool = ThreadPool(minthreads=1, maxthreads=2, name="txmta-dkim")
+    reactor.callWhenRunning(pool.start)
+    reactor.addSystemEventTrigger("after", "shutdown", pool.stop)
+    return signer, partial(deferToThreadPool, reactor, pool)
+
+
 def build(cfg: C.Config, reactor: Any) -> service.MultiService:
+    tls = None
+    if cfg.tls.cert and cfg.tls.key:   # one reloadable context for STARTTLS and implicit TLS
+        from txmta.inbound.tlscontext import ServerTLS, load_server_context
+        tls = ServerTLS(load_server_context(cfg.tls, cfg.path))   # ConfigError before the spool opens
     top = service.MultiService()
+    signer, run_signing = signing_for(cfg, reactor)
     spool = LmdbSpool(cfg.spool.path, reactor, map_size=cfg.spool.map_size,
                       max_map_size=cfg.spool.max_map_size,
                       inline_limit=cfg.spool.inline_body_limit)
@@ -227,13 +244,13 @@ def build(cfg: C.Config, reactor: Any) -> service.MultiService:
                   suppression_ttl=cfg.suppression.ttl)
     queue.drop_suppressed = cfg.suppression.action == "drop"
     QueueService(queue, reactor, cfg.history.retention).setServiceParent(top)
-    receiver = Receiver(queue, cfg.server.hostname, reactor)
+    queue.sign_report = signer.sign_message if signer is not None else None
+    receiver = Receiver(queue, cfg.server.hostname, reactor, signer, run_signing)
     checker = None
     if cfg.auth.users:
         from txmta.inbound.auth import UsersFileChecker
         from txmta.passwords import load_users
         checker = UsersFileChecker(load_users(cfg.auth.users), reactor, reactor.getThreadPool())
-    tls = tls_options(cfg.tls.cert, cfg.tls.key) if cfg.tls.cert and cfg.tls.key else None
     policy = ServerPolicy(
         hostname=cfg.server.hostname, relay_networks=tuple(cfg.relay.networks),
         max_message_size=cfg.spool.max_message_size, max_recipients=cfg.server.max_recipients,
@@ -243,6 +260,7 @@ def build(cfg: C.Config, reactor: Any) -> service.MultiService:
     build_delivery(cfg, reactor, queue, spool).setServiceParent(top)
     from txmta.control.amp import ControlService, control_socket_path
     ControlService(reactor, control_socket_path(cfg.spool.path), queue).setServiceParent(top)
+    build_reload(cfg, reactor, [tls] if tls is not None else []).setServiceParent(top)
     counts: dict[str, int] = {}
     for lst in cfg.listen:
         factory: Any = SMTPFactory(policy, lst, receiver, reactor, checker=checker, tls_options=tls,
@@ -252,8 +270,7 @@ def build(cfg: C.Config, reactor: Any) -> service.MultiService:
                                    reject_suppressed=cfg.suppression.action == "reject")
         if lst.tls == "implicit":
             factory = TLSMemoryBIOFactory(tls, False, factory)
-        endpoint_class = TCP6ServerEndpoint if ":" in lst.host else TCP4ServerEndpoint
-        endpoint = endpoint_class(reactor, lst.port, backlog=1024, interface=lst.host)
+        endpoint = TCPServerEndpoint(reactor, lst.port, backlog=1024, interface=lst.host)
         StreamServerEndpointService(endpoint, factory).setServiceParent(top)
     return top
 
@@ -262,14 +279,25 @@ def makeService(options: Options) -> service.IService:
     from twisted.internet import reactor
     try:
         cfg = C.load(options["config"])
+        os.makedirs(cfg.spool.path, exist_ok=True)
+        top = build(cfg, reactor)      # reads the TLS material: bad files are ConfigErrors too
     except C.ConfigError as e:
         raise SystemExit(f"txmta: {e}")
-    os.makedirs(cfg.spool.path, exist_ok=True)
-    top = build(cfg, reactor)
     # The objects built at start live as long as the daemon: keep the cyclic collector from
     # walking them again and again, and let it run less often (a full collection under load
     # was a visible share of the end-of-data -> 250 tail latency).
     gc.collect()
     gc.freeze()
     gc.set_threshold(20000, 20, 20)
+    # The spool's writer thread needs the GIL for a moment after each commit, to hand the
+    # results (the 250s) to the reactor.  With the default 5 ms switch interval a busy reactor
+    # thread keeps it that long before yielding; 1 ms keeps that wait off the reply latency.
+    sys.setswitchinterval(0.001)
     return top
+
+
+def global_reactor() -> Any:
+    """The global reactor, for the `txmta` commands that run Twisted code once (doctor): this
+    module stays its only importer."""
+    from twisted.internet import reactor
+    return reactor

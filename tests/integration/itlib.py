@@ -72,9 +72,10 @@ def toml_value(v: Any) -> str:
 def render_toml(sections: dict[str, dict[str, Any]], listeners: list[dict[str, Any]]) -> str:
     out: list[str] = []
     for name, table in sections.items():
-        out.append(f"[{name}]")
-        out += [f"{k} = {toml_value(v)}" for k, v in table.items()]
-        out.append("")
+        for t in table if isinstance(table, list) else [table]:   # a list: [[name]] tables
+            out.append(f"[[{name}]]" if isinstance(table, list) else f"[{name}]")
+            out += [f"{k} = {toml_value(v)}" for k, v in t.items()]
+            out.append("")
     for lst in listeners:
         out.append("[[listen]]")
         out += [f"{k} = {toml_value(v)}" for k, v in lst.items()]
@@ -272,7 +273,10 @@ def make_daemon(base: Path, *, listeners: list[dict[str, Any]] | None = None,
         "log": {"maillog": str(d / "mail.log"), "format": "text"},
     }
     for name, table in sections.items():
-        conf.setdefault(name, {}).update(table)
+        if isinstance(table, list):     # an array of tables, e.g. dkim=[{...}, {...}]
+            conf[name] = table          # type: ignore[assignment]
+        else:
+            conf.setdefault(name, {}).update(table)
     config_path = d / "txmta.toml"
     config_path.write_text(render_toml(conf, listeners))
     return Daemon(dir=d, config_path=config_path, log_path=d / "twistd.log", spool_path=Path(spool_path),

@@ -2,7 +2,8 @@
 
 Implements RFC 5321 (EHLO/HELO, MAIL, RCPT, DATA, RSET, NOOP, QUIT, VRFY, HELP) with
 PIPELINING (RFC 2920), SIZE (1870), 8BITMIME (6152), SMTPUTF8 (6531), ENHANCEDSTATUSCODES
-(2034/3463), DSN (3461), CHUNKING/BDAT (3030), STARTTLS (3207) and AUTH PLAIN/LOGIN (4954).
+(2034/3463), DSN (3461), CHUNKING/BDAT (3030), STARTTLS (3207), AUTH PLAIN/LOGIN (4954) and,
+under TLS only, REQUIRETLS (8689).
 
 Each command handler returns a `Reply` (or a Deferred of one); `_send()` is the one place
 that writes replies.  While a reply waits on a Deferred (the spool commit after DATA, an
@@ -269,6 +270,8 @@ class SMTPServer(Protocol, TimeoutMixin):
         assert self.session is not None
         lines = ["PIPELINING", f"SIZE {self.policy.max_message_size}", "8BITMIME", "SMTPUTF8",
                  "ENHANCEDSTATUSCODES", "DSN", "CHUNKING"]
+        if self.session.tls:  # RFC 8689: REQUIRETLS is for TLS-protected sessions only
+            lines.append("REQUIRETLS")
         if self._starttls_offered():
             lines.append("STARTTLS")
         if self._auth_offered():
@@ -322,10 +325,14 @@ class SMTPServer(Protocol, TimeoutMixin):
             return e.reply
         if cmd.size is not None and cmd.size > self.policy.max_message_size:
             return Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
-        if cmd.requiretls:
-            return Reply(555, "5.5.4", "REQUIRETLS parameter not supported")
+        if cmd.requiretls and not self.session.tls:
+            # not advertised in the clear: an unknown parameter (RFC 5321 4.1.1.11); permanent,
+            # since the client must not send the message without TLS (RFC 8689)
+            hint = "; use STARTTLS first" if self._starttls_offered() else ""
+            return Reply(555, "5.5.4", f"REQUIRETLS parameter not supported without TLS{hint}")
         self.envelope = Envelope(cmd.sender, (), cmd.size, cmd.body, cmd.smtputf8, cmd.ret,
-                                 cmd.envid, cmd.auth if self.session.auth_user else None)
+                                 cmd.envid, cmd.auth if self.session.auth_user else None,
+                                 requiretls=cmd.requiretls)
         self._bdat_used = False
         return Reply(250, "2.1.0", "Sender OK")
 

@@ -7,6 +7,13 @@ Date when the header section lacks them (RFC 5322 3.6, as Postfix's cleanup does
 streams the rest into the spool's body writer, so memory does not grow with message size.
 `finish()` fires with 250 only after `queue.put()` committed (DESIGN invariant 1);
 a full spool gives 452 4.3.1, any other failure 451 4.3.0, and nothing is left behind.
+
+With a DKIM signer (txmta/dkim.py), the keys are chosen when the header section ends (by its
+From: domain), and `finish()` first runs the signing on the signing thread pool: the body is
+read back from the body writer (memory, or the body file in 64 KiB pieces) and hashed, the
+header fields we added are signed too, and the signature is put in front of the stored
+message (`BodyWriter.prepend`); then the commit.  A failed signing is logged and the message
+stored unsigned.  Without a signer nothing of this runs.
 """
 # test: tests/test_receiver.py
 
@@ -15,9 +22,9 @@ from __future__ import annotations
 import re
 from datetime import datetime, timezone
 from email.utils import format_datetime
-from typing import Any
+from typing import Any, Callable
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -78,13 +85,18 @@ class Intake:
         self.arrival = receiver.clock.seconds()
         self.message_id = self._queue.new_message_id(self.arrival)
         self.body = self._queue.body_writer(self.message_id)
-        self.body.write(received_header(session, envelope, receiver.hostname, self.message_id,
-                                        self.arrival))
+        received = received_header(session, envelope, receiver.hostname, self.message_id,
+                                   self.arrival)
+        self.body.write(received)
         self._head = b""        # the header section while it is being read
         self._scan = 0          # where the next unread line of _head starts
         self._in_header = True
         self._done = False
         self.header_id = ""     # the message's Message-ID header (ours if it had none)
+        # DKIM (only with a signer): the stored header section, where the body starts, the keys
+        self._signed_head = received if receiver.signer is not None else b""
+        self._body_start = 0
+        self._keys: tuple[Any, ...] = ()
 
     def write(self, data: bytes) -> None:
         if not self._in_header:
@@ -124,7 +136,17 @@ class Intake:
         self._head = b""
         if header and not header.endswith(b"\n"):
             header += b"\r\n"
-        self.body.write(header + self._missing(header) + (b"" if blank else b"\r\n") + rest)
+        missing = self._missing(header)
+        if self._signed_head:
+            separator = (2 if rest.startswith(b"\r\n") else 1) if blank else 2
+            self._choose_keys(header + missing, len(header) + len(missing) + separator)
+        self.body.write(header + missing + (b"" if blank else b"\r\n") + rest)
+
+    def _choose_keys(self, header: bytes, separator_end: int) -> None:
+        """The header section is complete: which keys sign, and where the body starts."""
+        self._signed_head += header
+        self._body_start = self.body.size + separator_end
+        self._keys = self._receiver.signer.keys_for(header)
 
     def _missing(self, header: bytes) -> bytes:
         add = b""
@@ -147,7 +169,26 @@ class Intake:
         if self._in_header:  # the message ended inside its header section
             head, self._head = self._head, b""
             self._in_header = False
-            self.body.write(head + self._missing(head))
+            missing = self._missing(head)
+            if self._signed_head:
+                self._choose_keys(head + missing, len(head) + len(missing))
+            self.body.write(head + missing)
+        if self._keys:
+            d = self._receiver.run_signing(self._sign, self._receiver.clock.seconds())
+            d.addErrback(self._unsigned)
+            d.addCallback(lambda _: self._put())
+            return d
+        return self._put()
+
+    def _sign(self, now: float) -> None:
+        """On the signing thread: hash the body as stored, sign, put the signature in front."""
+        self.body.prepend(self._receiver.signer.signatures(
+            self._signed_head, self.body.read_chunks(self._body_start), self._keys, now))
+
+    def _unsigned(self, f: Failure) -> None:
+        log.failure("DKIM signing of {id} failed; stored unsigned", f, id=self.message_id)
+
+    def _put(self) -> Deferred[Reply]:
         d = self._queue.put(self.message_id, self.envelope, self.body, self.session.client_info(),
                             self.arrival, header_id=self.header_id)
 
@@ -170,10 +211,17 @@ class Intake:
 
 
 class Receiver:
-    def __init__(self, queue: Any, hostname: str, clock: IReactorTime) -> None:
+    """`signer`: the DKIM signer, or None (nothing is signed).  `run_signing(f, *args)` runs
+    `f` on the signing thread pool and fires with its result (tap.py passes
+    deferToThreadPool); without one, `f` runs at once (tests)."""
+
+    def __init__(self, queue: Any, hostname: str, clock: IReactorTime, signer: Any = None,
+                 run_signing: Callable[..., Deferred[Any]] | None = None) -> None:
         self.queue = queue
         self.hostname = hostname
         self.clock = clock
+        self.signer = signer
+        self.run_signing = run_signing or maybeDeferred
 
     def begin(self, session: Session, envelope: Envelope) -> Intake:
         return Intake(self, session, envelope)

@@ -147,6 +147,14 @@ class BodyWriter(Protocol):
 
     def abort(self) -> None: ...
 
+    def read_chunks(self, offset: int = 0) -> Iterator[bytes]:
+        """What was written, from `offset` on, in pieces (DKIM signing reads the body back;
+        called off the reactor, after the last write)."""
+
+    def prepend(self, data: bytes) -> None:
+        """Put `data` in front of what was written (a DKIM-Signature header field; called off
+        the reactor, after the last write and before put()).  On error the body is unchanged."""
+
 
 class Spool(Protocol):
     def body_writer(self, message_id: str) -> BodyWriter: ...

@@ -185,6 +185,54 @@ class MemoryBody:
     def value(self) -> bytes:
         return b"".join(self._chunks)
 
+    def read_chunks(self, offset: int = 0, piece: int = 64 * 1024) -> Iterator[bytes]:
+        """The body from `offset` on: the chunks in memory, or the file in `piece`-sized reads
+        (so a big body is never whole in memory).  Off the reactor, after the last write."""
+        if self.file is None:
+            for chunk in self._chunks:
+                if offset >= len(chunk):
+                    offset -= len(chunk)
+                    continue
+                yield chunk[offset:] if offset else chunk
+                offset = 0
+            return
+        self.file.flush()
+        with open(self.path, "rb") as f:
+            f.seek(offset)
+            while data := f.read(piece):
+                yield data
+
+    def prepend(self, data: bytes) -> None:
+        """Put `data` (a DKIM-Signature header field) in front of the body.  In memory: one
+        more chunk.  In a file: a new file (data, then the old content copied in 1 MiB
+        pieces) renamed over the old one; sync() at put() makes it and the directory
+        durable, and a crash before that leaves files the start-up cleanup removes.  Off the
+        reactor, after the last write; on error the body is unchanged."""
+        if self.file is None:
+            self._chunks.insert(0, data)
+            self._size += len(data)
+            return
+        self.file.flush()
+        tmp = self.path + ".signed"
+        new = open(tmp, "xb")
+        try:
+            new.write(data)
+            with open(self.path, "rb") as old:
+                while piece := old.read(1 << 20):
+                    new.write(piece)
+            new.flush()
+            os.replace(tmp, self.path)
+        except BaseException:
+            new.close()
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+        self.file.close()
+        self.file = new
+        self._size += len(data)
+
     def sync(self) -> None:
         """Flush and fsync the body file (writer thread)."""
         self.file.flush()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import replace
-from typing import Callable
+from typing import Callable, Iterator
 
 from twisted.internet.defer import Deferred, fail, succeed
 
@@ -33,6 +33,13 @@ class MemoryBodyWriter:
 
     def value(self) -> bytes:
         return b"".join(self._chunks)
+
+    def read_chunks(self, offset: int = 0) -> Iterator[bytes]:
+        yield self.value()[offset:]
+
+    def prepend(self, data: bytes) -> None:
+        self._chunks.insert(0, data)
+        self._size += len(data)
 
     def abort(self) -> None:
         self._chunks = []

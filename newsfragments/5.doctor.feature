@@ -1,0 +1,1 @@
+`txmta doctor DOMAIN [--address IP] [--json]` checks a sending domain's DNS as receivers will (SPF record, syntax, lookup count and authorisation of the outbound addresses; each DKIM selector's key; DMARC policy and alignment; MX; forward-confirmed reverse DNS; MTA-STS and TLS-RPT records) and says how to fix each problem.

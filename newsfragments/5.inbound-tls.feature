@@ -1,0 +1,1 @@
+Inbound TLS accepts TLS 1.2 and 1.3 only, with a modern ECDHE+AEAD cipher list by default (`[tls] min_version`, `ciphers`); SIGHUP reloads the certificate and key without dropping sessions; REQUIRETLS (RFC 8689) is advertised and accepted under TLS and kept with the message.

@@ -1,0 +1,188 @@
+"""EagerServer: replies leave in write() when nothing is queued, and order is kept otherwise.
+
+Real sockets on loopback and a private epoll reactor that the test iterates by hand, so
+"sent without a reactor iteration" is observable."""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+import pytest
+from twisted.internet.epollreactor import EPollReactor
+from twisted.internet.protocol import Factory, Protocol
+
+from txmta.tcp import EagerServer, TCPServerEndpoint
+
+
+class Keep(Protocol):
+    def __init__(self, made: list[Any]) -> None:
+        self.made = made
+
+    def connectionMade(self) -> None:
+        self.made.append(self)
+
+
+@pytest.fixture
+def served():
+    reactor = EPollReactor()
+    made: list[Any] = []
+    factory = Factory.forProtocol(lambda: Keep(made))
+    ports: list[Any] = []
+    TCPServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory).addCallback(ports.append)
+    port = ports[0]
+    client = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=5)
+    for _ in range(100):
+        if made:
+            break
+        reactor.iterate(0.05)
+    assert made, "the connection was not accepted"
+    yield reactor, made[0], client
+    client.close()
+    made[0].transport.abortConnection()
+    port.stopListening()
+    for _ in range(5):
+        reactor.iterate(0)
+
+
+def test_connections_are_eager(served):
+    _, proto, _ = served
+    assert isinstance(proto.transport, EagerServer)
+
+
+def test_a_reply_leaves_inside_write(served):
+    _, proto, client = served
+    proto.transport.write(b"220 ready\r\n")
+    # no reactor iteration between the write and the read
+    assert client.recv(100) == b"220 ready\r\n"
+    assert not proto.transport.dataBuffer and not proto.transport._tempDataBuffer
+
+
+def test_a_write_the_socket_cannot_take_is_buffered_and_order_is_kept(served):
+    reactor, proto, client = served
+    big = bytes(range(256)) * (64 * 1024)          # 16 MiB: more than the socket buffers hold
+    proto.transport.write(big)
+    assert proto.transport._tempDataBuffer, "expected part of the write to wait for the reactor"
+    proto.transport.write(b"END")                   # queued behind, never sent ahead
+    client.settimeout(0.01)
+    got = bytearray()
+    while len(got) < len(big) + 3:
+        reactor.iterate(0)
+        try:
+            chunk = client.recv(1 << 20)
+        except socket.timeout:
+            continue
+        assert chunk
+        got += chunk
+    assert bytes(got) == big + b"END"
+    reactor.iterate(0)
+    proto.transport.write(b"again")                 # the buffer drained: eager again
+    client.settimeout(5)
+    assert client.recv(100) == b"again"
+
+
+def test_writes_after_lose_connection_take_the_normal_path(served):
+    reactor, proto, client = served
+    proto.transport.write(b"221 bye\r\n")
+    proto.transport.loseConnection()
+    proto.transport.write(b"late\r\n")              # buffered path: sent before the close
+    client.settimeout(0.01)
+    got = b""
+    for _ in range(200):
+        reactor.iterate(0)
+        try:
+            chunk = client.recv(100)
+        except socket.timeout:
+            continue
+        if not chunk:
+            break
+        got += chunk
+    assert got == b"221 bye\r\nlate\r\n"
+
+
+# -- outgoing connections -----------------------------------------------------------------
+
+def _pump(reactor: Any, until: Any, rounds: int = 200) -> None:
+    for _ in range(rounds):
+        if until():
+            return
+        reactor.iterate(0.01)
+    raise AssertionError("condition not reached")
+
+
+def _listening_socket(host: str = "127.0.0.1") -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    srv = socket.socket(family, socket.SOCK_STREAM)
+    srv.bind((host, 0))
+    srv.listen(5)
+    return srv
+
+
+def test_connect_gives_an_eager_client_with_the_source_address():
+    from txmta.tcp import EagerClient, connect
+    reactor = EPollReactor()
+    srv = _listening_socket()
+    made: list[Any] = []
+    results: list[Any] = []
+    d = connect(reactor, "127.0.0.1", srv.getsockname()[1],
+                Factory.forProtocol(lambda: Keep(made)), timeout=5, bind_address=("127.0.0.5", 0))
+    d.addBoth(results.append)
+    _pump(reactor, lambda: results and made)
+    proto = results[0]
+    assert proto is made[0] and isinstance(proto.transport, EagerClient)
+    peer, addr = srv.accept()
+    assert addr[0] == "127.0.0.5"
+    proto.transport.write(b"EHLO x\r\n")            # out without a reactor iteration
+    peer.settimeout(5)
+    assert peer.recv(100) == b"EHLO x\r\n"
+    proto.transport.abortConnection()
+    peer.close()
+    srv.close()
+    reactor.iterate(0)
+
+
+def test_connect_refused_errbacks():
+    from twisted.internet.error import ConnectionRefusedError
+
+    from txmta.tcp import connect
+    reactor = EPollReactor()
+    srv = _listening_socket()
+    port = srv.getsockname()[1]
+    srv.close()                                      # nothing listens there now
+    results: list[Any] = []
+    connect(reactor, "127.0.0.1", port, Factory.forProtocol(Protocol), timeout=5).addBoth(results.append)
+    _pump(reactor, lambda: results)
+    assert results[0].check(ConnectionRefusedError)
+
+
+def test_connect_over_ipv6():
+    from txmta.tcp import connect
+    try:
+        srv = _listening_socket("::1")
+    except OSError:
+        pytest.fail("no IPv6 loopback on this machine: the test needs ::1")
+    reactor = EPollReactor()
+    results: list[Any] = []
+    connect(reactor, "::1", srv.getsockname()[1], Factory.forProtocol(Protocol), timeout=5
+            ).addBoth(results.append)
+    _pump(reactor, lambda: results)
+    assert results[0].transport.getPeer().host == "::1"
+    results[0].transport.abortConnection()
+    srv.close()
+    reactor.iterate(0)
+
+
+def test_cancelling_a_connect_errbacks_once():
+    from twisted.internet.defer import CancelledError
+
+    from txmta.tcp import connect
+    reactor = EPollReactor()
+    srv = _listening_socket()
+    results: list[Any] = []
+    d = connect(reactor, "127.0.0.1", srv.getsockname()[1], Factory.forProtocol(Protocol), timeout=5)
+    d.addBoth(results.append)
+    d.cancel()                                       # before the reactor ever ran
+    for _ in range(5):
+        reactor.iterate(0)
+    assert len(results) == 1 and results[0].check(CancelledError)
+    srv.close()
