@@ -44,19 +44,16 @@ class Connector:
         self.connect_timeout = connect_timeout
 
     def __call__(self, key: Any) -> Any:
-        from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
         from twisted.internet.protocol import Factory
 
         from txmta.outbound.client import SessionFailure, SessionFailureError, SMTPClient
         from txmta.outcome import CONNECT
         from txmta.reply import Reply
-        cls = TCP6ClientEndpoint if ":" in key.address else TCP4ClientEndpoint
+        from txmta.tcp import connect
         bind = (key.source, 0) if key.source else None
-        endpoint = cls(self.reactor, key.address, key.port, timeout=self.connect_timeout,
-                       bindAddress=bind)
         settings = self.settings_for(key)
         factory = Factory.forProtocol(lambda: SMTPClient(settings, self.reactor, key.mx, key.address))
-        d = endpoint.connect(factory)
+        d = connect(self.reactor, key.address, key.port, factory, self.connect_timeout, bind)
 
         def connected(client: Any) -> Any:
             return client.ready.addCallback(lambda _: client)
