@@ -228,3 +228,21 @@ def test_expire_history_forgets_every_old_finished_message_in_batches():
     done = []
     q.expire_history(50.0, batch=2).addCallback(done.append)
     assert done == [5] and spool.history == {}
+
+
+def test_a_report_on_a_requiretls_message_asks_requiretls_and_returns_headers_only():
+    """RFC 8689: the bounce of a REQUIRETLS message travels with REQUIRETLS too, and carries
+    the original's header section only, even when the sender asked RET=FULL."""
+    from dataclasses import replace
+    q, spool, clock, _ = queue_with()
+    mid = q.new_message_id()
+    env = replace(envelope(1), requiretls=True, ret="FULL")
+    body = q.body_writer(mid)
+    body.write(b"Subject: secret plans\r\n\r\nthe secret body\r\n")
+    done = []
+    q.put(mid, env, body, {}, clock.seconds()).addCallback(done.append)
+    q.record(done[0], {0: O.PermFailed(Reply(550, "5.7.10", "REQUIRETLS not offered"))})
+    report, = [m for m in spool.messages.values() if m.envelope.sender.is_null]
+    assert report.envelope.requiretls
+    text = spool.bodies[report.id]
+    assert b"Subject: secret plans" in text and b"the secret body" not in text

@@ -116,7 +116,8 @@ def envelope_for_report(envelope: Envelope, report: bytes | None = None) -> Enve
 
     SMTPUTF8 is asked for when the original was sent with it or its sender is non-ASCII.
     BODY=8BITMIME when the original was 8BITMIME or SMTPUTF8, or when `report` (the built
-    report, if the caller passes it) has 8-bit octets.
+    report, if the caller passes it) has 8-bit octets.  A report on a REQUIRETLS message
+    (RFC 8689) is sent with REQUIRETLS too: it quotes the original's header section.
     """
     sender = envelope.sender
     if sender.is_null:
@@ -125,7 +126,8 @@ def envelope_for_report(envelope: Envelope, report: bytes | None = None) -> Enve
     eight = (envelope.body.upper() == "8BITMIME" or smtputf8
              or (report is not None and not report.isascii()))
     return Envelope(NULL_ADDRESS, (Recipient(sender),), size=None if report is None else len(report),
-                    body="8BITMIME" if eight else "7BIT", smtputf8=smtputf8)
+                    body="8BITMIME" if eight else "7BIT", smtputf8=smtputf8,
+                    requiretls=envelope.requiretls)
 
 
 # --- building -----------------------------------------------------------------------------

@@ -286,8 +286,10 @@ class Queue:
     def _dsn(self, m: StoredMessage, reports: list[Any], body: Callable[[], bytes],
              now: float) -> tuple[StoredMessage, bytes] | None:
         envelope = m.envelope
-        if envelope.ret != "FULL" and m.size > DSN_FULL_LIMIT:
-            envelope = replace(envelope, ret="HDRS")   # only the header section is needed
+        if envelope.requiretls or (envelope.ret != "FULL" and m.size > DSN_FULL_LIMIT):
+            # only the header section: a big body is not needed, and the content of a
+            # REQUIRETLS message is not sent back whatever RET asked for (RFC 8689)
+            envelope = replace(envelope, ret="HDRS")
         original = body()
         dsn_id = self.new_message_id(now)
         report = dsn.build_report(envelope=envelope, message_id=m.id, arrival=m.arrival,
