@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 from typing import Any, Callable
 
+import pytest
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 
@@ -128,7 +129,7 @@ def test_reloads_do_not_overlap_and_signals_during_one_give_one_more(tmp_path):
 
 
 def test_without_parts_a_reload_says_what_it_does(tmp_path):
-    """With TLS off at start nothing reloads; the log says so (and SIGHUP does not kill us)."""
+    """With no reloadable parts nothing reloads; the log says so (and SIGHUP does not kill us)."""
     path = write_config(tmp_path / "t.toml", "x.example")
     svc = ReloadService(FakeReactor(), str(path), [])
     with capturedLogs() as events:
@@ -163,3 +164,51 @@ def test_sighup_triggers_a_reload_and_stop_restores_the_handler(tmp_path):
         assert part.installed == ["sig.example"]
     finally:
         signal.signal(signal.SIGHUP, previous)
+
+
+def test_tls_policy_tables_and_level_are_reloaded(tmp_path):
+    """TLSPolicyReload puts the new [[tls.policy]] tables and tls_level in place."""
+    from twisted.internet.task import Clock
+
+    from txmta.config import load_text
+    from txmta.outbound.tlspolicy import TLSPolicy
+    from txmta.tap import TLSPolicyReload
+    policy = TLSPolicy(Clock(), None, level_for=lambda domain: None, default="auto")
+    cfg = load_text('[delivery]\ntls_level = "may"\n'
+                    '[[tls.policy]]\ndomain = "bank.example"\nlevel = "verify"\n')
+    install = TLSPolicyReload(policy).prepare(cfg)
+    assert policy.level("bank.example") == "auto"        # nothing changes before install
+    assert "1 [[tls.policy]]" in install()
+    assert policy.level("bank.example") == "verify"
+    assert policy.level("other.example") == "may"
+
+
+def test_dkim_keys_are_reloaded_and_a_bad_key_keeps_the_running_ones(tmp_path):
+    """SigningReload reads the key files in prepare() (ConfigError when bad: nothing is
+    installed) and gives the receiver and the queue the new signer in install()."""
+    from types import SimpleNamespace
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    from txmta.config import ConfigError, load_text
+    from txmta.tap import SigningReload
+    key = tmp_path / "k.pem"
+    key.write_bytes(ed25519.Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    receiver, queue = SimpleNamespace(signer=None), SimpleNamespace(sign_report=None)
+    part = SigningReload(receiver, queue)
+    table = f'[[dkim]]\ndomain = "example.com"\nselector = "s1"\nkey = "{key}"\n' \
+            'algorithm = "ed25519-sha256"\n'
+    install = part.prepare(load_text(table))
+    assert receiver.signer is None
+    assert "s1._domainkey.example.com" in install()
+    assert receiver.signer is not None and queue.sign_report is not None
+    signer = receiver.signer
+    key.write_text("garbage\n")
+    with pytest.raises(ConfigError):
+        part.prepare(load_text(table))
+    assert receiver.signer is signer
+    assert "not signed" in part.prepare(load_text(""))()
+    assert receiver.signer is None and queue.sign_report is None

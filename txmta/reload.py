@@ -1,7 +1,8 @@
 """SIGHUP: reload what can change while the daemon runs.
 
 On SIGHUP the daemon reads its configuration file again and offers the new `Config` to each
-reloadable part (today only the inbound TLS context, txmta/inbound/tlscontext.py).  Each
+reloadable part: the inbound TLS context (txmta/inbound/tlscontext.py), the DKIM keys and
+the outbound TLS policy tables (tap.py's SigningReload and TLSPolicyReload).  Each
 part builds its new state from it in a worker thread (reading files, parsing keys: nothing
 that may hold the reactor) and hands back the step that installs it, which runs in the
 reactor thread.  A file that does not load, or a part that refuses its new settings, is
@@ -121,8 +122,7 @@ class ReloadService(service.Service):
     def _install_all(self, results: list[tuple[str, Callable[[], str] | None, str]]) -> None:
         """In the reactor thread: put each part's new state in place, log what happened."""
         if not self.parts:
-            log.info("reload: nothing reloads while TLS is off (no [tls] cert at start); "
-                     "other settings take effect at the next restart")
+            log.info("reload: nothing reloads (no reloadable parts); settings take effect at the next restart")
         for name, install, error in results:
             if install is None:
                 log.error("reload of {part} failed: {error}", part=name, error=error)

@@ -77,6 +77,7 @@ class DeliveryService(service.Service):
         self.pool = pool
         self.reactor = reactor
         self.grace = grace
+        self.tls_policy: Any = None
 
     def startService(self) -> None:
         service.Service.startService(self)
@@ -144,7 +145,9 @@ def build_delivery(cfg: C.Config, reactor: Any, queue: Queue,
     deliverer = Deliverer(router, pool, helo=helo, source=d.source_address,
                           tls_level="may", relay_tls=d.relayhost_tls, tls_policy=tls_policy)
     dispatcher = Dispatcher(queue, deliverer, reactor, max_inflight=d.max_inflight)
-    return DeliveryService(dispatcher, pool, reactor)
+    service_ = DeliveryService(dispatcher, pool, reactor)
+    service_.tls_policy = tls_policy          # reloaded on SIGHUP (TLSPolicyReload)
+    return service_
 
 
 class QueueService(service.Service):
@@ -194,7 +197,8 @@ def maillog_for(cfg: C.Config, reactor: Any) -> MailLog:
 
 
 def build_reload(cfg: C.Config, reactor: Any, parts: list[Any]) -> service.Service:
-    """SIGHUP re-reads cfg.path; today only the inbound TLS context takes the new settings."""
+    """SIGHUP re-reads cfg.path and offers it to `parts`: the inbound TLS context, the DKIM
+    keys, the outbound TLS policy tables."""
     from twisted.internet.threads import deferToThreadPool
 
     from txmta.reload import ReloadService
@@ -203,22 +207,66 @@ def build_reload(cfg: C.Config, reactor: Any, parts: list[Any]) -> service.Servi
 
 
 def signing_for(cfg: C.Config, reactor: Any) -> tuple[Any, Any]:
-    """DKIM: the signer (keys read now: a bad key file is a ConfigError) and the function that
-    runs intake signing on its own thread pool (DSNs are signed on the spool's writer thread,
-    in the transaction that commits them).  (None, None) without [[dkim]]."""
-    if not cfg.dkim:
-        return None, None
+    """DKIM: the signer (keys read now: a bad key file is a ConfigError; None without
+    [[dkim]]) and the function that runs intake signing on its own thread pool (DSNs are
+    signed on the spool's writer thread, in the transaction that commits them).  The pool
+    exists even without keys (no thread runs until one is needed), so that a SIGHUP that adds
+    [[dkim]] tables has somewhere to sign."""
     from functools import partial
 
     from twisted.internet.threads import deferToThreadPool
     from twisted.python.threadpool import ThreadPool
 
-    from txmta.dkim import Signer
-    signer = Signer.from_config(cfg)
-    pool = ThreadPool(minthreads=1, maxthreads=2, name="txmta-dkim")
+    signer = None
+    if cfg.dkim:
+        from txmta.dkim import Signer
+        signer = Signer.from_config(cfg)
+    pool = ThreadPool(minthreads=0, maxthreads=2, name="txmta-dkim")
     reactor.callWhenRunning(pool.start)
     reactor.addSystemEventTrigger("after", "shutdown", pool.stop)
     return signer, partial(deferToThreadPool, reactor, pool)
+
+
+class SigningReload:
+    """SIGHUP part: the [[dkim]] keys and [signing] default_domain, read anew (a bad key file
+    keeps the running keys).  A message already being received keeps the keys it began with."""
+
+    name = "dkim"
+
+    def __init__(self, receiver: Any, queue: Queue) -> None:
+        self.receiver = receiver
+        self.queue = queue
+
+    def prepare(self, cfg: C.Config) -> Any:
+        signer = None
+        if cfg.dkim:
+            from txmta.dkim import Signer
+            signer = Signer.from_config(cfg)      # reads the key files: ConfigError if bad
+
+        def install() -> str:
+            self.receiver.signer = signer
+            self.queue.sign_report = signer.sign_message if signer is not None else None
+            keys = ", ".join(f"{k.selector}._domainkey.{k.domain} ({k.algorithm})" for k in cfg.dkim)
+            return f"signing with {keys}" if keys else "no [[dkim]] keys: mail is not signed"
+        return install
+
+
+class TLSPolicyReload:
+    """SIGHUP part: the outbound [[tls.policy]] tables and [delivery] tls_level (new
+    connections use them; [tls] ca_file and relayhost_tls need a restart)."""
+
+    name = "tls policy"
+
+    def __init__(self, policy: Any) -> None:
+        self.policy = policy
+
+    def prepare(self, cfg: C.Config) -> Any:
+        def install() -> str:
+            self.policy.level_for = cfg.tls.level_for
+            self.policy.default = cfg.delivery.tls_level
+            return (f"tls_level {cfg.delivery.tls_level}, "
+                    f"{len(cfg.tls.policy)} [[tls.policy]] table(s)")
+        return install
 
 
 def build(cfg: C.Config, reactor: Any) -> service.MultiService:
@@ -254,10 +302,13 @@ def build(cfg: C.Config, reactor: Any) -> service.MultiService:
         max_errors=cfg.server.max_errors, command_timeout=cfg.server.command_timeout,
         data_timeout=cfg.server.data_timeout, tls_available=tls is not None,
         auth_available=checker is not None)
-    build_delivery(cfg, reactor, queue, spool).setServiceParent(top)
+    delivery = build_delivery(cfg, reactor, queue, spool)
+    delivery.setServiceParent(top)
     from txmta.control.amp import ControlService, control_socket_path
     ControlService(reactor, control_socket_path(cfg.spool.path), queue).setServiceParent(top)
-    build_reload(cfg, reactor, [tls] if tls is not None else []).setServiceParent(top)
+    parts: list[Any] = [tls] if tls is not None else []
+    parts += [SigningReload(receiver, queue), TLSPolicyReload(delivery.tls_policy)]
+    build_reload(cfg, reactor, parts).setServiceParent(top)
     counts: dict[str, int] = {}
     for lst in cfg.listen:
         factory: Any = SMTPFactory(policy, lst, receiver, reactor, checker=checker, tls_options=tls,

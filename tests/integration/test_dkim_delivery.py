@@ -177,3 +177,48 @@ def test_a_bad_key_file_stops_the_daemon_naming_key_and_file(tmp_path: Path) -> 
     out = (daemon.dir / "twistd.stdout").read_text() + daemon.log()
     assert "exited" in str(e.value)
     assert f'dkim[0].key = "{bad}": not a PEM private key' in out
+
+
+def test_sighup_loads_new_keys_and_keeps_them_when_a_reload_is_bad(
+        start_daemon: Callable[..., Daemon], keys: list[Any], dns_server: tuple[str, int],
+        tmp_path: Path) -> None:
+    """Started without [[dkim]]: mail goes unsigned.  [[dkim]] tables added and SIGHUP: the
+    next message is signed.  A broken key file and SIGHUP: the error is logged and the
+    running keys go on signing."""
+    import signal
+    port = free_port(SINK_IP)
+    with SmtpSink(SINK_IP, port) as sink:
+        d = start_daemon(
+            delivery={"relayhost": f"{SINK_IP}:{port}", "relayhost_tls": "none",
+                      "connect_timeout": "5s"},
+            dns={"nameservers": [f"{dns_server[0]}:{dns_server[1]}"]})
+        assert d.proc is not None
+        plain = d.config_path.read_text()
+        send(d, "alice@example.com", ["bob@dest.test"], message("before", b"no keys yet\r\n"))
+        sink.wait(lambda s: len(s.transactions) >= 1, 30, "the first message")
+
+        tables = "".join(f'\n[[dkim]]\ndomain = "{dom}"\nselector = "{sel}"\nkey = "{key}"\n'
+                         f'algorithm = "{alg}"\n' for dom, sel, alg, _, _, key in keys)
+        d.config_path.write_text(plain + tables)
+        d.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: "dkim: signing with rsa2026._domainkey.example.com" in d.log(), 15,
+                   "the DKIM reload in the log", diagnose=d.log)
+        send(d, "alice@example.com", ["bob@dest.test"], message("after", b"signed now\r\n"))
+        sink.wait(lambda s: len(s.transactions) >= 2, 30, "the second message")
+
+        bad = tmp_path / "bad.pem"
+        bad.write_text("not a key\n")
+        d.config_path.write_text(plain + tables.replace(str(keys[0][5]), str(bad), 1))
+        d.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: "reload of dkim failed" in d.log(), 15, "the failed reload in the log",
+                   diagnose=d.log)
+        assert d.running
+        send(d, "alice@example.com", ["bob@dest.test"], message("still", b"old keys sign\r\n"))
+        sink.wait(lambda s: len(s.transactions) >= 3, 30, "the third message")
+
+        got = {re.search(rb"^Subject: (.*)\r\n", t.data, re.M).group(1).decode(): t.data
+               for t in sink.snapshot()}
+        assert verified(got["before"], dns_server) == []
+        both = [("example.com", "rsa-sha256", True), ("example.com", "ed25519-sha256", True)]
+        assert verified(got["after"], dns_server) == both
+        assert verified(got["still"], dns_server) == both

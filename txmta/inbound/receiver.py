@@ -94,7 +94,8 @@ class Intake:
         self._done = False
         self.header_id = ""     # the message's Message-ID header (ours if it had none)
         # DKIM (only with a signer): the stored header section, where the body starts, the keys
-        self._signed_head = received if receiver.signer is not None else b""
+        self._signer = receiver.signer   # this message keeps the signer it started with
+        self._signed_head = received if self._signer is not None else b""
         self._body_start = 0
         self._keys: tuple[Any, ...] = ()
 
@@ -146,7 +147,7 @@ class Intake:
         """The header section is complete: which keys sign, and where the body starts."""
         self._signed_head += header
         self._body_start = self.body.size + separator_end
-        self._keys = self._receiver.signer.keys_for(header)
+        self._keys = self._signer.keys_for(header)
 
     def _missing(self, header: bytes) -> bytes:
         add = b""
@@ -182,7 +183,7 @@ class Intake:
 
     def _sign(self, now: float) -> None:
         """On the signing thread: hash the body as stored, sign, put the signature in front."""
-        self.body.prepend(self._receiver.signer.signatures(
+        self.body.prepend(self._signer.signatures(
             self._signed_head, self.body.read_chunks(self._body_start), self._keys, now))
 
     def _unsigned(self, f: Failure) -> None:
