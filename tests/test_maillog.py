@@ -47,3 +47,21 @@ def test_json_lines_are_one_object_each_with_the_fields():
     record = json.loads(out.getvalue())
     assert record["event"] == "deferred" and record["id"] == "0151abc"
     assert record["next_attempt"] == 1_700_000_060.0 and "next_attempt_in=60s" in record["text"]
+
+
+def test_a_requiretls_message_says_so_in_its_received_line():
+    """REQUIRETLS (RFC 8689) shows in the received line, text and JSON; others stay as they were."""
+    from dataclasses import replace
+    m = message()
+    m = replace(m, envelope=replace(m.envelope, requiretls=True))
+    out, clock = io.StringIO(), Clock()
+    MailLog(FileSink(out, clock, "text")).received(m)
+    clock.advance(1)
+    assert out.getvalue().rstrip("\n").endswith("tls=TLSv1.3 X requiretls=yes")
+    out, clock = io.StringIO(), Clock()
+    log = MailLog(FileSink(out, clock, "json"))
+    log.received(m)
+    log.received(message())
+    log.sink.close()
+    first, second = (json.loads(line) for line in out.getvalue().splitlines())
+    assert first["requiretls"] is True and "requiretls" not in second

@@ -88,9 +88,12 @@ class MailLog:
             "helo": c.get("helo", ""), "sender": str(m.envelope.sender),
             "nrcpt": len(m.envelope.recipients), "size": m.size, "tls": c.get("tls", "none"),
         }
-        self.sink.emit(fields, (
-            f"{m.id}: received client={fields['client']} helo={fields['helo']} "
-            f"from=<{fields['sender']}> nrcpt={fields['nrcpt']} size={m.size} tls={fields['tls']}"))
+        text = (f"{m.id}: received client={fields['client']} helo={fields['helo']} "
+                f"from=<{fields['sender']}> nrcpt={fields['nrcpt']} size={m.size} tls={fields['tls']}")
+        if m.envelope.requiretls:
+            fields["requiretls"] = True
+            text += " requiretls=yes"
+        self.sink.emit(fields, text)
 
     def outcome(self, m: StoredMessage, index: int, outcome: Outcome, now: float) -> None:
         """One line per recipient per attempt, Postfix style: to, relay, delay, status."""
