@@ -35,7 +35,7 @@ envelope = st.builds(
     Envelope, sender, st.lists(recipient, min_size=1, max_size=4).map(tuple),
     st.none() | st.integers(0, 2**40), st.sampled_from(["7BIT", "8BITMIME"]), st.booleans(),
     st.none() | st.sampled_from(["FULL", "HDRS"]), st.none() | text, st.none() | text,
-    st.dictionaries(text, text, max_size=3), st.booleans())
+    st.dictionaries(text, text, max_size=3), st.booleans(), st.booleans())
 finite = st.floats(allow_nan=False, allow_infinity=False)
 reply = st.builds(Reply, st.integers(200, 599), st.sampled_from(["", "2.0.0", "4.7.1", "5.1.1"]),
                   text)

@@ -138,3 +138,54 @@ def test_null_mx_fails_at_once_and_dns_trouble_defers():
     result = run(Deliverer(FakeRouter(servfail), FakePool({}), helo="me"), envelope(), [0, 1])
     assert all(isinstance(o, O.TempFailed) for o in result.outcomes.values())
     assert result.site_failure == servfail.reply
+
+
+# -- "TLS-Required: No" (RFC 8689 5) -------------------------------------------------------
+
+class RuledOut:
+    """A TLS policy that rules out mx1 (as a DANE mismatch would) and wants mx2 verified."""
+
+    def plan(self, route):
+        from txmta.outbound.tlspolicy import HostTLS, TLSPlan
+        return succeed(TLSPlan({"mx1.example.net": Reply(451, "4.7.5", "DANE: no match"),
+                                "mx2.example.net": HostTLS("verify", "mx2.example.net")}, "test"))
+
+
+class KeyedPool(FakePool):
+    def transaction(self, key, env, rcpts, body):
+        self.calls.append((key.address, str(key.tls)))
+        return succeed(ok_for(rcpts))
+
+
+def test_tls_required_no_relaxes_the_recipient_domains_policy():
+    """With "TLS-Required: No" a host the policy rules out is tried with opportunistic TLS, and
+    a checked level becomes "may"; without it the policy stands; REQUIRETLS wins over it."""
+    from dataclasses import replace
+    strict = KeyedPool({})
+    run(Deliverer(FakeRouter(ROUTE), strict, helo="me", tls_policy=RuledOut()), envelope(), [0])
+    assert strict.calls == [("127.0.0.22", "verify")]
+    relaxed = KeyedPool({})
+    result = run(Deliverer(FakeRouter(ROUTE), relaxed, helo="me", tls_policy=RuledOut()),
+                 replace(envelope(), tls_optional=True), [0])
+    assert relaxed.calls == [("127.0.0.21", "may")]
+    assert isinstance(result.outcomes[0], O.Delivered)
+    both = KeyedPool({})
+    run(Deliverer(FakeRouter(ROUTE), both, helo="me", tls_policy=RuledOut()),
+        replace(envelope(), tls_optional=True, requiretls=True), [0])
+    assert both.calls == [("127.0.0.22", "verify")]
+
+
+def test_tls_required_no_leaves_the_relayhost_alone():
+    """The relayhost's TLS level is the operator's (it protects the AUTH password)."""
+    from dataclasses import replace
+
+    from txmta.outbound.tlspolicy import HostTLS, TLSPlan
+    relay = Route("relay:[smarthost]:587", (Hop("smarthost", "127.0.0.30", 587, 0),))
+
+    class Verify:
+        def plan(self, route):
+            return succeed(TLSPlan({"smarthost": HostTLS("verify", "smarthost")}, "relayhost"))
+    pool = KeyedPool({})
+    run(Deliverer(FakeRouter(relay), pool, helo="me", tls_policy=Verify()),
+        replace(envelope(), tls_optional=True), [0])
+    assert pool.calls == [("127.0.0.30", "verify")]

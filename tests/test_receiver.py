@@ -271,3 +271,20 @@ def test_dialogue_helo_utf8_and_two_recipients():
     (m1, b1), (m2, b2) = h.stored()
     assert b1.startswith(trace(m1.id, with_="SMTP", ip=RELAY_IP, helo="old.example", for_=None))
     assert b2.startswith(trace(m2.id, with_="UTF8SMTP", ip=RELAY_IP, helo="new.example"))
+
+
+@pytest.mark.parametrize("header, requiretls, optional", [
+    (b"TLS-Required: No\r\n", False, True),
+    (b"tls-required:no \r\n", False, True),
+    (b"TLS-Required: No\r\n", True, False),        # REQUIRETLS wins (RFC 8689 4.1)
+    (b"TLS-Required: Yes\r\n", False, False),      # "No" is the only value defined
+    (b"X-TLS-Required: No\r\n", False, False),
+    (b"Subject: TLS-Required: No\r\n", False, False),
+])
+def test_tls_required_no_is_kept_with_the_envelope(header, requiretls, optional):
+    """A "TLS-Required: No" header field (RFC 8689 5) marks the stored envelope tls_optional."""
+    spool = MemorySpool()
+    reply, mid, _ = store([b"From: a@example.com\r\n" + header + b"\r\nbody\r\n"],
+                          env=envelope(requiretls=requiretls), spool=spool)
+    assert reply.code == 250
+    assert spool.messages[mid].envelope.tls_optional is optional

@@ -337,7 +337,8 @@ def shown_json(s: Shown) -> dict[str, Any]:
     return {"id": m.id, "arrival": iso_utc(m.arrival), "size": m.size, "sender": _sender(m),
             "message_id": m.header_id or None, "body": e.body, "smtputf8": bool(e.smtputf8),
             "ret": e.ret or None, "envid": e.envid or None, "declared_size": e.size,
-            "requiretls": bool(e.requiretls), "auth": e.auth, "parameters": dict(sorted(e.extra.items())),
+            "requiretls": bool(e.requiretls), "tls_required_no": bool(e.tls_optional),
+            "auth": e.auth, "parameters": dict(sorted(e.extra.items())),
             "client": dict(sorted(m.client.items())),
             "finished": iso_utc(s.finished) if s.finished is not None else None,
             "recipients": rcpts, "events": [event_json(ev) for ev in s.events],
@@ -359,6 +360,8 @@ def shown_text(s: Shown) -> str:
             f"ret: {e.ret or '-'}",
             f"envid: {e.envid or '-'}",
             f"requiretls: {'yes' if e.requiretls else 'no'}"]
+    if e.tls_optional:
+        out.append("tls-required: no (the recipient domain's TLS policy gives way)")
     if e.size is not None:
         out.append(f"declared size: {e.size}")
     if e.auth is not None:

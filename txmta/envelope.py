@@ -99,7 +99,9 @@ class Envelope:
     auth: str | None = None             # AUTH= (RFC 4954) as given by a trusted client
     extra: dict[str, str] = field(default_factory=dict)
     requiretls: bool = False            # MAIL ... REQUIRETLS (RFC 8689)
+    tls_optional: bool = False          # a "TLS-Required: No" header field (RFC 8689 5)
 
     def with_recipient(self, rcpt: Recipient) -> "Envelope":
         return Envelope(self.sender, self.recipients + (rcpt,), self.size, self.body, self.smtputf8,
-                        self.ret, self.envid, self.auth, self.extra, self.requiretls)
+                        self.ret, self.envid, self.auth, self.extra, self.requiretls,
+                        self.tls_optional)

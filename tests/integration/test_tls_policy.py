@@ -89,7 +89,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 def sts_domains() -> list[str]:
     return [f"mta-sts-{s}.test" for s in ("good", "wrongname", "selfsigned", "plain")] + \
-        ["sts-mxmismatch.test", "sts-testing.test", "auto-sts.test"]
+        ["sts-mxmismatch.test", "sts-testing.test", "auto-sts.test", "tlsno-sts.test"]
 
 
 def policy(mode: str, *mx: str) -> str:
@@ -101,6 +101,7 @@ def sts_policies() -> dict[str, str]:
     out = {f"mta-sts.mta-sts-{s}.test": policy("enforce", f"{s}.mx.test")
            for s in ("good", "wrongname", "selfsigned", "plain")}
     out["mta-sts.sts-mxmismatch.test"] = policy("enforce", "*.elsewhere.test")
+    out["mta-sts.tlsno-sts.test"] = policy("enforce", "*.elsewhere.test")
     out["mta-sts.sts-testing.test"] = policy("testing", "selfsigned.mx.test")
     out["mta-sts.auto-sts.test"] = policy("enforce", "*.mx.test")
     return out
@@ -129,10 +130,12 @@ def make_zone(port: int, pki: dict[str, Any]) -> dict[str, Any]:
     extra = {"sts-mxmismatch.test": "good", "sts-testing.test": "selfsigned",
              "auto-sts.test": "good", "auto-dane.test": "selfsigned", "auto-plain.test": "good",
              "dane-mismatch.test": "good2", "verify-rtls.test": "rtls",
-             "may-broken.test": "broken", "encrypt-broken.test": "broken"}
+             "may-broken.test": "broken", "encrypt-broken.test": "broken",
+             "tlsno-verify.test": "selfsigned", "tlsno-dane.test": "good2",
+             "tlsno-sts.test": "good"}
     for domain, server in extra.items():
         zone[f"{domain}."] = {"MX": [[10, f"{server}.mx.test."]]}
-    ad += ["auto-dane.test.", "dane-mismatch.test."]
+    ad += ["auto-dane.test.", "dane-mismatch.test.", "tlsno-dane.test."]
     sts_ip = STS_LISTEN.split(":")[0]
     for domain in sts_domains():
         zone[f"_mta-sts.{domain}."] = {"TXT": ["v=STSv1; id=20261128T0700;"]}
@@ -180,7 +183,10 @@ def tls_policy_table() -> list[dict[str, str]]:
               {"domain": "dane-mismatch.test", "level": "dane"},
               {"domain": "verify-rtls.test", "level": "verify"},
               {"domain": "may-broken.test", "level": "may"},
-              {"domain": "encrypt-broken.test", "level": "encrypt"}]
+              {"domain": "encrypt-broken.test", "level": "encrypt"},
+              {"domain": "tlsno-verify.test", "level": "verify"},
+              {"domain": "tlsno-dane.test", "level": "dane"},
+              {"domain": "tlsno-sts.test", "level": "mta-sts"}]
     return table
 
 
@@ -385,3 +391,23 @@ def test_requiretls_only_over_verified_tls_to_a_server_offering_it(
     for qid in (no_verify, no_ext):     # a DSN to the sender for each
         wait_until(lambda: f"{qid}: sender delivery status notification:" in d.maillog(), 10,
                    f"the DSN line of {qid}", diagnose=d.maillog)
+
+
+@pytest.mark.parametrize("domain, server", [
+    ("tlsno-verify.test", "selfsigned"),    # as verify-selfsigned.test: untrusted certificate
+    ("tlsno-dane.test", "good"),            # as dane-mismatch.test: TLSA present, no match
+    ("tlsno-sts.test", "good"),             # as sts-mxmismatch.test: MX not in the policy
+])
+def test_tls_required_no_delivers_where_the_policy_would_defer(
+        daemon: Daemon, sinks: dict[str, SmtpSink], domain: str, server: str) -> None:
+    """RFC 8689 5: a message with "TLS-Required: No" is sent with opportunistic TLS where the
+    recipient domain's policy holds other mail (the domains named beside the cases defer
+    without the header: test_level_against_server, test_cascade_and_policy_edges)."""
+    tag = f"tlsno-{domain}"
+    data = (f"Subject: {tag}\r\nTLS-Required: No\r\nMessage-ID: <{tag}@client.test>\r\n\r\n"
+            f"{tag}\r\n").encode()
+    qid = submit(daemon, "sender@client.test", [f"tlsno@{domain}"], data)
+    e = outcome_of(daemon, qid)
+    assert e["status"] == "sent", e
+    assert e["tls"].startswith("TLSv1.") and e["tls"].endswith(" unverified"), e
+    assert any(f"tlsno@{domain}" in t.rcpt_to for t in sinks[server].snapshot())

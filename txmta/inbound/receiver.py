@@ -20,6 +20,7 @@ stored unsigned.  Without a signer nothing of this runs.
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from datetime import datetime, timezone
 from email.utils import format_datetime
 from typing import Any, Callable
@@ -41,6 +42,7 @@ _HEADER_LINE = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*:")
 _HAS_MSGID = re.compile(rb"^message-id[ \t]*:", re.I | re.M)
 _MSGID_VALUE = re.compile(rb"^message-id[ \t]*:[ \t]*(?:\r?\n[ \t]+)?(<[^>\r\n]{1,500}>)", re.I | re.M)
 _HAS_DATE = re.compile(rb"^date[ \t]*:", re.I | re.M)
+_TLS_REQUIRED_NO = re.compile(rb"^tls-required[ \t]*:[ \t]*no[ \t]*\r?$", re.I | re.M)
 _UNSAFE = re.compile(r"[^\x21-\x7e]")
 MAX_HEADER_SCAN = 1024 * 1024   # past this, the header section is passed on unchanged
 
@@ -150,6 +152,10 @@ class Intake:
         self._keys = self._signer.keys_for(header)
 
     def _missing(self, header: bytes) -> bytes:
+        """The header fields to add (Message-ID, Date); notes what the header section says."""
+        if not self.envelope.requiretls and _TLS_REQUIRED_NO.search(header):
+            # RFC 8689 5: the sender prefers delivery to TLS policy; REQUIRETLS would win
+            self.envelope = replace(self.envelope, tls_optional=True)
         add = b""
         found = _MSGID_VALUE.search(header)
         if found is not None:

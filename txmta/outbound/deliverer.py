@@ -26,6 +26,7 @@ from txmta import outcome as O
 from txmta.envelope import Envelope
 from txmta.outbound.pool import PoolKey
 from txmta.outbound.route import Route, Unroutable
+from txmta.outbound.tlspolicy import opportunistic
 from txmta.reply import Reply
 
 log = Logger()
@@ -81,10 +82,16 @@ class Deliverer:
         last_result: Any = None             # the attempt that gave it (host, TLS for the log)
         reached = False                     # some hop got as far as a mail transaction
         plan = (yield self.tls_policy.plan(route)) if self.tls_policy is not None else None
+        # "TLS-Required: No" relaxes the recipient domain's policy, never the relayhost's
+        # (whose TLS protects our AUTH password), and never a REQUIRETLS message's
+        relaxed = (envelope.tls_optional and not envelope.requiretls
+                   and not route.destination.startswith("relay:"))
         for n, hop in enumerate(hops):
             last = n == len(hops) - 1
             if plan is not None:
                 tls = plan.for_host(hop.mx)
+                if relaxed:
+                    tls = opportunistic(tls, hop.mx)
                 if isinstance(tls, Reply):      # ruled out by the TLS policy, for now
                     last_failure, last_result = tls, None
                     log.info("{mx}[{address}] skipped: {reply}", mx=hop.mx, address=hop.address,

@@ -119,6 +119,16 @@ class HostTLS:
         return self.label
 
 
+def opportunistic(planned: "HostTLS | Reply", mx: str) -> HostTLS:
+    """A message with "TLS-Required: No" (RFC 8689 5): the recipient domain's policy (DANE,
+    MTA-STS, a configured checked level, or a host it rules out) gives way to opportunistic
+    TLS, so that the message is delivered even where the policy would hold it; a configured
+    "none" stays none."""
+    if isinstance(planned, HostTLS) and planned.level in ("none", "may"):
+        return planned
+    return HostTLS("may", mx)
+
+
 # -- checking the peer (pure) --------------------------------------------------------------------
 
 def _spki(cert: x509.Certificate) -> bytes:

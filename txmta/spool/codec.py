@@ -44,6 +44,7 @@ def encode_message(m: StoredMessage) -> bytes:
         "rcpt": [[str(r.address), list(r.notify), r.orcpt] for r in e.recipients],
         "esize": e.size, "body": e.body, "utf8": e.smtputf8, "ret": e.ret, "envid": e.envid,
         "auth": e.auth, "extra": e.extra, "hid": m.header_id, "rtls": int(e.requiretls),
+        "tlsno": int(e.tls_optional),
     })
 
 
@@ -52,7 +53,8 @@ def decode_message(data: bytes, states: tuple[RecipientState, ...] | None = None
     try:
         rcpts = tuple(Recipient(Address.parse_stored(a), tuple(n), o) for a, n, o in d["rcpt"])
         env = Envelope(Address.parse_stored(d["from"]), rcpts, d["esize"], d["body"], d["utf8"],
-                       d["ret"], d["envid"], d["auth"], dict(d["extra"]), bool(d.get("rtls", 0)))
+                       d["ret"], d["envid"], d["auth"], dict(d["extra"]), bool(d.get("rtls", 0)),
+                       bool(d.get("tlsno", 0)))
         if states is None:
             states = tuple(RecipientState() for _ in rcpts)
         return StoredMessage(d["id"], env, float(d["arrival"]), int(d["size"]), states,
