@@ -48,6 +48,20 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+def common_free_port(*hosts: str) -> int:
+    """A port free on every address in `hosts` (sinks that share one port number)."""
+    for _ in range(50):
+        port = free_port(hosts[0])
+        try:
+            for host in hosts:
+                with socket.socket() as s:
+                    s.bind((host, port))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError(f"no port free on all of {', '.join(hosts)}")
+
+
 def twistd_command() -> list[str]:
     sibling = Path(sys.executable).with_name("twistd")
     if sibling.exists():

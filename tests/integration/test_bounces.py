@@ -22,8 +22,8 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from itlib import (REPO, Daemon, delivery_sections, free_port, maillog_events, queued_id,
-                   statuses, submit, txmta_cli, wait_until)
+from itlib import (REPO, Daemon, common_free_port, delivery_sections, maillog_events,
+                   queued_id, statuses, submit, txmta_cli, wait_until)
 from sinks import DEFAULT_EXTENSIONS, SmtpSink, Transaction
 
 sys.path.insert(0, str(REPO / "tests"))
@@ -63,17 +63,7 @@ def dns() -> Iterator[tuple[str, int]]:
 @pytest.fixture
 def port() -> int:
     """A port free on every sink address of this module."""
-    import socket
-    for _ in range(50):
-        p = free_port(BOUNCE_IP)
-        try:
-            for ip in (DEST_IP, DSNHOP_IP, PLAINHOP_IP):
-                with socket.socket() as s:
-                    s.bind((ip, p))
-        except OSError:
-            continue
-        return p
-    raise RuntimeError("no common free port")
+    return common_free_port(BOUNCE_IP, DEST_IP, DSNHOP_IP, PLAINHOP_IP)
 
 
 @pytest.fixture

@@ -27,8 +27,8 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from itlib import (REPO, Daemon, delivery_sections, free_port, maillog_events, statuses, submit,
-                   txmta_cli, wait_until)
+from itlib import (REPO, Daemon, common_free_port, delivery_sections, maillog_events, statuses,
+                   submit, txmta_cli, wait_until)
 from sinks import SmtpSink
 
 sys.path.insert(0, str(REPO / "tests"))
@@ -60,17 +60,7 @@ LABELS = {("verify", "good"): "verified", ("dane", "good"): "dane-ta",
 @pytest.fixture(scope="module")
 def port() -> int:
     """One SMTP port free on every receiver address."""
-    import socket
-    for _ in range(50):
-        p = free_port(SERVERS["good"])
-        try:
-            for ip in SERVERS.values():
-                with socket.socket() as s:
-                    s.bind((ip, p))
-        except OSError:
-            continue
-        return p
-    raise RuntimeError("no common free port")
+    return common_free_port(*SERVERS.values())
 
 
 @pytest.fixture(scope="module")
