@@ -5,11 +5,11 @@ everything is on loopback."""
 
 from __future__ import annotations
 
+import datetime
 import signal
 import smtplib
 import socket
 import ssl
-import sys
 import uuid
 import warnings
 from pathlib import Path
@@ -17,21 +17,31 @@ from typing import Any
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
-from itlib import REPO, HOSTNAME, Daemon, Raw, queued_id, txmta_cli, wait_until
-
-sys.path.insert(0, str(REPO))
-from tests.tlscerts import self_signed  # noqa: E402
+from itlib import HOSTNAME, Daemon, Raw, queued_id, txmta_cli, wait_until
 
 pytestmark = pytest.mark.integration
 
 
 def make_material(label: str) -> tuple[bytes, bytes, bytes]:
-    """(cert PEM, key PEM, SHA-256 fingerprint) of a fresh self-signed cert for HOSTNAME
-    (`label` only tells the call sites apart: every call makes a new key)."""
-    issued = self_signed(HOSTNAME)
-    return issued.pem_chain(), issued.pem_key(), issued.cert.fingerprint(hashes.SHA256())
+    """(cert PEM, key PEM, SHA-256 fingerprint) of a fresh self-signed cert for HOSTNAME."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{label}.{HOSTNAME}")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder()
+            .subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=2))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(HOSTNAME)]), critical=False)
+            .sign(key, hashes.SHA256()))
+    return (cert.public_bytes(serialization.Encoding.PEM),
+            key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                              serialization.NoEncryption()),
+            cert.fingerprint(hashes.SHA256()))
 
 
 def install(directory: Path, cert: bytes, key: bytes) -> None:
