@@ -36,11 +36,13 @@ import ipaddress
 import json
 import re
 import ssl as stdlib_ssl
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Sequence
 
 from cryptography import x509
+from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509 import verification as xv
 from OpenSSL import SSL
@@ -255,7 +257,11 @@ def _pem_certs(data: bytes) -> list[x509.Certificate]:
     for block in re.findall(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", data,
                             re.S):
         try:
-            out.append(x509.load_pem_x509_certificate(block))
+            with warnings.catch_warnings():
+                # a few roots in system bundles have a non-positive serial number: cryptography
+                # warns (RFC 5280) on every start, about certificates the operator cannot change
+                warnings.simplefilter("ignore", CryptographyDeprecationWarning)
+                out.append(x509.load_pem_x509_certificate(block))
         except ValueError:
             continue   # one odd certificate in a system bundle is not a reason to stop
     return out
