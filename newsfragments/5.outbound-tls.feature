@@ -1,1 +1,2 @@
 Outbound TLS policies per destination: `none`, `may`, `encrypt`, `verify`, `dane` (RFC 7672) and `mta-sts` (RFC 8461, policies cached in the spool), chosen by `[[tls.policy]]` or `[delivery] tls_level = "auto"`; REQUIRETLS messages go only over verified TLS.
+A message with `TLS-Required: No` (RFC 8689) goes with opportunistic TLS whatever the recipient domain's policy; reports about REQUIRETLS mail travel with REQUIRETLS and quote headers only.
