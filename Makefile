@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 CONFIG ?= etc/txmta.toml
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: all venv run test test-unit test-integration debs bench check-config clean
+.PHONY: all venv run test test-unit test-integration debs bench soak check-config clean
 
 all: test
 
@@ -40,8 +40,15 @@ test: venv debs
 test-unit: venv
 	$(PY) -m pytest -q -p no:cacheprovider tests --ignore=tests/integration
 
+# The benchmark, then the soak tests (pytest -m bench: e.g. 20000 messages relayed while the
+# daemon is killed 10 times); SOAK=0 skips them.
+SOAK ?= 1
 bench: venv debs
 	$(PY) bench/run.py $(BENCH_ARGS)
+	@if [ "$(SOAK)" = 1 ]; then $(MAKE) --no-print-directory soak; fi
+
+soak: venv debs
+	$(PY) -m pytest -q -p no:cacheprovider -m bench tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
