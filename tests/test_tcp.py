@@ -186,3 +186,22 @@ def test_cancelling_a_connect_errbacks_once():
         reactor.iterate(0)
     assert len(results) == 1 and results[0].check(CancelledError)
     srv.close()
+
+
+def test_outgoing_connections_do_not_log_factory_start_and_stop():
+    """One outgoing connection per delivery must not put two lines in the daemon's log."""
+    from twisted.logger import capturedLogs
+
+    from txmta.tcp import connect
+    reactor = EPollReactor()
+    srv = _listening_socket()
+    results: list[Any] = []
+    with capturedLogs() as events:
+        connect(reactor, "127.0.0.1", srv.getsockname()[1], Factory.forProtocol(Protocol),
+                timeout=5).addBoth(results.append)
+        _pump(reactor, lambda: results)
+        results[0].transport.loseConnection()
+        for _ in range(10):
+            reactor.iterate(0.01)
+    assert not [e for e in events if "factory" in str(e.get("log_format", "")).lower()]
+    srv.close()

@@ -62,6 +62,8 @@ class _EagerConnector(tcp.Connector):
 class _Connecting(ClientFactory):
     """Fires `connected` with the protocol once TCP is up, or errbacks with the reason."""
 
+    noisy = False       # no "Starting factory" line in the log for every outgoing connection
+
     def __init__(self, factory: Any, connected: defer.Deferred[Any]) -> None:
         self.factory = factory
         self.connected = connected
