@@ -72,12 +72,13 @@ class DeliveryService(service.Service):
     """Starts the dispatcher; on stop, lets busy connections finish for up to `grace`
     seconds (what is still in flight then is simply due again at the next start)."""
 
-    def __init__(self, dispatcher: Any, pool: Any, reactor: Any, grace: float = 10.0) -> None:
+    def __init__(self, dispatcher: Any, pool: Any, reactor: Any, grace: float = 10.0,
+                 tls_policy: Any = None) -> None:
         self.dispatcher = dispatcher
         self.pool = pool
         self.reactor = reactor
         self.grace = grace
-        self.tls_policy: Any = None
+        self.tls_policy = tls_policy     # reloaded on SIGHUP (TLSPolicyReload)
 
     def startService(self) -> None:
         service.Service.startService(self)
@@ -145,9 +146,7 @@ def build_delivery(cfg: C.Config, reactor: Any, queue: Queue,
     deliverer = Deliverer(router, pool, helo=helo, source=d.source_address,
                           tls_level="may", relay_tls=d.relayhost_tls, tls_policy=tls_policy)
     dispatcher = Dispatcher(queue, deliverer, reactor, max_inflight=d.max_inflight)
-    service_ = DeliveryService(dispatcher, pool, reactor)
-    service_.tls_policy = tls_policy          # reloaded on SIGHUP (TLSPolicyReload)
-    return service_
+    return DeliveryService(dispatcher, pool, reactor, tls_policy=tls_policy)
 
 
 class QueueService(service.Service):

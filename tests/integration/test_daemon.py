@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from itlib import (HOSTNAME, REPO, Daemon, Raw, find_by_token, make_daemon, queued_id,
-                   split_received, swaks, swaks_queue_id)
+                   split_received, swaks, swaks_queue_id, wait_until)
 
 pytestmark = pytest.mark.integration
 
@@ -286,21 +286,13 @@ def send_n(port: int, n: int, tag: str) -> list[str]:
     return ids
 
 
-def wait_for(pred, timeout: float = 10.0) -> None:
-    import time
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            return
-        time.sleep(0.05)
-
-
 @pytest.mark.parametrize("fmt", ["text", "json"])
 def test_maillog(start_daemon, fmt: str) -> None:
     d = start_daemon(log={"format": fmt})
     n = 7
     ids = send_n(d.port, n, token())
-    wait_for(lambda: d.maillog().count("received") >= n)
+    wait_until(lambda: d.maillog().count("received") >= n, 10, f"{n} received lines",
+               diagnose=d.maillog)
     # split on "\n" only: str.splitlines() would also split on \x1e and friends
     lines = [line for line in d.maillog().split("\n") if line]
     if fmt == "text":

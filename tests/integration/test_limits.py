@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 
-from itlib import Daemon, Raw, find_by_token
+from itlib import Daemon, Raw, find_by_token, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -97,14 +97,11 @@ def test_connections_per_ip(limited: Daemon) -> None:
         for c in held:
             c.close()
     # the slots are released when the sessions end
-    deadline = time.monotonic() + 5
-    while True:
+    def greeting() -> bytes:
         with socket.create_connection(("127.0.0.1", limited.port), timeout=5) as s:
-            data = s.recv(4096)
-        if data.startswith(b"220 ") or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
-    assert data.startswith(b"220 "), data
+            return s.recv(4096)
+    wait_until(lambda: greeting().startswith(b"220 "), 5, "a 220 greeting once the slots are free",
+               interval=0.1)
 
 
 def test_idle_timeout(limited: Daemon) -> None:
