@@ -14,8 +14,8 @@ from typing import Any, Callable, Iterator
 import pytest
 from twisted.python.failure import Failure
 
-from txmta.envelope import Address, Envelope, Recipient, new_message_id
-from txmta.spool.interface import RecipientState, StoredMessage
+from txmta.message import Address, Envelope, Recipient, new_message_id
+from txmta.message import RecipientState, StoredMessage
 from txmta.spool.lmdb import LmdbSpool
 from txmta.spool.memory import MemorySpool
 

@@ -24,7 +24,7 @@ from txmta.inbound.protocol import SMTPFactory, SMTPServer
 from txmta.inbound.receiver import Receiver
 from txmta.queue import Queue
 from txmta.spool.memory import MemoryBodyWriter, MemorySpool
-from txmta.spool.interface import StoredMessage
+from txmta.message import StoredMessage
 
 HOSTNAME = "mx.example.net"
 REMOTE_IP = "192.0.2.10"        # not in relay_networks

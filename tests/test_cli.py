@@ -14,11 +14,10 @@ from twisted.protocols import amp
 
 from txmta import cli
 from txmta.control.amp import control_socket_path
-from txmta.envelope import Address, Envelope, Recipient
+from txmta.message import Address, Envelope, Recipient
 from txmta.passwords import verify_password
 from txmta.reply import Reply
-from txmta.spool.interface import (DELIVERED, HELD, QUEUED, Change, Event, RecipientState,
-                                   StoredMessage, Suppression)
+from txmta.message import DELIVERED, HELD, QUEUED, Change, Event, RecipientState, StoredMessage, Suppression
 from txmta.spool.lmdb import LmdbSpool
 
 ARRIVAL = timegm((2026, 11, 28, 7, 14, 23, 0, 0, 0))    # 2026-11-28T07:14:23Z

@@ -16,7 +16,7 @@ from twisted.python.failure import Failure
 from twisted.test import iosim
 
 from txmta import outcome as O
-from txmta.envelope import Address, Envelope, Recipient
+from txmta.message import Address, Envelope, Recipient
 from txmta.outbound.client import (
     CHUNK, CLEAN_REUSE, ClientSettings, DotStuffer, PeerCheck, ReplyParser, SessionFailureError,
     SMTPClient,

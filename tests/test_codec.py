@@ -13,14 +13,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from txmta.envelope import NOTIFY_VALUES, Address, Envelope, Recipient
+from txmta.message import NOTIFY_VALUES, Address, Envelope, Recipient
 from txmta.reply import Reply
 from txmta.spool import codec
 from txmta.spool.codec import CorruptRecord
-from txmta.spool.interface import (BOUNCED, DELETED, DELIVERED, EXPIRED, HELD, QUEUED,
-                                   RecipientState, StoredMessage)
-
-# Text the way it reaches the codec: decoded UTF-8 (no lone surrogates), any script.
+from txmta.message import BOUNCED, DELETED, DELIVERED, EXPIRED, HELD, QUEUED, RecipientState, StoredMessage
 text = st.text(st.characters(exclude_categories=("Cs",)), max_size=30)
 local_part = text.filter(lambda s: s and "@" not in s)
 domain = st.text(st.characters(exclude_categories=("Cs",), exclude_characters="@"),
@@ -156,7 +153,7 @@ def test_well_formed_json_of_the_wrong_shape_is_corrupt_record(decode, value):
 def test_event_keeps_the_tls_of_the_attempt() -> None:
     """An attempt's TLS line survives the codec; an old event without one reads as ""."""
     from txmta.spool.codec import decode_event, encode_event
-    from txmta.spool.interface import Event
+    from txmta.message import Event
     e = Event(1.5, "delivered", "a@example.org", "250 2.0.0 Ok", "mx[192.0.2.1]", "",
               "TLSv1.3 TLS_AES_256_GCM_SHA384 dane-ee")
     assert decode_event(encode_event(e)) == e

@@ -3,7 +3,7 @@
 from twisted.internet.defer import succeed
 
 from txmta import outcome as O
-from txmta.envelope import Address, Envelope, Recipient
+from txmta.message import Address, Envelope, Recipient
 from txmta.outbound.client import SessionFailure, TransactionResult
 from txmta.outbound.deliverer import Deliverer
 from txmta.outbound.route import Hop, Route, Unroutable

@@ -5,11 +5,11 @@ from twisted.internet.task import Clock
 
 from txmta import outcome as O
 from txmta.dispatch import SCAN_COALESCE, Dispatcher
-from txmta.envelope import Address, Envelope, Recipient
+from txmta.message import Address, Envelope, Recipient
 from txmta.outbound.deliverer import AttemptResult
 from txmta.queue import Queue
 from txmta.reply import Reply
-from txmta.spool.interface import QUEUED
+from txmta.message import QUEUED
 from txmta.spool.memory import MemorySpool
 
 OK = Reply(250, "2.0.0", "OK")

@@ -30,7 +30,7 @@ from txmta import outcome as O
 from txmta.config import ConfigError
 from txmta.dkim import (ED25519, OVERSIGNED, RSA, BodyHash, Signer, SigningKey, body_hash,
                         from_domain, private_pem, split_message, txt_value, zone_record)
-from txmta.envelope import Address, Envelope, Recipient
+from txmta.message import Address, Envelope, Recipient
 from txmta.inbound.receiver import Receiver
 from txmta.inbound.session import Session
 from txmta.queue import Queue

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from txmta import dsn
 from txmta.dsn import (DELAYED, DELIVERED, EXPANDED, EXPIRED_STATUS, FAILED, RELAYED,
                        RecipientReport, build_report, envelope_for_report, owed)
-from txmta.envelope import NULL_ADDRESS, Address, Envelope, Recipient
+from txmta.message import NULL_ADDRESS, Address, Envelope, Recipient
 from txmta.reply import Reply
 
 ARRIVAL = 1_700_000_000.0

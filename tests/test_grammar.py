@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from txmta.envelope import NULL_ADDRESS, Address
+from txmta.message import NULL_ADDRESS, Address
 from txmta.inbound.grammar import (
     GrammarError,
     MailCommand,

@@ -6,10 +6,10 @@ import json
 from twisted.internet.task import Clock
 
 from txmta import outcome as O
-from txmta.envelope import Address, Envelope, Recipient
+from txmta.message import Address, Envelope, Recipient
 from txmta.maillog import FileSink, MailLog
 from txmta.reply import Reply
-from txmta.spool.interface import QUEUED, RecipientState, StoredMessage
+from txmta.message import QUEUED, RecipientState, StoredMessage
 
 
 def message(state=RecipientState()):

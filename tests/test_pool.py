@@ -8,7 +8,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 
 from txmta import outcome as O
-from txmta.envelope import Address, Envelope, Recipient
+from txmta.message import Address, Envelope, Recipient
 from txmta.outbound.client import SessionFailure, SessionFailureError, TransactionResult
 from txmta.outbound.pool import ConnectionPool, PoolKey
 from txmta.reply import Reply

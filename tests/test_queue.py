@@ -3,10 +3,11 @@
 from twisted.internet.task import Clock
 from twisted.logger import Logger, LogLevel
 
-from txmta.envelope import Address, Envelope, Recipient
+from txmta.message import Address, Envelope, Recipient
 from txmta.maillog import MailLog
 from txmta.queue import Queue
-from txmta.spool.interface import QUEUED, CommitFailed
+from txmta.message import QUEUED
+from txmta.spool.interface import CommitFailed
 from txmta.spool.memory import MemorySpool
 
 
@@ -83,7 +84,7 @@ def test_message_ids_sort_by_arrival_and_are_unique():
 
 from txmta import outcome as O  # noqa: E402
 from txmta.reply import Reply  # noqa: E402
-from txmta.spool.interface import BOUNCED, DELIVERED, HELD  # noqa: E402
+from txmta.message import BOUNCED, DELIVERED, HELD  # noqa: E402
 
 OK = Reply(250, "2.0.0", "OK")
 LATER = Reply(451, "4.3.0", "try later")

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from txmta.envelope import Address, Envelope, Recipient
+from txmta.message import Address, Envelope, Recipient
 from txmta.inbound.receiver import Receiver, protocol_name, received_header
 from txmta.inbound.session import Session
 from txmta.queue import Queue

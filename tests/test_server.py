@@ -11,7 +11,7 @@ import dataclasses
 
 import pytest
 
-from txmta.envelope import Address, Recipient
+from txmta.message import Address, Recipient
 from txmta.spool.interface import CommitFailed, SpoolFull
 
 from smtpdialog import (HOSTNAME, LOOPBACK_IP, RELAY_IP, REMOTE_IP, DelayedSpool, Harness,

@@ -16,10 +16,10 @@ from hypothesis import strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, invariant, precondition,
                                  rule, run_state_machine_as_test)
 
-from txmta.envelope import Address, Envelope, Recipient, new_message_id
+from txmta.message import Address, Envelope, Recipient, new_message_id
 from txmta.reply import Reply
-from txmta.spool.interface import (BOUNCED, DELIVERED, HELD, QUEUED, CommitFailed,
-                                   RecipientState, StoredMessage)
+from txmta.message import BOUNCED, DELIVERED, HELD, QUEUED, RecipientState, StoredMessage
+from txmta.spool.interface import CommitFailed
 from txmta.spool.lmdb import LmdbSpool
 
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import lmdb
 import pytest
 
-from txmta.spool.interface import (HELD, QUEUED, CommitFailed, RecipientState, SpoolFormatError,
-                                   StoredMessage,
-                                   SpoolFull)
+from txmta.message import HELD, QUEUED, RecipientState, StoredMessage
+
+from txmta.spool.interface import CommitFailed, SpoolFormatError, SpoolFull
 from txmta.spool.lmdb import LmdbView
 
 REPO = Path(__file__).resolve().parents[1]
@@ -279,9 +279,9 @@ def test_a_finished_message_moves_to_history_with_its_timeline_dsn_and_suppressi
     finished message stays readable (history, timeline, Message-ID index) until it expires."""
     from dataclasses import replace as dc_replace
 
-    from txmta.envelope import Address, Envelope, Recipient
+    from txmta.message import Address, Envelope, Recipient
     from txmta.reply import Reply
-    from txmta.spool.interface import Change, Event, Suppression
+    from txmta.message import Change, Event, Suppression
     path = tmp_path / "history-spool"
     spool = open_lmdb(path)
     m = dc_replace(make_message(), header_id="<abc@example.com>")

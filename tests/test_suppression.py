@@ -3,9 +3,9 @@
 from twisted.internet.task import Clock
 
 from smtpdialog import RELAY_IP, Harness
-from txmta.envelope import Address, Envelope, Recipient
+from txmta.message import Address, Envelope, Recipient
 from txmta.queue import Queue
-from txmta.spool.interface import SUPPRESSED, Suppression
+from txmta.message import SUPPRESSED, Suppression
 from txmta.spool.memory import MemorySpool
 from txmta.suppression import SuppressionList, rejection
 

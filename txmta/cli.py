@@ -50,8 +50,8 @@ from typing import Any, Callable, Sequence
 from txmta import config
 from txmta.config import ConfigError
 from txmta.passwords import hash_password
-from txmta.spool.interface import (HELD, QUEUED, UNFINISHED, Event, SpoolError, StoredMessage,
-                                   Suppression)
+from txmta.message import HELD, QUEUED, UNFINISHED, Event, StoredMessage, Suppression
+from txmta.spool.interface import SpoolError
 
 
 class CommandFailed(Exception):

@@ -24,7 +24,8 @@ from twisted.logger import Logger
 
 from txmta import outcome as O
 from txmta.reply import Reply
-from txmta.spool.interface import QUEUED, SpoolError, StoredMessage
+from txmta.message import QUEUED, StoredMessage
+from txmta.message import SpoolError
 
 log = Logger()
 SCAN_COALESCE = 0.002   # seconds: wake-ups this close together share one scan

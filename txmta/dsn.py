@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Sequence
 
-from txmta.envelope import NULL_ADDRESS, Address, Envelope, Recipient
+from txmta.message import NULL_ADDRESS, Address, Envelope, Recipient
 from txmta.reply import Reply
 
 FAILED = "failed"

@@ -22,7 +22,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from txmta.outcome import Delivered, Outcome, PermFailed
-from txmta.spool.interface import EXPIRED, QUEUED, StoredMessage
+from txmta.message import EXPIRED, QUEUED, StoredMessage
 
 
 class Sink(Protocol):

@@ -23,13 +23,12 @@ from twisted.internet.interfaces import IReactorTime
 from txmta import dsn, retry, suppression
 from txmta.categories import Classifier
 from txmta.suppression import SuppressionList
-from txmta.envelope import Envelope, new_message_id
+from txmta.message import Envelope, new_message_id
 from txmta.maillog import MailLog
 from txmta.outcome import Delivered, Outcome, PermFailed, TempFailed
 from txmta.reply import Reply
-from txmta.spool.interface import (BOUNCED, DELETED, DELIVERED, EXPIRED, HELD, QUEUED, SUPPRESSED,
-                                   BodyWriter, Change, Event, RecipientState, Spool, StoredMessage,
-                                   Suppression)
+from txmta.message import BOUNCED, DELETED, DELIVERED, EXPIRED, HELD, QUEUED, SUPPRESSED, Change, Event, RecipientState, StoredMessage, Suppression
+from txmta.spool.interface import BodyWriter, Spool
 
 DEFAULT_SCHEDULE = (60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0)
 DSN_FULL_LIMIT = 256 * 1024     # above this, a DSN returns only the header section unless RET=FULL

@@ -13,7 +13,7 @@ import time
 from typing import Iterable
 
 from txmta.reply import Reply
-from txmta.spool.interface import Suppression
+from txmta.message import Suppression
 
 
 def key(address: str) -> str:

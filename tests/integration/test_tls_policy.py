@@ -328,8 +328,8 @@ class _Immediate:
 def _spool_requiretls(path: Path, domains: list[str]) -> list[str]:
     import threading
 
-    from txmta.envelope import Address, Envelope, Recipient, new_message_id
-    from txmta.spool.interface import RecipientState, StoredMessage
+    from txmta.message import Address, Envelope, Recipient, new_message_id
+    from txmta.message import RecipientState, StoredMessage
     from txmta.spool.lmdb import LmdbSpool
     spool = LmdbSpool(str(path), _Immediate())  # type: ignore[arg-type]
     ids = []

@@ -28,8 +28,9 @@ import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from txmta.envelope import NULL_ADDRESS, Address
+from txmta.message import NULL_ADDRESS, Address
 from txmta.reply import Reply
+from txmta.xtext import xtext_encode
 
 __all__ = [
     "GrammarError",
@@ -135,18 +136,6 @@ def xtext_decode(s: str) -> str:
     characters must be printable ASCII other than "+" and "=".  Octets are read as UTF-8.
     Raises GrammarError (501 5.5.4) on anything malformed."""
     return _xtext_decode(s, allow_utf8=False)
-
-
-def xtext_encode(s: str) -> str:
-    """Encode text as RFC 3461 xtext: printable ASCII stays, except "+" and "=";
-    everything else becomes "+XX" per UTF-8 octet (upper-case hex)."""
-    out = []
-    for byte in s.encode("utf-8", "surrogatepass"):
-        if 0x21 <= byte <= 0x7E and byte not in (0x2B, 0x3D):
-            out.append(chr(byte))
-        else:
-            out.append(f"+{byte:02X}")
-    return "".join(out)
 
 
 # --- domains (RFC 5321 4.1.2, RFC 6531 3.3) ---------------------------------------------

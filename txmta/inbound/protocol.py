@@ -33,7 +33,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from txmta import reply as R
-from txmta.envelope import Address, Envelope, Recipient
+from txmta.message import Address, Envelope, Recipient
 from txmta.inbound import policy as P
 from txmta.inbound.data import BdatStream, DataStream
 from txmta.inbound.grammar import GrammarError, parse_mail, parse_rcpt

@@ -31,10 +31,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from txmta import reply as R
-from txmta.envelope import Envelope
+from txmta.message import Envelope
 from txmta.inbound.session import Session
 from txmta.reply import Reply
-from txmta.spool.interface import SpoolFull
+from txmta.message import SpoolFull
 
 log = Logger()
 

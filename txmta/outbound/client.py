@@ -50,9 +50,9 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from txmta import outcome as O
-from txmta.envelope import Address, Envelope, Recipient
-from txmta.inbound.grammar import xtext_encode
+from txmta.message import Address, Envelope, Recipient
 from txmta.reply import Reply
+from txmta.xtext import xtext_encode
 
 log = Logger()
 

@@ -23,7 +23,7 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.logger import Logger
 
 from txmta import outcome as O
-from txmta.envelope import Envelope
+from txmta.message import Envelope
 from txmta.outbound.pool import PoolKey
 from txmta.outbound.route import Route, Unroutable
 from txmta.outbound.tlspolicy import opportunistic

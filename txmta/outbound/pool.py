@@ -35,7 +35,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from txmta import outcome as O
-from txmta.envelope import Envelope, Recipient
+from txmta.message import Envelope, Recipient
 from txmta.outbound.client import SessionFailure, SessionFailureError, TransactionResult
 from txmta.reply import Reply
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from txmta.envelope import Address, Envelope, Recipient
+from txmta.message import Address, Envelope, Recipient
 from txmta.reply import Reply
-from txmta.spool.interface import Event, RecipientState, StoredMessage, Suppression
+from txmta.message import Event, RecipientState, StoredMessage, Suppression
 
 VERSION = 1
 _V = bytes([VERSION])

@@ -14,127 +14,15 @@ references it.  Implementations: `spool.lmdb.LmdbSpool` (the real one) and
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
 from typing import Callable, Iterator, Protocol
 
 from twisted.internet.defer import Deferred
 
-from txmta.envelope import Envelope
-from txmta.reply import Reply
+from txmta.message import (BOUNCED, DELETED, DELIVERED, EXPIRED, FINAL, HELD, QUEUED,  # noqa: F401
+                           SUPPRESSED, UNFINISHED, Change, Event, RecipientState, StoredMessage,
+                           Suppression, intake_events, received_event)
+from txmta.message import CommitFailed, SpoolError, SpoolFormatError, SpoolFull  # noqa: F401
 
-# Recipient states.  Only QUEUED and HELD are unfinished; the others are final.
-QUEUED = "queued"
-HELD = "held"
-DELIVERED = "delivered"
-BOUNCED = "bounced"
-EXPIRED = "expired"
-SUPPRESSED = "suppressed"
-DELETED = "deleted"
-FINAL = frozenset({DELIVERED, BOUNCED, EXPIRED, SUPPRESSED, DELETED})
-UNFINISHED = frozenset({QUEUED, HELD})
-
-
-class SpoolError(Exception):
-    """A spool operation failed; nothing it would have written was kept."""
-
-
-class SpoolFull(SpoolError):
-    """The LMDB map or the disk is full."""
-
-
-class CommitFailed(SpoolError):
-    """Any other failure to make a change durable."""
-
-
-class SpoolFormatError(SpoolError):
-    """The spool on disk has a format this version cannot use."""
-
-
-@dataclass(frozen=True, slots=True)
-class RecipientState:
-    state: str = QUEUED
-    attempts: int = 0
-    next_attempt: float = 0.0
-    last_reply: Reply | None = None
-    greylisted: bool = False        # a greylisting reply was seen once (retry.next_delay)
-    remote: str = ""                # the host that gave last_reply, e.g. "mx.example.net[192.0.2.1]"
-    warned: bool = False            # a delay DSN was sent for it
-    category: str = ""              # bounce category of last_reply (categories.py), for failures
-
-
-@dataclass(frozen=True, slots=True)
-class StoredMessage:
-    id: str
-    envelope: Envelope
-    arrival: float
-    size: int                                   # octets of the stored body (with our headers)
-    recipients: tuple[RecipientState, ...]      # parallel to envelope.recipients
-    client: dict[str, str]                      # address, helo, tls, auth user, listener
-    body_in_file: bool = False
-    header_id: str = ""                         # the Message-ID header, e.g. "<abc@example.com>"
-
-    def with_recipient_state(self, index: int, state: RecipientState) -> "StoredMessage":
-        states = list(self.recipients)
-        states[index] = state
-        return replace(self, recipients=tuple(states))
-
-    @property
-    def unfinished(self) -> bool:
-        return any(r.state in UNFINISHED for r in self.recipients)
-
-
-@dataclass(frozen=True)
-class Event:
-    """One entry of a message's timeline (received, attempt outcomes, DSNs, admin changes)."""
-
-    time: float
-    kind: str                       # received | delivered | deferred | bounced | expired | ...
-    rcpt: str = ""
-    text: str = ""                  # the reply or a human note
-    remote: str = ""
-    category: str = ""
-    tls: str = ""                   # the attempt's TLS and its verification, "" without TLS
-
-    def as_dict(self) -> dict[str, object]:
-        d: dict[str, object] = {"time": self.time, "event": self.kind}
-        for k in ("rcpt", "text", "remote", "category", "tls"):
-            if getattr(self, k):
-                d[k] = getattr(self, k)
-        return d
-
-
-def intake_events(m: StoredMessage) -> tuple[Event, ...]:
-    """The timeline a new message starts with: received, and any recipient ended at intake."""
-    return (received_event(m),) + tuple(
-        Event(m.arrival, r.state, str(rcpt.address), str(r.last_reply or ""), category=r.category)
-        for rcpt, r in zip(m.envelope.recipients, m.recipients) if r.state == SUPPRESSED)
-
-
-def received_event(m: StoredMessage) -> Event:
-    client = m.client.get("address", "") or "local"
-    return Event(m.arrival, "received", text=f"from <{m.envelope.sender}> client={client} "
-                 f"size={m.size} nrcpt={len(m.envelope.recipients)}")
-
-
-@dataclass(frozen=True)
-class Suppression:
-    address: str                    # lower-cased
-    reason: str                     # category, or "manual"
-    since: float
-    expires: float
-    reply: str = ""
-
-
-@dataclass(frozen=True)
-class Change:
-    """What one `Spool.modify()` commits beside the new recipient states: timeline events,
-    new messages (DSNs, committed in the same transaction, invariant 2) and suppressions."""
-
-    message: StoredMessage
-    events: tuple[Event, ...] = ()
-    new_messages: tuple[tuple[StoredMessage, bytes], ...] = ()
-    suppress: tuple[Suppression, ...] = ()
-    finished_at: float | None = None    # when the message finished, if this change finishes it
 
 
 class BodyWriter(Protocol):

@@ -37,9 +37,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from txmta.spool import codec
-from txmta.spool.interface import (QUEUED, UNFINISHED, Change, CommitFailed, Event,
-                                   RecipientState, SpoolError, SpoolFormatError, SpoolFull,
-                                   StoredMessage, Suppression, intake_events, received_event)
+from txmta.message import QUEUED, UNFINISHED, Change, Event, RecipientState, StoredMessage, Suppression, intake_events, received_event
+from txmta.spool.interface import CommitFailed, SpoolError, SpoolFormatError, SpoolFull
 
 FORMAT = b"1"
 DB_NAMES = (b"messages", b"bodies", b"recipients", b"due", b"events", b"meta",

@@ -13,8 +13,9 @@ from typing import Callable, Iterator
 
 from twisted.internet.defer import Deferred, fail, succeed
 
-from txmta.spool.interface import (QUEUED, UNFINISHED, Change, CommitFailed, Event, SpoolError,
-                                   StoredMessage, Suppression, intake_events, received_event)
+from txmta.message import QUEUED, UNFINISHED, Change, Event, StoredMessage, Suppression, intake_events, received_event
+
+from txmta.spool.interface import CommitFailed, SpoolError
 
 
 class MemoryBodyWriter:

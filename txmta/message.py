@@ -1,0 +1,228 @@
+"""Message values: ids, addresses, recipients, envelopes, stored messages, recipient states,
+timeline events, suppressions, and the change a spool transaction commits.
+
+Pure values; no I/O.  Addresses keep the exact local part the client sent (RFC 5321 2.4:
+local parts are case sensitive) and a lower-cased domain.  ESMTP parameters that
+travel with the message are kept here: SIZE (RFC 1870), BODY (RFC 6152), SMTPUTF8
+(RFC 6531), RET/ENVID/NOTIFY/ORCPT (RFC 3461).  Every side (inbound, queue, spool,
+outbound, the mail log) speaks in these values; none of them imports another side for them.
+"""
+# test: tests/test_codec.py, tests/test_spool_contract.py
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass, field, replace
+
+from txmta.reply import Reply
+
+_ALPHABET = "0123456789BCDFGHJKLMNPQRSTVWXZbcdfghjkmnpqrstvwxz"  # no vowels: ids never spell words
+_counter_lock = threading.Lock()
+_last = [0, 0]
+
+
+def new_message_id(now: float | None = None) -> str:
+    """A queue id that sorts by arrival time: 10 chars of microseconds + 4 of sequence/random.
+
+    Unique within one process (counter) and across restarts (time, random tail).
+    """
+    us = int((time.time() if now is None else now) * 1_000_000)
+    with _counter_lock:
+        if us <= _last[0]:
+            us = _last[0] + 1
+        _last[0] = us
+    base = len(_ALPHABET)
+    digits = []
+    n = us
+    for _ in range(11):
+        n, r = divmod(n, base)
+        digits.append(_ALPHABET[r])
+    rnd = int.from_bytes(os.urandom(3), "big")
+    tail = []
+    for _ in range(4):
+        rnd, r = divmod(rnd, base)
+        tail.append(_ALPHABET[r])
+    return "".join(reversed(digits)) + "".join(tail)
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """A mailbox `local@domain`; the null reverse-path is Address("", "")."""
+
+    local: str
+    domain: str
+
+    @property
+    def is_null(self) -> bool:
+        return not self.local and not self.domain
+
+    def __str__(self) -> str:
+        if self.is_null:
+            return ""
+        if not self.domain:
+            return self.local
+        return f"{self.local}@{self.domain}"
+
+    @property
+    def is_ascii(self) -> bool:
+        return str(self).isascii()
+
+    @classmethod
+    def parse_stored(cls, text: str) -> "Address":
+        if not text:
+            return NULL_ADDRESS
+        local, sep, domain = text.rpartition("@")
+        if not sep:
+            return cls(text, "")
+        return cls(local, domain)
+
+
+NULL_ADDRESS = Address("", "")
+
+NOTIFY_VALUES = frozenset({"NEVER", "SUCCESS", "FAILURE", "DELAY"})
+
+
+@dataclass(frozen=True, slots=True)
+class Recipient:
+    address: Address
+    notify: tuple[str, ...] = ()        # RFC 3461 NOTIFY; () = not given (FAILURE,DELAY implied)
+    orcpt: str | None = None            # RFC 3461 ORCPT as "addr-type;xtext-decoded address"
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    sender: Address
+    recipients: tuple[Recipient, ...] = ()
+    size: int | None = None             # SIZE= declared by the client
+    body: str = "7BIT"                  # BODY=7BIT | 8BITMIME
+    smtputf8: bool = False
+    ret: str | None = None              # RET=FULL | HDRS
+    envid: str | None = None            # ENVID, xtext-decoded
+    auth: str | None = None             # AUTH= (RFC 4954) as given by a trusted client
+    extra: dict[str, str] = field(default_factory=dict)
+    requiretls: bool = False            # MAIL ... REQUIRETLS (RFC 8689)
+    tls_optional: bool = False          # a "TLS-Required: No" header field (RFC 8689 5)
+
+    def with_recipient(self, rcpt: Recipient) -> "Envelope":
+        return Envelope(self.sender, self.recipients + (rcpt,), self.size, self.body, self.smtputf8,
+                        self.ret, self.envid, self.auth, self.extra, self.requiretls,
+                        self.tls_optional)
+
+
+# Recipient states.  Only QUEUED and HELD are unfinished; the others are final.
+QUEUED = "queued"
+HELD = "held"
+DELIVERED = "delivered"
+BOUNCED = "bounced"
+EXPIRED = "expired"
+SUPPRESSED = "suppressed"
+DELETED = "deleted"
+FINAL = frozenset({DELIVERED, BOUNCED, EXPIRED, SUPPRESSED, DELETED})
+UNFINISHED = frozenset({QUEUED, HELD})
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientState:
+    state: str = QUEUED
+    attempts: int = 0
+    next_attempt: float = 0.0
+    last_reply: Reply | None = None
+    greylisted: bool = False        # a greylisting reply was seen once (retry.next_delay)
+    remote: str = ""                # the host that gave last_reply, e.g. "mx.example.net[192.0.2.1]"
+    warned: bool = False            # a delay DSN was sent for it
+    category: str = ""              # bounce category of last_reply (categories.py), for failures
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMessage:
+    id: str
+    envelope: Envelope
+    arrival: float
+    size: int                                   # octets of the stored body (with our headers)
+    recipients: tuple[RecipientState, ...]      # parallel to envelope.recipients
+    client: dict[str, str]                      # address, helo, tls, auth user, listener
+    body_in_file: bool = False
+    header_id: str = ""                         # the Message-ID header, e.g. "<abc@example.com>"
+
+    def with_recipient_state(self, index: int, state: RecipientState) -> "StoredMessage":
+        states = list(self.recipients)
+        states[index] = state
+        return replace(self, recipients=tuple(states))
+
+    @property
+    def unfinished(self) -> bool:
+        return any(r.state in UNFINISHED for r in self.recipients)
+
+
+@dataclass(frozen=True)
+class Event:
+    """One entry of a message's timeline (received, attempt outcomes, DSNs, admin changes)."""
+
+    time: float
+    kind: str                       # received | delivered | deferred | bounced | expired | ...
+    rcpt: str = ""
+    text: str = ""                  # the reply or a human note
+    remote: str = ""
+    category: str = ""
+    tls: str = ""                   # the attempt's TLS and its verification, "" without TLS
+
+    def as_dict(self) -> dict[str, object]:
+        d: dict[str, object] = {"time": self.time, "event": self.kind}
+        for k in ("rcpt", "text", "remote", "category", "tls"):
+            if getattr(self, k):
+                d[k] = getattr(self, k)
+        return d
+
+
+def intake_events(m: StoredMessage) -> tuple[Event, ...]:
+    """The timeline a new message starts with: received, and any recipient ended at intake."""
+    return (received_event(m),) + tuple(
+        Event(m.arrival, r.state, str(rcpt.address), str(r.last_reply or ""), category=r.category)
+        for rcpt, r in zip(m.envelope.recipients, m.recipients) if r.state == SUPPRESSED)
+
+
+def received_event(m: StoredMessage) -> Event:
+    client = m.client.get("address", "") or "local"
+    return Event(m.arrival, "received", text=f"from <{m.envelope.sender}> client={client} "
+                 f"size={m.size} nrcpt={len(m.envelope.recipients)}")
+
+
+@dataclass(frozen=True)
+class Suppression:
+    address: str                    # lower-cased
+    reason: str                     # category, or "manual"
+    since: float
+    expires: float
+    reply: str = ""
+
+
+@dataclass(frozen=True)
+class Change:
+    """What one `Spool.modify()` commits beside the new recipient states: timeline events,
+    new messages (DSNs, committed in the same transaction, invariant 2) and suppressions."""
+
+    message: StoredMessage
+    events: tuple[Event, ...] = ()
+    new_messages: tuple[tuple[StoredMessage, bytes], ...] = ()
+    suppress: tuple[Suppression, ...] = ()
+    finished_at: float | None = None    # when the message finished, if this change finishes it
+
+
+# What storing can fail with (the spool raises them; intake turns them into replies).
+
+class SpoolError(Exception):
+    """A spool operation failed; nothing it would have written was kept."""
+
+
+class SpoolFull(SpoolError):
+    """The LMDB map or the disk is full."""
+
+
+class CommitFailed(SpoolError):
+    """Any other failure to make a change durable."""
+
+
+class SpoolFormatError(SpoolError):
+    """The spool on disk has a format this version cannot use."""
