@@ -247,3 +247,35 @@ def test_a_report_on_a_requiretls_message_asks_requiretls_and_returns_headers_on
     assert report.envelope.requiretls
     text = spool.bodies[report.id]
     assert b"Subject: secret plans" in text and b"the secret body" not in text
+
+
+def test_a_record_rerun_after_the_map_grew_reports_and_tells_once(open_lmdb, wait):
+    """The writer runs a change again after growing a full map (LmdbSpool._run_batch): the
+    bounce still gives exactly one DSN in the spool, one `bounced` and one `dsn` line in the
+    mail log, and each subscriber hears of the report and the suppression once."""
+    spool = open_lmdb(map_size=256 * 1024, max_map_size=64 << 20, inline_limit=1 << 20)
+    clock = Clock()
+    clock.advance(1_700_000_000)
+    rec = Recorder()
+    q = Queue(spool, clock, MailLog(Logger(namespace="txmta.maillog", observer=rec)))
+    heard, suppressed = [], []
+    q.listeners.append(heard.append)
+    q.suppressed.append(suppressed.append)
+    mid = q.new_message_id()
+    body = q.body_writer(mid)
+    body.write(b"Subject: big\r\n\r\n")
+    for _ in range(1500):
+        body.write(b"y" * 76 + b"\r\n")
+    env = Envelope(Address("app", "example.com"), (Recipient(Address("gone", "example.net")),),
+                   ret="FULL")
+    m = wait(q.put(mid, env, body, {}, clock.seconds()))
+    heard.clear()
+    before = spool._env.info()["map_size"]
+    wait(q.record(m, {0: O.PermFailed(Reply(550, "5.1.1", "no such user"))}))
+    assert spool._env.info()["map_size"] > before       # the change ran again after growing
+    assert wait(spool.count()) == 1                     # the original left; one DSN queued
+    (report,) = wait(spool.load_due(clock.seconds() + 1, 10))
+    assert report.envelope.sender.is_null
+    assert [e["event"] for e in rec.events] == ["received", "bounced", "dsn"]
+    assert [h.id for h in heard] == [report.id]
+    assert [s.address for s in suppressed] == ["gone@example.net"]

@@ -201,13 +201,13 @@ class Queue:
         addresses, and every DSN owed (DESIGN invariant 2: a recipient fails only with its
         DSN committed).  Fires with the updated message (None if it left the spool)."""
         at = self.clock.seconds() if now is None else now
-        dsns: list[StoredMessage] = []
-        suppressions: list[Suppression] = []
 
         def change(current: StoredMessage, body: Callable[[], bytes]) -> Change:
-            # pure but for `body`; runs on the spool's writer thread
+            # runs on the spool's writer thread, maybe more than once (after the map grew):
+            # a function of `current` and `body` alone, whose result says everything
             states = list(current.recipients)
             events: list[Event] = []
+            suppressions: list[Suppression] = []
             reports: dict[str, list[dsn.RecipientReport]] = {}
             for index, outcome in sorted(outcomes.items()):
                 old = states[index]
@@ -241,29 +241,29 @@ class Queue:
             for action, recipient_reports in reports.items():
                 built = self._dsn(current, recipient_reports, body, at)
                 if built is not None:
-                    dsns.append(built[0])
                     new_messages.append(built)
                     events.append(Event(at, "dsn", text=f"{action} report {built[0].id}"))
             return Change(updated, tuple(events), tuple(new_messages), tuple(suppressions),
                           finished_at=at)
 
-        def committed(updated: StoredMessage | None) -> StoredMessage | None:
-            if updated is None:  # deleted by an admin while in flight
+        def committed(done: Change | None) -> StoredMessage | None:
+            if done is None:  # deleted by an admin while in flight
                 return None
+            updated = done.message
             for index, outcome in sorted(outcomes.items()):
                 self.maillog.outcome(updated, index, outcome, at)
-            for report in dsns:
+            for report, _ in done.new_messages:
                 self.maillog.dsn(updated, report)
                 for listener in self.listeners:
                     listener(report)
-            for sup in suppressions:
+            for sup in done.suppress:
                 for listener in self.suppressed:
                     listener(sup)
             left = updated if updated.unfinished else None
             self._changed(left)
             return left
 
-        return self.spool.modify(message.id, change, with_body=True).addCallback(committed)
+        return self.spool.apply(message.id, change, with_body=True).addCallback(committed)
 
     def _report_action(self, m: StoredMessage, new: RecipientState, outcome: Outcome,
                        rcpt: Any, now: float) -> str | None:

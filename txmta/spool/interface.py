@@ -59,6 +59,13 @@ class Spool(Protocol):
         """Read, change (pure, may run on another thread) and write one message's recipient
         states in one transaction; None if there is no such message."""
 
+    def apply(self, message_id: str, change: "Callable[..., StoredMessage | Change]",
+              with_body: bool = False) -> "Deferred[Change | None]":
+        """Like `modify()`, with the events, new messages and suppressions of a `Change`
+        committed in the same transaction; fires with the committed Change (None if there is
+        no such message).  `change` may run more than once: it must be a pure function of
+        the message it is given (and of the body, with `with_body`)."""
+
     def remove(self, message_id: str) -> "Deferred[None]":
         """Delete a message, its recipients, due entries and body."""
 

@@ -513,15 +513,30 @@ class LmdbSpool:
     def modify(self, message_id: str,
                change: Callable[..., StoredMessage | Change], with_body: bool = False
                ) -> Deferred[StoredMessage | None]:
+        """`apply()`, firing with the new message only (None if there was none)."""
+        return self.apply(message_id, change, with_body).addCallback(
+            lambda c: None if c is None else c.message)
+
+    def apply(self, message_id: str,
+              change: Callable[..., StoredMessage | Change], with_body: bool = False
+              ) -> Deferred[Change | None]:
         """Read a message, let `change` (pure, run on the writer thread) give its new recipient
         states (and the events, new messages and suppressions to commit with them), and write
         all of it in one transaction.  A message with no unfinished recipient leaves the
-        spool for the history (kept until `expire_history`).  Fires with the new message
-        (None if there was none)."""
+        spool for the history (kept until `expire_history`).  Fires with the Change that was
+        committed (None if there was no such message).
+
+        The writer may run `change` more than once (after growing the map, or alone after a
+        shared commit failed): only the last run is committed, and what an earlier run wrote
+        outside the transaction (DSN body files) is removed before the next."""
         gone = [False]
         written: list[str] = []
 
-        def fn(txn: Any) -> StoredMessage | None:
+        def fn(txn: Any) -> Change | None:
+            gone[0] = False
+            for mid in written:     # files of a run whose transaction was aborted
+                self._unlink_body(mid)
+            written.clear()
             old = self._load(txn, message_id)
             if old is None:
                 return None
@@ -542,7 +557,7 @@ class LmdbSpool:
             for sup in c.suppress:
                 txn.put(sup.address.encode("utf-8"), codec.encode_suppression(sup),
                         db=self._db[b"suppression"])
-            return new
+            return c
 
         def undo() -> None:  # the commit failed: files written for new messages go
             for mid in written:

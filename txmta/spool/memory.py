@@ -99,6 +99,11 @@ class MemorySpool:
 
     def modify(self, message_id: str, change: Callable[..., StoredMessage | Change],
                with_body: bool = False) -> Deferred[StoredMessage | None]:
+        return self.apply(message_id, change, with_body).addCallback(
+            lambda c: None if c is None else c.message)
+
+    def apply(self, message_id: str, change: Callable[..., StoredMessage | Change],
+              with_body: bool = False) -> Deferred[Change | None]:
         err = self._failing()
         if err is not None:
             return fail(err)
@@ -126,7 +131,7 @@ class MemorySpool:
         for sup in c.suppress:
             self.suppressions[sup.address] = sup
         self.commits += 1
-        return succeed(new)
+        return succeed(c)
 
     def cache_get(self, key: str) -> Deferred[bytes | None]:
         return succeed(self.cache.get(key))
