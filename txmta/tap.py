@@ -1,22 +1,46 @@
-"""`twistd txmta`: load the configuration, build every part, wire them, start listening.
+"""`twistd txmta`: the master.  Loads the configuration, binds every listener, runs the workers.
 
-The only module that imports the global reactor and knows every part (DESIGN "Layout").
-Parts get plain values and the reactor as their clock; nothing else reads the config.
+With `[server] workers = N` (N > 1) the master binds each [[listen]] socket itself (as root,
+when started as root), starts N worker processes (`python -m txmta.worker`, see worker.py)
+with those sockets as inherited file descriptors and an AMP channel to each over a
+socketpair, re-logs their output line by line ("worker K") into its own log, restarts a
+worker that exits (at once; with a growing delay, up to 30 s, while it keeps dying), and
+serves the admin control socket, fanning each command out to the workers concerned
+(control/channel.py).  SIGTERM: stop restarting, SIGTERM each worker (its graceful stop),
+wait for them, exit.  SIGHUP: every worker reloads.  The master never opens the spool.
+
+With `workers = 1` there is no child process: the daemon builds the one worker in its own
+process, exactly as it always did.
+
+The only module that imports the global reactor (DESIGN "Layout"); the worker process asks
+it for the reactor through `global_reactor()`.  Parts get plain values and the reactor as
+their clock; nothing else reads the config.
 """
-# test: tests/integration/test_daemon.py
+# test: tests/integration/test_daemon.py, tests/integration/test_workers.py, tests/test_master.py
 
 from __future__ import annotations
 
 import gc
 import os
+import signal
+import socket
 import sys
 from typing import Any
 
 from twisted.application import service
+from twisted.internet import defer, error
+from twisted.internet.protocol import Factory, ProcessProtocol
+from twisted.logger import Logger
 from twisted.python import usage
 
 from txmta import config as C
-from txmta.worker import build
+from txmta.worker import build, drop_privileges, user_ids
+
+log = Logger(namespace="txmta.master")
+
+STOP_TIMEOUT = 40.0     # seconds the master waits for the workers' graceful stop before SIGKILL
+BACKOFF_MAX = 30.0      # the longest wait before restarting a worker that keeps dying
+BACKOFF_RESET = 60.0    # a worker that ran this long starts afresh: restarted at once
 
 
 class Options(usage.Options):
@@ -26,14 +50,279 @@ class Options(usage.Options):
     optParameters = [["config", "c", None, "the configuration file (TOML)"]]
 
 
-def makeService(options: Options) -> service.IService:
-    from twisted.internet import reactor
+# -- supervision ------------------------------------------------------------------------------
+
+class Backoff:
+    """When to restart a worker that exited: at once, then after 1, 2, 4 ... up to
+    BACKOFF_MAX seconds while it keeps dying; a worker that ran BACKOFF_RESET seconds
+    counts as healthy again.  Pure: the caller passes the time."""
+
+    def __init__(self, maximum: float = BACKOFF_MAX, reset_after: float = BACKOFF_RESET) -> None:
+        self.maximum = maximum
+        self.reset_after = reset_after
+        self.failures = 0
+        self.started_at: float | None = None
+
+    def started(self, now: float) -> None:
+        self.started_at = now
+
+    def exited(self, now: float) -> float:
+        """The delay before the next start."""
+        if self.started_at is not None and now - self.started_at >= self.reset_after:
+            self.failures = 0
+        delay = 0.0 if self.failures == 0 else min(self.maximum, 2.0 ** (self.failures - 1))
+        self.failures += 1
+        return delay
+
+
+def describe_exit(reason: Any) -> str:
+    """'exited with status 3' / 'was killed by signal 9 (SIGKILL)' from processEnded's reason."""
+    value = reason.value
+    sig = getattr(value, "signal", None)
+    if sig:
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = "?"
+        return f"was killed by signal {sig} ({name})"
+    code = getattr(value, "exitCode", None)
+    return f"exited with status {code if code is not None else 0}"
+
+
+class WorkerProcess(ProcessProtocol):
+    """One worker process seen from the master: its output, re-logged line by line with
+    "worker K" as the log system, and its end."""
+
+    def __init__(self, master: "Master", index: int) -> None:
+        self.master = master
+        self.index = index
+        self.buffers = {1: b"", 2: b""}
+
+    def childDataReceived(self, fd: int, data: bytes) -> None:
+        buf = self.buffers.get(fd, b"") + data
+        *lines, rest = buf.split(b"\n")
+        self.buffers[fd] = rest
+        for line in lines:
+            self._relog(fd, line)
+
+    def _relog(self, fd: int, line: bytes) -> None:
+        text = line.decode("utf-8", "replace").rstrip("\r")
+        if text:
+            (log.info if fd == 1 else log.warn)("{line}", line=text,
+                                                 log_system=f"worker {self.index}")
+
+    def processEnded(self, reason: Any) -> None:
+        for fd, rest in self.buffers.items():
+            if rest:
+                self._relog(fd, rest)
+        self.buffers = {1: b"", 2: b""}
+        self.master.worker_ended(self, reason)
+
+
+class Master(service.Service):
+    """Runs `workers` worker processes on the listening `sockets` (one per [[listen]] table,
+    already bound), keeps one AMP channel to each, restarts them, and serves the control
+    socket.  `spawn` is reactor.spawnProcess (tests pass a fake); `clock` schedules restarts."""
+
+    def __init__(self, cfg: C.Config, reactor: Any, sockets: list[socket.socket], *,
+                 workers: int, ids: tuple[str, int, int] | None = None,
+                 spawn: Any = None, clock: Any = None,
+                 worker_command: list[str] | None = None) -> None:
+        from txmta.control.channel import FanOut
+        self.cfg = cfg
+        self.reactor = reactor
+        self.clock = clock or reactor
+        self.sockets = sockets
+        self.workers = workers
+        self.ids = ids
+        self.spawn = spawn or reactor.spawnProcess
+        self.worker_command = worker_command or [sys.executable, "-m", "txmta.worker"]
+        self.channels: list[Any] = [None] * workers
+        self.fanout = FanOut(self.channels)
+        self.processes: list[Any] = [None] * workers       # IProcessTransport per index
+        self.backoff = [Backoff() for _ in range(workers)]
+        self.restarts: list[Any] = [None] * workers        # pending restart (IDelayedCall)
+        self.stopping = False
+        self._stopped: defer.Deferred[None] | None = None
+        self._control: Any = None
+        self._hup_previous: Any = None
+
+    # -- starting and restarting workers -------------------------------------------------------
+
+    def startService(self) -> None:
+        service.Service.startService(self)
+        from txmta.control.amp import ControlService, control_socket_path
+        path = control_socket_path(self.cfg.spool.path)
+        self._control = ControlService(self.reactor, path, self.fanout)
+        self._control.startService()
+        if self.ids is not None and os.getuid() == 0:
+            os.chown(path, self.ids[1], self.ids[2])     # the workers' user may use it too
+        self.reactor.callWhenRunning(self._install_hup)
+        for k in range(self.workers):
+            self.start_worker(k)
+
+    def start_worker(self, index: int) -> None:
+        from txmta.control.channel import CHANNEL_FD, MasterChannel
+        self.restarts[index] = None
+        if self.stopping:
+            return
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        theirs.set_inheritable(True)   # kept in the child even where it already sits at its number
+        for s in self.sockets:
+            s.set_inheritable(True)
+        first = CHANNEL_FD + 1
+        fds = {0: self._devnull(), 1: "r", 2: "r", CHANNEL_FD: theirs.fileno()}
+        for i, s in enumerate(self.sockets):
+            fds[first + i] = s.fileno()
+        args = list(self.worker_command) + [
+            "--index", str(index), "--workers", str(self.workers),
+            "--fds", ",".join(str(first + i) for i in range(len(self.sockets)))]
+        if self.cfg.path is not None:
+            args += ["--config", self.cfg.path]
+        channel = MasterChannel(index, self.fanout.relay, on_lost=self._channel_lost)
+        try:
+            self.reactor.adoptStreamConnection(ours.fileno(), socket.AF_UNIX,
+                                               Factory.forProtocol(lambda: channel))
+            process = self.spawn(WorkerProcess(self, index), args[0], args,
+                                 env=dict(os.environ), childFDs=fds)
+        finally:
+            ours.close()          # Twisted holds its own duplicate; the worker has `theirs`
+            theirs.close()
+        self.processes[index] = process
+        self.channels[index] = channel
+        self.backoff[index].started(self.clock.seconds())
+        log.info("worker {index} started (pid {pid})", index=index, pid=process.pid)
+
+    def _devnull(self) -> int:
+        if not hasattr(self, "_null"):
+            self._null = os.open(os.devnull, os.O_RDWR)
+        return self._null
+
+    def _channel_lost(self, channel: Any) -> None:
+        if self.channels[channel.index] is channel:
+            self.channels[channel.index] = None
+
+    def worker_ended(self, process: WorkerProcess, reason: Any) -> None:
+        k = process.index
+        self.processes[k] = None
+        self.channels[k] = None
+        why = describe_exit(reason)
+        if self.stopping:
+            log.info("worker {index} {why}", index=k, why=why)
+            if not any(self.processes) and self._stopped is not None and not self._stopped.called:
+                self._stopped.callback(None)
+            return
+        delay = self.backoff[k].exited(self.clock.seconds())
+        log.error("worker {index} {why}; restarting it {when}", index=k, why=why,
+                  when="now" if delay == 0 else f"in {delay:g} s")
+        self.restarts[k] = self.clock.callLater(delay, self.start_worker, k)
+
+    # -- signals ---------------------------------------------------------------------------------
+
+    def _install_hup(self) -> None:
+        if self.running:
+            self._hup_previous = signal.signal(signal.SIGHUP, self._on_hup)
+
+    def _on_hup(self, signum: int, frame: Any) -> None:
+        self.reactor.callFromThread(self.reload)
+
+    def reload(self) -> defer.Deferred[None]:
+        """SIGHUP: every running worker reloads (its own ReloadService logs what changed)."""
+        from txmta.control.channel import Reload
+        running = [c for c in self.channels if c is not None]
+        log.info("SIGHUP: asking {n} worker(s) to reload", n=len(running))
+        ds = [c.callRemote(Reload).addErrback(
+            lambda f: log.failure("a worker could not reload", f)) for c in running]
+        return defer.gatherResults(ds).addCallback(lambda _: None)
+
+    def stopService(self) -> Any:
+        """Stop restarting; SIGTERM every worker (its graceful stop) and wait for them (SIGKILL
+        after STOP_TIMEOUT); then close the control socket and the listeners."""
+        service.Service.stopService(self)
+        self.stopping = True
+        if self._hup_previous is not None:
+            signal.signal(signal.SIGHUP, self._hup_previous)
+            self._hup_previous = None
+        for k, call in enumerate(self.restarts):
+            if call is not None and call.active():
+                call.cancel()
+            self.restarts[k] = None
+        self._stopped = defer.Deferred()
+        if not any(self.processes):
+            self._stopped.callback(None)
+        for process in self.processes:
+            if process is not None:
+                try:
+                    process.signalProcess("TERM")
+                except error.ProcessExitedAlready:
+                    pass
+        killer = self.clock.callLater(STOP_TIMEOUT, self._kill_all)
+
+        def done(_: Any) -> Any:
+            if killer.active():
+                killer.cancel()
+            for s in self.sockets:
+                s.close()
+            control, self._control = self._control, None
+            return control.stopService() if control is not None else None
+        return self._stopped.addCallback(done)
+
+    def _kill_all(self) -> None:
+        for k, process in enumerate(self.processes):
+            if process is not None:
+                log.error("worker {index} did not stop within {t:g} s: SIGKILL", index=k,
+                          t=STOP_TIMEOUT)
+                try:
+                    process.signalProcess("KILL")
+                except error.ProcessExitedAlready:
+                    pass
+
+
+# -- start ------------------------------------------------------------------------------------
+
+def bind_listeners(cfg: C.Config) -> list[socket.socket]:
+    """Every [[listen]] socket, bound and listening; ConfigError naming the one that fails."""
+    from txmta.tcp import listening_socket
+    sockets: list[socket.socket] = []
     try:
-        cfg = C.load(options["config"])
-        os.makedirs(cfg.spool.path, exist_ok=True)
-        top = build(cfg, reactor)      # reads the TLS material: bad files are ConfigErrors too
-    except C.ConfigError as e:
-        raise SystemExit(f"txmta: {e}")
+        for i, lst in enumerate(cfg.listen):
+            try:
+                sockets.append(listening_socket(lst.host, lst.port, backlog=1024))
+            except OSError as e:
+                raise C.ConfigError(f"{cfg.path or '<defaults>'}: listen[{i}].address = "
+                                    f"\"{lst.address}\": cannot listen: {e.strerror or e}") from None
+    except BaseException:
+        for s in sockets:
+            s.close()
+        raise
+    return sockets
+
+
+def give_spool(path: str, uid: int, gid: int) -> None:
+    """A spool directory that belongs to root becomes the workers' user's, with what root
+    left in it (a spool used by a daemon that ran as root before)."""
+    if os.stat(path).st_uid != 0:
+        return
+    os.chown(path, uid, gid)
+    for root, dirs, files in os.walk(path):
+        for name in dirs + files:
+            p = os.path.join(root, name)
+            if os.lstat(p).st_uid == 0:
+                os.lchown(p, uid, gid)
+
+
+def check_material(cfg: C.Config) -> None:
+    """What a worker reads at start (TLS certificate and key, DKIM keys): read it once here,
+    so a bad file stops the master with its message rather than making workers die."""
+    if cfg.tls.cert and cfg.tls.key:
+        from txmta.inbound.tlscontext import load_server_context
+        load_server_context(cfg.tls, cfg.path)
+    if cfg.dkim:
+        from txmta.dkim import Signer
+        Signer.from_config(cfg)
+
+
+def tune_runtime() -> None:
     # The objects built at start live as long as the daemon: keep the cyclic collector from
     # walking them again and again, and let it run less often (a full collection under load
     # was a visible share of the end-of-data -> 250 tail latency).
@@ -44,11 +333,40 @@ def makeService(options: Options) -> service.IService:
     # results (the 250s) to the reactor.  With the default 5 ms switch interval a busy reactor
     # thread keeps it that long before yielding; 1 ms keeps that wait off the reply latency.
     sys.setswitchinterval(0.001)
-    return top
+
+
+def makeService(options: Options) -> service.IService:
+    from twisted.internet import reactor
+    try:
+        cfg = C.load(options["config"])
+        os.makedirs(cfg.spool.path, exist_ok=True)
+        ids = user_ids(cfg)
+        if ids is not None and os.getuid() not in (0, ids[1]):
+            raise C.ConfigError(f"{cfg.path}: server.user = \"{cfg.server.user}\": switching "
+                                f"to another user needs root (running as uid {os.getuid()})")
+        as_root = ids is not None and os.getuid() == 0
+        if cfg.server.workers == 1:
+            if not as_root:
+                top = build(cfg, reactor)      # reads the TLS material: bad files are ConfigErrors too
+            else:
+                sockets = bind_listeners(cfg)
+                give_spool(cfg.spool.path, ids[1], ids[2])      # type: ignore[index]
+                drop_privileges(ids)                            # type: ignore[arg-type]
+                top = build(cfg, reactor, inherited=[s.fileno() for s in sockets])
+                top.sockets = sockets          # type: ignore[attr-defined]  # keep them open
+            tune_runtime()
+            return top
+        check_material(cfg)
+        sockets = bind_listeners(cfg)
+        if as_root:
+            give_spool(cfg.spool.path, ids[1], ids[2])          # type: ignore[index]
+    except C.ConfigError as e:
+        raise SystemExit(f"txmta: {e}")
+    return Master(cfg, reactor, sockets, workers=cfg.server.workers, ids=ids)
 
 
 def global_reactor() -> Any:
-    """The global reactor, for the `txmta` commands that run Twisted code once (doctor): this
-    module stays its only importer."""
+    """The global reactor, for the `txmta` commands that run Twisted code once (doctor) and
+    for the worker process: this module stays its only importer."""
     from twisted.internet import reactor
     return reactor

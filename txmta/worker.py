@@ -1,13 +1,27 @@
 """One worker: build every part from the configuration and wire them (DESIGN "Processes").
 
 A worker is the daemon minus listening and supervising: protocol, receiver, queue,
-dispatcher, pool, client and its own spool writer thread.  `tap.py` (the master) runs it.
+dispatcher, pool, client and its own spool writer thread.  With `[server] workers = 1`
+`tap.py` builds one in the twistd process itself; with more, the master (tap.py) starts
+each as `python -m txmta.worker --config FILE --index K --workers N --fds FD,...` with the
+listening sockets it bound as inherited file descriptors (adopted here, not bound), its
+AMP channel as file descriptor 3, and its log lines on stdout for the master to re-log.
+
+Worker K of N owns the spool partitions `partition.owned(K, N)`: a replacement of a dead
+worker K owns the same ones and delivers their mail.  The per-destination and connection
+limits are divided among the workers (`divide_limits`).  The spool is opened only here,
+after the process started (never across fork); privileges are dropped before that.
 """
-# test: tests/integration/test_daemon.py
+# test: tests/integration/test_daemon.py, tests/integration/test_workers.py, tests/test_worker.py
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import os
+import socket
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 from twisted.application import service
@@ -21,7 +35,7 @@ from txmta.inbound.receiver import Receiver
 from txmta.maillog import FileSink, MailLog
 from txmta.queue import Queue
 from txmta.spool.lmdb import LmdbSpool
-from txmta.tcp import TCPServerEndpoint
+from txmta.tcp import AdoptedServerEndpoint, TCPServerEndpoint
 
 
 class Connector:
@@ -175,12 +189,13 @@ class SpoolService(service.Service):
         return self.spool.close()
 
 
-def maillog_for(cfg: C.Config, reactor: Any) -> MailLog:
-    """The mail log: into the daemon's log, or its own file (text or JSON lines)."""
+def maillog_for(cfg: C.Config, reactor: Any, worker: int | None = None) -> MailLog:
+    """The mail log: into the daemon's log, or its own file (text or JSON lines); with
+    several workers each line names its `worker`."""
     if not cfg.log.maillog:
         return MailLog()
     out = sys.stdout if cfg.log.maillog == "-" else open(cfg.log.maillog, "a", encoding="utf-8")
-    sink = FileSink(out, reactor, cfg.log.format)
+    sink = FileSink(out, reactor, cfg.log.format, worker=worker)
     reactor.addSystemEventTrigger("after", "shutdown", sink.close)
     return MailLog(sink)
 
@@ -258,7 +273,45 @@ class TLSPolicyReload:
         return install
 
 
-def build(cfg: C.Config, reactor: Any) -> service.MultiService:
+def share(value: int, workers: int) -> int:
+    """One worker's share of a limit: ceil(value / workers), at least 1."""
+    return max(1, math.ceil(value / workers))
+
+
+def divide_limits(cfg: C.Config, workers: int) -> C.Config:
+    """`cfg` with the limits that hold for the whole daemon divided among `workers`:
+    [server] max_connections, max_connections_per_ip; [delivery] max_per_destination,
+    initial_per_destination, max_connections, max_inflight."""
+    if workers == 1:
+        return cfg
+    server = dataclasses.replace(
+        cfg.server, max_connections=share(cfg.server.max_connections, workers),
+        max_connections_per_ip=share(cfg.server.max_connections_per_ip, workers))
+    d = cfg.delivery
+    delivery = dataclasses.replace(
+        d, max_per_destination=share(d.max_per_destination, workers),
+        initial_per_destination=share(d.initial_per_destination, workers),
+        max_connections=share(d.max_connections, workers),
+        max_inflight=share(d.max_inflight, workers))
+    return dataclasses.replace(cfg, server=server, delivery=delivery)
+
+
+def family_of(host: str) -> int:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def build(cfg: C.Config, reactor: Any, *, worker: int = 0, workers: int = 1,
+          inherited: Sequence[int] | None = None, channel: Any = None) -> service.MultiService:
+    """Every part of worker `worker` of `workers`, as one service.  `inherited`: the
+    listening sockets (file descriptors, one per [[listen]] table, in order) the master
+    bound; without them the worker binds its listeners itself.  `channel`: its
+    `control.channel.WorkerChannel` to the master, which then answers the admin commands
+    (the master serves the control socket) and hears of this worker's suppressions."""
+    from txmta import partition
+    cfg = divide_limits(cfg, workers)
+    # the partitions this worker takes new ids from and delivers (Queue(partitions=...) once
+    # the queue takes them)
+    owned_partitions = partition.owned(worker, workers)
     tls = None
     if cfg.tls.cert and cfg.tls.key:   # one reloadable context for STARTTLS and implicit TLS
         from txmta.inbound.tlscontext import ServerTLS, load_server_context
@@ -270,7 +323,8 @@ def build(cfg: C.Config, reactor: Any) -> service.MultiService:
                       inline_limit=cfg.spool.inline_body_limit)
     SpoolService(spool).setServiceParent(top)
     from txmta.categories import Classifier
-    queue = Queue(spool, reactor, maillog_for(cfg, reactor), schedule=cfg.retry.schedule,
+    queue = Queue(spool, reactor, maillog_for(cfg, reactor, worker if workers > 1 else None),
+                  schedule=cfg.retry.schedule,
                   max_lifetime=cfg.retry.max_lifetime, hostname=cfg.server.hostname,
                   delay_warning=cfg.dsn.delay_warning,
                   classifier=Classifier(extra=cfg.bounce.rules),
@@ -293,13 +347,23 @@ def build(cfg: C.Config, reactor: Any) -> service.MultiService:
         auth_available=checker is not None)
     delivery = build_delivery(cfg, reactor, queue, spool)
     delivery.setServiceParent(top)
-    from txmta.control.amp import ControlService, control_socket_path
-    ControlService(reactor, control_socket_path(cfg.spool.path), queue).setServiceParent(top)
     parts: list[Any] = [tls] if tls is not None else []
     parts += [SigningReload(receiver, queue), TLSPolicyReload(delivery.tls_policy)]
-    build_reload(cfg, reactor, parts).setServiceParent(top)
+    reload = build_reload(cfg, reactor, parts)
+    reload.setServiceParent(top)
+    if channel is None:
+        from txmta.control.amp import ControlService, control_socket_path
+        ControlService(reactor, control_socket_path(cfg.spool.path), queue).setServiceParent(top)
+    else:
+        from txmta.control.channel import WorkerControl
+        channel.queue_control = WorkerControl(queue, channel.tell_master)
+        channel.mirror = queue.suppression
+        channel.reload = reload.reload
+        queue.suppressed.append(channel.suppressed)
+    top.partitions = owned_partitions     # type: ignore[attr-defined]
+    top.queue = queue                     # type: ignore[attr-defined]
     counts: dict[str, int] = {}
-    for lst in cfg.listen:
+    for i, lst in enumerate(cfg.listen):
         factory: Any = SMTPFactory(policy, lst, receiver, reactor, checker=checker, tls_options=tls,
                                    max_connections=cfg.server.max_connections,
                                    max_per_ip=cfg.server.max_connections_per_ip, counts=counts,
@@ -307,6 +371,125 @@ def build(cfg: C.Config, reactor: Any) -> service.MultiService:
                                    reject_suppressed=cfg.suppression.action == "reject")
         if lst.tls == "implicit":
             factory = TLSMemoryBIOFactory(tls, False, factory)
-        endpoint = TCPServerEndpoint(reactor, lst.port, backlog=1024, interface=lst.host)
+        endpoint: Any
+        if inherited is not None:
+            endpoint = AdoptedServerEndpoint(reactor, inherited[i], family_of(lst.host))
+        else:
+            endpoint = TCPServerEndpoint(reactor, lst.port, backlog=1024, interface=lst.host)
         StreamServerEndpointService(endpoint, factory).setServiceParent(top)
     return top
+
+
+# -- privileges -------------------------------------------------------------------------------
+
+def user_ids(cfg: C.Config) -> tuple[str, int, int] | None:
+    """(user name, uid, gid) of [server] user and group, or None when no user is set."""
+    import grp
+    import pwd
+    if not cfg.server.user:
+        return None
+    u = cfg.server.user
+    pw = pwd.getpwuid(int(u)) if u.isdigit() else pwd.getpwnam(u)
+    gid = pw.pw_gid
+    if cfg.server.group:
+        g = cfg.server.group
+        gid = int(g) if g.isdigit() else grp.getgrnam(g).gr_gid
+    return pw.pw_name, pw.pw_uid, gid
+
+
+def drop_privileges(ids: tuple[str, int, int]) -> None:
+    """Become (user, uid, gid): supplementary groups of the user, then the group, then the
+    user (the order matters: after setuid there is no way back)."""
+    name, uid, gid = ids
+    if os.getuid() == uid and os.geteuid() == uid and os.getgid() == gid:
+        return
+    os.initgroups(name, gid)
+    os.setgid(gid)
+    os.setuid(uid)
+
+
+# -- the worker process -----------------------------------------------------------------------
+
+def _die_with_parent() -> None:
+    """Linux: get SIGKILL when the master dies (a backstop for the channel's close)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+    PR_SET_PDEATHSIG = 1
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _log_to_stdout() -> None:
+    """Log events as lines on stdout, without a timestamp: the master re-logs each line,
+    with its own time and "worker K", into the daemon's log."""
+    from twisted.logger import eventAsText, globalLogBeginner
+
+    out = sys.stdout
+
+    def observer(event: dict[str, Any]) -> None:
+        text = eventAsText(event, includeTimestamp=False, includeSystem=True)
+        try:
+            out.write(text + "\n")
+            out.flush()
+        except (OSError, ValueError):
+            pass
+
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m txmta.worker --config FILE --index K --workers N --fds FD,FD...`: run
+    worker K of N on the listening sockets FD... (one per [[listen]] table, in order),
+    talking to the master over file descriptor 3, until SIGTERM or until the master goes."""
+    import argparse
+
+    from txmta.control.channel import CHANNEL_FD, WorkerChannel
+    from txmta.tap import global_reactor, tune_runtime
+    p = argparse.ArgumentParser(prog="txmta.worker")
+    p.add_argument("--config", default=None)
+    p.add_argument("--index", type=int, required=True)
+    p.add_argument("--workers", type=int, required=True)
+    p.add_argument("--fds", default="")
+    args = p.parse_args(argv)
+    _die_with_parent()
+    _log_to_stdout()
+    reactor = global_reactor()
+    try:
+        cfg = C.load(args.config)
+        ids = user_ids(cfg)
+        if ids is not None and os.getuid() == 0:
+            drop_privileges(ids)          # before the spool opens: its files are the user's
+        fds = [int(x) for x in args.fds.split(",") if x]
+        if len(fds) != len(cfg.listen):
+            raise C.ConfigError(f"worker given {len(fds)} sockets for {len(cfg.listen)} listeners")
+
+        def master_gone() -> None:
+            if reactor.running:
+                from twisted.logger import Logger
+                Logger().info("the master closed the channel: stopping")
+                reactor.stop()
+
+        channel = WorkerChannel(on_lost=master_gone)
+        top = build(cfg, reactor, worker=args.index, workers=args.workers, inherited=fds,
+                    channel=channel)
+    except C.ConfigError as e:
+        sys.stderr.write(f"txmta: {e}\n")
+        return 2
+    from twisted.internet.protocol import Factory
+    reactor.adoptStreamConnection(CHANNEL_FD, socket.AF_UNIX, Factory.forProtocol(lambda: channel))
+    os.close(CHANNEL_FD)           # adopted: Twisted holds its own duplicate
+    tune_runtime()
+    reactor.callWhenRunning(top.startService)
+    reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
+    reactor.run()
+    return 0
+
+
+if __name__ == "__main__":
+    from txmta.worker import main as _main     # one copy of this module, not __main__ and txmta.worker
+    sys.exit(_main())
