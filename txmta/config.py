@@ -462,15 +462,15 @@ class ListenConfig:
 @dataclass(frozen=True)
 class ServerConfig:
     hostname: str = field(default_factory=socket.getfqdn)
-    workers: int = _default("server", "workers")       # resolved: "auto" is the core count
-    user: str = ""
-    group: str = ""
     max_connections: int = _default("server", "max_connections")
     max_connections_per_ip: int = _default("server", "max_connections_per_ip")
     max_recipients: int = _default("server", "max_recipients")
     max_errors: int = _default("server", "max_errors")
     command_timeout: float = _default("server", "command_timeout")
     data_timeout: float = _default("server", "data_timeout")
+    workers: int = _default("server", "workers")       # resolved: "auto" is the core count
+    user: str = ""
+    group: str = ""
 
 
 @dataclass(frozen=True)
