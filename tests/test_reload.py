@@ -172,7 +172,7 @@ def test_tls_policy_tables_and_level_are_reloaded(tmp_path):
 
     from txmta.config import load_text
     from txmta.outbound.tlspolicy import TLSPolicy
-    from txmta.tap import TLSPolicyReload
+    from txmta.worker import TLSPolicyReload
     policy = TLSPolicy(Clock(), None, level_for=lambda domain: None, default="auto")
     cfg = load_text('[delivery]\ntls_level = "may"\n'
                     '[[tls.policy]]\ndomain = "bank.example"\nlevel = "verify"\n')
@@ -192,7 +192,7 @@ def test_dkim_keys_are_reloaded_and_a_bad_key_keeps_the_running_ones(tmp_path):
     from cryptography.hazmat.primitives.asymmetric import ed25519
 
     from txmta.config import ConfigError, load_text
-    from txmta.tap import SigningReload
+    from txmta.worker import SigningReload
     key = tmp_path / "k.pem"
     key.write_bytes(ed25519.Ed25519PrivateKey.generate().private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,

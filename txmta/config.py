@@ -163,6 +163,41 @@ def _source_address(value: Any) -> str:
     return text
 
 
+def _workers(value: Any) -> int:
+    """[server] workers: "auto" (one per CPU core) or 1..PARTITIONS (a worker owns at least
+    one partition of the spool)."""
+    from txmta.partition import PARTITIONS
+    if value == "auto":
+        return max(1, min(os.cpu_count() or 1, PARTITIONS))
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= PARTITIONS:
+        raise ValueError(f'must be "auto" or an integer 1-{PARTITIONS}')
+    return value
+
+
+def _user(value: Any) -> str:
+    """A user name (or number) of this system, "" for none."""
+    import pwd
+    text = _string(value)
+    if text:
+        try:
+            pwd.getpwnam(text) if not text.isdigit() else pwd.getpwuid(int(text))
+        except KeyError:
+            raise ValueError("no such user on this system") from None
+    return text
+
+
+def _group(value: Any) -> str:
+    """A group name (or number) of this system, "" for the user's primary group."""
+    import grp
+    text = _string(value)
+    if text:
+        try:
+            grp.getgrnam(text) if not text.isdigit() else grp.getgrgid(int(text))
+        except KeyError:
+            raise ValueError("no such group on this system") from None
+    return text
+
+
 def _integer(low: int, high: int | None = None) -> Convert:
     def convert(value: Any) -> int:
         if not isinstance(value, int) or isinstance(value, bool):
@@ -314,6 +349,9 @@ class _Key:
 _TABLE: dict[str, dict[str, _Key]] = {
     "server": {
         "hostname": _Key("", _string),                      # "" = socket.getfqdn()
+        "workers": _Key("auto", _workers),                  # "auto" = one per CPU core
+        "user": _Key("", _user),                            # "" = stay who started us
+        "group": _Key("", _group),                          # "" = the user's primary group
         "max_connections": _Key(1000, _integer(1)),
         "max_connections_per_ip": _Key(50, _integer(1)),
         "max_recipients": _Key(1000, _integer(1)),
@@ -430,6 +468,9 @@ class ServerConfig:
     max_errors: int = _default("server", "max_errors")
     command_timeout: float = _default("server", "command_timeout")
     data_timeout: float = _default("server", "data_timeout")
+    workers: int = _default("server", "workers")       # resolved: "auto" is the core count
+    user: str = ""
+    group: str = ""
 
 
 @dataclass(frozen=True)
@@ -689,6 +730,8 @@ def _build(doc: dict[str, Any], path: str | None) -> Config:
     if delivery.initial_per_destination > delivery.max_per_destination:
         raise bad("delivery.initial_per_destination", delivery.initial_per_destination,
                   "must not exceed delivery.max_per_destination")
+    if server.group and not server.user:
+        raise bad("server.group", server.group, "requires server.user")
     if tls.cert and not tls.key:
         raise bad("tls.cert", tls.cert, "tls.key must be set too")
     if tls.key and not tls.cert:

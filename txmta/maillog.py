@@ -38,11 +38,14 @@ class LoggerSink:
 
 
 class FileSink:
-    """Appends lines to `out`; `flush_after` seconds after the first unflushed line, it flushes."""
+    """Appends lines to `out`; `flush_after` seconds after the first unflushed line, it flushes.
+    With several workers each line names its `worker` (a " worker=K" field at the end of a
+    text line, "worker": K in JSON); with one worker (None) lines are as they always were."""
 
     def __init__(self, out: IO[str], clock: IReactorTime, fmt: str = "text",
-                 flush_after: float = 0.5) -> None:
+                 flush_after: float = 0.5, worker: int | None = None) -> None:
         self.out = out
+        self.worker = worker
         self.clock = clock
         self.json = fmt == "json"
         self.flush_after = flush_after
@@ -53,12 +56,15 @@ class FileSink:
         now = time.time()
         if self.json:
             record = dict(fields)
+            if self.worker is not None:
+                record["worker"] = self.worker
             record["time"] = round(now, 3)
             record["text"] = line
             self._pending.append(json.dumps(record, ensure_ascii=False, default=str) + "\n")
         else:
             stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
-            self._pending.append(f"{stamp}.{int(now % 1 * 1000):03d}Z {line}\n")
+            tail = f" worker={self.worker}" if self.worker is not None else ""
+            self._pending.append(f"{stamp}.{int(now % 1 * 1000):03d}Z {line}{tail}\n")
         if self._timer is None:
             self._timer = self.clock.callLater(self.flush_after, self.flush)
 

@@ -1,30 +1,46 @@
-"""`twistd txmta`: load the configuration, build every part, wire them, start listening.
+"""`twistd txmta`: the master.  Loads the configuration, binds every listener, runs the workers.
 
-The only module that imports the global reactor and knows every part (DESIGN "Layout").
-Parts get plain values and the reactor as their clock; nothing else reads the config.
+With `[server] workers = N` (N > 1) the master binds each [[listen]] socket itself (as root,
+when started as root), starts N worker processes (`python -m txmta.worker`, see worker.py)
+with those sockets as inherited file descriptors and an AMP channel to each over a
+socketpair, re-logs their output line by line ("worker K") into its own log, restarts a
+worker that exits (at once; with a growing delay, up to 30 s, while it keeps dying), and
+serves the admin control socket, fanning each command out to the workers concerned
+(control/channel.py).  SIGTERM: stop restarting, SIGTERM each worker (its graceful stop),
+wait for them, exit.  SIGHUP: every worker reloads.  The master never opens the spool.
+
+With `workers = 1` there is no child process: the daemon builds the one worker in its own
+process, exactly as it always did.
+
+The only module that imports the global reactor (DESIGN "Layout"); the worker process asks
+it for the reactor through `global_reactor()`.  Parts get plain values and the reactor as
+their clock; nothing else reads the config.
 """
-# test: tests/integration/test_daemon.py
+# test: tests/integration/test_daemon.py, tests/integration/test_workers.py, tests/test_master.py
 
 from __future__ import annotations
 
 import gc
 import os
+import signal
+import socket
 import sys
 from typing import Any
 
 from twisted.application import service
-from twisted.application.internet import StreamServerEndpointService
-from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.internet import defer, error
+from twisted.internet.protocol import Factory, ProcessProtocol
+from twisted.logger import Logger
 from twisted.python import usage
 
 from txmta import config as C
-from txmta.inbound.policy import ServerPolicy
-from txmta.inbound.protocol import SMTPFactory
-from txmta.inbound.receiver import Receiver
-from txmta.maillog import FileSink, MailLog
-from txmta.queue import Queue
-from txmta.spool.lmdb import LmdbSpool
-from txmta.tcp import TCPServerEndpoint
+from txmta.worker import build, drop_privileges, user_ids
+
+log = Logger(namespace="txmta.master")
+
+STOP_TIMEOUT = 40.0     # seconds the master waits for the workers' graceful stop before SIGKILL
+BACKOFF_MAX = 30.0      # the longest wait before restarting a worker that keeps dying
+BACKOFF_RESET = 60.0    # a worker that ran this long starts afresh: restarted at once
 
 
 class Options(usage.Options):
@@ -34,302 +50,279 @@ class Options(usage.Options):
     optParameters = [["config", "c", None, "the configuration file (TOML)"]]
 
 
-class Connector:
-    """Opens a connection for a pool key; fires with the client once its session is ready
-    (greeting, EHLO, STARTTLS, AUTH), or errbacks SessionFailureError."""
+# -- supervision ------------------------------------------------------------------------------
 
-    def __init__(self, reactor: Any, settings_for: Any, connect_timeout: float) -> None:
+class Backoff:
+    """When to restart a worker that exited: at once, then after 1, 2, 4 ... up to
+    BACKOFF_MAX seconds while it keeps dying; a worker that ran BACKOFF_RESET seconds
+    counts as healthy again.  Pure: the caller passes the time."""
+
+    def __init__(self, maximum: float = BACKOFF_MAX, reset_after: float = BACKOFF_RESET) -> None:
+        self.maximum = maximum
+        self.reset_after = reset_after
+        self.failures = 0
+        self.started_at: float | None = None
+
+    def started(self, now: float) -> None:
+        self.started_at = now
+
+    def exited(self, now: float) -> float:
+        """The delay before the next start."""
+        if self.started_at is not None and now - self.started_at >= self.reset_after:
+            self.failures = 0
+        delay = 0.0 if self.failures == 0 else min(self.maximum, 2.0 ** (self.failures - 1))
+        self.failures += 1
+        return delay
+
+
+def describe_exit(reason: Any) -> str:
+    """'exited with status 3' / 'was killed by signal 9 (SIGKILL)' from processEnded's reason."""
+    value = reason.value
+    sig = getattr(value, "signal", None)
+    if sig:
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = "?"
+        return f"was killed by signal {sig} ({name})"
+    code = getattr(value, "exitCode", None)
+    return f"exited with status {code if code is not None else 0}"
+
+
+class WorkerProcess(ProcessProtocol):
+    """One worker process seen from the master: its output, re-logged line by line with
+    "worker K" as the log system, and its end."""
+
+    def __init__(self, master: "Master", index: int) -> None:
+        self.master = master
+        self.index = index
+        self.buffers = {1: b"", 2: b""}
+
+    def childDataReceived(self, fd: int, data: bytes) -> None:
+        buf = self.buffers.get(fd, b"") + data
+        *lines, rest = buf.split(b"\n")
+        self.buffers[fd] = rest
+        for line in lines:
+            self._relog(fd, line)
+
+    def _relog(self, fd: int, line: bytes) -> None:
+        text = line.decode("utf-8", "replace").rstrip("\r")
+        if text:
+            (log.info if fd == 1 else log.warn)("{line}", line=text,
+                                                 log_system=f"worker {self.index}")
+
+    def processEnded(self, reason: Any) -> None:
+        for fd, rest in self.buffers.items():
+            if rest:
+                self._relog(fd, rest)
+        self.buffers = {1: b"", 2: b""}
+        self.master.worker_ended(self, reason)
+
+
+class Master(service.Service):
+    """Runs `workers` worker processes on the listening `sockets` (one per [[listen]] table,
+    already bound), keeps one AMP channel to each, restarts them, and serves the control
+    socket.  `spawn` is reactor.spawnProcess (tests pass a fake); `clock` schedules restarts."""
+
+    def __init__(self, cfg: C.Config, reactor: Any, sockets: list[socket.socket], *,
+                 workers: int, ids: tuple[str, int, int] | None = None,
+                 spawn: Any = None, clock: Any = None,
+                 worker_command: list[str] | None = None) -> None:
+        from txmta.control.channel import FanOut
+        self.cfg = cfg
         self.reactor = reactor
-        self.settings_for = settings_for
-        self.connect_timeout = connect_timeout
+        self.clock = clock or reactor
+        self.sockets = sockets
+        self.workers = workers
+        self.ids = ids
+        self.spawn = spawn or reactor.spawnProcess
+        self.worker_command = worker_command or [sys.executable, "-m", "txmta.worker"]
+        self.channels: list[Any] = [None] * workers
+        self.fanout = FanOut(self.channels)
+        self.processes: list[Any] = [None] * workers       # IProcessTransport per index
+        self.backoff = [Backoff() for _ in range(workers)]
+        self.restarts: list[Any] = [None] * workers        # pending restart (IDelayedCall)
+        self.stopping = False
+        self._stopped: defer.Deferred[None] | None = None
+        self._control: Any = None
+        self._hup_previous: Any = None
 
-    def __call__(self, key: Any) -> Any:
-        from twisted.internet.protocol import Factory
-
-        from txmta.outbound.client import SessionFailure, SessionFailureError, SMTPClient
-        from txmta.outcome import CONNECT
-        from txmta.reply import Reply
-        from txmta.tcp import connect
-        bind = (key.source, 0) if key.source else None
-        settings = self.settings_for(key)
-        factory = Factory.forProtocol(lambda: SMTPClient(settings, self.reactor, key.mx, key.address))
-        d = connect(self.reactor, key.address, key.port, factory, self.connect_timeout, bind)
-
-        def connected(client: Any) -> Any:
-            return client.ready.addCallback(lambda _: client)
-
-        def failed(f: Any) -> Any:
-            if f.check(SessionFailureError):
-                return f
-            reason = f.getErrorMessage().strip() or f.type.__name__
-            raise SessionFailureError(SessionFailure(CONNECT, Reply(
-                451, "4.4.1", f"connect to {key.mx}[{key.address}]:{key.port} failed: {reason}")))
-
-        return d.addCallback(connected).addErrback(failed)
-
-
-class DeliveryService(service.Service):
-    """Starts the dispatcher; on stop, lets busy connections finish for up to `grace`
-    seconds (what is still in flight then is simply due again at the next start)."""
-
-    def __init__(self, dispatcher: Any, pool: Any, reactor: Any, grace: float = 10.0,
-                 tls_policy: Any = None) -> None:
-        self.dispatcher = dispatcher
-        self.pool = pool
-        self.reactor = reactor
-        self.grace = grace
-        self.tls_policy = tls_policy     # reloaded on SIGHUP (TLSPolicyReload)
+    # -- starting and restarting workers -------------------------------------------------------
 
     def startService(self) -> None:
         service.Service.startService(self)
-        self.dispatcher.start()
+        from txmta.control.amp import ControlService, control_socket_path
+        path = control_socket_path(self.cfg.spool.path)
+        self._control = ControlService(self.reactor, path, self.fanout)
+        self._control.startService()
+        if self.ids is not None and os.getuid() == 0:
+            os.chown(path, self.ids[1], self.ids[2])     # the workers' user may use it too
+        self.reactor.callWhenRunning(self._install_hup)
+        for k in range(self.workers):
+            self.start_worker(k)
+
+    def start_worker(self, index: int) -> None:
+        from txmta.control.channel import CHANNEL_FD, MasterChannel
+        self.restarts[index] = None
+        if self.stopping:
+            return
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        theirs.set_inheritable(True)   # kept in the child even where it already sits at its number
+        for s in self.sockets:
+            s.set_inheritable(True)
+        first = CHANNEL_FD + 1
+        fds = {0: self._devnull(), 1: "r", 2: "r", CHANNEL_FD: theirs.fileno()}
+        for i, s in enumerate(self.sockets):
+            fds[first + i] = s.fileno()
+        args = list(self.worker_command) + [
+            "--index", str(index), "--workers", str(self.workers),
+            "--fds", ",".join(str(first + i) for i in range(len(self.sockets)))]
+        if self.cfg.path is not None:
+            args += ["--config", self.cfg.path]
+        channel = MasterChannel(index, self.fanout.relay, on_lost=self._channel_lost)
+        try:
+            self.reactor.adoptStreamConnection(ours.fileno(), socket.AF_UNIX,
+                                               Factory.forProtocol(lambda: channel))
+            process = self.spawn(WorkerProcess(self, index), args[0], args,
+                                 env=dict(os.environ), childFDs=fds)
+        finally:
+            ours.close()          # Twisted holds its own duplicate; the worker has `theirs`
+            theirs.close()
+        self.processes[index] = process
+        self.channels[index] = channel
+        self.backoff[index].started(self.clock.seconds())
+        log.info("worker {index} started (pid {pid})", index=index, pid=process.pid)
+
+    def _devnull(self) -> int:
+        if not hasattr(self, "_null"):
+            self._null = os.open(os.devnull, os.O_RDWR)
+        return self._null
+
+    def _channel_lost(self, channel: Any) -> None:
+        if self.channels[channel.index] is channel:
+            self.channels[channel.index] = None
+
+    def worker_ended(self, process: WorkerProcess, reason: Any) -> None:
+        k = process.index
+        self.processes[k] = None
+        self.channels[k] = None
+        why = describe_exit(reason)
+        if self.stopping:
+            log.info("worker {index} {why}", index=k, why=why)
+            if not any(self.processes) and self._stopped is not None and not self._stopped.called:
+                self._stopped.callback(None)
+            return
+        delay = self.backoff[k].exited(self.clock.seconds())
+        log.error("worker {index} {why}; restarting it {when}", index=k, why=why,
+                  when="now" if delay == 0 else f"in {delay:g} s")
+        self.restarts[k] = self.clock.callLater(delay, self.start_worker, k)
+
+    # -- signals ---------------------------------------------------------------------------------
+
+    def _install_hup(self) -> None:
+        if self.running:
+            self._hup_previous = signal.signal(signal.SIGHUP, self._on_hup)
+
+    def _on_hup(self, signum: int, frame: Any) -> None:
+        self.reactor.callFromThread(self.reload)
+
+    def reload(self) -> defer.Deferred[None]:
+        """SIGHUP: every running worker reloads (its own ReloadService logs what changed)."""
+        from txmta.control.channel import Reload
+        running = [c for c in self.channels if c is not None]
+        log.info("SIGHUP: asking {n} worker(s) to reload", n=len(running))
+        ds = [c.callRemote(Reload).addErrback(
+            lambda f: log.failure("a worker could not reload", f)) for c in running]
+        return defer.gatherResults(ds).addCallback(lambda _: None)
 
     def stopService(self) -> Any:
-        from twisted.internet.defer import gatherResults
+        """Stop restarting; SIGTERM every worker (its graceful stop) and wait for them (SIGKILL
+        after STOP_TIMEOUT); then close the control socket and the listeners."""
         service.Service.stopService(self)
-        d = gatherResults([self.dispatcher.stop(), self.pool.close()])
-        d.addTimeout(self.grace, self.reactor)
-        return d.addErrback(lambda _: None)
+        self.stopping = True
+        if self._hup_previous is not None:
+            signal.signal(signal.SIGHUP, self._hup_previous)
+            self._hup_previous = None
+        for k, call in enumerate(self.restarts):
+            if call is not None and call.active():
+                call.cancel()
+            self.restarts[k] = None
+        self._stopped = defer.Deferred()
+        if not any(self.processes):
+            self._stopped.callback(None)
+        for process in self.processes:
+            if process is not None:
+                try:
+                    process.signalProcess("TERM")
+                except error.ProcessExitedAlready:
+                    pass
+        killer = self.clock.callLater(STOP_TIMEOUT, self._kill_all)
+
+        def done(_: Any) -> Any:
+            if killer.active():
+                killer.cancel()
+            for s in self.sockets:
+                s.close()
+            control, self._control = self._control, None
+            return control.stopService() if control is not None else None
+        return self._stopped.addCallback(done)
+
+    def _kill_all(self) -> None:
+        for k, process in enumerate(self.processes):
+            if process is not None:
+                log.error("worker {index} did not stop within {t:g} s: SIGKILL", index=k,
+                          t=STOP_TIMEOUT)
+                try:
+                    process.signalProcess("KILL")
+                except error.ProcessExitedAlready:
+                    pass
 
 
-def build_tls_policy(cfg: C.Config, reactor: Any, resolver: Any, cache_store: Any) -> Any:
-    """The outbound TLS policy: [[tls.policy]], [delivery] tls_level and relayhost_tls, the CA
-    certificates of [tls] ca_file (or the system's), MTA-STS cached in the spool."""
-    from txmta.outbound import tlspolicy as T
-    trust = T.Trust(cfg.tls.ca_file)
-    sts = T.STSResolver(reactor, resolver, T.STSFetcher(reactor, resolver, trust.web_trust_root()),
-                        T.STSCache(reactor, cache_store))
-    return T.TLSPolicy(reactor, resolver, trust=trust, sts=sts, level_for=cfg.tls.level_for,
-                       default=cfg.delivery.tls_level, relay_level=cfg.delivery.relayhost_tls)
+# -- start ------------------------------------------------------------------------------------
+
+def bind_listeners(cfg: C.Config) -> list[socket.socket]:
+    """Every [[listen]] socket, bound and listening; ConfigError naming the one that fails."""
+    from txmta.tcp import listening_socket
+    sockets: list[socket.socket] = []
+    try:
+        for i, lst in enumerate(cfg.listen):
+            try:
+                sockets.append(listening_socket(lst.host, lst.port, backlog=1024))
+            except OSError as e:
+                raise C.ConfigError(f"{cfg.path or '<defaults>'}: listen[{i}].address = "
+                                    f"\"{lst.address}\": cannot listen: {e.strerror or e}") from None
+    except BaseException:
+        for s in sockets:
+            s.close()
+        raise
+    return sockets
 
 
-def build_delivery(cfg: C.Config, reactor: Any, queue: Queue,
-                   cache_store: Any = None) -> DeliveryService:
-    from txmta.dispatch import Dispatcher
-    from txmta.outbound.client import ClientSettings
-    from txmta.outbound.deliverer import Deliverer
-    from txmta.outbound.dns import Resolver, parse_nameserver
-    from txmta.outbound.pool import ConnectionPool
-    from txmta.outbound.route import Router
-    from txmta.outbound.tlspolicy import MayFallback
-    d = cfg.delivery
-    resolver = Resolver(reactor, [parse_nameserver(n) for n in cfg.dns.nameservers] or None)
-    # an MX at one of our own listening addresses (on the SMTP port) is a loop
-    local_addresses = {lst.host for lst in cfg.listen
-                       if lst.port == d.smtp_port and lst.host not in ("0.0.0.0", "::")}
-    router = Router(resolver, relayhost=d.relayhost, local_names={cfg.server.hostname},
-                    local_addresses=local_addresses, port=d.smtp_port)
-    helo = d.helo_name or cfg.server.hostname
-    auth = None
-    if d.relayhost_username and d.relayhost_password_file:
-        with open(d.relayhost_password_file, encoding="utf-8") as f:
-            auth = (d.relayhost_username, f.readline().rstrip("\r\n"))
-    relay_key = f"relay:{d.relayhost}"
-
-    tls_policy = build_tls_policy(cfg, reactor, resolver, cache_store)
-
-    def settings_for(key: Any) -> ClientSettings:
-        if key.destination == relay_key:
-            # a password goes over plaintext only when relayhost_tls = "none" says so
-            base = ClientSettings(helo_name=key.helo, auth=auth,
-                                  allow_plaintext_auth=d.relayhost_tls == "none")
-        else:
-            base = ClientSettings(helo_name=key.helo)
-        return tls_policy.client_settings(key.tls, key.mx, base, connect.plaintext(key))
-
-    connect = MayFallback(reactor, Connector(reactor, settings_for, d.connect_timeout))
-    pool = ConnectionPool(reactor, connect,
-                          per_destination=d.max_per_destination, total=d.max_connections,
-                          max_messages_per_connection=d.max_messages_per_connection,
-                          idle_timeout=d.idle_timeout,
-                          initial_per_destination=d.initial_per_destination)
-    deliverer = Deliverer(router, pool, helo=helo, source=d.source_address,
-                          tls_level="may", relay_tls=d.relayhost_tls, tls_policy=tls_policy)
-    dispatcher = Dispatcher(queue, deliverer, reactor, max_inflight=d.max_inflight)
-    return DeliveryService(dispatcher, pool, reactor, tls_policy=tls_policy)
+def give_spool(path: str, uid: int, gid: int) -> None:
+    """A spool directory that belongs to root becomes the workers' user's, with what root
+    left in it (a spool used by a daemon that ran as root before)."""
+    if os.stat(path).st_uid != 0:
+        return
+    os.chown(path, uid, gid)
+    for root, dirs, files in os.walk(path):
+        for name in dirs + files:
+            p = os.path.join(root, name)
+            if os.lstat(p).st_uid == 0:
+                os.lchown(p, uid, gid)
 
 
-class QueueService(service.Service):
-    """Loads the suppression list at start; forgets finished messages past the retention."""
-
-    def __init__(self, queue: Queue, reactor: Any, retention: float) -> None:
-        self.queue = queue
-        self.reactor = reactor
-        self.retention = retention
-        self._loop: Any = None
-
-    def startService(self) -> None:
-        from twisted.internet.task import LoopingCall
-        service.Service.startService(self)
-        self.queue.load_suppressions().addErrback(
-            lambda f: f.printTraceback() if f else None)
-        self._loop = LoopingCall(self._expire)
-        self._loop.clock = self.reactor
-        self._loop.start(600, now=False)
-
-    def _expire(self) -> Any:
-        return self.queue.expire_history(self.retention).addErrback(lambda f: None)
-
-    def stopService(self) -> Any:
-        service.Service.stopService(self)
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-
-
-class SpoolService(service.Service):
-    def __init__(self, spool: LmdbSpool) -> None:
-        self.spool = spool
-
-    def stopService(self) -> Any:
-        service.Service.stopService(self)
-        return self.spool.close()
-
-
-def maillog_for(cfg: C.Config, reactor: Any) -> MailLog:
-    """The mail log: into the daemon's log, or its own file (text or JSON lines)."""
-    if not cfg.log.maillog:
-        return MailLog()
-    out = sys.stdout if cfg.log.maillog == "-" else open(cfg.log.maillog, "a", encoding="utf-8")
-    sink = FileSink(out, reactor, cfg.log.format)
-    reactor.addSystemEventTrigger("after", "shutdown", sink.close)
-    return MailLog(sink)
-
-
-def build_reload(cfg: C.Config, reactor: Any, parts: list[Any]) -> service.Service:
-    """SIGHUP re-reads cfg.path and offers it to `parts`: the inbound TLS context, the DKIM
-    keys, the outbound TLS policy tables."""
-    from twisted.internet.threads import deferToThreadPool
-
-    from txmta.reload import ReloadService
-    return ReloadService(reactor, cfg.path, parts,
-                         run_in_thread=lambda f: deferToThreadPool(reactor, reactor.getThreadPool(), f))
-
-
-def signing_for(cfg: C.Config, reactor: Any) -> tuple[Any, Any]:
-    """DKIM: the signer (keys read now: a bad key file is a ConfigError; None without
-    [[dkim]]) and the function that runs intake signing on its own thread pool (DSNs are
-    signed on the spool's writer thread, in the transaction that commits them).  The pool
-    exists even without keys (no thread runs until one is needed), so that a SIGHUP that adds
-    [[dkim]] tables has somewhere to sign."""
-    from functools import partial
-
-    from twisted.internet.threads import deferToThreadPool
-    from twisted.python.threadpool import ThreadPool
-
-    signer = None
+def check_material(cfg: C.Config) -> None:
+    """What a worker reads at start (TLS certificate and key, DKIM keys): read it once here,
+    so a bad file stops the master with its message rather than making workers die."""
+    if cfg.tls.cert and cfg.tls.key:
+        from txmta.inbound.tlscontext import load_server_context
+        load_server_context(cfg.tls, cfg.path)
     if cfg.dkim:
         from txmta.dkim import Signer
-        signer = Signer.from_config(cfg)
-    pool = ThreadPool(minthreads=0, maxthreads=2, name="txmta-dkim")
-    reactor.callWhenRunning(pool.start)
-    reactor.addSystemEventTrigger("after", "shutdown", pool.stop)
-    return signer, partial(deferToThreadPool, reactor, pool)
+        Signer.from_config(cfg)
 
 
-class SigningReload:
-    """SIGHUP part: the [[dkim]] keys and [signing] default_domain, read anew (a bad key file
-    keeps the running keys).  A message already being received keeps the keys it began with."""
-
-    name = "dkim"
-
-    def __init__(self, receiver: Any, queue: Queue) -> None:
-        self.receiver = receiver
-        self.queue = queue
-
-    def prepare(self, cfg: C.Config) -> Any:
-        signer = None
-        if cfg.dkim:
-            from txmta.dkim import Signer
-            signer = Signer.from_config(cfg)      # reads the key files: ConfigError if bad
-
-        def install() -> str:
-            self.receiver.signer = signer
-            self.queue.sign_report = signer.sign_message if signer is not None else None
-            keys = ", ".join(f"{k.selector}._domainkey.{k.domain} ({k.algorithm})" for k in cfg.dkim)
-            return f"signing with {keys}" if keys else "no [[dkim]] keys: mail is not signed"
-        return install
-
-
-class TLSPolicyReload:
-    """SIGHUP part: the outbound [[tls.policy]] tables and [delivery] tls_level (new
-    connections use them; [tls] ca_file and relayhost_tls need a restart)."""
-
-    name = "tls policy"
-
-    def __init__(self, policy: Any) -> None:
-        self.policy = policy
-
-    def prepare(self, cfg: C.Config) -> Any:
-        def install() -> str:
-            self.policy.level_for = cfg.tls.level_for
-            self.policy.default = cfg.delivery.tls_level
-            return (f"tls_level {cfg.delivery.tls_level}, "
-                    f"{len(cfg.tls.policy)} [[tls.policy]] table(s)")
-        return install
-
-
-def build(cfg: C.Config, reactor: Any) -> service.MultiService:
-    tls = None
-    if cfg.tls.cert and cfg.tls.key:   # one reloadable context for STARTTLS and implicit TLS
-        from txmta.inbound.tlscontext import ServerTLS, load_server_context
-        tls = ServerTLS(load_server_context(cfg.tls, cfg.path))   # ConfigError before the spool opens
-    top = service.MultiService()
-    signer, run_signing = signing_for(cfg, reactor)
-    spool = LmdbSpool(cfg.spool.path, reactor, map_size=cfg.spool.map_size,
-                      max_map_size=cfg.spool.max_map_size,
-                      inline_limit=cfg.spool.inline_body_limit)
-    SpoolService(spool).setServiceParent(top)
-    from txmta.categories import Classifier
-    queue = Queue(spool, reactor, maillog_for(cfg, reactor), schedule=cfg.retry.schedule,
-                  max_lifetime=cfg.retry.max_lifetime, hostname=cfg.server.hostname,
-                  delay_warning=cfg.dsn.delay_warning,
-                  classifier=Classifier(extra=cfg.bounce.rules),
-                  suppress_categories=cfg.suppression.categories,
-                  suppression_ttl=cfg.suppression.ttl)
-    queue.drop_suppressed = cfg.suppression.action == "drop"
-    QueueService(queue, reactor, cfg.history.retention).setServiceParent(top)
-    queue.sign_report = signer.sign_message if signer is not None else None
-    receiver = Receiver(queue, cfg.server.hostname, reactor, signer, run_signing)
-    checker = None
-    if cfg.auth.users:
-        from txmta.inbound.auth import UsersFileChecker
-        from txmta.passwords import load_users
-        checker = UsersFileChecker(load_users(cfg.auth.users), reactor, reactor.getThreadPool())
-    policy = ServerPolicy(
-        hostname=cfg.server.hostname, relay_networks=tuple(cfg.relay.networks),
-        max_message_size=cfg.spool.max_message_size, max_recipients=cfg.server.max_recipients,
-        max_errors=cfg.server.max_errors, command_timeout=cfg.server.command_timeout,
-        data_timeout=cfg.server.data_timeout, tls_available=tls is not None,
-        auth_available=checker is not None)
-    delivery = build_delivery(cfg, reactor, queue, spool)
-    delivery.setServiceParent(top)
-    from txmta.control.amp import ControlService, control_socket_path
-    ControlService(reactor, control_socket_path(cfg.spool.path), queue).setServiceParent(top)
-    parts: list[Any] = [tls] if tls is not None else []
-    parts += [SigningReload(receiver, queue), TLSPolicyReload(delivery.tls_policy)]
-    build_reload(cfg, reactor, parts).setServiceParent(top)
-    counts: dict[str, int] = {}
-    for lst in cfg.listen:
-        factory: Any = SMTPFactory(policy, lst, receiver, reactor, checker=checker, tls_options=tls,
-                                   max_connections=cfg.server.max_connections,
-                                   max_per_ip=cfg.server.max_connections_per_ip, counts=counts,
-                                   suppression=queue.suppression,
-                                   reject_suppressed=cfg.suppression.action == "reject")
-        if lst.tls == "implicit":
-            factory = TLSMemoryBIOFactory(tls, False, factory)
-        endpoint = TCPServerEndpoint(reactor, lst.port, backlog=1024, interface=lst.host)
-        StreamServerEndpointService(endpoint, factory).setServiceParent(top)
-    return top
-
-
-def makeService(options: Options) -> service.IService:
-    from twisted.internet import reactor
-    try:
-        cfg = C.load(options["config"])
-        os.makedirs(cfg.spool.path, exist_ok=True)
-        top = build(cfg, reactor)      # reads the TLS material: bad files are ConfigErrors too
-    except C.ConfigError as e:
-        raise SystemExit(f"txmta: {e}")
+def tune_runtime() -> None:
     # The objects built at start live as long as the daemon: keep the cyclic collector from
     # walking them again and again, and let it run less often (a full collection under load
     # was a visible share of the end-of-data -> 250 tail latency).
@@ -340,11 +333,40 @@ def makeService(options: Options) -> service.IService:
     # results (the 250s) to the reactor.  With the default 5 ms switch interval a busy reactor
     # thread keeps it that long before yielding; 1 ms keeps that wait off the reply latency.
     sys.setswitchinterval(0.001)
-    return top
+
+
+def makeService(options: Options) -> service.IService:
+    from twisted.internet import reactor
+    try:
+        cfg = C.load(options["config"])
+        os.makedirs(cfg.spool.path, exist_ok=True)
+        ids = user_ids(cfg)
+        if ids is not None and os.getuid() not in (0, ids[1]):
+            raise C.ConfigError(f"{cfg.path}: server.user = \"{cfg.server.user}\": switching "
+                                f"to another user needs root (running as uid {os.getuid()})")
+        as_root = ids is not None and os.getuid() == 0
+        if cfg.server.workers == 1:
+            if not as_root:
+                top = build(cfg, reactor)      # reads the TLS material: bad files are ConfigErrors too
+            else:
+                sockets = bind_listeners(cfg)
+                give_spool(cfg.spool.path, ids[1], ids[2])      # type: ignore[index]
+                drop_privileges(ids)                            # type: ignore[arg-type]
+                top = build(cfg, reactor, inherited=[s.fileno() for s in sockets])
+                top.sockets = sockets          # type: ignore[attr-defined]  # keep them open
+            tune_runtime()
+            return top
+        check_material(cfg)
+        sockets = bind_listeners(cfg)
+        if as_root:
+            give_spool(cfg.spool.path, ids[1], ids[2])          # type: ignore[index]
+    except C.ConfigError as e:
+        raise SystemExit(f"txmta: {e}")
+    return Master(cfg, reactor, sockets, workers=cfg.server.workers, ids=ids)
 
 
 def global_reactor() -> Any:
-    """The global reactor, for the `txmta` commands that run Twisted code once (doctor): this
-    module stays its only importer."""
+    """The global reactor, for the `txmta` commands that run Twisted code once (doctor) and
+    for the worker process: this module stays its only importer."""
     from twisted.internet import reactor
     return reactor

@@ -9,14 +9,16 @@ straight away when nothing is queued before it and the socket takes all of it; a
 (a partial send, EAGAIN, an error, TLS) takes Twisted's ordinary buffered path, which keeps
 ordering, flow control (producers) and error reporting exactly as they were.
 
-`TCPServerEndpoint` listens with such connections (tap.py gives one to each [[listen]]
-table); `connect()` opens an outgoing one (the delivery side: the pipelined MAIL/RCPT/DATA
+`TCPServerEndpoint` listens with such connections (the worker gives one to each [[listen]]
+table); `AdoptedServerEndpoint` does the same on a socket the master bound and passed down
+(`listening_socket()` makes it); `connect()` opens an outgoing one (the delivery side: the pipelined MAIL/RCPT/DATA
 group and the message content leave in the same reactor turn that produced them).
 """
 # test: tests/test_tcp.py
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 from twisted.internet import defer, tcp
@@ -111,6 +113,42 @@ class TCPServerEndpoint:
     def listen(self, factory: Any) -> defer.Deferred[Any]:
         def start() -> Any:
             port = EagerPort(self._port, factory, self._backlog, self._interface, self._reactor)
+            port.startListening()
+            return port
+        return defer.execute(start)
+
+
+def listening_socket(host: str, port: int, backlog: int = 1024) -> socket.socket:
+    """A non-blocking TCP socket listening on `host:port` (IPv4 or IPv6, SO_REUSEADDR set, as
+    Twisted's own ports do), for the master to bind and the workers to adopt."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+@implementer(IStreamServerEndpoint)
+class AdoptedServerEndpoint:
+    """Accept with `EagerServer` connections on `fd`, a socket already listening (inherited
+    from the master); `family` is its address family (AF_INET or AF_INET6).  Like
+    `reactor.adoptStreamPort`, with our eager connections."""
+
+    def __init__(self, reactor: Any, fd: int, family: int) -> None:
+        self._reactor = reactor
+        self._fd = fd
+        self._family = family
+
+    def listen(self, factory: Any) -> defer.Deferred[Any]:
+        def start() -> Any:
+            port = EagerPort._fromListeningDescriptor(self._reactor, self._fd, self._family,
+                                                      factory)
             port.startListening()
             return port
         return defer.execute(start)

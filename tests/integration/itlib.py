@@ -276,7 +276,8 @@ def make_daemon(base: Path, *, listeners: list[dict[str, Any]] | None = None,
         ports.append(int(port))
     spool_path = spool_path or d / "spool"
     conf: dict[str, dict[str, Any]] = {
-        "server": {"hostname": HOSTNAME},
+        # one process, as the daemon always was; the worker tests ask for more
+        "server": {"hostname": HOSTNAME, "workers": 1},
         "relay": {"networks": ["127.0.0.1/32"]},
         "spool": {"path": str(spool_path)},
         # Never deliver anywhere: a closed loopback port keeps every message queued (deferred)
@@ -402,7 +403,7 @@ def find_by_token(daemon: Daemon, token: str | bytes) -> list[str]:
 MAILLOG_RE = re.compile(
     r"(?P<id>\w+): to=<(?P<to>[^>]*)> relay=(?P<relay>\S+) delay=(?P<delay>[\d.]+) "
     r"tls=(?P<tls>.*?) attempts=(?P<attempts>\d+) status=(?P<status>\w+) \((?P<reply>.*)\)"
-    r"(?: category=(?P<category>[\w-]+))?(?: next_attempt_in=(?P<next>-?\d+)s)?$")
+    r"(?: category=(?P<category>[\w-]+))?(?: next_attempt_in=(?P<next>-?\d+)s)?(?: worker=(?P<worker>\d+))?$")
 
 
 def wait_until(pred: Callable[[], Any], timeout: float, what: str, interval: float = 0.05,

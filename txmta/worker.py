@@ -1,0 +1,495 @@
+"""One worker: build every part from the configuration and wire them (DESIGN "Processes").
+
+A worker is the daemon minus listening and supervising: protocol, receiver, queue,
+dispatcher, pool, client and its own spool writer thread.  With `[server] workers = 1`
+`tap.py` builds one in the twistd process itself; with more, the master (tap.py) starts
+each as `python -m txmta.worker --config FILE --index K --workers N --fds FD,...` with the
+listening sockets it bound as inherited file descriptors (adopted here, not bound), its
+AMP channel as file descriptor 3, and its log lines on stdout for the master to re-log.
+
+Worker K of N owns the spool partitions `partition.owned(K, N)`: a replacement of a dead
+worker K owns the same ones and delivers their mail.  The per-destination and connection
+limits are divided among the workers (`divide_limits`).  The spool is opened only here,
+after the process started (never across fork); privileges are dropped before that.
+"""
+# test: tests/integration/test_daemon.py, tests/integration/test_workers.py, tests/test_worker.py
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import socket
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from twisted.application import service
+from twisted.application.internet import StreamServerEndpointService
+from twisted.protocols.tls import TLSMemoryBIOFactory
+
+from txmta import config as C
+from txmta.inbound.policy import ServerPolicy
+from txmta.inbound.protocol import SMTPFactory
+from txmta.inbound.receiver import Receiver
+from txmta.maillog import FileSink, MailLog
+from txmta.queue import Queue
+from txmta.spool.lmdb import LmdbSpool
+from txmta.tcp import AdoptedServerEndpoint, TCPServerEndpoint
+
+
+class Connector:
+    """Opens a connection for a pool key; fires with the client once its session is ready
+    (greeting, EHLO, STARTTLS, AUTH), or errbacks SessionFailureError."""
+
+    def __init__(self, reactor: Any, settings_for: Any, connect_timeout: float) -> None:
+        self.reactor = reactor
+        self.settings_for = settings_for
+        self.connect_timeout = connect_timeout
+
+    def __call__(self, key: Any) -> Any:
+        from twisted.internet.protocol import Factory
+
+        from txmta.outbound.client import SessionFailure, SessionFailureError, SMTPClient
+        from txmta.outcome import CONNECT
+        from txmta.reply import Reply
+        from txmta.tcp import connect
+        bind = (key.source, 0) if key.source else None
+        settings = self.settings_for(key)
+        factory = Factory.forProtocol(lambda: SMTPClient(settings, self.reactor, key.mx, key.address))
+        d = connect(self.reactor, key.address, key.port, factory, self.connect_timeout, bind)
+
+        def connected(client: Any) -> Any:
+            return client.ready.addCallback(lambda _: client)
+
+        def failed(f: Any) -> Any:
+            if f.check(SessionFailureError):
+                return f
+            reason = f.getErrorMessage().strip() or f.type.__name__
+            raise SessionFailureError(SessionFailure(CONNECT, Reply(
+                451, "4.4.1", f"connect to {key.mx}[{key.address}]:{key.port} failed: {reason}")))
+
+        return d.addCallback(connected).addErrback(failed)
+
+
+class DeliveryService(service.Service):
+    """Starts the dispatcher; on stop, lets busy connections finish for up to `grace`
+    seconds (what is still in flight then is simply due again at the next start)."""
+
+    def __init__(self, dispatcher: Any, pool: Any, reactor: Any, grace: float = 10.0,
+                 tls_policy: Any = None) -> None:
+        self.dispatcher = dispatcher
+        self.pool = pool
+        self.reactor = reactor
+        self.grace = grace
+        self.tls_policy = tls_policy     # reloaded on SIGHUP (TLSPolicyReload)
+
+    def startService(self) -> None:
+        service.Service.startService(self)
+        self.dispatcher.start()
+
+    def stopService(self) -> Any:
+        from twisted.internet.defer import gatherResults
+        service.Service.stopService(self)
+        d = gatherResults([self.dispatcher.stop(), self.pool.close()])
+        d.addTimeout(self.grace, self.reactor)
+        return d.addErrback(lambda _: None)
+
+
+def build_tls_policy(cfg: C.Config, reactor: Any, resolver: Any, cache_store: Any) -> Any:
+    """The outbound TLS policy: [[tls.policy]], [delivery] tls_level and relayhost_tls, the CA
+    certificates of [tls] ca_file (or the system's), MTA-STS cached in the spool."""
+    from txmta.outbound import tlspolicy as T
+    trust = T.Trust(cfg.tls.ca_file)
+    sts = T.STSResolver(reactor, resolver, T.STSFetcher(reactor, resolver, trust.web_trust_root()),
+                        T.STSCache(reactor, cache_store))
+    return T.TLSPolicy(reactor, resolver, trust=trust, sts=sts, level_for=cfg.tls.level_for,
+                       default=cfg.delivery.tls_level, relay_level=cfg.delivery.relayhost_tls)
+
+
+def build_delivery(cfg: C.Config, reactor: Any, queue: Queue,
+                   cache_store: Any = None) -> DeliveryService:
+    from txmta.dispatch import Dispatcher
+    from txmta.outbound.client import ClientSettings
+    from txmta.outbound.deliverer import Deliverer
+    from txmta.outbound.dns import Resolver, parse_nameserver
+    from txmta.outbound.pool import ConnectionPool
+    from txmta.outbound.route import Router
+    from txmta.outbound.tlspolicy import MayFallback
+    d = cfg.delivery
+    resolver = Resolver(reactor, [parse_nameserver(n) for n in cfg.dns.nameservers] or None)
+    # an MX at one of our own listening addresses (on the SMTP port) is a loop
+    local_addresses = {lst.host for lst in cfg.listen
+                       if lst.port == d.smtp_port and lst.host not in ("0.0.0.0", "::")}
+    router = Router(resolver, relayhost=d.relayhost, local_names={cfg.server.hostname},
+                    local_addresses=local_addresses, port=d.smtp_port)
+    helo = d.helo_name or cfg.server.hostname
+    auth = None
+    if d.relayhost_username and d.relayhost_password_file:
+        with open(d.relayhost_password_file, encoding="utf-8") as f:
+            auth = (d.relayhost_username, f.readline().rstrip("\r\n"))
+    relay_key = f"relay:{d.relayhost}"
+
+    tls_policy = build_tls_policy(cfg, reactor, resolver, cache_store)
+
+    def settings_for(key: Any) -> ClientSettings:
+        if key.destination == relay_key:
+            # a password goes over plaintext only when relayhost_tls = "none" says so
+            base = ClientSettings(helo_name=key.helo, auth=auth,
+                                  allow_plaintext_auth=d.relayhost_tls == "none")
+        else:
+            base = ClientSettings(helo_name=key.helo)
+        return tls_policy.client_settings(key.tls, key.mx, base, connect.plaintext(key))
+
+    connect = MayFallback(reactor, Connector(reactor, settings_for, d.connect_timeout))
+    pool = ConnectionPool(reactor, connect,
+                          per_destination=d.max_per_destination, total=d.max_connections,
+                          max_messages_per_connection=d.max_messages_per_connection,
+                          idle_timeout=d.idle_timeout,
+                          initial_per_destination=d.initial_per_destination)
+    deliverer = Deliverer(router, pool, helo=helo, source=d.source_address,
+                          tls_level="may", relay_tls=d.relayhost_tls, tls_policy=tls_policy)
+    dispatcher = Dispatcher(queue, deliverer, reactor, max_inflight=d.max_inflight)
+    return DeliveryService(dispatcher, pool, reactor, tls_policy=tls_policy)
+
+
+class QueueService(service.Service):
+    """Loads the suppression list at start; forgets finished messages past the retention."""
+
+    def __init__(self, queue: Queue, reactor: Any, retention: float) -> None:
+        self.queue = queue
+        self.reactor = reactor
+        self.retention = retention
+        self._loop: Any = None
+
+    def startService(self) -> None:
+        from twisted.internet.task import LoopingCall
+        service.Service.startService(self)
+        self.queue.load_suppressions().addErrback(
+            lambda f: f.printTraceback() if f else None)
+        self._loop = LoopingCall(self._expire)
+        self._loop.clock = self.reactor
+        self._loop.start(600, now=False)
+
+    def _expire(self) -> Any:
+        return self.queue.expire_history(self.retention).addErrback(lambda f: None)
+
+    def stopService(self) -> Any:
+        service.Service.stopService(self)
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+
+
+class SpoolService(service.Service):
+    def __init__(self, spool: LmdbSpool) -> None:
+        self.spool = spool
+
+    def stopService(self) -> Any:
+        service.Service.stopService(self)
+        return self.spool.close()
+
+
+def maillog_for(cfg: C.Config, reactor: Any, worker: int | None = None) -> MailLog:
+    """The mail log: into the daemon's log, or its own file (text or JSON lines); with
+    several workers each line names its `worker`."""
+    if not cfg.log.maillog:
+        return MailLog()
+    out = sys.stdout if cfg.log.maillog == "-" else open(cfg.log.maillog, "a", encoding="utf-8")
+    sink = FileSink(out, reactor, cfg.log.format, worker=worker)
+    reactor.addSystemEventTrigger("after", "shutdown", sink.close)
+    return MailLog(sink)
+
+
+def build_reload(cfg: C.Config, reactor: Any, parts: list[Any]) -> service.Service:
+    """SIGHUP re-reads cfg.path and offers it to `parts`: the inbound TLS context, the DKIM
+    keys, the outbound TLS policy tables."""
+    from twisted.internet.threads import deferToThreadPool
+
+    from txmta.reload import ReloadService
+    return ReloadService(reactor, cfg.path, parts,
+                         run_in_thread=lambda f: deferToThreadPool(reactor, reactor.getThreadPool(), f))
+
+
+def signing_for(cfg: C.Config, reactor: Any) -> tuple[Any, Any]:
+    """DKIM: the signer (keys read now: a bad key file is a ConfigError; None without
+    [[dkim]]) and the function that runs intake signing on its own thread pool (DSNs are
+    signed on the spool's writer thread, in the transaction that commits them).  The pool
+    exists even without keys (no thread runs until one is needed), so that a SIGHUP that adds
+    [[dkim]] tables has somewhere to sign."""
+    from functools import partial
+
+    from twisted.internet.threads import deferToThreadPool
+    from twisted.python.threadpool import ThreadPool
+
+    signer = None
+    if cfg.dkim:
+        from txmta.dkim import Signer
+        signer = Signer.from_config(cfg)
+    pool = ThreadPool(minthreads=0, maxthreads=2, name="txmta-dkim")
+    reactor.callWhenRunning(pool.start)
+    reactor.addSystemEventTrigger("after", "shutdown", pool.stop)
+    return signer, partial(deferToThreadPool, reactor, pool)
+
+
+class SigningReload:
+    """SIGHUP part: the [[dkim]] keys and [signing] default_domain, read anew (a bad key file
+    keeps the running keys).  A message already being received keeps the keys it began with."""
+
+    name = "dkim"
+
+    def __init__(self, receiver: Any, queue: Queue) -> None:
+        self.receiver = receiver
+        self.queue = queue
+
+    def prepare(self, cfg: C.Config) -> Any:
+        signer = None
+        if cfg.dkim:
+            from txmta.dkim import Signer
+            signer = Signer.from_config(cfg)      # reads the key files: ConfigError if bad
+
+        def install() -> str:
+            self.receiver.signer = signer
+            self.queue.sign_report = signer.sign_message if signer is not None else None
+            keys = ", ".join(f"{k.selector}._domainkey.{k.domain} ({k.algorithm})" for k in cfg.dkim)
+            return f"signing with {keys}" if keys else "no [[dkim]] keys: mail is not signed"
+        return install
+
+
+class TLSPolicyReload:
+    """SIGHUP part: the outbound [[tls.policy]] tables and [delivery] tls_level (new
+    connections use them; [tls] ca_file and relayhost_tls need a restart)."""
+
+    name = "tls policy"
+
+    def __init__(self, policy: Any) -> None:
+        self.policy = policy
+
+    def prepare(self, cfg: C.Config) -> Any:
+        def install() -> str:
+            self.policy.level_for = cfg.tls.level_for
+            self.policy.default = cfg.delivery.tls_level
+            return (f"tls_level {cfg.delivery.tls_level}, "
+                    f"{len(cfg.tls.policy)} [[tls.policy]] table(s)")
+        return install
+
+
+def share(value: int, workers: int) -> int:
+    """One worker's share of a limit: ceil(value / workers), at least 1."""
+    return max(1, math.ceil(value / workers))
+
+
+def divide_limits(cfg: C.Config, workers: int) -> C.Config:
+    """`cfg` with the limits that hold for the whole daemon divided among `workers`:
+    [server] max_connections, max_connections_per_ip; [delivery] max_per_destination,
+    initial_per_destination, max_connections, max_inflight."""
+    if workers == 1:
+        return cfg
+    server = dataclasses.replace(
+        cfg.server, max_connections=share(cfg.server.max_connections, workers),
+        max_connections_per_ip=share(cfg.server.max_connections_per_ip, workers))
+    d = cfg.delivery
+    delivery = dataclasses.replace(
+        d, max_per_destination=share(d.max_per_destination, workers),
+        initial_per_destination=share(d.initial_per_destination, workers),
+        max_connections=share(d.max_connections, workers),
+        max_inflight=share(d.max_inflight, workers))
+    return dataclasses.replace(cfg, server=server, delivery=delivery)
+
+
+def family_of(host: str) -> int:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def build(cfg: C.Config, reactor: Any, *, worker: int = 0, workers: int = 1,
+          inherited: Sequence[int] | None = None, channel: Any = None) -> service.MultiService:
+    """Every part of worker `worker` of `workers`, as one service.  `inherited`: the
+    listening sockets (file descriptors, one per [[listen]] table, in order) the master
+    bound; without them the worker binds its listeners itself.  `channel`: its
+    `control.channel.WorkerChannel` to the master, which then answers the admin commands
+    (the master serves the control socket) and hears of this worker's suppressions."""
+    from txmta import partition
+    cfg = divide_limits(cfg, workers)
+    # the partitions this worker takes new ids from and delivers (Queue(partitions=...) once
+    # the queue takes them)
+    owned_partitions = partition.owned(worker, workers)
+    tls = None
+    if cfg.tls.cert and cfg.tls.key:   # one reloadable context for STARTTLS and implicit TLS
+        from txmta.inbound.tlscontext import ServerTLS, load_server_context
+        tls = ServerTLS(load_server_context(cfg.tls, cfg.path))   # ConfigError before the spool opens
+    top = service.MultiService()
+    signer, run_signing = signing_for(cfg, reactor)
+    spool = LmdbSpool(cfg.spool.path, reactor, map_size=cfg.spool.map_size,
+                      max_map_size=cfg.spool.max_map_size,
+                      inline_limit=cfg.spool.inline_body_limit)
+    SpoolService(spool).setServiceParent(top)
+    from txmta.categories import Classifier
+    queue = Queue(spool, reactor, maillog_for(cfg, reactor, worker if workers > 1 else None),
+                  schedule=cfg.retry.schedule,
+                  max_lifetime=cfg.retry.max_lifetime, hostname=cfg.server.hostname,
+                  delay_warning=cfg.dsn.delay_warning,
+                  classifier=Classifier(extra=cfg.bounce.rules),
+                  suppress_categories=cfg.suppression.categories,
+                  suppression_ttl=cfg.suppression.ttl)
+    queue.drop_suppressed = cfg.suppression.action == "drop"
+    QueueService(queue, reactor, cfg.history.retention).setServiceParent(top)
+    queue.sign_report = signer.sign_message if signer is not None else None
+    receiver = Receiver(queue, cfg.server.hostname, reactor, signer, run_signing)
+    checker = None
+    if cfg.auth.users:
+        from txmta.inbound.auth import UsersFileChecker
+        from txmta.passwords import load_users
+        checker = UsersFileChecker(load_users(cfg.auth.users), reactor, reactor.getThreadPool())
+    policy = ServerPolicy(
+        hostname=cfg.server.hostname, relay_networks=tuple(cfg.relay.networks),
+        max_message_size=cfg.spool.max_message_size, max_recipients=cfg.server.max_recipients,
+        max_errors=cfg.server.max_errors, command_timeout=cfg.server.command_timeout,
+        data_timeout=cfg.server.data_timeout, tls_available=tls is not None,
+        auth_available=checker is not None)
+    delivery = build_delivery(cfg, reactor, queue, spool)
+    delivery.setServiceParent(top)
+    parts: list[Any] = [tls] if tls is not None else []
+    parts += [SigningReload(receiver, queue), TLSPolicyReload(delivery.tls_policy)]
+    reload = build_reload(cfg, reactor, parts)
+    reload.setServiceParent(top)
+    if channel is None:
+        from txmta.control.amp import ControlService, control_socket_path
+        ControlService(reactor, control_socket_path(cfg.spool.path), queue).setServiceParent(top)
+    else:
+        from txmta.control.channel import WorkerControl
+        channel.queue_control = WorkerControl(queue, channel.tell_master)
+        channel.mirror = queue.suppression
+        channel.reload = reload.reload
+        queue.suppressed.append(channel.suppressed)
+    top.partitions = owned_partitions     # type: ignore[attr-defined]
+    top.queue = queue                     # type: ignore[attr-defined]
+    counts: dict[str, int] = {}
+    for i, lst in enumerate(cfg.listen):
+        factory: Any = SMTPFactory(policy, lst, receiver, reactor, checker=checker, tls_options=tls,
+                                   max_connections=cfg.server.max_connections,
+                                   max_per_ip=cfg.server.max_connections_per_ip, counts=counts,
+                                   suppression=queue.suppression,
+                                   reject_suppressed=cfg.suppression.action == "reject")
+        if lst.tls == "implicit":
+            factory = TLSMemoryBIOFactory(tls, False, factory)
+        endpoint: Any
+        if inherited is not None:
+            endpoint = AdoptedServerEndpoint(reactor, inherited[i], family_of(lst.host))
+        else:
+            endpoint = TCPServerEndpoint(reactor, lst.port, backlog=1024, interface=lst.host)
+        StreamServerEndpointService(endpoint, factory).setServiceParent(top)
+    return top
+
+
+# -- privileges -------------------------------------------------------------------------------
+
+def user_ids(cfg: C.Config) -> tuple[str, int, int] | None:
+    """(user name, uid, gid) of [server] user and group, or None when no user is set."""
+    import grp
+    import pwd
+    if not cfg.server.user:
+        return None
+    u = cfg.server.user
+    pw = pwd.getpwuid(int(u)) if u.isdigit() else pwd.getpwnam(u)
+    gid = pw.pw_gid
+    if cfg.server.group:
+        g = cfg.server.group
+        gid = int(g) if g.isdigit() else grp.getgrnam(g).gr_gid
+    return pw.pw_name, pw.pw_uid, gid
+
+
+def drop_privileges(ids: tuple[str, int, int]) -> None:
+    """Become (user, uid, gid): supplementary groups of the user, then the group, then the
+    user (the order matters: after setuid there is no way back)."""
+    name, uid, gid = ids
+    if os.getuid() == uid and os.geteuid() == uid and os.getgid() == gid:
+        return
+    os.initgroups(name, gid)
+    os.setgid(gid)
+    os.setuid(uid)
+
+
+# -- the worker process -----------------------------------------------------------------------
+
+def _die_with_parent() -> None:
+    """Linux: get SIGKILL when the master dies (a backstop for the channel's close)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+    PR_SET_PDEATHSIG = 1
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _log_to_stdout() -> None:
+    """Log events as lines on stdout, without a timestamp: the master re-logs each line,
+    with its own time and "worker K", into the daemon's log."""
+    from twisted.logger import eventAsText, globalLogBeginner
+
+    out = sys.stdout
+
+    def observer(event: dict[str, Any]) -> None:
+        text = eventAsText(event, includeTimestamp=False, includeSystem=True)
+        try:
+            out.write(text + "\n")
+            out.flush()
+        except (OSError, ValueError):
+            pass
+
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m txmta.worker --config FILE --index K --workers N --fds FD,FD...`: run
+    worker K of N on the listening sockets FD... (one per [[listen]] table, in order),
+    talking to the master over file descriptor 3, until SIGTERM or until the master goes."""
+    import argparse
+
+    from txmta.control.channel import CHANNEL_FD, WorkerChannel
+    from txmta.tap import global_reactor, tune_runtime
+    p = argparse.ArgumentParser(prog="txmta.worker")
+    p.add_argument("--config", default=None)
+    p.add_argument("--index", type=int, required=True)
+    p.add_argument("--workers", type=int, required=True)
+    p.add_argument("--fds", default="")
+    args = p.parse_args(argv)
+    _die_with_parent()
+    _log_to_stdout()
+    reactor = global_reactor()
+    try:
+        cfg = C.load(args.config)
+        ids = user_ids(cfg)
+        if ids is not None and os.getuid() == 0:
+            drop_privileges(ids)          # before the spool opens: its files are the user's
+        fds = [int(x) for x in args.fds.split(",") if x]
+        if len(fds) != len(cfg.listen):
+            raise C.ConfigError(f"worker given {len(fds)} sockets for {len(cfg.listen)} listeners")
+
+        def master_gone() -> None:
+            if reactor.running:
+                from twisted.logger import Logger
+                Logger().info("the master closed the channel: stopping")
+                reactor.stop()
+
+        channel = WorkerChannel(on_lost=master_gone)
+        top = build(cfg, reactor, worker=args.index, workers=args.workers, inherited=fds,
+                    channel=channel)
+    except C.ConfigError as e:
+        sys.stderr.write(f"txmta: {e}\n")
+        return 2
+    from twisted.internet.protocol import Factory
+    reactor.adoptStreamConnection(CHANNEL_FD, socket.AF_UNIX, Factory.forProtocol(lambda: channel))
+    os.close(CHANNEL_FD)           # adopted: Twisted holds its own duplicate
+    tune_runtime()
+    reactor.callWhenRunning(top.startService)
+    reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
+    reactor.run()
+    return 0
+
+
+if __name__ == "__main__":
+    from txmta.worker import main as _main     # one copy of this module, not __main__ and txmta.worker
+    sys.exit(_main())
