@@ -14,37 +14,70 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 
 from txmta.reply import Reply
 
 _ALPHABET = "0123456789BCDFGHJKLMNPQRSTVWXZbcdfghjkmnpqrstvwxz"  # no vowels: ids never spell words
-_counter_lock = threading.Lock()
-_last = [0, 0]
+_TIME_DIGITS = 11   # microseconds since the epoch, base 49: sorts by time until the year 8000+
+_TAIL_DIGITS = 3    # random, so two processes' ids in one microsecond still differ
+
+
+def _digits(n: int, width: int) -> str:
+    out = []
+    for _ in range(width):
+        n, r = divmod(n, len(_ALPHABET))
+        out.append(_ALPHABET[r])
+    return "".join(reversed(out))
+
+
+def format_message_id(micros: int, partition: int, tail: int) -> str:
+    """A queue id: 11 digits of time (so ids sort by arrival), the partition's character,
+    3 random digits.  15 characters of `_ALPHABET`; `partition.partition_of` reads it back."""
+    if not 0 <= partition < len(_ALPHABET):
+        raise ValueError(f"partition {partition} out of range")
+    return _digits(micros, _TIME_DIGITS) + _ALPHABET[partition] + _digits(tail, _TAIL_DIGITS)
+
+
+class MessageIds:
+    """Makes the queue ids of one process: strictly increasing time digits (a counter when
+    the clock stands still or steps back), partitions taken in turn from `partitions`.
+
+    `clock` gives seconds, `random` gives n random bytes: both injected so tests fix them.
+    """
+
+    def __init__(self, partitions: Iterable[int] = (0,), *,
+                 clock: Callable[[], float] = time.time,
+                 random: Callable[[int], bytes] = os.urandom) -> None:
+        self.partitions = tuple(sorted(partitions))
+        if not self.partitions:
+            raise ValueError("an id generator needs at least one partition")
+        self._clock = clock
+        self._random = random
+        self._last = 0
+        self._turn = 0
+        self._lock = threading.Lock()   # ids are also made on the spool's writer thread
+
+    def __call__(self, now: float | None = None) -> str:
+        micros = int((self._clock() if now is None else now) * 1_000_000)
+        with self._lock:
+            if micros <= self._last:
+                micros = self._last + 1
+            self._last = micros
+            partition = self.partitions[self._turn % len(self.partitions)]
+            self._turn += 1
+        tail = int.from_bytes(self._random(2), "big")
+        return format_message_id(micros, partition, tail)
+
+
+_default_ids = MessageIds(range(32))
 
 
 def new_message_id(now: float | None = None) -> str:
-    """A queue id that sorts by arrival time: 10 chars of microseconds + 4 of sequence/random.
-
-    Unique within one process (counter) and across restarts (time, random tail).
-    """
-    us = int((time.time() if now is None else now) * 1_000_000)
-    with _counter_lock:
-        if us <= _last[0]:
-            us = _last[0] + 1
-        _last[0] = us
-    base = len(_ALPHABET)
-    digits = []
-    n = us
-    for _ in range(11):
-        n, r = divmod(n, base)
-        digits.append(_ALPHABET[r])
-    rnd = int.from_bytes(os.urandom(3), "big")
-    tail = []
-    for _ in range(4):
-        rnd, r = divmod(rnd, base)
-        tail.append(_ALPHABET[r])
-    return "".join(reversed(digits)) + "".join(tail)
+    """An id from the process-wide generator (every partition in turn): for tools and tests;
+    the daemon's queue has a generator of its own for the partitions its worker owns."""
+    return _default_ids(now)
 
 
 @dataclass(frozen=True, slots=True)

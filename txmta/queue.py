@@ -23,7 +23,8 @@ from twisted.internet.interfaces import IReactorTime
 from txmta import dsn, retry, suppression
 from txmta.categories import Classifier
 from txmta.suppression import SuppressionList
-from txmta.message import Envelope, new_message_id
+from txmta.message import Envelope, MessageIds
+from txmta.partition import ALL
 from txmta.maillog import MailLog
 from txmta.outcome import Delivered, Outcome, PermFailed, TempFailed
 from txmta.reply import Reply
@@ -40,9 +41,10 @@ class Queue:
                  jitter: Callable[[], float] | None = None, hostname: str = "localhost",
                  delay_warning: float = 4 * 3600.0, classifier: Classifier | None = None,
                  suppress_categories: Iterable[str] = ("invalid-recipient", "bad-domain"),
-                 suppression_ttl: float = 90 * 86400.0) -> None:
+                 suppression_ttl: float = 90 * 86400.0, partitions: Iterable[int] = ALL) -> None:
         self.spool = spool
         self.clock = clock
+        self.ids = MessageIds(partitions, clock=clock.seconds)   # this worker's partitions
         self.maillog = maillog or MailLog()
         self.schedule = tuple(schedule)
         self.max_lifetime = max_lifetime
@@ -66,7 +68,7 @@ class Queue:
     # -- intake ---------------------------------------------------------------------------
 
     def new_message_id(self, now: float | None = None) -> str:
-        return new_message_id(self.clock.seconds() if now is None else now)
+        return self.ids(now)
 
     def body_writer(self, message_id: str) -> BodyWriter:
         return self.spool.body_writer(message_id)

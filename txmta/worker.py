@@ -309,8 +309,7 @@ def build(cfg: C.Config, reactor: Any, *, worker: int = 0, workers: int = 1,
     (the master serves the control socket) and hears of this worker's suppressions."""
     from txmta import partition
     cfg = divide_limits(cfg, workers)
-    # the partitions this worker takes new ids from and delivers (Queue(partitions=...) once
-    # the queue takes them)
+    # the partitions this worker takes new ids from and delivers
     owned_partitions = partition.owned(worker, workers)
     tls = None
     if cfg.tls.cert and cfg.tls.key:   # one reloadable context for STARTTLS and implicit TLS
@@ -320,7 +319,7 @@ def build(cfg: C.Config, reactor: Any, *, worker: int = 0, workers: int = 1,
     signer, run_signing = signing_for(cfg, reactor)
     spool = LmdbSpool(cfg.spool.path, reactor, map_size=cfg.spool.map_size,
                       max_map_size=cfg.spool.max_map_size,
-                      inline_limit=cfg.spool.inline_body_limit)
+                      inline_limit=cfg.spool.inline_body_limit, partitions=owned_partitions)
     SpoolService(spool).setServiceParent(top)
     from txmta.categories import Classifier
     queue = Queue(spool, reactor, maillog_for(cfg, reactor, worker if workers > 1 else None),
@@ -329,7 +328,7 @@ def build(cfg: C.Config, reactor: Any, *, worker: int = 0, workers: int = 1,
                   delay_warning=cfg.dsn.delay_warning,
                   classifier=Classifier(extra=cfg.bounce.rules),
                   suppress_categories=cfg.suppression.categories,
-                  suppression_ttl=cfg.suppression.ttl)
+                  suppression_ttl=cfg.suppression.ttl, partitions=owned_partitions)
     queue.drop_suppressed = cfg.suppression.action == "drop"
     QueueService(queue, reactor, cfg.history.retention).setServiceParent(top)
     queue.sign_report = signer.sign_message if signer is not None else None

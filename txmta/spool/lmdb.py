@@ -22,6 +22,7 @@ up to `max_map_size`; past that, or on a full disk, operations fail with `SpoolF
 from __future__ import annotations
 
 import errno
+import heapq
 import os
 import struct
 import threading
@@ -36,11 +37,14 @@ from twisted.internet.interfaces import IReactorFromThreads
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from txmta.partition import ALL, partition_of
 from txmta.spool import codec
 from txmta.message import QUEUED, UNFINISHED, Change, Event, RecipientState, StoredMessage, Suppression, intake_events, received_event
 from txmta.spool.interface import CommitFailed, SpoolError, SpoolFormatError, SpoolFull
 
-FORMAT = b"1"
+FORMAT = b"2"       # 2: due keys start with the partition byte (1 had none; migrated at open)
+MAX_READERS = 512     # every worker's threads and every `txmta queue` read share the table
+READER_CHECK = 60.0   # seconds between sweeps of the reader slots dead processes left
 DB_NAMES = (b"messages", b"bodies", b"recipients", b"due", b"events", b"meta",
             b"history", b"finished", b"msgids", b"suppression", b"cache")
 log = Logger()
@@ -51,7 +55,10 @@ def rcpt_key(message_id: str, index: int) -> bytes:
 
 
 def due_key(when: float, message_id: str, index: int) -> bytes:
-    return struct.pack(">Q", max(0, round(when * 1000))) + rcpt_key(message_id, index)
+    """partition (1 byte) / due time in ms (8 bytes, big-endian) / recipient key: each
+    partition's recipients in time order, so a worker reads only its own partitions."""
+    return (bytes((partition_of(message_id),)) + struct.pack(">Q", max(0, round(when * 1000)))
+            + rcpt_key(message_id, index))
 
 
 _event_seq = [0]
@@ -68,11 +75,23 @@ def finished_key(when: float, message_id: str) -> bytes:
 
 
 def _due_time(key: bytes) -> float:
-    return struct.unpack(">Q", key[:8])[0] / 1000.0
+    return struct.unpack(">Q", key[1:9])[0] / 1000.0
 
 
 def _due_id(key: bytes) -> str:
-    return key[8:].rsplit(b"/", 1)[0].decode("ascii")
+    return key[9:].rsplit(b"/", 1)[0].decode("ascii")
+
+
+def _migrate_due_1_to_2(txn: Any, due: Any) -> int:
+    """Format 1 due keys (time/id/idx) get their partition byte in front."""
+    with txn.cursor(db=due) as cur:
+        old = list(cur.iternext(keys=True, values=False))
+    for key in old:
+        txn.delete(key, db=due)
+    for key in old:
+        mid, index = key[8:].rsplit(b"/", 1)
+        txn.put(bytes((partition_of(mid.decode("ascii")),)) + key, b"", db=due)
+    return len(old)
 
 
 def _is_disk_full(e: BaseException) -> bool:
@@ -268,8 +287,11 @@ class _Op:
 
 class LmdbSpool:
     def __init__(self, path: str, reactor: IReactorFromThreads, *, map_size: int = 1 << 30,
-                 max_map_size: int = 1 << 36, inline_limit: int = 256 * 1024) -> None:
+                 max_map_size: int = 1 << 36, inline_limit: int = 256 * 1024,
+                 partitions: Iterable[int] = ALL) -> None:
         self.path = path
+        # due mail and orphan bodies are read only in these: other workers own the rest
+        self.partitions = tuple(sorted(partitions))
         self.bodies = os.path.join(path, "bodies")
         self._reactor = reactor
         self._inline_limit = inline_limit
@@ -277,9 +299,9 @@ class LmdbSpool:
         os.makedirs(self.bodies, exist_ok=True)
         self._env = lmdb.open(path, map_size=map_size, max_dbs=len(DB_NAMES) + 2, subdir=True,
                               sync=True, metasync=True, writemap=False, map_async=False,
-                              lock=True, readahead=False, max_readers=256)
+                              lock=True, readahead=False, max_readers=MAX_READERS)
         try:
-            self._env.reader_check()
+            self._check_readers()
             self._db = {name: self._env.open_db(name) for name in DB_NAMES}
             self._check_format()
             self._remove_orphan_bodies()
@@ -295,11 +317,24 @@ class LmdbSpool:
 
     # -- start ------------------------------------------------------------------------
 
+    def _check_readers(self) -> None:
+        """Free the reader slots of processes that died (a killed worker keeps its slot)."""
+        stale = self._env.reader_check()
+        if stale:
+            log.info("spool: freed {n} reader slots of dead processes", n=stale)
+
     def _check_format(self) -> None:
+        # in one write transaction: of workers starting together, one migrates, the others
+        # then see the new format
         with self._env.begin(write=True, db=self._db[b"meta"]) as txn:
             found = txn.get(b"format")
             if found is None:
                 txn.put(b"format", FORMAT)
+            elif found == b"1":
+                n = _migrate_due_1_to_2(txn, self._db[b"due"])
+                txn.put(b"format", FORMAT)
+                log.info("spool {path}: format 1 -> 2, {n} due entries keyed by partition",
+                         path=self.path, n=n)
             elif found != FORMAT:
                 raise SpoolFormatError(
                     f"spool {self.path} has format {found.decode(errors='replace')}, this txmta "
@@ -307,8 +342,10 @@ class LmdbSpool:
 
     def _remove_orphan_bodies(self) -> None:
         with self._env.begin(db=self._db[b"messages"]) as txn:
+            owned = set(self.partitions)
             for name in os.listdir(self.bodies):
-                if txn.get(name.encode("ascii", "replace")) is None:
+                # another worker may be writing the body of a message it has not committed
+                if partition_of(name) in owned and txn.get(name.encode("ascii", "replace")) is None:
                     log.info("removing unreferenced body file {name}", name=name)
                     os.unlink(os.path.join(self.bodies, name))
 
@@ -324,13 +361,24 @@ class LmdbSpool:
         return op.deferred
 
     def _run(self) -> None:
+        checked = time.monotonic()
         while True:
             with self._cond:
                 while not self._pending and not self._stopping:
-                    self._cond.wait()
+                    self._cond.wait(READER_CHECK)
+                    if time.monotonic() - checked >= READER_CHECK:
+                        break
                 batch, self._pending = self._pending, []
                 if not batch and self._stopping:
                     break
+            if time.monotonic() - checked >= READER_CHECK:
+                checked = time.monotonic()
+                try:
+                    self._check_readers()
+                except lmdb.Error:
+                    log.failure("spool reader check")
+            if not batch:
+                continue
             reads = [op for op in batch if op.read]
             if reads:
                 # reads see the last commit and are answered at once: a delivery waiting for
@@ -343,17 +391,31 @@ class LmdbSpool:
                 self._reactor.callFromThread(self._fire, batch)
         self._reactor.callFromThread(self._exit)
 
+    def _adopt_map_size(self) -> None:
+        """Another worker grew the map: take its size (MDB_MAP_RESIZED)."""
+        self._env.set_mapsize(0)
+
     def _run_reads(self, reads: list[_Op]) -> None:
-        try:
-            with self._env.begin(write=False) as txn:
+        for attempt in range(10):
+            try:
+                with self._env.begin(write=False) as txn:
+                    for op in reads:
+                        op.failure = None
+                        try:
+                            op.result = op.fn(txn)
+                        except lmdb.MapResizedError:
+                            raise
+                        except Exception as e:
+                            op.failure = e if isinstance(e, SpoolError) else CommitFailed(repr(e))
+                return
+            except lmdb.MapResizedError:
+                self._adopt_map_size()
+            except Exception as e:
                 for op in reads:
-                    try:
-                        op.result = op.fn(txn)
-                    except Exception as e:
-                        op.failure = e if isinstance(e, SpoolError) else CommitFailed(repr(e))
-        except Exception as e:
-            for op in reads:
-                op.failure = CommitFailed(repr(e))
+                    op.failure = CommitFailed(repr(e))
+                return
+        for op in reads:
+            op.failure = CommitFailed("spool map kept changing size")
 
     def _run_batch(self, batch: list[_Op]) -> None:
         synced_dir = False
@@ -372,12 +434,18 @@ class LmdbSpool:
                     if op.pre is not None and op.failure is None:
                         op.failure = CommitFailed(f"fsync of {self.bodies}: {e}")
         groups = [[op for op in batch if op.failure is None]]
+        resized = 0
         while groups:
             group = groups.pop(0)
             if not group:
                 continue
             error = self._commit(group)
             if error is None:
+                continue
+            if isinstance(error, lmdb.MapResizedError) and resized < 10:
+                resized += 1
+                self._adopt_map_size()
+                groups.insert(0, group)
                 continue
             if isinstance(error, lmdb.MapFullError):
                 if self._grow():
@@ -415,7 +483,7 @@ class LmdbSpool:
                     try:
                         op.result = op.fn(child)
                         child.commit()
-                    except lmdb.MapFullError:
+                    except (lmdb.MapFullError, lmdb.MapResizedError):
                         child.abort()
                         raise
                     except Exception as e:
@@ -697,19 +765,29 @@ class LmdbSpool:
                 return f.read()
         return self._submit(_Op(fn, read=True))
 
-    def _due_ids(self, txn: Any, now: float, exclude: set[str] | frozenset[str]
-                 ) -> Iterator[tuple[float, str]]:
-        """(time, id) of messages with a recipient due by `now`, oldest first, each once."""
-        seen: set[str] = set(exclude)
-        end = struct.pack(">Q", max(0, round(now * 1000)) + 1)
+    def _due_keys(self, txn: Any, partition: int, end_ms: int) -> Iterator[bytes]:
+        prefix = bytes((partition,))
+        end = prefix + struct.pack(">Q", end_ms)
         with txn.cursor(db=self._db[b"due"]) as cur:
+            if not cur.set_range(prefix):
+                return
             for key in cur.iternext(keys=True, values=False):
                 if key >= end:
                     return
-                mid = _due_id(key)
-                if mid not in seen:
-                    seen.add(mid)
-                    yield _due_time(key), mid
+                yield key[1:]       # time first: the partitions' streams merge in time order
+
+    def _due_ids(self, txn: Any, now: float, exclude: set[str] | frozenset[str]
+                 ) -> Iterator[tuple[float, str]]:
+        """(time, id) of messages with a recipient due by `now` in this spool's partitions,
+        oldest first, each once."""
+        seen: set[str] = set(exclude)
+        end_ms = max(0, round(now * 1000)) + 1
+        streams = [self._due_keys(txn, p, end_ms) for p in self.partitions]
+        for key in heapq.merge(*streams):
+            mid = key[8:].rsplit(b"/", 1)[0].decode("ascii")
+            if mid not in seen:
+                seen.add(mid)
+                yield struct.unpack(">Q", key[:8])[0] / 1000.0, mid
 
     def due(self, now: float, limit: int) -> Deferred[list[tuple[float, str]]]:
         def fn(txn: Any) -> list[tuple[float, str]]:
@@ -725,11 +803,14 @@ class LmdbSpool:
 
     def next_due(self, exclude: set[str] | frozenset[str] = frozenset()) -> Deferred[float | None]:
         def fn(txn: Any) -> float | None:
-            with txn.cursor(db=self._db[b"due"]) as cur:
-                for key in cur.iternext(keys=True, values=False):
-                    if not exclude or _due_id(key) not in exclude:
-                        return _due_time(key)
-            return None
+            first = None
+            for p in self.partitions:
+                for key in self._due_keys(txn, p, 1 << 63):
+                    if not exclude or _due_id(b"\0" + key) not in exclude:
+                        when = struct.unpack(">Q", key[:8])[0] / 1000.0
+                        first = when if first is None else min(first, when)
+                        break
+            return first
         return self._submit(_Op(fn, read=True))
 
     def count(self) -> Deferred[int]:
@@ -788,7 +869,7 @@ class LmdbView:
                 if attempt == 19:
                     raise SpoolError(f"spool {path} kept changing size while opening")
         self._env, self._db = env, dbs
-        if found not in (None, FORMAT):
+        if found not in (None, b"1", FORMAT):   # 1 differs only in the due index, not read here
             raise SpoolFormatError(f"spool {path} has format {found!r}, expected {FORMAT!r}")
 
     def _read(self, fn: Callable[[Any], Any]) -> Any:

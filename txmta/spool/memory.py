@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import replace
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from twisted.internet.defer import Deferred, fail, succeed
 
 from txmta.message import QUEUED, UNFINISHED, Change, Event, StoredMessage, Suppression, intake_events, received_event
+from txmta.partition import ALL, partition_of
 
 from txmta.spool.interface import CommitFailed, SpoolError
 
@@ -48,7 +49,8 @@ class MemoryBodyWriter:
 
 
 class MemorySpool:
-    def __init__(self) -> None:
+    def __init__(self, partitions: Iterable[int] = ALL) -> None:
+        self.partitions = frozenset(partitions)   # due mail is read only in these
         self.messages: dict[str, StoredMessage] = {}
         self.bodies: dict[str, bytes] = {}
         self._due: list[tuple[float, str, int]] = []
@@ -67,6 +69,8 @@ class MemorySpool:
         return MemoryBodyWriter()
 
     def _index(self, m: StoredMessage) -> None:
+        if partition_of(m.id) not in self.partitions:
+            return
         for i, st in enumerate(m.recipients):
             if st.state == QUEUED:
                 bisect.insort(self._due, (st.next_attempt, m.id, i))
