@@ -10,7 +10,6 @@ from dataclasses import replace
 from typing import Any
 
 import lmdb
-import pytest
 
 from txmta import partition as P
 from txmta.message import MessageIds, RecipientState, StoredMessage
@@ -26,21 +25,6 @@ def store(spool: Any, wait: Any, m: StoredMessage, body: bytes = b"x\r\n") -> No
     w = spool.body_writer(m.id)
     w.write(body)
     wait(spool.put(m, w))
-
-
-@pytest.fixture(params=["memory", "lmdb"])
-def partitioned(request: Any, open_lmdb: Any) -> Any:
-    """open(partitions) -> a spool over one environment that reads only `partitions`."""
-    path = None
-
-    def open_(partitions: Any) -> Any:
-        nonlocal path
-        if request.param == "memory":
-            return MemorySpool(partitions)
-        import tempfile
-        path = path or tempfile.mkdtemp(prefix="spool-part-")
-        return open_lmdb(path, partitions=partitions)
-    return open_
 
 
 def test_due_mail_comes_only_from_the_owned_partitions(open_lmdb: Any, tmp_path: Any,
