@@ -1,0 +1,213 @@
+"""The master's pure parts: restart backoff, exit descriptions, the division of limits
+among workers, the [server] workers/user/group keys, and the fan-out of admin commands to
+the workers that own the messages (control/channel.py) with fake channels."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.internet import defer
+from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.python.failure import Failure
+
+from txmta import partition as P
+from txmta.config import ConfigError, load_text
+from txmta.control.amp import Delete, Flush, Hold, Release, Requeue, Status, SuppressionAdd
+from txmta.control.channel import (MAX_BATCH, FanOut, MirrorSuppressions, WorkerNotRunning,
+                                   decode_entry, mirror_batches)
+from txmta.message import MessageIds, Suppression
+from txmta.tap import BACKOFF_MAX, Backoff, describe_exit
+from txmta.worker import divide_limits, share
+
+
+# -- restart backoff ---------------------------------------------------------------------------
+
+def test_a_worker_that_keeps_dying_waits_longer_each_time_up_to_the_maximum() -> None:
+    b = Backoff()
+    delays = []
+    now = 0.0
+    for _ in range(10):
+        b.started(now)
+        now += 0.5                      # dies half a second after each start
+        delays.append(b.exited(now))
+        now += delays[-1]
+    assert delays == [0.0, 1.0, 2.0, 4.0, 8.0, 16.0, BACKOFF_MAX, BACKOFF_MAX, BACKOFF_MAX,
+                      BACKOFF_MAX]
+
+
+def test_a_worker_that_ran_long_enough_is_restarted_at_once_again() -> None:
+    b = Backoff(reset_after=60.0)
+    for t in range(5):
+        b.started(float(t))
+        b.exited(float(t) + 0.1)
+    b.started(100.0)
+    assert b.exited(161.0) == 0.0       # ran 61 s: healthy, restarted at once
+    b.started(161.0)
+    assert b.exited(162.0) == 1.0       # and the count starts afresh
+
+
+def test_exits_are_described_for_the_log() -> None:
+    assert describe_exit(Failure(ProcessDone(0))) == "exited with status 0"
+    assert describe_exit(Failure(ProcessTerminated(exitCode=3))) == "exited with status 3"
+    assert describe_exit(Failure(ProcessTerminated(signal=9))) == \
+        "was killed by signal 9 (SIGKILL)"
+
+
+# -- limits divided among workers ----------------------------------------------------------------
+
+@given(st.integers(1, 100000), st.integers(1, P.PARTITIONS))
+def test_the_shares_of_a_limit_cover_it_and_are_never_zero(value: int, workers: int) -> None:
+    one = share(value, workers)
+    assert one >= 1 and one * workers >= value
+    assert (one - 1) * workers < value or one == 1
+
+
+def test_divide_limits_divides_the_daemon_wide_limits_only() -> None:
+    cfg = load_text("[server]\nmax_connections = 100\nmax_connections_per_ip = 9\n"
+                    "[delivery]\nmax_per_destination = 10\nmax_connections = 7\n")
+    two = divide_limits(cfg, 2)
+    assert (two.server.max_connections, two.server.max_connections_per_ip) == (50, 5)
+    assert (two.delivery.max_per_destination, two.delivery.max_connections) == (5, 4)
+    assert two.server.max_recipients == cfg.server.max_recipients
+    assert divide_limits(cfg, 1) is cfg
+
+
+# -- [server] workers, user, group ---------------------------------------------------------------
+
+def test_workers_auto_is_the_core_count_and_integers_are_kept() -> None:
+    assert load_text("[server]\nworkers = \"auto\"\n").server.workers == \
+        max(1, min(os.cpu_count() or 1, P.PARTITIONS))
+    assert load_text("[server]\nworkers = 3\n").server.workers == 3
+
+
+@pytest.mark.parametrize("value", ["0", "33", "\"many\"", "true", "1.5"])
+def test_a_bad_workers_value_names_the_key(value: str) -> None:
+    with pytest.raises(ConfigError, match="server.workers"):
+        load_text(f"[server]\nworkers = {value}\n", "/etc/txmta.toml")
+
+
+def test_an_unknown_user_or_a_group_without_user_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="server.user"):
+        load_text("[server]\nuser = \"no-such-user-here\"\n")
+    with pytest.raises(ConfigError, match="server.group"):
+        load_text("[server]\ngroup = \"root\"\n")
+    assert load_text("[server]\nuser = \"root\"\n").server.user == "root"
+
+
+# -- the fan-out --------------------------------------------------------------------------------
+
+class FakeWorker:
+    """A worker's channel: answers like a worker's queue would, and records the calls."""
+
+    def __init__(self, index: int, known: set[str]) -> None:
+        self.index = index
+        self.known = known
+        self.calls: list[tuple[type, dict[str, Any]]] = []
+
+    def callRemote(self, command: type, **kw: Any) -> defer.Deferred[Any]:
+        self.calls.append((command, kw))
+        if command in (Hold, Release, Delete, Requeue):
+            return defer.succeed({"found": kw["message_id"] in self.known})
+        if command is Flush:
+            mid = kw.get("message_id")
+            return defer.succeed({"count": (1 if mid in self.known else 0) if mid
+                                  else len(self.known)})
+        if command is Status:
+            return defer.succeed({"json": json.dumps({"messages": 99, "deliveries": self.index + 1,
+                                                      "pid": 100 + self.index, "paused": False})})
+        if command is SuppressionAdd:
+            return defer.succeed({"ok": True})
+        if command is MirrorSuppressions:
+            return defer.succeed({})
+        raise AssertionError(command)
+
+
+def result(d: defer.Deferred[Any]) -> Any:
+    box: list[Any] = []
+    d.addBoth(box.append)
+    assert box, "the Deferred has not fired"
+    if isinstance(box[0], Failure):
+        box[0].raiseException()
+    return box[0]
+
+
+def fleet(n: int) -> tuple[list[FakeWorker], dict[int, list[str]]]:
+    """n fake workers, each knowing 3 messages in its own partitions."""
+    ids = {k: [MessageIds(P.owned(k, n))(1000.0 + i) for i in range(3)] for k in range(n)}
+    return [FakeWorker(k, set(ids[k])) for k in range(n)], ids
+
+
+@given(st.integers(1, 8))
+def test_a_command_naming_a_message_goes_to_its_owner_only(n: int) -> None:
+    workers, ids = fleet(n)
+    fan = FanOut(list(workers))
+    for k in range(n):
+        for mid in ids[k]:
+            for op in (fan.hold, fan.release, fan.delete, fan.requeue):
+                assert result(op(mid)) is True
+            assert result(fan.flush(mid, None)) == 1
+    for w in workers:
+        assert w.calls and all(kw["message_id"] in w.known for _, kw in w.calls)
+
+
+def test_flush_of_all_and_status_ask_every_worker_and_add_up() -> None:
+    workers, _ = fleet(3)
+    fan = FanOut(list(workers))
+    assert result(fan.flush(None, "example.org")) == 9
+    assert all(w.calls == [(Flush, {"domain": "example.org"})] for w in workers)
+    status = result(fan.status())
+    assert status["messages"] == 99                  # one spool: not added up
+    assert status["deliveries"] == 1 + 2 + 3
+    assert status["workers"] == status["workers_running"] == 3
+    assert [w["pid"] for w in status["worker"]] == [100, 101, 102]
+
+
+def test_a_command_for_a_restarting_worker_says_so_and_status_shows_it() -> None:
+    workers, ids = fleet(2)
+    fan = FanOut([workers[0], None])
+    with pytest.raises(WorkerNotRunning, match="worker 1"):
+        result(fan.hold(ids[1][0]))
+    assert result(fan.hold(ids[0][0])) is True
+    status = result(fan.status())
+    assert status["workers_running"] == 1
+    assert status["worker"][1] == {"index": 1, "running": False}
+
+
+def test_a_suppression_goes_to_one_worker_and_its_commit_is_relayed_to_the_others() -> None:
+    workers, _ = fleet(3)
+    fan = FanOut(list(workers))
+    assert result(fan.suppress_add("a@example.org", "manual")) is True
+    assert [len(w.calls) for w in workers] == [1, 0, 0]
+    entry = Suppression("a@example.org", "manual", 1.0, 2.0, "")
+    result(fan.relay(0, [entry], ["b@example.org"]))
+    for w in workers[1:]:
+        (command, kw), = w.calls
+        assert command is MirrorSuppressions
+        assert [decode_entry(v) for v in json.loads(kw["added"])] == [entry]
+        assert json.loads(kw["removed"]) == ["b@example.org"]
+    assert len(workers[0].calls) == 1               # the source is not told its own change
+
+
+@given(st.lists(st.text(min_size=1, max_size=300), max_size=600))
+def test_mirror_batches_keep_every_change_and_fit_an_amp_value(addresses: list[str]) -> None:
+    check_batches(addresses)
+
+
+def test_mirror_batches_of_long_non_ascii_addresses_fit_an_amp_value() -> None:
+    check_batches(["\u00e9\u4e2d" * 150 + f"{i}@b\u00fccher.example" for i in range(600)])
+
+
+def check_batches(addresses: list[str]) -> None:
+    entries = [Suppression(a, "bounce", 1.0, 2.0, "550 5.1.1 no") for a in addresses]
+    batches = list(mirror_batches(entries, addresses))
+    added = [decode_entry(v) for b in batches for v in json.loads(b["added"])]
+    removed = [a for b in batches for a in json.loads(b["removed"])]
+    assert added == entries and removed == addresses
+    for b in batches:
+        assert len(b["added"].encode()) <= 65535 and len(b["removed"].encode()) <= 65535
+    assert MAX_BATCH < 65535
