@@ -1,0 +1,1 @@
+Queue ids name one of 32 spool partitions; with [server] workers = N each worker takes new ids from, and delivers, its own partitions, so a restart with another N reassigns mail without rewriting it; spool format 2 (migrated from 1 at start).
