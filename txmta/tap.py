@@ -278,6 +278,32 @@ class Master(service.Service):
                     pass
 
 
+class DroppingWorker(service.MultiService):
+    """`workers = 1` started as root with [server] user: the listeners are bound as root
+    (in makeService), and the one worker is built only in privilegedStartService, after
+    twistd has opened its log and pid files as root, right after dropping to the user (so
+    the spool is opened, and every file the daemon writes is created, as that user)."""
+
+    def __init__(self, cfg: C.Config, reactor: Any, sockets: list[socket.socket],
+                 ids: tuple[str, int, int]) -> None:
+        service.MultiService.__init__(self)
+        self.cfg = cfg
+        self.reactor = reactor
+        self.sockets = sockets          # kept open: the worker adopts them
+        self.ids = ids
+
+    def privilegedStartService(self) -> None:
+        try:
+            give_spool(self.cfg.spool.path, self.ids[1], self.ids[2])
+            drop_privileges(self.ids)
+            build(self.cfg, self.reactor,
+                  inherited=[s.fileno() for s in self.sockets]).setServiceParent(self)
+        except C.ConfigError as e:
+            raise SystemExit(f"txmta: {e}")
+        tune_runtime()
+        service.MultiService.privilegedStartService(self)
+
+
 # -- start ------------------------------------------------------------------------------------
 
 def bind_listeners(cfg: C.Config) -> list[socket.socket]:
@@ -348,14 +374,10 @@ def makeService(options: Options) -> service.IService:
         if cfg.server.workers == 1:
             if not as_root:
                 top = build(cfg, reactor)      # reads the TLS material: bad files are ConfigErrors too
-            else:
-                sockets = bind_listeners(cfg)
-                give_spool(cfg.spool.path, ids[1], ids[2])      # type: ignore[index]
-                drop_privileges(ids)                            # type: ignore[arg-type]
-                top = build(cfg, reactor, inherited=[s.fileno() for s in sockets])
-                top.sockets = sockets          # type: ignore[attr-defined]  # keep them open
-            tune_runtime()
-            return top
+                tune_runtime()
+                return top
+            check_material(cfg)
+            return DroppingWorker(cfg, reactor, bind_listeners(cfg), ids)  # type: ignore[arg-type]
         check_material(cfg)
         sockets = bind_listeners(cfg)
         if as_root:
