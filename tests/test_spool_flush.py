@@ -21,7 +21,7 @@ from txmta.message import (BOUNCED, DELETED, DELIVERED, HELD, QUEUED, UNFINISHED
                            Envelope, Recipient, RecipientState, StoredMessage, new_message_id)
 from txmta.reply import Reply
 from txmta.spool import codec
-from txmta.spool.lmdb import LmdbSpool, _Op, domain_key
+from txmta.spool.lmdb import LmdbSpool, LmdbView, _Op, domain_key
 
 DOMAINS = ("a.example", "B.example", "c.example")
 
@@ -103,6 +103,9 @@ def test_a_format_2_spool_gets_its_domains_index_when_opened(open_lmdb, tmp_path
         txn.drop(env.open_db(b"domains", txn=txn), delete=True)
         txn.put(b"format", b"2", db=env.open_db(b"meta", txn=txn))
     env.close()
+    view = LmdbView(str(path))              # `txmta queue list` before a daemon migrated it
+    assert sorted(m.id for m in view.messages()) == sorted([mixed.id, other.id])
+    view.close()
     spool = open_lmdb(path)
     assert domains_index(spool, wait) == wanted
     assert flush(spool, wait, 5.0, "A.example") == (1, 1)
@@ -113,6 +116,9 @@ def test_a_format_2_spool_gets_its_domains_index_when_opened(open_lmdb, tmp_path
     with env.begin() as txn:
         assert txn.get(b"format", db=env.open_db(b"meta", txn=txn)) == b"3"
     env.close()
+    view = LmdbView(str(path))
+    assert view.get(mixed.id).recipients[0].next_attempt == 5.0
+    view.close()
 
 
 # -- the state machine ----------------------------------------------------------------------

@@ -368,7 +368,8 @@ class Queue:
             found = yield self._change(message_id, lambda r, n: replace(r, next_attempt=n)
                                        if r.state == QUEUED else r, retry_now=True, event="flushed")
             return 1 if found else 0
-        # an admin asked: whatever throttles the destinations concerned is lifted
+        # an admin asked: whatever throttles the destinations concerned is lifted (for a
+        # domain, the listeners get a message to it: they lift a message's destinations)
         if domain is None:
             lifted = None
         else:

@@ -149,6 +149,7 @@ class MemorySpool:
         order = sorted((partition_of(mid), mid) for mid in self.messages
                        if partition_of(mid) in self.partitions)
         messages = recipients = seen = 0
+        more = False
         for key in order:
             if after is not None and key <= after:
                 continue
@@ -159,7 +160,8 @@ class MemorySpool:
             if not mine:
                 continue
             if seen >= max(1, limit):
-                return succeed((messages, recipients, after))
+                more = True
+                break
             seen += len(mine)
             after = key
             states = list(m.recipients)
@@ -172,9 +174,8 @@ class MemorySpool:
                 self._index(self.messages[m.id])
                 messages += 1
                 recipients += len(moved)
-        if messages:
-            self.commits += 1
-        return succeed((messages, recipients, None))
+        self.commits += 1       # one transaction a batch, as LMDB
+        return succeed((messages, recipients, after if more else None))
 
     def cache_get(self, key: str) -> Deferred[bytes | None]:
         return succeed(self.cache.get(key))
