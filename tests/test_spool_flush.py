@@ -15,13 +15,15 @@ import lmdb
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
+from hypothesis.stateful import (RuleBasedStateMachine, invariant, precondition, rule,
+                                 run_state_machine_as_test)
 
 from txmta.message import (BOUNCED, DELETED, DELIVERED, HELD, QUEUED, UNFINISHED, Address,
                            Envelope, Recipient, RecipientState, StoredMessage, new_message_id)
 from txmta.reply import Reply
 from txmta.spool import codec
 from txmta.spool.lmdb import LmdbSpool, LmdbView, _Op, domain_key
+from txmta.spool.memory import MemorySpool
 
 DOMAINS = ("a.example", "B.example", "c.example")
 
@@ -234,7 +236,6 @@ def test_flush_and_the_domains_index_match_the_model(implementation, open_lmdb, 
     """Under any sequence of puts, outcomes, holds, deletions and flushes, the spool's
     recipient states and flush counts match a model, and the domains index lists exactly
     the unfinished recipients."""
-    from txmta.spool.memory import MemorySpool
     factory = MemorySpool if implementation == "memory" else open_lmdb
     run_state_machine_as_test(
         lambda: FlushMachine(factory, wait),

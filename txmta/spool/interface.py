@@ -85,7 +85,7 @@ class Spool(Protocol):
         """Up to `limit` messages with a recipient due at or before `now`, oldest due first,
         skipping the ids in `exclude` (those in flight), read from the due index."""
 
-    def flush(self, now: float, domain: str | None = None, after: object = None,
+    def flush(self, now: float, domain: str | None = None, after: Any = None,
               limit: int = 1000) -> "Deferred[tuple[int, int, Any]]":
         """Make QUEUED recipients due after `now` due at `now`: all of this spool's
         partitions, or those at `domain` (case ignored); HELD ones stay held.  One batch of

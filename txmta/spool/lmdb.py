@@ -4,9 +4,9 @@ One environment at `spool.path` (sync and metasync on, no writemap), with named 
 messages (id -> envelope record), bodies (id -> small body), recipients (id/idx -> state),
 due (partition/time/id/idx -> "", the time-ordered index of recipients to try), domains
 (partition/domain/id/idx -> "", the unfinished recipients of each domain, for `flush
---domain`), events (timelines) and meta (format version).  Bodies above `inline_limit` are streamed to files
-under `bodies/` and fsynced (file, then directory) before the commit that references them;
-a body file no message references is removed at start.
+--domain`), events (timelines) and meta (format version).  Bodies above `inline_limit` are
+streamed to files under `bodies/` and fsynced (file, then directory) before the commit that
+references them; a body file no message references is removed at start.
 
 **One writer thread** owns every transaction of the daemon: callers queue operations, the
 thread takes everything pending, runs it in one write transaction, commits once (natural
