@@ -207,6 +207,31 @@ def test_flush_lifts_the_throttle_of_the_message_destinations():
     assert len(deliverer.calls) == 2 and spool.messages == {}
 
 
+def test_flush_of_a_domain_lifts_its_throttle_and_not_anothers():
+    """`txmta queue flush --domain D` tries throttled D again at once (like postqueue -s);
+    another throttled destination keeps waiting; a flush of all lifts every throttle."""
+    clock, spool, queue, deliverer, dispatcher = setup()
+    refused = Reply(451, "4.4.1", "connection refused")
+    deliverer.answer = lambda env, idx: AttemptResult(
+        {i: O.TempFailed(refused, stage=O.CONNECT) for i in idx},
+        env.recipients[idx[0]].address.domain, refused)
+    net = put(queue, clock, "a@example.net")
+    org = put(queue, clock, "b@example.org")
+    clock.advance(SCAN_COALESCE)
+    assert len(deliverer.calls) == 2 and set(dispatcher.throttled) == {"example.net", "example.org"}
+    deliverer.answer = lambda env, idx: AttemptResult({i: O.Delivered(OK) for i in idx}, "d")
+    counts = []
+    queue.flush(domain="EXAMPLE.net").addCallback(counts.append)
+    clock.advance(SCAN_COALESCE)
+    assert counts == [1] and deliverer.calls[2:] == [["a@example.net"]]
+    assert net not in spool.messages and org in spool.messages
+    assert set(dispatcher.throttled) == {"example.org"}
+    queue.flush().addCallback(counts.append)
+    clock.advance(SCAN_COALESCE)
+    assert counts == [1, 1] and deliverer.calls[3:] == [["b@example.org"]]
+    assert spool.messages == {} and dispatcher.throttled == {}
+
+
 def test_a_recipient_left_without_outcome_is_deferred_not_retried_at_once():
     """A deliverer bug that returns no outcome for a recipient must not make a hot loop."""
     clock, spool, queue, deliverer, _ = setup()

@@ -197,6 +197,42 @@ def test_flush_by_domain_only_touches_that_domain():
     assert states[0].next_attempt == clock.seconds() + 60 and states[1].next_attempt == clock.seconds()
 
 
+def test_flush_goes_in_batches_and_wakes_the_dispatcher_once():
+    """`flush` of all walks the spool batch by batch, each its own commit, counts every
+    deferred message once, leaves held mail held, and tells the dispatcher once, with now."""
+    q, spool, clock, _ = queue_with()
+    deferred = [stored(q, clock, 2) for _ in range(5)]
+    for m in deferred:
+        q.record(m, {0: O.TempFailed(LATER), 1: O.TempFailed(LATER)})
+    held = stored(q, clock, 1)
+    q.record(held, {0: O.TempFailed(LATER)})
+    q.hold(held.id)
+    woken, lifted, counts = [], [], []
+    q.changed.append(lambda m, at: woken.append((m, at)))
+    q.retry_now.append(lifted.append)
+    commits = spool.commits
+    q.flush(batch=2).addCallback(counts.append)
+    assert counts == [5]
+    assert spool.commits - commits >= 3                 # 10 recipients, 2 a batch
+    assert woken == [(None, clock.seconds())] and lifted == [None]
+    assert all(r.next_attempt == clock.seconds() for m in deferred
+               for r in spool.messages[m.id].recipients)
+    assert spool.messages[held.id].recipients[0].state == HELD
+    assert spool.messages[held.id].recipients[0].next_attempt == clock.seconds() + 60
+
+
+def test_flush_of_a_domain_lifts_that_domains_throttle():
+    """`flush --domain` tells the retry_now listeners of the domain (lower case) alone;
+    with nothing to flush the dispatcher is not woken."""
+    q, _, _, _ = queue_with()
+    lifted, woken, counts = [], [], []
+    q.retry_now.append(lifted.append)
+    q.changed.append(lambda m, at: woken.append(at))
+    q.flush(domain="Two.Example").addCallback(counts.append)
+    assert counts == [0] and woken == []
+    assert [[r.address.domain for r in m.envelope.recipients] for m in lifted] == [["two.example"]]
+
+
 def test_postpone_moves_recipients_without_counting_an_attempt():
     """Mail for a throttled destination waits for its retry; attempts stay the same."""
     q, spool, clock, _ = queue_with()

@@ -16,11 +16,13 @@ from hypothesis import strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, invariant, precondition,
                                  rule, run_state_machine_as_test)
 
-from txmta.message import Address, Envelope, Recipient, new_message_id
+from txmta.message import Address, Envelope, MessageIds, Recipient, new_message_id
 from txmta.reply import Reply
-from txmta.message import BOUNCED, DELIVERED, HELD, QUEUED, RecipientState, StoredMessage
+from txmta.message import (BOUNCED, DELETED, DELIVERED, HELD, QUEUED, RecipientState,
+                           StoredMessage)
 from txmta.spool.interface import CommitFailed
-from txmta.spool.lmdb import LmdbSpool
+from txmta.spool.lmdb import LmdbSpool, _Op, domain_key
+from txmta.spool.memory import MemorySpool
 
 
 def queued(ms: int, attempts: int = 0) -> RecipientState:
@@ -265,6 +267,155 @@ def test_cache_survives_reopening(open_lmdb, wait, tmp_path):
     wait(first.cache_put("mta-sts:example.org", b"policy"))
     wait(first.close())
     assert wait(open_lmdb(path).cache_get("mta-sts:example.org")) == b"policy"
+
+
+# -- flush: due now, in batches, from the indexes ----------------------------------------------
+
+NOW = 5000 / 1000
+
+
+def at(*domains: str, states: tuple[RecipientState, ...] | None = None,
+       partition: int | None = None) -> StoredMessage:
+    """A message with one recipient per domain, every one QUEUED and deferred past NOW
+    unless `states` says otherwise; in `partition` if given."""
+    if states is None:
+        states = tuple(queued(60_000) for _ in domains)
+    mid = new_message_id() if partition is None else MessageIds({partition})(1.0)
+    return StoredMessage(mid, Envelope(Address("s", "example.com"), tuple(
+        Recipient(Address(f"r{i}", d)) for i, d in enumerate(domains))), 1.0, 3, states, {})
+
+
+def flush_all_batches(spool: Any, wait: Any, domain: str | None = None,
+                      limit: int = 1000) -> list[tuple[int, int]]:
+    """Every batch of one flush at NOW: (messages, recipients) of each."""
+    batches, after = [], None
+    while True:
+        messages, recipients, after = wait(spool.flush(NOW, domain, after, limit))
+        batches.append((messages, recipients))
+        if after is None:
+            return batches
+        assert len(batches) < 100, "flush does not come to an end"
+
+
+def next_attempts(spool: Any, wait: Any, m: StoredMessage) -> list[float]:
+    return [r.next_attempt for r in wait(spool.get(m.id)).recipients]
+
+
+def test_flush_makes_every_deferred_recipient_due_now(spool, wait):
+    """flush() of all moves QUEUED recipients due later to now, counts each message once,
+    and leaves those already due alone; the due index follows."""
+    two = at("a.example", "b.example", states=(queued(60_000), queued(90_000)))
+    mixed = at("a.example", "c.example", states=(queued(1_000), queued(70_000)))
+    due = at("a.example", states=(queued(2_000),))
+    for m in (two, mixed, due):
+        put(spool, wait, m)
+    assert flush_all_batches(spool, wait) == [(2, 3)]
+    assert next_attempts(spool, wait, two) == [NOW, NOW]
+    assert next_attempts(spool, wait, mixed) == [1.0, NOW]
+    assert next_attempts(spool, wait, due) == [2.0]
+    assert sorted(wait(spool.due(NOW, 10))) == sorted([(1.0, mixed.id), (2.0, due.id),
+                                                       (NOW, two.id)])
+    assert wait(spool.next_due()) == 1.0
+    assert flush_all_batches(spool, wait) == [(0, 0)]     # nothing left to flush
+
+
+@pytest.mark.parametrize("asked", ["two.example", "TWO.Example"])
+@pytest.mark.parametrize("stored", ["two.example", "Two.EXAMPLE"])
+def test_flush_of_a_domain_touches_only_its_recipients(spool, wait, asked, stored):
+    """flush(domain=D) moves only recipients at D (case ignored); other domains keep their
+    time, and a message without D is not counted."""
+    both = at("one.example", stored)
+    other = at("one.example")
+    put(spool, wait, both)
+    put(spool, wait, other)
+    assert flush_all_batches(spool, wait, asked) == [(1, 1)]
+    assert next_attempts(spool, wait, both) == [60.0, NOW]
+    assert next_attempts(spool, wait, other) == [60.0]
+    assert wait(spool.due(NOW, 10)) == [(NOW, both.id)]
+    assert flush_all_batches(spool, wait, "nowhere.example") == [(0, 0)]
+
+
+@pytest.mark.parametrize("domain", [None, "a.example"])
+def test_flush_leaves_held_recipients_held(spool, wait, domain):
+    """A HELD recipient is not flushed (all or by domain); its QUEUED neighbour is."""
+    held = RecipientState(HELD, 1, 60.0)
+    m = at("a.example", "a.example", states=(held, queued(60_000)))
+    only_held = at("a.example", states=(held,))
+    put(spool, wait, m)
+    put(spool, wait, only_held)
+    assert flush_all_batches(spool, wait, domain) == [(1, 1)]
+    assert wait(spool.get(m.id)).recipients == (held, queued(NOW * 1000))
+    assert wait(spool.get(only_held.id)).recipients == (held,)
+    assert wait(spool.due(NOW, 10)) == [(NOW, m.id)]
+
+
+@pytest.mark.parametrize("domain", [None, "a.example"])
+def test_flush_touches_only_the_spools_own_partitions(spool_factory, tmp_path, wait, domain):
+    """A spool of partition 0 flushes partition 0's mail and leaves partition 1's (another
+    worker's) as it was."""
+    mine, theirs = at("a.example", partition=0), at("a.example", partition=1)
+    if spool_factory is MemorySpool:
+        spool = MemorySpool({0})
+        for m in (mine, theirs):
+            put(spool, wait, m)
+    else:
+        everyone = spool_factory(tmp_path / "shared")
+        for m in (mine, theirs):
+            put(everyone, wait, m)
+        wait(everyone.close())
+        spool = spool_factory(tmp_path / "shared", partitions=(0,))
+    assert flush_all_batches(spool, wait, domain) == [(1, 1)]
+    assert next_attempts(spool, wait, mine) == [NOW]
+    assert next_attempts(spool, wait, theirs) == [60.0]
+
+
+@pytest.mark.parametrize("domain", [None, "a.example"])
+def test_flush_in_batches_of_one_counts_each_message_once(spool, wait, domain):
+    """With limit=1 every batch ends between messages and the next goes on after it: each
+    message is flushed once, whatever the batch size, and the flush ends."""
+    messages = [at("a.example", "a.example", "b.example",
+                   states=(queued(60_000 + i), queued(90_000 - i), queued(80_000)))
+                for i in range(3)]
+    for m in messages:
+        put(spool, wait, m)
+    batches = flush_all_batches(spool, wait, domain, limit=1)
+    assert all(n <= 1 for n, _ in batches) and len(batches) >= 3
+    assert sum(n for n, _ in batches) == 3
+    assert sum(r for _, r in batches) == (9 if domain is None else 6)
+    for m in messages:
+        assert next_attempts(spool, wait, m) == [NOW, NOW, NOW if domain is None else 80.0]
+    assert flush_all_batches(spool, wait, domain, limit=1)[-1] == (0, 0)
+
+
+def domains_index(spool: Any, wait: Any) -> list[bytes]:
+    """The keys of an LMDB spool's domains index, read on its writer thread."""
+    def read(txn: Any) -> list[bytes]:
+        with txn.cursor(db=spool._db[b"domains"]) as cur:
+            return [bytes(k) for k in cur.iternext(keys=True, values=False)]
+    return wait(spool._submit(_Op(read, read=True)))
+
+
+def test_finished_recipients_are_no_longer_flushed(spool, wait):
+    """Delivered, bounced, deleted and removed recipients leave the domains index: a flush
+    of their domain finds nothing; once the queue is empty, so is the index (LMDB)."""
+    delivered = RecipientState(DELIVERED, 1, 0.0)
+    bounced = RecipientState(BOUNCED, 1, 0.0, Reply(550, "5.1.1", "unknown user"))
+    deleted = RecipientState(DELETED, 0, 0.0)
+    m = at("d.example", "b.example", "x.example", "q.example")
+    removed = at("r.example", "q.example")
+    put(spool, wait, m)
+    put(spool, wait, removed)
+    wait(spool.update(replace(m, recipients=(delivered, bounced, deleted, queued(60_000)))))
+    wait(spool.remove(removed.id))
+    for domain in ("d.example", "b.example", "x.example", "r.example"):
+        assert flush_all_batches(spool, wait, domain) == [(0, 0)]
+    if isinstance(spool, LmdbSpool):
+        assert domains_index(spool, wait) == [domain_key("q.example", m.id, 3)]
+    assert flush_all_batches(spool, wait, "q.example") == [(1, 1)]
+    wait(spool.update(replace(m, recipients=(delivered, bounced, deleted, delivered))))
+    assert wait(spool.count()) == 0
+    if isinstance(spool, LmdbSpool):
+        assert domains_index(spool, wait) == []
 
 
 # -- the state machine -------------------------------------------------------------------------

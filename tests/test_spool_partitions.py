@@ -13,6 +13,7 @@ import lmdb
 
 from txmta import partition as P
 from txmta.message import MessageIds, RecipientState, StoredMessage
+from txmta.spool.lmdb import domain_key
 from txmta.spool.memory import MemorySpool
 
 
@@ -100,6 +101,7 @@ def test_a_format_1_spool_is_migrated_and_its_mail_stays_due(open_lmdb: Any, tmp
     env = lmdb.open(str(path), max_dbs=20)   # rewrite it as format 1 wrote it
     due, meta = env.open_db(b"due"), env.open_db(b"meta")
     with env.begin(write=True) as txn:
+        txn.drop(env.open_db(b"domains", txn=txn), delete=True)    # format 3 added it
         keys = [k for k, _ in txn.cursor(db=due)]
         assert len(keys) == 3 and all(k[0] == P.partition_of(k[9:].split(b"/")[0].decode())
                                       for k in keys)
@@ -112,10 +114,12 @@ def test_a_format_1_spool_is_migrated_and_its_mail_stays_due(open_lmdb: Any, tmp
     assert [m.id for m in wait(spool.load_due(1000.0, 10))] == [m.id for m in messages]
     wait(spool.close())
     env = lmdb.open(str(path), max_dbs=20)
-    due, meta = env.open_db(b"due"), env.open_db(b"meta")
+    due, meta, domains = env.open_db(b"due"), env.open_db(b"meta"), env.open_db(b"domains")
     with env.begin() as txn:
-        assert txn.get(b"format", db=meta) == b"2"
+        assert txn.get(b"format", db=meta) == b"3"      # 1 -> 2 -> 3
         assert sorted(k for k, _ in txn.cursor(db=due)) == sorted(keys)
+        assert sorted(k for k, _ in txn.cursor(db=domains)) == sorted(
+            domain_key("example.org", m.id, 0) for m in messages)
     env.close()
 
 

@@ -14,7 +14,7 @@ references it.  Implementations: `spool.lmdb.LmdbSpool` (the real one) and
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 from twisted.internet.defer import Deferred
 
@@ -84,6 +84,15 @@ class Spool(Protocol):
                  ) -> "Deferred[list[StoredMessage]]":
         """Up to `limit` messages with a recipient due at or before `now`, oldest due first,
         skipping the ids in `exclude` (those in flight), read from the due index."""
+
+    def flush(self, now: float, domain: str | None = None, after: Any = None,
+              limit: int = 1000) -> "Deferred[tuple[int, int, Any]]":
+        """Make QUEUED recipients due after `now` due at `now`: all of this spool's
+        partitions, or those at `domain` (case ignored); HELD ones stay held.  One batch of
+        about `limit` recipients (whole messages) in one transaction, from the indexes alone
+        (no message record is read); fires with (messages, recipients) made due and the
+        `after` of the next batch, None when there is none.  Cost grows with the mail
+        flushed (with the domain's mail), not with the queue (DESIGN invariant 6)."""
 
     def count(self) -> "Deferred[int]": ...
 

@@ -2,10 +2,11 @@
 
 One environment at `spool.path` (sync and metasync on, no writemap), with named databases:
 messages (id -> envelope record), bodies (id -> small body), recipients (id/idx -> state),
-due (time/id/idx -> "", the time-ordered index of recipients to try), events (timelines,
-later issues) and meta (format version).  Bodies above `inline_limit` are streamed to files
-under `bodies/` and fsynced (file, then directory) before the commit that references them;
-a body file no message references is removed at start.
+due (partition/time/id/idx -> "", the time-ordered index of recipients to try), domains
+(partition/domain/id/idx -> "", the unfinished recipients of each domain, for `flush
+--domain`), events (timelines) and meta (format version).  Bodies above `inline_limit` are
+streamed to files under `bodies/` and fsynced (file, then directory) before the commit that
+references them; a body file no message references is removed at start.
 
 **One writer thread** owns every transaction of the daemon: callers queue operations, the
 thread takes everything pending, runs it in one write transaction, commits once (natural
@@ -22,6 +23,7 @@ up to `max_map_size`; past that, or on a full disk, operations fail with `SpoolF
 from __future__ import annotations
 
 import errno
+import hashlib
 import heapq
 import os
 import struct
@@ -42,11 +44,13 @@ from txmta.spool import codec
 from txmta.message import QUEUED, UNFINISHED, Change, Event, RecipientState, StoredMessage, Suppression, intake_events, received_event
 from txmta.spool.interface import CommitFailed, SpoolError, SpoolFormatError, SpoolFull
 
-FORMAT = b"2"       # 2: due keys start with the partition byte (1 had none; migrated at open)
+# 2: due keys start with the partition byte (1 had none); 3: the domains index (2 had none);
+# older formats are migrated at open
+FORMAT = b"3"
 MAX_READERS = 512     # every worker's threads and every `txmta queue` read share the table
 READER_CHECK = 60.0   # seconds between sweeps of the reader slots dead processes left
 DB_NAMES = (b"messages", b"bodies", b"recipients", b"due", b"events", b"meta",
-            b"history", b"finished", b"msgids", b"suppression", b"cache")
+            b"history", b"finished", b"msgids", b"suppression", b"cache", b"domains")
 log = Logger()
 
 
@@ -59,6 +63,24 @@ def due_key(when: float, message_id: str, index: int) -> bytes:
     partition's recipients in time order, so a worker reads only its own partitions."""
     return (bytes((partition_of(message_id),)) + struct.pack(">Q", max(0, round(when * 1000)))
             + rcpt_key(message_id, index))
+
+
+def domain_prefix(partition: int, domain: str) -> bytes:
+    """partition (1 byte) / recipient domain (lower case; a name too long for a key by its
+    SHA-256) / "/": where a partition's unfinished recipients at `domain` are listed."""
+    name = domain.lower().encode("utf-8", "surrogatepass")
+    if len(name) > 200:         # a U-label domain may pass LMDB's 511-octet key limit
+        name = b"#" + hashlib.sha256(name).hexdigest().encode("ascii")
+    return bytes((partition,)) + name + b"/"
+
+
+def domain_key(domain: str, message_id: str, index: int) -> bytes:
+    return domain_prefix(partition_of(message_id), domain) + rcpt_key(message_id, index)
+
+
+def _split_rcpt_key(key: bytes) -> tuple[str, int]:
+    mid, index = key.rsplit(b"/", 1)
+    return mid.decode("ascii"), int(index, 16)
 
 
 _event_seq = [0]
@@ -92,6 +114,26 @@ def _migrate_due_1_to_2(txn: Any, due: Any) -> int:
         mid, index = key[8:].rsplit(b"/", 1)
         txn.put(bytes((partition_of(mid.decode("ascii")),)) + key, b"", db=due)
     return len(old)
+
+
+def _migrate_domains_2_to_3(txn: Any, dbs: dict[bytes, Any]) -> int:
+    """Format 2 had no domains index: list every unfinished recipient in it."""
+    n = 0
+    with txn.cursor(db=dbs[b"messages"]) as cur:
+        ids = [bytes(k).decode("ascii") for k in cur.iternext(keys=True, values=False)]
+    for mid in ids:
+        try:
+            m = load_message(txn, dbs, mid)
+        except codec.CorruptRecord as e:
+            log.warn("corrupt spool record {id} left out of the domains index: {e}", id=mid, e=e)
+            continue
+        if m is None:
+            continue
+        for i, (rcpt, st) in enumerate(zip(m.envelope.recipients, m.recipients)):
+            if st.state in UNFINISHED:
+                txn.put(domain_key(rcpt.address.domain, mid, i), b"", db=dbs[b"domains"])
+                n += 1
+    return n
 
 
 def _is_disk_full(e: BaseException) -> bool:
@@ -330,15 +372,24 @@ class LmdbSpool:
             found = txn.get(b"format")
             if found is None:
                 txn.put(b"format", FORMAT)
-            elif found == b"1":
+                return
+            found = original = bytes(found)
+            if found == b"1":
                 n = _migrate_due_1_to_2(txn, self._db[b"due"])
-                txn.put(b"format", FORMAT)
                 log.info("spool {path}: format 1 -> 2, {n} due entries keyed by partition",
                          path=self.path, n=n)
-            elif found != FORMAT:
+                found = b"2"
+            if found == b"2":
+                n = _migrate_domains_2_to_3(txn, self._db)
+                log.info("spool {path}: format 2 -> 3, {n} recipients in the domains index",
+                         path=self.path, n=n)
+                found = b"3"
+            if found != FORMAT:
                 raise SpoolFormatError(
                     f"spool {self.path} has format {found.decode(errors='replace')}, this txmta "
                     f"reads format {FORMAT.decode()}; use the txmta version that wrote it")
+            if found != original:
+                txn.put(b"format", FORMAT)
 
     def _remove_orphan_bodies(self) -> None:
         with self._env.begin(db=self._db[b"messages"]) as txn:
@@ -518,15 +569,23 @@ class LmdbSpool:
         return MemoryBody(os.path.join(self.bodies, message_id), self._inline_limit)
 
     def _write_recipients(self, txn: Any, m: StoredMessage, old: tuple[RecipientState, ...] | None) -> None:
-        rdb, ddb = self._db[b"recipients"], self._db[b"due"]
+        rdb, ddb, xdb = self._db[b"recipients"], self._db[b"due"], self._db[b"domains"]
         for i, st in enumerate(m.recipients):
+            was_unfinished = False
             if old is not None:
                 prev = old[i]
                 if prev.state == QUEUED:
                     txn.delete(due_key(prev.next_attempt, m.id, i), db=ddb)
+                was_unfinished = prev.state in UNFINISHED
             txn.put(rcpt_key(m.id, i), codec.encode_recipient(st), db=rdb)
             if st.state == QUEUED:
                 txn.put(due_key(st.next_attempt, m.id, i), b"", db=ddb)
+            if (st.state in UNFINISHED) != was_unfinished:     # the domains index: unfinished only
+                key = domain_key(m.envelope.recipients[i].address.domain, m.id, i)
+                if was_unfinished:
+                    txn.delete(key, db=xdb)
+                else:
+                    txn.put(key, b"", db=xdb)
 
     def put(self, message: StoredMessage, body: MemoryBody) -> Deferred[None]:
         in_file = body.in_file
@@ -559,6 +618,9 @@ class LmdbSpool:
         for i, st in enumerate(m.recipients):
             if st.state == QUEUED:
                 txn.delete(due_key(st.next_attempt, m.id, i), db=self._db[b"due"])
+            if st.state in UNFINISHED:
+                txn.delete(domain_key(m.envelope.recipients[i].address.domain, m.id, i),
+                           db=self._db[b"domains"])
             txn.delete(rcpt_key(m.id, i), db=self._db[b"recipients"])
         txn.delete(key, db=self._db[b"bodies"])
         txn.delete(key, db=self._db[b"messages"])
@@ -751,6 +813,124 @@ class LmdbSpool:
 
         return self._submit(_Op(fn, post=lambda: had_file[0] and self._unlink_body(message_id)))
 
+    # -- flush: due now, in batches, from the indexes alone ------------------------------------
+
+    def flush(self, now: float, domain: str | None = None, after: bytes | None = None,
+              limit: int = 1000) -> Deferred[tuple[int, int, bytes | None]]:
+        """Make the QUEUED recipients of this spool's partitions that are due after `now` due
+        at `now`: all of them, or those at `domain`.  One batch per call, in one write
+        transaction: about `limit` index entries, whole messages; fires with (messages,
+        recipients) made due and where to go on (`after` of the next call), None at the end.
+
+        Reads only index keys and recipient records, never a message record: all walks the
+        due index from `now` on, a domain walks its entries in the domains index."""
+        def fn(txn: Any) -> tuple[int, int, bytes | None]:
+            if domain is None:
+                return self._flush_due(txn, now, after, max(1, limit))
+            return self._flush_domain(txn, now, domain, after, max(1, limit))
+        return self._submit(_Op(fn))
+
+    def _index_walk(self, txn: Any, db: bytes, after: bytes | None, limit: int,
+                    start: Callable[[int], bytes], inside: Callable[[int, bytes], bool]
+                    ) -> tuple[list[bytes], bytes | None]:
+        """Up to `limit` keys of `db` after `after`, partition by partition (each from
+        `start(p)` while `inside(p, key)`), and the last one (None if no key is left)."""
+        keys: list[bytes] = []
+        with txn.cursor(db=self._db[db]) as cur:
+            for p in self.partitions:
+                if after is not None and p < after[0]:
+                    continue
+                first = after if after is not None and after[0] == p else start(p)
+                if not cur.set_range(first):
+                    break
+                for key in cur.iternext(keys=True, values=False):
+                    if not inside(p, key):
+                        break
+                    if key == after:
+                        continue
+                    if len(keys) >= limit:
+                        return keys, keys[-1]
+                    keys.append(bytes(key))
+        return keys, None
+
+    def _make_due(self, txn: Any, message_id: str, index: int, raw: bytes | None, now: float
+                  ) -> bool:
+        """Move one recipient (its record `raw`) due after `now` to `now`; False if it is
+        not QUEUED, already due, or gone."""
+        if raw is None:
+            return False
+        try:
+            st = codec.decode_recipient(raw)
+        except codec.CorruptRecord as e:
+            log.warn("corrupt recipient record {id}/{i} not flushed: {e}", id=message_id,
+                     i=index, e=e)
+            return False
+        if st.state != QUEUED or st.next_attempt <= now:
+            return False
+        txn.delete(due_key(st.next_attempt, message_id, index), db=self._db[b"due"])
+        txn.put(due_key(now, message_id, index), b"", db=self._db[b"due"])
+        txn.put(rcpt_key(message_id, index), codec.encode_recipient(replace(st, next_attempt=now)),
+                db=self._db[b"recipients"])
+        return True
+
+    def _flush_due(self, txn: Any, now: float, after: bytes | None, limit: int
+                   ) -> tuple[int, int, bytes | None]:
+        """Every recipient of a message met in the due index at once: its later entries
+        leave the walk's range, so each message is counted once."""
+        first_ms = struct.pack(">Q", max(0, round(now * 1000)) + 1)  # at `now` is due already
+        keys, last = self._index_walk(txn, b"due", after, limit,
+                                      lambda p: bytes((p,)) + first_ms,
+                                      lambda p, key: key[0] == p)
+        done: set[str] = set()
+        messages = recipients = 0
+        for key in keys:
+            mid = _due_id(key)
+            if mid in done:
+                continue
+            done.add(mid)
+            prefix = mid.encode("ascii") + b"/"
+            with txn.cursor(db=self._db[b"recipients"]) as cur:
+                states = []
+                if cur.set_range(prefix):
+                    for k, v in cur:
+                        if not k.startswith(prefix):
+                            break
+                        states.append((int(k[len(prefix):], 16), bytes(v)))
+            moved = sum(self._make_due(txn, mid, i, raw, now) for i, raw in states)
+            messages += moved > 0
+            recipients += moved
+        return messages, recipients, last
+
+    def _flush_domain(self, txn: Any, now: float, domain: str, after: bytes | None, limit: int
+                      ) -> tuple[int, int, bytes | None]:
+        """A domain's entries are in message order: a batch ends between two messages."""
+        prefixes = {p: domain_prefix(p, domain) for p in self.partitions}
+        keys, last = self._index_walk(txn, b"domains", after, limit, prefixes.__getitem__,
+                                      lambda p, key: key.startswith(prefixes[p]))
+        if last is not None:        # finish the last message: the next batch starts after it
+            message = last.rsplit(b"/", 1)[0] + b"/"
+            with txn.cursor(db=self._db[b"domains"]) as cur:
+                if cur.set_range(last):
+                    for key in cur.iternext(keys=True, values=False):
+                        if not key.startswith(message):
+                            break
+                        if key != last:
+                            keys.append(bytes(key))
+            last = keys[-1]
+        messages = recipients = 0
+        current, moved = "", 0
+        for key in keys:
+            mid, index = _split_rcpt_key(key[len(prefixes[key[0]]):])
+            if mid != current:
+                messages += moved > 0
+                current, moved = mid, 0
+            raw = txn.get(rcpt_key(mid, index), db=self._db[b"recipients"])
+            if self._make_due(txn, mid, index, None if raw is None else bytes(raw), now):
+                moved += 1
+                recipients += 1
+        messages += moved > 0
+        return messages, recipients, last
+
     # -- reading (on the writer thread too: one thread, no map resize races) -----------------
 
     def get(self, message_id: str) -> Deferred[StoredMessage | None]:
@@ -869,7 +1049,7 @@ class LmdbView:
                 if attempt == 19:
                     raise SpoolError(f"spool {path} kept changing size while opening")
         self._env, self._db = env, dbs
-        if found not in (None, b"1", FORMAT):   # 1 differs only in the due index, not read here
+        if found not in (None, b"1", b"2", FORMAT):   # 1 and 2 differ only in indexes not read here
             raise SpoolFormatError(f"spool {path} has format {found!r}, expected {FORMAT!r}")
 
     def _read(self, fn: Callable[[Any], Any]) -> Any:

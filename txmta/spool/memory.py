@@ -137,6 +137,46 @@ class MemorySpool:
         self.commits += 1
         return succeed(c)
 
+    def flush(self, now: float, domain: str | None = None,
+              after: tuple[int, str] | None = None, limit: int = 1000
+              ) -> Deferred[tuple[int, int, tuple[int, str] | None]]:
+        """As LmdbSpool.flush: whole messages, in (partition, id) order, about `limit`
+        recipients a call."""
+        err = self._failing()
+        if err is not None:
+            return fail(err)
+        wanted = None if domain is None else domain.lower()
+        order = sorted((partition_of(mid), mid) for mid in self.messages
+                       if partition_of(mid) in self.partitions)
+        messages = recipients = seen = 0
+        more = False
+        for key in order:
+            if after is not None and key <= after:
+                continue
+            m = self.messages[key[1]]
+            mine = [i for i, (rcpt, r) in enumerate(zip(m.envelope.recipients, m.recipients))
+                    if (wanted is None or rcpt.address.domain.lower() == wanted)
+                    and r.state in UNFINISHED]
+            if not mine:
+                continue
+            if seen >= max(1, limit):
+                more = True
+                break
+            seen += len(mine)
+            after = key
+            states = list(m.recipients)
+            moved = [i for i in mine if states[i].state == QUEUED and states[i].next_attempt > now]
+            for i in moved:
+                states[i] = replace(states[i], next_attempt=now)
+            if moved:
+                self._unindex(m)
+                self.messages[m.id] = replace(m, recipients=tuple(states))
+                self._index(self.messages[m.id])
+                messages += 1
+                recipients += len(moved)
+        self.commits += 1       # one transaction a batch, as LMDB
+        return succeed((messages, recipients, after if more else None))
+
     def cache_get(self, key: str) -> Deferred[bytes | None]:
         return succeed(self.cache.get(key))
 

@@ -1,0 +1,1 @@
+`txmta queue flush` (all or `--domain`) works in batches from the spool's indexes, never loading the queued messages: a flush of a domain costs as much as that domain's mail, whatever else is queued; spool format 3 (a domains index, built at start from format 2).
