@@ -47,6 +47,7 @@ def setup(schedule=(60.0, 300.0)):
     queue = Queue(spool, clock, schedule=schedule, max_lifetime=3600.0, jitter=lambda: 0.0)
     deliverer = FakeDeliverer()
     dispatcher = Dispatcher(queue, deliverer, clock)
+    queue.events.subscribe(dispatcher.heard, *Dispatcher.HEARS)   # as worker.py wires it
     dispatcher.start()
     return clock, spool, queue, deliverer, dispatcher
 
