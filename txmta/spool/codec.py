@@ -138,6 +138,8 @@ def encode_outbox(r: OutboxRecord) -> bytes:
 
 def decode_outbox(data: bytes) -> OutboxRecord:
     d = _loads(data)
+    if not isinstance(d, list) or not 2 <= len(d) <= 11:
+        raise CorruptRecord(f"bad outbox record: {d!r:.80}")
     try:
         kind, when = str(d[0]), float(d[1])
         rest = list(d[2:]) + [None] * (9 - len(d[2:]))
@@ -146,5 +148,5 @@ def decode_outbox(data: bytes) -> OutboxRecord:
                             str(rcpt or ""), dict(reply) if reply else None, str(remote or ""),
                             str(category or ""), str(tls or ""), int(attempts or 0),
                             str(text or ""))
-    except (IndexError, TypeError, ValueError, AttributeError, OverflowError) as e:
+    except (IndexError, KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
         raise CorruptRecord(f"bad outbox record: {e}") from e
