@@ -243,6 +243,20 @@ def test_expire_history_forgets_every_old_finished_message_in_batches():
     assert done == [5] and spool.history == {}
 
 
+def test_expire_history_trims_the_outbox_to_the_retention():
+    """The outbox stays bounded until a webhook sender drains it: entries of events older than
+    the retention go with the history, newer ones stay."""
+    q, spool, clock, _ = queue_with()
+    m = stored(q, clock, 1)
+    q.record(m, {0: O.Delivered(OK)})
+    clock.advance(100)
+    newer = stored(q, clock, 1)
+    assert len(spool.outbox) == 3
+    q.expire_history(50.0, batch=1)
+    assert [(r.kind, r.message_id) for _, r in (q.spool.outbox_read(None, 10).result)] == \
+        [("received", newer.id)]
+
+
 def test_a_report_on_a_requiretls_message_asks_requiretls_and_returns_headers_only():
     """RFC 8689: the bounce of a REQUIRETLS message travels with REQUIRETLS too, and carries
     the original's header section only, even when the sender asked RET=FULL."""
