@@ -55,8 +55,9 @@ class Received:
 
     def record(self) -> OutboxRecord:
         m = self.message
-        return OutboxRecord("received", m.arrival, m.id, rcpt=str(m.envelope.sender),
-                            text=f"nrcpt={len(m.envelope.recipients)} size={m.size}")
+        return OutboxRecord("received", m.arrival, m.id,
+                            text=f"from=<{m.envelope.sender}> nrcpt={len(m.envelope.recipients)} "
+                                 f"size={m.size}")
 
 
 @dataclass(frozen=True)

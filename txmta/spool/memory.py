@@ -1,4 +1,5 @@
-"""An in-memory spool for tests: the same interface and contract as the LMDB spool.
+"""An in-memory spool for tests: the same interface and contract as the LMDB spool, outbox
+included (`outbox`: event id -> the encoded record, as LMDB keeps it).
 
 `fail_next` makes the next write fail with the given error, to test the 4xx paths
 (DESIGN invariant 1: a failed commit leaves nothing behind).
