@@ -368,3 +368,20 @@ def test_held_recipients_are_neither_due_nor_ended(face: Face) -> None:
     face.wait(face.queue.release(m.id))
     (due,) = face.wait(face.queue.due(face.clock.seconds(), 10))
     assert due.recipients[0].state == QUEUED
+
+
+# -- the faces' signatures ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("face_type", [IntakeQueue, DeliveryQueue, AdminQueue])
+@pytest.mark.parametrize("implementation", [Queue, FakeQueue])
+def test_the_queue_and_the_fake_have_every_method_of_each_face(face_type: Any,
+                                                                implementation: Any) -> None:
+    """Each face's methods exist on the queue and on the fake, with the same parameters (in
+    the absence of a type checker run, what mypy would check of the Protocols)."""
+    import inspect
+    members = [n for n, v in vars(face_type).items() if inspect.isfunction(v) and not n.startswith("_")]
+    assert members
+    for name in members:
+        want = list(inspect.signature(getattr(face_type, name)).parameters)
+        got = list(inspect.signature(getattr(implementation, name)).parameters)
+        assert got == want, (implementation.__name__, name)
