@@ -158,3 +158,20 @@ def test_a_corrupt_outbox_record_is_refused() -> None:
     for data in (b"", b"\x09[]", b"\x01{}", b"\x01[\"x\"]", b"\x01[1,\"t\"]"):
         with pytest.raises(codec.CorruptRecord):
             codec.decode_outbox(data)
+
+
+def test_subscribing_while_publishing_takes_effect_from_the_next_event() -> None:
+    """A subscriber added or removed during a publish does not change who hears that event."""
+    stream = events.EventStream()
+    late: list[Any] = []
+    first: list[Any] = []
+
+    def subscribe_late(event: Any) -> None:
+        first.append(event)
+        stream.unsubscribe(subscribe_late)
+        stream.subscribe(late.append)
+
+    stream.subscribe(subscribe_late)
+    stream.publish(events.Due(1.0))
+    stream.publish(events.Due(2.0))
+    assert first == [events.Due(1.0)] and late == [events.Due(2.0)]

@@ -250,13 +250,14 @@ class EventStream:
         self._subscribers: list[tuple[Subscriber, tuple[type, ...]]] = []
 
     def subscribe(self, subscriber: Subscriber, *kinds: type) -> None:
-        self._subscribers.append((subscriber, kinds))
+        # a new list, never changed in place: a publish under way goes on with the old one
+        self._subscribers = self._subscribers + [(subscriber, kinds)]
 
     def unsubscribe(self, subscriber: Subscriber) -> None:
         self._subscribers = [(s, k) for s, k in self._subscribers if s != subscriber]
 
     def publish(self, event: Any) -> None:
-        for subscriber, kinds in list(self._subscribers):
+        for subscriber, kinds in self._subscribers:
             if kinds and not isinstance(event, kinds):
                 continue
             try:
