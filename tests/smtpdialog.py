@@ -82,16 +82,17 @@ class DelayedSpool(MemorySpool):
 
     def __init__(self) -> None:
         super().__init__()
-        self.pending: list[tuple[Deferred[None], StoredMessage, MemoryBodyWriter]] = []
+        self.pending: list[tuple[Deferred[None], StoredMessage, MemoryBodyWriter, Any]] = []
 
-    def put(self, message: StoredMessage, body: MemoryBodyWriter) -> Deferred[None]:  # type: ignore[override]
+    def put(self, message: StoredMessage, body: MemoryBodyWriter,  # type: ignore[override]
+            outbox: Any = ()) -> Deferred[None]:
         d: Deferred[None] = Deferred()
-        self.pending.append((d, message, body))
+        self.pending.append((d, message, body, outbox))
         return d
 
     def commit(self) -> None:
-        d, message, body = self.pending.pop(0)
-        inner = MemorySpool.put(self, message, body)
+        d, message, body, outbox = self.pending.pop(0)
+        inner = MemorySpool.put(self, message, body, outbox)
         inner.chainDeferred(d)
 
 

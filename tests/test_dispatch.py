@@ -47,6 +47,7 @@ def setup(schedule=(60.0, 300.0)):
     queue = Queue(spool, clock, schedule=schedule, max_lifetime=3600.0, jitter=lambda: 0.0)
     deliverer = FakeDeliverer()
     dispatcher = Dispatcher(queue, deliverer, clock)
+    queue.events.subscribe(dispatcher.heard, *Dispatcher.HEARS)   # as worker.py wires it
     dispatcher.start()
     return clock, spool, queue, deliverer, dispatcher
 
@@ -133,6 +134,25 @@ def test_a_dead_destination_is_throttled_as_a_whole():
     deliverer.answer = lambda env, idx: AttemptResult({i: O.Delivered(OK) for i in idx}, "d")
     clock.advance(until - clock.seconds())
     assert len(deliverer.calls) == 3 and spool.messages == {}
+
+
+def test_an_attempt_with_a_throttled_destination_is_one_commit():
+    """A message with one recipient at a throttled destination and one elsewhere: the attempt's
+    outcome and the postponed recipient are committed together, in one record()."""
+    clock, spool, queue, deliverer, _ = setup()
+    refused = Reply(451, "4.4.1", "connection refused")
+    deliverer.answer = lambda env, idx: AttemptResult(
+        {i: O.TempFailed(refused, stage=O.CONNECT) for i in idx}, "dead.example", refused)
+    put(queue, clock, "a@dead.example")
+    clock.advance(SCAN_COALESCE)
+    deliverer.answer = lambda env, idx: AttemptResult({i: O.Delivered(OK) for i in idx}, "d")
+    mid = put(queue, clock, "b@dead.example", "c@live.example")
+    commits = spool.commits
+    clock.advance(SCAN_COALESCE)
+    assert deliverer.calls[-1] == ["c@live.example"]
+    assert spool.commits == commits + 1
+    waiting, done = spool.messages[mid].recipients
+    assert waiting.attempts == 0 and waiting.last_reply == refused and done.state == "delivered"
 
 
 def test_held_message_is_not_delivered_until_released():

@@ -396,8 +396,7 @@ def test_dsn_is_signed_by_the_key_of_the_mailer_daemon_domain(rsa_key: Any, othe
     clock = Clock()
     clock.advance(NOW)
     spool = MemorySpool()
-    q = Queue(spool, clock, hostname=HOST)
-    q.sign_report = signer.sign_message
+    q = Queue(spool, clock, hostname=HOST, sign_report=signer.sign_message)
     mid = q.new_message_id()
     body = q.body_writer(mid)
     body.write(signed(signer))

@@ -3,6 +3,7 @@
 from twisted.internet.task import Clock
 from twisted.logger import Logger, LogLevel
 
+from txmta import events
 from txmta.message import Address, Envelope, Recipient
 from txmta.maillog import MailLog
 from txmta.queue import Queue
@@ -24,12 +25,19 @@ class Recorder:
         self.events.append(event)
 
 
+def logged(q, rec):
+    """`q` with a mail log writing to `rec` subscribed to its events (as worker.py does)."""
+    maillog = MailLog(Logger(namespace="txmta.maillog", observer=rec))
+    q.events.subscribe(maillog.heard, *maillog.HEARS)
+    return q
+
+
 def make_queue():
     clock = Clock()
     clock.advance(1_700_000_000)
     rec = Recorder()
     spool = MemorySpool()
-    q = Queue(spool, clock, MailLog(Logger(namespace="txmta.maillog", observer=rec)))
+    q = logged(Queue(spool, clock), rec)
     return q, spool, clock, rec
 
 
@@ -51,11 +59,11 @@ def test_put_stores_every_recipient_queued_and_due_at_arrival():
     assert due == [[(clock.seconds(), mid)]]
 
 
-def test_mail_log_and_listeners_hear_only_after_the_commit():
+def test_mail_log_and_subscribers_hear_only_after_the_commit():
     """Persist first, then tell (DESIGN invariant 3): a failed commit logs nothing."""
     q, spool, clock, rec = make_queue()
     heard = []
-    q.listeners.append(heard.append)
+    q.events.subscribe(lambda e: heard.append(e.message), events.Received)
     spool.fail_next = CommitFailed("disk on fire")
     mid = q.new_message_id()
     failures = []
@@ -96,8 +104,8 @@ def queue_with(schedule=(60.0, 300.0), lifetime=3600.0):
     clock.advance(1_700_000_000)
     spool = MemorySpool()
     rec = Recorder()
-    q = Queue(spool, clock, MailLog(Logger(namespace="txmta.maillog", observer=rec)),
-              schedule=schedule, max_lifetime=lifetime, jitter=lambda: 0.0)
+    q = logged(Queue(spool, clock, schedule=schedule, max_lifetime=lifetime, jitter=lambda: 0.0),
+               rec)
     return q, spool, clock, rec
 
 
@@ -208,13 +216,14 @@ def test_flush_goes_in_batches_and_wakes_the_dispatcher_once():
     q.record(held, {0: O.TempFailed(LATER)})
     q.hold(held.id)
     woken, lifted, counts = [], [], []
-    q.changed.append(lambda m, at: woken.append((m, at)))
-    q.retry_now.append(lifted.append)
+    q.events.subscribe(lambda e: woken.append(e.at), events.Due)
+    q.events.subscribe(lambda e: lifted.append((e.message, e.domain)), events.RetryNow)
     commits = spool.commits
-    q.flush(batch=2).addCallback(counts.append)
+    q.flush_batch = 2
+    q.flush().addCallback(counts.append)
     assert counts == [5]
     assert spool.commits - commits >= 3                 # 10 recipients, 2 a batch
-    assert woken == [(None, clock.seconds())] and lifted == [None]
+    assert woken == [clock.seconds()] and lifted == [(None, None)]
     assert all(r.next_attempt == clock.seconds() for m in deferred
                for r in spool.messages[m.id].recipients)
     assert spool.messages[held.id].recipients[0].state == HELD
@@ -222,25 +231,29 @@ def test_flush_goes_in_batches_and_wakes_the_dispatcher_once():
 
 
 def test_flush_of_a_domain_lifts_that_domains_throttle():
-    """`flush --domain` tells the retry_now listeners of the domain (lower case) alone;
-    with nothing to flush the dispatcher is not woken."""
+    """`flush --domain` lifts the throttle of the domain (lower case) alone; with nothing
+    to flush the dispatcher is not woken."""
     q, _, _, _ = queue_with()
     lifted, woken, counts = [], [], []
-    q.retry_now.append(lifted.append)
-    q.changed.append(lambda m, at: woken.append(at))
+    q.events.subscribe(lambda e: lifted.append((e.message, e.domain)), events.RetryNow)
+    q.events.subscribe(lambda e: woken.append(e.at), events.Due)
     q.flush(domain="Two.Example").addCallback(counts.append)
     assert counts == [0] and woken == []
-    assert [[r.address.domain for r in m.envelope.recipients] for m in lifted] == [["two.example"]]
+    assert lifted == [(None, "two.example")]
 
 
-def test_postpone_moves_recipients_without_counting_an_attempt():
-    """Mail for a throttled destination waits for its retry; attempts stay the same."""
+def test_postponed_recipients_move_without_counting_an_attempt_in_the_same_commit():
+    """Mail for a throttled destination waits for its retry, attempts unchanged, committed
+    with the attempt's outcomes in one transaction."""
     q, spool, clock, _ = queue_with()
-    m = stored(q, clock, 1)
-    q.postpone(m, {0: (clock.seconds() + 500, LATER)})
+    m = stored(q, clock, 2)
+    commits = spool.commits
+    q.record(m, {1: O.TempFailed(LATER)}, postponed={0: (clock.seconds() + 500, LATER)})
+    assert spool.commits == commits + 1
     state = spool.messages[m.id].recipients[0]
     assert state.attempts == 0 and state.next_attempt == clock.seconds() + 500
     assert state.last_reply == LATER
+    assert spool.messages[m.id].recipients[1].attempts == 1
 
 
 def test_admin_changes_appear_in_the_timeline():
@@ -267,6 +280,20 @@ def test_expire_history_forgets_every_old_finished_message_in_batches():
     assert done == [5] and spool.history == {}
 
 
+def test_expire_history_trims_the_outbox_to_the_retention():
+    """The outbox stays bounded until a webhook sender drains it: entries of events older than
+    the retention go with the history, newer ones stay."""
+    q, spool, clock, _ = queue_with()
+    m = stored(q, clock, 1)
+    q.record(m, {0: O.Delivered(OK)})
+    clock.advance(100)
+    newer = stored(q, clock, 1)
+    assert len(spool.outbox) == 3
+    q.expire_history(50.0, batch=1)
+    assert [(r.kind, r.message_id) for _, r in (q.spool.outbox_read(None, 10).result)] == \
+        [("received", newer.id)]
+
+
 def test_a_report_on_a_requiretls_message_asks_requiretls_and_returns_headers_only():
     """RFC 8689: the bounce of a REQUIRETLS message travels with REQUIRETLS too, and carries
     the original's header section only, even when the sender asked RET=FULL."""
@@ -288,15 +315,17 @@ def test_a_report_on_a_requiretls_message_asks_requiretls_and_returns_headers_on
 def test_a_record_rerun_after_the_map_grew_reports_and_tells_once(open_lmdb, wait):
     """The writer runs a change again after growing a full map (LmdbSpool._run_batch): the
     bounce still gives exactly one DSN in the spool, one `bounced` and one `dsn` line in the
-    mail log, and each subscriber hears of the report and the suppression once."""
+    mail log, each subscriber hears of the report and the suppression once, and the outbox
+    holds each event once, under the id it was published with."""
     spool = open_lmdb(map_size=256 * 1024, max_map_size=64 << 20, inline_limit=1 << 20)
     clock = Clock()
     clock.advance(1_700_000_000)
     rec = Recorder()
-    q = Queue(spool, clock, MailLog(Logger(namespace="txmta.maillog", observer=rec)))
-    heard, suppressed = [], []
-    q.listeners.append(heard.append)
-    q.suppressed.append(suppressed.append)
+    q = logged(Queue(spool, clock), rec)
+    heard, suppressed, published = [], [], []
+    q.events.subscribe(lambda e: heard.append(e.report), events.DsnQueued)
+    q.events.subscribe(lambda e: suppressed.append(e.entry), events.SuppressionAdded)
+    q.events.subscribe(published.append)
     mid = q.new_message_id()
     body = q.body_writer(mid)
     body.write(b"Subject: big\r\n\r\n")
@@ -305,7 +334,7 @@ def test_a_record_rerun_after_the_map_grew_reports_and_tells_once(open_lmdb, wai
     env = Envelope(Address("app", "example.com"), (Recipient(Address("gone", "example.net")),),
                    ret="FULL")
     m = wait(q.put(mid, env, body, {}, clock.seconds()))
-    heard.clear()
+    published.clear()
     before = spool._env.info()["map_size"]
     wait(q.record(m, {0: O.PermFailed(Reply(550, "5.1.1", "no such user"))}))
     assert spool._env.info()["map_size"] > before       # the change ran again after growing
@@ -315,3 +344,8 @@ def test_a_record_rerun_after_the_map_grew_reports_and_tells_once(open_lmdb, wai
     assert [e["event"] for e in rec.events] == ["received", "bounced", "dsn"]
     assert [h.id for h in heard] == [report.id]
     assert [s.address for s in suppressed] == ["gone@example.net"]
+    assert [type(e) for e in published] == [events.Bounced, events.DsnQueued,
+                                            events.SuppressionAdded, events.Due]
+    outbox = wait(spool.outbox_read(None, 100))
+    assert [r.kind for _, r in outbox] == ["received", "bounced", "dsn", "suppression-added"]
+    assert [k for k, _ in outbox[1:]] == [e.event_id for e in published[:3]]

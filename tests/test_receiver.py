@@ -245,6 +245,28 @@ def test_abort_discards_the_body():
     assert spool.messages == {}
 
 
+def test_the_receiver_needs_only_the_intake_face():
+    """Over the fake intake face (tests/fakes.py): 250 naming the id once put() fired, and
+    a failed commit is 451 with the body aborted."""
+    from fakes import FakeQueue
+    clock = Clock()
+    clock.advance(NOW)
+    queue = FakeQueue(clock)
+    receiver = Receiver(queue, HOSTNAME, clock)
+    intake = receiver.begin(session(), envelope())
+    intake.write(b"Subject: x\r\n\r\nbody\r\n")
+    replies: list[Reply] = []
+    intake.finish().addCallback(replies.append)
+    assert replies[0].code == 250 and intake.message_id in replies[0].text
+    assert queue.bodies[intake.message_id].endswith(b"\r\nbody\r\n")
+    queue.fail_next = CommitFailed("disk on fire")
+    intake = receiver.begin(session(), envelope())
+    intake.write(b"Subject: x\r\n\r\nbody\r\n")
+    intake.finish().addCallback(replies.append)
+    assert replies[1].code == 451 and intake.body.aborted
+    assert list(queue.messages) == [replies[0].text.split()[-1]]
+
+
 # -- through the server -------------------------------------------------------------------
 
 def test_dialogue_stores_received_from_helo_and_auth_keyword():

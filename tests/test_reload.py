@@ -197,7 +197,13 @@ def test_dkim_keys_are_reloaded_and_a_bad_key_keeps_the_running_ones(tmp_path):
     key.write_bytes(ed25519.Ed25519PrivateKey.generate().private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption()))
-    receiver, queue = SimpleNamespace(signer=None), SimpleNamespace(sign_report=None)
+    class Queue:
+        sign_report = None
+
+        def set_sign_report(self, sign_report):
+            self.sign_report = sign_report
+
+    receiver, queue = SimpleNamespace(signer=None), Queue()
     part = SigningReload(receiver, queue)
     table = f'[[dkim]]\ndomain = "example.com"\nselector = "s1"\nkey = "{key}"\n' \
             'algorithm = "ed25519-sha256"\n'

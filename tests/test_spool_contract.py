@@ -16,13 +16,18 @@ from hypothesis import strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, invariant, precondition,
                                  rule, run_state_machine_as_test)
 
-from txmta.message import Address, Envelope, MessageIds, Recipient, new_message_id
+from txmta import events
+from txmta import outcome as O
+from txmta.message import Address, Change, Envelope, MessageIds, Recipient, new_message_id
 from txmta.reply import Reply
 from txmta.message import (BOUNCED, DELETED, DELIVERED, HELD, QUEUED, RecipientState,
                            StoredMessage)
 from txmta.spool.interface import CommitFailed
 from txmta.spool.lmdb import LmdbSpool, _Op, domain_key
 from txmta.spool.memory import MemorySpool
+
+
+OK = Reply(250, "2.0.0", "OK")
 
 
 def queued(ms: int, attempts: int = 0) -> RecipientState:
@@ -416,6 +421,87 @@ def test_finished_recipients_are_no_longer_flushed(spool, wait):
     assert wait(spool.count()) == 0
     if isinstance(spool, LmdbSpool):
         assert domains_index(spool, wait) == []
+
+
+# -- the outbox ---------------------------------------------------------------------------------
+
+def _eid(n: int, at: float = 1000.0) -> bytes:
+    return events.event_id(events.EventIds(1).base(at), n)
+
+
+def test_put_writes_its_outbox_entries_in_the_same_commit(spool, wait, make_message):
+    """The events put() is given are in the outbox after the commit, in id order, readable
+    back as records; a failed put (a duplicate id) leaves none."""
+    m = make_message(n_rcpts=2)
+    base = events.EventIds(1).base(m.arrival)
+    told = [events.Received(events.event_id(base, 0), m), events.Suppressed(events.event_id(base, 1), m, 1)]
+    writer = spool.body_writer(m.id)
+    writer.write(b"x")
+    wait(spool.put(m, writer, told))
+    assert wait(spool.outbox_read(None, 10)) == [(e.event_id, e.record()) for e in told]
+    again = replace(make_message(), id=m.id)
+    writer = spool.body_writer(m.id)
+    with pytest.raises(CommitFailed):
+        wait(spool.put(again, writer, [events.Received(_eid(9, 2000.0), again)]))
+    assert [k for k, _ in wait(spool.outbox_read(None, 10))] == [e.event_id for e in told]
+
+
+def test_apply_writes_the_changes_outbox_entries(spool, wait, make_message):
+    """apply() commits a Change's outbox entries with its recipient states."""
+    m = make_message(states=(queued(1000),))
+    put(spool, wait, m)
+
+    def change(current: StoredMessage) -> Change:
+        done = current.with_recipient_state(0, RecipientState(DELIVERED, 1, 0.0))
+        return Change(done, finished_at=2.0,
+                      outbox=(events.Delivered(_eid(0), done, 0, O.Delivered(OK), 2.0),))
+    wait(spool.apply(m.id, change))
+    ((key, record),) = wait(spool.outbox_read(None, 10))
+    assert key == _eid(0) and record.kind == "delivered" and record.message_id == m.id
+    assert wait(spool.get(m.id)) is None
+
+
+def test_a_change_whose_outbox_entry_exists_fails_whole(spool, wait, make_message):
+    """An event id already in the outbox fails the commit: states unchanged, no entry added."""
+    m = make_message(states=(queued(1000),))
+    put(spool, wait, m, b"x")
+    first = events.AdminAction(_eid(0), m, "held", 1.0)
+    wait(spool.apply(m.id, lambda cur: Change(cur, outbox=(first,))))
+
+    def change(current: StoredMessage) -> Change:
+        done = current.with_recipient_state(0, RecipientState(DELIVERED, 1, 0.0))
+        return Change(done, outbox=(events.AdminAction(_eid(1), done, "x", 1.0),
+                                    events.Delivered(_eid(0), done, 0, O.Delivered(OK), 1.0)))
+    with pytest.raises(CommitFailed):
+        wait(spool.apply(m.id, change))
+    assert wait(spool.get(m.id)) == m
+    assert wait(spool.outbox_read(None, 10)) == [(first.event_id, first.record())]
+
+
+def test_outbox_read_pages_after_a_key(spool, wait, make_message):
+    """outbox_read(after, limit) gives the next `limit` entries above `after`."""
+    m = make_message()
+    told = [events.AdminAction(_eid(i, 1000.0 + i), m, "held", 1000.0 + i) for i in range(5)]
+    put(spool, wait, m)
+    wait(spool.apply(m.id, lambda cur: Change(cur, outbox=tuple(reversed(told)))))
+    first = wait(spool.outbox_read(None, 2))
+    assert [k for k, _ in first] == [e.event_id for e in told[:2]]
+    rest = wait(spool.outbox_read(first[-1][0], 10))
+    assert [k for k, _ in rest] == [e.event_id for e in told[2:]]
+    assert wait(spool.outbox_read(rest[-1][0], 10)) == []
+
+
+def test_outbox_trim_forgets_older_entries_up_to_the_limit(spool, wait, make_message):
+    """outbox_trim(before, limit) removes the oldest entries before `before`, at most `limit`."""
+    m = make_message()
+    told = [events.AdminAction(_eid(0, at), m, "held", at) for at in (10.0, 20.0, 30.0, 40.0)]
+    put(spool, wait, m)
+    wait(spool.apply(m.id, lambda cur: Change(cur, outbox=tuple(told))))
+    assert wait(spool.outbox_trim(35.0, 2)) == 2
+    assert wait(spool.outbox_trim(35.0, 2)) == 1
+    assert wait(spool.outbox_trim(35.0, 2)) == 0
+    assert [k for k, _ in wait(spool.outbox_read(None, 10))] == [told[3].event_id]
+    assert wait(spool.outbox_trim(1e9, 10)) == 1 and wait(spool.outbox_read(None, 10)) == []
 
 
 # -- the state machine -------------------------------------------------------------------------

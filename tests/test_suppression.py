@@ -48,8 +48,7 @@ def test_drop_mode_ends_suppressed_recipients_at_intake():
     clock = Clock()
     clock.advance(T0)
     spool = MemorySpool()
-    q = Queue(spool, clock)
-    q.drop_suppressed = True
+    q = Queue(spool, clock, drop_suppressed=True)
     q.suppression.add(entry())
     env = Envelope(Address("app", "example.com"),
                    (Recipient(Address("bob", "example.net")), Recipient(Address("c", "example.net"))))
@@ -90,8 +89,9 @@ def test_a_dropped_recipient_is_in_the_mail_log_and_the_timeline():
     clock.advance(T0)
     spool = MemorySpool()
     events = []
-    q = Queue(spool, clock, MailLog(Logger(namespace="txmta.maillog", observer=events.append)))
-    q.drop_suppressed = True
+    q = Queue(spool, clock, drop_suppressed=True)
+    maillog = MailLog(Logger(namespace="txmta.maillog", observer=events.append))
+    q.events.subscribe(maillog.heard, *maillog.HEARS)
     q.suppression.add(entry())
     env = Envelope(Address("app", "example.com"), (Recipient(Address("bob", "example.net")),))
     mid = q.new_message_id()

@@ -8,9 +8,12 @@ Nothing in flight is persisted (DESIGN invariant 3): after a crash every unfinis
 recipient is due again at its stored time.
 
 There is no polling loop: the dispatcher sleeps with one `callLater` until the next due
-time, and is woken by new mail, by finished attempts and by admin changes.  A destination
-whose hosts all failed at the session level is throttled as a whole: its other queued mail
-waits for the destination's next retry instead of each message trying on its own.
+time, and is woken by finished attempts and by the queue's events (`heard`, subscribed by
+worker.py to `HEARS`): new mail (`events.Received`), the next attempt a change left
+(`events.Due`), an admin's "try now" (`events.RetryNow`).  A destination whose hosts all
+failed at the session level is throttled as a whole: its other queued mail waits for the
+destination's next retry instead of each message trying on its own; those recipients are
+committed with the attempt's outcomes, in the same `record()`.
 """
 # test: tests/test_dispatch.py
 
@@ -22,7 +25,9 @@ from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, succ
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
+from txmta import events
 from txmta import outcome as O
+from txmta.faces import DeliveryQueue
 from txmta.reply import Reply
 from txmta.message import QUEUED, StoredMessage
 from txmta.message import SpoolError
@@ -35,7 +40,7 @@ class BodyLoader:
     """Reads a message body from the spool on first use (only once a connection is ready),
     once for all the destinations of an attempt."""
 
-    def __init__(self, queue: Any, message_id: str) -> None:
+    def __init__(self, queue: DeliveryQueue, message_id: str) -> None:
         self.queue = queue
         self.message_id = message_id
         self._body: bytes | None = None
@@ -65,7 +70,9 @@ class BodyLoader:
 
 
 class Dispatcher:
-    def __init__(self, queue: Any, deliverer: Any, clock: IReactorTime, *,
+    HEARS = (events.Received, events.Due, events.RetryNow)   # what `heard` wants of the stream
+
+    def __init__(self, queue: DeliveryQueue, deliverer: Any, clock: IReactorTime, *,
                  max_inflight: int = 1000) -> None:
         self.queue = queue
         self.deliverer = deliverer
@@ -79,9 +86,16 @@ class Dispatcher:
         self._again = False
         self._running = False
         self._drained: list[Deferred[None]] = []
-        queue.listeners.append(lambda message: self.wake(self.clock.seconds() + SCAN_COALESCE))
-        queue.changed.append(self._changed)
-        queue.retry_now.append(self._unthrottle)
+
+    def heard(self, event: Any) -> None:
+        """An event of the queue's stream: new mail wakes a (coalesced) scan, a change's next
+        attempt sets the timer, an admin's "try now" lifts throttles."""
+        if isinstance(event, events.Received):
+            self.wake(self.clock.seconds() + SCAN_COALESCE)
+        elif isinstance(event, events.Due):
+            self.wake(event.at)
+        elif isinstance(event, events.RetryNow):
+            self._unthrottle(event.message, event.domain)
 
     # -- scheduling -----------------------------------------------------------------------
 
@@ -115,17 +129,16 @@ class Dispatcher:
         self._timer_at = at
         self._timer = self.clock.callLater(at - now, self._scan)
 
-    def _unthrottle(self, message: StoredMessage | None) -> None:
-        """An admin flushed (or released, requeued): try its destinations again now."""
-        if message is None:
+    def _unthrottle(self, message: StoredMessage | None, domain: str | None = None) -> None:
+        """An admin flushed (or released, requeued): try the destinations of the message, or
+        of the domain, or all of them, again now."""
+        if domain is not None:
+            self.throttled.pop(self.deliverer.destination(domain), None)
+        if message is not None:
+            for rcpt in message.envelope.recipients:
+                self.throttled.pop(self.deliverer.destination(rcpt.address.domain), None)
+        if message is None and domain is None:
             self.throttled.clear()
-            return
-        for rcpt in message.envelope.recipients:
-            self.throttled.pop(self.deliverer.destination(rcpt.address.domain), None)
-
-    def _changed(self, message: StoredMessage | None, next_attempt: float | None) -> None:
-        if next_attempt is not None:
-            self.wake(next_attempt)
 
     @inlineCallbacks
     def _scan(self) -> Any:
@@ -228,10 +241,8 @@ class Dispatcher:
             # a "shutting down" deferral is not an attempt worth counting
             outcomes = {i: o for i, o in outcomes.items() if not isinstance(o, O.TempFailed)}
             postponed = {}
-        if postponed:
-            yield self.queue.postpone(message, postponed)
-        if outcomes:
-            updated = yield self.queue.record(message, outcomes)
+        if outcomes or postponed:   # one commit for the attempt
+            updated = yield self.queue.record(message, outcomes, postponed)
             for dest, indices, reply in site_failed:
                 self._throttle(dest, indices, reply, updated)
 

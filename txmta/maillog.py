@@ -9,6 +9,9 @@ Where the lines go is the caller's choice of sink:
 * `FileSink` (`[log] maillog = PATH` or "-"): our own lines, text or one JSON object per
   line, written in batches (a mail log line is not mail: it is flushed within a second,
   not fsynced), so the busy path does not pay for a formatted, flushed log event.
+
+The mail log is a subscriber of the queue's event stream: `MailLog.heard` turns the
+committed events (txmta/events.py) into lines; worker.py subscribes it.
 """
 # test: tests/test_maillog.py
 
@@ -21,6 +24,7 @@ from typing import IO, Any, Protocol
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from txmta import events
 from txmta.outcome import Delivered, Outcome, PermFailed
 from txmta.message import EXPIRED, QUEUED, StoredMessage
 
@@ -86,6 +90,19 @@ class MailLog:
         if sink is None or isinstance(sink, Logger):
             sink = LoggerSink(sink)
         self.sink = sink
+
+    HEARS = (events.Received, events.Suppressed, *events.ATTEMPTED, events.DsnQueued)
+
+    def heard(self, event: Any) -> None:
+        """A line for an event of the queue's stream (subscribed to `HEARS`)."""
+        if isinstance(event, events.Received):
+            self.received(event.message)
+        elif isinstance(event, events.ATTEMPTED):
+            self.outcome(event.message, event.index, event.outcome, event.at)
+        elif isinstance(event, events.DsnQueued):
+            self.dsn(event.message, event.report)
+        elif isinstance(event, events.Suppressed):
+            self.suppressed(event.message, event.index)
 
     def received(self, m: StoredMessage) -> None:
         c = m.client

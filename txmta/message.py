@@ -1,5 +1,5 @@
 """Message values: ids, addresses, recipients, envelopes, stored messages, recipient states,
-timeline events, suppressions, and the change a spool transaction commits.
+timeline events, suppressions, outbox records, and the change a spool transaction commits.
 
 Pure values; no I/O.  Addresses keep the exact local part the client sent (RFC 5321 2.4:
 local parts are case sensitive) and a lower-cased domain.  ESMTP parameters that
@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 from txmta.reply import Reply
 
@@ -232,15 +233,43 @@ class Suppression:
 
 
 @dataclass(frozen=True)
+class OutboxRecord:
+    """What the outbox keeps of one event (`txmta.events`): flat, for the webhook sender."""
+
+    kind: str                       # received | delivered | deferred | bounced | expired | ...
+    time: float
+    message_id: str = ""            # "" for a suppression-list change
+    index: int = -1                 # the recipient's place in the envelope, -1 for none
+    rcpt: str = ""
+    reply: dict[str, object] | None = None
+    remote: str = ""
+    category: str = ""
+    tls: str = ""
+    attempts: int = 0
+    text: str = ""
+
+
+class OutboxEntry(Protocol):
+    """An event the spool writes to its outbox: the key, and the record (txmta.events)."""
+
+    @property
+    def event_id(self) -> bytes: ...
+
+    def record(self) -> OutboxRecord: ...
+
+
+@dataclass(frozen=True)
 class Change:
     """What one `Spool.modify()` commits beside the new recipient states: timeline events,
-    new messages (DSNs, committed in the same transaction, invariant 2) and suppressions."""
+    new messages (DSNs, committed in the same transaction, invariant 2), suppressions, and
+    the events for the outbox (the queue publishes the same ones after the commit)."""
 
     message: StoredMessage
     events: tuple[Event, ...] = ()
     new_messages: tuple[tuple[StoredMessage, bytes], ...] = ()
     suppress: tuple[Suppression, ...] = ()
     finished_at: float | None = None    # when the message finished, if this change finishes it
+    outbox: tuple[OutboxEntry, ...] = ()
 
 
 # What storing can fail with (the spool raises them; intake turns them into replies).

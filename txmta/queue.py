@@ -1,14 +1,24 @@
 """The queue: owner of message state, and the spool's only user.
 
+It has three faces (txmta/faces.py): intake (`new_message_id`, `body_writer`, `put`),
+delivery (`due`, `next_due`, `read_body`, `record`) and admin (hold, release, flush,
+delete, requeue, status, the suppression list).
+
 `put()` stores a new message with every recipient QUEUED and due now, in one durable
-commit.  `record()` commits the outcomes of an attempt (states, attempts, next attempt from
-the retry policy, last reply) in one transaction, and only then tells the mail log and the
-listeners (DESIGN invariant 3: persist first, then tell memory).  `due()` reads messages
-with due recipients from the spool's time-ordered index (invariant 6: no scans).
-Admin changes (hold, release, delete, requeue, flush) go through here too.
+commit.  `record()` commits an attempt in one transaction: the outcomes (states, attempts,
+next attempt from the retry policy, last reply), the recipients postponed because their
+destination is throttled (next attempt moved, no attempt counted), the DSNs owed and the
+suppressions of hard-bounced addresses.  `due()` reads messages with due recipients from
+the spool's time-ordered index (invariant 6: no scans).
+
+Every change writes its events (txmta/events.py) to the spool's outbox in its own
+transaction, and only after the commit publishes the same events on `self.events`
+(DESIGN invariant 3: persist first, then tell): the mail log, the dispatcher, the
+suppression mirror and the worker's channel to the master are subscribers.  Nothing else
+is told, and a subscriber never changes the queue.
 
 Not here: delivering (dispatch.py, outbound/), deciding what a reply means (outcome.py),
-the retry arithmetic (retry.py), DSNs (the bounce issue adds them to `record()`'s commit).
+the retry arithmetic (retry.py), building DSNs (dsn.py).
 """
 # test: tests/test_queue.py
 
@@ -21,11 +31,11 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.interfaces import IReactorTime
 
 from txmta import dsn, retry, suppression
+from txmta import events as E      # events.Deferred beside twisted's Deferred; `events` below is a timeline
 from txmta.categories import Classifier
 from txmta.suppression import SuppressionList
-from txmta.message import Address, Envelope, MessageIds, Recipient
+from txmta.message import Envelope, MessageIds
 from txmta.partition import ALL
-from txmta.maillog import MailLog
 from txmta.outcome import Delivered, Outcome, PermFailed, TempFailed
 from txmta.reply import Reply
 from txmta.message import BOUNCED, DELETED, DELIVERED, EXPIRED, HELD, QUEUED, SUPPRESSED, Change, Event, RecipientState, StoredMessage, Suppression
@@ -35,17 +45,30 @@ DEFAULT_SCHEDULE = (60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0)
 DSN_FULL_LIMIT = 256 * 1024     # above this, a DSN returns only the header section unless RET=FULL
 
 
+SignReport = Callable[[bytes, float], bytes]
+
+
 class Queue:
-    def __init__(self, spool: Spool, clock: IReactorTime, maillog: MailLog | None = None, *,
+    """`sign_report(report, now)`: the DSN signed with DKIM, or unchanged; never raises
+    (`set_sign_report` replaces it on SIGHUP).  `drop_suppressed`: a recipient on the
+    suppression list ends at intake ([suppression] action = "drop")."""
+
+    def __init__(self, spool: Spool, clock: IReactorTime, *,
                  schedule: Sequence[float] = DEFAULT_SCHEDULE, max_lifetime: float = 5 * 86400.0,
                  jitter: Callable[[], float] | None = None, hostname: str = "localhost",
                  delay_warning: float = 4 * 3600.0, classifier: Classifier | None = None,
                  suppress_categories: Iterable[str] = ("invalid-recipient", "bad-domain"),
-                 suppression_ttl: float = 90 * 86400.0, partitions: Iterable[int] = ALL) -> None:
+                 suppression_ttl: float = 90 * 86400.0, partitions: Iterable[int] = ALL,
+                 events: E.EventStream | None = None, sign_report: SignReport | None = None,
+                 drop_suppressed: bool = False) -> None:
         self.spool = spool
         self.clock = clock
+        partitions = tuple(partitions)
         self.ids = MessageIds(partitions, clock=clock.seconds)   # this worker's partitions
-        self.maillog = maillog or MailLog()
+        self.flush_batch = 1000     # recipients per spool transaction of a flush of all / a domain
+        # no two workers share a partition, so no two make the same event id
+        self.event_ids = E.EventIds(min(partitions))
+        self.events = events or E.EventStream()
         self.schedule = tuple(schedule)
         self.max_lifetime = max_lifetime
         self.jitter = jitter
@@ -54,16 +77,14 @@ class Queue:
         self.classifier = classifier or Classifier()
         self.suppress_categories = frozenset(suppress_categories)
         self.suppression_ttl = suppression_ttl
-        self.suppressed: list[Callable[[Suppression], Any]] = []   # told of new suppressions
-        self.suppression = SuppressionList()
-        self.suppressed.append(self.suppression.add)
-        self.drop_suppressed = False     # [suppression] action = "drop": end them at intake
-        self.listeners: list[Callable[[StoredMessage], Any]] = []       # new messages
-        self.changed: list[Callable[[StoredMessage | None, float | None], Any]] = []  # after record/admin
-        # told of an admin's "try now" (flush, release, requeue): the message, or None for all
-        self.retry_now: list[Callable[[StoredMessage | None], Any]] = []
-        # DKIM: (report, now) -> the report signed, or unchanged; never raises (tap sets it)
-        self.sign_report: Callable[[bytes, float], bytes] | None = None
+        self.suppression = SuppressionList()    # the mirror of the spool's list, a subscriber
+        self.events.subscribe(lambda e: self.suppression.add(e.entry), E.SuppressionAdded)
+        self.drop_suppressed = drop_suppressed
+        self._sign_report = sign_report
+
+    def set_sign_report(self, sign_report: SignReport | None) -> None:
+        """The DKIM signing of DSNs from now on (SIGHUP); None: unsigned."""
+        self._sign_report = sign_report
 
     # -- intake ---------------------------------------------------------------------------
 
@@ -78,15 +99,14 @@ class Queue:
         states = tuple(self._initial_state(r, arrival) for r in envelope.recipients)
         message = StoredMessage(message_id, envelope, arrival, body.size, states, client,
                                 header_id=header_id)
-        d = self.spool.put(message, body)
+        number = E.Numbering(self.event_ids.base(arrival))
+        told: list[E.Committed] = [E.Received(number(), message)]
+        told += [E.Suppressed(number(), message, index)
+                 for index, state in enumerate(message.recipients) if state.state == SUPPRESSED]
+        d = self.spool.put(message, body, told)
 
         def committed(_: Any) -> StoredMessage:
-            self.maillog.received(message)
-            for index, state in enumerate(message.recipients):
-                if state.state == SUPPRESSED:
-                    self.maillog.suppressed(message, index)
-            for listener in self.listeners:
-                listener(message)
+            self.events.publish_all(told)
             return message
 
         return d.addCallback(committed)
@@ -107,6 +127,10 @@ class Queue:
             self.suppression.load(entries)
             return len(entries)
         return self.spool.suppression_all().addCallback(loaded)
+
+    def suppression_entry(self, address: str) -> Suppression | None:
+        """The mirror's entry for `address`, expired or not (None if it is not listed)."""
+        return self.suppression.check(suppression.key(address), float("-inf"))
 
     def suppress_add(self, address: str, reason: str = "manual") -> Deferred[bool]:
         return self.suppress_import([(address, reason)]).addCallback(lambda n: n == 1)
@@ -130,15 +154,19 @@ class Queue:
 
     @inlineCallbacks
     def expire_history(self, retention: float, batch: int = 1000) -> Any:
-        """Forget finished messages older than `retention`, `batch` per spool transaction
-        (so one call never holds the writer for long), until none is left to forget."""
+        """Forget finished messages older than `retention`, and outbox entries older than
+        that (the outbox stays bounded until a webhook sender drains it), `batch` per spool
+        transaction (so one call never holds the writer for long), until none is left."""
         before = self.clock.seconds() - retention
         total = 0
         while True:
             n = yield self.spool.expire_history(before, batch)
             total += n
             if n < batch:
-                return total
+                break
+        while (yield self.spool.outbox_trim(before, batch)) >= batch:
+            pass
+        return total
 
     # -- delivery -------------------------------------------------------------------------
 
@@ -153,21 +181,8 @@ class Queue:
 
     def postpone(self, message: StoredMessage, until: Mapping[int, tuple[float, Reply]]
                  ) -> Deferred[StoredMessage | None]:
-        """Move recipients of a throttled destination to the destination's next retry,
-        without counting an attempt (their destination was not tried)."""
-        def change(current: StoredMessage) -> StoredMessage:
-            states = list(current.recipients)
-            for index, (when, reply) in until.items():
-                if states[index].state == QUEUED:
-                    states[index] = replace(states[index], next_attempt=when, last_reply=reply)
-            return replace(current, recipients=tuple(states))
-
-        def committed(updated: StoredMessage | None) -> StoredMessage | None:
-            if updated is not None:
-                self._changed(updated if updated.unfinished else None)
-            return updated
-
-        return self.spool.modify(message.id, change).addCallback(committed)
+        """`record()` with postponed recipients only."""
+        return self.record(message, {}, postponed=until)
 
     def _next_state(self, message: StoredMessage, old: RecipientState, outcome: Outcome,
                     now: float) -> RecipientState:
@@ -196,18 +211,29 @@ class Queue:
                        last_reply=outcome.reply, remote=remote, greylisted=greylisted)
 
     def record(self, message: StoredMessage, outcomes: Mapping[int, Outcome],
+               postponed: Mapping[int, tuple[float, Reply]] | None = None,
                now: float | None = None) -> Deferred[StoredMessage | None]:
-        """Commit the outcomes of an attempt in one transaction, then tell the others.
+        """Commit an attempt in one transaction, then publish its events.
 
-        The same transaction holds the timeline events, the suppressions of hard-bounced
-        addresses, and every DSN owed (DESIGN invariant 2: a recipient fails only with its
-        DSN committed).  Fires with the updated message (None if it left the spool)."""
+        `outcomes`: what the attempt did to each recipient tried.  `postponed`: recipients
+        of a throttled destination, moved to (time, reply) without counting an attempt
+        (their destination was not tried).  The same transaction holds the timeline, the
+        outbox, the suppressions of hard-bounced addresses, and every DSN owed (DESIGN
+        invariant 2: a recipient fails only with its DSN committed).  Fires with the
+        updated message (None if it left the spool)."""
         at = self.clock.seconds() if now is None else now
+        base = self.event_ids.base(at)
+        until = dict(postponed or {})
 
         def change(current: StoredMessage, body: Callable[[], bytes]) -> Change:
             # runs on the spool's writer thread, maybe more than once (after the map grew):
             # a function of `current` and `body` alone, whose result says everything
+            number = E.Numbering(base)      # the same event ids on every run
             states = list(current.recipients)
+            for index, (when, reply) in sorted(until.items()):
+                if states[index].state == QUEUED:
+                    states[index] = replace(states[index], next_attempt=when, last_reply=reply)
+            tried: list[tuple[int, Outcome, str]] = []
             events: list[Event] = []
             suppressions: list[Suppression] = []
             reports: dict[str, list[dsn.RecipientReport]] = {}
@@ -238,31 +264,28 @@ class Queue:
                         suppression.key(str(rcpt.address)), category, at,
                         at + self.suppression_ttl, str(outcome.reply)))
                 states[index] = new
+                tried.append((index, outcome, new.state))
             updated = replace(current, recipients=tuple(states))
+            told: list[E.Committed] = [E.for_outcome(state)(number(), updated, index, outcome, at)
+                                       for index, outcome, state in tried]
             new_messages = []
             for action, recipient_reports in reports.items():
                 built = self._dsn(current, recipient_reports, body, at)
                 if built is not None:
                     new_messages.append(built)
                     events.append(Event(at, "dsn", text=f"{action} report {built[0].id}"))
+                    told.append(E.DsnQueued(number(), updated, built[0], action))
+            told += [E.SuppressionAdded(number(), sup) for sup in suppressions]
             return Change(updated, tuple(events), tuple(new_messages), tuple(suppressions),
-                          finished_at=at)
+                          finished_at=at, outbox=tuple(told))
 
         def committed(done: Change | None) -> StoredMessage | None:
             if done is None:  # deleted by an admin while in flight
                 return None
             updated = done.message
-            for index, outcome in sorted(outcomes.items()):
-                self.maillog.outcome(updated, index, outcome, at)
-            for report, _ in done.new_messages:
-                self.maillog.dsn(updated, report)
-                for listener in self.listeners:
-                    listener(report)
-            for sup in done.suppress:
-                for listener in self.suppressed:
-                    listener(sup)
             left = updated if updated.unfinished else None
-            self._changed(left)
+            self.events.publish_all(done.outbox)
+            self._due(left, [m for m, _ in done.new_messages])
             return left
 
         return self.spool.apply(message.id, change, with_body=True).addCallback(committed)
@@ -297,8 +320,8 @@ class Queue:
                                   reports=reports, original=original, reporting_mta=self.hostname,
                                   now=now, dsn_message_id=dsn_id,
                                   headers_only_above=DSN_FULL_LIMIT)
-        if self.sign_report is not None:  # on the writer thread, in the transaction that owes it
-            report = self.sign_report(report, now)
+        if self._sign_report is not None:  # on the writer thread, in the transaction that owes it
+            report = self._sign_report(report, now)
         env = dsn.envelope_for_report(m.envelope, report)
         if env is None:
             return None
@@ -308,35 +331,44 @@ class Queue:
                                header_id=f"<{dsn_id}@{self.hostname}>")
         return stored, report
 
-    def _changed(self, message: StoredMessage | None) -> None:
-        nxt = None
-        if message is not None:
-            times = [r.next_attempt for r in message.recipients if r.state == QUEUED]
-            nxt = min(times) if times else None
-        for listener in self.changed:
-            listener(message, nxt)
+    def _due(self, message: StoredMessage | None, new: Sequence[StoredMessage] = ()) -> None:
+        """Publish `Due` with the earliest next attempt of a changed message and of the
+        messages its change made (DSNs), if any."""
+        times = [r.next_attempt for m in ([message] if message is not None else []) + list(new)
+                 for r in m.recipients if r.state == QUEUED]
+        if times:
+            self.events.publish(E.Due(min(times)))
 
     # -- admin ----------------------------------------------------------------------------
 
     def _change(self, message_id: str, change: Callable[[RecipientState, float], RecipientState],
                 retry_now: bool = False, event: str = "") -> Deferred[bool]:
         now = self.clock.seconds()
+        base = self.event_ids.base(now)
 
         def apply(current: StoredMessage) -> Change:
+            number = E.Numbering(base)
             updated = replace(current, recipients=tuple(change(r, now) for r in current.recipients))
             events = (Event(now, event, text="by the administrator"),) if event else ()
-            return Change(updated, events, finished_at=now)
+            told: list[E.Committed] = [
+                E.Deleted(number(), updated, index, now)
+                for index, (old, new) in enumerate(zip(current.recipients, updated.recipients))
+                if new.state == DELETED and old.state != DELETED]
+            if event and event != "deleted":
+                told.append(E.AdminAction(number(), updated, event, now))
+            return Change(updated, events, finished_at=now, outbox=tuple(told))
 
-        def committed(updated: StoredMessage | None) -> bool:
-            if updated is None:
+        def committed(done: Change | None) -> bool:
+            if done is None:
                 return False
+            updated = done.message
+            self.events.publish_all(done.outbox)
             if retry_now:  # an admin asked: whatever throttles its destinations is lifted
-                for listener in self.retry_now:
-                    listener(updated)
-            self._changed(updated if updated.unfinished else None)
+                self.events.publish(E.RetryNow(updated))
+            self._due(updated if updated.unfinished else None)
             return True
 
-        return self.spool.modify(message_id, apply).addCallback(committed)
+        return self.spool.apply(message_id, apply).addCallback(committed)
 
     def hold(self, message_id: str) -> Deferred[bool]:
         return self._change(message_id, lambda r, now: replace(r, state=HELD) if r.state == QUEUED
@@ -356,11 +388,10 @@ class Queue:
                             if r.state in (QUEUED, HELD) else r, event="deleted")
 
     @inlineCallbacks
-    def flush(self, message_id: str | None = None, domain: str | None = None,
-              batch: int = 1000) -> Any:
+    def flush(self, message_id: str | None = None, domain: str | None = None) -> Any:
         """Make queued recipients due now: one message, one recipient domain, or all.
 
-        A domain or all goes through the spool's indexes `batch` recipients per transaction
+        A domain or all goes through the spool's indexes `flush_batch` recipients per transaction
         (intake commits in between), never loading a message (DESIGN invariant 6); fires
         with the number of messages that had recipients made due."""
         now = self.clock.seconds()
@@ -368,26 +399,21 @@ class Queue:
             found = yield self._change(message_id, lambda r, n: replace(r, next_attempt=n)
                                        if r.state == QUEUED else r, retry_now=True, event="flushed")
             return 1 if found else 0
-        # an admin asked: whatever throttles the destinations concerned is lifted (for a
-        # domain, the listeners get a message to it: they lift a message's destinations)
+        # an admin asked: whatever throttles the destinations concerned is lifted
         if domain is None:
-            lifted = None
+            self.events.publish(E.RetryNow(None))
         else:
             domain = domain.lower()
-            lifted = StoredMessage("", Envelope(Address("", ""), (Recipient(Address("", domain)),)),
-                                   now, 0, (RecipientState(),), {})
-        for listener in self.retry_now:
-            listener(lifted)
+            self.events.publish(E.RetryNow(None, domain=domain))
         count = 0
         after = None
         while True:
-            messages, _, after = yield self.spool.flush(now, domain, after, batch)
+            messages, _, after = yield self.spool.flush(now, domain, after, self.flush_batch)
             count += messages
             if after is None:
                 break
         if count:
-            for listener in self.changed:   # one wake-up of the dispatcher for all of them
-                listener(None, now)
+            self.events.publish(E.Due(now))     # one wake-up of the dispatcher for all of them
         return count
 
     def status(self) -> Deferred[dict[str, Any]]:

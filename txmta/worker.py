@@ -29,6 +29,7 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from txmta import config as C
+from txmta import events
 from txmta.inbound.policy import ServerPolicy
 from txmta.inbound.protocol import SMTPFactory
 from txmta.inbound.receiver import Receiver
@@ -150,11 +151,13 @@ def build_delivery(cfg: C.Config, reactor: Any, queue: Queue,
     deliverer = Deliverer(router, pool, helo=helo, source=d.source_address,
                           tls_level="may", relay_tls=d.relayhost_tls, tls_policy=tls_policy)
     dispatcher = Dispatcher(queue, deliverer, reactor, max_inflight=d.max_inflight)
+    queue.events.subscribe(dispatcher.heard, *Dispatcher.HEARS)
     return DeliveryService(dispatcher, pool, reactor, tls_policy=tls_policy)
 
 
 class QueueService(service.Service):
-    """Loads the suppression list at start; forgets finished messages past the retention."""
+    """Loads the suppression list at start; every 10 minutes forgets finished messages and
+    outbox entries past the retention."""
 
     def __init__(self, queue: Queue, reactor: Any, retention: float) -> None:
         self.queue = queue
@@ -249,7 +252,7 @@ class SigningReload:
 
         def install() -> str:
             self.receiver.signer = signer
-            self.queue.sign_report = signer.sign_message if signer is not None else None
+            self.queue.set_sign_report(signer.sign_message if signer is not None else None)
             keys = ", ".join(f"{k.selector}._domainkey.{k.domain} ({k.algorithm})" for k in cfg.dkim)
             return f"signing with {keys}" if keys else "no [[dkim]] keys: mail is not signed"
         return install
@@ -322,16 +325,19 @@ def build(cfg: C.Config, reactor: Any, *, worker: int = 0, workers: int = 1,
                       inline_limit=cfg.spool.inline_body_limit, partitions=owned_partitions)
     SpoolService(spool).setServiceParent(top)
     from txmta.categories import Classifier
-    queue = Queue(spool, reactor, maillog_for(cfg, reactor, worker if workers > 1 else None),
-                  schedule=cfg.retry.schedule,
+    queue = Queue(spool, reactor, schedule=cfg.retry.schedule,
                   max_lifetime=cfg.retry.max_lifetime, hostname=cfg.server.hostname,
                   delay_warning=cfg.dsn.delay_warning,
                   classifier=Classifier(extra=cfg.bounce.rules),
                   suppress_categories=cfg.suppression.categories,
-                  suppression_ttl=cfg.suppression.ttl, partitions=owned_partitions)
-    queue.drop_suppressed = cfg.suppression.action == "drop"
+                  suppression_ttl=cfg.suppression.ttl, partitions=owned_partitions,
+                  sign_report=signer.sign_message if signer is not None else None,
+                  drop_suppressed=cfg.suppression.action == "drop")
+    # the event stream's subscribers: the mail log here, the dispatcher in build_delivery,
+    # the worker's channel below (the queue's suppression mirror subscribes itself)
+    maillog = maillog_for(cfg, reactor, worker if workers > 1 else None)
+    queue.events.subscribe(maillog.heard, *maillog.HEARS)
     QueueService(queue, reactor, cfg.history.retention).setServiceParent(top)
-    queue.sign_report = signer.sign_message if signer is not None else None
     receiver = Receiver(queue, cfg.server.hostname, reactor, signer, run_signing)
     checker = None
     if cfg.auth.users:
@@ -358,7 +364,7 @@ def build(cfg: C.Config, reactor: Any, *, worker: int = 0, workers: int = 1,
         channel.queue_control = WorkerControl(queue, channel.tell_master)
         channel.mirror = queue.suppression
         channel.reload = reload.reload
-        queue.suppressed.append(channel.suppressed)
+        queue.events.subscribe(channel.suppressed, events.SuppressionAdded)
     top.partitions = owned_partitions     # type: ignore[attr-defined]
     top.queue = queue                     # type: ignore[attr-defined]
     counts: dict[str, int] = {}

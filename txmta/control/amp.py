@@ -142,7 +142,8 @@ def import_entries(lines: str) -> list[tuple[str, str]]:
 
 class IQueueControl(Protocol):
     """What the control socket asks of the queue.  Each method may return a value or a
-    Deferred of it."""
+    Deferred of it.  The queue's admin face (`txmta.faces.AdminQueue`) is one; the master's
+    `FanOut` and a worker's `WorkerControl` (control/channel.py) are the others."""
 
     def flush(self, message_id: str | None, domain: str | None) -> "defer.Deferred[int]": ...
     def hold(self, message_id: str) -> "defer.Deferred[bool]": ...

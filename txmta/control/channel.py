@@ -33,9 +33,10 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.protocols import amp
 
-from txmta import partition, suppression
+from txmta import events, partition, suppression
 from txmta.control.amp import (_ERRORS, ControlProtocol, Delete, Flush, Hold, Release, Requeue,
                                Status, SuppressionAdd, SuppressionImport, SuppressionRemove)
+from txmta.faces import AdminQueue
 from txmta.message import Suppression
 
 _log = Logger()
@@ -113,8 +114,8 @@ class WorkerControl:
     change, once committed, is passed to the master (which updates the other workers'
     mirrors) before the command is answered."""
 
-    def __init__(self, queue: Any, tell: Callable[[Sequence[Suppression], Sequence[str]],
-                                                   "defer.Deferred[None]"]) -> None:
+    def __init__(self, queue: AdminQueue, tell: Callable[[Sequence[Suppression], Sequence[str]],
+                                                         "defer.Deferred[None]"]) -> None:
         self.queue = queue
         self.tell = tell
 
@@ -140,7 +141,7 @@ class WorkerControl:
         """The mirror's entries for `addresses` (the queue put them there with the commit)."""
         out = []
         for a in addresses:
-            entry = self.queue.suppression.check(suppression.key(a), float("-inf"))
+            entry = self.queue.suppression_entry(a)
             if entry is not None:
                 out.append(entry)
         return out
@@ -181,8 +182,10 @@ class WorkerChannel(ControlProtocol):
                     ) -> defer.Deferred[None]:
         return send_mirror(self, added, removed)
 
-    def suppressed(self, entry: Suppression) -> None:
-        """A suppression committed by this worker's bounce: tell the master (no answer awaited)."""
+    def suppressed(self, event: events.SuppressionAdded) -> None:
+        """A suppression committed by this worker's bounce (an event of its queue's stream):
+        tell the master (no answer awaited)."""
+        entry = event.entry
         self.tell_master([entry], []).addErrback(
             lambda f: _log.failure("could not pass suppression of {address} to the master", f,
                                    address=entry.address))

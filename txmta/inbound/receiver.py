@@ -5,7 +5,8 @@ un-stuffed body into the returned `Intake`.  The Intake prepends our Received he
 (RFC 5321 4.4; with the TLS version and cipher, never credentials), adds Message-ID and
 Date when the header section lacks them (RFC 5322 3.6, as Postfix's cleanup does), and
 streams the rest into the spool's body writer, so memory does not grow with message size.
-`finish()` fires with 250 only after `queue.put()` committed (DESIGN invariant 1);
+`finish()` fires with 250 only after `queue.put()` committed (DESIGN invariant 1; the queue's
+intake face, txmta/faces.py: this module never sees the spool);
 a full spool gives 452 4.3.1, any other failure 451 4.3.0, and nothing is left behind.
 
 With a DKIM signer (txmta/dkim.py), the keys are chosen when the header section ends (by its
@@ -31,6 +32,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from txmta import reply as R
+from txmta.faces import IntakeQueue
 from txmta.message import Envelope
 from txmta.inbound.session import Session
 from txmta.reply import Reply
@@ -222,7 +224,7 @@ class Receiver:
     `f` on the signing thread pool and fires with its result (tap.py passes
     deferToThreadPool); without one, `f` runs at once (tests)."""
 
-    def __init__(self, queue: Any, hostname: str, clock: IReactorTime, signer: Any = None,
+    def __init__(self, queue: IntakeQueue, hostname: str, clock: IReactorTime, signer: Any = None,
                  run_signing: Callable[..., Deferred[Any]] | None = None) -> None:
         self.queue = queue
         self.hostname = hostname

@@ -12,7 +12,7 @@ from typing import Any
 
 from txmta.message import Address, Envelope, Recipient
 from txmta.reply import Reply
-from txmta.message import Event, RecipientState, StoredMessage, Suppression
+from txmta.message import Event, OutboxRecord, RecipientState, StoredMessage, Suppression
 
 VERSION = 1
 _V = bytes([VERSION])
@@ -124,3 +124,29 @@ def decode_suppression(address: str, data: bytes) -> "Suppression":
         return Suppression(address, str(reason), float(since), float(expires), str(reply))
     except (TypeError, ValueError) as e:
         raise CorruptRecord(f"bad suppression record: {e}") from e
+
+
+def encode_outbox(r: OutboxRecord) -> bytes:
+    """An outbox record: a list in field order, trailing empty fields left out."""
+    fields = [r.kind, r.time, r.message_id, r.index, r.rcpt, r.reply, r.remote, r.category,
+              r.tls, r.attempts, r.text]
+    defaults = ["", 0.0, "", -1, "", None, "", "", "", 0, ""]
+    while len(fields) > 2 and fields[-1] == defaults[len(fields) - 1]:
+        fields.pop()
+    return _dumps(fields)
+
+
+def decode_outbox(data: bytes) -> OutboxRecord:
+    d = _loads(data)
+    if not isinstance(d, list) or not 2 <= len(d) <= 11:
+        raise CorruptRecord(f"bad outbox record: {d!r:.80}")
+    try:
+        kind, when = str(d[0]), float(d[1])
+        rest = list(d[2:]) + [None] * (9 - len(d[2:]))
+        mid, index, rcpt, reply, remote, category, tls, attempts, text = rest[:9]
+        return OutboxRecord(kind, when, str(mid or ""), -1 if index is None else int(index),
+                            str(rcpt or ""), dict(reply) if reply else None, str(remote or ""),
+                            str(category or ""), str(tls or ""), int(attempts or 0),
+                            str(text or ""))
+    except (IndexError, KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
+        raise CorruptRecord(f"bad outbox record: {e}") from e

@@ -1,6 +1,10 @@
 """What a spool is: the interface the queue uses, and the records it stores.
 
 A spool keeps messages (envelope, arrival, body) and per-recipient state durably.
+Every committed change carries its events into the **outbox** in the same transaction
+(`txmta.events`; the queue publishes them in the worker after the commit): an entry exists
+if and only if its change was committed.
+
 `put()` fires only once the message is on disk (DESIGN invariant 1); a failure fires
 with `SpoolFull` (map or disk full: the caller answers 452 4.3.1) or `CommitFailed`
 (anything else: 451 4.3.0), and leaves nothing behind.
@@ -14,13 +18,14 @@ references it.  Implementations: `spool.lmdb.LmdbSpool` (the real one) and
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 from twisted.internet.defer import Deferred
 
 from txmta.message import (BOUNCED, DELETED, DELIVERED, EXPIRED, FINAL, HELD, QUEUED,  # noqa: F401
-                           SUPPRESSED, UNFINISHED, Change, Event, RecipientState, StoredMessage,
-                           Suppression, intake_events, received_event)
+                           SUPPRESSED, UNFINISHED, Change, Event, OutboxEntry, OutboxRecord,
+                           RecipientState, StoredMessage, Suppression, intake_events,
+                           received_event)
 from txmta.message import CommitFailed, SpoolError, SpoolFormatError, SpoolFull  # noqa: F401
 
 
@@ -47,8 +52,10 @@ class BodyWriter(Protocol):
 class Spool(Protocol):
     def body_writer(self, message_id: str) -> BodyWriter: ...
 
-    def put(self, message: StoredMessage, body: BodyWriter) -> "Deferred[None]":
-        """Store envelope, recipient states, due-index entries and body in one durable commit."""
+    def put(self, message: StoredMessage, body: BodyWriter,
+            outbox: "Sequence[OutboxEntry]" = ()) -> "Deferred[None]":
+        """Store envelope, recipient states, due-index entries, body and the `outbox` entries
+        (the message's events) in one durable commit."""
 
     def update(self, message: StoredMessage) -> "Deferred[None]":
         """Replace the recipient states of a stored message (and its due-index entries);
@@ -61,8 +68,8 @@ class Spool(Protocol):
 
     def apply(self, message_id: str, change: "Callable[..., StoredMessage | Change]",
               with_body: bool = False) -> "Deferred[Change | None]":
-        """Like `modify()`, with the events, new messages and suppressions of a `Change`
-        committed in the same transaction; fires with the committed Change (None if there is
+        """Like `modify()`, with the events, new messages, suppressions and outbox entries of
+        a `Change` committed in the same transaction; fires with the committed Change (None if there is
         no such message).  `change` may run more than once: it must be a pure function of
         the message it is given (and of the body, with `with_body`)."""
 
@@ -95,6 +102,16 @@ class Spool(Protocol):
         flushed (with the domain's mail), not with the queue (DESIGN invariant 6)."""
 
     def count(self) -> "Deferred[int]": ...
+
+    def outbox_read(self, after: bytes | None = None, limit: int = 1000
+                    ) -> "Deferred[list[tuple[bytes, OutboxRecord]]]":
+        """Up to `limit` outbox entries (event id, record) with an id above `after` (from the
+        first when None), in id order: time order within a worker.  Entries of several
+        workers commit in their own order, so a reader keeps behind the newest ids."""
+
+    def outbox_trim(self, before: float, limit: int = 1000) -> "Deferred[int]":
+        """Forget up to `limit` outbox entries of events older than `before`, oldest first;
+        how many went."""
 
     def cache_get(self, key: str) -> "Deferred[bytes | None]":
         """A value of the small persistent cache other parts keep in the spool (MTA-STS

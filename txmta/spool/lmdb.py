@@ -4,7 +4,9 @@ One environment at `spool.path` (sync and metasync on, no writemap), with named 
 messages (id -> envelope record), bodies (id -> small body), recipients (id/idx -> state),
 due (partition/time/id/idx -> "", the time-ordered index of recipients to try), domains
 (partition/domain/id/idx -> "", the unfinished recipients of each domain, for `flush
---domain`), events (timelines) and meta (format version).  Bodies above `inline_limit` are
+--domain`), events (timelines), outbox (event id -> the record of one `txmta.events` event,
+written in the transaction of the change it describes; read and trimmed by
+`outbox_read`/`outbox_trim`) and meta (format version).  Bodies above `inline_limit` are
 streamed to files under `bodies/` and fsynced (file, then directory) before the commit that
 references them; a body file no message references is removed at start.
 
@@ -31,7 +33,7 @@ import threading
 import time
 from itertools import islice
 from dataclasses import replace
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import lmdb
 from twisted.internet.defer import Deferred
@@ -41,7 +43,10 @@ from twisted.python.failure import Failure
 
 from txmta.partition import ALL, partition_of
 from txmta.spool import codec
-from txmta.message import QUEUED, UNFINISHED, Change, Event, RecipientState, StoredMessage, Suppression, intake_events, received_event
+from txmta.events import time_key
+from txmta.message import (QUEUED, UNFINISHED, Change, Event, OutboxEntry, OutboxRecord,
+                           RecipientState, StoredMessage, Suppression, intake_events,
+                           received_event)
 from txmta.spool.interface import CommitFailed, SpoolError, SpoolFormatError, SpoolFull
 
 # 2: due keys start with the partition byte (1 had none); 3: the domains index (2 had none);
@@ -50,7 +55,8 @@ FORMAT = b"3"
 MAX_READERS = 512     # every worker's threads and every `txmta queue` read share the table
 READER_CHECK = 60.0   # seconds between sweeps of the reader slots dead processes left
 DB_NAMES = (b"messages", b"bodies", b"recipients", b"due", b"events", b"meta",
-            b"history", b"finished", b"msgids", b"suppression", b"cache", b"domains")
+            b"history", b"finished", b"msgids", b"suppression", b"cache", b"domains",
+            b"outbox")
 log = Logger()
 
 
@@ -191,6 +197,24 @@ def read_suppressions(txn: Any, dbs: dict[bytes, Any]) -> list[Suppression]:
                 out.append(codec.decode_suppression(bytes(k).decode("utf-8"), bytes(v)))
             except (codec.CorruptRecord, UnicodeDecodeError):
                 continue
+    return out
+
+
+def read_outbox(txn: Any, dbs: dict[bytes, Any], after: bytes | None, limit: int
+                ) -> list[tuple[bytes, OutboxRecord]]:
+    out: list[tuple[bytes, OutboxRecord]] = []
+    with txn.cursor(db=dbs[b"outbox"]) as cur:
+        found = cur.set_range(after) if after is not None else cur.first()
+        for k, v in (cur if found else ()):
+            key = bytes(k)
+            if after is not None and key <= after:
+                continue
+            if len(out) >= limit:
+                break
+            try:
+                out.append((key, codec.decode_outbox(bytes(v))))
+            except codec.CorruptRecord as e:
+                log.warn("corrupt outbox record {key} skipped: {e}", key=key.hex(), e=e)
     return out
 
 
@@ -587,7 +611,8 @@ class LmdbSpool:
                 else:
                     txn.put(key, b"", db=xdb)
 
-    def put(self, message: StoredMessage, body: MemoryBody) -> Deferred[None]:
+    def put(self, message: StoredMessage, body: MemoryBody,
+            outbox: Sequence[OutboxEntry] = ()) -> Deferred[None]:
         in_file = body.in_file
         if in_file != message.body_in_file:
             message = replace(message, body_in_file=in_file)
@@ -602,6 +627,7 @@ class LmdbSpool:
                 txn.put(key, inline, db=self._db[b"bodies"])
             self._write_recipients(txn, message, None)
             self._write_events(txn, message.id, intake_events(message))
+            self._write_outbox(txn, outbox)
             if message.header_id:
                 txn.put(message.header_id.encode("utf-8")[:500], key, db=self._db[b"msgids"])
             if message.recipients and not message.unfinished:  # all ended at intake (suppressed)
@@ -687,6 +713,7 @@ class LmdbSpool:
             for sup in c.suppress:
                 txn.put(sup.address.encode("utf-8"), codec.encode_suppression(sup),
                         db=self._db[b"suppression"])
+            self._write_outbox(txn, c.outbox)
             return c
 
         def undo() -> None:  # the commit failed: files written for new messages go
@@ -706,6 +733,36 @@ class LmdbSpool:
     def _write_events(self, txn: Any, message_id: str, events: Any) -> None:
         for e in events:
             txn.put(event_key(message_id, e.time), codec.encode_event(e), db=self._db[b"events"])
+
+    def _write_outbox(self, txn: Any, entries: Iterable[OutboxEntry]) -> None:
+        db = self._db[b"outbox"]
+        for e in entries:
+            # overwrite=False: two writers never make the same id; if one ever did, the
+            # commit fails rather than lose an event
+            if not txn.put(e.event_id, codec.encode_outbox(e.record()), db=db, overwrite=False):
+                raise CommitFailed(f"outbox: event id {e.event_id.hex()} already written")
+
+    def outbox_read(self, after: bytes | None = None, limit: int = 1000
+                    ) -> Deferred[list[tuple[bytes, OutboxRecord]]]:
+        """Up to `limit` outbox entries with an id above `after` (from the first if None),
+        in id (time) order; a record that cannot be decoded is logged and skipped."""
+        return self._submit(_Op(lambda txn: read_outbox(txn, self._db, after, limit), read=True))
+
+    def outbox_trim(self, before: float, limit: int = 1000) -> Deferred[int]:
+        """Forget outbox entries of events older than `before`, oldest first, at most
+        `limit` per call."""
+        def fn(txn: Any) -> int:
+            end = time_key(before)
+            done = 0
+            with txn.cursor(db=self._db[b"outbox"]) as cur:
+                cur.first()
+                while done < limit:
+                    key = cur.key()         # b"" past the last entry
+                    if not key or key >= end or not cur.delete():
+                        break
+                    done += 1
+            return done
+        return self._submit(_Op(fn))
 
     def _put_new(self, txn: Any, message: StoredMessage, body: bytes, written: list[str]) -> None:
         """A message made by the daemon (a DSN), in the transaction of the change that owes it."""

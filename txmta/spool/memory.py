@@ -1,4 +1,5 @@
-"""An in-memory spool for tests: the same interface and contract as the LMDB spool.
+"""An in-memory spool for tests: the same interface and contract as the LMDB spool, outbox
+included (`outbox`: event id -> the encoded record, as LMDB keeps it).
 
 `fail_next` makes the next write fail with the given error, to test the 4xx paths
 (DESIGN invariant 1: a failed commit leaves nothing behind).
@@ -9,11 +10,14 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import replace
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
 from twisted.internet.defer import Deferred, fail, succeed
 
-from txmta.message import QUEUED, UNFINISHED, Change, Event, StoredMessage, Suppression, intake_events, received_event
+from txmta.events import time_key
+from txmta.message import (QUEUED, UNFINISHED, Change, Event, OutboxEntry, OutboxRecord,
+                           StoredMessage, Suppression, intake_events, received_event)
+from txmta.spool import codec
 from txmta.partition import ALL, partition_of
 
 from txmta.spool.interface import CommitFailed, SpoolError
@@ -60,6 +64,7 @@ class MemorySpool:
         self.history: dict[str, tuple[StoredMessage, float]] = {}
         self.suppressions: dict[str, Suppression] = {}
         self.cache: dict[str, bytes] = {}
+        self.outbox: dict[bytes, bytes] = {}     # event id -> encoded record, as LMDB keeps it
 
     def _failing(self) -> SpoolError | None:
         err, self.fail_next = self.fail_next, None
@@ -78,13 +83,27 @@ class MemorySpool:
     def _unindex(self, m: StoredMessage) -> None:
         self._due = [e for e in self._due if e[1] != m.id]
 
-    def put(self, message: StoredMessage, body: MemoryBodyWriter) -> Deferred[None]:  # type: ignore[override]
+    def _outbox_entries(self, entries: Iterable[OutboxEntry]) -> dict[bytes, bytes] | CommitFailed:
+        out: dict[bytes, bytes] = {}
+        for e in entries:
+            if e.event_id in self.outbox or e.event_id in out:
+                return CommitFailed(f"outbox: event id {e.event_id.hex()} already written")
+            out[e.event_id] = codec.encode_outbox(e.record())
+        return out
+
+    def put(self, message: StoredMessage, body: MemoryBodyWriter,  # type: ignore[override]
+            outbox: Sequence[OutboxEntry] = ()) -> Deferred[None]:
         err = self._failing()
         if err is None and message.id in self.messages:
             err = CommitFailed(f"message id {message.id} already exists")
+        entries = self._outbox_entries(outbox) if err is None else {}
+        if isinstance(entries, CommitFailed):
+            err = entries
         if err is not None:
             body.abort()
             return fail(err)
+        assert isinstance(entries, dict)
+        self.outbox.update(entries)
         self.events.setdefault(message.id, []).extend(intake_events(message))
         self.commits += 1
         if message.recipients and not message.unfinished:  # all ended at intake (suppressed)
@@ -116,6 +135,10 @@ class MemorySpool:
             return succeed(None)
         result = change(old, lambda: self.bodies[message_id]) if with_body else change(old)
         c = result if isinstance(result, Change) else Change(result)
+        entries = self._outbox_entries(c.outbox)
+        if isinstance(entries, CommitFailed):
+            return fail(entries)
+        self.outbox.update(entries)
         new = c.message
         self._unindex(old)
         if not any(r.state in UNFINISHED for r in new.recipients):
@@ -203,6 +226,18 @@ class MemorySpool:
         for mid in gone:
             del self.history[mid]
             self.events.pop(mid, None)
+        return succeed(len(gone))
+
+    def outbox_read(self, after: bytes | None = None, limit: int = 1000
+                    ) -> Deferred[list[tuple[bytes, OutboxRecord]]]:
+        keys = sorted(k for k in self.outbox if after is None or k > after)[:limit]
+        return succeed([(k, codec.decode_outbox(self.outbox[k])) for k in keys])
+
+    def outbox_trim(self, before: float, limit: int = 1000) -> Deferred[int]:
+        end = time_key(before)
+        gone = sorted(k for k in self.outbox if k < end)[:limit]
+        for k in gone:
+            del self.outbox[k]
         return succeed(len(gone))
 
     def remove(self, message_id: str) -> Deferred[None]:

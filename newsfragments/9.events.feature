@@ -1,0 +1,1 @@
+Every committed change of the queue (received, delivered, deferred, bounced, expired, suppressed, deleted, DSNs, admin actions) is written to an outbox in the spool in the same transaction, kept for `[history] retention`, ready for webhooks.
