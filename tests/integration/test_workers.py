@@ -162,12 +162,25 @@ def by_owner(ids: Any) -> dict[int, list[str]]:
     return out
 
 
+def start_workers(start_daemon: Callable[..., Daemon], **sections: Any) -> Daemon:
+    """A daemon with WORKERS workers, once every worker listens.  The banner that
+    `start_daemon` waits for comes from the first worker ready; until the other one is, the
+    first takes every connection.  A worker answers the status only once its services run
+    (its listeners among them)."""
+    sections["server"] = {**sections.get("server", {}), "workers": WORKERS}
+    d = start_daemon(**sections)
+
+    def all_running() -> bool:
+        status = json.loads(txmta_cli(d, "status", "--json").stdout)
+        return status["workers_running"] == WORKERS
+    wait_until(all_running, 30, f"{WORKERS} workers answering", interval=0.2, diagnose=d.log)
+    return d
+
+
 def start_relaying(start_daemon: Callable[..., Daemon], sink: SmtpSink, **delivery: Any) -> Daemon:
     """A daemon with two workers that relays everything to `sink`."""
-    sections = delivery_sections(free_port(), None, relayhost=sink.address,
-                                 relayhost_tls="none", **delivery)
-    sections["server"] = {"workers": WORKERS}
-    return start_daemon(**sections)
+    return start_workers(start_daemon, **delivery_sections(
+        free_port(), None, relayhost=sink.address, relayhost_tls="none", **delivery))
 
 
 class Tokens:
@@ -347,7 +360,7 @@ def test_queue_list_shows_the_mail_of_both_workers(start_daemon: Callable[..., D
     """Mail queued by both workers (the relayhost refuses connections, so it stays): `queue
     list` and `queue list --json` show every message, `queue show` each, and the status
     fanned out to both workers counts them all."""
-    d = start_daemon(server={"workers": WORKERS})
+    d = start_workers(start_daemon)
     ids = until_both_workers(d, lambda i: f"r{i}@list.test",
                              lambda ids: all(len(v) >= 3 for v in by_owner(ids).values()),
                              batch=8)
@@ -421,8 +434,8 @@ def test_sighup_reloads_the_certificate_in_both_workers(start_daemon: Callable[.
     cert_a, key_a, fp_a = make_material("a")
     cert_b, key_b, fp_b = make_material("b")
     install(material, cert_a, key_a)
-    d = start_daemon(listeners=[{"tls": "starttls"}], server={"workers": WORKERS},
-                     tls={"cert": str(material / "cert.pem"), "key": str(material / "key.pem")})
+    d = start_workers(start_daemon, listeners=[{"tls": "starttls"}],
+                      tls={"cert": str(material / "cert.pem"), "key": str(material / "key.pem")})
     assert starttls_sessions(d) == {0: {fp_a}, 1: {fp_a}}
 
     old = smtplib.SMTP(d.host, d.port, timeout=20)
