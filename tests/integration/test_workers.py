@@ -1,13 +1,14 @@
 """The master and its workers with a real twistd and `[server] workers = 2`, one scenario per
-test, each asserting on counts of mail-log events (`[log] maillog`, text lines that end with
-" worker=K").
+test, each asserting on counts of mail-log events (`[log] maillog`: text lines that end with
+" worker=K", or JSON records with "worker").
 
 * many connections: 200 messages over 200 SMTP connections from a few client threads are
   each delivered once to a sink; both workers received some, and each message was delivered
   by the worker that received it, which owns its id's partition;
 * admin: hold, release, delete, flush ID, flush --domain D and flush reach the worker that
   owns the message (or every worker), with the command's exit status and output;
-* `txmta queue list` (text and --json) shows the mail of both workers;
+* `txmta queue list` (text and --json) shows the mail of both workers, and the JSON mail log
+  names the worker of each message;
 * SIGHUP to the master reloads the TLS certificate in both workers, and a session opened
   before keeps its certificate and keeps working.
 
@@ -53,14 +54,23 @@ RECEIVED_RE = re.compile(r"^\S+ (?P<id>\w+): received client=\S* .*?(?: worker=(
 # -- helpers ------------------------------------------------------------------------------------
 
 def received_by(d: Daemon) -> dict[str, int]:
-    """Message id -> the worker named by its received line in the mail log."""
+    """Message id -> the worker named by its received line in the mail log (text lines, or
+    JSON objects with `[log] format = "json"`)."""
     out = {}
     for line in d.maillog().splitlines():
-        m = RECEIVED_RE.match(line)
-        if m is not None:
-            assert m["worker"] is not None, f"a received line without its worker: {line!r}"
-            assert m["id"] not in out, f"{m['id']} received twice"
-            out[m["id"]] = int(m["worker"])
+        if line.startswith("{"):
+            record = json.loads(line)
+            if record["event"] != "received":
+                continue
+            qid, worker = record["id"], record.get("worker")
+        else:
+            m = RECEIVED_RE.match(line)
+            if m is None:
+                continue
+            qid, worker = m["id"], m["worker"]
+        assert worker is not None, f"a received line without its worker: {line!r}"
+        assert qid not in out, f"{qid} received twice"
+        out[qid] = int(worker)
     return out
 
 
@@ -359,12 +369,14 @@ def test_admin_commands_reach_the_owning_worker(start_daemon: Callable[..., Daem
 def test_queue_list_shows_the_mail_of_both_workers(start_daemon: Callable[..., Daemon]) -> None:
     """Mail queued by both workers (the relayhost refuses connections, so it stays): `queue
     list` and `queue list --json` show every message, `queue show` each, and the status
-    fanned out to both workers counts them all."""
-    d = start_workers(start_daemon)
+    fanned out to both workers counts them all.  The mail log is JSON here: its received
+    records carry "worker"."""
+    d = start_workers(start_daemon, log={"format": "json"})
     ids = until_both_workers(d, lambda i: f"r{i}@list.test",
                              lambda ids: all(len(v) >= 3 for v in by_owner(ids).values()),
                              batch=8)
-    wait_until(lambda: set(received_by(d)) == set(ids), 10, "a received line for every message")
+    wait_until(lambda: set(received_by(d)) == set(ids), 10, "a received record for every message")
+    assert received_by(d) == {q: owner_of(q, WORKERS) for q in ids}
     assert set(by_owner(ids)) == {0, 1} and all(by_owner(ids).values())
 
     listed = queue_json(d)
