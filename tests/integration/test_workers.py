@@ -263,7 +263,7 @@ def test_admin_commands_reach_the_owning_worker(start_daemon: Callable[..., Daem
     accept = threading.Event()
 
     def rcpt_reply(sink: Any, session: Any, arg: str) -> str | None:
-        return None if accept.is_set() else "451 4.3.0 try again later"
+        return None if accept.is_set() else "451 4.3.0 mailbox busy"
 
     def enough(ids: dict[str, Sent]) -> bool:
         return all(sum(ids[q].domain == "later.test" for q in mine) >= 4
