@@ -129,10 +129,10 @@ def test_greylisting_reply_waits_the_named_delay_once():
     """A greylisting 4xx is retried after the delay it names, once; then the schedule goes on."""
     q, spool, clock, _ = queue_with()
     m = stored(q, clock, 1)
-    q.record(m, {0: O.TempFailed(GREY)})
+    q.record(m, {0: O.TempFailed(GREY, greylisted=True, retry_after=120.0)})
     state = spool.messages[m.id].recipients[0]
     assert state.greylisted and state.next_attempt == clock.seconds() + 120
-    q.record(spool.messages[m.id], {0: O.TempFailed(GREY)})
+    q.record(spool.messages[m.id], {0: O.TempFailed(GREY, greylisted=True, retry_after=120.0)})
     state = spool.messages[m.id].recipients[0]
     assert state.attempts == 2 and state.next_attempt == clock.seconds() + 300
 
@@ -271,7 +271,8 @@ def test_a_record_rerun_after_the_map_grew_reports_and_tells_once(open_lmdb, wai
     m = wait(q.put(mid, env, body, {}, clock.seconds()))
     heard.clear()
     before = spool._env.info()["map_size"]
-    wait(q.record(m, {0: O.PermFailed(Reply(550, "5.1.1", "no such user"))}))
+    wait(q.record(m, {0: O.PermFailed(Reply(550, "5.1.1", "no such user"),
+                                      category="invalid-recipient")}))
     assert spool._env.info()["map_size"] > before       # the change ran again after growing
     assert wait(spool.count()) == 1                     # the original left; one DSN queued
     (report,) = wait(spool.load_due(clock.seconds() + 1, 10))
