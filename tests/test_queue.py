@@ -137,6 +137,20 @@ def test_greylisting_reply_waits_the_named_delay_once():
     assert state.attempts == 2 and state.next_attempt == clock.seconds() + 300
 
 
+def test_the_category_recorded_is_the_one_the_outcome_carries():
+    """The queue reads no reply: the state, the timeline and the suppression list get the
+    category outcome.classify put in the outcome (only invalid-recipient suppresses here)."""
+    q, spool, clock, _ = queue_with()
+    m = stored(q, clock, 2)
+    q.record(m, {0: O.PermFailed(Reply(550, "5.1.1", "no such user"), category="policy"),
+                 1: O.PermFailed(Reply(550, "5.7.1", "blocked"), category="invalid-recipient")})
+    states = spool.history[m.id][0].recipients
+    assert [s.category for s in states] == ["policy", "invalid-recipient"]
+    assert [e.category for e in spool.events[m.id] if e.kind == "bounced"] == [
+        "policy", "invalid-recipient"]
+    assert sorted(spool.suppressions) == ["u1@example.net"]
+
+
 def test_retry_after_never_goes_past_the_lifetime():
     """A reply asking for a long wait is cut at the end of the lifetime."""
     q, spool, clock, _ = queue_with(lifetime=600.0)
