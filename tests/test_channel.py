@@ -74,6 +74,7 @@ def test_a_bounce_suppression_of_the_queue_reaches_the_master() -> None:
     mid = queue.new_message_id()
     env = Envelope(Address("app", "example.com"), (Recipient(Address("gone", "example.net")),))
     m = fired(queue.put(mid, env, queue.body_writer(mid), {}, c.seconds()))
-    fired(queue.record(m, {0: O.PermFailed(Reply(550, "5.1.1", "no such user"))}))
+    fired(queue.record(m, {0: O.PermFailed(Reply(550, "5.1.1", "no such user"),
+                                             category="invalid-recipient")}))
     assert [e.address for e in told] == ["gone@example.net"]
     assert queue.suppression_entry("GONE@example.net") == told[0]   # the mirror heard it too

@@ -189,3 +189,89 @@ def test_tls_required_no_leaves_the_relayhost_alone():
     run(Deliverer(FakeRouter(relay), pool, helo="me", tls_policy=Verify()),
         replace(envelope(), tls_optional=True), [0])
     assert pool.calls == [("127.0.0.30", "verify")]
+
+
+# -- the verdict decides: outcomes carry it, the site failure comes from it ------------------
+
+GREY = Reply(451, "4.7.1", "Greylisted, please retry in 120 seconds")
+
+
+def test_outcomes_carry_the_verdict_greylisting_wait_and_category():
+    """A greylisting RCPT reply defers with greylisted, the wait it named and its category;
+    a refused recipient bounces with its category (outcome.classify decides, not the queue)."""
+    def answer(rcpts):
+        return TransactionResult(None, (GREY, Reply(550, "5.1.1", "no such user")), None,
+                                 "mx1.example.net", "127.0.0.21", "")
+    pool = FakePool({"127.0.0.21": answer})
+    result = run(Deliverer(FakeRouter(ROUTE), pool, helo="me"), envelope(), [0, 1])
+    assert result.outcomes[0] == O.TempFailed(GREY, "mx1.example.net", "127.0.0.21", "", O.RCPT,
+                                              greylisted=True, retry_after=120.0,
+                                              category="greylisted")
+    assert result.outcomes[1].category == "invalid-recipient"
+    assert result.site_failure is None
+
+
+def test_the_operators_bounce_rules_name_the_category():
+    """The deliverer classifies with the [[bounce.rules]] it was given."""
+    from txmta.categories import Classifier, Rule
+
+    def answer(rcpts):
+        return TransactionResult(None, (Reply(550, "5.1.1", "unknown here"),), None, "mx", "a", "")
+    pool = FakePool({"127.0.0.21": answer})
+    rules = Classifier(extra=[Rule("5.1.1", r"unknown here", "policy")])
+    result = run(Deliverer(FakeRouter(ROUTE), pool, helo="me", rules=rules), envelope(1), [0])
+    assert isinstance(result.outcomes[0], O.PermFailed) and result.outcomes[0].category == "policy"
+
+
+def test_a_421_at_the_last_mx_is_a_site_failure_and_at_another_moves_on():
+    """RFC 5321 3.8: a 421 closes the session: the recipients go to the next MX; at the last
+    one they are deferred and the destination is reported failing (the dispatcher throttles)."""
+    closing = Reply(421, "4.7.0", "Too many connections, try again in 10 minutes")
+
+    def closed(rcpts):
+        return TransactionResult(SessionFailure(O.MAIL, closing), (), None, "mx", "addr", "")
+    pool = FakePool({"127.0.0.21": closed, "127.0.0.22": closed})
+    result = run(Deliverer(FakeRouter(ROUTE), pool, helo="me"), envelope(), [0, 1])
+    assert [c[0] for c in pool.calls] == ["127.0.0.21", "127.0.0.22"]
+    assert all(isinstance(o, O.TempFailed) and o.retry_after == 600.0 and not o.greylisted
+               for o in result.outcomes.values())
+    assert result.site_failure == closing
+    pool = FakePool({"127.0.0.21": closed, "127.0.0.22": ok_for})
+    result = run(Deliverer(FakeRouter(ROUTE), pool, helo="me"), envelope(), [0, 1])
+    assert all(isinstance(o, O.Delivered) for o in result.outcomes.values())
+    assert result.site_failure is None
+
+
+def test_a_deferral_of_the_recipients_at_the_last_mx_is_no_site_failure():
+    """A 4xx at RCPT speaks of the recipient, not the destination, even after an earlier MX
+    could not be reached."""
+    def busy(rcpts):
+        return TransactionResult(None, tuple(Reply(450, "4.2.1", "Mailbox busy") for _ in rcpts),
+                                 None, "mx", "127.0.0.22", "")
+    pool = FakePool({"127.0.0.21": connect_failed, "127.0.0.22": busy})
+    result = run(Deliverer(FakeRouter(ROUTE), pool, helo="me"), envelope(), [0, 1])
+    assert all(isinstance(o, O.TempFailed) and o.stage == O.RCPT
+               for o in result.outcomes.values())
+    assert result.site_failure is None
+
+
+class AllRuledOut:
+    """A TLS policy under which no MX host may be used for now (DANE without a usable TLSA record)."""
+
+    REPLY = Reply(451, "4.7.5", "DANE: no usable TLSA record at _25._tcp.mx1.example.net")
+
+    def plan(self, route):
+        from txmta.outbound.tlspolicy import TLSPlan
+        return succeed(TLSPlan({h.mx: self.REPLY for h in route.hops}, "test"))
+
+
+def test_every_host_ruled_out_by_the_tls_policy_defers_as_a_site_failure():
+    """Hosts the TLS policy rules out are judged like hosts that cannot be reached: nothing is
+    sent, the recipients are deferred with the policy's reply, and the destination failed."""
+    pool = FakePool({})
+    result = run(Deliverer(FakeRouter(ROUTE), pool, helo="me", tls_policy=AllRuledOut()),
+                 envelope(), [0, 1])
+    assert pool.calls == []
+    assert all(o == O.TempFailed(AllRuledOut.REPLY, stage=O.CONNECT, category="tls-failure")
+               for o in result.outcomes.values())
+    assert result.site_failure == AllRuledOut.REPLY

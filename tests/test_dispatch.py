@@ -261,3 +261,21 @@ def test_a_recipient_left_without_outcome_is_deferred_not_retried_at_once():
     assert len(deliverer.calls) == 1
     state = spool.messages[mid].recipients[0]
     assert state.attempts == 1 and state.next_attempt > clock.seconds()
+    assert state.category == "other" and state.last_reply.enhanced == "4.3.0"
+
+
+def test_a_failed_attempt_defers_its_recipients_as_classified():
+    """An attempt that fails with our own bug defers its recipients with a 451 4.3.0 that
+    went through outcome.classify like any reply (category and all), once, not at once again."""
+    clock, spool, queue, deliverer, _ = setup()
+
+    deliverer.hold = True
+    mid = put(queue, clock, "a@example.net")
+    clock.advance(SCAN_COALESCE)
+    deliverer.pending[0][0].errback(RuntimeError("a bug in the deliverer"))
+    clock.advance(10)
+    assert len(deliverer.calls) == 1
+    state = spool.messages[mid].recipients[0]
+    assert state.attempts == 1 and state.next_attempt == clock.seconds() - 10 + 60
+    assert state.category == "other" and state.last_reply.text == "internal error during delivery"
+    assert not state.greylisted

@@ -1,13 +1,18 @@
 """outcome.classify: what a reply at a stage of a client session means for the recipients it
-concerns (DESIGN invariant 4; STYLE habit 2).  One table, (stage, code, last MX?) ->
+concerns (DESIGN invariant 4; STYLE habit 2).  Two tables: (stage, code, last MX?) ->
 (kind, next_mx, site_failure), each row citing the RFC 5321 section (or the Postfix
-practice) it checks; and a hypothesis test that classify is total."""
+practice) it checks; and realistic replies, (stage, code, enhanced, text, last MX?) -> the
+whole verdict (kind, site failure, greylisting, the wait asked for, category).  Then the
+operator's rules, the outcome values a verdict makes, and hypothesis: classify is total."""
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from txmta import outcome
+from txmta.categories import (BAD_DOMAIN, CATEGORIES, DNS_FAILURE, GREYLISTED, INVALID_RECIPIENT,
+                              MAILBOX_FULL, OTHER, POLICY, RATE_LIMITED, SPAM_BLOCK, TLS_FAILURE,
+                              Classifier, Rule)
 from txmta.outcome import (AUTH, CONNECT, DATA, DOT, EHLO, GREETING, MAIL, RCPT, ROUTE, STAGES,
                            STARTTLS, Delivered, PermFailed, TempFailed, Verdict, classify)
 from txmta.reply import Reply
@@ -113,6 +118,148 @@ def test_classify_table(stage, code, last_mx, kind, next_mx, site_failure):
     assert (v.kind, v.next_mx, v.site_failure) == (kind, next_mx, site_failure)
 
 
+T, P, D = TempFailed, PermFailed, Delivered
+GREY_DEFAULT = 300.0   # postgrey's --delay default, for greylisting that names no delay
+
+MEANING = [
+    # (stage, code, enhanced, text, last_mx) -> (kind, site_failure, greylisted, retry_after, category)
+
+    # -- greylisting (RFC 6647): the codes greylisters use, or the word --------------------
+    # postgrey: 450 4.2.0 and a link, no delay named: the 300 s default (postgrey's --delay).
+    (RCPT, 450, "4.2.0", "<bob@example.com>: Recipient address rejected: Greylisted, see "
+     "http://postgrey.schweikert.ch/help/example.com.html", LAST,
+     T, False, True, GREY_DEFAULT, GREYLISTED),
+    # sqlgrey, Exim's greylistd: 451 4.7.1.
+    (RCPT, 451, "4.7.1", "Greylisting in action, please come back later", LAST,
+     T, False, True, GREY_DEFAULT, GREYLISTED),
+    # 450/451 with 4.2.0 or 4.7.1 suffice, whatever the text (the category is the text's).
+    (RCPT, 450, "4.7.1", "Service unavailable", LAST, T, False, True, GREY_DEFAULT, POLICY),
+    (RCPT, 451, "4.2.0", "Mailbox busy", LAST, T, False, True, GREY_DEFAULT, OTHER),
+    # Any other 4xx whose text says so (RFC 3463 codes vary between greylisters).
+    (RCPT, 452, "4.3.0", "Graylisted: try again later", LAST, T, False, True, GREY_DEFAULT,
+     GREYLISTED),
+    (RCPT, 450, "4.2.1", "Recipient temporarily deferred", LAST, T, False, True, GREY_DEFAULT,
+     OTHER),
+    (RCPT, 451, "", "GREYLISTED", LAST, T, False, True, GREY_DEFAULT, GREYLISTED),
+    (RCPT, 451, "", "4.7.1 Please retry later", LAST, T, False, True, GREY_DEFAULT, GREYLISTED),
+    # The delay the text names: seconds, minutes, hours; no unit is seconds.
+    (RCPT, 451, "4.7.1", "Greylisted, please retry in 300 seconds", LAST,
+     T, False, True, 300.0, GREYLISTED),
+    (RCPT, 451, "4.7.1", "Greylisted, try again in 5 minutes", LAST,
+     T, False, True, 300.0, GREYLISTED),
+    (RCPT, 450, "4.2.0", "Greylisted, retry after 60s", LAST, T, False, True, 60.0, GREYLISTED),
+    (RCPT, 450, "4.2.0", "Greylisted for 120 seconds", LAST,      # postgrey --greylist-text
+     T, False, True, 120.0, GREYLISTED),
+    (RCPT, 451, "4.7.1", "please retry in 2 min", LAST, T, False, True, 120.0, GREYLISTED),
+    (RCPT, 451, "4.7.1", "please retry in 1 hour", LAST, T, False, True, 3600.0, GREYLISTED),
+    (RCPT, 451, "4.7.1", "please retry in 90", LAST, T, False, True, 90.0, GREYLISTED),
+    (DOT, 451, "4.3.0", "Temporarily deferred, please retry in 10 MINUTES", LAST,
+     T, False, True, 600.0, OTHER),
+    # At MAIL and even at the greeting (there it is a site failure as well).
+    (MAIL, 451, "4.7.1", "Greylisted", NOT_LAST, T, False, True, GREY_DEFAULT, GREYLISTED),
+    (GREETING, 451, "4.7.1", "Greylisted", LAST, T, True, True, GREY_DEFAULT, GREYLISTED),
+    # "try again later" is a greylister's phrase; Microsoft's busy servers use it too.
+    (DOT, 451, "4.7.500", "Server busy. Please try again later from [192.0.2.1]. (S77719)",
+     LAST, T, False, True, GREY_DEFAULT, POLICY),
+
+    # -- not greylisting -------------------------------------------------------------------
+    # RFC 5321 3.8: 421 closes the session; a site failure, never greylisting.
+    (RCPT, 421, "4.7.0", "Try again later, closing connection", LAST, T, True, False, None, POLICY),
+    (RCPT, 421, "4.7.1", "Greylisted", LAST, T, True, False, None, GREYLISTED),
+    (DOT, 421, "4.4.2", "mx.example.net Error: timeout exceeded", LAST, T, True, False, None, OTHER),
+    (RCPT, 450, "4.2.1", "Mailbox busy", LAST, T, False, False, None, OTHER),  # other 4.2.x
+    (RCPT, 451, "4.3.0", "Local error in processing", LAST, T, False, False, None, OTHER),
+    (RCPT, 452, "4.2.2", "Mailbox full", LAST, T, False, False, None, MAILBOX_FULL),
+    (STARTTLS, 454, "4.7.0", "TLS not available due to temporary reason", LAST,
+     T, True, False, None, TLS_FAILURE),
+    (RCPT, 550, "5.7.1", "Greylisted forever", LAST, P, False, False, None, POLICY),  # 5xx
+
+    # -- rate limits: the wait they ask for --------------------------------------------------
+    (MAIL, 421, "4.7.0", "Too many connections from your IP, try again in 10 minutes", LAST,
+     T, True, False, 600.0, RATE_LIMITED),
+    (GREETING, 421, "4.7.0", "Too many concurrent SMTP connections; please try again in 60 "
+     "seconds", LAST, T, True, False, 60.0, RATE_LIMITED),
+    (DOT, 421, "4.7.28", "Gmail has detected an unusual rate of unsolicited mail. Try again "
+     "in 1 hour.", LAST, T, True, False, 3600.0, RATE_LIMITED),
+    # Without a wait in a form we read ("for 10.0.0.1" is not one), nothing is asked.
+    (RCPT, 451, "4.7.0", "Rate limit exceeded for 10.0.0.1", LAST, T, False, False, None,
+     RATE_LIMITED),
+    (RCPT, 450, "4.2.1", "The user you are trying to contact is receiving mail at a rate that "
+     "prevents additional messages from being delivered. Please resend your message later.",
+     LAST, T, False, False, None, RATE_LIMITED),
+    # A permanent failure asks for no wait, whatever its text says.
+    (RCPT, 550, "5.7.1", "Blocked, try again in 10 minutes", LAST, P, False, False, None,
+     SPAM_BLOCK),
+
+    # -- categories of permanent failures and of the session ------------------------------
+    (RCPT, 550, "5.1.1", "No such user", LAST, P, False, False, None, INVALID_RECIPIENT),
+    (DOT, 554, "5.7.1", "Message rejected as spam", LAST, P, False, False, None, SPAM_BLOCK),
+    (CONNECT, 451, "4.4.1", "cannot connect to mx.example.net [192.0.2.1]:25: Connection "
+     "refused", LAST, T, True, False, None, OTHER),
+    (STARTTLS, 451, "4.7.0", "TLS handshake failed: certificate verify failed", LAST,
+     T, True, False, None, TLS_FAILURE),
+    (GREETING, 554, "5.7.1", "No SMTP service here", LAST, T, True, False, None, POLICY),
+    (GREETING, 521, "5.3.2", "mx.example.net does not accept mail", LAST,   # RFC 7504
+     P, True, False, None, BAD_DOMAIN),
+    # Routing (route.py's own replies).
+    (ROUTE, 451, "4.4.3", "DNS lookup of MX for example.net failed: SERVFAIL", LAST,
+     T, True, False, None, DNS_FAILURE),
+    (ROUTE, 550, "5.1.2", "Recipient domain example.invalid does not exist (NXDOMAIN)", LAST,
+     P, True, False, None, BAD_DOMAIN),
+    (ROUTE, 556, "5.1.10", "Recipient domain example.net does not accept mail (null MX, "
+     "RFC 7505)", LAST, P, True, False, None, BAD_DOMAIN),
+    # Delivered: no category, nothing asked.
+    (DOT, 250, "2.0.0", "Ok: queued as 4F3", LAST, D, False, False, None, ""),
+]
+
+
+@pytest.mark.parametrize("stage, code, enhanced, text, last_mx, kind, site_failure, greylisted, "
+                         "retry_after, category", MEANING)
+def test_classify_says_all_a_reply_means(stage, code, enhanced, text, last_mx, kind, site_failure,
+                                         greylisted, retry_after, category):
+    """Each reply gives the outcome kind, whether the destination is failing, whether it is
+    greylisting, the seconds it asked us to wait and its bounce category."""
+    v = classify(Reply(code, enhanced, text), stage, last_mx)
+    assert (v.kind, v.site_failure, v.greylisted, v.retry_after, v.category) == (
+        kind, site_failure, greylisted, retry_after, category)
+
+
+@pytest.mark.parametrize("stage, code, expected", [
+    (RCPT, 452, True),    # RFC 5321 4.5.3.1.10: too many recipients: the rest in another transaction
+    (RCPT, 451, False),
+    (MAIL, 452, False),   # 4.5.3.1.10 is about RCPT only
+    (DOT, 452, False),
+])
+def test_only_a_452_at_rcpt_asks_for_another_transaction(stage, code, expected):
+    assert classify(reply(code), stage).next_transaction is expected
+
+
+def test_the_operators_rules_name_the_category_and_change_nothing_else():
+    """`rules` ([[bounce.rules]] before the defaults) decide the category only."""
+    r = Reply(451, "4.7.1", "Greylisted by policy, please retry in 120 seconds")
+    rules = Classifier(extra=[Rule("451", r"by policy", POLICY)])
+    mine, default = classify(r, RCPT, rules=rules), classify(r, RCPT)
+    assert (mine.category, default.category) == (POLICY, GREYLISTED)
+    assert mine.kind is default.kind is TempFailed
+    assert (mine.greylisted, mine.retry_after) == (default.greylisted, default.retry_after) == (
+        True, 120.0)
+
+
+def test_a_verdict_makes_the_outcome_value():
+    """Verdict.outcome carries what delivery, the queue and the retry need; Delivered has no
+    category."""
+    grey = Reply(451, "4.7.1", "Greylisted, please retry in 120 seconds")
+    o = classify(grey, RCPT).outcome(grey, RCPT, "mx.example.net", "192.0.2.1", "TLSv1.3")
+    assert o == TempFailed(grey, "mx.example.net", "192.0.2.1", "TLSv1.3", RCPT,
+                           greylisted=True, retry_after=120.0, category=GREYLISTED)
+    gone = Reply(550, "5.1.1", "no such user")
+    assert classify(gone, RCPT).outcome(gone, RCPT) == PermFailed(gone, stage=RCPT,
+                                                                  category=INVALID_RECIPIENT)
+    ok = Reply(250, "2.0.0", "Ok")
+    assert classify(ok, DOT).outcome(ok, DOT, "mx", remote_dsn=True) == Delivered(
+        ok, "mx", remote_dsn=True)
+
+
 def test_table_covers_every_stage():
     """The table has rows for every stage classify knows."""
     assert {row[0] for row in TABLE} == set(STAGES)
@@ -141,19 +288,40 @@ def test_last_mx_defaults_to_true():
 # -- totality ----------------------------------------------------------------------------------
 
 @given(st.integers(200, 599), st.sampled_from(STAGES), st.booleans(),
-       st.sampled_from(["", "2.0.0", "4.7.1", "5.1.1"]), st.text(max_size=40))
+       st.one_of(st.sampled_from(["", "2.0.0", "4.2.0", "4.7.1", "5.1.1", "5.7.10"]),
+                 st.text(max_size=12)),
+       st.one_of(st.text(max_size=60),
+                 st.sampled_from(["Greylisted", "please retry in 300 seconds", "try again later",
+                                  "try again in 5 minutes", "retry after 9999999 hours",
+                                  "4.7.1 Greylisted for 120 seconds"])))
 def test_classify_is_total(code, stage, last_mx, enhanced, text):
-    """Every code 200-599 at every stage yields a Verdict whose kind agrees with the code's
-    class: a 4xx is never permanent nor delivered, a 5xx never delivered (RFC 5321 4.2.1),
-    and only a failure may move to the next MX."""
-    v = classify(Reply(code, enhanced, text), stage, last_mx)
+    """Every code 200-599 at every stage, with any enhanced code and text, yields a Verdict
+    whose kind agrees with the code's class: a 2xx or 3xx is delivered, a 4xx is never
+    permanent nor delivered, a 5xx never delivered (RFC 5321 4.2.1); only a failure may move to the next MX; only a
+    temporary failure is greylisting (never a 421) or asks for a wait; every failure has a
+    category and a delivery none; the outcome it makes is of its kind."""
+    r = Reply(code, enhanced, text)
+    v = classify(r, stage, last_mx)
     assert isinstance(v, Verdict)
     assert v.kind in (Delivered, TempFailed, PermFailed)
-    if 400 <= code < 500:
+    if code < 400 and stage != ROUTE:      # routing only ever fails: it makes no 2xx
+        assert v.kind is Delivered
+    elif 400 <= code < 500:
         assert v.kind is TempFailed
     elif code >= 500:
         assert v.kind in (TempFailed, PermFailed)
     if v.next_mx:
-        assert v.kind is TempFailed and not last_mx
+        assert v.kind in (TempFailed, PermFailed) and not last_mx
     if v.kind is Delivered:
-        assert not v.site_failure and not v.next_mx
+        assert not v.site_failure and not v.next_mx and v.category == ""
+    else:
+        assert v.category in CATEGORIES
+    if v.greylisted:
+        assert v.kind is TempFailed and 400 <= code < 500 and code != 421
+        assert v.retry_after is not None
+    if v.retry_after is not None:
+        assert v.kind is TempFailed and v.retry_after >= 0.0
+    if v.next_transaction:
+        assert v.kind is TempFailed and stage == RCPT
+    o = v.outcome(r, stage)
+    assert isinstance(o, v.kind) and o.reply == r and o.stage == stage

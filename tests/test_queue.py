@@ -137,12 +137,26 @@ def test_greylisting_reply_waits_the_named_delay_once():
     """A greylisting 4xx is retried after the delay it names, once; then the schedule goes on."""
     q, spool, clock, _ = queue_with()
     m = stored(q, clock, 1)
-    q.record(m, {0: O.TempFailed(GREY)})
+    q.record(m, {0: O.TempFailed(GREY, greylisted=True, retry_after=120.0)})
     state = spool.messages[m.id].recipients[0]
     assert state.greylisted and state.next_attempt == clock.seconds() + 120
-    q.record(spool.messages[m.id], {0: O.TempFailed(GREY)})
+    q.record(spool.messages[m.id], {0: O.TempFailed(GREY, greylisted=True, retry_after=120.0)})
     state = spool.messages[m.id].recipients[0]
     assert state.attempts == 2 and state.next_attempt == clock.seconds() + 300
+
+
+def test_the_category_recorded_is_the_one_the_outcome_carries():
+    """The queue reads no reply: the state, the timeline and the suppression list get the
+    category outcome.classify put in the outcome (only invalid-recipient suppresses here)."""
+    q, spool, clock, _ = queue_with()
+    m = stored(q, clock, 2)
+    q.record(m, {0: O.PermFailed(Reply(550, "5.1.1", "no such user"), category="policy"),
+                 1: O.PermFailed(Reply(550, "5.7.1", "blocked"), category="invalid-recipient")})
+    states = spool.history[m.id][0].recipients
+    assert [s.category for s in states] == ["policy", "invalid-recipient"]
+    assert [e.category for e in spool.events[m.id] if e.kind == "bounced"] == [
+        "policy", "invalid-recipient"]
+    assert sorted(spool.suppressions) == ["u1@example.net"]
 
 
 def test_retry_after_never_goes_past_the_lifetime():
@@ -336,7 +350,8 @@ def test_a_record_rerun_after_the_map_grew_reports_and_tells_once(open_lmdb, wai
     m = wait(q.put(mid, env, body, {}, clock.seconds()))
     published.clear()
     before = spool._env.info()["map_size"]
-    wait(q.record(m, {0: O.PermFailed(Reply(550, "5.1.1", "no such user"))}))
+    wait(q.record(m, {0: O.PermFailed(Reply(550, "5.1.1", "no such user"),
+                                      category="invalid-recipient")}))
     assert spool._env.info()["map_size"] > before       # the change ran again after growing
     assert wait(spool.count()) == 1                     # the original left; one DSN queued
     (report,) = wait(spool.load_due(clock.seconds() + 1, 10))

@@ -1,16 +1,19 @@
 """Bounce categories: what kind of trouble a failure reply describes, for logs, metrics and events.
 
-Pure: no I/O.  `category(reply, stage)` names one of `CATEGORIES` ("invalid-recipient",
-"mailbox-full", "spam-block", ...), so that operators can count, graph and suppress by cause.
-It does not decide what happens to the mail: `outcome.classify` alone decides whether a reply
-defers, bounces or moves to the next MX (STYLE habit 2); a category only describes.
+Pure: no I/O.  `Classifier.category(reply, stage)` names one of `CATEGORIES`
+("invalid-recipient", "mailbox-full", "spam-block", ...), so that operators can count, graph and
+suppress by cause.  This module is the rule table (data and matching) only: delivery consults
+it through `outcome.classify`, which puts the category in its verdict and so in the outcome the
+queue records.  A category never decides what happens to the mail: `outcome.classify` alone
+decides whether a reply defers, bounces, moves to the next MX or is greylisting (STYLE habit
+2); a category only describes.
 
 The classification is a table of `Rule`s tried in order, first match wins: text rules first
 (the words a provider uses are more precise than the code it picked), then rules on the
 enhanced status code alone (RFC 3463, with the registry of RFC 5248: X.1.1 bad mailbox,
 X.2.2 mailbox full, X.4.5 congestion, X.7.x security or policy, RFC 7372 X.7.20-27
 authentication), then the session stage, then "other".  Operators add rules in front of the
-defaults (a future `[[bounce.rule]]` table; `parse_rules` validates it).
+defaults (`[[bounce.rules]]` in the configuration; `parse_rules` validates them).
 
 A rule's `code` is `"*"` or alternatives separated by "|"; each alternative is an enhanced
 code pattern ("5.1.1", "x.1.1", "5.7.*", "4.*"), a reply code pattern ("421", "45x", "5xx"),
@@ -217,7 +220,8 @@ DEFAULT_RULES: tuple[Rule, ...] = (
     # The recipient's mailbox is full.
     Rule("*", _QUOTA_WORDS, MAILBOX_FULL),
     # Greylisting without the word: 450/451 with 4.2.0/4.7.1 asking for a later retry
-    # (postgrey, milter-greylist, sqlgrey, greylistd; see retry.looks_like_greylisting).
+    # (postgrey, milter-greylist, sqlgrey, greylistd; outcome.classify's greylisting test,
+    # which decides the retry, is its own).
     Rule("450 4.2.0|451 4.2.0|450 4.7.1|451 4.7.1",
          r"try again later|retry (in|later|after)|come back later|please retry|temporarily deferred",
          GREYLISTED),
@@ -288,19 +292,19 @@ class Classifier:
         return OTHER if rule is None else rule.category
 
 
-_DEFAULT = Classifier()
+DEFAULT_CLASSIFIER = Classifier()   # outcome.classify's rules when the operator gave none
 
 
 def category(reply: Reply, stage: str = "") -> str:
     """The category of `reply` by the default rules."""
-    return _DEFAULT.category(reply, stage)
+    return DEFAULT_CLASSIFIER.category(reply, stage)
 
 
 _RULE_KEYS = ("code", "pattern", "category", "stage")
 
 
 def parse_rules(items: Sequence[Mapping[str, Any]]) -> list[Rule]:
-    """Rules from config tables (`[[bounce.rule]]`: code, pattern, category, optional stage).
+    """Rules from config tables (`[[bounce.rules]]`: code, pattern, category, optional stage).
 
     Raises ValueError naming the rule (1-based) and the bad field.
     """

@@ -10,10 +10,14 @@ recipient is due again at its stored time.
 There is no polling loop: the dispatcher sleeps with one `callLater` until the next due
 time, and is woken by finished attempts and by the queue's events (`heard`, subscribed by
 worker.py to `HEARS`): new mail (`events.Received`), the next attempt a change left
-(`events.Due`), an admin's "try now" (`events.RetryNow`).  A destination whose hosts all
-failed at the session level is throttled as a whole: its other queued mail waits for the
+(`events.Due`), an admin's "try now" (`events.RetryNow`).  A destination whose attempt
+ended in a site failure (the deliverer's `AttemptResult.site_failure`, from
+`outcome.classify`: its last host could not be reached, failed before the mail transaction or
+closed the session with 421) is throttled as a whole: its other queued mail waits for the
 destination's next retry instead of each message trying on its own; those recipients are
-committed with the attempt's outcomes, in the same `record()`.
+committed with the attempt's outcomes, in the same `record()`.  Outcomes are made by the
+deliverer from classify's verdicts; the only ones made here, for our own bugs, are classified
+too (`internal_error`).
 """
 # test: tests/test_dispatch.py
 
@@ -34,6 +38,13 @@ from txmta.message import SpoolError
 
 log = Logger()
 SCAN_COALESCE = 0.002   # seconds: wake-ups this close together share one scan
+
+
+def internal_error(text: str) -> O.Outcome:
+    """The deferral of a recipient our own bug left without an outcome: a 451 4.3.0 (RFC 3463
+    X.3.0 "other or undefined mail system status"), classified like any reply."""
+    reply = Reply(451, "4.3.0", text)
+    return O.classify(reply, "").outcome(reply, "")
 
 
 class BodyLoader:
@@ -226,8 +237,8 @@ class Dispatcher:
             for (dest, indices), (ok, result) in zip(live, results):
                 if not ok:
                     log.failure("delivery to {dest} failed", result, dest=dest)
-                    reply = Reply(451, "4.3.0", "internal error during delivery")
-                    outcomes.update({i: O.TempFailed(reply) for i in indices})
+                    outcomes.update(dict.fromkeys(indices,
+                                                  internal_error("internal error during delivery")))
                     continue
                 outcomes.update(result.outcomes)
                 if result.site_failure is not None:
@@ -235,7 +246,7 @@ class Dispatcher:
         for i in due:  # every due recipient gets an outcome, or it would be due again at once
             if i not in outcomes and i not in postponed:
                 log.error("{id}: no outcome for recipient {i}; deferring it", id=message.id, i=i)
-                outcomes[i] = O.TempFailed(Reply(451, "4.3.0", "internal error: no outcome"))
+                outcomes[i] = internal_error("internal error: no outcome")
         if not self._running:
             # shutting down: keep the facts (delivered, bounced) and leave the rest due;
             # a "shutting down" deferral is not an attempt worth counting

@@ -166,7 +166,7 @@ class RecipientState:
     greylisted: bool = False        # a greylisting reply was seen once (retry.next_delay)
     remote: str = ""                # the host that gave last_reply, e.g. "mx.example.net[192.0.2.1]"
     warned: bool = False            # a delay DSN was sent for it
-    category: str = ""              # bounce category of last_reply (categories.py), for failures
+    category: str = ""              # bounce category of last_reply (outcome.classify), for failures
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,24 +2,46 @@
 
 Pure: no I/O.  An attempt yields, per recipient, `Delivered`, `TempFailed` or `PermFailed`
 (DESIGN invariant 4: remote behaviour never raises).  `classify()` turns an SMTP reply seen
-at some stage of a session into a `Verdict`: the outcome kind, whether to try the next MX
-host for it, and whether the failure says something about the whole destination (so its
-queued mail waits for the destination's retry, not each message separately).
+at some stage of a session into a `Verdict` that says everything delivery needs: the outcome
+kind; whether to try the next MX host, or another transaction on the same host; whether the
+failure is the destination's (so its queued mail waits for the destination's retry, not each
+message separately); whether the reply is greylisting and how long it asked us to wait; and
+its bounce category.  `Verdict.outcome()` makes the outcome value from it.  Nothing else
+interprets a reply: the queue, the retry arithmetic and the dispatcher read these values.
 
 The rules follow RFC 5321 4.2.1 and 4.5.4.1 and Postfix's smtp_trouble.c: a failure to
 connect or a 4xx/5xx greeting, EHLO, STARTTLS or AUTH is a site failure (try the next MX;
 throttle the destination if it was the last) and never bounces, except a 521/556 greeting
 (RFC 7504: the host accepts no mail); a 5xx at MAIL, RCPT or end of DATA is permanent for
 the recipients concerned; a 4xx there is temporary for them and tells nothing about the
-site.  Callers classify positive replies only at the end of the data (DOT).
+site, except a 421 (RFC 5321 3.8: the server is closing the session), which is a site
+failure at any stage.  A 452 at RCPT (RFC 5321 4.5.3.1.10, too many recipients) asks for the
+rest in another transaction.  Callers classify positive replies only at the end of the data
+(DOT).
+
+Greylisting (RFC 6647): a greylister defers the first attempt from an unknown (client,
+sender, recipient) triplet and accepts a retry after some minutes.  A 4xx other than 421 is
+greylisting when it is 450/451 with 4.2.0 or 4.7.1 (postgrey, milter-greylist, sqlgrey,
+greylistd) or its text says so; its `retry_after` is the delay the text names, or
+`GREYLISTING_DEFAULT`.  Any other temporary failure whose text asks for a wait ("try again in
+5 minutes", "retry after 60 seconds", as rate limiters say) has that wait as `retry_after`.
+What the retry does with them is retry.py's arithmetic.
+
+The category comes from the bounce rules (categories.py: the defaults, or the operator's
+`[[bounce.rules]]` passed as `rules`); it describes a failure and never changes the verdict.
 """
 # test: tests/test_outcome.py
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from txmta.reply import Reply
+
+if TYPE_CHECKING:
+    from txmta.categories import Classifier
 
 # Stages of a client session, in order.
 CONNECT = "connect"
@@ -34,6 +56,8 @@ DOT = "dot"         # the reply after the message content
 ROUTE = "route"     # before any session: DNS and routing
 STAGES = (ROUTE, CONNECT, GREETING, EHLO, STARTTLS, AUTH, MAIL, RCPT, DATA, DOT)
 SESSION_STAGES = frozenset({CONNECT, GREETING, EHLO, STARTTLS, AUTH})
+
+GREYLISTING_DEFAULT = 300.0   # seconds; postgrey's --delay default, and what most greylisters use
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,8 +77,9 @@ class TempFailed:
     address: str = ""
     tls: str = ""
     stage: str = ""
-    greylisted: bool = False
+    greylisted: bool = False           # the reply is greylisting (RFC 6647)
     retry_after: float | None = None   # seconds the reply asked us to wait, if it said
+    category: str = ""                 # bounce category (categories.CATEGORIES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +89,7 @@ class PermFailed:
     address: str = ""
     tls: str = ""
     stage: str = ""
+    category: str = ""
 
 
 Outcome = Delivered | TempFailed | PermFailed
@@ -71,35 +97,135 @@ Outcome = Delivered | TempFailed | PermFailed
 
 @dataclass(frozen=True, slots=True)
 class Verdict:
-    kind: type                 # Delivered, TempFailed or PermFailed
-    next_mx: bool = False      # try the recipients at the next MX host / address
-    site_failure: bool = False # the destination itself is failing (throttle it when last MX)
-    notes: tuple[str, ...] = field(default_factory=tuple)
+    kind: type                     # Delivered, TempFailed or PermFailed
+    next_mx: bool = False          # try the recipients at the next MX host / address
+    site_failure: bool = False     # the destination itself is failing: at the last MX, a
+                                   # deferral throttles the destination as a whole
+    next_transaction: bool = False # try the recipient again in another transaction on this host
+    greylisted: bool = False       # greylisting: retry once after retry_after
+    retry_after: float | None = None   # seconds the reply asked us to wait, if it said
+    category: str = ""             # bounce category of a failure; "" when delivered
+
+    def outcome(self, reply: Reply, stage: str, host: str = "", address: str = "",
+                tls: str = "", remote_dsn: bool = False) -> Outcome:
+        """The outcome this verdict gives a recipient for `reply` at `stage` from `host`."""
+        if self.kind is Delivered:
+            return Delivered(reply, host, address, tls, remote_dsn, stage)
+        if self.kind is PermFailed:
+            return PermFailed(reply, host, address, tls, stage, self.category)
+        return TempFailed(reply, host, address, tls, stage, self.greylisted, self.retry_after,
+                          self.category)
 
 
-def classify(reply: Reply, stage: str, last_mx: bool = True) -> Verdict:
-    """Decide what `reply`, received at `stage`, means for the recipients it concerns."""
+def classify(reply: Reply, stage: str, last_mx: bool = True,
+             rules: Classifier | None = None) -> Verdict:
+    """Decide what `reply`, received at `stage`, means for the recipients it concerns.
+
+    `last_mx`: no other host is left to try.  `rules`: the bounce categories (the operator's
+    `Classifier`); the default rules when None."""
+    kind, next_mx, site_failure = _kind(reply, stage, last_mx)
+    if kind is Delivered:
+        return Verdict(Delivered)
+    if rules is None:
+        rules = _default_rules()
+    greylisted = kind is TempFailed and _greylisting(reply)
+    if greylisted:
+        retry_after: float | None = _named_delay(reply.text, _GREYLISTING_DELAY)
+        if retry_after is None:
+            retry_after = GREYLISTING_DEFAULT
+    elif kind is TempFailed:
+        retry_after = _named_delay(reply.text, _ASKED_WAIT)
+    else:
+        retry_after = None
+    return Verdict(kind, next_mx, site_failure,
+                   next_transaction=stage == RCPT and reply.code == 452,
+                   greylisted=greylisted, retry_after=retry_after,
+                   category=rules.category(reply, stage))
+
+
+def _kind(reply: Reply, stage: str, last_mx: bool) -> tuple[type, bool, bool]:
+    """(outcome kind, try the next MX?, site failure?)."""
     if stage in SESSION_STAGES:
         # Nothing was said about any recipient: the host failed, another MX may work, and
         # at the last MX the mail waits, as with Postfix's smtp_skip_5xx_greeting and
         # smtp_sasl_auth_soft_bounce (a 535 is our credentials' fault, not the mail's).
         # Only a server that says it never accepts mail (RFC 7504: 521, 556) bounces.
         if reply.code < 400:
-            return Verdict(Delivered)
+            return Delivered, False, False
         if reply.code in (521, 556) and last_mx and stage in (GREETING, CONNECT):
-            return Verdict(PermFailed, site_failure=True)
-        return Verdict(TempFailed, next_mx=not last_mx, site_failure=True)
+            return PermFailed, False, True
+        return TempFailed, not last_mx, True
     if stage == ROUTE:
-        return Verdict(PermFailed if reply.permanent else TempFailed, site_failure=True)
+        return (PermFailed if reply.permanent else TempFailed), False, True
     if reply.code < 400:
-        return Verdict(Delivered)
+        return Delivered, False, False
     if stage == MAIL and reply.enhanced == "5.7.10" and not last_mx:
         # RFC 8689 4.2.1: REQUIRETLS could not be met by this host; another MX may meet it
-        return Verdict(PermFailed, next_mx=True)
+        return PermFailed, True, False
     if reply.permanent:
-        return Verdict(PermFailed)
+        return PermFailed, False, False
     # 4xx at MAIL/RCPT/DATA/DOT: temporary for these recipients. A 421 means the server is
     # closing the session: a site problem, and another MX may take the mail.
     if reply.code == 421:
-        return Verdict(TempFailed, next_mx=not last_mx, site_failure=True)
-    return Verdict(TempFailed)
+        return TempFailed, not last_mx, True
+    return TempFailed, False, False
+
+
+def _default_rules() -> Classifier:
+    # imported here: categories.py names its rules' stages with this module's constants
+    from txmta.categories import DEFAULT_CLASSIFIER
+    return DEFAULT_CLASSIFIER
+
+
+# -- greylisting and asked-for waits ----------------------------------------------------------
+
+# Codes and enhanced codes greylisters use: Postfix policy servers (postgrey) answer
+# "450 4.2.0 ... Greylisted", milter-greylist and sqlgrey "451 4.7.1 ...", Exim's
+# greylistd "451 4.7.1 ..." (RFC 3463 3.3 X.2.0 "other mailbox status", 3.8 X.7.1
+# "delivery not authorized").
+_GREYLISTING_CODES = frozenset({450, 451})
+_GREYLISTING_ENHANCED = frozenset({"4.2.0", "4.7.1"})
+_GREYLISTING_WORDS = re.compile(
+    r"grey\s*list|gray\s*list|try again later|please retry in|temporarily deferred|retry later",
+    re.IGNORECASE)
+# A greylister's delay: "please retry in 300 seconds", "try again in 5 minutes", "retry after
+# 60s", "greylisted for 300 seconds" (postgrey's --greylist-text example); no unit: seconds.
+_GREYLISTING_DELAY = re.compile(
+    r"\b(?:in|after|for)\s+(\d{1,7})\s*"
+    r"(seconds?|secs?|s|minutes?|mins?|m|hours?|hrs?|h)?(?![a-z])",
+    re.IGNORECASE)
+# A wait any other temporary failure asks for ("421 4.7.0 Too many connections, try again in
+# 60 seconds", "451 rate limited, retry after 5 minutes"): stricter, since the text is not
+# known to be about waiting: a verb of retrying, then "in" or "after", a number and a unit.
+_ASKED_WAIT = re.compile(
+    r"\b(?:try(?:\s+again)?|retry|resend|come\s+back)\s+(?:in|after)\s+(\d{1,7})\s*"
+    r"(seconds?|secs?|s|minutes?|mins?|m|hours?|hrs?|h)(?![a-z])",
+    re.IGNORECASE)
+_UNIT = {"s": 1.0, "m": 60.0, "h": 3600.0}
+_LEADING_ENHANCED = re.compile(r"^\s*([245]\.\d{1,3}\.\d{1,3})\b")
+
+
+def _enhanced(reply: Reply) -> str:
+    """The enhanced status code, also when a client left it at the start of the text."""
+    if reply.enhanced:
+        return reply.enhanced
+    m = _LEADING_ENHANCED.match(reply.text)
+    return m.group(1) if m else ""
+
+
+def _greylisting(reply: Reply) -> bool:
+    """450/451 with 4.2.0 or 4.7.1, or any 4xx but 421 whose text says greylisting."""
+    if not reply.transient or reply.code == 421:   # 421: the server is closing; not a greylister
+        return False
+    if reply.code in _GREYLISTING_CODES and _enhanced(reply) in _GREYLISTING_ENHANCED:
+        return True
+    return _GREYLISTING_WORDS.search(reply.text) is not None
+
+
+def _named_delay(text: str, pattern: re.Pattern[str]) -> float | None:
+    """The seconds `text` names by `pattern` (a number, then an optional unit), or None."""
+    m = pattern.search(text)
+    if m is None:
+        return None
+    unit = (m.group(2) or "s")[0].lower()
+    return float(m.group(1)) * _UNIT[unit]

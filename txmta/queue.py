@@ -32,7 +32,6 @@ from twisted.internet.interfaces import IReactorTime
 
 from txmta import dsn, retry, suppression
 from txmta import events as E      # events.Deferred beside twisted's Deferred; `events` below is a timeline
-from txmta.categories import Classifier
 from txmta.suppression import SuppressionList
 from txmta.message import Envelope, MessageIds
 from txmta.partition import ALL
@@ -56,7 +55,7 @@ class Queue:
     def __init__(self, spool: Spool, clock: IReactorTime, *,
                  schedule: Sequence[float] = DEFAULT_SCHEDULE, max_lifetime: float = 5 * 86400.0,
                  jitter: Callable[[], float] | None = None, hostname: str = "localhost",
-                 delay_warning: float = 4 * 3600.0, classifier: Classifier | None = None,
+                 delay_warning: float = 4 * 3600.0,
                  suppress_categories: Iterable[str] = ("invalid-recipient", "bad-domain"),
                  suppression_ttl: float = 90 * 86400.0, partitions: Iterable[int] = ALL,
                  events: E.EventStream | None = None, sign_report: SignReport | None = None,
@@ -74,7 +73,6 @@ class Queue:
         self.jitter = jitter
         self.hostname = hostname
         self.delay_warning = delay_warning          # 0: no delay DSNs
-        self.classifier = classifier or Classifier()
         self.suppress_categories = frozenset(suppress_categories)
         self.suppression_ttl = suppression_ttl
         self.suppression = SuppressionList()    # the mirror of the spool's list, a subscriber
@@ -196,14 +194,10 @@ class Queue:
         assert isinstance(outcome, TempFailed)
         attempts = old.attempts + 1
         kwargs = {} if self.jitter is None else {"jitter": self.jitter}
-        delay = retry.next_delay(attempts, now - message.arrival, outcome.reply, self.schedule,
-                                 self.max_lifetime, greylisted_before=old.greylisted, **kwargs)
-        greylisted = old.greylisted or retry.greylisting_delay(outcome.reply) is not None
-        if outcome.retry_after is not None and not isinstance(delay, retry.Expired):
-            age = now - message.arrival
-            delay = max(delay, outcome.retry_after)
-            if age + delay > self.max_lifetime:  # never past the lifetime: last try at its end
-                delay = self.max_lifetime - age
+        delay = retry.next_delay(attempts, now - message.arrival, self.schedule, self.max_lifetime,
+                                 greylisted=outcome.greylisted, retry_after=outcome.retry_after,
+                                 greylisted_before=old.greylisted, **kwargs)
+        greylisted = old.greylisted or outcome.greylisted
         if isinstance(delay, retry.Expired):
             return replace(old, state=EXPIRED, attempts=attempts, last_reply=outcome.reply,
                            remote=remote, greylisted=greylisted)
@@ -243,8 +237,7 @@ class Queue:
                     continue
                 new = self._next_state(current, old, outcome, at)
                 rcpt = current.envelope.recipients[index]
-                category = "" if isinstance(outcome, Delivered) else \
-                    self.classifier.category(outcome.reply, outcome.stage)
+                category = "" if isinstance(outcome, Delivered) else outcome.category
                 new = replace(new, category=category)
                 events.append(Event(at, new.state if new.state != QUEUED else "deferred",
                                     str(rcpt.address), str(outcome.reply), new.remote, category,

@@ -110,6 +110,7 @@ def build_tls_policy(cfg: C.Config, reactor: Any, resolver: Any, cache_store: An
 
 def build_delivery(cfg: C.Config, reactor: Any, queue: Queue,
                    cache_store: Any = None) -> DeliveryService:
+    from txmta.categories import Classifier
     from txmta.dispatch import Dispatcher
     from txmta.outbound.client import ClientSettings
     from txmta.outbound.deliverer import Deliverer
@@ -149,7 +150,8 @@ def build_delivery(cfg: C.Config, reactor: Any, queue: Queue,
                           idle_timeout=d.idle_timeout,
                           initial_per_destination=d.initial_per_destination)
     deliverer = Deliverer(router, pool, helo=helo, source=d.source_address,
-                          tls_level="may", relay_tls=d.relayhost_tls, tls_policy=tls_policy)
+                          tls_level="may", relay_tls=d.relayhost_tls, tls_policy=tls_policy,
+                          rules=Classifier(extra=cfg.bounce.rules))
     dispatcher = Dispatcher(queue, deliverer, reactor, max_inflight=d.max_inflight)
     queue.events.subscribe(dispatcher.heard, *Dispatcher.HEARS)
     return DeliveryService(dispatcher, pool, reactor, tls_policy=tls_policy)
@@ -324,11 +326,9 @@ def build(cfg: C.Config, reactor: Any, *, worker: int = 0, workers: int = 1,
                       max_map_size=cfg.spool.max_map_size,
                       inline_limit=cfg.spool.inline_body_limit, partitions=owned_partitions)
     SpoolService(spool).setServiceParent(top)
-    from txmta.categories import Classifier
     queue = Queue(spool, reactor, schedule=cfg.retry.schedule,
                   max_lifetime=cfg.retry.max_lifetime, hostname=cfg.server.hostname,
                   delay_warning=cfg.dsn.delay_warning,
-                  classifier=Classifier(extra=cfg.bounce.rules),
                   suppress_categories=cfg.suppression.categories,
                   suppression_ttl=cfg.suppression.ttl, partitions=owned_partitions,
                   sign_report=signer.sign_message if signer is not None else None,

@@ -43,7 +43,7 @@ MX = {
     "plainhop.test": ("mx.plainhop.test", PLAINHOP_IP),
 }
 NO_SUCH_USER = "550 5.1.1 <{}>: Recipient address rejected: no such user here"
-TEMP = "451 4.3.0 mailbox temporarily unavailable"   # not greylisting (retry.py): the schedule applies
+TEMP = "451 4.3.0 mailbox temporarily unavailable"   # not greylisting (outcome.classify): the schedule applies
 
 
 def make_zone() -> dict[str, Any]:

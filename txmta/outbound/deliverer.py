@@ -1,14 +1,17 @@
 """One attempt: deliver some recipients of one message to their destination.
 
 `Deliverer.deliver()` routes the destination (relayhost or MX hosts), then walks the hops in
-order through the connection pool: recipients that a hop leaves undecided (it could not be
-reached, or closed on us) go on to the next hop; recipients a server answered are decided by
-`outcome.classify()`.  A 452 at RCPT ("too many recipients", RFC 5321 4.5.3.1.10) leaves
-those recipients for another transaction on the same hop.  Returns one Outcome per
-recipient and whether the whole destination failed (for throttling).  Remote behaviour
-never raises (DESIGN invariant 4).  With a `tls_policy` (tlspolicy.TLSPolicy), the TLS of each
-hop is decided before connecting; a hop the policy rules out for now (a failed TLSA lookup, an
-MX host an MTA-STS policy does not list) is skipped like a host that cannot be reached.
+order through the connection pool.  Every reply is judged by `outcome.classify()` (with the
+operator's bounce rules), and its verdict decides: recipients it sends to the next MX (the
+hop could not be reached, or closed on us) go on to the next hop; a 452 at RCPT ("too many
+recipients", RFC 5321 4.5.3.1.10) leaves those recipients for another transaction on the
+same hop; the others get the outcome the verdict makes (`Verdict.outcome`).  Returns one
+Outcome per recipient and, when the verdict of the last decision says the destination itself
+failed and the mail waits, that reply (the dispatcher throttles the destination on it).
+Remote behaviour never raises (DESIGN invariant 4).  With a `tls_policy`
+(tlspolicy.TLSPolicy), the TLS of each hop is decided before connecting; a hop the policy
+rules out for now (a failed TLSA lookup, an MX host an MTA-STS policy does not list) is
+judged like a host that cannot be reached.
 
 Not here: the queue, the spool, retry timing; this module never sees them.
 """
@@ -23,6 +26,7 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.logger import Logger
 
 from txmta import outcome as O
+from txmta.categories import Classifier
 from txmta.message import Envelope
 from txmta.outbound.pool import PoolKey
 from txmta.outbound.route import Route, Unroutable
@@ -42,9 +46,11 @@ class AttemptResult:
 
 class Deliverer:
     def __init__(self, router: Any, pool: Any, *, helo: str, source: str = "",
-                 tls_level: str = "may", relay_tls: str = "may", tls_policy: Any = None) -> None:
+                 tls_level: str = "may", relay_tls: str = "may", tls_policy: Any = None,
+                 rules: Classifier | None = None) -> None:
         self.router = router
         self.pool = pool
+        self.rules = rules             # the bounce categories ([[bounce.rules]]); None: defaults
         self.tls_policy = tls_policy   # None: the fixed levels below
         self.helo = helo
         self.source = source
@@ -66,11 +72,9 @@ class Deliverer:
             route = Unroutable(self.router.destination(domain),
                                Reply(451, "4.3.0", f"internal error routing {domain}: {e!r}"))
         if isinstance(route, Unroutable):
-            verdict = O.classify(route.reply, O.ROUTE)
-            kind = O.PermFailed if verdict.kind is O.PermFailed else O.TempFailed
-            outs = {i: kind(route.reply, stage=O.ROUTE) for i in indices}
-            return AttemptResult(outs, route.destination,
-                                 None if kind is O.PermFailed else route.reply)
+            verdict = O.classify(route.reply, O.ROUTE, rules=self.rules)
+            outs = {i: verdict.outcome(route.reply, O.ROUTE) for i in indices}
+            return AttemptResult(outs, route.destination, _throttle(verdict, route.reply))
         result = yield self._walk(route, envelope, list(indices), body)
         return result
 
@@ -78,9 +82,7 @@ class Deliverer:
     def _walk(self, route: Route, envelope: Envelope, pending: list[int], body: bytes) -> Any:
         outcomes: dict[int, O.Outcome] = {}
         hops = route.hops
-        last_failure: Reply | None = None   # the last session-level failure seen
-        last_result: Any = None             # the attempt that gave it (host, TLS for the log)
-        reached = False                     # some hop got as far as a mail transaction
+        site: Reply | None = None           # the last decision's site failure, if any
         plan = (yield self.tls_policy.plan(route)) if self.tls_policy is not None else None
         # "TLS-Required: No" relaxes the recipient domain's policy, never the relayhost's
         # (whose TLS protects our AUTH password), and never a REQUIRETLS message's
@@ -93,9 +95,13 @@ class Deliverer:
                 if relaxed:
                     tls = opportunistic(tls, hop.mx)
                 if isinstance(tls, Reply):      # ruled out by the TLS policy, for now
-                    last_failure, last_result = tls, None
                     log.info("{mx}[{address}] skipped: {reply}", mx=hop.mx, address=hop.address,
                              reply=tls)
+                    verdict = O.classify(tls, O.CONNECT, last, self.rules)
+                    if not verdict.next_mx:     # the last hop: judged as one not reached
+                        for i in pending:
+                            outcomes[i] = verdict.outcome(tls, O.CONNECT)
+                        pending, site = [], _throttle(verdict, tls)
                     continue
             else:
                 tls = self.relay_tls if route.destination.startswith("relay:") else self.tls_level
@@ -107,49 +113,38 @@ class Deliverer:
                 batch, todo = todo[:MAX_RCPTS_PER_TRANSACTION], todo[MAX_RCPTS_PER_TRANSACTION:]
                 rcpts = [envelope.recipients[i] for i in batch]
                 result = yield self.pool.transaction(key, envelope, rcpts, body)
-                failure = result.failure
-                if failure is None or failure.stage not in O.SESSION_STAGES:
-                    reached = True
-                else:
-                    last_failure, last_result = failure.reply, result
-                retry_here, next_hop, decided = self._decide(result, batch, last)
-                outcomes.update(decided)
+                retry_here, next_hop, decided, batch_site = self._decide(result, batch, last)
                 undecided.extend(next_hop)
                 if retry_here and len(retry_here) < len(batch):
-                    todo = retry_here + todo          # 452: some went through, send the rest
+                    todo = list(retry_here) + todo    # 452: some went through, send the rest
                 else:
-                    for i in retry_here:              # 452 and no progress: try later
-                        reply = result.rcpt_replies[batch.index(i)]
-                        outcomes[i] = O.TempFailed(reply, result.host, result.address,
-                                                   result.tls, O.RCPT)
+                    decided.update(retry_here)        # 452 and no progress: try later
+                if decided:                           # the latest decision tells the site's state
+                    site = batch_site
+                    outcomes.update(decided)
             pending = undecided
             if not pending:
                 break
-        for i in pending:  # the hops ran out with recipients undecided
-            reply = last_failure or Reply(451, "4.4.0", f"no usable host for {route.destination}")
-            if last_result is not None:
-                outcomes[i] = O.TempFailed(reply, last_result.host, last_result.address,
-                                           last_result.tls, last_result.failure.stage)
-            else:
-                outcomes[i] = O.TempFailed(reply, stage=O.CONNECT)
-        site = None
-        if not reached and last_failure is not None and not last_failure.permanent:
-            site = last_failure
+        if pending:   # a route without hops (the router never makes one): nobody to try
+            reply = Reply(451, "4.4.0", f"no usable host for {route.destination}")
+            verdict = O.classify(reply, O.CONNECT, True, self.rules)
+            outcomes.update({i: verdict.outcome(reply, O.CONNECT) for i in pending})
+            site = _throttle(verdict, reply)
         return AttemptResult(outcomes, route.destination, site)
 
     def _decide(self, result: Any, batch: Sequence[int], last: bool
-                ) -> tuple[list[int], list[int], dict[int, O.Outcome]]:
-        """Split `batch` into (retry on this hop after a 452, try at the next hop, decided)."""
-        retry_here: list[int] = []
+                ) -> tuple[dict[int, O.Outcome], list[int], dict[int, O.Outcome], Reply | None]:
+        """Split `batch` into (retry on this hop after a 452, with the outcome they get if
+        not; try at the next hop; decided), with the reply of a site failure among the
+        decided (for throttling)."""
+        retry_here: dict[int, O.Outcome] = {}
         next_hop: list[int] = []
         decided: dict[int, O.Outcome] = {}
+        site: Reply | None = None
         failure = result.failure
         for pos, i in enumerate(batch):
             rcpt_reply = result.rcpt_replies[pos] if pos < len(result.rcpt_replies) else None
-            if rcpt_reply is not None and rcpt_reply.code >= 400:
-                if rcpt_reply.code == 452 and (failure is None or failure.stage != O.MAIL):
-                    retry_here.append(i)
-                    continue
+            if rcpt_reply is not None and not rcpt_reply.positive:
                 reply, stage = rcpt_reply, O.RCPT
             elif failure is not None:
                 reply, stage = failure.reply, failure.stage
@@ -157,19 +152,20 @@ class Deliverer:
                 reply, stage = result.final, O.DOT
             else:
                 reply, stage = Reply(451, "4.4.2", "no reply after the message"), O.DOT
-            verdict = O.classify(reply, stage, last)
+            verdict = O.classify(reply, stage, last, self.rules)
             if verdict.next_mx:
                 next_hop.append(i)
                 continue
-            decided[i] = self._outcome(verdict.kind, reply, stage, result)
-        return retry_here, next_hop, decided
+            outcome = verdict.outcome(reply, stage, result.host, result.address, result.tls,
+                                      getattr(result, "dsn", False))
+            if verdict.next_transaction and (failure is None or failure.stage != O.MAIL):
+                retry_here[i] = outcome
+                continue
+            decided[i] = outcome
+            site = _throttle(verdict, reply) or site
+        return retry_here, next_hop, decided, site
 
-    @staticmethod
-    def _outcome(kind: type, reply: Reply, stage: str, result: Any) -> O.Outcome:
-        if kind is O.Delivered:
-            return O.Delivered(reply, result.host, result.address, result.tls,
-                               getattr(result, "dsn", False))
-        if kind is O.PermFailed:
-            return O.PermFailed(reply, result.host, result.address, result.tls, stage)
-        return O.TempFailed(reply, result.host, result.address, result.tls, stage)
 
+def _throttle(verdict: O.Verdict, reply: Reply) -> Reply | None:
+    """`reply` when its verdict says the destination failed and the mail waits, else None."""
+    return reply if verdict.site_failure and verdict.kind is O.TempFailed else None
