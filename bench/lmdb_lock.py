@@ -64,19 +64,30 @@ def message_keys(proc, seq):
     return mid, mid + b"/0000", b"\x00" + struct.pack(">Q", seq) + mid + b"/0000", mid + b"/e"
 
 
-def worker(path, proc, k, size, backlog, start, stop_at, results):
-    """One committing process (runs after fork; opens its environment itself)."""
+def worker(path, proc, k, size, backlog, start, stop_at, results, rate=None):
+    """One committing process (runs after fork; opens its environment itself).  With `rate`
+    (msg/s): messages "arrive" at that steady rate, and each transaction takes every message
+    that arrived until it began (at least one; the natural group commit of the spool's writer
+    thread); `latency` is each message's arrival -> its commit returned."""
     env = open_env(path)
     db = {name: env.open_db(name) for name in DBS}
     body = os.urandom(size // 2).hex().encode()[:size]
     envelope = b"e" * 200
     recipient = b"r" * 48
     event = b"v" * 64
-    waits, txns, commits = [], [], []
+    waits, txns, commits, batches, latency = [], [], [], [], []
     seq = 0
     start.wait()
     deadline = stop_at.value
+    began = time.perf_counter()
     while time.time() < deadline:
+        if rate is not None:
+            arrived = int((time.perf_counter() - began) * rate)
+            if arrived <= seq:
+                time.sleep((seq + 1) / rate - (time.perf_counter() - began))
+                continue
+            k = arrived - seq
+            first = seq
         t0 = time.perf_counter()
         txn = env.begin(write=True)
         t1 = time.perf_counter()
@@ -104,9 +115,12 @@ def worker(path, proc, k, size, backlog, start, stop_at, results):
         waits.append(t1 - t0)
         txns.append(t2 - t1)
         commits.append(t3 - t2)
+        batches.append(k)
+        if rate is not None:
+            latency += [t3 - began - i / rate for i in range(first, seq)]
     env.close()
-    results.put({"proc": proc, "commits": len(commits), "messages": len(commits) * k,
-                 "wait": waits, "txn": txns, "commit": commits})
+    results.put({"proc": proc, "commits": len(commits), "messages": sum(batches),
+                 "wait": waits, "txn": txns, "commit": commits, "latency": latency})
 
 
 def p99(values):
@@ -116,14 +130,17 @@ def p99(values):
     return s[min(len(s) - 1, int(0.99 * len(s)))]
 
 
-def run(base, label, procs, separate, k, args):
+def run(base, label, procs, separate, k, args, rate=None):
+    """k messages per transaction; or, with `rate` (msg/s of all processes together, split
+    evenly), as many as arrived at that steady rate."""
     shutil.rmtree(base, ignore_errors=True)
     ctx = multiprocessing.get_context("fork")
     start, results = ctx.Event(), ctx.Queue()
     stop_at = ctx.Value("d", 0.0)
     paths = [os.path.join(base, "env%d" % i if separate else "env") for i in range(procs)]
     ps = [ctx.Process(target=worker, args=(paths[i], i, k, args.size, args.backlog, start,
-                                           stop_at, results)) for i in range(procs)]
+                                           stop_at, results, rate and rate / procs))
+          for i in range(procs)]
     for p in ps:
         p.start()
     time.sleep(0.5)                      # every process has opened its environment
@@ -135,6 +152,8 @@ def run(base, label, procs, separate, k, args):
     shutil.rmtree(base, ignore_errors=True)
     out.sort(key=lambda r: r["proc"])
     commits = sum(r["commits"] for r in out)
+    messages = sum(r["messages"] for r in out)
+    latency = sorted(x for r in out for x in r["latency"])
     per = []
     for r in out:
         n = max(1, r["commits"])
@@ -142,9 +161,12 @@ def run(base, label, procs, separate, k, args):
                     "wait_ms": 1000 * sum(r["wait"]) / n, "wait_p99_ms": 1000 * (p99(r["wait"]) or 0),
                     "txn_ms": 1000 * sum(r["txn"]) / n, "commit_ms": 1000 * sum(r["commit"]) / n,
                     "wait_share": sum(r["wait"]) / args.seconds})
-    return {"config": label, "procs": procs, "separate": separate, "k": k,
+    return {"config": label, "procs": procs, "separate": separate, "k": k, "rate": rate,
             "seconds": args.seconds, "commits_per_s": commits / args.seconds,
-            "messages_per_s": commits * k / args.seconds, "per_process": per}
+            "messages_per_s": messages / args.seconds, "per_process": per,
+            "messages_per_commit": messages / max(1, commits),
+            "latency_p50_ms": 1000 * latency[len(latency) // 2] if latency else None,
+            "latency_p99_ms": 1000 * p99(latency) if latency else None}
 
 
 def main():
@@ -156,9 +178,14 @@ def main():
     ap.add_argument("--size", type=int, default=4096, help="body bytes per message")
     ap.add_argument("--backlog", type=int, default=16,
                     help="a message is deleted this many transactions after its put")
+    ap.add_argument("--rates", default="1000,2000",
+                    help="steady offered loads, msg/s of all processes together (comma list; "
+                         "empty: none): messages arrive at that rate and each transaction takes "
+                         "all that arrived; reports arrival -> commit latency")
     ap.add_argument("--repeat", type=int, default=1, help="runs per configuration (median)")
     args = ap.parse_args()
     ks = [int(k) for k in args.ks.split(",") if k.strip()]
+    rates = [float(r) for r in args.rates.split(",") if r.strip()]
     base = os.path.abspath(args.dir)
     os.makedirs(os.path.dirname(base), exist_ok=True)
     started = datetime.datetime.now().isoformat(timespec="seconds")
@@ -166,7 +193,7 @@ def main():
     runs = []
     for i in range(args.repeat):
         for k in ks:
-            for label, procs, separate in CONFIGS:
+            for label, procs, separate in CONFIGS[i % 3:] + CONFIGS[:i % 3]:   # rotated
                 r = run(base, label, procs, separate, k, args)
                 r["run"] = i + 1
                 runs.append(r)
@@ -174,14 +201,26 @@ def main():
                     k, label, i + 1, r["commits_per_s"], r["messages_per_s"],
                     " / ".join("%.2f" % p["wait_ms"] for p in r["per_process"])),
                     file=sys.stderr, flush=True)
+        for rate in rates:
+            for label, procs, separate in CONFIGS[i % 3:] + CONFIGS[:i % 3]:
+                r = run(base, label, procs, separate, None, args, rate)
+                r["run"] = i + 1
+                runs.append(r)
+                print("%5.0f msg/s offered %-17s #%d: %6.0f msg/s, %5.1f msg/commit, latency "
+                      "p50 %.1f p99 %.1f ms" % (rate, label, i + 1, r["messages_per_s"],
+                                                r["messages_per_commit"], r["latency_p50_ms"] or 0,
+                                                r["latency_p99_ms"] or 0), file=sys.stderr, flush=True)
 
     rows = []
-    for k in ks:
+    for k, rate in [(k, None) for k in ks] + [(None, rate) for rate in rates]:
         single = None
         for label, procs, separate in CONFIGS:
-            rs = [r for r in runs if r["k"] == k and r["config"] == label]
+            rs = [r for r in runs if r["k"] == k and r["rate"] == rate and r["config"] == label]
             m = statistics.median
-            row = {"k": k, "config": label, "runs": len(rs),
+            row = {"k": k, "rate": rate, "config": label, "runs": len(rs),
+                   "messages_per_commit": m([r["messages_per_commit"] for r in rs]),
+                   "latency_p50_ms": m([r["latency_p50_ms"] or 0 for r in rs]),
+                   "latency_p99_ms": m([r["latency_p99_ms"] or 0 for r in rs]),
                    "commits_per_s": m([r["commits_per_s"] for r in rs]),
                    "messages_per_s": m([r["messages_per_s"] for r in rs]),
                    "commits_per_s_all": [round(r["commits_per_s"]) for r in rs],
@@ -215,12 +254,30 @@ def main():
           "| in txn ms/txn | commit+fsync ms/txn | share of time waiting |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        if r["k"] is None:
+            continue
         print("| %d | %s | %.0f %s | %.0f | %.2f | %.3f (%.2f) | %.3f | %.3f | %.0f%% |" % (
             r["k"], r["config"], r["commits_per_s"],
             "[%s]" % ", ".join(map(str, r["commits_per_s_all"])) if r["runs"] > 1 else "",
             r["messages_per_s"], r["vs_1_proc"], r["wait_ms"], r["wait_p99_ms"], r["txn_ms"],
             r["commit_ms"], 100 * r["wait_share"]))
-    print("\nPer process (median over processes and runs). JSON: %s" % os.path.relpath(path))
+    print("\nPer process (median over processes and runs).\n")
+    if rates:
+        print("Steady offered load (all processes together; each transaction takes every message "
+              "that arrived, like the spool's writer thread): latency = arrival -> commit "
+              "returned, pooled per run, median of the runs.\n")
+        print("| offered msg/s | processes | msg/s | msgs/commit | commits/s | latency p50 ms "
+              "| p99 ms | wait for lock ms/txn (p99) | commit+fsync ms/txn |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            if r["rate"] is None:
+                continue
+            print("| %.0f | %s | %.0f | %.1f | %.0f | %.1f | %.1f | %.3f (%.2f) | %.3f |" % (
+                r["rate"], r["config"], r["messages_per_s"], r["messages_per_commit"],
+                r["commits_per_s"], r["latency_p50_ms"], r["latency_p99_ms"], r["wait_ms"],
+                r["wait_p99_ms"], r["commit_ms"]))
+        print()
+    print("JSON: %s" % os.path.relpath(path))
 
 
 if __name__ == "__main__":
