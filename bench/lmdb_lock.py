@@ -84,7 +84,7 @@ def worker(path, proc, k, size, backlog, start, stop_at, results, rate=None):
         if rate is not None:
             arrived = int((time.perf_counter() - began) * rate)
             if arrived <= seq:
-                time.sleep((seq + 1) / rate - (time.perf_counter() - began))
+                time.sleep(max(0.0, (seq + 1) / rate - (time.perf_counter() - began)))
                 continue
             k = arrived - seq
             first = seq

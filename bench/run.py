@@ -804,6 +804,9 @@ def stop_profilers(spies, messages, top=15):
             spy["proc"].kill()
         out[spy["role"]] = own_time(spy["out"], spy["rate"], messages, top)
         out[spy["role"]]["pid"] = spy["pid"]
+        m = re.search(r"Samples: (\d+) Errors: (\d+)", read_text(spy["out"] + ".log", ""))
+        if m:       # samples py-spy could not read (--nonblocking: the stack changed meanwhile)
+            out[spy["role"]]["py_spy_errors"] = int(m.group(2))
     return out
 
 
