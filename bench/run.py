@@ -772,15 +772,16 @@ def find_py_spy(given=None):
     return None
 
 
-def start_profilers(py_spy, mta, cgroup, rate):
-    """`py-spy record` (raw collapsed stacks, by function, --nonblocking) on each Python process
-    of the MTA; they sample until stop_profilers() interrupts them."""
+def start_profilers(py_spy, mta, cgroup, rate, by_line=False):
+    """`py-spy record` (raw collapsed stacks, by function or with by_line by line, --nonblocking)
+    on each Python process of the MTA; they sample until stop_profilers() interrupts them."""
     spies = []
     for role, pid in sorted(mta.python_pids(cgroup).items()):
         out = os.path.join(mta.rundir, "py-spy-%s.txt" % role.replace(" ", ""))
         with open(out + ".log", "wb") as err:
-            p = spawn([py_spy, "record", "--pid", str(pid), "--rate", str(rate), "--format", "raw",
-                       "--function", "--nonblocking", "--threads", "--output", out],
+            p = spawn([py_spy, "record", "--pid", str(pid), "--rate", str(rate), "--format", "raw"] +
+                      ([] if by_line else ["--function"]) +
+                      ["--nonblocking", "--threads", "--output", out],
                       stdout=err, stderr=subprocess.STDOUT)
         spies.append({"role": role, "pid": pid, "proc": p, "out": out, "rate": rate})
     time.sleep(1.0)           # attached (py-spy reads the interpreter's state first)
@@ -994,7 +995,7 @@ class Bench:
         try:
             self.start_pair(mta, sink, cg_mta, res)
             if profile:
-                spies = start_profilers(a.py_spy, mta, cg_mta, a.profile_rate)
+                spies = start_profilers(a.py_spy, mta, cg_mta, a.profile_rate, a.profile_by_line)
             base = sink.count()
             target = base + n
             t0 = window.start()
@@ -1516,6 +1517,9 @@ def parse_args():
                          "py-spy recording each txmta process; top functions by own time")
     ap.add_argument("--profile-mode", default="e2e-1/msg", choices=("e2e-1/msg", "e2e-reuse"))
     ap.add_argument("--profile-rate", type=int, default=100, help="py-spy samples per second")
+    ap.add_argument("--profile-by-line", action="store_true",
+                    help="py-spy's frames by line (which line of a function: e.g. waiting for the "
+                         "LMDB write lock or in the commit), not by function")
     ap.add_argument("--py-spy", help="the py-spy program (default: on PATH or in .venv/bin)")
     ap.add_argument("--lat-rate", type=float, default=100.0, help="latency test: msg/s")
     ap.add_argument("--lat-count", type=int, default=3000, help="latency test: messages per run")
