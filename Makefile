@@ -41,12 +41,19 @@ test: venv debs
 test-unit: venv
 	$(PY) -m pytest -q -p no:cacheprovider tests --ignore=tests/integration
 
-# The benchmark, then the soak tests (pytest -m bench: e.g. 20000 messages relayed while the
-# daemon is killed 10 times); SOAK=0 skips them.
+# The benchmark (bench/README.md: Postfix, txmta-w1 and txmta-w2, pinned to one CPU and on
+# all CPUs, 20 sessions x 5000 x 4 KB, with py-spy profiles), then the soak tests (pytest -m
+# bench: e.g. 20000 messages relayed while the daemon is killed 10 times); SOAK=0 skips them.
+# BENCH_ARGS replaces the arguments of bench/run.py (default: --profile).
 SOAK ?= 1
-bench: venv debs
+BENCH_ARGS ?= --profile
+bench: venv debs $(VENV)/bin/py-spy
 	$(PY) bench/run.py $(BENCH_ARGS)
 	@if [ "$(SOAK)" = 1 ]; then $(MAKE) --no-print-directory soak; fi
+
+# the sampling profiler of `bench/run.py --profile`
+$(VENV)/bin/py-spy: $(VENV)/.installed
+	$(PY) -m pip install -q py-spy
 
 soak: venv debs
 	$(PY) -m pytest -q -p no:cacheprovider -m bench tests

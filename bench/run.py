@@ -3,43 +3,52 @@
 
 Everything runs on 127.0.0.1 in a private network namespace; see bench/README.md for details.
 
+VARIANTS.  Postfix and txmta with each worker count of --workers (default 1,2: columns
+txmta-w1 = `[server] workers = 1`, one process, and txmta-w2 = a master and two worker
+processes), each run under each CPU setting of --cpus (default "0,all": the MTA's processes
+pinned to CPU 0 with `taskset -c 0`, then unpinned on every core).  Only the MTA is pinned
+(txmta's twistd, whose workers inherit the affinity; Postfix's `postfix start-fg`, whose master
+and daemons inherit it); smtp-source, smtp-sink, the probe and this script are not.
+
 INTAKE (modes 1/msg, reuse, probe):
 
     smtp-source --(S sessions)--> MTA 127.0.0.1:2525 --relayhost--> smtp-sink 127.0.0.1:2501
                   probe.py  --(1 session, 50 msg/s)--^
 
-For each MTA (txmta, Postfix) and each load mode
   * "1/msg":  smtp-source opens a new connection for every message (HELO, MAIL, RCPT, DATA, QUIT)
   * "reuse":  smtp-source -d, all messages of a session over one connection
-the script measures, per run:
   * accepted msg/s  = N / wall time of smtp-source (it exits after the last 250 and 221)
-  * MTA CPU ms/msg  = CPU time (user+system) of all the MTA's processes during that window / N,
-                      from a cpuacct cgroup (fallback: utime+stime of the process tree in /proc)
   * latency p50/p99 = end of data ("\\r\\n.\\r\\n" sent) -> 250 reply, measured by bench/probe.py,
                       a separate client sending one message at a time at 50 msg/s (--probe-rate)
                       during the load
-and in a third mode, "probe 100/s", the probe alone at ~100 msg/s (no other load): the pure
-latency of an unloaded MTA.
+  * "probe": the probe alone at ~100 msg/s (no other load): the latency of an unloaded MTA.
 
 END TO END (modes e2e-1/msg, e2e-reuse, e2e-lat), both MTAs relaying to the sink:
   * "e2e-1/msg", "e2e-reuse": smtp-source as above (no probe) -> MTA -> smtp-sink;
       delivered msg/s = N / (start of smtp-source -> smtp-sink has counted N messages AND the
-      MTA's queue is empty: Postfix = files in its queue dirs, txmta = LmdbView(spool).ids());
-      MTA CPU ms/msg over that window; ratio txmta/Postfix of the medians.
+      MTA's queue is empty: Postfix = files in its queue dirs, txmta = LmdbView(spool).ids()).
   * "e2e-lat": probe.py at a steady 100 msg/s (one connection, one message at a time, each with
       a unique X-Bench-Id header; records the time of each intake 250) -> MTA -> bench/pysink.py
-      (records when it has each whole message); latency = sink time - intake 250 time,
-      p50/p99/max over --lat-count (3000) messages per run.
+      (records when it has each whole message); latency = sink time - intake 250 time.
 
-Runs are interleaved (txmta run 1, Postfix run 1, txmta run 2, ...) so that background noise on
-a shared machine hits both.  Every run starts a fresh MTA instance with a fresh spool.
+CPU.  MTA CPU ms/msg = user+system CPU of all the MTA's processes in the measured window / N,
+from a cpuacct cgroup (fallback: /proc).  Per process: utime+stime from /proc/PID/stat of every
+process of the MTA, read when the window opens, every 0.1 s and when it closes; txmta's as
+"twistd" (workers = 1), "master" and "worker K"; Postfix's summed by process name (smtpd,
+cleanup, qmgr, smtp, ...).  "unattributed" = the cgroup's total minus those: CPU of processes
+that exited between two readings (Postfix's smtpd and cleanup exit after 100 uses).
+
+Runs are interleaved: for each repetition, for each CPU setting and mode, one run of every
+variant, in an order rotated by one per repetition.  Every run starts a fresh MTA instance
+with a fresh spool.  --profile adds one e2e run per txmta variant, not counted in the figures,
+with py-spy recording each txmta process; the top functions by own time go to the results.
 
 --rss: 100 concurrent sessions each send one 10 MB message to txmta; reports txmta's peak RSS
 (VmHWM) and the time taken.
 
 Output: markdown tables on stdout, JSON in bench/results/<date>-{intake,e2e,intake-e2e}.json.
 Run as root from the repository root:  .venv/bin/python bench/run.py [--quick] [--only txmta]
-[--intake | --e2e | --modes ...]
+[--modes ...] [--workers 1,2] [--cpus 0,all] [--profile]
 By default the script re-executes itself in a private network namespace (unshare --net) that has
 only a loopback interface, so no packet can leave the machine; --no-sandbox disables that.
 """
@@ -74,11 +83,16 @@ SMTP_SOURCE = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
 SMTP_SINK = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
 TWISTD = os.path.join(REPO, ".venv", "bin", "twistd")
 VENV_PY = os.path.join(REPO, ".venv", "bin", "python")
-MTAS = ("txmta", "postfix")
 INTAKE_MODES = ("1/msg", "reuse", "probe")
 E2E_MODES = ("e2e-1/msg", "e2e-reuse", "e2e-lat")
 MODE_ALIASES = {"intake": INTAKE_MODES, "e2e": ("e2e-1/msg", "e2e-reuse"), "latency": ("e2e-lat",),
-                "all": INTAKE_MODES + E2E_MODES}
+                "all": INTAKE_MODES + E2E_MODES,
+                # the issue's configuration: both loads, intake (with the p99 probe) and e2e
+                "default": ("1/msg", "reuse", "e2e-1/msg", "e2e-reuse")}
+MODE_NAMES = {"1/msg": "intake, new conn/msg", "reuse": "intake, reuse -d",
+              "probe": "probe alone", "e2e-1/msg": "e2e, new conn/msg",
+              "e2e-reuse": "e2e, reuse -d", "e2e-lat": "e2e latency"}
+CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def log(*a):
@@ -258,6 +272,154 @@ def machine_busy_seconds():
     return (sum(v[:8]) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
 
 
+def thread_cpu(pid):
+    """{tid: CPU seconds} of pid's threads, from /proc/PID/task/TID/schedstat (nanoseconds;
+    utime+stime in /proc/PID/stat are clock ticks, whose rounding adds up over Postfix's many
+    short-lived processes); None where the kernel has no schedstat."""
+    out = {}
+    try:
+        tids = os.listdir("/proc/%d/task" % pid)
+    except OSError:
+        return out
+    for tid in tids:
+        v = read_text("/proc/%d/task/%s/schedstat" % (pid, tid), "")
+        if not v:
+            if not os.path.exists("/proc/%d/task/%s/schedstat" % (pid, tid)):
+                return None
+            continue
+        out[int(tid)] = int(v.split()[0]) / 1e9
+    return out
+
+
+class ProcSampler:
+    """CPU time of each process of an MTA over a window: per thread from schedstat (else the
+    process's utime+stime from /proc/PID/stat), read at start(), every INTERVAL seconds and at
+    stop().  A thread that already ran at start() counts from its reading then, one born later
+    from 0; one that exits counts up to its last reading (the rest shows up as the cgroup
+    total's unattributed remainder).
+    `role(pid, comm, cmdline)` names a process; same names are summed.  Also records each
+    process's Cpus_allowed_list (to show that pinning took)."""
+    INTERVAL = 0.1
+
+    def __init__(self, cgroup, role):
+        self.cgroup, self.role = cgroup, role
+        self.first, self.last, self.names, self.comms, self.affinity = {}, {}, {}, {}, {}
+        self._started = False
+        self._stop = threading.Event()
+        self._thread = None
+
+    def _pids(self):
+        pids = self.cgroup.pids()
+        if pids or self.cgroup.root_pid is None:
+            return pids
+        tree, out, todo = proc_children(), [], [self.cgroup.root_pid]
+        while todo:
+            pid = todo.pop()
+            out.append(pid)
+            todo += tree.get(pid, [])
+        return out
+
+    def sample(self):
+        for pid in self._pids():
+            st = read_text("/proc/%d/stat" % pid, "")
+            if not st:
+                continue
+            comm = st[st.find("(") + 1:st.rfind(")")]
+            v = st.rsplit(")", 1)[1].split()
+            key = (pid, int(v[19]))           # (pid, start time): a reused pid is another process
+            threads = thread_cpu(pid)
+            if threads is None:
+                threads = {0: (int(v[11]) + int(v[12])) / CLK_TCK}
+            for tid, cpu in threads.items():
+                if (key, tid) not in self.first:
+                    self.first[key, tid] = cpu if not self._started else 0.0
+                self.last[key, tid] = cpu
+            if self.comms.get(key) != comm:   # new, or exec'd since (fork of master -> smtpd)
+                self.comms[key] = comm
+                cmdline = read_text("/proc/%d/cmdline" % pid, "").replace("\0", " ")
+                self.names[key] = self.role(pid, comm, cmdline)
+                for line in read_text("/proc/%d/status" % pid, "").splitlines():
+                    if line.startswith("Cpus_allowed_list:"):
+                        self.affinity[key] = line.split(":", 1)[1].strip()
+
+    def start(self):
+        self.sample()
+        self._started = True
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.wait(self.INTERVAL):
+            try:
+                self.sample()
+            except Exception:          # a process vanishing mid-read: the next reading has it
+                pass
+
+    def stop(self):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+        self.sample()
+
+    def by_name(self):
+        """{name: {"cpu_s": seconds, "procs": processes seen}}."""
+        out = {}
+        for key, name in self.names.items():
+            e = out.setdefault(name, {"cpu_s": 0.0, "procs": 0})
+            e["procs"] += 1
+        for (key, tid), cpu in self.last.items():
+            out[self.names[key]]["cpu_s"] += cpu - self.first[key, tid]
+        return out
+
+    def affinities(self):
+        """{Cpus_allowed_list: number of processes}."""
+        out = {}
+        for a in self.affinity.values():
+            out[a] = out.get(a, 0) + 1
+        return out
+
+
+class Window:
+    """The measured window of one run: CPU of the MTA (cgroup total and per process), of the
+    load generator, and of the whole machine, between start() and stop()."""
+
+    def __init__(self, mta, cg_mta, cg_load):
+        self.cg_mta, self.cg_load = cg_mta, cg_load
+        self.sampler = ProcSampler(cg_mta, mta.role)
+        self.t0 = self.t1 = None
+
+    def start(self):
+        self.sampler.start()
+        self.cpu0, self.load0, self.busy0 = (self.cg_mta.seconds(), self.cg_load.seconds(),
+                                             machine_busy_seconds())
+        self.t0 = time.monotonic()
+        return self.t0
+
+    def stop(self):
+        self.t1 = time.monotonic()
+        self.cpu1, self.load1, self.busy1 = (self.cg_mta.seconds(), self.cg_load.seconds(),
+                                             machine_busy_seconds())
+        self.sampler.stop()
+        return self.t1
+
+    def fields(self, messages):
+        """The CPU figures of a run, per message of `messages`."""
+        if self.cpu0 is None:
+            return {}
+        cpu = self.cpu1 - self.cpu0
+        load = (self.load1 - self.load0) if self.load0 is not None else None
+        per = 1000.0 / max(1, messages)
+        procs = self.sampler.by_name()
+        attributed = sum(e["cpu_s"] for e in procs.values())
+        return {"mta_cpu_s": cpu, "mta_cpu_ms_per_msg": cpu * per, "load_cpu_s": load,
+                "other_cpu_s": max(0.0, (self.busy1 - self.busy0) - cpu - (load or 0)),
+                "processes": {name: dict(e, ms_per_msg=e["cpu_s"] * per)
+                              for name, e in sorted(procs.items())},
+                "unattributed_cpu_s": cpu - attributed,
+                "unattributed_ms_per_msg": (cpu - attributed) * per,
+                "affinity": self.sampler.affinities()}
+
+
 # --------------------------------------------------------------------------------------------
 # Helpers: banner wait, smtp-sink, smtp-source
 # --------------------------------------------------------------------------------------------
@@ -358,12 +520,23 @@ def smtp_source_argv(port, n, sessions, size, reuse):
 # The two MTAs.  Each instance = one fresh configuration + spool in its own run directory.
 # --------------------------------------------------------------------------------------------
 
-class TxMTA:
-    name = "txmta"
+def pin_argv(cpus):
+    """The prefix that starts a command on `cpus` (a taskset list), or [] for "all"."""
+    return [] if cpus in (None, "all") else ["taskset", "-c", cpus]
 
-    def __init__(self, rundir, port, sink_port, extra_server=None):
+
+def cpus_label(cpus):
+    return "all %d" % os.cpu_count() if cpus in (None, "all") else "cpu %s" % cpus
+
+
+class TxMTA:
+    """txmta with `[server] workers = workers` (1: one process, no master)."""
+
+    def __init__(self, rundir, port, sink_port, workers=1, cpus=None, extra_server=None):
         self.rundir, self.port, self.sink_port = rundir, port, sink_port
-        self.extra_server = extra_server or {}
+        self.workers, self.cpus = workers, cpus
+        self.name = "txmta-w%d" % workers
+        self.extra_server = dict({"workers": workers}, **(extra_server or {}))
         self.proc = None
         self.conf = os.path.join(rundir, "txmta.toml")
         self.spool = os.path.join(rundir, "spool")
@@ -408,9 +581,10 @@ class TxMTA:
 
     def start(self, cgroup):
         with open(os.path.join(self.rundir, "twistd.stdout"), "wb") as out:
-            self.proc = spawn([TWISTD, "-n", "--pidfile", os.path.join(self.rundir, "twistd.pid"),
-                               "-l", os.path.join(self.rundir, "twistd.log"),
-                               "txmta", "--config", self.conf],
+            self.proc = spawn(pin_argv(self.cpus) + [
+                                  TWISTD, "-n", "--pidfile", os.path.join(self.rundir, "twistd.pid"),
+                                  "-l", os.path.join(self.rundir, "twistd.log"),
+                                  "txmta", "--config", self.conf],
                               cgroup=cgroup, stdout=out, stderr=subprocess.STDOUT,
                               env=self.env(), cwd=self.rundir)
         cgroup.root_pid = self.proc.pid
@@ -419,6 +593,22 @@ class TxMTA:
     def stop(self):
         self.close_view()
         stop_process(self.proc, 20)
+
+    def role(self, pid, comm, cmdline):
+        """The name of one of its processes in the per-process CPU figures."""
+        if self.proc is not None and pid == self.proc.pid:
+            return "twistd" if self.workers == 1 else "master"
+        m = re.search(r"txmta\.worker .*--index (\d+)", cmdline)
+        return "worker %s" % m.group(1) if m else comm
+
+    def python_pids(self, cgroup):
+        """{role: pid} of its Python processes (twistd, master, workers), for py-spy."""
+        out = {}
+        for pid in cgroup.pids() or [self.proc.pid]:
+            name = self.role(pid, "", read_text("/proc/%d/cmdline" % pid, "").replace("\0", " "))
+            if name:
+                out[name] = pid
+        return out
 
     _view = None
 
@@ -482,8 +672,9 @@ class Postfix:
     The system-wide postfix service is never touched."""
     name = "postfix"
 
-    def __init__(self, rundir, port, sink_port, hold=False):
+    def __init__(self, rundir, port, sink_port, hold=False, cpus=None):
         self.rundir, self.port, self.sink_port, self.hold = rundir, port, sink_port, hold
+        self.cpus = cpus
         self.etc = os.path.join(rundir, "etc")
         self.spool = os.path.join(rundir, "spool")
         self.proc = None
@@ -543,7 +734,9 @@ class Postfix:
 
     def start(self, cgroup):
         with open(os.path.join(self.rundir, "postfix.stdout"), "wb") as out:
-            self.proc = spawn(["postfix", "-c", self.etc, "start-fg"], cgroup=cgroup,
+            # under taskset, the master and every daemon it forks inherit the affinity
+            self.proc = spawn(pin_argv(self.cpus) + ["postfix", "-c", self.etc, "start-fg"],
+                              cgroup=cgroup,
                               stdout=out, stderr=subprocess.STDOUT, cwd=self.rundir)
         cgroup.root_pid = self.proc.pid
         wait_banner(self.port, 30, self.proc)
@@ -563,6 +756,87 @@ class Postfix:
     def settings(self):
         return read_text(os.path.join(self.etc, "main.cf"))
 
+    @staticmethod
+    def role(pid, comm, cmdline):
+        return comm
+
+
+# --------------------------------------------------------------------------------------------
+# --profile: py-spy on every Python process of txmta during one e2e run
+# --------------------------------------------------------------------------------------------
+
+def find_py_spy(given=None):
+    for c in (given, shutil.which("py-spy"), os.path.join(REPO, ".venv", "bin", "py-spy")):
+        if c and os.path.isfile(c) and os.access(c, os.X_OK):
+            return os.path.abspath(c)
+    return None
+
+
+def start_profilers(py_spy, mta, cgroup, rate, by_line=False):
+    """`py-spy record` (raw collapsed stacks, by function or with by_line by line, --nonblocking)
+    on each Python process of the MTA; they sample until stop_profilers() interrupts them."""
+    spies = []
+    for role, pid in sorted(mta.python_pids(cgroup).items()):
+        out = os.path.join(mta.rundir, "py-spy-%s.txt" % role.replace(" ", ""))
+        with open(out + ".log", "wb") as err:
+            p = spawn([py_spy, "record", "--pid", str(pid), "--rate", str(rate), "--format", "raw"] +
+                      ([] if by_line else ["--function"]) +
+                      ["--nonblocking", "--threads", "--output", out],
+                      stdout=err, stderr=subprocess.STDOUT)
+        spies.append({"role": role, "pid": pid, "proc": p, "out": out, "rate": rate})
+    time.sleep(1.0)           # attached (py-spy reads the interpreter's state first)
+    for spy in spies:
+        if spy["proc"].poll() is not None:
+            raise RuntimeError("py-spy on %s (pid %d) exited: %s" % (
+                spy["role"], spy["pid"], read_text(spy["out"] + ".log")[-300:]))
+    return spies
+
+
+def stop_profilers(spies, messages, top=15):
+    """SIGINT each py-spy (it then writes its file); {role: the top functions by own time}."""
+    for spy in spies:
+        if spy["proc"].poll() is None:
+            spy["proc"].send_signal(signal.SIGINT)
+    out = {}
+    for spy in spies:
+        try:
+            spy["proc"].wait(30)
+        except subprocess.TimeoutExpired:
+            spy["proc"].kill()
+        out[spy["role"]] = own_time(spy["out"], spy["rate"], messages, top)
+        out[spy["role"]]["pid"] = spy["pid"]
+        m = re.search(r"Samples: (\d+) Errors: (\d+)", read_text(spy["out"] + ".log", ""))
+        if m:       # samples py-spy could not read (--nonblocking: the stack changed meanwhile)
+            out[spy["role"]]["py_spy_errors"] = int(m.group(2))
+    return out
+
+
+def own_time(path, rate, messages, top):
+    """From py-spy's raw output (one "frame;frame;...;leaf COUNT" line per stack): samples per
+    thread, and the `top` functions by own (leaf) samples, with their share and ms/msg."""
+    own, threads, total = {}, {}, 0
+    for line in read_text(path, "").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        frames = stack.split(";")
+        # --threads puts "thread (0x...)" first (after the "process ..." frame, if any)
+        thread = next((f for f in frames[:2] if f.startswith("thread ")), "?")
+        leaf = frames[-1]
+        total += n
+        threads[thread] = threads.get(thread, 0) + n
+        own[leaf] = own.get(leaf, 0) + n
+    ms = 1000.0 / rate
+
+    def entry(name, n):
+        return {"function": name, "samples": n, "share": n / total if total else 0.0,
+                "ms_per_msg": n * ms / max(1, messages)}
+    return {"file": path, "rate": rate, "samples": total,
+            "active_cpu_s_est": total / rate,
+            "threads": [entry(k, v) for k, v in sorted(threads.items(), key=lambda kv: -kv[1])],
+            "top_own": [entry(k, v) for k, v in sorted(own.items(), key=lambda kv: -kv[1])[:top]]}
+
 
 # --------------------------------------------------------------------------------------------
 # One run = fresh sink + fresh MTA + warm-up + measured load
@@ -573,31 +847,36 @@ class Bench:
         self.args = args
         self.counter = 0
 
-    def new_mta(self, name, tag, hold=None, **kw):
+    def new_mta(self, name, tag, cpus=None, hold=None, **kw):
+        """name: "postfix" or "txmta-wN" (N workers); cpus: a taskset list, or "all"."""
         self.counter += 1
-        rundir = os.path.join(self.args.workdir, "runs", "%02d-%s-%s" % (self.counter, name, tag))
+        rundir = os.path.join(self.args.workdir, "runs", "%02d-%s-%s-%s" % (
+            self.counter, name, "all" if cpus in (None, "all") else "cpu" + cpus, tag))
         shutil.rmtree(rundir, ignore_errors=True)
         os.makedirs(rundir)
         os.chmod(rundir, 0o755)
-        if name == "txmta":
-            return TxMTA(rundir, self.args.port, self.args.sink_port, **kw)
-        return Postfix(rundir, self.args.port, self.args.sink_port,
+        if name.startswith("txmta"):
+            workers = int(name.rpartition("-w")[2]) if "-w" in name else 1
+            kw["extra_server"] = dict(self.args.txmta_server, **kw.get("extra_server", {}))
+            return TxMTA(rundir, self.args.port, self.args.sink_port, workers=workers, cpus=cpus, **kw)
+        return Postfix(rundir, self.args.port, self.args.sink_port, cpus=cpus,
                        hold=self.args.postfix_hold if hold is None else hold)
 
-    def run(self, name, mode, idx):
+    def run(self, name, mode, idx, cpus="all"):
         """mode: '1/msg', 'reuse' (smtp-source + probe at --probe-rate) or 'probe' (probe alone);
         'e2e-1/msg', 'e2e-reuse' (end-to-end throughput), 'e2e-lat' (end-to-end latency)."""
         if mode in ("e2e-1/msg", "e2e-reuse"):
-            return self.run_e2e(name, mode, idx)
+            return self.run_e2e(name, mode, idx, cpus)
         if mode == "e2e-lat":
-            return self.run_latency(name, idx)
+            return self.run_latency(name, idx, cpus)
         a = self.args
         n = a.messages if mode != "probe" else None
         tag = {"1/msg": "1msg", "reuse": "reuse", "probe": "probe"}[mode] + "-%d" % idx
-        mta = self.new_mta(name, tag)
-        res = {"mta": name, "mode": mode, "run": idx, "n": n, "sessions": a.sessions,
+        mta = self.new_mta(name, tag, cpus)
+        res = {"mta": name, "cpus": cpus, "mode": mode, "run": idx, "n": n, "sessions": a.sessions,
                "size": a.size, "rundir": mta.rundir, "ok": False}
         cg_mta, cg_load = CpuGroup("mta"), CpuGroup("load")
+        window = Window(mta, cg_mta, cg_load)
         sink = Sink(a.sink_port, mta.rundir, cg_load)
         src = prb = None
         try:
@@ -619,8 +898,7 @@ class Bench:
             probe_out = os.path.join(mta.rundir, "probe.json")
             rate = a.probe_rate if mode != "probe" else a.probe_only_rate
             max_s = a.timeout if mode != "probe" else a.probe_seconds
-            cpu0, load0, busy0 = cg_mta.seconds(), cg_load.seconds(), machine_busy_seconds()
-            t0 = time.monotonic()
+            t0 = window.start()
             if mode != "probe":
                 with open(os.path.join(mta.rundir, "source.out"), "wb") as out:
                     src = spawn(smtp_source_argv(a.port, n, a.sessions, a.size, mode == "reuse"),
@@ -634,8 +912,7 @@ class Bench:
                 waited.wait(a.timeout + 5)
             except subprocess.TimeoutExpired:
                 raise RuntimeError("timeout: load did not finish in %ss" % a.timeout)
-            t1 = time.monotonic()
-            cpu1, load1, busy1 = cg_mta.seconds(), cg_load.seconds(), machine_busy_seconds()
+            t1 = window.stop()
             stop_process(prb, 40)      # the probe finishes its current message, then writes JSON
             pr = json.loads(read_text(probe_out, "{}") or "{}")
             if src is not None and src.returncode != 0:
@@ -650,18 +927,15 @@ class Bench:
             rate = msgs / wall if mode != "probe" else pr["achieved_rate"]
             res.update(ok=True, wall_s=wall, messages=msgs, rate=rate,
                        probe=pr, probe_msgs=pr["ok"], probe_errors=pr.get("errors", []))
-            if cpu0 is not None:
-                res["mta_cpu_s"] = cpu1 - cpu0
-                res["mta_cpu_ms_per_msg"] = 1000 * (cpu1 - cpu0) / (msgs + (pr["ok"] if mode != "probe" else 0))
-                res["load_cpu_s"] = (load1 - load0) if load0 is not None else None
-                res["other_cpu_s"] = max(0.0, (busy1 - busy0) - (cpu1 - cpu0) - (res["load_cpu_s"] or 0))
+            res.update(window.fields(msgs + (pr["ok"] if mode != "probe" else 0)))
             # Postfix relays to the sink while it accepts; record when that is finished too
             if mta.queue_len() is not None and not (a.postfix_hold and name == "postfix"):
                 try:
                     self.wait_queue_empty(mta, 120)
                     t2 = time.monotonic()
                     res["drained_s"] = t2 - t0
-                    res["mta_cpu_incl_delivery_s"] = cg_mta.seconds() - cpu0
+                    if window.cpu0 is not None:
+                        res["mta_cpu_incl_delivery_s"] = cg_mta.seconds() - window.cpu0
                 except RuntimeError as e:
                     res["drain_error"] = str(e)
                 res["sink_received"] = sink.count() - sink0
@@ -702,23 +976,29 @@ class Bench:
         time.sleep(0.3)
         os.sync()
 
-    def run_e2e(self, name, mode, idx):
+    def run_e2e(self, name, mode, idx, cpus="all", profile=False):
         """End-to-end throughput: smtp-source (N messages, S sessions) -> MTA -> smtp-sink.
-        delivered msg/s = N / (start of smtp-source -> sink has counted N AND MTA queue empty)."""
+        delivered msg/s = N / (start of smtp-source -> sink has counted N AND MTA queue empty).
+        profile: py-spy records every Python process of the MTA during the window."""
         a = self.args
         n, reuse = a.messages, mode == "e2e-reuse"
-        mta = self.new_mta(name, "e2e-%s-%d" % ("reuse" if reuse else "1msg", idx), hold=False)
-        res = {"mta": name, "mode": mode, "run": idx, "n": n, "sessions": a.sessions,
+        mta = self.new_mta(name, "e2e-%s-%s%d" % ("reuse" if reuse else "1msg",
+                                                  "profile-" if profile else "", idx),
+                           cpus, hold=False)
+        res = {"mta": name, "cpus": cpus, "mode": mode, "run": idx, "n": n, "sessions": a.sessions,
                "size": a.size, "rundir": mta.rundir, "ok": False}
         cg_mta, cg_load = CpuGroup("mta"), CpuGroup("load")
+        window = Window(mta, cg_mta, cg_load)
         sink = Sink(a.sink_port, mta.rundir, cg_load)
         src = None
+        spies = []
         try:
             self.start_pair(mta, sink, cg_mta, res)
+            if profile:
+                spies = start_profilers(a.py_spy, mta, cg_mta, a.profile_rate, a.profile_by_line)
             base = sink.count()
             target = base + n
-            cpu0, load0, busy0 = cg_mta.seconds(), cg_load.seconds(), machine_busy_seconds()
-            t0 = time.monotonic()
+            t0 = window.start()
             with open(os.path.join(mta.rundir, "source.out"), "wb") as out:
                 src = spawn(smtp_source_argv(a.port, n, a.sessions, a.size, reuse),
                             cgroup=cg_load, stdout=out, stderr=subprocess.STDOUT)
@@ -744,20 +1024,20 @@ class Bench:
                     raise RuntimeError("timeout after %ss: accepted=%s sink=%d/%d queue=%s" % (
                         a.timeout, t_acc is not None, sink.count() - base, n, mta.queue_len()))
                 time.sleep(0.005)
-            cpu1, load1, busy1 = cg_mta.seconds(), cg_load.seconds(), machine_busy_seconds()
+            window.stop()
+            if spies:
+                res["profile"] = stop_profilers(spies, n)
             res.update(ok=True, accept_s=t_acc - t0, sink_done_s=t_sink - t0, e2e_s=t_done - t0,
                        accept_rate=n / (t_acc - t0), rate=n / (t_done - t0))
-            if cpu0 is not None:
-                res["mta_cpu_s"] = cpu1 - cpu0
-                res["mta_cpu_ms_per_msg"] = 1000 * (cpu1 - cpu0) / n
-                res["load_cpu_s"] = (load1 - load0) if load0 is not None else None
-                res["other_cpu_s"] = max(0.0, (busy1 - busy0) - (cpu1 - cpu0) - (res["load_cpu_s"] or 0))
+            res.update(window.fields(n))
             time.sleep(0.2)
             res["sink_received"] = sink.count() - base
         except Exception as e:
             res["error"] = "%s: %s (logs in %s)" % (type(e).__name__, e, mta.rundir)
         finally:
             stop_process(src, 5)
+            for spy in spies:
+                stop_process(spy["proc"], 5, signal.SIGINT)
             mta.stop()
             cg_mta.remove()
             sink.stop()
@@ -766,16 +1046,17 @@ class Bench:
                 shutil.rmtree(mta.spool, ignore_errors=True)
         return res
 
-    def run_latency(self, name, idx):
+    def run_latency(self, name, idx, cpus="all"):
         """End-to-end latency at a steady rate: probe.py (one connection, one message at a time,
         --lat-rate msg/s, X-Bench-Id header each) -> MTA -> pysink.py (timestamps each id).
         latency = time the sink has the whole message - time the client read the 250 at intake."""
         a = self.args
-        mta = self.new_mta(name, "lat-%d" % idx, hold=False)
+        mta = self.new_mta(name, "lat-%d" % idx, cpus, hold=False)
         count = a.lat_count
-        res = {"mta": name, "mode": "e2e-lat", "run": idx, "target_rate": a.lat_rate,
+        res = {"mta": name, "cpus": cpus, "mode": "e2e-lat", "run": idx, "target_rate": a.lat_rate,
                "count": count, "size": a.size, "rundir": mta.rundir, "ok": False}
         cg_mta, cg_load = CpuGroup("mta"), CpuGroup("load")
+        window = Window(mta, cg_mta, cg_load)
         sink = Sink(a.sink_port, mta.rundir, cg_load, python=True)
         prb = None
         try:
@@ -783,8 +1064,7 @@ class Bench:
             base = sink.count()
             probe_out = os.path.join(mta.rundir, "probe.json")
             max_s = count / a.lat_rate * 1.5 + 10
-            cpu0, load0, busy0 = cg_mta.seconds(), cg_load.seconds(), machine_busy_seconds()
-            t0 = time.monotonic()
+            t0 = window.start()
             with open(os.path.join(mta.rundir, "probe.err"), "wb") as err:
                 prb = spawn([sys.executable, os.path.join(BENCH, "probe.py"), "--port", str(a.port),
                              "--rate", str(a.lat_rate), "--count", str(count), "--seconds", str(max_s),
@@ -807,8 +1087,7 @@ class Bench:
                         sink.count() - base, pr["ok"], mta.queue_len())
                     break
                 time.sleep(0.01)
-            t2 = time.monotonic()
-            cpu1, load1, busy1 = cg_mta.seconds(), cg_load.seconds(), machine_busy_seconds()
+            t2 = window.stop()
             sink.stop()
             arrivals = sink.result().get("arrivals", {})
             lat, missing = [], 0
@@ -828,11 +1107,7 @@ class Bench:
                        max_ms=lat_sorted[-1] if lat_sorted else None,
                        min_ms=lat_sorted[0] if lat_sorted else None,
                        intake_p50_ms=pr.get("p50_ms"), intake_p99_ms=pr.get("p99_ms"))
-            if cpu0 is not None:
-                res["mta_cpu_s"] = cpu1 - cpu0
-                res["mta_cpu_ms_per_msg"] = 1000 * (cpu1 - cpu0) / max(1, pr["ok"])
-                res["load_cpu_s"] = (load1 - load0) if load0 is not None else None
-                res["other_cpu_s"] = max(0.0, (busy1 - busy0) - (cpu1 - cpu0) - (res["load_cpu_s"] or 0))
+            res.update(window.fields(pr["ok"]))
         except Exception as e:
             res["error"] = "%s: %s (logs in %s)" % (type(e).__name__, e, mta.rundir)
         finally:
@@ -860,7 +1135,7 @@ class Bench:
         a = self.args
         sessions, size = a.rss_sessions, a.rss_mb * 1024 * 1024
         # txmta's default max_connections_per_ip (50) would refuse half of the 100 sessions
-        mta = self.new_mta("txmta", "rss", extra_server={"max_connections_per_ip": sessions + 10,
+        mta = self.new_mta("txmta-w1", "rss", extra_server={"max_connections_per_ip": sessions + 10,
                                                           "max_connections": sessions + 10})
         res = {"mta": "txmta", "mode": "rss", "sessions": sessions, "message_bytes": size, "ok": False}
         cg = CpuGroup("mta")
@@ -964,146 +1239,193 @@ def stat(vals, nd=0):
     return (f + " [" + f + "-" + f + "]") % (statistics.median(vals), min(vals), max(vals))
 
 
-def summarize(results):
-    rows = []
-    for mode in ("1/msg", "reuse", "probe"):
-        for name in MTAS:
-            rs = [r for r in results if r["mta"] == name and r["mode"] == mode]
-            if not rs:
-                continue
-            ok = [r for r in rs if r.get("ok")]
-            samples = sorted(s for r in ok for s in r["probe"]["samples_ms"])
-            rows.append({
-                "mta": name, "mode": mode, "runs": len(rs), "ok": len(ok),
-                "rate": [r["rate"] for r in ok],
-                "cpu_ms": [r["mta_cpu_ms_per_msg"] for r in ok if "mta_cpu_ms_per_msg" in r],
-                "other_cpu_s": [r["other_cpu_s"] for r in ok if "other_cpu_s" in r],
-                "latency_samples": len(samples),
-                "p50_ms": probe.percentile(samples, 50), "p99_ms": probe.percentile(samples, 99),
-                "max_ms": samples[-1] if samples else None,
-                "errors": [r["error"] for r in rs if r.get("error")],
-            })
-    return rows
-
-
 def med(vals):
     return statistics.median(vals) if vals else None
 
 
-def summarize_e2e(results):
-    """One row per (e2e mode, MTA), plus the txmta/Postfix ratio of the medians per mode."""
-    rows, ratios = [], []
-    for mode in ("e2e-1/msg", "e2e-reuse"):
-        by = {}
-        for name in MTAS:
-            rs = [r for r in results if r["mta"] == name and r["mode"] == mode]
-            if not rs:
-                continue
-            ok = [r for r in rs if r.get("ok")]
-            row = {"mta": name, "mode": mode, "runs": len(rs), "ok": len(ok),
-                   "n": rs[0].get("n"), "sessions": rs[0].get("sessions"),
-                   "rate": [r["rate"] for r in ok],
-                   "accept_rate": [r["accept_rate"] for r in ok],
-                   "cpu_ms": [r["mta_cpu_ms_per_msg"] for r in ok if "mta_cpu_ms_per_msg" in r],
-                   "other_cpu_s": [r["other_cpu_s"] for r in ok if "other_cpu_s" in r],
-                   "errors": [r["error"] for r in rs if r.get("error")]}
-            rows.append(row)
-            by[name] = row
-        if "txmta" in by and "postfix" in by:
-            t, p = by["txmta"], by["postfix"]
-            ratio = {"mode": mode}
-            if t["rate"] and p["rate"]:
-                ratio["rate_ratio"] = med(t["rate"]) / med(p["rate"])
-            if t["cpu_ms"] and p["cpu_ms"]:
-                ratio["cpu_ratio"] = med(t["cpu_ms"]) / med(p["cpu_ms"])
-            # per run pair (run i of txmta vs run i of Postfix, which ran right after it)
-            pairs = {}
-            for r in results:
-                if r["mode"] == mode and r.get("ok"):
-                    pairs.setdefault(r["run"], {})[r["mta"]] = r["rate"]
-            ratio["paired_rate_ratios"] = [v["txmta"] / v["postfix"] for k, v in sorted(pairs.items())
-                                           if "txmta" in v and "postfix" in v]
-            ratios.append(ratio)
-    return rows, ratios
+def variant_key(name):
+    """postfix first, then txmta by worker count."""
+    if name == "postfix":
+        return (0, 0)
+    return (1, int(name.rpartition("-w")[2]) if "-w" in name else 1)
 
 
-def summarize_latency(results):
-    rows = []
-    for name in MTAS:
-        rs = [r for r in results if r["mta"] == name and r["mode"] == "e2e-lat"]
-        if not rs:
-            continue
+THROUGHPUT_MODES = ("1/msg", "reuse", "e2e-1/msg", "e2e-reuse")
+
+
+def summarize(results, args):
+    """One row per (CPU setting, mode, variant): rates, latency, CPU (total and per process),
+    and the ratios of the medians: vs Postfix, vs txmta-w1, vs the first CPU setting."""
+    keys = []
+    for r in results:
+        k = (r.get("cpus", "all"), r["mode"], r["mta"])
+        if k not in keys:
+            keys.append(k)
+    cpus_order = {c: i for i, c in enumerate(args.cpus)}
+    mode_order = {m: i for i, m in enumerate(args.modes)}
+    keys.sort(key=lambda k: (cpus_order.get(k[0], 99), mode_order.get(k[1], 99), variant_key(k[2])))
+    rows, index = [], {}
+    for cpus, mode, name in keys:
+        rs = [r for r in results if (r.get("cpus", "all"), r["mode"], r["mta"]) == (cpus, mode, name)]
         ok = [r for r in rs if r.get("ok")]
-        lat = sorted(x for r in ok for x in r["latency_ms"])
-        intake = sorted(x for r in ok for x in r["intake_ms"])
-        rows.append({
-            "mta": name, "runs": len(rs), "ok": len(ok),
-            "sent": sum(r["sent"] for r in ok), "delivered": sum(r["delivered"] for r in ok),
-            "missing": sum(r["missing"] for r in ok),
-            "achieved_rate": [r["achieved_rate"] for r in ok],
-            "p50_ms": probe.percentile(lat, 50), "p99_ms": probe.percentile(lat, 99),
-            "max_ms": lat[-1] if lat else None, "min_ms": lat[0] if lat else None,
-            "run_p99_ms": [r["p99_ms"] for r in ok],
-            "intake_p50_ms": probe.percentile(intake, 50), "intake_p99_ms": probe.percentile(intake, 99),
-            "cpu_ms": [r["mta_cpu_ms_per_msg"] for r in ok if "mta_cpu_ms_per_msg" in r],
-            "errors": [r["error"] for r in rs if r.get("error")] +
-                      [r["drain_error"] for r in rs if r.get("drain_error")]})
+        row = {"cpus": cpus, "mode": mode, "mta": name, "runs": len(rs), "ok": len(ok),
+               "errors": [r["error"] for r in rs if r.get("error")] +
+                         [r["drain_error"] for r in rs if r.get("drain_error")]}
+        if mode == "e2e-lat":
+            lat = sorted(x for r in ok for x in r["latency_ms"])
+            intake = sorted(x for r in ok for x in r["intake_ms"])
+            row.update(rate=[r["achieved_rate"] for r in ok],
+                       sent=sum(r["sent"] for r in ok), delivered=sum(r["delivered"] for r in ok),
+                       missing=sum(r["missing"] for r in ok), latency_samples=len(lat),
+                       p50_ms=probe.percentile(lat, 50), p99_ms=probe.percentile(lat, 99),
+                       max_ms=lat[-1] if lat else None, run_p99_ms=[r["p99_ms"] for r in ok],
+                       intake_p50_ms=probe.percentile(intake, 50),
+                       intake_p99_ms=probe.percentile(intake, 99))
+        elif mode in E2E_MODES:
+            row.update(rate=[r["rate"] for r in ok], accept_rate=[r["accept_rate"] for r in ok])
+        else:
+            samples = sorted(s for r in ok for s in r["probe"]["samples_ms"])
+            row.update(rate=[r["rate"] for r in ok], latency_samples=len(samples),
+                       p50_ms=probe.percentile(samples, 50), p99_ms=probe.percentile(samples, 99),
+                       max_ms=samples[-1] if samples else None)
+        row["cpu_ms"] = [r["mta_cpu_ms_per_msg"] for r in ok if "mta_cpu_ms_per_msg" in r]
+        row["other_cpu_s"] = [r["other_cpu_s"] for r in ok if "other_cpu_s" in r]
+        with_procs = [r for r in ok if "processes" in r]
+        names = sorted({p for r in with_procs for p in r["processes"]})
+        row["processes"] = {p: med([r["processes"].get(p, {}).get("ms_per_msg", 0.0)
+                                    for r in with_procs]) for p in names}
+        row["process_counts"] = {p: max(r["processes"].get(p, {}).get("procs", 0)
+                                        for r in with_procs) for p in names}
+        row["unattributed_ms"] = med([r["unattributed_ms_per_msg"] for r in with_procs])
+        affinity = {}
+        for r in with_procs:
+            for a, n in r.get("affinity", {}).items():
+                affinity[a] = affinity.get(a, 0) + n
+        row["affinity"] = affinity
+        rows.append(row)
+        index[(cpus, mode, name)] = row
+
+    def ratio(row, other):
+        if other is None or not row["rate"] or not other["rate"]:
+            return None, []
+        by_run = {r["run"]: r["rate"] for r in results if r.get("ok") and
+                  (r.get("cpus", "all"), r["mode"], r["mta"]) == (other["cpus"], other["mode"], other["mta"])}
+        paired = [r["rate"] / by_run[r["run"]] for r in results if r.get("ok") and r["run"] in by_run
+                  and (r.get("cpus", "all"), r["mode"], r["mta"]) == (row["cpus"], row["mode"], row["mta"])]
+        return med(row["rate"]) / med(other["rate"]), paired
+
+    for row in rows:
+        if row["mode"] not in THROUGHPUT_MODES:
+            continue
+        cpus, mode, name = row["cpus"], row["mode"], row["mta"]
+        if name != "postfix":
+            row["vs_postfix"], row["vs_postfix_paired"] = ratio(row, index.get((cpus, mode, "postfix")))
+            if name != "txmta-w1":
+                row["vs_w1"], row["vs_w1_paired"] = ratio(row, index.get((cpus, mode, "txmta-w1")))
+        if cpus != args.cpus[0]:
+            row["vs_cpus0"], _ = ratio(row, index.get((args.cpus[0], mode, name)))
     return rows
 
 
-def markdown_e2e(rows, ratios, args):
-    names = {"e2e-1/msg": "new conn/msg", "e2e-reuse": "reuse -d"}
-    out = ["| MTA | load (%d sessions x %d msgs, %d B) | ok/runs | delivered msg/s med [min-max] "
-           "| accepted msg/s med [min-max] | MTA CPU ms/msg med [min-max] | other CPU s |"
-           % (args.sessions, args.messages, args.size), "|" + "---|" * 7]
-    for r in rows:
-        out.append("| %s | %s | %d/%d | %s | %s | %s | %s |" % (
-            r["mta"], names[r["mode"]], r["ok"], r["runs"], stat(r["rate"]), stat(r["accept_rate"]),
-            stat(r["cpu_ms"], 2), stat(r["other_cpu_s"], 1)))
-    if ratios:
-        out += ["", "| load | txmta/Postfix delivered msg/s (medians) | per run pair | "
-                    "txmta/Postfix CPU ms/msg (medians) |", "|---|---|---|---|"]
-        for q in ratios:
-            out.append("| %s | %s | %s | %s |" % (
-                names[q["mode"]], "%.2f" % q["rate_ratio"] if "rate_ratio" in q else "n/a",
-                ", ".join("%.2f" % x for x in q["paired_rate_ratios"]) or "n/a",
-                "%.2f" % q["cpu_ratio"] if "cpu_ratio" in q else "n/a"))
-    return "\n".join(out)
+def check_targets(rows, args):
+    """The issue's targets, for the txmta variant with the most workers on all CPUs."""
+    txmta = sorted({r["mta"] for r in rows if r["mta"] != "postfix"}, key=variant_key)
+    if not txmta or "all" not in args.cpus:
+        return []
+    big = txmta[-1]
+    index = {(r["mode"], r["mta"]): r for r in rows if r["cpus"] == "all"}
+    out = []
+
+    def add(what, mode, value, need, at_most=False):
+        if mode not in args.modes:
+            return
+        out.append({"target": what, "mta": big, "mode": mode, "value": value, "need": need,
+                    "met": None if value is None else value <= need if at_most else value >= need})
+    for mode in ("e2e-1/msg", "e2e-reuse"):
+        add("end to end >= 1.8 x Postfix", mode, index.get((mode, big), {}).get("vs_postfix"), 1.8)
+    for mode in ("1/msg", "reuse"):
+        add("intake >= 2.5 x Postfix", mode, index.get((mode, big), {}).get("vs_postfix"), 2.5)
+    for mode in ("1/msg", "reuse"):
+        add("p99 end of data -> 250 <= 15 ms under load", mode,
+            index.get((mode, big), {}).get("p99_ms"), 15.0, at_most=True)
+    if big != "txmta-w1":
+        for mode in THROUGHPUT_MODES:
+            add("%s >= 1.6 x txmta-w1" % big, mode, index.get((mode, big), {}).get("vs_w1"), 1.6)
+    return out
 
 
-def markdown_latency(rows, args):
-    f = lambda v: "%.1f" % v if v is not None else "n/a"   # noqa: E731
-    out = ["| MTA | ok/runs | delivered/sent (missing) | msg/s achieved | e2e p50 ms | e2e p99 ms "
-           "| e2e max ms | p99 per run med [min-max] | intake 250 p50 / p99 ms | MTA CPU ms/msg |",
-           "|" + "---|" * 10]
-    for r in rows:
-        out.append("| %s | %d/%d | %d/%d (%d) | %s | %s | %s | %s | %s | %s / %s | %s |" % (
-            r["mta"], r["ok"], r["runs"], r["delivered"], r["sent"], r["missing"],
-            stat(r["achieved_rate"], 1), f(r["p50_ms"]), f(r["p99_ms"]), f(r["max_ms"]),
-            stat(r["run_p99_ms"], 1), f(r["intake_p50_ms"]), f(r["intake_p99_ms"]),
-            stat(r["cpu_ms"], 2)))
-    return "\n".join(out)
-
-
-def label(mta, args):
-    if mta == "postfix":
-        return "postfix (hold: intake only)" if args.postfix_hold else "postfix (relays to sink)"
-    return mta
+def fmt_processes(row):
+    """'worker 0 0.61, worker 1 0.60, master 0.02' (ms/msg, largest first); Postfix's process
+    names with the number of processes seen when more than one."""
+    items = sorted(row["processes"].items(), key=lambda kv: -(kv[1] or 0))
+    parts, small = [], 0.0
+    for name, v in items:
+        if v is None:
+            continue
+        if v < 0.005:
+            small += v
+            continue
+        n = row["process_counts"].get(name, 1)
+        parts.append("%s%s %.2f" % (name, " (%d)" % n if n > 1 and row["mta"] == "postfix" else "", v))
+    if small >= 0.005:
+        parts.append("others %.2f" % small)
+    u = row.get("unattributed_ms")
+    if u is not None and abs(u) >= 0.005:
+        parts.append("unattributed %.2f" % u)
+    return ", ".join(parts) or "n/a"
 
 
 def markdown(rows, args):
-    load = "%d sessions x %d msgs, %d B" % (args.sessions, args.messages, args.size)
-    names = {"1/msg": "new conn/msg (%s)" % load, "reuse": "reuse -d (%s)" % load,
-             "probe": "probe alone, %g msg/s" % args.probe_only_rate}
-    out = ["| MTA | load | ok/runs | msg/s med [min-max] | MTA CPU ms/msg med [min-max] "
-           "| latency p50 ms | p99 ms | max ms | samples | other CPU s |", "|" + "---|" * 10]
+    f1 = lambda v: "%.1f" % v if v is not None else "-"      # noqa: E731
+    f2 = lambda v: "%.2f" % v if v is not None else "-"      # noqa: E731
+    multi = len(args.cpus) > 1
+    head = ["load", "CPUs", "MTA", "ok/runs", "msg/s med [min-max]", "x Postfix", "x w1"]
+    if multi:
+        head.append("x %s" % cpus_label(args.cpus[0]))
+    head += ["p99 ms", "MTA CPU ms/msg", "CPU ms/msg per process (median)"]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        lat = lambda v: "%.2f" % v if v is not None else "n/a"   # noqa: E731
-        out.append("| %s | %s | %d/%d | %s | %s | %s | %s | %s | %d | %s |" % (
-            label(r["mta"], args), names[r["mode"]], r["ok"], r["runs"], stat(r["rate"]),
-            stat(r["cpu_ms"], 2),
-            lat(r["p50_ms"]), lat(r["p99_ms"]), lat(r["max_ms"]), r["latency_samples"],
-            stat(r["other_cpu_s"], 1)))
+        cells = [MODE_NAMES[r["mode"]], cpus_label(r["cpus"]), r["mta"], "%d/%d" % (r["ok"], r["runs"]),
+                 stat(r["rate"]), f2(r.get("vs_postfix")), f2(r.get("vs_w1"))]
+        if multi:
+            cells.append(f2(r.get("vs_cpus0")))
+        cells += [f1(r.get("p99_ms")), stat(r["cpu_ms"], 2), fmt_processes(r)]
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def markdown_latency(rows):
+    f = lambda v: "%.1f" % v if v is not None else "n/a"   # noqa: E731
+    out = ["| CPUs | MTA | ok/runs | delivered/sent (missing) | msg/s achieved | e2e p50 ms | e2e p99 ms "
+           "| e2e max ms | p99 per run med [min-max] | intake 250 p50 / p99 ms |", "|" + "---|" * 10]
+    for r in rows:
+        if r["mode"] != "e2e-lat":
+            continue
+        out.append("| %s | %s | %d/%d | %d/%d (%d) | %s | %s | %s | %s | %s | %s / %s |" % (
+            cpus_label(r["cpus"]), r["mta"], r["ok"], r["runs"], r["delivered"], r["sent"],
+            r["missing"], stat(r["rate"], 1), f(r["p50_ms"]), f(r["p99_ms"]), f(r["max_ms"]),
+            stat(r["run_p99_ms"], 1), f(r["intake_p50_ms"]), f(r["intake_p99_ms"])))
+    return "\n".join(out)
+
+
+def markdown_profiles(profiles, top=8):
+    out = []
+    for p in profiles:
+        r = p["result"]
+        if not r.get("ok"):
+            out.append("- %s: profiled run failed: %s" % (p["mta"], r.get("error")))
+            continue
+        out.append("\n%s, %s, %s: %.0f msg/s delivered under py-spy (not counted above)\n" % (
+            p["mta"], MODE_NAMES[r["mode"]], cpus_label(r["cpus"]), r["rate"]))
+        out += ["| process | samples (threads) | function (own time) | share | ms/msg |",
+                "|---|---|---|---|---|"]
+        for role, prof in sorted(r.get("profile", {}).items()):
+            threads = ", ".join("%s %.0f%%" % (t["function"], 100 * t["share"])
+                                for t in prof["threads"][:3])
+            for i, e in enumerate(prof["top_own"][:top]):
+                out.append("| %s | %s | %s | %.1f%% | %.3f |" % (
+                    role if i == 0 else "", "%d (%s)" % (prof["samples"], threads) if i == 0 else "",
+                    e["function"].replace("|", "\\|"), 100 * e["share"], e["ms_per_msg"]))
     return "\n".join(out)
 
 
@@ -1168,17 +1490,37 @@ def parse_args():
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--messages", "-n", type=int, default=5000, help="messages per smtp-source run")
     ap.add_argument("--sessions", "-s", type=int, default=20, help="smtp-source parallel sessions")
-    ap.add_argument("--repeat", type=int, default=3, help="runs per MTA and mode")
-    ap.add_argument("--only", choices=MTAS, help="benchmark only this MTA")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per variant, CPU setting and mode")
+    ap.add_argument("--workers", default="1,2",
+                    help="txmta variants: comma list of worker counts, one column each "
+                         "(txmta-w1, txmta-w2, ...; default 1,2)")
+    ap.add_argument("--cpus", default="0,all",
+                    help="comma list of CPU settings, each run for every variant: a taskset CPU "
+                         "list without commas (0, 1, 0-1) that the MTA's processes are pinned to, "
+                         "or all (unpinned). Default 0,all")
+    ap.add_argument("--txmta-server", action="append", default=[], metavar="KEY=VALUE",
+                    help="an extra [server] setting for every txmta variant (TOML value, e.g. "
+                         "max_connections_per_ip=100); repeatable")
+    ap.add_argument("--only", help="comma list of variants to run: postfix, txmta (every txmta "
+                                   "variant) or txmta-wN")
     ap.add_argument("--quick", action="store_true",
                     help="N=1000, repeat 1, 5 s probe-only run, 500 messages in the latency test")
-    ap.add_argument("--modes", default="all",
+    ap.add_argument("--modes", default="default",
                     help="comma list of: 1/msg, reuse, probe (intake); e2e-1/msg, e2e-reuse "
                          "(end-to-end throughput); e2e-lat (end-to-end latency); or the groups "
-                         "intake, e2e, latency, all (default: all)")
+                         "default (1/msg, reuse, e2e-1/msg, e2e-reuse), intake, e2e, latency, all")
     ap.add_argument("--intake", action="store_true", help="only the intake part (= --modes intake)")
     ap.add_argument("--e2e", action="store_true",
                     help="only the end-to-end part (= --modes e2e,latency)")
+    ap.add_argument("--profile", action="store_true",
+                    help="one more e2e run per txmta variant (on all CPUs, not counted) with "
+                         "py-spy recording each txmta process; top functions by own time")
+    ap.add_argument("--profile-mode", default="e2e-1/msg", choices=("e2e-1/msg", "e2e-reuse"))
+    ap.add_argument("--profile-rate", type=int, default=100, help="py-spy samples per second")
+    ap.add_argument("--profile-by-line", action="store_true",
+                    help="py-spy's frames by line (which line of a function: e.g. waiting for the "
+                         "LMDB write lock or in the commit), not by function")
+    ap.add_argument("--py-spy", help="the py-spy program (default: on PATH or in .venv/bin)")
     ap.add_argument("--lat-rate", type=float, default=100.0, help="latency test: msg/s")
     ap.add_argument("--lat-count", type=int, default=3000, help="latency test: messages per run")
     ap.add_argument("--size", type=int, default=4096, help="payload bytes per message")
@@ -1218,8 +1560,45 @@ def parse_args():
             if x not in modes:
                 modes.append(x)
     args.modes = modes
+    try:
+        workers = sorted({int(w) for w in args.workers.split(",") if w.strip()})
+    except ValueError:
+        ap.error("--workers: a comma list of integers, e.g. 1,2")
+    if not workers or min(workers) < 1:
+        ap.error("--workers: worker counts are 1 or more")
+    args.variants = ["postfix"] + ["txmta-w%d" % w for w in workers]
+    if args.only:
+        wanted = [x.strip() for x in args.only.split(",") if x.strip()]
+        for x in wanted:
+            if x not in ("postfix", "txmta") and x not in args.variants:
+                ap.error("--only: %r is none of postfix, txmta, %s" % (x, ", ".join(args.variants[1:])))
+        args.variants = [v for v in args.variants if v in wanted or
+                         ("txmta" in wanted and v.startswith("txmta"))]
+    args.cpus = [c.strip() for c in args.cpus.split(",") if c.strip()]
+    for c in args.cpus:
+        if c != "all" and not re.fullmatch(r"\d+(-\d+)?", c):
+            ap.error("--cpus: %r is neither all nor a CPU (0) or range (0-1)" % c)
+    if not args.cpus:
+        ap.error("--cpus: at least one CPU setting")
+    if args.profile:
+        args.py_spy = find_py_spy(args.py_spy)
+        if args.py_spy is None:
+            ap.error("--profile needs py-spy (on PATH, in .venv/bin, or --py-spy PATH); "
+                     "`make bench` installs it into the virtualenv")
+    server = {}
+    for kv in args.txmta_server:
+        k, sep, v = kv.partition("=")
+        if not sep or not k.strip() or not v.strip():
+            ap.error("--txmta-server %r: KEY=VALUE" % kv)
+        server[k.strip()] = v.strip()
+    args.txmta_server = server
     args.workdir = os.path.abspath(args.workdir)
     return args
+
+
+def rotated(seq, k):
+    k %= len(seq) if seq else 1
+    return seq[k:] + seq[:k]
 
 
 def main():
@@ -1236,48 +1615,65 @@ def main():
     for port in (args.port, args.sink_port):
         if not port_free(port):
             sys.exit("port %d on %s is in use" % (port, HOST))
+    if any(c != "all" for c in args.cpus) and not shutil.which("taskset"):
+        sys.exit("--cpus %s needs taskset (util-linux)" % ",".join(args.cpus))
     os.makedirs(args.workdir, exist_ok=True)
 
-    names = [args.only] if args.only else list(MTAS)
     skipped = {}
-    for name in names:
-        why = (TxMTA if name == "txmta" else Postfix).unavailable()
-        if why:
-            log("SKIP %s: %s" % (name, why))
-            skipped[name] = why
-    names = [n for n in names if n not in skipped]
+    for kind, cls in (("postfix", Postfix), ("txmta", TxMTA)):
+        if any(v.startswith(kind) for v in args.variants):
+            why = cls.unavailable()
+            if why:
+                log("SKIP %s: %s" % (kind, why))
+                skipped[kind] = why
+    variants = [v for v in args.variants if v.split("-")[0] not in skipped]
 
     out = {"started": datetime.datetime.now().isoformat(timespec="seconds"), "argv": sys.argv[1:],
            "machine": machine_info(args), "loadavg_before": read_text("/proc/loadavg"),
-           "settings": {"messages": args.messages, "sessions": args.sessions, "size": args.size,
-                        "repeat": args.repeat, "probe_rate": args.probe_rate,
+           "settings": {"txmta_server": args.txmta_server, "messages": args.messages, "sessions": args.sessions, "size": args.size,
+                        "repeat": args.repeat, "variants": variants, "cpus": args.cpus,
+                        "pinning": "taskset -c CPUS on the MTA's first process (txmta's twistd, "
+                                   "Postfix's `postfix start-fg`), inherited by every process it "
+                                   "starts; load generator, sink, probe and harness unpinned",
+                        "probe_rate": args.probe_rate,
                         "probe_only_rate": args.probe_only_rate, "probe_seconds": args.probe_seconds,
                         "modes": args.modes, "lat_rate": args.lat_rate, "lat_count": args.lat_count,
-                        "postfix_hold": args.postfix_hold,
+                        "postfix_hold": args.postfix_hold, "profile": args.profile,
                         "load_1msg": " ".join(smtp_source_argv(args.port, args.messages, args.sessions,
                                                                args.size, False)),
                         "load_reuse": " ".join(smtp_source_argv(args.port, args.messages, args.sessions,
                                                                 args.size, True))},
-           "skipped": skipped, "results": []}
+           "skipped": skipped, "results": [], "profiles": []}
     bench = Bench(args)
     interrupted = False
+    began = time.monotonic()
     try:
         if not args.rss_only:
-            # interleaved: run 1 of every (mode, MTA), then run 2, ...
+            # interleaved: per repetition, per CPU setting and mode, one run of every variant,
+            # in an order rotated by one each repetition
             for i in range(1, args.repeat + 1):
-                for mode in args.modes:
-                    for name in names:
-                        r = bench.run(name, mode, i)
-                        log("%-7s %-6s #%d: %s" % (name, mode, i, {
-                            k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items()
-                            if k in ("rate", "accept_rate", "mta_cpu_ms_per_msg", "probe_msgs",
-                                     "delivered", "missing", "p50_ms", "p99_ms", "max_ms",
-                                     "intake_p99_ms", "error", "drain_error")}
-                            | ({"p50_ms": round(r["probe"]["p50_ms"], 2),
-                                "p99_ms": round(r["probe"]["p99_ms"], 2)}
-                               if r.get("ok") and "probe" in r else {})))
-                        out["results"].append(r)
-        if (args.rss or args.rss_only) and "txmta" in names:
+                for cpus in args.cpus:
+                    for mode in args.modes:
+                        for name in rotated(variants, i - 1):
+                            r = bench.run(name, mode, i, cpus)
+                            log("%-9s %-9s %-8s #%d %4.0fs: %s" % (
+                                name, cpus_label(cpus), mode, i, time.monotonic() - began, {
+                                    k: (round(v, 2) if isinstance(v, float) else v)
+                                    for k, v in r.items()
+                                    if k in ("rate", "accept_rate", "mta_cpu_ms_per_msg", "delivered",
+                                             "missing", "p50_ms", "p99_ms", "intake_p99_ms",
+                                             "affinity", "error", "drain_error")}
+                                | ({"p99_ms": round(r["probe"]["p99_ms"], 2)}
+                                   if r.get("ok") and "probe" in r else {})))
+                            out["results"].append(r)
+            if args.profile:
+                cpus = "all" if "all" in args.cpus else args.cpus[-1]
+                for name in (v for v in variants if v.startswith("txmta")):
+                    r = bench.run_e2e(name, args.profile_mode, 1, cpus, profile=True)
+                    log("%-9s %-9s profiled %s: %s" % (name, cpus_label(cpus), args.profile_mode,
+                                                       r.get("error") or "%.0f msg/s" % r["rate"]))
+                    out["profiles"].append({"mta": name, "result": r})
+        if (args.rss or args.rss_only) and "txmta" not in skipped:
             r = bench.rss()
             log("rss: %s" % r)
             out["rss"] = r
@@ -1287,11 +1683,11 @@ def main():
     finally:
         cleanup_all()
 
+    out["elapsed_s"] = time.monotonic() - began
     out["loadavg_after"] = read_text("/proc/loadavg")
     out["interrupted"] = interrupted
-    out["summary"] = summarize(out["results"])
-    out["summary_e2e"], out["e2e_ratios"] = summarize_e2e(out["results"])
-    out["summary_latency"] = summarize_latency(out["results"])
+    out["summary"] = summarize(out["results"], args)
+    out["targets"] = check_targets(out["summary"], args)
     path = results_path(args)
     with open(path, "w") as f:
         json.dump(out, f, indent=1)
@@ -1302,31 +1698,54 @@ def main():
           "Twisted %s.\n" % (m["nproc"], m["cpu"], m["mem_total"], m["kernel"], m["os"],
                              m["workdir_fs"], m["postfix"], m.get("txmta"), m.get("git"),
                              m.get("twisted")))
+    print("Load: %d sessions x %d messages of %d B per run; %d interleaved run(s) per cell; "
+          "%.0f min in all.%s\n" % (args.sessions, args.messages, args.size, args.repeat,
+                                    out["elapsed_s"] / 60, "" if not args.txmta_server else
+                                    " txmta [server] also has: %s." % ", ".join(
+                                        "%s = %s" % kv for kv in args.txmta_server.items())))
+    pinned = [c for c in args.cpus if c != "all"]
+    if pinned:
+        seen = {}
+        for row in out["summary"]:
+            if row["cpus"] in pinned:
+                for a, n in row["affinity"].items():
+                    seen[a] = seen.get(a, 0) + n
+        print("CPUs: \"%s\" = the MTA's processes pinned with `taskset -c %s` (txmta's twistd master "
+              "and its workers, Postfix's master and every daemon it starts); smtp-source, "
+              "smtp-sink, the probe and this script are NOT pinned. Affinity "
+              "(Cpus_allowed_list) of the MTA processes seen in those runs: %s. \"all %d\" = "
+              "unpinned.\n" % (cpus_label(pinned[0]), pinned[0],
+                               ", ".join("%s: %d" % kv for kv in sorted(seen.items())) or "n/a",
+                               os.cpu_count()))
     if out["summary"]:
-        print("### Intake\n")
         print(markdown(out["summary"], args))
-        print("\nmsg/s = N / smtp-source wall time (probe-only: probe messages / run time). "
-              "CPU = all MTA processes, user+sys, during that window, per message (incl. probe "
-              "messages). Latency = probe: sent final \".\\r\\n\" -> read 250, pooled over runs "
-              "(%g msg/s during the load).\n" % args.probe_rate)
-    if out["summary_e2e"]:
-        print("### End-to-end throughput (relayhost = smtp-sink)\n")
-        print(markdown_e2e(out["summary_e2e"], out["e2e_ratios"], args))
-        print("\ndelivered msg/s = N / (start of smtp-source -> smtp-sink has counted N messages AND "
-              "the MTA's queue is empty); accepted msg/s = N / smtp-source wall time. CPU = all MTA "
-              "processes, user+sys, over the whole end-to-end window, per message. Median [min-max] "
-              "of %d interleaved runs.\n" % args.repeat)
-    if out["summary_latency"]:
+        print("\nmsg/s: intake rows = accepted (N / smtp-source wall time), e2e rows = delivered "
+              "(N / time until the sink has all and the queue is empty), median [min-max] of the "
+              "runs. x Postfix, x w1, x %s: ratios of the medians (same load and CPUs). p99: "
+              "intake rows = probe's end of data -> 250 at %g msg/s during the load; e2e latency "
+              "= intake 250 -> sink. MTA CPU ms/msg: all the MTA's processes (cgroup). Per "
+              "process: txmta's master / workers (twistd = workers 1), Postfix's daemons summed "
+              "by name (number of processes seen); unattributed = processes that exited between "
+              "two readings.\n" % (cpus_label(args.cpus[0]), args.probe_rate))
+    if any(r["mode"] == "e2e-lat" for r in out["summary"]):
         print("### End-to-end latency at a steady %g msg/s (relayhost = bench/pysink.py)\n"
               % args.lat_rate)
-        print(markdown_latency(out["summary_latency"], args))
-        print("\ne2e latency = time the sink has the whole message (final \".\" read, before its "
-              "250) - time the client read the intake 250; one client connection, one message at a "
-              "time, %d messages per run, pooled over runs. Target for txmta: p99 < 50 ms.\n"
-              % args.lat_count)
-    for row in out["summary"] + out["summary_e2e"] + out["summary_latency"]:
+        print(markdown_latency(out["summary"]))
+        print()
+    if out["targets"]:
+        print("### Targets (%s, all CPUs)\n" % out["targets"][0]["mta"])
+        for t in out["targets"]:
+            print("- %s, %s: %s" % (t["target"], MODE_NAMES[t["mode"]], "n/a (no successful run)"
+                                    if t["value"] is None else "%.2f %s" % (
+                                        t["value"], "met" if t["met"] else "NOT met")))
+        print()
+    if out["profiles"]:
+        print("### Profiles (py-spy, own time, top functions per process)")
+        print(markdown_profiles(out["profiles"]))
+        print()
+    for row in out["summary"]:
         for e in row["errors"]:
-            print("- error %s %s: %s" % (row["mta"], row.get("mode", "e2e-lat"), e))
+            print("- error %s %s %s: %s" % (row["mta"], cpus_label(row["cpus"]), row["mode"], e))
     for name, why in skipped.items():
         print("- skipped %s: %s" % (name, why))
     if "rss" in out:
