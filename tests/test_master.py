@@ -68,10 +68,11 @@ def test_the_shares_of_a_limit_cover_it_and_are_never_zero(value: int, workers: 
 
 
 def test_divide_limits_divides_the_daemon_wide_limits_only() -> None:
+    """The per-client limit is each worker's: one client's connections do not spread evenly."""
     cfg = load_text("[server]\nmax_connections = 100\nmax_connections_per_ip = 9\n"
                     "[delivery]\nmax_per_destination = 10\nmax_connections = 7\n")
     two = divide_limits(cfg, 2)
-    assert (two.server.max_connections, two.server.max_connections_per_ip) == (50, 5)
+    assert (two.server.max_connections, two.server.max_connections_per_ip) == (50, 9)
     assert (two.delivery.max_per_destination, two.delivery.max_connections) == (5, 4)
     assert two.server.max_recipients == cfg.server.max_recipients
     assert divide_limits(cfg, 1) is cfg

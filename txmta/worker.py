@@ -285,13 +285,17 @@ def share(value: int, workers: int) -> int:
 
 def divide_limits(cfg: C.Config, workers: int) -> C.Config:
     """`cfg` with the limits that hold for the whole daemon divided among `workers`:
-    [server] max_connections, max_connections_per_ip; [delivery] max_per_destination,
-    initial_per_destination, max_connections, max_inflight."""
+    [server] max_connections; [delivery] max_per_destination, initial_per_destination,
+    max_connections, max_inflight.
+
+    Not [server] max_connections_per_ip: each worker holds it for its own connections.  The
+    kernel gives a new connection to whichever worker accepts first, so one client's
+    connections are not spread evenly; a divided share refused a client with 20
+    connections (a share of 25 of 50) when most of them landed on one worker."""
     if workers == 1:
         return cfg
     server = dataclasses.replace(
-        cfg.server, max_connections=share(cfg.server.max_connections, workers),
-        max_connections_per_ip=share(cfg.server.max_connections_per_ip, workers))
+        cfg.server, max_connections=share(cfg.server.max_connections, workers))
     d = cfg.delivery
     delivery = dataclasses.replace(
         d, max_per_destination=share(d.max_per_destination, workers),
