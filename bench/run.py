@@ -575,7 +575,10 @@ class TxMTA:
             "", "[[listen]]", 'address = "%s:%d"' % (HOST, self.port), 'tls = "none"', 'auth = "none"',
             "", "[relay]", 'networks = ["127.0.0.0/8"]',
             "", "[spool]", 'path = "%s"' % self.spool,
-            "", "[delivery]", 'relayhost = "%s:%d"' % (HOST, self.sink_port), ""]
+            "", "[delivery]", 'relayhost = "%s:%d"' % (HOST, self.sink_port),
+            # a mail log file, as Postfix's maillog_file below: each MTA writes its mail log
+            # to a file of its own (txmta's default sends the lines through the daemon log)
+            "", "[log]", 'maillog = "%s"' % os.path.join(self.rundir, "maillog"), ""]
         with open(self.conf, "w") as f:
             f.write("\n".join(lines))
 
