@@ -859,9 +859,17 @@ class Bench:
         os.makedirs(rundir)
         os.chmod(rundir, 0o755)
         if name.startswith("txmta"):
-            workers = int(name.rpartition("-w")[2]) if "-w" in name else 1
-            kw["extra_server"] = dict(self.args.txmta_server, **kw.get("extra_server", {}))
-            return TxMTA(rundir, self.args.port, self.args.sink_port, workers=workers, cpus=cpus, **kw)
+            # "txmta-wN": N workers, [server] cpu_affinity as configured (default "auto");
+            # "txmta-wN-free": the same with cpu_affinity = "none" (the kernel places them)
+            base, free, _ = name.partition("-free")
+            workers = int(base.rpartition("-w")[2]) if "-w" in base else 1
+            extra = dict(self.args.txmta_server, **kw.get("extra_server", {}))
+            if free:
+                extra["cpu_affinity"] = '"none"'
+            kw["extra_server"] = extra
+            mta = TxMTA(rundir, self.args.port, self.args.sink_port, workers=workers, cpus=cpus, **kw)
+            mta.name = name
+            return mta
         return Postfix(rundir, self.args.port, self.args.sink_port, cpus=cpus,
                        hold=self.args.postfix_hold if hold is None else hold)
 
@@ -1247,10 +1255,11 @@ def med(vals):
 
 
 def variant_key(name):
-    """postfix first, then txmta by worker count."""
+    """postfix first, then txmta by worker count, each bound (cpu_affinity auto) before free."""
     if name == "postfix":
-        return (0, 0)
-    return (1, int(name.rpartition("-w")[2]) if "-w" in name else 1)
+        return (0, 0, 0)
+    base, free, _ = name.partition("-free")
+    return (1, int(base.rpartition("-w")[2]) if "-w" in base else 1, 1 if free else 0)
 
 
 THROUGHPUT_MODES = ("1/msg", "reuse", "e2e-1/msg", "e2e-reuse")
@@ -1323,8 +1332,9 @@ def summarize(results, args):
         cpus, mode, name = row["cpus"], row["mode"], row["mta"]
         if name != "postfix":
             row["vs_postfix"], row["vs_postfix_paired"] = ratio(row, index.get((cpus, mode, "postfix")))
-            if name != "txmta-w1":
-                row["vs_w1"], row["vs_w1_paired"] = ratio(row, index.get((cpus, mode, "txmta-w1")))
+            w1 = "txmta-w1-free" if name.endswith("-free") else "txmta-w1"
+            if name != w1:
+                row["vs_w1"], row["vs_w1_paired"] = ratio(row, index.get((cpus, mode, w1)))
         if cpus != args.cpus[0]:
             row["vs_cpus0"], _ = ratio(row, index.get((args.cpus[0], mode, name)))
     return rows
@@ -1333,6 +1343,8 @@ def summarize(results, args):
 def check_targets(rows, args):
     """The issue's targets, for the txmta variant with the most workers on all CPUs."""
     txmta = sorted({r["mta"] for r in rows if r["mta"] != "postfix"}, key=variant_key)
+    bound = [t for t in txmta if not t.endswith("-free")]   # the default configuration
+    txmta = bound or txmta
     if not txmta or "all" not in args.cpus:
         return []
     big = txmta[-1]
@@ -1501,6 +1513,9 @@ def parse_args():
                     help="comma list of CPU settings, each run for every variant: a taskset CPU "
                          "list without commas (0, 1, 0-1) that the MTA's processes are pinned to, "
                          "or all (unpinned). Default 0,all")
+    ap.add_argument("--affinity", default="auto",
+                    help="txmta's [server] cpu_affinity per variant: auto, none or both "
+                         "(auto,none); none adds columns txmta-wN-free")
     ap.add_argument("--txmta-server", action="append", default=[], metavar="KEY=VALUE",
                     help="an extra [server] setting for every txmta variant (TOML value, e.g. "
                          "max_connections_per_ip=100); repeatable")
@@ -1569,7 +1584,11 @@ def parse_args():
         ap.error("--workers: a comma list of integers, e.g. 1,2")
     if not workers or min(workers) < 1:
         ap.error("--workers: worker counts are 1 or more")
-    args.variants = ["postfix"] + ["txmta-w%d" % w for w in workers]
+    affinity = [a.strip() for a in args.affinity.split(",") if a.strip()]
+    if not affinity or set(affinity) - {"auto", "none"}:
+        ap.error("--affinity: a comma list of auto and none")
+    args.variants = ["postfix"] + ["txmta-w%d%s" % (w, "" if a == "auto" else "-free")
+                                   for w in workers for a in affinity]
     if args.only:
         wanted = [x.strip() for x in args.only.split(",") if x.strip()]
         for x in wanted:

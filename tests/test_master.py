@@ -212,3 +212,55 @@ def check_batches(addresses: list[str]) -> None:
     for b in batches:
         assert len(b["added"].encode()) <= 65535 and len(b["removed"].encode()) <= 65535
     assert MAX_BATCH < 65535
+
+
+# -- [server] cpu_affinity ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("worker, allowed, cpu", [
+    (0, (0, 1), 0), (1, (0, 1), 1), (2, (0, 1), 0), (3, (1, 0), 1),
+    (0, (4, 2, 6), 2), (1, (4, 2, 6), 4), (5, (4, 2, 6), 6), (7, (3,), 3)])
+def test_cpu_for_takes_the_kth_allowed_cpu_in_order(worker: int, allowed: tuple[int, ...],
+                                                     cpu: int) -> None:
+    from txmta.worker import cpu_for
+    assert cpu_for(worker, allowed) == cpu
+
+
+def test_cpu_affinity_is_auto_by_default_and_checked() -> None:
+    assert load_text("").server.cpu_affinity == "auto"
+    assert load_text('[server]\ncpu_affinity = "none"\n').server.cpu_affinity == "none"
+    with pytest.raises(ConfigError, match="cpu_affinity"):
+        load_text('[server]\ncpu_affinity = "yes"\n')
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this system")
+@pytest.mark.parametrize("setting", ["auto", "none"])
+def test_bind_to_cpu_binds_the_process_and_its_later_threads(setting: str) -> None:
+    """In a child process: "auto" binds the calling thread and the threads it starts next to
+    the worker's CPU; "none" changes nothing."""
+    import threading
+
+    from txmta.worker import bind_to_cpu, cpu_for
+    cfg = load_text(f'[server]\ncpu_affinity = "{setting}"\n')
+    before = os.sched_getaffinity(0)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            got = bind_to_cpu(cfg, 1)
+            seen: list[set[int]] = []
+            t = threading.Thread(target=lambda: seen.append(os.sched_getaffinity(0)))
+            t.start()
+            t.join()
+            os.write(w, repr((got, sorted(os.sched_getaffinity(0)), sorted(seen[0]))).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as f:
+        got, main, thread = eval(f.read())
+    os.waitpid(pid, 0)
+    if setting == "auto":
+        cpu = cpu_for(1, tuple(before))
+        assert (got, main, thread) == (cpu, [cpu], [cpu])
+    else:
+        assert (got, main, thread) == (None, sorted(before), sorted(before))
+    assert os.sched_getaffinity(0) == before      # the test process itself is untouched

@@ -163,12 +163,19 @@ def _source_address(value: Any) -> str:
     return text
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity: a cpuset or `taskset` narrows it)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
+
+
 def _workers(value: Any) -> int:
     """[server] workers: "auto" (one per CPU core) or 1..PARTITIONS (a worker owns at least
     one partition of the spool)."""
     from txmta.partition import PARTITIONS
     if value == "auto":
-        return max(1, min(os.cpu_count() or 1, PARTITIONS))
+        return max(1, min(usable_cpus(), PARTITIONS))
     if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= PARTITIONS:
         raise ValueError(f'must be "auto" or an integer 1-{PARTITIONS}')
     return value
@@ -352,6 +359,7 @@ _TABLE: dict[str, dict[str, _Key]] = {
         "workers": _Key("auto", _workers),                  # "auto" = one per CPU core
         "user": _Key("", _user),                            # "" = stay who started us
         "group": _Key("", _group),                          # "" = the user's primary group
+        "cpu_affinity": _Key("auto", _choice("none", "auto")),  # "auto": worker k on CPU k
         "max_connections": _Key(1000, _integer(1)),
         "max_connections_per_ip": _Key(50, _integer(1)),
         "max_recipients": _Key(1000, _integer(1)),
@@ -471,6 +479,7 @@ class ServerConfig:
     workers: int = _default("server", "workers")       # resolved: "auto" is the core count
     user: str = ""
     group: str = ""
+    cpu_affinity: str = _default("server", "cpu_affinity")   # "auto": worker k on one CPU
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from txmta import config as C
-from txmta.worker import build, drop_privileges, user_ids
+from txmta.worker import bind_to_cpu, build, drop_privileges, user_ids
 
 log = Logger(namespace="txmta.master")
 
@@ -372,6 +372,7 @@ def makeService(options: Options) -> service.IService:
                                 f"to another user needs root (running as uid {os.getuid()})")
         as_root = ids is not None and os.getuid() == 0
         if cfg.server.workers == 1:
+            bind_to_cpu(cfg, 0)                # before the spool's thread starts
             if not as_root:
                 top = build(cfg, reactor)      # reads the TLS material: bad files are ConfigErrors too
                 tune_runtime()

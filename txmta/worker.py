@@ -417,6 +417,25 @@ def drop_privileges(ids: tuple[str, int, int]) -> None:
     os.setuid(uid)
 
 
+# -- CPU affinity -----------------------------------------------------------------------------
+
+def cpu_for(worker: int, allowed: Sequence[int]) -> int:
+    """The CPU worker `worker` is bound to with [server] cpu_affinity = "auto": the
+    (worker mod n)-th of the `allowed` CPUs, in order."""
+    cpus = sorted(allowed)
+    return cpus[worker % len(cpus)]
+
+
+def bind_to_cpu(cfg: C.Config, worker: int) -> int | None:
+    """With cpu_affinity = "auto", bind this process (all its threads) to one CPU of those it
+    may run on; the CPU, or None (not asked for, or not possible here)."""
+    if cfg.server.cpu_affinity != "auto" or not hasattr(os, "sched_setaffinity"):
+        return None
+    cpu = cpu_for(worker, tuple(os.sched_getaffinity(0)))
+    os.sched_setaffinity(0, {cpu})
+    return cpu
+
+
 # -- the worker process -----------------------------------------------------------------------
 
 def _die_with_parent() -> None:
@@ -484,6 +503,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 reactor.stop()
 
         channel = WorkerChannel(on_lost=master_gone)
+        bind_to_cpu(cfg, args.index)     # before any thread starts: every thread inherits it
         top = build(cfg, reactor, worker=args.index, workers=args.workers, inherited=fds,
                     channel=channel)
     except C.ConfigError as e:

@@ -475,3 +475,43 @@ def test_sighup_reloads_the_certificate_in_both_workers(start_daemon: Callable[.
         assert qid in d.spool_ids()
     finally:
         old.close()
+
+
+# -- 5. CPU affinity -------------------------------------------------------------------------------
+
+def cpus_allowed(pid: int) -> str:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("Cpus_allowed_list:"):
+                return line.split(":", 1)[1].strip()
+    raise AssertionError(f"no Cpus_allowed_list for {pid}")
+
+
+@pytest.mark.parametrize("affinity", ["auto", "none"])
+def test_cpu_affinity_binds_each_worker_to_its_cpu(start_daemon: Callable[..., Daemon],
+                                                    affinity: str) -> None:
+    """[server] cpu_affinity = "auto" (the default): worker k runs on the k-th CPU txmta may
+    use (modulo their number), every thread of it; the master is not bound.  "none" leaves
+    every process where the kernel puts it."""
+    import os
+
+    from test_crash_workers import children
+    from txmta.worker import cpu_for
+    allowed = sorted(os.sched_getaffinity(0))
+    d = start_workers(start_daemon, server={"workers": WORKERS, "cpu_affinity": affinity})
+    assert d.proc is not None
+    kids = wait_until(lambda: (lambda c: c if len(c) == WORKERS else None)(children(d.proc.pid)),
+                      20, "both workers")
+    index = {}
+    for pid in kids:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+        index[pid] = int(argv[argv.index(b"--index") + 1])
+    everything = cpus_allowed(d.proc.pid)
+    for pid, k in index.items():
+        threads = os.listdir(f"/proc/{pid}/task")
+        assert len(threads) >= 2          # the reactor and the spool writer at least
+        want = str(cpu_for(k, allowed)) if affinity == "auto" else everything
+        assert {cpus_allowed(int(t)) for t in threads} == {want}, (k, affinity)
+    if affinity == "auto" and len(allowed) >= WORKERS:
+        assert len({cpus_allowed(pid) for pid in kids}) == WORKERS     # one CPU each
