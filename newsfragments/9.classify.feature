@@ -1,0 +1,1 @@
+A 421 from the last MX host, at any stage, now throttles the destination as a whole (as a failure to connect does), and replies that ask for a wait ("try again in 10 minutes") are not retried before it.
