@@ -85,7 +85,8 @@ class Intake:
             return len(self.acked) >= self.n
 
 
-def client(d: Daemon, intake: Intake, index: int, deadline: float) -> None:
+def client(d: Daemon, intake: Intake, index: int, deadline: float, pause: float = 0.0) -> None:
+    """Send until `intake` has its messages (or is stopped); `pause` seconds after each."""
     n = 0
     while not intake.stop.is_set() and not intake.done() and time.monotonic() < deadline:
         s = None
@@ -105,6 +106,8 @@ def client(d: Daemon, intake: Intake, index: int, deadline: float) -> None:
                 s.sendmail(f"s{index}@client.test", [f"r{n}@crash.test"], body)
                 with intake.lock:
                     intake.acked.add(tok)
+                if pause:
+                    time.sleep(pause)
             s.quit()
         except (OSError, smtplib.SMTPException):
             with intake.lock:
