@@ -434,3 +434,11 @@ def test_parsers_are_total(text: str, smtputf8: bool) -> None:
             parse_rcpt(arg, smtputf8)
         except GrammarError:
             pass
+
+
+@given(st.text())
+def test_control_characters_are_c0_del_and_c1(text: str) -> None:
+    """The address and parameter checks refuse exactly C0, DEL and C1 (U+0000-U+001F,
+    U+007F-U+009F), wherever one stands."""
+    from txmta.inbound.grammar import _has_control
+    assert _has_control(text) == any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in text)

@@ -86,9 +86,11 @@ _ORCPT_MAX = 500       # RFC 3461 4.2, on the parameter value as sent
 _ECHO_MAX = 32         # longest keyword we repeat back in a reply
 
 
-def _is_control(ch: str) -> bool:
-    o = ord(ch)
-    return o < 0x20 or 0x7F <= o <= 0x9F
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")   # C0, DEL and C1 control characters
+
+
+def _has_control(text: str) -> bool:
+    return _CONTROL.search(text) is not None
 
 
 def _utf8_char_ok(ch: str) -> bool:
@@ -317,7 +319,7 @@ def _split_command(arg: str, prefix: str, verb: str) -> tuple[str, list[str]]:
 
 def _parse_path(path: str, utf8: bool, bad: Callable[[str], Reply], postmaster: bool) -> Address:
     """Parse the inside of <...>, except <> which callers handle."""
-    if any(_is_control(c) for c in path):
+    if _has_control(path):
         raise GrammarError(bad("control character in address"))
     if postmaster and path.lower() == "postmaster":  # RFC 5321 4.5.1
         return Address("postmaster", "")
@@ -346,7 +348,7 @@ def _params(raw: list[str], known: frozenset[str]) -> dict[str, str | None]:
             raise GrammarError(Reply(555, "5.5.4", f"{name} parameter not supported"))
         if keyword in out:
             raise GrammarError(Reply(501, "5.5.4", f"{name} parameter given more than once"))
-        if eq and (not value or any(_is_control(c) for c in value)):
+        if eq and (not value or _has_control(value)):
             raise GrammarError(Reply(501, "5.5.4", f"Malformed {name} parameter value"))
         out[keyword] = value if eq else None
     return out
@@ -378,7 +380,7 @@ def _decoded(keyword: str, value: str, allow_utf8: bool) -> str:
         text = _xtext_decode(value, allow_utf8)
     except GrammarError:
         raise _bad_value(keyword, "malformed xtext") from None
-    if any(_is_control(c) or (not c.isascii() and not allow_utf8) for c in text):
+    if _has_control(text) or (not allow_utf8 and not text.isascii()):
         raise _bad_value(keyword, "must be printable text")  # RFC 3461 4.2, 4.4
     return text
 

@@ -8,6 +8,7 @@ clients in `relay.networks` or after AUTH (RFC 5321 3.6.2 relaying; RFC 4954).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass, field
 
@@ -19,6 +20,7 @@ RELAY_DENIED = Reply(554, "5.7.1", "Relay access denied")
 AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
 
 
+@functools.lru_cache(maxsize=4096)      # a client's address is asked about several times
 def parse_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
         ip = ipaddress.ip_address(text.split("%", 1)[0])
