@@ -532,10 +532,11 @@ def cpus_label(cpus):
 class TxMTA:
     """txmta with `[server] workers = workers` (1: one process, no master)."""
 
-    def __init__(self, rundir, port, sink_port, workers=1, cpus=None, extra_server=None):
+    def __init__(self, rundir, port, sink_port, workers=1, cpus=None, extra_server=None,
+                 name=None):
         self.rundir, self.port, self.sink_port = rundir, port, sink_port
         self.workers, self.cpus = workers, cpus
-        self.name = "txmta-w%d" % workers
+        self.name = name or "txmta-w%d" % workers
         self.extra_server = dict({"workers": workers}, **(extra_server or {}))
         self.proc = None
         self.conf = os.path.join(rundir, "txmta.toml")
@@ -622,7 +623,7 @@ class TxMTA:
             if REPO not in sys.path:
                 sys.path.append(REPO)
             try:
-                from txmta.spool.lmdb import LmdbView
+                from txmta.spool.view import LmdbView
             except ImportError as e:
                 raise RuntimeError("cannot import txmta.spool.lmdb (%s): run the benchmark with "
                                    "%s" % (e, VENV_PY))
@@ -867,9 +868,8 @@ class Bench:
             if free:
                 extra["cpu_affinity"] = '"none"'
             kw["extra_server"] = extra
-            mta = TxMTA(rundir, self.args.port, self.args.sink_port, workers=workers, cpus=cpus, **kw)
-            mta.name = name
-            return mta
+            return TxMTA(rundir, self.args.port, self.args.sink_port, workers=workers, cpus=cpus,
+                         name=name, **kw)
         return Postfix(rundir, self.args.port, self.args.sink_port, cpus=cpus,
                        hold=self.args.postfix_hold if hold is None else hold)
 

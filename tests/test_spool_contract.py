@@ -23,7 +23,8 @@ from txmta.reply import Reply
 from txmta.message import (BOUNCED, DELETED, DELIVERED, HELD, QUEUED, RecipientState,
                            StoredMessage)
 from txmta.spool.interface import CommitFailed
-from txmta.spool.lmdb import LmdbSpool, _Op, domain_key
+from txmta.spool.lmdb import LmdbSpool, _Op
+from txmta.spool.view import domain_key
 from txmta.spool.memory import MemorySpool
 
 

@@ -22,7 +22,8 @@ from txmta.message import (BOUNCED, DELETED, DELIVERED, HELD, QUEUED, UNFINISHED
                            Envelope, Recipient, RecipientState, StoredMessage, new_message_id)
 from txmta.reply import Reply
 from txmta.spool import codec
-from txmta.spool.lmdb import LmdbSpool, LmdbView, _Op, domain_key
+from txmta.spool.lmdb import LmdbSpool, _Op
+from txmta.spool.view import LmdbView, domain_key
 from txmta.spool.memory import MemorySpool
 
 DOMAINS = ("a.example", "B.example", "c.example")

@@ -16,7 +16,7 @@ import pytest
 from txmta.message import HELD, QUEUED, RecipientState, StoredMessage
 
 from txmta.spool.interface import CommitFailed, SpoolFormatError, SpoolFull
-from txmta.spool.lmdb import LmdbView
+from txmta.spool.view import LmdbView
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -115,7 +115,7 @@ def test_unreferenced_body_file_is_removed_at_open(open_lmdb, wait, make_message
 
 VIEW_SCRIPT = """
 import json, sys
-from txmta.spool.lmdb import LmdbView
+from txmta.spool.view import LmdbView
 view = LmdbView(sys.argv[1])
 out = {m.id: [m.body_in_file, [r.state for r in m.recipients],
               view.read_body(m.id).decode("latin-1")] for m in view.messages()}

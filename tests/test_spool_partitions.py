@@ -13,7 +13,7 @@ import lmdb
 
 from txmta import partition as P
 from txmta.message import MessageIds, RecipientState, StoredMessage
-from txmta.spool.lmdb import domain_key
+from txmta.spool.view import domain_key
 from txmta.spool.memory import MemorySpool
 
 

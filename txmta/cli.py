@@ -163,7 +163,7 @@ def _args_queue_show(p: argparse.ArgumentParser) -> None:
 
 def _open_view(args: argparse.Namespace) -> Any:
     """The read-only spool of the configuration in --config."""
-    from txmta.spool.lmdb import LmdbView      # lmdb is only needed by the queue commands
+    from txmta.spool.view import LmdbView      # lmdb is only needed by the queue commands
     cfg = config.load(args.config)
     try:
         return LmdbView(cfg.spool.path)

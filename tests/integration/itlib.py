@@ -231,7 +231,7 @@ class Daemon:
         return self.proc.returncode
 
     def view(self) -> Any:
-        from txmta.spool.lmdb import LmdbView
+        from txmta.spool.view import LmdbView
         return LmdbView(str(self.spool_path))
 
     def stored(self, message_id: str) -> tuple[Any, bytes]:

@@ -338,7 +338,7 @@ def test_view_while_map_grows(start_daemon: Any) -> None:
     threads = [threading.Thread(target=sender, daemon=True) for _ in range(10)]
     for t in threads:
         t.start()
-    from txmta.spool.lmdb import LmdbView
+    from txmta.spool.view import LmdbView
     errors: list[str] = []
     opens = 0
     deadline = time.monotonic() + 4.0

@@ -18,14 +18,14 @@ read transaction, and are answered before the batch's commit: they see the last 
 writes queued beside them, so a caller that needs its own write must wait for it first.  A full map is grown live between transactions,
 up to `max_map_size`; past that, or on a full disk, operations fail with `SpoolFull`.
 
-`LmdbView` is the read-only view other processes use while the daemon runs.
+The layout (databases, keys, readers) and `LmdbView`, the read-only view other processes use
+while the daemon runs, are in view.py; `MemoryBody`, the body writer, in bodies.py.
 """
 # test: tests/test_spool_contract.py, tests/test_spool_lmdb.py
 
 from __future__ import annotations
 
 import errno
-import hashlib
 import heapq
 import os
 import struct
@@ -41,73 +41,21 @@ from twisted.internet.interfaces import IReactorFromThreads
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from txmta.partition import ALL, partition_of
-from txmta.spool import codec
 from txmta.events import time_key
-from txmta.message import (QUEUED, UNFINISHED, Change, Event, OutboxEntry, OutboxRecord,
+from txmta.message import (QUEUED, UNFINISHED, Change, OutboxEntry, OutboxRecord,
                            RecipientState, StoredMessage, Suppression, intake_events,
                            received_event)
+from txmta.partition import ALL, partition_of
+from txmta.spool import codec
+from txmta.spool.bodies import MemoryBody, fsync_dir
 from txmta.spool.interface import CommitFailed, SpoolError, SpoolFormatError, SpoolFull
+from txmta.spool.view import (DB_NAMES, FORMAT, MAX_READERS, domain_key, domain_prefix,
+                              due_id, due_key, event_key, finished_key, load_message,
+                              load_messages, rcpt_key, read_outbox, read_suppressions,
+                              split_rcpt_key)
 
-# 2: due keys start with the partition byte (1 had none); 3: the domains index (2 had none);
-# older formats are migrated at open
-FORMAT = b"3"
-MAX_READERS = 512     # every worker's threads and every `txmta queue` read share the table
 READER_CHECK = 60.0   # seconds between sweeps of the reader slots dead processes left
-DB_NAMES = (b"messages", b"bodies", b"recipients", b"due", b"events", b"meta",
-            b"history", b"finished", b"msgids", b"suppression", b"cache", b"domains",
-            b"outbox")
 log = Logger()
-
-
-def rcpt_key(message_id: str, index: int) -> bytes:
-    return b"%s/%04x" % (message_id.encode("ascii"), index)
-
-
-def due_key(when: float, message_id: str, index: int) -> bytes:
-    """partition (1 byte) / due time in ms (8 bytes, big-endian) / recipient key: each
-    partition's recipients in time order, so a worker reads only its own partitions."""
-    return (bytes((partition_of(message_id),)) + struct.pack(">Q", max(0, round(when * 1000)))
-            + rcpt_key(message_id, index))
-
-
-def domain_prefix(partition: int, domain: str) -> bytes:
-    """partition (1 byte) / recipient domain (lower case; a name too long for a key by its
-    SHA-256) / "/": where a partition's unfinished recipients at `domain` are listed."""
-    name = domain.lower().encode("utf-8", "surrogatepass")
-    if len(name) > 200:         # a U-label domain may pass LMDB's 511-octet key limit
-        name = b"#" + hashlib.sha256(name).hexdigest().encode("ascii")
-    return bytes((partition,)) + name + b"/"
-
-
-def domain_key(domain: str, message_id: str, index: int) -> bytes:
-    return domain_prefix(partition_of(message_id), domain) + rcpt_key(message_id, index)
-
-
-def _split_rcpt_key(key: bytes) -> tuple[str, int]:
-    mid, index = key.rsplit(b"/", 1)
-    return mid.decode("ascii"), int(index, 16)
-
-
-_event_seq = [0]
-
-
-def event_key(message_id: str, when: float) -> bytes:
-    _event_seq[0] = (_event_seq[0] + 1) & 0xFFFF
-    return message_id.encode("ascii") + b"/" + struct.pack(">QH", max(0, int(when * 1e6)),
-                                                           _event_seq[0])
-
-
-def finished_key(when: float, message_id: str) -> bytes:
-    return struct.pack(">Q", max(0, int(when * 1000))) + message_id.encode("ascii")
-
-
-def _due_time(key: bytes) -> float:
-    return struct.unpack(">Q", key[1:9])[0] / 1000.0
-
-
-def _due_id(key: bytes) -> str:
-    return key[9:].rsplit(b"/", 1)[0].decode("ascii")
 
 
 def _migrate_due_1_to_2(txn: Any, due: Any) -> int:
@@ -148,191 +96,6 @@ def _is_disk_full(e: BaseException) -> bool:
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
     return "No space left" in str(e) or "MDB_MAP_FULL" in str(e)
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def load_message(txn: Any, dbs: dict[bytes, Any], message_id: str) -> StoredMessage | None:
-    """A message with its recipients' states, read in the transaction `txn`."""
-    raw = txn.get(message_id.encode("ascii", "replace"), db=dbs[b"messages"])
-    if raw is None:
-        return None
-    message = codec.decode_message(raw)
-    states = []
-    for i in range(len(message.envelope.recipients)):
-        rs = txn.get(rcpt_key(message_id, i), db=dbs[b"recipients"])
-        states.append(codec.decode_recipient(rs) if rs is not None else RecipientState())
-    return replace(message, recipients=tuple(states))
-
-
-def load_messages(txn: Any, dbs: dict[bytes, Any], ids: Iterable[str],
-                  limit: int | None = None) -> list[StoredMessage]:
-    """The messages `ids` that exist, up to `limit`; a record that cannot be decoded is
-    logged and skipped, never fatal."""
-    out: list[StoredMessage] = []
-    for mid in ids:
-        if limit is not None and len(out) >= limit:
-            break
-        try:
-            m = load_message(txn, dbs, mid)
-        except codec.CorruptRecord as e:
-            log.warn("corrupt spool record {id} skipped: {e}", id=mid, e=e)
-            continue
-        if m is not None:
-            out.append(m)
-    return out
-
-
-def read_suppressions(txn: Any, dbs: dict[bytes, Any]) -> list[Suppression]:
-    out = []
-    with txn.cursor(db=dbs[b"suppression"]) as cur:
-        for k, v in cur.iternext():
-            try:
-                out.append(codec.decode_suppression(bytes(k).decode("utf-8"), bytes(v)))
-            except (codec.CorruptRecord, UnicodeDecodeError):
-                continue
-    return out
-
-
-def read_outbox(txn: Any, dbs: dict[bytes, Any], after: bytes | None, limit: int
-                ) -> list[tuple[bytes, OutboxRecord]]:
-    out: list[tuple[bytes, OutboxRecord]] = []
-    with txn.cursor(db=dbs[b"outbox"]) as cur:
-        found = cur.set_range(after) if after is not None else cur.first()
-        for k, v in (cur if found else ()):
-            key = bytes(k)
-            if after is not None and key <= after:
-                continue
-            if len(out) >= limit:
-                break
-            try:
-                out.append((key, codec.decode_outbox(bytes(v))))
-            except codec.CorruptRecord as e:
-                log.warn("corrupt outbox record {key} skipped: {e}", key=key.hex(), e=e)
-    return out
-
-
-def read_events(txn: Any, dbs: dict[bytes, Any], message_id: str) -> list[Event]:
-    out = []
-    prefix = message_id.encode("ascii", "replace") + b"/"
-    with txn.cursor(db=dbs[b"events"]) as cur:
-        if cur.set_range(prefix):
-            for k, v in cur:
-                if not bytes(k).startswith(prefix):
-                    break
-                try:
-                    out.append(codec.decode_event(bytes(v)))
-                except codec.CorruptRecord:
-                    continue
-    return out
-
-
-class MemoryBody:
-    """Body kept in memory until it passes `limit`, then spilled to `path` (not yet synced)."""
-
-    def __init__(self, path: str, limit: int) -> None:
-        self._chunks: list[bytes] = []
-        self._size = 0
-        self._limit = limit
-        self.path = path
-        self.file: Any = None
-
-    @property
-    def size(self) -> int:
-        return self._size
-
-    @property
-    def in_file(self) -> bool:
-        return self.file is not None
-
-    def write(self, data: bytes) -> None:
-        if not data:
-            return
-        self._size += len(data)
-        if self.file is not None:
-            self.file.write(data)
-            return
-        self._chunks.append(data)
-        if self._size > self._limit:
-            # "x": never truncate (and later abort-unlink) the body file of a stored message
-            self.file = open(self.path, "xb")
-            for chunk in self._chunks:
-                self.file.write(chunk)
-            self._chunks = []
-
-    def value(self) -> bytes:
-        return b"".join(self._chunks)
-
-    def read_chunks(self, offset: int = 0, piece: int = 64 * 1024) -> Iterator[bytes]:
-        """The body from `offset` on: the chunks in memory, or the file in `piece`-sized reads
-        (so a big body is never whole in memory).  Off the reactor, after the last write."""
-        if self.file is None:
-            for chunk in self._chunks:
-                if offset >= len(chunk):
-                    offset -= len(chunk)
-                    continue
-                yield chunk[offset:] if offset else chunk
-                offset = 0
-            return
-        self.file.flush()
-        with open(self.path, "rb") as f:
-            f.seek(offset)
-            while data := f.read(piece):
-                yield data
-
-    def prepend(self, data: bytes) -> None:
-        """Put `data` (a DKIM-Signature header field) in front of the body.  In memory: one
-        more chunk.  In a file: a new file (data, then the old content copied in 1 MiB
-        pieces) renamed over the old one; sync() at put() makes it and the directory
-        durable, and a crash before that leaves files the start-up cleanup removes.  Off the
-        reactor, after the last write; on error the body is unchanged."""
-        if self.file is None:
-            self._chunks.insert(0, data)
-            self._size += len(data)
-            return
-        self.file.flush()
-        tmp = self.path + ".signed"
-        new = open(tmp, "xb")
-        try:
-            new.write(data)
-            with open(self.path, "rb") as old:
-                while piece := old.read(1 << 20):
-                    new.write(piece)
-            new.flush()
-            os.replace(tmp, self.path)
-        except BaseException:
-            new.close()
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
-        self.file.close()
-        self.file = new
-        self._size += len(data)
-
-    def sync(self) -> None:
-        """Flush and fsync the body file (writer thread)."""
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-
-    def abort(self) -> None:
-        self._chunks = []
-        if self.file is not None:
-            try:
-                self.file.close()
-            finally:
-                try:
-                    os.unlink(self.path)
-                except FileNotFoundError:
-                    pass
 
 
 class _Op:
@@ -503,7 +266,7 @@ class LmdbSpool:
                     op.failure = SpoolFull(str(e)) if _is_disk_full(e) else CommitFailed(str(e))
         if synced_dir:
             try:
-                _fsync_dir(self.bodies)
+                fsync_dir(self.bodies)
             except OSError as e:
                 for op in batch:
                     if op.pre is not None and op.failure is None:
@@ -774,7 +537,7 @@ class LmdbSpool:
                 f.write(body)
                 f.flush()
                 os.fsync(f.fileno())
-            _fsync_dir(self.bodies)
+            fsync_dir(self.bodies)
             message = replace(message, body_in_file=True, size=len(body))
         else:
             txn.put(key, body, db=self._db[b"bodies"])
@@ -941,7 +704,7 @@ class LmdbSpool:
         done: set[str] = set()
         messages = recipients = 0
         for key in keys:
-            mid = _due_id(key)
+            mid = due_id(key)
             if mid in done:
                 continue
             done.add(mid)
@@ -977,7 +740,7 @@ class LmdbSpool:
         messages = recipients = 0
         current, moved = "", 0
         for key in keys:
-            mid, index = _split_rcpt_key(key[len(prefixes[key[0]]):])
+            mid, index = split_rcpt_key(key[len(prefixes[key[0]]):])
             if mid != current:
                 messages += moved > 0
                 current, moved = mid, 0
@@ -1043,7 +806,7 @@ class LmdbSpool:
             first = None
             for p in self.partitions:
                 for key in self._due_keys(txn, p, 1 << 63):
-                    if not exclude or _due_id(b"\0" + key) not in exclude:
+                    if not exclude or due_id(b"\0" + key) not in exclude:
                         when = struct.unpack(">Q", key[:8])[0] / 1000.0
                         first = when if first is None else min(first, when)
                         break
@@ -1075,104 +838,3 @@ class LmdbSpool:
         self._env.close()
         assert self._closed is not None
         self._closed.callback(None)
-
-
-class LmdbView:
-    """Read-only view of a spool for other processes, with short read transactions."""
-
-    def __init__(self, path: str) -> None:
-        if not os.path.exists(os.path.join(path, "data.mdb")):
-            raise SpoolError(f"no spool at {path}")
-        self.path = path
-        # the daemon may grow the map at any moment: every step retries MDB_MAP_RESIZED
-        for attempt in range(20):
-            env = None
-            try:
-                env = lmdb.open(path, readonly=True, max_dbs=len(DB_NAMES) + 2, subdir=True,
-                                lock=True, max_readers=256)
-                # no txn= here: py-lmdb drops handles opened inside a read transaction
-                dbs = {}
-                for name in DB_NAMES:
-                    try:
-                        dbs[name] = env.open_db(name, create=False)
-                    except lmdb.NotFoundError:  # a spool the newest daemon has not opened yet
-                        pass
-                with env.begin() as txn:
-                    found = txn.get(b"format", db=dbs[b"meta"])
-                break
-            except lmdb.MapResizedError:
-                if env is not None:
-                    env.close()
-                if attempt == 19:
-                    raise SpoolError(f"spool {path} kept changing size while opening")
-        self._env, self._db = env, dbs
-        if found not in (None, b"1", b"2", FORMAT):   # 1 and 2 differ only in indexes not read here
-            raise SpoolFormatError(f"spool {path} has format {found!r}, expected {FORMAT!r}")
-
-    def _read(self, fn: Callable[[Any], Any]) -> Any:
-        for _ in range(20):
-            try:
-                with self._env.begin() as txn:
-                    return fn(txn)
-            except lmdb.MapResizedError:
-                self._env.set_mapsize(0)
-        raise SpoolError("spool map kept changing size while reading")
-
-    def _load(self, txn: Any, message_id: str) -> StoredMessage | None:
-        return load_message(txn, self._db, message_id)
-
-    def get(self, message_id: str) -> StoredMessage | None:
-        return self._read(lambda txn: self._load(txn, message_id))  # type: ignore[no-any-return]
-
-    def ids(self) -> list[str]:
-        def fn(txn: Any) -> list[str]:
-            with txn.cursor(db=self._db[b"messages"]) as cur:
-                return [k.decode("ascii") for k in cur.iternext(keys=True, values=False)]
-        return self._read(fn)  # type: ignore[no-any-return]
-
-    def messages(self) -> Iterator[StoredMessage]:
-        """Every message, in id (arrival) order; a record that cannot be decoded is skipped."""
-        ids = self.ids()
-        for start in range(0, len(ids), 500):
-            chunk = ids[start:start + 500]
-
-            yield from self._read(lambda txn, chunk=chunk: load_messages(txn, self._db, chunk))
-
-    def history(self, message_id: str) -> tuple[StoredMessage, float] | None:
-        """A finished message with its final states and when it finished, if still kept."""
-        if b"history" not in self._db:
-            return None
-        raw = self._read(lambda txn: txn.get(message_id.encode("ascii", "replace"),
-                                             db=self._db[b"history"]))
-        return codec.decode_history(bytes(raw)) if raw is not None else None
-
-    def events(self, message_id: str) -> list[Event]:
-        if b"events" not in self._db:
-            return []
-        return self._read(lambda txn: read_events(txn, self._db, message_id))  # type: ignore[no-any-return]
-
-    def find_by_header_id(self, header_id: str) -> str | None:
-        """The queue id of the message whose Message-ID header is `header_id`."""
-        if b"msgids" not in self._db:
-            return None
-        raw = self._read(lambda txn: txn.get(header_id.encode("utf-8")[:500],
-                                             db=self._db[b"msgids"]))
-        return bytes(raw).decode("ascii") if raw is not None else None
-
-    def suppressions(self) -> list[Suppression]:
-        if b"suppression" not in self._db:
-            return []
-        return self._read(lambda txn: read_suppressions(txn, self._db))  # type: ignore[no-any-return]
-
-    def read_body(self, message_id: str) -> bytes:
-        def fn(txn: Any) -> bytes | None:
-            inline = txn.get(message_id.encode("ascii", "replace"), db=self._db[b"bodies"])
-            return bytes(inline) if inline is not None else None
-        inline = self._read(fn)
-        if inline is not None:
-            return inline  # type: ignore[no-any-return]
-        with open(os.path.join(self.path, "bodies", message_id), "rb") as f:
-            return f.read()
-
-    def close(self) -> None:
-        self._env.close()

@@ -1,0 +1,261 @@
+"""The spool's layout on disk and its read side.
+
+The named databases of the LMDB environment and their keys (the writer, `LmdbSpool` in
+lmdb.py, and every reader share them), the readers of messages, timelines, suppressions and
+the outbox, and `LmdbView`: the read-only view other processes (`txmta queue list`, `txmta
+queue show`, tests) open while the daemon runs, with short read transactions that retry when
+the daemon grows the map.
+"""
+# test: tests/test_spool_lmdb.py, tests/test_spool_flush.py
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+from dataclasses import replace
+from typing import Any, Callable, Iterable, Iterator
+
+import lmdb
+from twisted.logger import Logger
+
+from txmta.message import Event, OutboxRecord, RecipientState, StoredMessage, Suppression
+from txmta.partition import partition_of
+from txmta.spool import codec
+from txmta.spool.interface import SpoolError, SpoolFormatError
+
+log = Logger()
+
+# 2: due keys start with the partition byte (1 had none); 3: the domains index (2 had none);
+# older formats are migrated at open
+FORMAT = b"3"
+MAX_READERS = 512     # every worker's threads and every `txmta queue` read share the table
+DB_NAMES = (b"messages", b"bodies", b"recipients", b"due", b"events", b"meta",
+            b"history", b"finished", b"msgids", b"suppression", b"cache", b"domains",
+            b"outbox")
+
+
+def rcpt_key(message_id: str, index: int) -> bytes:
+    return b"%s/%04x" % (message_id.encode("ascii"), index)
+
+
+def due_key(when: float, message_id: str, index: int) -> bytes:
+    """partition (1 byte) / due time in ms (8 bytes, big-endian) / recipient key: each
+    partition's recipients in time order, so a worker reads only its own partitions."""
+    return (bytes((partition_of(message_id),)) + struct.pack(">Q", max(0, round(when * 1000)))
+            + rcpt_key(message_id, index))
+
+
+def domain_prefix(partition: int, domain: str) -> bytes:
+    """partition (1 byte) / recipient domain (lower case; a name too long for a key by its
+    SHA-256) / "/": where a partition's unfinished recipients at `domain` are listed."""
+    name = domain.lower().encode("utf-8", "surrogatepass")
+    if len(name) > 200:         # a U-label domain may pass LMDB's 511-octet key limit
+        name = b"#" + hashlib.sha256(name).hexdigest().encode("ascii")
+    return bytes((partition,)) + name + b"/"
+
+
+def domain_key(domain: str, message_id: str, index: int) -> bytes:
+    return domain_prefix(partition_of(message_id), domain) + rcpt_key(message_id, index)
+
+
+def split_rcpt_key(key: bytes) -> tuple[str, int]:
+    mid, index = key.rsplit(b"/", 1)
+    return mid.decode("ascii"), int(index, 16)
+
+
+_event_seq = [0]
+
+
+def event_key(message_id: str, when: float) -> bytes:
+    _event_seq[0] = (_event_seq[0] + 1) & 0xFFFF
+    return message_id.encode("ascii") + b"/" + struct.pack(">QH", max(0, int(when * 1e6)),
+                                                           _event_seq[0])
+
+
+def finished_key(when: float, message_id: str) -> bytes:
+    return struct.pack(">Q", max(0, int(when * 1000))) + message_id.encode("ascii")
+
+
+def due_time(key: bytes) -> float:
+    return struct.unpack(">Q", key[1:9])[0] / 1000.0
+
+
+def due_id(key: bytes) -> str:
+    return key[9:].rsplit(b"/", 1)[0].decode("ascii")
+
+
+def load_message(txn: Any, dbs: dict[bytes, Any], message_id: str) -> StoredMessage | None:
+    """A message with its recipients' states, read in the transaction `txn`."""
+    raw = txn.get(message_id.encode("ascii", "replace"), db=dbs[b"messages"])
+    if raw is None:
+        return None
+    message = codec.decode_message(raw)
+    states = []
+    for i in range(len(message.envelope.recipients)):
+        rs = txn.get(rcpt_key(message_id, i), db=dbs[b"recipients"])
+        states.append(codec.decode_recipient(rs) if rs is not None else RecipientState())
+    return replace(message, recipients=tuple(states))
+
+
+def load_messages(txn: Any, dbs: dict[bytes, Any], ids: Iterable[str],
+                  limit: int | None = None) -> list[StoredMessage]:
+    """The messages `ids` that exist, up to `limit`; a record that cannot be decoded is
+    logged and skipped, never fatal."""
+    out: list[StoredMessage] = []
+    for mid in ids:
+        if limit is not None and len(out) >= limit:
+            break
+        try:
+            m = load_message(txn, dbs, mid)
+        except codec.CorruptRecord as e:
+            log.warn("corrupt spool record {id} skipped: {e}", id=mid, e=e)
+            continue
+        if m is not None:
+            out.append(m)
+    return out
+
+
+def read_suppressions(txn: Any, dbs: dict[bytes, Any]) -> list[Suppression]:
+    out = []
+    with txn.cursor(db=dbs[b"suppression"]) as cur:
+        for k, v in cur.iternext():
+            try:
+                out.append(codec.decode_suppression(bytes(k).decode("utf-8"), bytes(v)))
+            except (codec.CorruptRecord, UnicodeDecodeError):
+                continue
+    return out
+
+
+def read_outbox(txn: Any, dbs: dict[bytes, Any], after: bytes | None, limit: int
+                ) -> list[tuple[bytes, OutboxRecord]]:
+    out: list[tuple[bytes, OutboxRecord]] = []
+    with txn.cursor(db=dbs[b"outbox"]) as cur:
+        found = cur.set_range(after) if after is not None else cur.first()
+        for k, v in (cur if found else ()):
+            key = bytes(k)
+            if after is not None and key <= after:
+                continue
+            if len(out) >= limit:
+                break
+            try:
+                out.append((key, codec.decode_outbox(bytes(v))))
+            except codec.CorruptRecord as e:
+                log.warn("corrupt outbox record {key} skipped: {e}", key=key.hex(), e=e)
+    return out
+
+
+def read_events(txn: Any, dbs: dict[bytes, Any], message_id: str) -> list[Event]:
+    out = []
+    prefix = message_id.encode("ascii", "replace") + b"/"
+    with txn.cursor(db=dbs[b"events"]) as cur:
+        if cur.set_range(prefix):
+            for k, v in cur:
+                if not bytes(k).startswith(prefix):
+                    break
+                try:
+                    out.append(codec.decode_event(bytes(v)))
+                except codec.CorruptRecord:
+                    continue
+    return out
+
+
+class LmdbView:
+    """Read-only view of a spool for other processes, with short read transactions."""
+
+    def __init__(self, path: str) -> None:
+        if not os.path.exists(os.path.join(path, "data.mdb")):
+            raise SpoolError(f"no spool at {path}")
+        self.path = path
+        # the daemon may grow the map at any moment: every step retries MDB_MAP_RESIZED
+        for attempt in range(20):
+            env = None
+            try:
+                env = lmdb.open(path, readonly=True, max_dbs=len(DB_NAMES) + 2, subdir=True,
+                                lock=True, max_readers=256)
+                # no txn= here: py-lmdb drops handles opened inside a read transaction
+                dbs = {}
+                for name in DB_NAMES:
+                    try:
+                        dbs[name] = env.open_db(name, create=False)
+                    except lmdb.NotFoundError:  # a spool the newest daemon has not opened yet
+                        pass
+                with env.begin() as txn:
+                    found = txn.get(b"format", db=dbs[b"meta"])
+                break
+            except lmdb.MapResizedError:
+                if env is not None:
+                    env.close()
+                if attempt == 19:
+                    raise SpoolError(f"spool {path} kept changing size while opening")
+        self._env, self._db = env, dbs
+        if found not in (None, b"1", b"2", FORMAT):   # 1 and 2 differ only in indexes not read here
+            raise SpoolFormatError(f"spool {path} has format {found!r}, expected {FORMAT!r}")
+
+    def _read(self, fn: Callable[[Any], Any]) -> Any:
+        for _ in range(20):
+            try:
+                with self._env.begin() as txn:
+                    return fn(txn)
+            except lmdb.MapResizedError:
+                self._env.set_mapsize(0)
+        raise SpoolError("spool map kept changing size while reading")
+
+    def _load(self, txn: Any, message_id: str) -> StoredMessage | None:
+        return load_message(txn, self._db, message_id)
+
+    def get(self, message_id: str) -> StoredMessage | None:
+        return self._read(lambda txn: self._load(txn, message_id))  # type: ignore[no-any-return]
+
+    def ids(self) -> list[str]:
+        def fn(txn: Any) -> list[str]:
+            with txn.cursor(db=self._db[b"messages"]) as cur:
+                return [k.decode("ascii") for k in cur.iternext(keys=True, values=False)]
+        return self._read(fn)  # type: ignore[no-any-return]
+
+    def messages(self) -> Iterator[StoredMessage]:
+        """Every message, in id (arrival) order; a record that cannot be decoded is skipped."""
+        ids = self.ids()
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+
+            yield from self._read(lambda txn, chunk=chunk: load_messages(txn, self._db, chunk))
+
+    def history(self, message_id: str) -> tuple[StoredMessage, float] | None:
+        """A finished message with its final states and when it finished, if still kept."""
+        if b"history" not in self._db:
+            return None
+        raw = self._read(lambda txn: txn.get(message_id.encode("ascii", "replace"),
+                                             db=self._db[b"history"]))
+        return codec.decode_history(bytes(raw)) if raw is not None else None
+
+    def events(self, message_id: str) -> list[Event]:
+        if b"events" not in self._db:
+            return []
+        return self._read(lambda txn: read_events(txn, self._db, message_id))  # type: ignore[no-any-return]
+
+    def find_by_header_id(self, header_id: str) -> str | None:
+        """The queue id of the message whose Message-ID header is `header_id`."""
+        if b"msgids" not in self._db:
+            return None
+        raw = self._read(lambda txn: txn.get(header_id.encode("utf-8")[:500],
+                                             db=self._db[b"msgids"]))
+        return bytes(raw).decode("ascii") if raw is not None else None
+
+    def suppressions(self) -> list[Suppression]:
+        if b"suppression" not in self._db:
+            return []
+        return self._read(lambda txn: read_suppressions(txn, self._db))  # type: ignore[no-any-return]
+
+    def read_body(self, message_id: str) -> bytes:
+        def fn(txn: Any) -> bytes | None:
+            inline = txn.get(message_id.encode("ascii", "replace"), db=self._db[b"bodies"])
+            return bytes(inline) if inline is not None else None
+        inline = self._read(fn)
+        if inline is not None:
+            return inline  # type: ignore[no-any-return]
+        with open(os.path.join(self.path, "bodies", message_id), "rb") as f:
+            return f.read()
+
+    def close(self) -> None:
+        self._env.close()
