@@ -25,3 +25,15 @@ def test_code_out_of_range_is_refused(code):
     """A reply code outside 2xx-5xx is a programming error."""
     with pytest.raises(ValueError):
         Reply(code, "2.0.0", "x")
+
+
+@pytest.mark.parametrize("enhanced, text, stated", [
+    ("4.7.1", "Greylisted", "4.7.1"),
+    ("", "4.2.0 Greylisted, try again later", "4.2.0"),
+    ("", "  5.1.1 no such user", "5.1.1"),
+    ("", "Greylisted for 300 seconds", ""),
+    ("", "4.2 is not a code", ""),
+])
+def test_stated_enhanced_reads_a_code_left_at_the_start_of_the_text(enhanced: str, text: str,
+                                                                     stated: str) -> None:
+    assert Reply(451, enhanced, text).stated_enhanced == stated

@@ -45,7 +45,6 @@ CATEGORIES = (INVALID_RECIPIENT, BAD_DOMAIN, MAILBOX_FULL, POLICY, SPAM_BLOCK, R
               GREYLISTED, TLS_FAILURE, DNS_FAILURE, OTHER)
 
 _WILD = frozenset({"x", "X", "*"})
-_LEADING_ENHANCED = re.compile(r"^\s*([245]\.\d{1,3}\.\d{1,3})\b")
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})$")
 
 # One alternative of a code pattern: (reply code pattern or None, enhanced pattern or None).
@@ -112,11 +111,7 @@ def _parse_code(code: str) -> tuple[_CodeAlt, ...] | None:
 def enhanced_of(reply: Reply) -> tuple[str, str, str] | None:
     """The reply's enhanced status code as three normalized numbers, also when a client left
     it at the start of the text; None when it has none (or a malformed one)."""
-    text = reply.enhanced.strip()
-    if not text:
-        m = _LEADING_ENHANCED.match(reply.text)
-        text = m.group(1) if m else ""
-    m = _ENHANCED.match(text)
+    m = _ENHANCED.match(reply.stated_enhanced)
     if m is None:
         return None
     return (m.group(1), str(int(m.group(2))), str(int(m.group(3))))

@@ -202,22 +202,13 @@ _ASKED_WAIT = re.compile(
     r"(seconds?|secs?|s|minutes?|mins?|m|hours?|hrs?|h)(?![a-z])",
     re.IGNORECASE)
 _UNIT = {"s": 1.0, "m": 60.0, "h": 3600.0}
-_LEADING_ENHANCED = re.compile(r"^\s*([245]\.\d{1,3}\.\d{1,3})\b")
-
-
-def _enhanced(reply: Reply) -> str:
-    """The enhanced status code, also when a client left it at the start of the text."""
-    if reply.enhanced:
-        return reply.enhanced
-    m = _LEADING_ENHANCED.match(reply.text)
-    return m.group(1) if m else ""
 
 
 def _greylisting(reply: Reply) -> bool:
     """450/451 with 4.2.0 or 4.7.1, or any 4xx but 421 whose text says greylisting."""
     if not reply.transient or reply.code == 421:   # 421: the server is closing; not a greylister
         return False
-    if reply.code in _GREYLISTING_CODES and _enhanced(reply) in _GREYLISTING_ENHANCED:
+    if reply.code in _GREYLISTING_CODES and reply.stated_enhanced in _GREYLISTING_ENHANCED:
         return True
     return _GREYLISTING_WORDS.search(reply.text) is not None
 

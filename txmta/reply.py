@@ -9,7 +9,10 @@ except the greeting and the replies to EHLO/HELO, which RFC 2034 section 3 exemp
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+
+_LEADING_ENHANCED = re.compile(r"^\s*([245]\.\d{1,3}\.\d{1,3})\b")
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +36,15 @@ class Reply:
     @property
     def permanent(self) -> bool:
         return self.code >= 500
+
+    @property
+    def stated_enhanced(self) -> str:
+        """The enhanced status code, also when a server left it at the start of the text
+        instead of in its place; "" when it gave none."""
+        if self.enhanced.strip():
+            return self.enhanced.strip()
+        m = _LEADING_ENHANCED.match(self.text)
+        return m.group(1) if m else ""
 
     def to_bytes(self) -> bytes:
         lines = self.text.split("\n")
