@@ -177,11 +177,6 @@ class Queue:
     def read_body(self, message_id: str) -> Deferred[bytes]:
         return self.spool.read_body(message_id)
 
-    def postpone(self, message: StoredMessage, until: Mapping[int, tuple[float, Reply]]
-                 ) -> Deferred[StoredMessage | None]:
-        """`record()` with postponed recipients only."""
-        return self.record(message, {}, postponed=until)
-
     def _next_state(self, message: StoredMessage, old: RecipientState, outcome: Outcome,
                     now: float) -> RecipientState:
         remote = f"{outcome.host}[{outcome.address}]" if outcome.address else outcome.host
