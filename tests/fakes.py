@@ -20,7 +20,8 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 
 from txmta import events, suppression
-from txmta.message import (BOUNCED, DELETED, DELIVERED, HELD, QUEUED, Envelope, RecipientState,
+from txmta.message import (BOUNCED, DELETED, DELIVERED, HELD, NO_LABELS, QUEUED, Envelope, Labels,
+                           RecipientState,
                            StoredMessage, Suppression)
 from txmta.outcome import Delivered, Outcome, PermFailed
 from txmta.reply import Reply
@@ -55,15 +56,15 @@ class FakeQueue:
         return MemoryBodyWriter()
 
     def put(self, message_id: str, envelope: Envelope, body: BodyWriter,
-            client: dict[str, str], arrival: float, header_id: str = ""
-            ) -> Deferred[StoredMessage]:
+            client: dict[str, str], arrival: float, header_id: str = "",
+            labels: Labels = NO_LABELS) -> Deferred[StoredMessage]:
         err = self._failing()
         if err is not None:
             body.abort()
             return fail(err)
         states = tuple(RecipientState(next_attempt=arrival) for _ in envelope.recipients)
         message = StoredMessage(message_id, envelope, arrival, body.size, states, client,
-                                header_id=header_id)
+                                header_id=header_id, labels=labels)
         self.messages[message_id] = message
         self.bodies[message_id] = b"".join(body.read_chunks())
         number = events.Numbering(self._event_ids.base(arrival))

@@ -20,6 +20,9 @@ and the function that runs it.  Implemented here:
     txmta suppression add ADDRESS [--reason TEXT]   suppress mail to an address
     txmta suppression remove ADDRESS     take it off the list
     txmta suppression import FILE        suppress each `address[,reason]` line of FILE
+    txmta api-token NAME [--scope S]... [--domain D]... [--lane L] [--test] [--file PATH]
+                                         make an HTTP API token (printed once; the tokens
+                                         file keeps its hash)
     txmta dkim keygen --domain D --selector S [--algorithm A] [--bits N] [--key PATH]
                                          write a DKIM private key, print the DNS record
 
@@ -714,6 +717,50 @@ def dkim_keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- api-token --------------------------------------------------------------------------
+
+def _args_api_token(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", help="the token's name, used in history, metrics and events")
+    p.add_argument("--scope", action="append", default=None, metavar="SCOPE",
+                   help="send (default), admin, dashboard; repeat for several")
+    p.add_argument("--domain", action="append", default=[], metavar="DOMAIN",
+                   help="a sender (From) domain the token may use, with its subdomains; "
+                        "repeat for several (default: any)")
+    p.add_argument("--lane", default="", help="the one lane the token's mail goes to")
+    p.add_argument("--test", action="store_true",
+                   help="a test token: requests are validated and answered, nothing is sent")
+    p.add_argument("--file", metavar="PATH", default=None,
+                   help="the tokens file (default: [api] tokens of the configuration)")
+    _args_config(p)
+
+
+def api_token(args: argparse.Namespace) -> int:
+    """Add a token to the tokens file and print it, once: the file keeps only its hash."""
+    from txmta.api.tokens import TokenFileError, add_token
+    path = args.file
+    if path is None:
+        path = config.load(args.config).api.tokens
+        if not path:
+            raise CommandFailed("no tokens file: set [api] tokens in the configuration or "
+                                "give --file")
+    domains = []
+    for d in args.domain:
+        try:
+            domains.append(config._domain(d))
+        except ValueError as e:
+            raise CommandFailed(f"--domain {d}: {e}") from None
+    try:
+        token = add_token(path, args.name, tuple(args.scope or ("send",)), tuple(domains),
+                          args.lane, args.test)
+    except (ValueError, TokenFileError) as e:
+        raise CommandFailed(str(e)) from None
+    except OSError as e:
+        raise CommandFailed(f"{path}: {e.strerror or e}") from None
+    print(token)
+    print(f"# added {args.name!r} to {path}; the token is shown only now", file=sys.stderr)
+    return 0
+
+
 # -- the table ------------------------------------------------------------------------
 
 COMMANDS: tuple[Command, ...] = (
@@ -747,6 +794,8 @@ COMMANDS: tuple[Command, ...] = (
             _args_suppression_remove, suppression_remove),
     Command("suppression import", "suppress every address of a file (address[,reason] lines)",
             _args_suppression_import, suppression_import),
+    Command("api-token", "make an HTTP API token, add its hash to the tokens file, print it",
+            _args_api_token, api_token),
     Command("dkim keygen", "write a new DKIM private key and print the DNS TXT record to publish",
             _args_dkim_keygen, dkim_keygen),
 )

@@ -291,6 +291,7 @@ def _relayhost(value: Any) -> str:
 
 TLS_LEVELS = ("none", "may", "encrypt", "verify", "dane", "mta-sts")
 DKIM_ALGORITHMS = ("rsa-sha256", "ed25519-sha256")
+HTTP_SERVES = ("api", "metrics", "dashboard")
 
 
 def _domain(value: Any) -> str:
@@ -373,6 +374,18 @@ _TABLE: dict[str, dict[str, _Key]] = {
         "auth": _Key("none", _choice("none", "optional", "required")),
         "bare_newlines": _Key("reject-remote", _choice("reject", "reject-remote", "fix")),
     },
+    "http": {
+        "address": _Key(_MISSING, _listen_address),
+        "tls": _Key("none", _choice("none", "implicit")),
+        "serve": _Key(["api", "metrics", "dashboard"],
+                      _list_of(_choice(*HTTP_SERVES), non_empty=True)),
+        "name": _Key("", _string),                      # "" = "http" + its place, e.g. "http0"
+    },
+    "api": {
+        "tokens": _Key("", _optional_path),             # "" = no tokens (only the test token)
+        "rate_limit": _Key(100, _integer(0)),           # requests/s per token; 0 = no limit
+        "idempotency_window": _Key("24h", _duration()),
+    },
     "tls": {
         "cert": _Key("", _optional_path),
         "key": _Key("", _optional_path),
@@ -448,7 +461,7 @@ _TABLE: dict[str, dict[str, _Key]] = {
     },
 }
 _DEFAULT_LISTEN: list[dict[str, Any]] = [{"address": "127.0.0.1:25", "tls": "starttls"}]
-_ARRAYS = ("listen", "dkim")
+_ARRAYS = ("listen", "dkim", "http")
 
 
 def _default(section: str, key: str) -> Any:
@@ -465,6 +478,17 @@ class ListenConfig:
     tls: str = _default("listen", "tls")                        # none | starttls | implicit
     auth: str = _default("listen", "auth")                      # none | optional | required
     bare_newlines: str = _default("listen", "bare_newlines")    # reject | reject-remote | fix
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    """One [[http]] listener: the API, /metrics and the dashboard, as `serve` says."""
+    address: str
+    host: str
+    port: int
+    tls: str = _default("http", "tls")                          # none | implicit
+    serve: tuple[str, ...] = _default("http", "serve")
+    name: str = ""                                              # label in metrics and logs
 
 
 @dataclass(frozen=True)
@@ -582,6 +606,13 @@ class SigningConfig:
 
 
 @dataclass(frozen=True)
+class ApiConfig:
+    tokens: str | None = _default("api", "tokens")      # the tokens file (txmta api-token)
+    rate_limit: int = _default("api", "rate_limit")     # requests per second per token, 0 = none
+    idempotency_window: float = _default("api", "idempotency_window")
+
+
+@dataclass(frozen=True)
 class LogConfig:
     maillog: str = _default("log", "maillog")       # "" = into the daemon's log
     format: str = _default("log", "format")         # text | json
@@ -606,6 +637,8 @@ class Config:
     bounce: BounceConfig = field(default_factory=BounceConfig)
     dkim: tuple[DkimKey, ...] = ()
     signing: SigningConfig = field(default_factory=SigningConfig)
+    http: tuple[HttpConfig, ...] = ()
+    api: ApiConfig = field(default_factory=ApiConfig)
 
 
 # -- loading --------------------------------------------------------------------------
@@ -692,6 +725,7 @@ def _build(doc: dict[str, Any], path: str | None) -> Config:
     history = HistoryConfig(**s["history"])
     bounce = BounceConfig(**s["bounce"])
     signing = SigningConfig(**s["signing"])
+    api = ApiConfig(**s["api"])
 
     dkim_keys: list[DkimKey] = []
     for i, entry in enumerate(doc.get("dkim", [])):
@@ -713,7 +747,7 @@ def _build(doc: dict[str, Any], path: str | None) -> Config:
 
     listen_doc = doc.get("listen", _DEFAULT_LISTEN)
     listeners: list[ListenConfig] = []
-    seen: dict[tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int], int] = {}
+    seen: dict[tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int], str] = {}
     for i, entry in enumerate(listen_doc):
         prefix = f"listen[{i}]"
         v = section("listen", entry, prefix)
@@ -721,14 +755,28 @@ def _build(doc: dict[str, Any], path: str | None) -> Config:
         ip = ipaddress.ip_address(host)
         if (ip, port) in seen:
             raise bad(f"{prefix}.address", v["address"],
-                      f"listed twice (also listen[{seen[(ip, port)]}])")
-        seen[(ip, port)] = i
+                      f"listed twice (also {seen[(ip, port)]})")
+        seen[(ip, port)] = prefix
         if v["tls"] == "implicit" and not (tls.cert and tls.key):
             raise bad(f"{prefix}.tls", v["tls"], "requires tls.cert and tls.key")
         if v["auth"] != "none" and not auth.users:
             raise bad(f"{prefix}.auth", v["auth"], "requires auth.users")
         listeners.append(ListenConfig(v["address"], host, port, v["tls"], v["auth"],
                                       v["bare_newlines"]))
+
+    http: list[HttpConfig] = []
+    for i, entry in enumerate(doc.get("http", [])):
+        prefix = f"http[{i}]"
+        v = section("http", entry, prefix)
+        host, port = split_host_port(v["address"])
+        ip = ipaddress.ip_address(host)
+        if (ip, port) in seen:
+            raise bad(f"{prefix}.address", v["address"], f"listed twice (also {seen[(ip, port)]})")
+        seen[(ip, port)] = prefix
+        if v["tls"] == "implicit" and not (tls.cert and tls.key):
+            raise bad(f"{prefix}.tls", v["tls"], "requires tls.cert and tls.key")
+        http.append(HttpConfig(v["address"], host, port, v["tls"], tuple(dict.fromkeys(v["serve"])),
+                               v["name"] or f"http{i}"))
 
     if delivery.relayhost_username and not delivery.relayhost_password_file:
         raise bad("delivery.relayhost_password_file", _MISSING,
@@ -755,7 +803,8 @@ def _build(doc: dict[str, Any], path: str | None) -> Config:
                   "must not exceed spool.max_map_size")
 
     return Config(path, server, tuple(listeners), tls, auth, relay, spool, delivery, retry,
-                  dns, log, dsn_cfg, suppression, history, bounce, tuple(dkim_keys), signing)
+                  dns, log, dsn_cfg, suppression, history, bounce, tuple(dkim_keys), signing,
+                  tuple(http), api)
 
 
 def _check_readable(file: str, bad: Callable[[str], ConfigError]) -> None:

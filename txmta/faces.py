@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Protocol, Sequence
 
 from twisted.internet.defer import Deferred
 
-from txmta.message import Envelope, StoredMessage, Suppression
+from txmta.message import NO_LABELS, Envelope, Labels, StoredMessage, Suppression
 from txmta.outcome import Outcome
 from txmta.reply import Reply
 
@@ -35,8 +35,8 @@ class IntakeQueue(Protocol):
     def body_writer(self, message_id: str) -> "BodyWriter": ...
 
     def put(self, message_id: str, envelope: Envelope, body: "BodyWriter",
-            client: dict[str, str], arrival: float, header_id: str = ""
-            ) -> "Deferred[StoredMessage]":
+            client: dict[str, str], arrival: float, header_id: str = "",
+            labels: Labels = NO_LABELS) -> "Deferred[StoredMessage]":
         """Store the message with every recipient queued and due at `arrival` (or ended
         at intake, when suppressed in drop mode), in one durable commit."""
 

@@ -116,6 +116,12 @@ class MailLog:
         if m.envelope.requiretls:
             fields["requiretls"] = True
             text += " requiretls=yes"
+        if "token" in c:            # from the HTTP API
+            fields["token"] = c["token"]
+            text += f" token={c['token']}"
+            if m.labels.tag:
+                fields["tag"] = m.labels.tag
+                text += f" tag={json.dumps(m.labels.tag, ensure_ascii=False)}"
         self.sink.emit(fields, text)
 
     def outcome(self, m: StoredMessage, index: int, outcome: Outcome, now: float) -> None:

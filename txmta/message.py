@@ -158,6 +158,22 @@ UNFINISHED = frozenset({QUEUED, HELD})
 
 
 @dataclass(frozen=True, slots=True)
+class Labels:
+    """What an application attached to a message it sent through the HTTP API: a tag, its
+    metadata (string to string) and the stream (Postmark's MessageStream) it asked for.
+    They go into the history, the events and the webhooks; SMTP mail has none."""
+    tag: str = ""
+    metadata: tuple[tuple[str, str], ...] = ()
+    stream: str = ""
+
+    def __bool__(self) -> bool:
+        return bool(self.tag or self.metadata or self.stream)
+
+
+NO_LABELS = Labels()
+
+
+@dataclass(frozen=True, slots=True)
 class RecipientState:
     state: str = QUEUED
     attempts: int = 0
@@ -179,6 +195,7 @@ class StoredMessage:
     client: dict[str, str]                      # address, helo, tls, auth user, listener
     body_in_file: bool = False
     header_id: str = ""                         # the Message-ID header, e.g. "<abc@example.com>"
+    labels: Labels = NO_LABELS                  # tag, metadata, stream (HTTP API)
 
     def with_recipient_state(self, index: int, state: RecipientState) -> "StoredMessage":
         states = list(self.recipients)

@@ -33,7 +33,7 @@ from twisted.internet.interfaces import IReactorTime
 from txmta import dsn, retry, suppression
 from txmta import events as E      # events.Deferred beside twisted's Deferred; `events` below is a timeline
 from txmta.suppression import SuppressionList
-from txmta.message import Envelope, MessageIds
+from txmta.message import NO_LABELS, Envelope, Labels, MessageIds
 from txmta.partition import ALL
 from txmta.outcome import Delivered, Outcome, PermFailed, TempFailed
 from txmta.reply import Reply
@@ -93,10 +93,11 @@ class Queue:
         return self.spool.body_writer(message_id)
 
     def put(self, message_id: str, envelope: Envelope, body: BodyWriter, client: dict[str, str],
-            arrival: float, header_id: str = "") -> Deferred[StoredMessage]:
+            arrival: float, header_id: str = "", labels: Labels = NO_LABELS
+            ) -> Deferred[StoredMessage]:
         states = tuple(self._initial_state(r, arrival) for r in envelope.recipients)
         message = StoredMessage(message_id, envelope, arrival, body.size, states, client,
-                                header_id=header_id)
+                                header_id=header_id, labels=labels)
         number = E.Numbering(self.event_ids.base(arrival))
         told: list[E.Committed] = [E.Received(number(), message)]
         told += [E.Suppressed(number(), message, index)

@@ -307,15 +307,18 @@ class DroppingWorker(service.MultiService):
 # -- start ------------------------------------------------------------------------------------
 
 def bind_listeners(cfg: C.Config) -> list[socket.socket]:
-    """Every [[listen]] socket, bound and listening; ConfigError naming the one that fails."""
+    """Every [[listen]] socket, then every [[http]] one, bound and listening; ConfigError
+    naming the one that fails."""
     from txmta.tcp import listening_socket
     sockets: list[socket.socket] = []
+    wanted = [(f"listen[{i}]", lst) for i, lst in enumerate(cfg.listen)]
+    wanted += [(f"http[{i}]", h) for i, h in enumerate(cfg.http)]
     try:
-        for i, lst in enumerate(cfg.listen):
+        for name, lst in wanted:
             try:
                 sockets.append(listening_socket(lst.host, lst.port, backlog=1024))
             except OSError as e:
-                raise C.ConfigError(f"{cfg.path or '<defaults>'}: listen[{i}].address = "
+                raise C.ConfigError(f"{cfg.path or '<defaults>'}: {name}.address = "
                                     f"\"{lst.address}\": cannot listen: {e.strerror or e}") from None
     except BaseException:
         for s in sockets:
@@ -338,14 +341,22 @@ def give_spool(path: str, uid: int, gid: int) -> None:
 
 
 def check_material(cfg: C.Config) -> None:
-    """What a worker reads at start (TLS certificate and key, DKIM keys): read it once here,
-    so a bad file stops the master with its message rather than making workers die."""
+    """What a worker reads at start (TLS certificate and key, DKIM keys, API tokens): read it
+    once here, so a bad file stops the master with its message rather than making workers
+    die."""
     if cfg.tls.cert and cfg.tls.key:
         from txmta.inbound.tlscontext import load_server_context
         load_server_context(cfg.tls, cfg.path)
     if cfg.dkim:
         from txmta.dkim import Signer
         Signer.from_config(cfg)
+    if cfg.http and cfg.api.tokens:
+        from txmta.api.tokens import TokenFileError, TokenStore
+        try:
+            TokenStore(cfg.api.tokens, lambda: 0.0)
+        except TokenFileError as e:
+            raise C.ConfigError(f"{cfg.path or '<defaults>'}: api.tokens = "
+                                f"\"{cfg.api.tokens}\": {e}") from None
 
 
 def tune_runtime() -> None:

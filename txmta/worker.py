@@ -312,8 +312,8 @@ def family_of(host: str) -> int:
 def build(cfg: C.Config, reactor: Any, *, worker: int = 0, workers: int = 1,
           inherited: Sequence[int] | None = None, channel: Any = None) -> service.MultiService:
     """Every part of worker `worker` of `workers`, as one service.  `inherited`: the
-    listening sockets (file descriptors, one per [[listen]] table, in order) the master
-    bound; without them the worker binds its listeners itself.  `channel`: its
+    listening sockets (file descriptors, one per [[listen]] table, then one per [[http]]
+    table, in order) the master bound; without them the worker binds its listeners itself.  `channel`: its
     `control.channel.WorkerChannel` to the master, which then answers the admin commands
     (the master serves the control socket) and hears of this worker's suppressions."""
     from txmta import partition
@@ -386,6 +386,12 @@ def build(cfg: C.Config, reactor: Any, *, worker: int = 0, workers: int = 1,
         else:
             endpoint = TCPServerEndpoint(reactor, lst.port, backlog=1024, interface=lst.host)
         StreamServerEndpointService(endpoint, factory).setServiceParent(top)
+    if cfg.http:
+        from txmta.api.build import http_services
+        first = len(cfg.listen)
+        for svc in http_services(cfg, reactor, receiver, queue, tls, workers,
+                                 inherited[first:] if inherited is not None else None):
+            svc.setServiceParent(top)
     return top
 
 
@@ -493,8 +499,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if ids is not None and os.getuid() == 0:
             drop_privileges(ids)          # before the spool opens: its files are the user's
         fds = [int(x) for x in args.fds.split(",") if x]
-        if len(fds) != len(cfg.listen):
-            raise C.ConfigError(f"worker given {len(fds)} sockets for {len(cfg.listen)} listeners")
+        if len(fds) != len(cfg.listen) + len(cfg.http):
+            raise C.ConfigError(f"worker given {len(fds)} sockets for "
+                                f"{len(cfg.listen) + len(cfg.http)} listeners")
 
         def master_gone() -> None:
             if reactor.running:

@@ -33,7 +33,7 @@ from twisted.python.failure import Failure
 
 from txmta import reply as R
 from txmta.faces import IntakeQueue
-from txmta.message import Envelope
+from txmta.message import NO_LABELS, Envelope
 from txmta.inbound.session import Session
 from txmta.reply import Reply
 from txmta.message import SpoolFull
@@ -54,7 +54,10 @@ def rfc5322_date(when: float) -> str:
 
 
 def protocol_name(session: Session, envelope: Envelope) -> str:
-    """The "with" keyword of the Received header (RFC 3848, RFC 6531 4.3)."""
+    """The "with" keyword of the Received header (RFC 3848, RFC 6531 4.3); HTTP or HTTPS
+    for a message from the HTTP API."""
+    if session.api_token is not None:
+        return "HTTPS" if session.tls else "HTTP"
     if not session.esmtp:
         return "SMTP"
     base = "UTF8SMTP" if envelope.smtputf8 else "ESMTP"
@@ -63,11 +66,15 @@ def protocol_name(session: Session, envelope: Envelope) -> str:
 
 def received_header(session: Session, envelope: Envelope, hostname: str, message_id: str,
                     when: float) -> bytes:
-    helo = _UNSAFE.sub("?", session.helo or "unknown")[:255]
     ip = session.client_ip
     literal = f"IPv6:{ip}" if ":" in ip else ip
-    lines = [f"Received: from {helo} ([{literal}])",
-             f"\tby {hostname} (txmta) with {protocol_name(session, envelope)} id {message_id}"]
+    if session.api_token is not None:   # no HELO: the client's address, the token in a comment
+        token = _UNSAFE.sub("?", session.api_token)[:64]
+        lines = [f"Received: from [{literal}] (token {token})"]
+    else:
+        helo = _UNSAFE.sub("?", session.helo or "unknown")[:255]
+        lines = [f"Received: from {helo} ([{literal}])"]
+    lines.append(f"\tby {hostname} (txmta) with {protocol_name(session, envelope)} id {message_id}")
     if session.tls:
         lines.append(f"\t(using {session.tls_version} with cipher {session.tls_cipher}"
                      f" ({session.tls_bits} bits))")
@@ -97,6 +104,7 @@ class Intake:
         self._in_header = True
         self._done = False
         self.header_id = ""     # the message's Message-ID header (ours if it had none)
+        self.labels = NO_LABELS  # tag, metadata, stream: set by the HTTP API
         # DKIM (only with a signer): the stored header section, where the body starts, the keys
         self._signer = receiver.signer   # this message keeps the signer it started with
         self._signed_head = received if self._signer is not None else b""
@@ -199,7 +207,7 @@ class Intake:
 
     def _put(self) -> Deferred[Reply]:
         d = self._queue.put(self.message_id, self.envelope, self.body, self.session.client_info(),
-                            self.arrival, header_id=self.header_id)
+                            self.arrival, header_id=self.header_id, labels=self.labels)
 
         def stored(_: Any) -> Reply:
             return Reply(250, "2.0.0", f"Ok: queued as {self.message_id}")

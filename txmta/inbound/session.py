@@ -1,4 +1,5 @@
-"""Facts about one inbound SMTP connection, shared by the protocol and the receiver."""
+"""Facts about one inbound SMTP connection (or one HTTP API request), shared by the protocol
+and the receiver."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ class Session:
     tls_cipher: str | None = None
     tls_bits: int | None = None
     auth_user: str | None = None
+    api_token: str | None = None       # the HTTP API: the token's name (then helo is None)
 
     @property
     def tls(self) -> bool:
@@ -27,4 +29,6 @@ class Session:
             info["tls"] = f"{self.tls_version} {self.tls_cipher}"
         if self.auth_user:
             info["auth"] = self.auth_user
+        if self.api_token is not None:
+            info["token"] = self.api_token
         return info

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from txmta.message import Address, Envelope, Recipient
+from txmta.message import NO_LABELS, Address, Envelope, Labels, Recipient
 from txmta.reply import Reply
 from txmta.message import Event, OutboxRecord, RecipientState, StoredMessage, Suppression
 
@@ -37,7 +37,7 @@ def _loads(data: bytes) -> Any:
 
 def encode_message(m: StoredMessage) -> bytes:
     e = m.envelope
-    return _dumps({
+    record = {
         "id": m.id, "arrival": m.arrival, "size": m.size, "file": m.body_in_file,
         "client": m.client,
         "from": str(e.sender),
@@ -45,7 +45,10 @@ def encode_message(m: StoredMessage) -> bytes:
         "esize": e.size, "body": e.body, "utf8": e.smtputf8, "ret": e.ret, "envid": e.envid,
         "auth": e.auth, "extra": e.extra, "hid": m.header_id, "rtls": int(e.requiretls),
         "tlsno": int(e.tls_optional),
-    })
+    }
+    if m.labels:
+        record["lab"] = [m.labels.tag, [list(kv) for kv in m.labels.metadata], m.labels.stream]
+    return _dumps(record)
 
 
 def decode_message(data: bytes, states: tuple[RecipientState, ...] | None = None) -> StoredMessage:
@@ -57,8 +60,12 @@ def decode_message(data: bytes, states: tuple[RecipientState, ...] | None = None
                        bool(d.get("tlsno", 0)))
         if states is None:
             states = tuple(RecipientState() for _ in rcpts)
+        labels = NO_LABELS
+        if "lab" in d:
+            tag, metadata, stream = d["lab"]
+            labels = Labels(str(tag), tuple((str(k), str(v)) for k, v in metadata), str(stream))
         return StoredMessage(d["id"], env, float(d["arrival"]), int(d["size"]), states,
-                             dict(d["client"]), bool(d["file"]), str(d.get("hid", "")))
+                             dict(d["client"]), bool(d["file"]), str(d.get("hid", "")), labels)
     except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
         raise CorruptRecord(f"bad message record: {e}") from e
 
