@@ -299,6 +299,19 @@ def test_tls_failure(web: Web) -> None:
     assert r.error.startswith("TLS failed"), r.error
 
 
+def test_http_client_posts() -> None:
+    """The client the daemon uses: a persistent pool on the reactor given."""
+    from txmta.webhooks.post import http_client
+    from twisted.internet.testing import MemoryReactorClock
+    reactor = MemoryReactorClock()
+    client = http_client(reactor)
+    d = post_event(client, "http://127.0.0.1:9/", BODY, HEADERS, 5, reactor=reactor)
+    reactor.advance(0)
+    assert reactor.tcpClients and reactor.tcpClients[0][:2] == ("127.0.0.1", 9)
+    reactor.advance(5)
+    assert _box(d)[0] == Result("retry", None, None, "no answer within 5 s")
+
+
 def test_no_timer_is_left_behind(web: Web) -> None:
     _result(web, "/ok")
     _result(web, "/fail")
@@ -331,7 +344,7 @@ def test_what_treq_is_asked() -> None:
 
 
 @pytest.mark.parametrize("failure, text", [
-    (error.DNSLookupError("nx.example"), "DNS lookup failed"),
+    (error.DNSLookupError("nx.example"), "DNS lookup failed: nx.example"),
     (error.ConnectionRefusedError(), "connection refused"),
     (defer.CancelledError(), "no answer within 5 s"),
     (error.ConnectingCancelledError(None), "no answer within 5 s"),

@@ -28,11 +28,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterator, Literal, Mapping
 
+from OpenSSL import SSL
+from treq.client import HTTPClient
 from twisted.internet import error
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
@@ -52,11 +55,9 @@ class Result:
     error: str = ""
 
 
-def http_client(reactor: Any, *, max_per_host: int = 4, idle_timeout: float = 120.0) -> Any:
+def http_client(reactor: Any, *, max_per_host: int = 4,
+                idle_timeout: float = 120.0) -> HTTPClient:
     """A `treq.client.HTTPClient` on `reactor`, keeping connections for reuse."""
-    from treq.client import HTTPClient
-    from twisted.web.client import Agent, HTTPConnectionPool
-
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = max_per_host
     pool.cachedConnectionTimeout = idle_timeout
@@ -101,7 +102,7 @@ class _Discard(Protocol):
         if self.seen > self.limit:
             self._stop()
 
-    def connectionLost(self, reason: Failure = error.ConnectionDone()) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if not self.done.called:
             self.done.callback(None)
 
@@ -146,14 +147,10 @@ def describe(f: Failure, timeout: float, timed_out: bool = False) -> str:
     leaf = leaves[0] if leaves else f
     if leaf.check(error.ConnectionRefusedError):
         return "connection refused"
-    if leaf.check(error.DNSLookupError):
-        return f"DNS lookup failed: {leaf.getErrorMessage()}"[:200]
-    try:
-        from OpenSSL import SSL
-        if leaf.check(SSL.Error):
-            return f"TLS failed: {leaf.getErrorMessage()}"[:200]
-    except ImportError:  # pragma: no cover
-        pass
+    if leaf.check(error.DNSLookupError):          # its text says "DNS lookup failed: ..."
+        return leaf.getErrorMessage()[:200]
+    if leaf.check(SSL.Error):
+        return f"TLS failed: {leaf.getErrorMessage()}"[:200]
     return f"{leaf.type.__name__}: {leaf.getErrorMessage()}"[:200]  # type: ignore[union-attr]
 
 
