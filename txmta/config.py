@@ -292,6 +292,7 @@ def _relayhost(value: Any) -> str:
 TLS_LEVELS = ("none", "may", "encrypt", "verify", "dane", "mta-sts")
 DKIM_ALGORITHMS = ("rsa-sha256", "ed25519-sha256")
 HTTP_SERVES = ("api", "metrics", "dashboard")
+WEBHOOK_EVENTS = ("received", "deferred", "delivered", "bounced", "expired", "suppressed")
 
 
 def _domain(value: Any) -> str:
@@ -332,6 +333,15 @@ def _tls_policies(value: Any) -> tuple[TLSPolicyEntry, ...]:
         seen.add(domain)
         out.append(TLSPolicyEntry(domain, level))
     return tuple(out)
+
+
+def _webhook_url(value: Any) -> str:
+    from urllib.parse import urlsplit
+    text = _string(value)
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http:// or https:// URL with a host")
+    return text
 
 
 def _listen_address(value: Any) -> str:
@@ -380,6 +390,13 @@ _TABLE: dict[str, dict[str, _Key]] = {
         "serve": _Key(["api", "metrics", "dashboard"],
                       _list_of(_choice(*HTTP_SERVES), non_empty=True)),
         "name": _Key("", _string),                      # "" = "http" + its place, e.g. "http0"
+    },
+    "webhook": {
+        "url": _Key(_MISSING, _webhook_url),
+        "events": _Key(list(WEBHOOK_EVENTS), _list_of(_choice(*WEBHOOK_EVENTS), non_empty=True)),
+        "format": _Key("txmta", _choice("txmta", "postmark")),
+        "secret": _Key(_MISSING, _string),               # a file with the whsec_ secret
+        "timeout": _Key("10s", _duration(positive=True)),
     },
     "api": {
         "tokens": _Key("", _optional_path),             # "" = no tokens (only the test token)
@@ -461,7 +478,7 @@ _TABLE: dict[str, dict[str, _Key]] = {
     },
 }
 _DEFAULT_LISTEN: list[dict[str, Any]] = [{"address": "127.0.0.1:25", "tls": "starttls"}]
-_ARRAYS = ("listen", "dkim", "http")
+_ARRAYS = ("listen", "dkim", "http", "webhook")
 
 
 def _default(section: str, key: str) -> Any:
@@ -606,6 +623,16 @@ class SigningConfig:
 
 
 @dataclass(frozen=True)
+class WebhookConfig:
+    """One [[webhook]] endpoint."""
+    url: str
+    events: tuple[str, ...] = _default("webhook", "events")
+    format: str = _default("webhook", "format")       # txmta | postmark
+    secret: str = ""                                  # the secret's file
+    timeout: float = _default("webhook", "timeout")
+
+
+@dataclass(frozen=True)
 class ApiConfig:
     tokens: str | None = _default("api", "tokens")      # the tokens file (txmta api-token)
     rate_limit: int = _default("api", "rate_limit")     # requests per second per token, 0 = none
@@ -639,6 +666,7 @@ class Config:
     signing: SigningConfig = field(default_factory=SigningConfig)
     http: tuple[HttpConfig, ...] = ()
     api: ApiConfig = field(default_factory=ApiConfig)
+    webhooks: tuple[WebhookConfig, ...] = ()
 
 
 # -- loading --------------------------------------------------------------------------
@@ -778,6 +806,21 @@ def _build(doc: dict[str, Any], path: str | None) -> Config:
         http.append(HttpConfig(v["address"], host, port, v["tls"], tuple(dict.fromkeys(v["serve"])),
                                v["name"] or f"http{i}"))
 
+    webhooks: list[WebhookConfig] = []
+    for i, entry in enumerate(doc.get("webhook", [])):
+        v = section("webhook", entry, f"webhook[{i}]")
+        if any(w.url == v["url"] for w in webhooks):
+            raise bad(f"webhook[{i}].url", v["url"], "listed twice")
+        _check_readable(v["secret"], lambda reason, i=i, file=v["secret"]:
+                        bad(f"webhook[{i}].secret", file, reason))
+        from txmta.webhooks.sign import load_secret
+        try:
+            load_secret(v["secret"])
+        except ValueError as e:
+            raise bad(f"webhook[{i}].secret", v["secret"], str(e).removeprefix(v["secret"] + ": "))
+        webhooks.append(WebhookConfig(v["url"], tuple(dict.fromkeys(v["events"])), v["format"],
+                                      v["secret"], v["timeout"]))
+
     if delivery.relayhost_username and not delivery.relayhost_password_file:
         raise bad("delivery.relayhost_password_file", _MISSING,
                   "required with delivery.relayhost_username")
@@ -804,7 +847,7 @@ def _build(doc: dict[str, Any], path: str | None) -> Config:
 
     return Config(path, server, tuple(listeners), tls, auth, relay, spool, delivery, retry,
                   dns, log, dsn_cfg, suppression, history, bounce, tuple(dkim_keys), signing,
-                  tuple(http), api)
+                  tuple(http), api, tuple(webhooks))
 
 
 def _check_readable(file: str, bad: Callable[[str], ConfigError]) -> None:
