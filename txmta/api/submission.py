@@ -197,7 +197,10 @@ def _mailbox(address: Address, field_name: str) -> tuple[str, str]:
 def _addresses(text: str, field_name: str) -> list[Address]:
     if _HEADER_BREAKS.search(text) or _SURROGATE.search(text):
         raise _bad_address(field_name, text)
-    header = _REGISTRY("To", text)
+    try:
+        header = _REGISTRY("To", text)
+    except Exception:       # the standard library's parser still trips on some input ("a@")
+        raise _bad_address(field_name, text) from None
     defects: tuple[HeaderDefect, ...] = header.defects
     if any(isinstance(d, InvalidHeaderDefect) for d in defects):
         for address in header.addresses:    # name the first bad one, if it can be found
