@@ -75,13 +75,18 @@ def message_id_header(sub: Submission, *, message_id: str, hostname: str) -> str
     return f"<{message_id}@{hostname}>"
 
 
-def _mailboxes(texts: tuple[str, ...], field_name: str) -> list[Address]:
-    out = []
+def _address_field(msg: MIMEPart, name: str, texts: tuple[str, ...], field_name: str) -> None:
+    """An address field, each mailbox encoded and folded by the email package on its own,
+    one a line.  (Folding a whole list, Python 3.11's folder can encode the comma between two
+    mailboxes into an encoded-word, losing every mailbox after it.)"""
+    mailboxes = []
     for text in texts:
-        name, addr = parse_mailbox(text, field_name)
+        display_name, addr = parse_mailbox(text, field_name)
         local, _, domain = addr.rpartition("@")
-        out.append(Address(display_name=name, username=local, domain=domain))
-    return out
+        header = msg.policy.header_factory(
+            name, [Address(display_name=display_name, username=local, domain=domain)])
+        mailboxes.append(header.fold(policy=msg.policy)[len(name) + 1:].strip())
+    msg.set_raw(name, ",\r\n ".join(mailboxes))
 
 
 def _fold(name: str, value: str) -> str:
@@ -175,11 +180,11 @@ def build_message(sub: Submission, *, message_id: str, date: float, hostname: st
     pol = _UTF8 if utf8 else _ASCII
     extra = _check_extra(sub)
     msg = MIMEPart(policy=pol)
-    msg["From"] = _mailboxes((sub.sender,), "From")
+    _address_field(msg, "From", (sub.sender,), "From")
     for name, field_name, texts in (("To", "To", sub.to), ("Cc", "Cc", sub.cc),
                                     ("Reply-To", "ReplyTo", sub.reply_to)):
         if texts:
-            msg[name] = _mailboxes(texts, field_name)
+            _address_field(msg, name, texts, field_name)
     if sub.subject:
         msg["Subject"] = sub.subject
     if "date" not in extra:

@@ -190,8 +190,9 @@ def check_addr_spec(addr: str, field_name: str) -> str:
 
 
 def _mailbox(address: Address, field_name: str) -> tuple[str, str]:
-    return address.display_name, check_addr_spec(f"{address.username}@{address.domain}",
-                                                 field_name)
+    # Unicode white space at the ends goes too: a parser reading a UTF-8 header drops it.
+    return address.display_name.strip(), check_addr_spec(f"{address.username}@{address.domain}",
+                                                         field_name)
 
 
 def _addresses(text: str, field_name: str) -> list[Address]:
