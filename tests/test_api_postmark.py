@@ -126,6 +126,14 @@ def test_content_id_forms(given: str, expected: str) -> None:
     assert sub.attachments[0].content_id == expected
 
 
+def test_attachment_name_is_trimmed() -> None:
+    """MUAs drop white space around file names; a name of only white space is no name."""
+    sub = parse_email(email(Attachments=[{"Name": "  a b.pdf ", "Content": "eA=="}]))
+    assert sub.attachments[0].name == "a b.pdf"
+    err = refused(email(Attachments=[{"Name": " \t", "Content": "eA=="}]))
+    assert (err.error_code, err.field) == (300, "Attachments[0].Name")
+
+
 def test_attachment_without_content_type_is_octet_stream() -> None:
     sub = parse_email(email(Attachments=[{"Name": "a.dat", "Content": b64(b"\0\1")}]))
     assert sub.attachments[0] == Attachment("a.dat", b"\0\1", "application/octet-stream")
@@ -291,7 +299,7 @@ def test_forbidden_attachment_types_are_411(name: str) -> None:
     for filename in (f"file.{name}", f"FILE.{name.upper()}", f"file.{name}. "):
         err = refused(email(Attachments=[{"Name": filename, "Content": "eA=="}]))
         assert (err.error_code, err.status, err.field) == (411, 422, "Attachments[0].Name")
-        assert err.message == f"Forbidden attachment type: '{filename}'."
+        assert err.message == f"Forbidden attachment type: '{filename.strip()}'."
 
 
 def test_allowed_attachment_types() -> None:

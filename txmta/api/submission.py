@@ -363,7 +363,8 @@ def content_type(value: str | None, where: str) -> str:
 
 
 def check_attachment_name(name: str | None, where: str) -> str:
-    if not name:
+    """A file name, without white space at its ends (MUAs drop it); no control characters."""
+    if not name or not name.strip():
         raise InvalidRequest(300, f"Invalid attachment: '{where}' is missing or empty.", where)
     check_text(name, where, header=True)
-    return name
+    return name.strip()
