@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import email
 import email.policy
-import re
 from email.header import decode_header, make_header
 from email.message import EmailMessage
 from email.utils import parsedate_to_datetime
@@ -270,21 +269,22 @@ def test_nul_in_a_body_is_encoded() -> None:
 
 # --- round trips -----------------------------------------------------------------------------
 
-# Text for header fields: no control characters, no line separators, no lone surrogates.
-header_text = st.text(st.characters(blacklist_categories=("Cc", "Cs", "Zl", "Zp")),
-                      max_size=120)
+# Text for header fields: no control characters but HTAB, no line separators, no lone
+# surrogates.
+header_text = st.text(st.characters(exclude_categories=("Cc", "Cs", "Zl", "Zp"),
+                                    include_characters="\t"), max_size=120)
 display_names = header_text.filter(lambda s: "=?" not in s)
 body_lines = st.one_of(
-    st.text(st.characters(blacklist_categories=("Cs",)), max_size=80),
+    st.text(st.characters(exclude_categories=("Cs",)), max_size=80),
     st.builds(lambda s: "." + s, st.text(max_size=20)),
     st.builds(lambda s: "From " + s, st.text(max_size=20)),
-    st.text(st.characters(blacklist_categories=("Cs",)), min_size=990, max_size=2100),
+    st.text(st.characters(exclude_categories=("Cs",)), min_size=990, max_size=2100),
     st.just(""), st.just("."),
 )
 bodies = st.lists(body_lines, min_size=1, max_size=8).map("\n".join).filter(bool)
 # The parsers trim file names, and the standard library's reads "<x>" as "x" and decodes
 # "=?...?=" even inside RFC 2231 values: names of those shapes cannot be compared.
-file_names = st.text(st.characters(blacklist_categories=("Cc", "Cs", "Zl", "Zp")),
+file_names = st.text(st.characters(exclude_categories=("Cc", "Cs", "Zl", "Zp")),
                      min_size=1, max_size=120).filter(
     lambda s: s.strip() == s and "=?" not in s and not (s[0] == "<" and s[-1] == ">"))
 content_types = st.sampled_from(["application/pdf", "application/octet-stream", "image/png",
@@ -397,10 +397,10 @@ def test_extra_header_parses_back(value: str, smtputf8: bool) -> None:
 
 @given(display_names, local_parts, domains)
 def test_rendered_mailbox_parses_back(name: str, local: str, domain: str) -> None:
-    """The mailbox string a Submission keeps parses to the same name and address, and
-    rendering it again changes nothing."""
+    """The mailbox string a Submission keeps parses to the same name (but for runs of white
+    space outside quotes) and address, and rendering it again changes nothing."""
     addr = f"{local}@{domain}"
     parsed = parse_mailbox(render_mailbox(name, addr), "To")
     assert parsed[1] == addr
-    assert parsed[0] == re.sub(r"[ \t]+", " ", name).strip()
+    assert parsed[0].split() == name.split()   # runs of white space may be collapsed
     assert parse_mailbox(render_mailbox(*parsed), "To") == parsed

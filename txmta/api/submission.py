@@ -46,6 +46,7 @@ __all__ = [
     "MAX_METADATA_VALUE",
     "parse_mailbox",
     "parse_mailbox_list",
+    "render_mailbox",
     "check_addr_spec",
     "check_header_field",
     "check_text",
@@ -118,7 +119,7 @@ class Attachment:
 
 @dataclass(frozen=True)
 class Submission:
-    """A message described by fields.  Mailboxes are strings as `parse_mailbox` renders them
+    """A message described by fields.  Mailboxes are strings as `render_mailbox` writes them
     ("Name <a@example.com>", "\\"Doe, J\\" <j@example.com>" or a bare address); every one
     has been checked by the parser that made the Submission."""
 
