@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable, Union
 
 from twisted.logger import Logger
 
-from txmta.message import OutboxRecord, StoredMessage, Suppression
+from txmta.message import MessageFacts, OutboxRecord, StoredMessage, Suppression
 from txmta.outcome import Outcome
 
 log = Logger()
@@ -57,7 +57,7 @@ class Received:
         m = self.message
         return OutboxRecord("received", m.arrival, m.id,
                             text=f"from=<{m.envelope.sender}> nrcpt={len(m.envelope.recipients)} "
-                                 f"size={m.size}")
+                                 f"size={m.size}", facts=MessageFacts.of(m))
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ class _Attempted:
         return OutboxRecord(self.kind, self.at, self.message.id, self.index,
                             _rcpt(self.message, self.index), self.outcome.reply.as_dict(),
                             _remote(self.outcome), state.category, self.outcome.tls,
-                            state.attempts)
+                            state.attempts, facts=MessageFacts.of(self.message))
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,7 @@ class Suppressed:
         return OutboxRecord("suppressed", self.message.arrival, self.message.id, self.index,
                             _rcpt(self.message, self.index),
                             state.last_reply.as_dict() if state.last_reply else None,
-                            category=state.category)
+                            category=state.category, facts=MessageFacts.of(self.message))
 
 
 @dataclass(frozen=True)

@@ -264,6 +264,23 @@ class OutboxRecord:
     tls: str = ""
     attempts: int = 0
     text: str = ""
+    facts: "MessageFacts | None" = None  # of the message the event is about (for webhooks)
+
+
+@dataclass(frozen=True)
+class MessageFacts:
+    """What a webhook tells of the message an event is about, beside the event itself."""
+    sender: str = ""
+    header_id: str = ""                 # the Message-ID header
+    tag: str = ""
+    metadata: tuple[tuple[str, str], ...] = ()
+    stream: str = ""
+    token: str = ""                     # the API token's name, "" for SMTP mail
+
+    @classmethod
+    def of(cls, m: "StoredMessage") -> "MessageFacts":
+        return cls(str(m.envelope.sender), m.header_id, m.labels.tag, m.labels.metadata,
+                   m.labels.stream, m.client.get("token", ""))
 
 
 class OutboxEntry(Protocol):

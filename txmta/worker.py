@@ -342,6 +342,12 @@ def build(cfg: C.Config, reactor: Any, *, worker: int = 0, workers: int = 1,
     maillog = maillog_for(cfg, reactor, worker if workers > 1 else None)
     queue.events.subscribe(maillog.heard, *maillog.HEARS)
     QueueService(queue, reactor, cfg.history.retention).setServiceParent(top)
+    if cfg.webhooks:   # deliveries written with the events; sent for this worker's partitions
+        from txmta.webhooks import service as webhooks
+        hooks = webhooks.build(cfg, reactor, spool)
+        hooks.setServiceParent(top)
+        queue.events.subscribe(hooks.heard, events.Received, *events.ATTEMPTED,
+                               events.Suppressed)
     receiver = Receiver(queue, cfg.server.hostname, reactor, signer, run_signing)
     checker = None
     if cfg.auth.users:

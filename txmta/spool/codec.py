@@ -12,7 +12,7 @@ from typing import Any
 
 from txmta.message import NO_LABELS, Address, Envelope, Labels, Recipient
 from txmta.reply import Reply
-from txmta.message import Event, OutboxRecord, RecipientState, StoredMessage, Suppression
+from txmta.message import Event, MessageFacts, OutboxRecord, RecipientState, StoredMessage, Suppression
 
 VERSION = 1
 _V = bytes([VERSION])
@@ -135,9 +135,14 @@ def decode_suppression(address: str, data: bytes) -> "Suppression":
 
 def encode_outbox(r: OutboxRecord) -> bytes:
     """An outbox record: a list in field order, trailing empty fields left out."""
+    facts = None
+    if r.facts is not None:
+        f = r.facts
+        facts = {"s": f.sender, "h": f.header_id, "t": f.tag, "m": [list(kv) for kv in f.metadata],
+                 "l": f.stream, "k": f.token}
     fields = [r.kind, r.time, r.message_id, r.index, r.rcpt, r.reply, r.remote, r.category,
-              r.tls, r.attempts, r.text]
-    defaults = ["", 0.0, "", -1, "", None, "", "", "", 0, ""]
+              r.tls, r.attempts, r.text, facts]
+    defaults = ["", 0.0, "", -1, "", None, "", "", "", 0, "", None]
     while len(fields) > 2 and fields[-1] == defaults[len(fields) - 1]:
         fields.pop()
     return _dumps(fields)
@@ -145,15 +150,20 @@ def encode_outbox(r: OutboxRecord) -> bytes:
 
 def decode_outbox(data: bytes) -> OutboxRecord:
     d = _loads(data)
-    if not isinstance(d, list) or not 2 <= len(d) <= 11:
+    if not isinstance(d, list) or not 2 <= len(d) <= 12:
         raise CorruptRecord(f"bad outbox record: {d!r:.80}")
     try:
         kind, when = str(d[0]), float(d[1])
-        rest = list(d[2:]) + [None] * (9 - len(d[2:]))
-        mid, index, rcpt, reply, remote, category, tls, attempts, text = rest[:9]
+        rest = list(d[2:]) + [None] * (10 - len(d[2:]))
+        mid, index, rcpt, reply, remote, category, tls, attempts, text, f = rest[:10]
+        facts = None
+        if f:
+            facts = MessageFacts(str(f["s"]), str(f["h"]), str(f["t"]),
+                                 tuple((str(k), str(v)) for k, v in f["m"]), str(f["l"]),
+                                 str(f["k"]))
         return OutboxRecord(kind, when, str(mid or ""), -1 if index is None else int(index),
                             str(rcpt or ""), dict(reply) if reply else None, str(remote or ""),
                             str(category or ""), str(tls or ""), int(attempts or 0),
-                            str(text or ""))
+                            str(text or ""), facts)
     except (IndexError, KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
         raise CorruptRecord(f"bad outbox record: {e}") from e

@@ -52,7 +52,8 @@ from txmta.spool.interface import CommitFailed, SpoolError, SpoolFormatError, Sp
 from txmta.spool.view import (DB_NAMES, FORMAT, MAX_READERS, domain_key, domain_prefix,
                               due_id, due_key, event_key, finished_key, load_message,
                               load_messages, rcpt_key, read_outbox, read_suppressions,
-                              split_rcpt_key)
+                              split_rcpt_key, decode_hook, encode_hook, hook_key, split_hook_key,
+                              with_attempts)
 
 READER_CHECK = 60.0   # seconds between sweeps of the reader slots dead processes left
 log = Logger()
@@ -124,6 +125,7 @@ class LmdbSpool:
         self.bodies = os.path.join(path, "bodies")
         self._reactor = reactor
         self._inline_limit = inline_limit
+        self.hooks: tuple[tuple[bytes, frozenset[str]], ...] = ()
         self._max_map_size = max(max_map_size, map_size)
         os.makedirs(self.bodies, exist_ok=True)
         self._env = lmdb.open(path, map_size=map_size, max_dbs=len(DB_NAMES) + 2, subdir=True,
@@ -499,11 +501,76 @@ class LmdbSpool:
 
     def _write_outbox(self, txn: Any, entries: Iterable[OutboxEntry]) -> None:
         db = self._db[b"outbox"]
+        hooks = self.hooks
         for e in entries:
+            record = e.record()
             # overwrite=False: two writers never make the same id; if one ever did, the
             # commit fails rather than lose an event
-            if not txn.put(e.event_id, codec.encode_outbox(e.record()), db=db, overwrite=False):
+            if not txn.put(e.event_id, codec.encode_outbox(record), db=db, overwrite=False):
                 raise CommitFailed(f"outbox: event id {e.event_id.hex()} already written")
+            for endpoint, kinds in hooks:
+                if record.kind in kinds:    # a webhook delivery to make, due now
+                    txn.put(hook_key(e.event_id, endpoint, record.time),
+                            encode_hook(0, record), db=self._db[b"hooks"])
+
+    # -- webhook deliveries (txmta/webhooks/service.py) ---------------------------------------
+
+    def set_hooks(self, hooks: Sequence[tuple[bytes, frozenset[str]]]) -> None:
+        """The webhook endpoints (4-byte id, the event kinds it wants): each event committed
+        from now on that one wants gets a delivery entry in the same transaction."""
+        self.hooks = tuple(hooks)
+
+    def hooks_due(self, now: float, limit: int, exclude: frozenset[bytes] | set[bytes] = frozenset()
+                  ) -> Deferred[list[tuple[bytes, int, OutboxRecord]]]:
+        """Up to `limit` deliveries due at `now` in this worker's partitions, oldest first:
+        (key, failed attempts so far, record); keys in `exclude` (in flight) are passed over."""
+        def fn(txn: Any) -> list[tuple[bytes, int, OutboxRecord]]:
+            out: list[tuple[bytes, int, OutboxRecord]] = []
+            end_ms = struct.pack(">Q", max(0, round(now * 1000)))
+            with txn.cursor(db=self._db[b"hooks"]) as cur:
+                for partition in self.partitions:
+                    prefix = bytes((partition,))
+                    if not cur.set_range(prefix):
+                        continue
+                    for k, v in cur:
+                        key = bytes(k)
+                        if key[:1] != prefix or key[1:9] > end_ms or len(out) >= limit:
+                            break
+                        if key in exclude:
+                            continue
+                        try:
+                            attempts, record = decode_hook(bytes(v))
+                        except codec.CorruptRecord as e:
+                            log.warn("corrupt webhook entry {k} skipped: {e}", k=key.hex(), e=e)
+                            continue
+                        out.append((key, attempts, record))
+            out.sort(key=lambda item: item[0][1:])
+            return out[:limit]
+        return self._submit(_Op(fn, read=True))
+
+    def hooks_settle(self, settled: Sequence[tuple[bytes, float | None, int]]) -> Deferred[int]:
+        """One commit for finished deliveries: each (key, next attempt, attempts) is removed,
+        and put again at its next attempt when that is not None.  How many were found."""
+        def fn(txn: Any) -> int:
+            db = self._db[b"hooks"]
+            found = 0
+            for key, again, attempts in settled:
+                value = txn.pop(key, db=db)
+                if value is None:
+                    continue
+                found += 1
+                if again is not None:
+                    _, endpoint, eid = split_hook_key(key)
+                    # the record as stored, with the new count of attempts
+                    txn.put(hook_key(eid, endpoint, again),
+                            with_attempts(bytes(value), attempts),
+                            db=db)
+            return found
+        return self._submit(_Op(fn))
+
+    def hooks_pending(self) -> Deferred[int]:
+        """How many webhook deliveries are waiting, in all partitions."""
+        return self._submit(_Op(lambda txn: txn.stat(self._db[b"hooks"])["entries"], read=True))
 
     def outbox_read(self, after: bytes | None = None, limit: int = 1000
                     ) -> Deferred[list[tuple[bytes, OutboxRecord]]]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import replace
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from twisted.internet.defer import Deferred, fail, succeed
 
@@ -21,6 +21,7 @@ from txmta.spool import codec
 from txmta.partition import ALL, partition_of
 
 from txmta.spool.interface import CommitFailed, SpoolError
+from txmta.spool.view import decode_hook, encode_hook, hook_key, split_hook_key, with_attempts
 
 
 class MemoryBodyWriter:
@@ -65,6 +66,8 @@ class MemorySpool:
         self.suppressions: dict[str, Suppression] = {}
         self.cache: dict[str, bytes] = {}
         self.outbox: dict[bytes, bytes] = {}     # event id -> encoded record, as LMDB keeps it
+        self.hooks: tuple[tuple[bytes, frozenset[str]], ...] = ()
+        self.hook_entries: dict[bytes, bytes] = {}   # hook key -> entry, as LMDB keeps them
 
     def _failing(self) -> SpoolError | None:
         err, self.fail_next = self.fail_next, None
@@ -91,6 +94,42 @@ class MemorySpool:
             out[e.event_id] = codec.encode_outbox(e.record())
         return out
 
+    def _add_hooks(self, entries: Iterable[OutboxEntry]) -> None:
+        for e in entries:
+            record = e.record()
+            for endpoint, kinds in self.hooks:
+                if record.kind in kinds:
+                    self.hook_entries[hook_key(e.event_id, endpoint, record.time)] = \
+                        encode_hook(0, record)
+
+    def set_hooks(self, hooks: Sequence[tuple[bytes, frozenset[str]]]) -> None:
+        self.hooks = tuple(hooks)
+
+    def hooks_due(self, now: float, limit: int, exclude: Any = frozenset()
+                  ) -> Deferred[list[tuple[bytes, int, OutboxRecord]]]:
+        out = []
+        for key in sorted(self.hook_entries, key=lambda k: k[1:]):
+            when, _, _ = split_hook_key(key)
+            if key[0] in self.partitions and when <= now + 0.0005 and key not in exclude:
+                out.append((key, *decode_hook(self.hook_entries[key])))
+        return succeed(out[:limit])
+
+    def hooks_settle(self, settled: Sequence[tuple[bytes, float | None, int]]) -> Deferred[int]:
+        found = 0
+        for key, again, attempts in settled:
+            value = self.hook_entries.pop(key, None)
+            if value is None:
+                continue
+            found += 1
+            if again is not None:
+                _, endpoint, eid = split_hook_key(key)
+                self.hook_entries[hook_key(eid, endpoint, again)] = with_attempts(value, attempts)
+        self.commits += 1
+        return succeed(found)
+
+    def hooks_pending(self) -> Deferred[int]:
+        return succeed(len(self.hook_entries))
+
     def put(self, message: StoredMessage, body: MemoryBodyWriter,  # type: ignore[override]
             outbox: Sequence[OutboxEntry] = ()) -> Deferred[None]:
         err = self._failing()
@@ -104,6 +143,7 @@ class MemorySpool:
             return fail(err)
         assert isinstance(entries, dict)
         self.outbox.update(entries)
+        self._add_hooks(outbox)
         self.events.setdefault(message.id, []).extend(intake_events(message))
         self.commits += 1
         if message.recipients and not message.unfinished:  # all ended at intake (suppressed)
@@ -139,6 +179,7 @@ class MemorySpool:
         if isinstance(entries, CommitFailed):
             return fail(entries)
         self.outbox.update(entries)
+        self._add_hooks(c.outbox)
         new = c.message
         self._unindex(old)
         if not any(r.state in UNFINISHED for r in new.recipients):

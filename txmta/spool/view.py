@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterable, Iterator
 import lmdb
 from twisted.logger import Logger
 
+from txmta.events import id_time
 from txmta.message import Event, OutboxRecord, RecipientState, StoredMessage, Suppression
 from txmta.partition import partition_of
 from txmta.spool import codec
@@ -32,7 +33,7 @@ FORMAT = b"3"
 MAX_READERS = 512     # every worker's threads and every `txmta queue` read share the table
 DB_NAMES = (b"messages", b"bodies", b"recipients", b"due", b"events", b"meta",
             b"history", b"finished", b"msgids", b"suppression", b"cache", b"domains",
-            b"outbox")
+            b"outbox", b"hooks")
 
 
 def rcpt_key(message_id: str, index: int) -> bytes:
@@ -71,6 +72,45 @@ def event_key(message_id: str, when: float) -> bytes:
     _event_seq[0] = (_event_seq[0] + 1) & 0xFFFF
     return message_id.encode("ascii") + b"/" + struct.pack(">QH", max(0, int(when * 1e6)),
                                                            _event_seq[0])
+
+
+def hook_key(event_id: bytes, endpoint: bytes, when: float) -> bytes:
+    """partition of the event (1 byte, from its id) / due time in ms (8 bytes) / endpoint id
+    (4 bytes) / event id (15 bytes): a webhook delivery to make, each partition's in time
+    order, so a worker sends for its own partitions."""
+    return event_id[8:9] + struct.pack(">Q", max(0, round(when * 1000))) + endpoint + event_id
+
+
+def split_hook_key(key: bytes) -> tuple[float, bytes, bytes]:
+    """(due time, endpoint id, event id) of a hook key."""
+    return struct.unpack(">Q", key[1:9])[0] / 1000, key[9:13], key[13:]
+
+
+def encode_hook(attempts: int, record: OutboxRecord) -> bytes:
+    return struct.pack(">H", min(attempts, 0xFFFF)) + codec.encode_outbox(record)
+
+
+def with_attempts(value: bytes, attempts: int) -> bytes:
+    """A stored delivery entry with another count of failed attempts."""
+    return struct.pack(">H", min(attempts, 0xFFFF)) + value[2:]
+
+
+def decode_hook(value: bytes) -> tuple[int, OutboxRecord]:
+    return struct.unpack(">H", value[:2])[0], codec.decode_outbox(value[2:])
+
+
+def hook_stats(txn: Any, dbs: dict[bytes, Any]) -> dict[bytes, tuple[int, int, float]]:
+    """endpoint id -> (entries, entries tried at least once, oldest event time)."""
+    out: dict[bytes, tuple[int, int, float]] = {}
+    if b"hooks" not in dbs:
+        return out
+    with txn.cursor(db=dbs[b"hooks"]) as cur:
+        for k, v in cur:
+            _, endpoint, eid = split_hook_key(bytes(k))
+            n, failing, oldest = out.get(endpoint, (0, 0, float("inf")))
+            tried = struct.unpack(">H", bytes(v[:2]))[0] > 0
+            out[endpoint] = (n + 1, failing + tried, min(oldest, id_time(eid)))
+    return out
 
 
 def finished_key(when: float, message_id: str) -> bytes:
@@ -233,6 +273,10 @@ class LmdbView:
         if b"events" not in self._db:
             return []
         return self._read(lambda txn: read_events(txn, self._db, message_id))  # type: ignore[no-any-return]
+
+    def hook_stats(self) -> dict[bytes, tuple[int, int, float]]:
+        """Webhook deliveries waiting, by endpoint id: (entries, tried before, oldest event)."""
+        return self._read(lambda txn: hook_stats(txn, self._db))
 
     def find_by_header_id(self, header_id: str) -> str | None:
         """The queue id of the message whose Message-ID header is `header_id`."""

@@ -35,7 +35,7 @@ from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
@@ -55,10 +55,15 @@ class Result:
     error: str = ""
 
 
+class _QuietFactory(_HTTP11ClientFactory):
+    noisy = False
+
+
 def http_client(reactor: Any, *, max_per_host: int = 4,
                 idle_timeout: float = 120.0) -> HTTPClient:
     """A `treq.client.HTTPClient` on `reactor`, keeping connections for reuse."""
     pool = HTTPConnectionPool(reactor, persistent=True)
+    pool._factory = _QuietFactory      # no "Starting factory" line per connection
     pool.maxPersistentPerHost = max_per_host
     pool.cachedConnectionTimeout = idle_timeout
     return HTTPClient(Agent(reactor, pool=pool))
