@@ -17,6 +17,8 @@ Header (in this order): From, To, Cc (never Bcc), Reply-To, Subject (when not em
 submission's extra headers carry their own (then theirs are kept, and must parse),
 the extra headers in their order, MIME-Version.  Non-ASCII text in Subject and display
 names is RFC 2047-encoded, non-ASCII file names RFC 2231-encoded, by the email package.
+Address fields carry one mailbox a line, each folded by the package on its own.  Line
+breaks in bodies (LF, CR or CRLF) become CRLF.
 
 SMTPUTF8: when any address of the submission has a non-ASCII addr-spec
 (`Submission.needs_smtputf8`), the whole header is written in UTF-8 (RFC 6532, the package's

@@ -9,8 +9,8 @@ Mirrored from Postmark's API:
     Subject, TextBody, HtmlBody, Headers as [{"Name", "Value"}], Attachments as
     [{"Name", "Content" (base64), "ContentType", "ContentID"}], Tag, Metadata, MessageStream;
     TrackOpens, TrackLinks and InlineCss are checked for their type and ignored;
-  * field names match without regard to case (Postmark's JSON reader does so); an exact match
-    wins; a JSON null is an absent field; unknown fields are ignored;
+  * field names match without regard to case, as Postmark's JSON reader is taken to do; an
+    exact match wins; a JSON null is an absent field; unknown fields are ignored;
   * the errors: ErrorCode 300 (invalid email request) with a sentence naming the field,
     402 (invalid JSON), 403 (a known field of the wrong JSON type), 406 (inactive
     recipients), 409 (not JSON), 410 (more than 500 messages in a batch), 411 (forbidden
@@ -26,7 +26,9 @@ Deliberately different:
   * ContentID may be given as "cid:x", "<x>" or "x" (clients send all three);
   * Headers may not set From, To, Cc, Bcc, Subject, Reply-To or the MIME structure: the
     message's own fields do (Postmark lets a duplicate through);
-  * templates (`/email/withTemplate`) are not supported: `templates_unsupported`;
+  * templates (`/email/withTemplate`) are not supported: `templates_unsupported` answers
+    with ErrorCode 1101 (Postmark's "template not found");
+  * the sentences of 402, 403, 409 and 411 are ours where Postmark's are not documented;
   * SubmittedAt is in UTC ("+00:00"), with Postmark's seven fractional digits; an error reply
     with no time gives "0001-01-01T00:00:00.0000000+00:00", the zero time of .NET and Go,
     which their clients parse.

@@ -241,10 +241,10 @@ def parse_mailbox_list(text: str, field_name: str) -> tuple[str, ...]:
     return tuple(out)
 
 
-def check_recipient_count(sub_to: tuple[str, ...], cc: tuple[str, ...], bcc: tuple[str, ...],
+def check_recipient_count(to: tuple[str, ...], cc: tuple[str, ...], bcc: tuple[str, ...],
                           field_name: str = "To") -> None:
     """Postmark's limit: at most MAX_RECIPIENTS over To, Cc and Bcc."""
-    if len(sub_to) + len(cc) + len(bcc) > MAX_RECIPIENTS:
+    if len(to) + len(cc) + len(bcc) > MAX_RECIPIENTS:
         raise InvalidRequest(
             300, f"Maximum of {MAX_RECIPIENTS} recipients allowed per email message "
                  f"(To, Cc and Bcc together).", field_name)
