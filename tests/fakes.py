@@ -20,6 +20,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 
 from txmta import events, suppression
+from txmta.message import AlreadySubmitted
 from txmta.message import (BOUNCED, DELETED, DELIVERED, HELD, NO_LABELS, QUEUED, Envelope, Labels,
                            RecipientState,
                            StoredMessage, Suppression)
@@ -40,8 +41,13 @@ class FakeQueue:
         self.bodies: dict[str, bytes] = {}
         self.suppressions: dict[str, Suppression] = {}
         self.fail_next: SpoolError | None = None
+        self.idempotent: dict[bytes, tuple[float, bytes]] = {}
         self._ids = itertools.count(1)
         self._event_ids = events.EventIds(0)
+
+    def idempotent_get(self, key: bytes, not_before: float) -> Deferred[bytes | None]:
+        found = self.idempotent.get(key)
+        return succeed(found[1] if found is not None and found[0] >= not_before else None)
 
     def _failing(self) -> SpoolError | None:
         err, self.fail_next = self.fail_next, None
@@ -57,11 +63,17 @@ class FakeQueue:
 
     def put(self, message_id: str, envelope: Envelope, body: BodyWriter,
             client: dict[str, str], arrival: float, header_id: str = "",
-            labels: Labels = NO_LABELS) -> Deferred[StoredMessage]:
+            labels: Labels = NO_LABELS, idempotency: Any = None) -> Deferred[StoredMessage]:
         err = self._failing()
+        if err is None and idempotency is not None:
+            found = self.idempotent.get(idempotency.key)
+            if found is not None and found[0] >= idempotency.not_before:
+                err = AlreadySubmitted(found[1])
         if err is not None:
             body.abort()
             return fail(err)
+        if idempotency is not None:
+            self.idempotent[idempotency.key] = (arrival, idempotency.result)
         states = tuple(RecipientState(next_attempt=arrival) for _ in envelope.recipients)
         message = StoredMessage(message_id, envelope, arrival, body.size, states, client,
                                 header_id=header_id, labels=labels)
@@ -244,11 +256,14 @@ class FaultySpool:
         err, self.fail_next = self.fail_next, None
         return err
 
-    def put(self, message: StoredMessage, body: Any, outbox: Sequence[Any] = ()) -> Deferred[None]:
+    def put(self, message: StoredMessage, body: Any, outbox: Sequence[Any] = (),
+            idempotency: Any = None) -> Deferred[None]:
         err = self._failing()
         if err is not None:
             body.abort()
             return fail(err)
+        if idempotency is not None:
+            return self.spool.put(message, body, outbox, idempotency)
         return self.spool.put(message, body, outbox)
 
     def apply(self, message_id: str, change: Any, with_body: bool = False) -> Deferred[Any]:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Protocol, Sequence
 
 from twisted.internet.defer import Deferred
 
-from txmta.message import NO_LABELS, Envelope, Labels, StoredMessage, Suppression
+from txmta.message import NO_LABELS, Envelope, Idempotency, Labels, StoredMessage, Suppression
 from txmta.outcome import Outcome
 from txmta.reply import Reply
 
@@ -36,9 +36,14 @@ class IntakeQueue(Protocol):
 
     def put(self, message_id: str, envelope: Envelope, body: "BodyWriter",
             client: dict[str, str], arrival: float, header_id: str = "",
-            labels: Labels = NO_LABELS) -> "Deferred[StoredMessage]":
+            labels: Labels = NO_LABELS, idempotency: Idempotency | None = None
+            ) -> "Deferred[StoredMessage]":
         """Store the message with every recipient queued and due at `arrival` (or ended
-        at intake, when suppressed in drop mode), in one durable commit."""
+        at intake, when suppressed in drop mode), in one durable commit; with
+        `idempotency`, its result under its key too, or fail with AlreadySubmitted when
+        the key has a fresh result (nothing stored)."""
+
+    def idempotent_get(self, key: bytes, not_before: float) -> "Deferred[bytes | None]": ...
 
 
 class DeliveryQueue(Protocol):

@@ -316,6 +316,24 @@ class SpoolFull(SpoolError):
     """The LMDB map or the disk is full."""
 
 
+class AlreadySubmitted(SpoolError):
+    """A put with an idempotency key that an earlier message committed within its window:
+    nothing was stored; `result` is what the earlier one stored for the key."""
+
+    def __init__(self, result: bytes) -> None:
+        super().__init__("already submitted with this idempotency key")
+        self.result = result
+
+
+@dataclass(frozen=True)
+class Idempotency:
+    """Store `result` under `key` with the message, unless a result stored for the key at
+    or after `not_before` is there (then the put fails with AlreadySubmitted)."""
+    key: bytes
+    result: bytes
+    not_before: float
+
+
 class CommitFailed(SpoolError):
     """Any other failure to make a change durable."""
 

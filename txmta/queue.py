@@ -33,7 +33,7 @@ from twisted.internet.interfaces import IReactorTime
 from txmta import dsn, retry, suppression
 from txmta import events as E      # events.Deferred beside twisted's Deferred; `events` below is a timeline
 from txmta.suppression import SuppressionList
-from txmta.message import NO_LABELS, Envelope, Labels, MessageIds
+from txmta.message import NO_LABELS, Envelope, Idempotency, Labels, MessageIds
 from txmta.partition import ALL
 from txmta.outcome import Delivered, Outcome, PermFailed, TempFailed
 from txmta.reply import Reply
@@ -93,8 +93,8 @@ class Queue:
         return self.spool.body_writer(message_id)
 
     def put(self, message_id: str, envelope: Envelope, body: BodyWriter, client: dict[str, str],
-            arrival: float, header_id: str = "", labels: Labels = NO_LABELS
-            ) -> Deferred[StoredMessage]:
+            arrival: float, header_id: str = "", labels: Labels = NO_LABELS,
+            idempotency: Idempotency | None = None) -> Deferred[StoredMessage]:
         states = tuple(self._initial_state(r, arrival) for r in envelope.recipients)
         message = StoredMessage(message_id, envelope, arrival, body.size, states, client,
                                 header_id=header_id, labels=labels)
@@ -102,7 +102,8 @@ class Queue:
         told: list[E.Committed] = [E.Received(number(), message)]
         told += [E.Suppressed(number(), message, index)
                  for index, state in enumerate(message.recipients) if state.state == SUPPRESSED]
-        d = self.spool.put(message, body, told)
+        d = self.spool.put(message, body, told, idempotency) if idempotency is not None \
+            else self.spool.put(message, body, told)
 
         def committed(_: Any) -> StoredMessage:
             self.events.publish_all(told)
@@ -118,6 +119,14 @@ class Queue:
                                       suppression.rejection(str(rcpt.address), entry),
                                       category=entry.reason)
         return RecipientState(next_attempt=arrival)
+
+    def idempotent_trim(self, before: float) -> Deferred[int]:
+        """Forget idempotency keys stored before `before` (a bounded part of them a call)."""
+        return self.spool.idempotent_trim(before)
+
+    def idempotent_get(self, key: bytes, not_before: float) -> Deferred[bytes | None]:
+        """What a put with this idempotency key stored at or after `not_before`, or None."""
+        return self.spool.idempotent_get(key, not_before)
 
     # -- suppression list (admin) -----------------------------------------------------------
 

@@ -159,12 +159,15 @@ def build_delivery(cfg: C.Config, reactor: Any, queue: Queue,
 
 class QueueService(service.Service):
     """Loads the suppression list at start; every 10 minutes forgets finished messages and
-    outbox entries past the retention."""
+    outbox entries past the retention, and idempotency keys of the HTTP API past their
+    window."""
 
-    def __init__(self, queue: Queue, reactor: Any, retention: float) -> None:
+    def __init__(self, queue: Queue, reactor: Any, retention: float,
+                 idempotency_window: float = 86400.0) -> None:
         self.queue = queue
         self.reactor = reactor
         self.retention = retention
+        self.idempotency_window = idempotency_window
         self._loop: Any = None
 
     def startService(self) -> None:
@@ -177,6 +180,8 @@ class QueueService(service.Service):
         self._loop.start(600, now=False)
 
     def _expire(self) -> Any:
+        before = self.reactor.seconds() - self.idempotency_window
+        self.queue.idempotent_trim(before).addErrback(lambda f: None)
         return self.queue.expire_history(self.retention).addErrback(lambda f: None)
 
     def stopService(self) -> Any:
@@ -341,7 +346,8 @@ def build(cfg: C.Config, reactor: Any, *, worker: int = 0, workers: int = 1,
     # the worker's channel below (the queue's suppression mirror subscribes itself)
     maillog = maillog_for(cfg, reactor, worker if workers > 1 else None)
     queue.events.subscribe(maillog.heard, *maillog.HEARS)
-    QueueService(queue, reactor, cfg.history.retention).setServiceParent(top)
+    QueueService(queue, reactor, cfg.history.retention,
+                 cfg.api.idempotency_window).setServiceParent(top)
     if cfg.webhooks:   # deliveries written with the events; sent for this worker's partitions
         from txmta.webhooks import service as webhooks
         hooks = webhooks.build(cfg, reactor, spool)

@@ -269,3 +269,32 @@ def test_api_with_two_workers(start_daemon: Callable[..., Daemon], tmp_path: Pat
                                   TextBody="x")["MessageID"])
     assert len(set(ids)) == 40
     wait_until(lambda: len(d.spool_ids()) >= 40, 10, "40 messages in the spool")
+
+
+def test_idempotency_key_stores_one_message(api: Api) -> None:
+    """The same Idempotency-Key twice (and twice at once): one message stored and sent, the
+    same answer every time, the repeats marked Idempotent-Replayed; another key, or another
+    token with the same key, is a new message."""
+    import concurrent.futures
+    body = {"from": "alice@example.com", "to": ["bob@dest.test"], "subject": "idempotent",
+            "text": "once\n"}
+    headers = {"Idempotency-Key": "order-4711-receipt"}
+    before = len(api.sink.snapshot())
+    status, first, h1 = api.call("/v1/messages", body, api.tokens["app"], headers)
+    assert status == 200 and "Idempotent-Replayed" not in h1
+    status, again, h2 = api.call("/v1/messages", body, api.tokens["app"], headers)
+    assert status == 200 and again == first and h2.get("Idempotent-Replayed") == "true"
+    other = {"Idempotency-Key": "order-4712-receipt"}
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda _: api.call("/v1/messages", body, api.tokens["app"], other),
+                                range(4)))
+    assert len({a[1]["id"] for a in answers}) == 1 and all(a[0] == 200 for a in answers)
+    assert answers[0][1]["id"] != first["id"]
+    status, limited, _ = api.call("/v1/messages", body, api.tokens["limited"], headers)
+    assert status == 200 and limited["id"] not in (first["id"], answers[0][1]["id"])
+    api.arrived(before + 3, "three messages")
+    wait_until(lambda: not api.daemon.spool_ids(), 20, "everything delivered")
+    got = [t for t in api.sink.snapshot()[before:] if b"Subject: idempotent" in t.data]
+    assert len(got) == 3
+    status, bad, _ = api.call("/v1/messages", body, api.tokens["app"], {"Idempotency-Key": " "})
+    assert status == 400 and bad["field"] == "Idempotency-Key"

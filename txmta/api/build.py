@@ -37,7 +37,8 @@ def http_services(cfg: C.Config, reactor: Any, receiver: Any, queue: Any, tls: A
     for i, h in enumerate(cfg.http):
         resource = ApiResource(submitter, tokens, limiter, listener=h.name,
                                hostname=cfg.server.hostname, clock=reactor,
-                               serve_api="api" in h.serve)
+                               serve_api="api" in h.serve,
+                               idempotency_window=cfg.api.idempotency_window)
         factory: Any = build_site(resource, cfg.spool.max_message_size, reactor)
         if h.tls == "implicit":
             factory = TLSMemoryBIOFactory(tls, False, factory)

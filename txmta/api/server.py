@@ -21,8 +21,10 @@ and the dashboard are added by their own modules.  Everything else is 404 with a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
 
 from twisted.internet.defer import Deferred, gatherResults
@@ -37,7 +39,7 @@ from txmta.api import postmark as P
 from txmta.api.submission import InvalidRequest, Submission
 from txmta.api.submit import BadAddress, Client, Submitter, crlf, envelope_for
 from txmta.api.tokens import RateLimiter, Token, TokenStore
-from txmta.message import Labels
+from txmta.message import AlreadySubmitted, Idempotency, Labels
 
 log = Logger()
 
@@ -134,7 +136,7 @@ class ApiResource(Resource):
     def __init__(self, submitter: Submitter, tokens: TokenStore, limiter: RateLimiter, *,
                  listener: str, hostname: str, clock: Any,
                  extra: dict[tuple[bytes, bytes], Callable[[Any], Any]] | None = None,
-                 serve_api: bool = True) -> None:
+                 serve_api: bool = True, idempotency_window: float = 86400.0) -> None:
         Resource.__init__(self)
         self.submitter = submitter
         self.tokens = tokens
@@ -142,6 +144,8 @@ class ApiResource(Resource):
         self.listener = listener
         self.hostname = hostname
         self.clock = clock
+        self.idempotency_window = idempotency_window
+        self._idem_busy: dict[bytes, list[Deferred[None]]] = {}
         self.routes: dict[tuple[bytes, bytes], Callable[[Any], Any]] = {}
         if serve_api:
             self.routes.update({
@@ -250,7 +254,6 @@ class ApiResource(Resource):
             e = self._too_large()
             return _now(dict(P.error_response(e, to, submitted), status=e.status))
         if not data.isascii() and envelope.body != "8BITMIME":
-            from dataclasses import replace
             intake.envelope = replace(intake.envelope, body="8BITMIME")
         d = self.submitter.finish(intake, data, labels)
 
@@ -323,8 +326,63 @@ class ApiResource(Resource):
         token = self._authorize(request)
         if isinstance(token, bytes):
             return token
+        key = request.getHeader("idempotency-key")
         try:
             parsed = N.parse_native(self._json(request))
+            if key is not None:
+                key = key.strip()
+                if not key or len(key) > 255 or not key.isprintable():
+                    raise InvalidRequest(300, "Idempotency-Key must be 1 to 255 printable "
+                                         "characters.", "Idempotency-Key", 400)
+        except InvalidRequest as e:
+            return respond(request, e.status, e.to_json())
+        if key is None or token.test:
+            d = self._native(request, token, parsed, None)
+        else:
+            d = self._idempotent(request, token, parsed, key)
+        d.addCallback(lambda answer: finish(request, *answer))
+        d.addErrback(self._failed, request)
+        return server.NOT_DONE_YET
+
+    def _idempotent(self, request: Any, token: Token, parsed: Any, key: str
+                    ) -> Deferred[tuple[int, Any, dict[str, str] | None]]:
+        """A request with an Idempotency-Key: the first submission's answer when the token
+        used the key within [api] idempotency_window (nothing new is stored), else the
+        submission, its answer stored with the message in one commit.  Requests with one
+        key wait for each other in a worker; across workers the commit decides."""
+        k = hashlib.sha256(f"{token.name}\0{key}".encode("utf-8")).digest()
+        not_before = self.clock.seconds() - self.idempotency_window
+        busy = self._idem_busy.get(k)
+        if busy is not None:
+            waiter: Deferred[None] = Deferred()
+            busy.append(waiter)
+            return waiter.addCallback(lambda _: self._idempotent(request, token, parsed, key))
+        self._idem_busy[k] = []
+
+        def replay(result: bytes) -> tuple[int, Any, dict[str, str]]:
+            return 200, json.loads(result), {"Idempotent-Replayed": "true"}
+
+        def looked(found: bytes | None) -> Any:
+            if found is not None:
+                return replay(found)
+            return self._native(request, token, parsed, Idempotent(k, not_before))
+
+        def already(f: Failure) -> Any:
+            f.trap(AlreadySubmitted)
+            return replay(f.value.result)
+
+        def release(result: Any) -> Any:
+            for waiter in self._idem_busy.pop(k, []):
+                waiter.callback(None)
+            return result
+
+        d = self.submitter.receiver.queue.idempotent_get(k, not_before)
+        return d.addCallback(looked).addErrback(already).addBoth(release)
+
+    def _native(self, request: Any, token: Token, parsed: Any, idempotent: "Idempotent | None"
+                ) -> Deferred[tuple[int, Any, dict[str, str] | None]]:
+        """Check, build and commit one native request; fires with (status, body, headers)."""
+        try:
             labels = Labels(parsed.tag, tuple(sorted(parsed.metadata.items())),
                             token.lane or parsed.stream)
             if parsed.raw is not None:
@@ -332,47 +390,50 @@ class ApiResource(Resource):
                 envelope = self._envelope(token, parsed.sender, parsed.recipients,
                                           from_field="envelope.from", to_field="envelope.to",
                                           status=400)
-                if len(data) > self.submitter.max_message_size:
-                    raise self._too_large()
             else:
                 data = b""
                 envelope = self._envelope(token, parsed.sender, parsed.recipients,
                                           from_field="from", to_field="to", status=400)
+            if len(data) > self.submitter.max_message_size:
+                raise self._too_large()
         except InvalidRequest as e:
-            return respond(request, e.status, e.to_json())
+            return _now((e.status, e.to_json(), None))
         submitted = self.clock.seconds()
         if token.test:
-            return respond(request, 200, native_answer("", envelope, submitted, test=True))
+            return _now((200, native_answer("", envelope, submitted, test=True), None))
         intake = self.submitter.begin(client_of(request, self.listener, token), envelope)
-        if parsed.submission is not None:
-            try:
+        try:
+            if parsed.submission is not None:
                 data = mime.build_message(parsed.submission, message_id=intake.message_id,
                                           date=intake.arrival, hostname=self.hostname)
-            except InvalidRequest as e:
-                intake.abort()
-                return respond(request, e.status, e.to_json())
-        return self._native_commit(request, intake, data, labels)
-
-    def _native_commit(self, request: Any, intake: Any, data: bytes, labels: Labels) -> Any:
-        if len(data) > self.submitter.max_message_size:
+            if len(data) > self.submitter.max_message_size:
+                raise self._too_large()
+        except InvalidRequest as e:
             intake.abort()
-            e = self._too_large()
-            return respond(request, e.status, e.to_json())
+            return _now((e.status, e.to_json(), None))
         if not data.isascii() and intake.envelope.body != "8BITMIME":
-            from dataclasses import replace
             intake.envelope = replace(intake.envelope, body="8BITMIME")
+        if idempotent is not None:
+            intake.idempotency = lambda it: Idempotency(
+                idempotent.key, json.dumps(answer_of(it)).encode("utf-8"), idempotent.not_before)
 
-        def stored(reply: Any) -> None:
+        def stored(reply: Any) -> tuple[int, Any, dict[str, str] | None]:
             if reply.code == 250:
-                finish(request, 200, native_answer(intake.message_id, intake.envelope,
-                                                   intake.arrival, header_id=intake.header_id))
-            else:
-                finish(request, 503, {"error": "not_stored", "message": reply.text},
-                       {"Retry-After": "60"})
+                return 200, answer_of(intake), None
+            return 503, {"error": "not_stored", "message": reply.text}, {"Retry-After": "60"}
 
-        self.submitter.finish(intake, data, labels).addCallback(stored).addErrback(
-            self._failed, request)
-        return server.NOT_DONE_YET
+        return self.submitter.finish(intake, data, labels).addCallback(stored)
+
+
+@dataclass(frozen=True)
+class Idempotent:
+    key: bytes
+    not_before: float
+
+
+def answer_of(intake: Any) -> dict[str, Any]:
+    return native_answer(intake.message_id, intake.envelope, intake.arrival,
+                         header_id=intake.header_id)
 
 
 def sender_not_allowed(sender: str, field: str = "From") -> InvalidRequest:

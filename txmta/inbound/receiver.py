@@ -33,7 +33,7 @@ from twisted.python.failure import Failure
 
 from txmta import reply as R
 from txmta.faces import IntakeQueue
-from txmta.message import NO_LABELS, Envelope
+from txmta.message import NO_LABELS, AlreadySubmitted, Envelope, Idempotency
 from txmta.inbound.session import Session
 from txmta.reply import Reply
 from txmta.message import SpoolFull
@@ -105,6 +105,8 @@ class Intake:
         self._done = False
         self.header_id = ""     # the message's Message-ID header (ours if it had none)
         self.labels = NO_LABELS  # tag, metadata, stream: set by the HTTP API
+        # the HTTP API's Idempotency-Key: made into what the put stores under it
+        self.idempotency: Callable[["Intake"], Idempotency] | None = None
         # DKIM (only with a signer): the stored header section, where the body starts, the keys
         self._signer = receiver.signer   # this message keeps the signer it started with
         self._signed_head = received if self._signer is not None else b""
@@ -206,13 +208,21 @@ class Intake:
         log.failure("DKIM signing of {id} failed; stored unsigned", f, id=self.message_id)
 
     def _put(self) -> Deferred[Reply]:
-        d = self._queue.put(self.message_id, self.envelope, self.body, self.session.client_info(),
-                            self.arrival, header_id=self.header_id, labels=self.labels)
+        if self.idempotency is not None:
+            d = self._queue.put(self.message_id, self.envelope, self.body,
+                                self.session.client_info(), self.arrival, header_id=self.header_id,
+                                labels=self.labels, idempotency=self.idempotency(self))
+        else:
+            d = self._queue.put(self.message_id, self.envelope, self.body,
+                                self.session.client_info(), self.arrival, header_id=self.header_id,
+                                labels=self.labels)
 
         def stored(_: Any) -> Reply:
             return Reply(250, "2.0.0", f"Ok: queued as {self.message_id}")
 
-        def failed(f: Failure) -> Reply:
+        def failed(f: Failure) -> Reply | Failure:
+            if f.check(AlreadySubmitted):     # only with an idempotency key (the HTTP API)
+                return f
             if f.check(SpoolFull):
                 log.warn("spool full, message refused: {e}", e=f.getErrorMessage())
                 return R.SPOOL_FULL

@@ -44,7 +44,7 @@ from twisted.python.failure import Failure
 from txmta.events import time_key
 from txmta.message import (QUEUED, UNFINISHED, Change, OutboxEntry, OutboxRecord,
                            RecipientState, StoredMessage, Suppression, intake_events,
-                           received_event)
+                           received_event, AlreadySubmitted, Idempotency)
 from txmta.partition import ALL, partition_of
 from txmta.spool import codec
 from txmta.spool.bodies import MemoryBody, fsync_dir
@@ -53,7 +53,7 @@ from txmta.spool.view import (DB_NAMES, FORMAT, MAX_READERS, domain_key, domain_
                               due_id, due_key, event_key, finished_key, load_message,
                               load_messages, rcpt_key, read_outbox, read_suppressions,
                               split_rcpt_key, decode_hook, encode_hook, hook_key, split_hook_key,
-                              with_attempts)
+                              with_attempts, encode_idempotent, decode_idempotent)
 
 READER_CHECK = 60.0   # seconds between sweeps of the reader slots dead processes left
 log = Logger()
@@ -126,6 +126,8 @@ class LmdbSpool:
         self._reactor = reactor
         self._inline_limit = inline_limit
         self.hooks: tuple[tuple[bytes, frozenset[str]], ...] = ()
+        self._idem_trim_at = b""
+        self._idem_next = b""
         self._max_map_size = max(max_map_size, map_size)
         os.makedirs(self.bodies, exist_ok=True)
         self._env = lmdb.open(path, map_size=map_size, max_dbs=len(DB_NAMES) + 2, subdir=True,
@@ -377,7 +379,8 @@ class LmdbSpool:
                     txn.put(key, b"", db=xdb)
 
     def put(self, message: StoredMessage, body: MemoryBody,
-            outbox: Sequence[OutboxEntry] = ()) -> Deferred[None]:
+            outbox: Sequence[OutboxEntry] = (), idempotency: Idempotency | None = None
+            ) -> Deferred[None]:
         in_file = body.in_file
         if in_file != message.body_in_file:
             message = replace(message, body_in_file=in_file)
@@ -387,6 +390,15 @@ class LmdbSpool:
         def fn(txn: Any) -> None:
             if txn.get(key, db=self._db[b"messages"]) is not None:
                 raise CommitFailed(f"message id {message.id} already exists")
+            if idempotency is not None:
+                db = self._db[b"idempotency"]
+                found = txn.get(idempotency.key, db=db)
+                if found is not None:
+                    when, result = decode_idempotent(bytes(found))
+                    if when >= idempotency.not_before:
+                        raise AlreadySubmitted(result)
+                txn.put(idempotency.key, encode_idempotent(message.arrival, idempotency.result),
+                        db=db)
             txn.put(key, codec.encode_message(message), db=self._db[b"messages"])
             if inline is not None:
                 txn.put(key, inline, db=self._db[b"bodies"])
@@ -567,6 +579,40 @@ class LmdbSpool:
                             db=db)
             return found
         return self._submit(_Op(fn))
+
+    def idempotent_get(self, key: bytes, not_before: float) -> Deferred[bytes | None]:
+        """The result stored for an idempotency key at or after `not_before`, or None."""
+        def fn(txn: Any) -> bytes | None:
+            found = txn.get(key, db=self._db[b"idempotency"])
+            if found is None:
+                return None
+            when, result = decode_idempotent(bytes(found))
+            return result if when >= not_before else None
+        return self._submit(_Op(fn, read=True))
+
+    def idempotent_trim(self, before: float, limit: int = 10000) -> Deferred[int]:
+        """Forget idempotency keys stored before `before`: looks at up to `limit` keys from
+        where the previous call stopped (a full pass over many calls)."""
+        def fn(txn: Any) -> int:
+            gone = 0
+            with txn.cursor(db=self._db[b"idempotency"]) as cur:
+                found = cur.set_range(self._idem_trim_at) if self._idem_trim_at else cur.first()
+                seen = 0
+                while found and seen < limit:
+                    seen += 1
+                    when, _ = decode_idempotent(bytes(cur.value()))
+                    if when < before:
+                        gone += 1
+                        found = cur.delete()        # moves to the next entry
+                    else:
+                        found = cur.next()
+                    self._idem_next = bytes(cur.key()) if found else b""
+            return gone
+
+        def moved(gone: int) -> int:
+            self._idem_trim_at = self._idem_next
+            return gone
+        return self._submit(_Op(fn)).addCallback(moved)
 
     def hooks_pending(self) -> Deferred[int]:
         """How many webhook deliveries are waiting, in all partitions."""

@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 from twisted.internet.defer import Deferred, fail, succeed
 
 from txmta.events import time_key
+from txmta.message import AlreadySubmitted, Idempotency
 from txmta.message import (QUEUED, UNFINISHED, Change, Event, OutboxEntry, OutboxRecord,
                            StoredMessage, Suppression, intake_events, received_event)
 from txmta.spool import codec
@@ -68,6 +69,7 @@ class MemorySpool:
         self.outbox: dict[bytes, bytes] = {}     # event id -> encoded record, as LMDB keeps it
         self.hooks: tuple[tuple[bytes, frozenset[str]], ...] = ()
         self.hook_entries: dict[bytes, bytes] = {}   # hook key -> entry, as LMDB keeps them
+        self.idempotent: dict[bytes, tuple[float, bytes]] = {}
 
     def _failing(self) -> SpoolError | None:
         err, self.fail_next = self.fail_next, None
@@ -127,14 +129,29 @@ class MemorySpool:
         self.commits += 1
         return succeed(found)
 
+    def idempotent_get(self, key: bytes, not_before: float) -> Deferred[bytes | None]:
+        found = self.idempotent.get(key)
+        return succeed(found[1] if found is not None and found[0] >= not_before else None)
+
+    def idempotent_trim(self, before: float, limit: int = 10000) -> Deferred[int]:
+        gone = [k for k, (when, _) in self.idempotent.items() if when < before][:limit]
+        for k in gone:
+            del self.idempotent[k]
+        return succeed(len(gone))
+
     def hooks_pending(self) -> Deferred[int]:
         return succeed(len(self.hook_entries))
 
     def put(self, message: StoredMessage, body: MemoryBodyWriter,  # type: ignore[override]
-            outbox: Sequence[OutboxEntry] = ()) -> Deferred[None]:
+            outbox: Sequence[OutboxEntry] = (), idempotency: Idempotency | None = None
+            ) -> Deferred[None]:
         err = self._failing()
         if err is None and message.id in self.messages:
             err = CommitFailed(f"message id {message.id} already exists")
+        if err is None and idempotency is not None:
+            found = self.idempotent.get(idempotency.key)
+            if found is not None and found[0] >= idempotency.not_before:
+                err = AlreadySubmitted(found[1])
         entries = self._outbox_entries(outbox) if err is None else {}
         if isinstance(entries, CommitFailed):
             err = entries
@@ -142,6 +159,8 @@ class MemorySpool:
             body.abort()
             return fail(err)
         assert isinstance(entries, dict)
+        if idempotency is not None:
+            self.idempotent[idempotency.key] = (message.arrival, idempotency.result)
         self.outbox.update(entries)
         self._add_hooks(outbox)
         self.events.setdefault(message.id, []).extend(intake_events(message))

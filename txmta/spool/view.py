@@ -33,7 +33,7 @@ FORMAT = b"3"
 MAX_READERS = 512     # every worker's threads and every `txmta queue` read share the table
 DB_NAMES = (b"messages", b"bodies", b"recipients", b"due", b"events", b"meta",
             b"history", b"finished", b"msgids", b"suppression", b"cache", b"domains",
-            b"outbox", b"hooks")
+            b"outbox", b"hooks", b"idempotency")
 
 
 def rcpt_key(message_id: str, index: int) -> bytes:
@@ -111,6 +111,14 @@ def hook_stats(txn: Any, dbs: dict[bytes, Any]) -> dict[bytes, tuple[int, int, f
             tried = struct.unpack(">H", bytes(v[:2]))[0] > 0
             out[endpoint] = (n + 1, failing + tried, min(oldest, id_time(eid)))
     return out
+
+
+def encode_idempotent(when: float, result: bytes) -> bytes:
+    return struct.pack(">d", when) + result
+
+
+def decode_idempotent(value: bytes) -> tuple[float, bytes]:
+    return struct.unpack(">d", value[:8])[0], value[8:]
 
 
 def finished_key(when: float, message_id: str) -> bytes:
