@@ -240,6 +240,10 @@ class FakeQueue:
     def suppress_remove(self, address: str) -> Deferred[bool]:
         return succeed(self.suppressions.pop(suppression.key(address), None) is not None)
 
+    def webhook_replay(self, message_id: str | None = None, event_id: str | None = None
+                       ) -> Deferred[int]:
+        return succeed(0)       # the fake keeps no webhook deliveries
+
 
 class FaultySpool:
     """A spool whose next write (`put`, `apply`, `modify`) fails with `fail_next` when it is

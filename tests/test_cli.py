@@ -326,7 +326,8 @@ def test_command_table_lists_each_subcommand_once():
     assert words == ["check-config", "passwd", "doctor", "queue list", "queue show", "history",
                      "suppression list", "queue flush", "queue hold", "queue release",
                      "queue requeue", "queue delete", "status", "suppression add",
-                     "suppression remove", "suppression import", "api-token", "dkim keygen"]
+                     "suppression remove", "suppression import", "api-token", "webhook list",
+                     "webhook replay", "webhook test", "dkim keygen"]
     assert len(set(words)) == len(words)
 
 

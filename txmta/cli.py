@@ -23,6 +23,9 @@ and the function that runs it.  Implemented here:
     txmta api-token NAME [--scope S]... [--domain D]... [--lane L] [--test] [--file PATH]
                                          make an HTTP API token (printed once; the tokens
                                          file keeps its hash)
+    txmta webhook list [--json]          the [[webhook]] endpoints, what waits for each
+    txmta webhook replay ID              send a message's events (or one, by webhook-id) again
+    txmta webhook test URL [--secret FILE]   POST a signed test event, show the answer
     txmta dkim keygen --domain D --selector S [--algorithm A] [--bits N] [--key PATH]
                                          write a DKIM private key, print the DNS record
 
@@ -761,6 +764,111 @@ def api_token(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- webhook list / replay / test -------------------------------------------------------------
+
+def _args_webhook_list(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print a JSON list")
+    _args_config(p)
+
+
+def webhook_list(args: argparse.Namespace) -> int:
+    """The [[webhook]] endpoints with what waits for each in the spool (read-only)."""
+    from txmta.webhooks.service import endpoint_id
+    cfg = config.load(args.config)
+    stats: dict[bytes, tuple[int, int, float]] = {}
+    if cfg.webhooks:
+        view = _open_view(args)
+        try:
+            stats = view.hook_stats()
+        finally:
+            view.close()
+    now = time.time()
+    rows = []
+    for w in cfg.webhooks:
+        n, failing, oldest = stats.get(endpoint_id(w.url), (0, 0, float("inf")))
+        rows.append({"url": w.url, "events": list(w.events), "format": w.format,
+                     "pending": n, "retrying": failing,
+                     "oldest_age": round(now - oldest, 1) if n else None})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    elif not rows:
+        print("no [[webhook]] endpoints configured")
+    for r in rows if not args.json else []:
+        age = f", oldest {r['oldest_age']:.0f} s" if r["pending"] else ""
+        print(f"{r['url']}  ({r['format']}: {', '.join(r['events'])})")
+        print(f"    {r['pending']} waiting, {r['retrying']} being retried{age}")
+    return 0
+
+
+def _args_webhook_replay(p: argparse.ArgumentParser) -> None:
+    p.add_argument("id", help="a queue id (all its events) or a webhook-id msg_... (one event)")
+    _args_config(p)
+
+
+def webhook_replay(args: argparse.Namespace) -> int:
+    """Send the events again (same webhook-ids) to the endpoints that want them."""
+    if args.id.startswith("msg_"):
+        count = _control_call(args, "WebhookReplay", event_id=args.id)["count"]
+    else:
+        count = _control_call(args, "WebhookReplay", message_id=args.id)["count"]
+    if not count:
+        raise CommandFailed(f"{args.id}: no event of it in the outbox for a [[webhook]] "
+                            f"endpoint (events are kept for [history] retention)")
+    print(count)
+    return 0
+
+
+def _args_webhook_test(p: argparse.ArgumentParser) -> None:
+    p.add_argument("url", help="the endpoint to send a test event to")
+    p.add_argument("--secret", metavar="FILE", default=None,
+                   help="the secret file (default: that of the [[webhook]] with this url)")
+    p.add_argument("--format", choices=("txmta", "postmark"), default=None,
+                   help="the body's format (default: the [[webhook]]'s, else txmta)")
+    _args_config(p)
+
+
+def webhook_test(args: argparse.Namespace) -> int:
+    """POST one signed test event to URL and print the answer; exit 0 on a 2xx."""
+    import urllib.error
+    import urllib.request
+
+    from txmta.message import MessageFacts, OutboxRecord
+    from txmta.webhooks import sign
+    from txmta.webhooks.service import Endpoint, body_for
+    cfg = config.load(args.config)
+    table = next((w for w in cfg.webhooks if w.url == args.url), None)
+    secret_file = args.secret or (table.secret if table else None)
+    if not secret_file:
+        raise CommandFailed(f"{args.url}: not a [[webhook]] url of the configuration; "
+                            "give --secret FILE")
+    try:
+        secret = sign.load_secret(secret_file)
+    except ValueError as e:
+        raise CommandFailed(str(e)) from None
+    fmt = args.format or (table.format if table else "txmta")
+    now = time.time()
+    from txmta.events import EventIds, event_id
+    eid = event_id(EventIds(0).base(now), 0)
+    record = OutboxRecord("delivered", now, "0000000000000000", 0, "test@example.invalid",
+                          {"code": 250, "enhanced": "2.0.0", "text": "test event from txmta"},
+                          "test.invalid[192.0.2.1]", "", "", 1,
+                          facts=MessageFacts("sender@example.invalid", "<test@example.invalid>",
+                                             "webhook-test"))
+    endpoint = Endpoint(args.url, frozenset({"delivered"}), fmt, secret, 10.0)
+    body = body_for(endpoint, eid, record) or b"{}"
+    headers = sign.headers(secret, sign.msg_id_for(eid), int(now), body)
+    request = urllib.request.Request(args.url, data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as r:
+            status = r.status
+    except urllib.error.HTTPError as e:
+        status = e.code
+    except (urllib.error.URLError, OSError) as e:
+        raise CommandFailed(f"{args.url}: {getattr(e, 'reason', e)}") from None
+    print(f"{args.url}: HTTP {status} (webhook-id {headers['webhook-id']})")
+    return 0 if 200 <= status < 300 else 1
+
+
 # -- the table ------------------------------------------------------------------------
 
 COMMANDS: tuple[Command, ...] = (
@@ -796,6 +904,12 @@ COMMANDS: tuple[Command, ...] = (
             _args_suppression_import, suppression_import),
     Command("api-token", "make an HTTP API token, add its hash to the tokens file, print it",
             _args_api_token, api_token),
+    Command("webhook list", "the [[webhook]] endpoints and the deliveries waiting for each",
+            _args_webhook_list, webhook_list),
+    Command("webhook replay", "send a message's events (or one event) to the webhooks again",
+            _args_webhook_replay, webhook_replay),
+    Command("webhook test", "POST a signed test event to a URL and show the answer",
+            _args_webhook_test, webhook_test),
     Command("dkim keygen", "write a new DKIM private key and print the DNS TXT record to publish",
             _args_dkim_keygen, dkim_keygen),
 )

@@ -83,6 +83,9 @@ class AdminQueue(Protocol):
 
     def suppress_remove(self, address: str) -> "Deferred[bool]": ...
 
+    def webhook_replay(self, message_id: str | None = None, event_id: str | None = None
+                       ) -> "Deferred[int]": ...
+
     def suppress_import(self, entries: Sequence[tuple[str, str]]) -> "Deferred[int]": ...
 
     def suppression_entry(self, address: str) -> Suppression | None:

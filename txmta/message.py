@@ -33,6 +33,17 @@ def _digits(n: int, width: int) -> str:
     return "".join(reversed(out))
 
 
+def message_id_time(message_id: str) -> float | None:
+    """The arrival time (seconds) a queue id carries, None when it is not one of ours."""
+    digits = {c: i for i, c in enumerate(_ALPHABET)}
+    micros = 0
+    for c in message_id[:_TIME_DIGITS]:
+        if c not in digits:
+            return None
+        micros = micros * len(_ALPHABET) + digits[c]
+    return micros / 1e6 if len(message_id) >= _TIME_DIGITS else None
+
+
 def format_message_id(micros: int, partition: int, tail: int) -> str:
     """A queue id: 11 digits of time (so ids sort by arrival), the partition's character,
     3 random digits.  15 characters of `_ALPHABET`; `partition.partition_of` reads it back."""

@@ -27,7 +27,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.interfaces import IReactorTime
 
 from txmta import dsn, retry, suppression
@@ -119,6 +119,19 @@ class Queue:
                                       suppression.rejection(str(rcpt.address), entry),
                                       category=entry.reason)
         return RecipientState(next_attempt=arrival)
+
+    def webhook_replay(self, message_id: str | None = None, event_id: str | None = None
+                       ) -> Deferred[int]:
+        """Queue the events of a message (or one event, by its webhook-id "msg_...") for
+        the [[webhook]] endpoints again; how many deliveries were queued."""
+        eid = None
+        if event_id:
+            from txmta.webhooks.sign import event_id_of
+            try:
+                eid = event_id_of(event_id)
+            except ValueError:
+                return succeed(0)
+        return self.spool.hooks_replay(self.clock.seconds(), message_id, eid)
 
     def idempotent_trim(self, before: float) -> Deferred[int]:
         """Forget idempotency keys stored before `before` (a bounded part of them a call)."""

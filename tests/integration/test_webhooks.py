@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator
 import pytest
 from standardwebhooks import Webhook
 
-from itlib import Daemon, free_port, submit, wait_until
+from itlib import Daemon, free_port, submit, txmta_cli, wait_until
 from sinks import SmtpSink
 
 pytestmark = pytest.mark.integration
@@ -196,3 +196,31 @@ def test_webhook_json_is_what_the_docs_say(start_daemon: Callable[..., Daemon],
     assert delivered["data"]["message_id"] == mid and delivered["data"]["recipient"] == "bob@dest.test"
     assert delivered["data"]["reply"]["code"] == 250 and delivered["timestamp"].endswith("Z")
     json.dumps(delivered)
+
+
+def test_webhook_commands(start_daemon: Callable[..., Daemon], receiver: Receiver,
+                          secret_file: Path) -> None:
+    """`txmta webhook list` shows the endpoint and nothing waiting; `replay QUEUEID` sends the
+    message's events again with their webhook-ids, `replay msg_...` one event; `test URL`
+    sends a verified event and exits 0, 1 when the endpoint answers 500."""
+    port = free_port(SINK_IP)
+    with SmtpSink(SINK_IP, port):
+        d = start(start_daemon, receiver, secret_file, port)
+        mid = submit(d, "app@example.com", ["bob@dest.test"], "Subject: x\r\n\r\nx\r\n")
+        wait_until(lambda: len(receiver.got) >= 2, 30, "received and delivered")
+        listed = json.loads(txmta_cli(d, "webhook", "list", "--json").stdout)
+        assert listed[0]["url"] == receiver.url and listed[0]["pending"] == 0
+        first = {w for w, _ in receiver.got}
+        out = txmta_cli(d, "webhook", "replay", mid)
+        assert out.stdout.strip() == "2"
+        wait_until(lambda: len(receiver.got) >= 4, 30, "the events again")
+        assert {w for w, _ in receiver.got[2:]} == first
+        one = sorted(first)[0]
+        assert txmta_cli(d, "webhook", "replay", one).stdout.strip() == "1"
+        wait_until(lambda: len(receiver.got) >= 5, 30, "one event again")
+        assert receiver.got[4][0] == one
+        assert txmta_cli(d, "webhook", "replay", "0152zzzzzzzzzzz", check=False).returncode == 1
+        out = txmta_cli(d, "webhook", "test", receiver.url)
+        assert "HTTP 200" in out.stdout and receiver.got[-1][1]["data"]["tag"] == "webhook-test"
+        receiver.fail_first = 1
+        assert txmta_cli(d, "webhook", "test", receiver.url, check=False).returncode == 1

@@ -125,8 +125,18 @@ class SuppressionImport(amp.Command):
     errors = _ERRORS
 
 
+class WebhookReplay(amp.Command):
+    """Send a message's events (or one event, by its webhook-id) to the [[webhook]]
+    endpoints that want them again; count: the deliveries queued."""
+    arguments = [(b"message_id", amp.Unicode(optional=True)),
+                 (b"event_id", amp.Unicode(optional=True))]
+    response = [(b"count", amp.Integer())]
+    errors = _ERRORS
+
+
 COMMANDS: tuple[type[amp.Command], ...] = (Flush, Hold, Release, Delete, Requeue, Status,
-                                           SuppressionAdd, SuppressionRemove, SuppressionImport)
+                                           SuppressionAdd, SuppressionRemove, SuppressionImport,
+                                           WebhookReplay)
 
 
 def import_entries(lines: str) -> list[tuple[str, str]]:
@@ -154,6 +164,8 @@ class IQueueControl(Protocol):
     def suppress_add(self, address: str, reason: str) -> "defer.Deferred[bool]": ...
     def suppress_remove(self, address: str) -> "defer.Deferred[bool]": ...
     def suppress_import(self, entries: list[tuple[str, str]]) -> "defer.Deferred[int]": ...
+    def webhook_replay(self, message_id: str | None, event_id: str | None
+                       ) -> "defer.Deferred[int]": ...
 
 
 # -- the daemon side -------------------------------------------------------------------------
@@ -219,6 +231,12 @@ class ControlProtocol(amp.AMP):
     @SuppressionImport.responder
     def suppression_import(self, lines: str) -> defer.Deferred:
         d = self._ask(self.queue_control.suppress_import, import_entries(lines))
+        return d.addCallback(lambda n: {"count": int(n)})
+
+    @WebhookReplay.responder
+    def webhook_replay(self, message_id: str | None = None, event_id: str | None = None
+                       ) -> defer.Deferred:
+        d = self._ask(self.queue_control.webhook_replay, message_id, event_id)
         return d.addCallback(lambda n: {"count": int(n)})
 
 

@@ -35,6 +35,7 @@ from twisted.protocols import amp
 
 from txmta import events, partition, suppression
 from txmta.control.amp import (_ERRORS, ControlProtocol, Delete, Flush, Hold, Release, Requeue,
+                               WebhookReplay,
                                Status, SuppressionAdd, SuppressionImport, SuppressionRemove)
 from txmta.faces import AdminQueue
 from txmta.message import Suppression
@@ -159,6 +160,9 @@ class WorkerControl:
         return n
 
     @defer.inlineCallbacks
+    def webhook_replay(self, message_id: str | None, event_id: str | None) -> Any:
+        return self.queue.webhook_replay(message_id, event_id)
+
     def suppress_remove(self, address: str) -> Any:
         found = yield self.queue.suppress_remove(address)
         yield self.tell([], [suppression.key(address)])
@@ -329,6 +333,13 @@ class FanOut:
             if channel is not None:
                 return channel
         raise WorkerNotRunning("no worker is running")
+
+    def webhook_replay(self, message_id: str | None, event_id: str | None) -> defer.Deferred[int]:
+        """Any worker can queue deliveries (they land in the event's partition, whose owner
+        sends them): the owner of the message, else worker 0."""
+        channel = self._owner(message_id) if message_id else self._channel(0)
+        d = channel.callRemote(WebhookReplay, message_id=message_id, event_id=event_id)
+        return d.addCallback(lambda r: int(r["count"]))
 
     def suppress_add(self, address: str, reason: str) -> defer.Deferred[bool]:
         d = defer.maybeDeferred(lambda: self._writer().callRemote(

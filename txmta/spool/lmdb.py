@@ -44,7 +44,7 @@ from twisted.python.failure import Failure
 from txmta.events import time_key
 from txmta.message import (QUEUED, UNFINISHED, Change, OutboxEntry, OutboxRecord,
                            RecipientState, StoredMessage, Suppression, intake_events,
-                           received_event, AlreadySubmitted, Idempotency)
+                           received_event, AlreadySubmitted, Idempotency, message_id_time)
 from txmta.partition import ALL, partition_of
 from txmta.spool import codec
 from txmta.spool.bodies import MemoryBody, fsync_dir
@@ -613,6 +613,55 @@ class LmdbSpool:
             self._idem_trim_at = self._idem_next
             return gone
         return self._submit(_Op(fn)).addCallback(moved)
+
+    def hooks_replay(self, now: float, message_id: str | None = None,
+                     event_id: bytes | None = None, scan_limit: int = 500_000) -> Deferred[int]:
+        """Queue the events of `message_id` (or the one event `event_id`) again for every
+        endpoint that wants them, due `now`, with their ids (so their webhook-ids) unchanged.
+        A message's events are looked for in the outbox from its arrival on, at most
+        `scan_limit` entries, in a read transaction on a thread of its own (the writer goes
+        on committing); then one commit.  How many deliveries were queued."""
+        from twisted.internet.threads import deferToThreadPool
+
+        def find() -> list[tuple[bytes, bytes]]:
+            found: list[tuple[bytes, bytes]] = []
+            with self._env.begin(db=self._db[b"outbox"]) as txn:
+                if event_id is not None:
+                    raw = txn.get(event_id)
+                    return [(event_id, bytes(raw))] if raw is not None else []
+                start = message_id_time(message_id or "")
+                if start is None:
+                    return []
+                with txn.cursor() as cur:
+                    if not cur.set_range(time_key(start)):
+                        return []
+                    for seen, (k, v) in enumerate(cur):
+                        if seen >= scan_limit:
+                            break
+                        record = bytes(v)
+                        if message_id.encode("ascii") in record:    # cheap test, then decode
+                            try:
+                                if codec.decode_outbox(record).message_id == message_id:
+                                    found.append((bytes(k), record))
+                            except codec.CorruptRecord:
+                                continue
+            return found
+
+        def queue(found: list[tuple[bytes, bytes]]) -> Deferred[int]:
+            def fn(txn: Any) -> int:
+                n = 0
+                for eid, raw in found:
+                    record = codec.decode_outbox(raw)
+                    for endpoint, kinds in self.hooks:
+                        if record.kind in kinds:
+                            txn.put(hook_key(eid, endpoint, now), encode_hook(0, record),
+                                    db=self._db[b"hooks"])
+                            n += 1
+                return n
+            return self._submit(_Op(fn))
+
+        d = deferToThreadPool(self._reactor, self._reactor.getThreadPool(), find)
+        return d.addCallback(queue)
 
     def hooks_pending(self) -> Deferred[int]:
         """How many webhook deliveries are waiting, in all partitions."""

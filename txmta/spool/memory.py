@@ -139,6 +139,20 @@ class MemorySpool:
             del self.idempotent[k]
         return succeed(len(gone))
 
+    def hooks_replay(self, now: float, message_id: str | None = None,
+                     event_id: bytes | None = None) -> Deferred[int]:
+        n = 0
+        for eid, raw in sorted(self.outbox.items()):
+            record = codec.decode_outbox(raw)
+            if (event_id is not None and eid != event_id) or \
+                    (event_id is None and record.message_id != message_id):
+                continue
+            for endpoint, kinds in self.hooks:
+                if record.kind in kinds:
+                    self.hook_entries[hook_key(eid, endpoint, now)] = encode_hook(0, record)
+                    n += 1
+        return succeed(n)
+
     def hooks_pending(self) -> Deferred[int]:
         return succeed(len(self.hook_entries))
 
