@@ -98,7 +98,10 @@ def finish(request: Any, status: int, body: Any, headers: dict[str, str] | None 
     """Answer a request that is still open (after a Deferred); a client that left is fine."""
     if request.finished or request._disconnected:
         return
-    request.write(respond(request, status, body, headers))
+    data = respond(request, status, body, headers)
+    # a length, so that HTTP/1.0 keep-alive clients keep the connection
+    request.setHeader(b"content-length", b"%d" % len(data))
+    request.write(data)
     request.finish()
 
 
