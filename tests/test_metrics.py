@@ -143,6 +143,7 @@ def test_recipient_outcomes_count_by_result_lane_and_category() -> None:
     ("TLSv1.3 TLS_AES_128_GCM_SHA256 dane-fail", "starttls", "dane-fail"),
     ("TLSv1.3 TLS_AES_128_GCM_SHA256", "dot", "encrypted"),
     ("", "dot", "none"),            # a plaintext session
+    ("", "starttls", "failed"),     # a handshake that failed, STARTTLS refused
     ("weird", "dot", "other"),
 ])
 def test_tls_outcomes_count_the_verdict(tls: str, stage: str, label: str) -> None:

@@ -78,7 +78,8 @@ ATTEMPT_RESULTS = ("delivered", "deferred", "bounced", "mixed")
 # outbound/client.py `UNVERIFIED`), as they end the `tls` text of an outcome.
 TLS_VERDICTS = ("verified", "unverified", "dane", "dane-ee", "dane-ta", "dane-fail",
                 "sts-enforce", "sts-testing", "sts-testing unverified")
-TLS_LABELS = tuple(v.replace(" ", "-") for v in TLS_VERDICTS) + ("encrypted", NONE, OTHER)
+TLS_LABELS = tuple(v.replace(" ", "-") for v in TLS_VERDICTS) + ("encrypted", "failed", NONE,
+                                                                  OTHER)
 TLS_LEVELS = ("none", "may", "encrypt", "verify", "dane", "mta-sts")    # tlspolicy.LEVELS
 DSN_ACTIONS = ("failed", "delayed", "relayed")
 ADMIN_ACTIONS = ("hold", "release", "requeue", "flush")
@@ -173,6 +174,17 @@ def tls_label(tls: str) -> str:
     if tls.startswith("TLS"):
         return "encrypted"
     return OTHER
+
+
+def _tls_of(outcome: Outcome) -> str:
+    """The TLS label of an attempt's outcome: its verdict; "failed" when it ended at STARTTLS
+    before any verdict (handshake failure, STARTTLS refused or not offered where required);
+    "none" for a plaintext session; "" (not counted) when no session got that far."""
+    if outcome.tls:
+        return tls_label(outcome.tls)
+    if outcome.stage == "starttls":
+        return "failed"
+    return NONE if outcome.stage in _SESSION_STAGES else ""
 
 
 def _one_of(value: str, allowed: Iterable[str]) -> str:
@@ -304,8 +316,9 @@ class Metrics:
             "recipients to one destination), by result.", ["result"],
             buckets=ATTEMPT_BUCKETS, registry=r)
         self.tls_outcomes = Counter(
-            "txmta_tls_outcomes", "TLS of outbound sessions as recorded with each recipient "
-            "outcome: the peer check's verdict, encrypted (no verdict), or none (plaintext).",
+            "txmta_tls_outcomes", "TLS of outbound sessions, counted with each recipient "
+            "outcome: the peer check's verdict, encrypted (no verdict), failed (at STARTTLS, "
+            "before a verdict), or none (plaintext).",
             ["tls"], registry=r)
         self.connections_out = Gauge(
             "txmta_connections_out_open", "Outbound SMTP connections open now, by TLS level.",
@@ -366,9 +379,9 @@ class Metrics:
             self.recipients.labels(_one_of(result, RESULTS), self.lane(m.labels.stream),
                                    category_label(state.category)).inc()
             if isinstance(event, events.ATTEMPTED):
-                outcome = event.outcome
-                if outcome.tls or outcome.stage in _SESSION_STAGES:
-                    self.tls_outcomes.labels(tls_label(outcome.tls)).inc()
+                tls = _tls_of(event.outcome)
+                if tls:
+                    self.tls_outcomes.labels(tls).inc()
         elif isinstance(event, events.DsnQueued):
             self.dsns.labels(_one_of(event.action, DSN_ACTIONS)).inc()
         elif isinstance(event, events.SuppressionAdded):
