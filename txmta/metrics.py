@@ -88,7 +88,6 @@ STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 _SESSION_STAGES = ("mail", "rcpt", "data", "dot")   # outcome stages after a session began
 
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,31}")
-_ADDRESS_PORT = re.compile(r".*:(\d{1,5})")
 _FILE_ID = re.compile(r"[0-9]{1,4}")
 
 # Buckets, in seconds (or messages): a 250 after the end of data should come within a few
@@ -133,9 +132,6 @@ class Names:
             self._extra.add(value)
             return value
         return OTHER
-
-    def values(self) -> set[str]:
-        return set(self.known.values()) | self._extra | {OTHER}
 
 
 def listener_labels(listen: Iterable[Any] = (), http: Iterable[Any] = ()) -> dict[str, str]:
