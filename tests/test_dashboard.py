@@ -173,7 +173,8 @@ def test_hostile_texts_never_become_markup(reply, address, domain, category, hos
     page = render(s)
     p = parse(page)
     assert {t for t, _ in p.tags} <= ALLOWED_TAGS
-    assert not any(name.startswith("on") or name in ("href", "src") for _, a in p.tags for name in a)
+    assert not any(name.startswith("on") or name in ("href", "src")
+                   for _, a in p.tags for name in a)
     assert sum(1 for t, _ in p.tags if t == "svg") == 6
     text = "".join(p.text)
 
@@ -267,7 +268,8 @@ GREY = Reply(451, "4.7.1", "Greylisted <b>, try later")
 FULL = Reply(452, "4.2.2", "Mailbox full")
 
 
-def message(mid, arrival, rcpts, states, sender=Address("alice", "example.org")):  # type: ignore[no-untyped-def]
+def message(mid, arrival, rcpts, states,  # type: ignore[no-untyped-def]
+            sender=Address("alice", "example.org")):
     env = Envelope(sender, tuple(Recipient(Address(*r.split("@"))) for r in rcpts))
     return StoredMessage(mid, env, arrival, 10, tuple(states), {"address": "127.0.0.1"})
 

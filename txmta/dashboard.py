@@ -24,6 +24,7 @@ Not here: where the totals come from, authorization, the listener.
 from __future__ import annotations
 
 import html
+import threading
 import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
@@ -60,15 +61,21 @@ class History:
 
     A minute is `int(now // 60)`; a sample whose clock went back is counted in the newest
     minute seen, so minutes only move forward.  The first sample of a counter only sets its
-    base: what happened before it is not this history's to show."""
+    base: what happened before it is not this history's to show.  A lock lets one thread
+    sample while another (collect() in a thread) reads."""
 
     def __init__(self, minutes: int = DAY) -> None:
         self.minutes = minutes
         self._buckets: OrderedDict[int, dict[str, float]] = OrderedDict()
         self._last: dict[str, float] = {}
         self._newest: int | None = None
+        self._lock = threading.Lock()
 
     def sample(self, now: float, totals: dict[str, float]) -> None:
+        with self._lock:
+            self._sample(now, totals)
+
+    def _sample(self, now: float, totals: dict[str, float]) -> None:
         minute = int(now // 60)
         if self._newest is not None and minute < self._newest:
             minute = self._newest
@@ -96,8 +103,9 @@ class History:
         `now`, oldest first; a gauge appears only in the minutes that sampled it."""
         end = int(now // 60)
         start = end - max(0, min(minutes, self.minutes)) + 1
-        return [(m * 60.0, b[name]) for m, b in self._buckets.items()
-                if start <= m <= end and name in b]
+        with self._lock:
+            return [(m * 60.0, b[name]) for m, b in self._buckets.items()
+                    if start <= m <= end and name in b]
 
     def __len__(self) -> int:
         return len(self._buckets)
@@ -132,7 +140,8 @@ def rates(hour_totals: dict[str, float]) -> tuple[float | None, float | None]:
                                                          "expired"))
     if attempted <= 0:
         return None, None
-    return hour_totals.get("delivered", 0.0) / attempted, hour_totals.get("bounced", 0.0) / attempted
+    return (hour_totals.get("delivered", 0.0) / attempted,
+            hour_totals.get("bounced", 0.0) / attempted)
 
 
 def reply_text(reply: Any) -> str:
@@ -218,7 +227,7 @@ def collect(view: Any, history: History, now: float, totals: dict[str, float] | 
         import socket
 
         import txmta
-        hostname = hostname or socket.getfqdn()
+        hostname = hostname or socket.gethostname()   # no DNS lookup
         version = version or txmta.__version__
     if totals is not None:
         history.sample(now, totals)
@@ -309,7 +318,8 @@ def line_plot(title: str, lines: Iterable[tuple[str, list[Point]]],
            f'<line x1="{_LEFT}" y1="{_TOP + ph}" x2="{_LEFT + pw}" y2="{_TOP + ph}" class="ax"/>',
            f'<line x1="{_LEFT}" y1="{_TOP}" x2="{_LEFT}" y2="{_TOP + ph}" class="ax"/>',
            f'<text x="{_LEFT - 4}" y="{_TOP + 4}" class="yl">{_e(_number(top))}</text>',
-           f'<text x="{_LEFT - 4}" y="{_TOP + ph / 2 + 4}" class="yl">{_e(_number(top / 2))}</text>',
+           f'<text x="{_LEFT - 4}" y="{_TOP + ph / 2 + 4}" class="yl">'
+           f'{_e(_number(top / 2))}</text>',
            f'<text x="{_LEFT - 4}" y="{_TOP + ph + 4}" class="yl">0</text>']
     for i in range(5):      # ticks at the ends and the quarters, the last one saying UTC
         x = _LEFT + pw * i / 4
@@ -356,7 +366,8 @@ def bar_plot(title: str, bars: list[tuple[str, float]]) -> str:
         out.append(f'<text x="{label_w - 6}" y="{y + 15}" class="yl">{_e(label[:28])}</text>'
                    f'<rect x="{label_w}" y="{y + 3}" width="{w:.1f}" height="{row - 6}" '
                    f'fill="{COLOURS["bounced"]}"/>'
-                   f'<text x="{label_w + w + 4:.1f}" y="{y + 15}" class="lg">{_e(_number(value))}</text>')
+                   f'<text x="{label_w + w + 4:.1f}" y="{y + 15}" class="lg">'
+                   f'{_e(_number(value))}</text>')
     out.append("</svg>")
     return "".join(out)
 
@@ -366,11 +377,14 @@ def bar_plot(title: str, bars: list[tuple[str, float]]) -> str:
 _CSS = """
 *{box-sizing:border-box}
 body{margin:0;font:14px/1.4 system-ui,sans-serif;color:#222;background:#f4f5f7}
-header{background:#263238;color:#fff;padding:10px 16px;display:flex;flex-wrap:wrap;gap:4px 16px;align-items:baseline}
+header{background:#263238;color:#fff;padding:10px 16px;display:flex;flex-wrap:wrap;
+ gap:4px 16px;align-items:baseline}
 header h1{font-size:18px;margin:0}
 header span{color:#cfd8dc;font-size:13px}
-main{padding:12px;display:grid;gap:12px;grid-template-columns:repeat(auto-fit,minmax(min(100%,460px),1fr))}
-section{background:#fff;border-radius:6px;padding:10px 12px;box-shadow:0 1px 2px rgba(0,0,0,.12);min-width:0}
+main{padding:12px;display:grid;gap:12px;
+ grid-template-columns:repeat(auto-fit,minmax(min(100%,460px),1fr))}
+section{background:#fff;border-radius:6px;padding:10px 12px;box-shadow:0 1px 2px rgba(0,0,0,.12);
+ min-width:0}
 h2{font-size:15px;margin:0 0 8px}
 .plot{width:100%;height:auto;display:block}
 .plot .t{font-size:17px;font-weight:600;fill:#222}

@@ -18,7 +18,8 @@ from twisted.web.static import Data  # noqa: E402
 from dashboard_sample import sample_snapshot  # noqa: E402
 from txmta.dashboard import DashboardResource  # noqa: E402
 
-BROKEN = b"<!DOCTYPE html><html><body><p>broken</p><script>no_such_function();</script></body></html>"
+BROKEN = (b"<!DOCTYPE html><html><body><p>broken</p>"
+          b"<script>no_such_function();</script></body></html>")
 
 
 def main() -> None:

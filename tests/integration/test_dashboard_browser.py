@@ -23,7 +23,8 @@ pytestmark = pytest.mark.integration
 
 CHROMIUM = "/usr/bin/chromium"
 HERE = Path(__file__).resolve().parent
-QUIET = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--no-default-browser-check",
+QUIET = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+         "--no-default-browser-check",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--disable-default-apps", "--disable-extensions", "--disable-domain-reliability",
          "--disable-client-side-phishing-detection", "--no-proxy-server", "--hide-scrollbars",
