@@ -155,10 +155,6 @@ def reply_text(reply: Any) -> str:
     return " ".join(str(p) for p in parts if p not in ("", None))
 
 
-def _domain(address: str) -> str:
-    return address.rpartition("@")[2].lower() if "@" in address else ""
-
-
 def _queued_messages(view: Any, limit: int) -> tuple[list[StoredMessage], bool]:
     """Up to `limit` messages in id order, and whether more were left: the read stops at
     `limit` instead of listing every id as `LmdbView.ids()` does."""
