@@ -84,8 +84,9 @@ class Dispatcher:
     HEARS = (events.Received, events.Due, events.RetryNow)   # what `heard` wants of the stream
 
     def __init__(self, queue: DeliveryQueue, deliverer: Any, clock: IReactorTime, *,
-                 max_inflight: int = 1000) -> None:
+                 max_inflight: int = 1000, metrics: Any = None) -> None:
         self.queue = queue
+        self.metrics = metrics          # txmta.metrics.Metrics: attempt durations
         self.deliverer = deliverer
         self.clock = clock
         self.max_inflight = max_inflight
@@ -231,9 +232,16 @@ class Dispatcher:
         site_failed: list[tuple[str, list[int], Reply]] = []
         if live:
             body = BodyLoader(self.queue, message.id)
+            started = self.clock.seconds()
             attempts = [self.deliverer.deliver(message.envelope, indices, body)
                         for _, indices in live]
             results = yield DeferredList(attempts, consumeErrors=True)
+            if self.metrics is not None:
+                from txmta.metrics import attempt_result
+                for ok, result in results:
+                    if ok:
+                        self.metrics.observe_attempt(self.clock.seconds() - started,
+                                                     attempt_result(result.outcomes.values()))
             for (dest, indices), (ok, result) in zip(live, results):
                 if not ok:
                     log.failure("delivery to {dest} failed", result, dest=dest)

@@ -100,6 +100,11 @@ ATTEMPT_BUCKETS = (.05, .1, .25, .5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300
 
 # -- bounded label values ---------------------------------------------------------------------
 
+# the HTTP API's endpoints, as the api_requests_total series names them
+API_ENDPOINTS = ("email", "email-batch", "templates", "messages", "status", "admin", "metrics",
+                 "dashboard", "other")
+
+
 def looks_like_name(value: str) -> bool:
     """A name a label may carry: a letter, then letters, digits, "-" or "_" (at most 32, at
     most 5 digits).  An address, a domain, an IP or an id cannot be one."""

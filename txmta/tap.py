@@ -157,6 +157,10 @@ class Master(service.Service):
         self._control.startService()
         if self.ids is not None and os.getuid() == 0:
             os.chown(path, self.ids[1], self.ids[2])     # the workers' user may use it too
+        from txmta import metrics
+        self.metrics_dir = metrics.prepare_directory(os.path.join(self.cfg.spool.path, "metrics"))
+        if self.ids is not None and os.getuid() == 0:
+            os.chown(self.metrics_dir, self.ids[1], self.ids[2])
         self.reactor.callWhenRunning(self._install_hup)
         for k in range(self.workers):
             self.start_worker(k)
@@ -204,6 +208,8 @@ class Master(service.Service):
 
     def worker_ended(self, process: WorkerProcess, reason: Any) -> None:
         k = process.index
+        from txmta import metrics
+        metrics.worker_died(self.metrics_dir, k)   # its gauges go, its counts stay
         self.processes[k] = None
         self.channels[k] = None
         why = describe_exit(reason)

@@ -43,10 +43,12 @@ class Connector:
     """Opens a connection for a pool key; fires with the client once its session is ready
     (greeting, EHLO, STARTTLS, AUTH), or errbacks SessionFailureError."""
 
-    def __init__(self, reactor: Any, settings_for: Any, connect_timeout: float) -> None:
+    def __init__(self, reactor: Any, settings_for: Any, connect_timeout: float,
+                 metrics: Any = None) -> None:
         self.reactor = reactor
         self.settings_for = settings_for
         self.connect_timeout = connect_timeout
+        self.metrics = metrics
 
     def __call__(self, key: Any) -> Any:
         from twisted.internet.protocol import Factory
@@ -61,6 +63,10 @@ class Connector:
         d = connect(self.reactor, key.address, key.port, factory, self.connect_timeout, bind)
 
         def connected(client: Any) -> Any:
+            if self.metrics is not None:
+                level = str(getattr(key.tls, "level", key.tls) or "none")
+                self.metrics.outbound_opened(level)
+                client.on_lost = lambda: self.metrics.outbound_closed(level)
             return client.ready.addCallback(lambda _: client)
 
         def failed(f: Any) -> Any:
@@ -109,7 +115,7 @@ def build_tls_policy(cfg: C.Config, reactor: Any, resolver: Any, cache_store: An
 
 
 def build_delivery(cfg: C.Config, reactor: Any, queue: Queue,
-                   cache_store: Any = None) -> DeliveryService:
+                   cache_store: Any = None, metrics: Any = None) -> DeliveryService:
     from txmta.categories import Classifier
     from txmta.dispatch import Dispatcher
     from txmta.outbound.client import ClientSettings
@@ -143,7 +149,7 @@ def build_delivery(cfg: C.Config, reactor: Any, queue: Queue,
             base = ClientSettings(helo_name=key.helo)
         return tls_policy.client_settings(key.tls, key.mx, base, connect.plaintext(key))
 
-    connect = MayFallback(reactor, Connector(reactor, settings_for, d.connect_timeout))
+    connect = MayFallback(reactor, Connector(reactor, settings_for, d.connect_timeout, metrics))
     pool = ConnectionPool(reactor, connect,
                           per_destination=d.max_per_destination, total=d.max_connections,
                           max_messages_per_connection=d.max_messages_per_connection,
@@ -152,7 +158,8 @@ def build_delivery(cfg: C.Config, reactor: Any, queue: Queue,
     deliverer = Deliverer(router, pool, helo=helo, source=d.source_address,
                           tls_level="may", relay_tls=d.relayhost_tls, tls_policy=tls_policy,
                           rules=Classifier(extra=cfg.bounce.rules))
-    dispatcher = Dispatcher(queue, deliverer, reactor, max_inflight=d.max_inflight)
+    dispatcher = Dispatcher(queue, deliverer, reactor, max_inflight=d.max_inflight,
+                            metrics=metrics)
     queue.events.subscribe(dispatcher.heard, *Dispatcher.HEARS)
     return DeliveryService(dispatcher, pool, reactor, tls_policy=tls_policy)
 
@@ -188,6 +195,21 @@ class QueueService(service.Service):
         service.Service.stopService(self)
         if self._loop is not None and self._loop.running:
             self._loop.stop()
+
+
+class QueueSamplerService(service.Service):
+    """Runs the metrics' queue sampler (depth and oldest age, every 15 s) while running."""
+
+    def __init__(self, sampler: Any) -> None:
+        self.sampler = sampler
+
+    def startService(self) -> None:
+        service.Service.startService(self)
+        self.sampler.start()
+
+    def stopService(self) -> Any:
+        service.Service.stopService(self)
+        self.sampler.stop()
 
 
 class SpoolService(service.Service):
@@ -321,8 +343,17 @@ def build(cfg: C.Config, reactor: Any, *, worker: int = 0, workers: int = 1,
     table, in order) the master bound; without them the worker binds its listeners itself.  `channel`: its
     `control.channel.WorkerChannel` to the master, which then answers the admin commands
     (the master serves the control socket) and hears of this worker's suppressions."""
+    from txmta import metrics as M
     from txmta import partition
     cfg = divide_limits(cfg, workers)
+    # Prometheus series: every process writes its own files into one directory of the
+    # spool, which the master (or, alone, this process) empties at start
+    metrics_dir = os.path.join(cfg.spool.path, "metrics")
+    if workers == 1:
+        M.prepare_directory(metrics_dir)
+    M.setup_multiprocess(metrics_dir, worker)
+    metrics = M.Metrics(listeners=M.listener_labels(cfg.listen, cfg.http),
+                        endpoints=M.API_ENDPOINTS)
     # the partitions this worker takes new ids from and delivers
     owned_partitions = partition.owned(worker, workers)
     tls = None
@@ -334,6 +365,7 @@ def build(cfg: C.Config, reactor: Any, *, worker: int = 0, workers: int = 1,
     spool = LmdbSpool(cfg.spool.path, reactor, map_size=cfg.spool.map_size,
                       max_map_size=cfg.spool.max_map_size,
                       inline_limit=cfg.spool.inline_body_limit, partitions=owned_partitions)
+    spool.on_commit = metrics.observe_commit
     SpoolService(spool).setServiceParent(top)
     queue = Queue(spool, reactor, schedule=cfg.retry.schedule,
                   max_lifetime=cfg.retry.max_lifetime, hostname=cfg.server.hostname,
@@ -346,11 +378,13 @@ def build(cfg: C.Config, reactor: Any, *, worker: int = 0, workers: int = 1,
     # the worker's channel below (the queue's suppression mirror subscribes itself)
     maillog = maillog_for(cfg, reactor, worker if workers > 1 else None)
     queue.events.subscribe(maillog.heard, *maillog.HEARS)
+    queue.events.subscribe(metrics.heard, *M.Metrics.HEARS)
+    QueueSamplerService(M.QueueSampler(metrics, reactor, spool.stats, 15.0)).setServiceParent(top)
     QueueService(queue, reactor, cfg.history.retention,
                  cfg.api.idempotency_window).setServiceParent(top)
     if cfg.webhooks:   # deliveries written with the events; sent for this worker's partitions
         from txmta.webhooks import service as webhooks
-        hooks = webhooks.build(cfg, reactor, spool)
+        hooks = webhooks.build(cfg, reactor, spool, metrics)
         hooks.setServiceParent(top)
         queue.events.subscribe(hooks.heard, events.Received, *events.ATTEMPTED,
                                events.Suppressed)
@@ -366,7 +400,7 @@ def build(cfg: C.Config, reactor: Any, *, worker: int = 0, workers: int = 1,
         max_errors=cfg.server.max_errors, command_timeout=cfg.server.command_timeout,
         data_timeout=cfg.server.data_timeout, tls_available=tls is not None,
         auth_available=checker is not None)
-    delivery = build_delivery(cfg, reactor, queue, spool)
+    delivery = build_delivery(cfg, reactor, queue, spool, metrics)
     delivery.setServiceParent(top)
     parts: list[Any] = [tls] if tls is not None else []
     parts += [SigningReload(receiver, queue), TLSPolicyReload(delivery.tls_policy)]
@@ -389,7 +423,8 @@ def build(cfg: C.Config, reactor: Any, *, worker: int = 0, workers: int = 1,
                                    max_connections=cfg.server.max_connections,
                                    max_per_ip=cfg.server.max_connections_per_ip, counts=counts,
                                    suppression=queue.suppression,
-                                   reject_suppressed=cfg.suppression.action == "reject")
+                                   reject_suppressed=cfg.suppression.action == "reject",
+                                   metrics=metrics)
         if lst.tls == "implicit":
             factory = TLSMemoryBIOFactory(tls, False, factory)
         endpoint: Any
@@ -402,7 +437,8 @@ def build(cfg: C.Config, reactor: Any, *, worker: int = 0, workers: int = 1,
         from txmta.api.build import http_services
         first = len(cfg.listen)
         for svc in http_services(cfg, reactor, receiver, queue, tls, workers,
-                                 inherited[first:] if inherited is not None else None):
+                                 inherited[first:] if inherited is not None else None,
+                                 metrics=metrics, metrics_dir=metrics_dir, spool=spool):
             svc.setServiceParent(top)
     return top
 

@@ -35,7 +35,7 @@ QUIET = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
 @pytest.fixture(scope="module")
 def server() -> Iterator[str]:
     if not os.path.exists(CHROMIUM):
-        pytest.skip("chromium is not installed (make debs)")
+        pytest.fail("chromium is not installed: `make debs` (run by `make test`) installs it")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(HERE.parent.parent)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
     proc = subprocess.Popen([sys.executable, str(HERE / "dashboard_server.py")],

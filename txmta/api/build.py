@@ -6,7 +6,7 @@ context when `tls = "implicit"`."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Callable
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService
@@ -19,8 +19,124 @@ from txmta.api.tokens import RateLimiter, TokenFileError, TokenStore
 from txmta.tcp import AdoptedServerEndpoint, TCPServerEndpoint
 
 
+class SpoolReader:
+    """What dashboard.collect() reads through (`_read(fn)`, `_db`): short read transactions
+    on the worker's own spool environment, on the calling thread (collect runs in a thread of
+    the reactor's pool, so the page never holds up the reactor or the spool's writer)."""
+
+    def __init__(self, spool: Any) -> None:
+        self._spool = spool
+        self._db = spool._db
+
+    def _read(self, fn: Callable[[Any], Any]) -> Any:
+        import lmdb
+        for _ in range(20):
+            try:
+                with self._spool._env.begin() as txn:
+                    return fn(txn)
+            except lmdb.MapResizedError:
+                self._spool._env.set_mapsize(0)
+        raise RuntimeError("spool map kept changing size")
+
+
+class Watch:
+    """The dashboard's and /metrics' data: the per-minute history of the metrics' totals,
+    sampled every `interval` seconds, and the last totals."""
+
+    def __init__(self, reactor: Any, metrics_dir: str, interval: float = 10.0) -> None:
+        from twisted.internet.task import LoopingCall
+
+        from txmta.dashboard import History
+        self.reactor = reactor
+        self.metrics_dir = metrics_dir
+        self.history = History()
+        self.last: dict[str, float] = {}
+        self._loop = LoopingCall(self.sample)
+        self._loop.clock = reactor
+        reactor.callWhenRunning(self._loop.start, interval, True)
+
+    def sample(self) -> None:
+        from txmta import metrics
+        try:
+            self.last = metrics.totals(self.metrics_dir)
+        except Exception:
+            return
+        self.history.sample(self.reactor.seconds(), self.last)
+
+
+def viewer_check(tokens: TokenStore, networks: Sequence[Any]) -> Callable[[Any], bool]:
+    """Who may see /metrics and the dashboard: a client in relay.networks, or a token with
+    the admin or dashboard scope (as a Bearer token, X-Postmark-Server-Token, or the password
+    of HTTP Basic authentication, which a browser asks for)."""
+    import base64
+    import ipaddress
+
+    from txmta.api.server import presented_token
+
+    def allowed(request: Any) -> bool:
+        try:
+            ip = ipaddress.ip_address(getattr(request.getClientAddress(), "host", ""))
+            if any(ip in n for n in networks):
+                return True
+        except ValueError:
+            pass
+        token = presented_token(request)
+        auth = request.getHeader("authorization") or ""
+        if token is None and auth[:6].lower() == "basic ":
+            try:
+                token = base64.b64decode(auth[6:].strip()).decode("utf-8").partition(":")[2]
+            except (ValueError, UnicodeDecodeError):
+                token = None
+        found = tokens.check(token)
+        return found is not None and bool(found.scopes & {"admin", "dashboard"})
+    return allowed
+
+
+def page_routes(h: Any, cfg: C.Config, reactor: Any, allowed: Callable[[Any], bool],
+                metrics_dir: str, watch: Watch, spool: Any
+                ) -> dict[tuple[bytes, bytes], Callable[[Any], Any]]:
+    """GET /metrics and GET / for a listener that serves them."""
+    from twisted.internet.threads import deferToThread
+
+    import txmta
+    from txmta import dashboard, metrics
+
+    def refused(request: Any) -> bytes:
+        request.setResponseCode(401)
+        request.setHeader(b"www-authenticate", b'Basic realm="txmta"')
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return b"a token with the admin or dashboard scope is needed\n"
+
+    routes: dict[tuple[bytes, bytes], Callable[[Any], Any]] = {}
+    if "metrics" in h.serve:
+        page = metrics.MetricsResource(metrics_dir)
+
+        def metrics_page(request: Any) -> Any:
+            return page.render_GET(request) if allowed(request) else refused(request)
+        routes[(b"GET", b"/metrics")] = metrics_page
+    if "dashboard" in h.serve and spool is not None:
+        reader = SpoolReader(spool)
+
+        def snapshot() -> Any:
+            def made(snap: Any) -> Any:
+                for key in ("queue_depth", "oldest_age", "webhook_backlog"):
+                    if key in watch.last:
+                        setattr(snap, key, type(getattr(snap, key))(watch.last[key]))
+                return snap
+            return deferToThread(dashboard.collect, reader, watch.history, reactor.seconds(),
+                                 None, hostname=cfg.server.hostname,
+                                 version=txmta.__version__).addCallback(made)
+        page_d = dashboard.DashboardResource(snapshot)
+
+        def dashboard_page(request: Any) -> Any:
+            return page_d.render_GET(request) if allowed(request) else refused(request)
+        routes[(b"GET", b"/")] = dashboard_page
+    return routes
+
+
 def http_services(cfg: C.Config, reactor: Any, receiver: Any, queue: Any, tls: Any,
-                  workers: int, inherited: Sequence[int] | None) -> list[IService]:
+                  workers: int, inherited: Sequence[int] | None, *, metrics: Any = None,
+                  metrics_dir: str | None = None, spool: Any = None) -> list[IService]:
     """One service per [[http]] table; `inherited`: their sockets, in order, or None."""
     from txmta.worker import family_of, share
     try:
@@ -34,10 +150,14 @@ def http_services(cfg: C.Config, reactor: Any, receiver: Any, queue: Any, tls: A
                           reject_suppressed=cfg.suppression.action == "reject",
                           max_message_size=cfg.spool.max_message_size)
     services: list[IService] = []
+    allowed = viewer_check(tokens, cfg.relay.networks)
+    watch = Watch(reactor, metrics_dir) if metrics_dir is not None else None
     for i, h in enumerate(cfg.http):
+        extra = (page_routes(h, cfg, reactor, allowed, metrics_dir, watch, spool)
+                 if watch is not None and metrics_dir is not None else {})
         resource = ApiResource(submitter, tokens, limiter, listener=h.name,
                                hostname=cfg.server.hostname, clock=reactor,
-                               serve_api="api" in h.serve,
+                               serve_api="api" in h.serve, extra=extra, metrics=metrics,
                                idempotency_window=cfg.api.idempotency_window)
         factory: Any = build_site(resource, cfg.spool.max_message_size, reactor)
         if h.tls == "implicit":

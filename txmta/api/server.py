@@ -139,7 +139,8 @@ class ApiResource(Resource):
     def __init__(self, submitter: Submitter, tokens: TokenStore, limiter: RateLimiter, *,
                  listener: str, hostname: str, clock: Any,
                  extra: dict[tuple[bytes, bytes], Callable[[Any], Any]] | None = None,
-                 serve_api: bool = True, idempotency_window: float = 86400.0) -> None:
+                 serve_api: bool = True, idempotency_window: float = 86400.0,
+                 metrics: Any = None) -> None:
         Resource.__init__(self)
         self.submitter = submitter
         self.tokens = tokens
@@ -148,6 +149,7 @@ class ApiResource(Resource):
         self.hostname = hostname
         self.clock = clock
         self.idempotency_window = idempotency_window
+        self.metrics = metrics          # txmta.metrics.Metrics: requests by endpoint, status
         self._idem_busy: dict[bytes, list[Deferred[None]]] = {}
         self.routes: dict[tuple[bytes, bytes], Callable[[Any], Any]] = {}
         if serve_api:
@@ -162,6 +164,10 @@ class ApiResource(Resource):
 
     def render(self, request: Any) -> Any:
         path = request.path.rstrip(b"/").lower() or b"/"
+        if self.metrics is not None:
+            name = endpoint_name(path)
+            request.notifyFinish().addBoth(
+                lambda _: self.metrics.observe_api(name, request.code))
         handler = self.routes.get((request.method, path))
         if handler is None:
             if path.startswith(b"/templates") and (b"POST", b"/email") in self.routes:
@@ -261,6 +267,8 @@ class ApiResource(Resource):
         d = self.submitter.finish(intake, data, labels)
 
         def stored(reply: Any) -> dict[str, Any]:
+            if reply.code == 250 and self.metrics is not None:
+                self.metrics.observe_eod(self.clock.seconds() - submitted, self.listener)
             if reply.code == 250:
                 return dict(P.ok_response(P.queue_id_to_uuid(intake.message_id), to,
                                           intake.arrival), status=200)
@@ -421,6 +429,8 @@ class ApiResource(Resource):
                 idempotent.key, json.dumps(answer_of(it)).encode("utf-8"), idempotent.not_before)
 
         def stored(reply: Any) -> tuple[int, Any, dict[str, str] | None]:
+            if reply.code == 250 and self.metrics is not None:
+                self.metrics.observe_eod(self.clock.seconds() - submitted, self.listener)
             if reply.code == 250:
                 return 200, answer_of(intake), None
             return 503, {"error": "not_stored", "message": reply.text}, {"Retry-After": "60"}
@@ -437,6 +447,27 @@ class Idempotent:
 def answer_of(intake: Any) -> dict[str, Any]:
     return native_answer(intake.message_id, intake.envelope, intake.arrival,
                          header_id=intake.header_id)
+
+
+def endpoint_name(path: bytes) -> str:
+    """The bounded name of an API path for the metrics (never the path itself)."""
+    if path == b"/email":
+        return "email"
+    if path == b"/email/batch":
+        return "email-batch"
+    if path.startswith(b"/email/") or path.startswith(b"/templates"):
+        return "templates"
+    if path == b"/v1/messages":
+        return "messages"
+    if path.startswith(b"/v1/messages/"):
+        return "status"
+    if path.startswith(b"/v1/"):
+        return "admin"
+    if path == b"/metrics":
+        return "metrics"
+    if path == b"/":
+        return "dashboard"
+    return "other"
 
 
 def sender_not_allowed(sender: str, field: str = "From") -> InvalidRequest:

@@ -405,7 +405,20 @@ class SMTPServer(Protocol, TimeoutMixin):
                 intake.abort()
             self._send(error or Reply(451, "4.3.0", "Message not stored"))
             return
-        self._answer(intake.finish())
+        metrics = self.factory.metrics
+        if metrics is None:
+            self._answer(intake.finish())
+            return
+        started = self.factory.clock.seconds()
+        result = intake.finish()
+
+        def timed(reply: Reply) -> Reply:
+            if reply.code == 250:
+                metrics.observe_eod(self.factory.clock.seconds() - started,
+                                    self.factory.listener.address)
+            return reply
+
+        self._answer(result.addCallback(timed) if isinstance(result, Deferred) else timed(result))
 
     def do_BDAT(self, arg: str) -> Reply | None:
         assert self.session is not None
@@ -643,7 +656,7 @@ class SMTPFactory(Factory):
                  clock: IReactorTime, *, checker: Any = None, tls_options: Any = None,
                  max_connections: int = 1000, max_per_ip: int = 50,
                  counts: dict[str, int] | None = None, suppression: Any = None,
-                 reject_suppressed: bool = True) -> None:
+                 reject_suppressed: bool = True, metrics: Any = None) -> None:
         self.policy = policy
         self.listener = listener
         self.receiver = receiver
@@ -658,6 +671,7 @@ class SMTPFactory(Factory):
         self.accepting = True
         self.suppression = suppression            # SuppressionList, checked at RCPT
         self.reject_suppressed = reject_suppressed
+        self.metrics = metrics                    # txmta.metrics.Metrics, or None
 
     def buildProtocol(self, addr: Any) -> SMTPServer:
         return SMTPServer(self)
@@ -673,12 +687,16 @@ class SMTPFactory(Factory):
             return Reply(421, "4.7.0", f"{self.policy.hostname} Too many connections from {ip}")
         self.counts[""] += 1
         self.counts[ip] = self.counts.get(ip, 0) + 1
+        if self.metrics is not None:
+            self.metrics.inbound_opened(self.listener.address)
         return None
 
     def release(self, proto: SMTPServer) -> None:
         assert proto.session is not None
         ip = proto.session.client_ip
         self.counts[""] -= 1
+        if self.metrics is not None:
+            self.metrics.inbound_closed(self.listener.address)
         n = self.counts.get(ip, 0) - 1
         if n > 0:
             self.counts[ip] = n

@@ -36,7 +36,7 @@ import ipaddress
 import re
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from OpenSSL import SSL
 from twisted.internet import ssl
@@ -369,7 +369,12 @@ class SMTPClient(Protocol):
         d = Deferred.fromCoroutine(self._setup(greeting))
         d.addCallbacks(self._setup_done, self._setup_failed)
 
+    on_lost: Callable[[], Any] | None = None     # told once when the connection is gone
+
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+        if self.on_lost is not None:
+            told, self.on_lost = self.on_lost, None
+            told()
         if self._state == "closed":
             return
         if self._tls_started and not self._handshake_done and self._waiters:

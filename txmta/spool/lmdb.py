@@ -126,6 +126,8 @@ class LmdbSpool:
         self._reactor = reactor
         self._inline_limit = inline_limit
         self.hooks: tuple[tuple[bytes, frozenset[str]], ...] = ()
+        # told (on the writer thread) the duration and size of each commit: the metrics
+        self.on_commit: Callable[[float, int], None] | None = None
         self._idem_trim_at = b""
         self._idem_next = b""
         self._max_map_size = max(max_map_size, map_size)
@@ -318,6 +320,7 @@ class LmdbSpool:
         for op in group:
             op.failure = None
             op.result = None
+        started = time.perf_counter()
         try:
             with self._env.begin(write=True) as txn:
                 for op in group:
@@ -333,6 +336,8 @@ class LmdbSpool:
                         op.failure = e if isinstance(e, SpoolError) else CommitFailed(repr(e))
         except Exception as e:
             return e
+        if self.on_commit is not None:
+            self.on_commit(time.perf_counter() - started, len(group))
         return None
 
     def _grow(self) -> bool:
@@ -662,6 +667,22 @@ class LmdbSpool:
 
         d = deferToThreadPool(self._reactor, self._reactor.getThreadPool(), find)
         return d.addCallback(queue)
+
+    def stats(self) -> Deferred[dict[str, tuple[int, float]]]:
+        """{"": (messages queued, age of the oldest)} over every partition: the count from
+        the database's statistics, the oldest from the first id (ids sort by arrival).
+        (One lane until lanes are stored.)"""
+        def fn(txn: Any) -> dict[str, tuple[int, float]]:
+            db = self._db[b"messages"]
+            n = txn.stat(db)["entries"]
+            oldest = 0.0
+            if n:
+                with txn.cursor(db=db) as cur:
+                    if cur.first():
+                        arrival = message_id_time(bytes(cur.key()).decode("ascii", "replace"))
+                        oldest = max(0.0, time.time() - arrival) if arrival else 0.0
+            return {"": (n, oldest)}
+        return self._submit(_Op(fn, read=True))
 
     def hooks_pending(self) -> Deferred[int]:
         """How many webhook deliveries are waiting, in all partitions."""

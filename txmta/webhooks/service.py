@@ -93,7 +93,8 @@ class WebhookService(service.Service):
     def __init__(self, reactor: Any, spool: Any, endpoints: Sequence[Endpoint], *,
                  client: Any = None, post: Callable[..., Deferred[Result]] = post_event,
                  poll: float = 1.0, batch: int = 500, max_inflight: int = 64,
-                 per_endpoint: int = 16, suppression_categories: Sequence[str] = ()) -> None:
+                 per_endpoint: int = 16, suppression_categories: Sequence[str] = (),
+                 metrics: Any = None) -> None:
         self.reactor = reactor
         self.spool = spool
         self.endpoints = {e.id: e for e in endpoints}
@@ -103,6 +104,7 @@ class WebhookService(service.Service):
         self.batch = batch
         self.max_inflight = max_inflight
         self.suppression_categories = tuple(suppression_categories)
+        self.metrics = metrics      # txmta.metrics.Metrics: sent, failures, backlog
         self.collapser = schedule.Collapser()
         self.inflight: set[bytes] = set()
         self._limits = {eid: DeferredSemaphore(per_endpoint) for eid in self.endpoints}
@@ -119,9 +121,13 @@ class WebhookService(service.Service):
 
     def startService(self) -> None:
         service.Service.startService(self)
-        self._loop = LoopingCall(self.kick)
+        self._loop = LoopingCall(self._tick)
         self._loop.clock = self.reactor
         self._loop.start(self.poll, now=True)
+
+    def _tick(self) -> None:
+        self.kick()
+        self._backlog()
 
     def stopService(self) -> Any:
         service.Service.stopService(self)
@@ -134,6 +140,11 @@ class WebhookService(service.Service):
         """A committed event (subscriber of the queue's stream): look for work now."""
         if self.running:
             self.kick()
+
+    def _backlog(self) -> None:
+        if self.metrics is not None:
+            self.spool.hooks_pending().addCallbacks(self.metrics.webhook_backlog,
+                                                    lambda f: None)
 
     def kick(self) -> None:
         if self._round is not None:
@@ -190,6 +201,12 @@ class WebhookService(service.Service):
     def _answered(self, result: Result, endpoint: Endpoint, key: bytes, attempts: int,
                   record: OutboxRecord) -> None:
         now = self.reactor.seconds()
+        if self.metrics is not None:
+            if result.outcome == "ok":
+                self.metrics.webhook_success()
+            else:
+                from txmta.metrics import webhook_reason
+                self.metrics.webhook_failure(webhook_reason(result.status, result.error))
         if result.outcome == "ok":
             self.sent += 1
             self._settled(key, None, 0)
@@ -247,12 +264,12 @@ class WebhookService(service.Service):
         self.spool.hooks_settle(batch).addCallbacks(done, failed)
 
 
-def build(cfg: Any, reactor: Any, spool: Any) -> WebhookService:
+def build(cfg: Any, reactor: Any, spool: Any, metrics: Any = None) -> WebhookService:
     """The worker's webhook service for the [[webhook]] tables of `cfg`; tells the spool
     which events get deliveries."""
     from txmta.webhooks.post import http_client
     endpoints = [Endpoint.from_config(w) for w in cfg.webhooks]
     spool.set_hooks([(e.id, e.kinds) for e in endpoints])
     return WebhookService(reactor, spool, endpoints, client=http_client(reactor),
-                          suppression_categories=cfg.suppression.categories)
+                          suppression_categories=cfg.suppression.categories, metrics=metrics)
 
