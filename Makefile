@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 CONFIG ?= etc/txmta.toml
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: all venv run test test-unit test-integration debs bench soak check-config clean
+.PHONY: all venv run test test-unit test-integration debs benchdebs bench soak check-config clean
 
 all: test
 
@@ -46,12 +46,23 @@ test-unit: venv
 # The benchmark (bench/README.md: Postfix, txmta-w1 and txmta-w2, pinned to one CPU and on
 # all CPUs, 20 sessions x 5000 x 4 KB, with py-spy profiles), then the soak tests (pytest -m
 # bench: e.g. 20000 messages relayed while the daemon is killed 10 times); SOAK=0 skips them.
-# BENCH_ARGS replaces the arguments of bench/run.py (default: --profile).
+# BENCH_ARGS replaces the arguments of bench/run.py (default: --profile).  Then bench/api.py:
+# the HTTP API beside SMTP intake (wrk) and webhook events/s; API=0 skips it.
 SOAK ?= 1
+API ?= 1
 BENCH_ARGS ?= --profile
-bench: venv debs $(VENV)/bin/py-spy
+bench: venv debs benchdebs $(VENV)/bin/py-spy
 	$(PY) bench/run.py $(BENCH_ARGS)
+	@if [ "$(API)" = 1 ]; then $(PY) bench/api.py; fi
 	@if [ "$(SOAK)" = 1 ]; then $(MAKE) --no-print-directory soak; fi
+
+# what only the benchmark needs: wrk, the HTTP load of bench/api.py
+benchdebs:
+	@if ! command -v wrk >/dev/null; then \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends wrk || \
+	    { DEBIAN_FRONTEND=noninteractive apt-get update -q && \
+	      DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends wrk; }; \
+	fi
 
 # the sampling profiler of `bench/run.py --profile`
 $(VENV)/bin/py-spy: $(VENV)/.installed
