@@ -1,0 +1,1 @@
+`GET /metrics` (Prometheus, about twenty `txmta_` series with bounded labels, added up over the workers) and a dashboard page at `GET /` with inline SVG plots of the last hour and day, the top deferring destinations, held messages and recent bounces.

@@ -1,0 +1,1 @@
+`[[webhook]]` endpoints get received, deferred, delivered, bounced, expired and suppressed events, committed with the change they describe and sent at least once, signed with Standard Webhooks headers, in txmta's JSON or as Postmark's Delivery and Bounce records; retried for about three days, 410 disables; `txmta webhook list|replay|test`.
