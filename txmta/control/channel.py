@@ -159,10 +159,10 @@ class WorkerControl:
         yield self.tell(self._entries([a for a, _ in entries]), [])
         return n
 
-    @defer.inlineCallbacks
     def webhook_replay(self, message_id: str | None, event_id: str | None) -> Any:
         return self.queue.webhook_replay(message_id, event_id)
 
+    @defer.inlineCallbacks
     def suppress_remove(self, address: str) -> Any:
         found = yield self.queue.suppress_remove(address)
         yield self.tell([], [suppression.key(address)])
