@@ -298,3 +298,47 @@ def test_idempotency_key_stores_one_message(api: Api) -> None:
     assert len(got) == 3
     status, bad, _ = api.call("/v1/messages", body, api.tokens["app"], {"Idempotency-Key": " "})
     assert status == 400 and bad["field"] == "Idempotency-Key"
+
+
+def test_https_listener_and_rate_limit(start_daemon: Callable[..., Daemon], tls_cert: Any,
+                                       tmp_path: Path) -> None:
+    """[[http]] tls = "implicit" serves the API over HTTPS with the [tls] certificate (the
+    Received header says HTTPS); past [api] rate_limit a token gets 429 with Retry-After and
+    nothing is stored for it."""
+    import http.client
+    tokens = tmp_path / "tokens"
+    token = api_token(tokens, "app")
+    port = free_port()
+    d = start_daemon(http=[{"address": f"127.0.0.1:{port}", "tls": "implicit"}],
+                     tls={"cert": str(tls_cert.cert), "key": str(tls_cert.key)},
+                     api={"tokens": str(tokens), "rate_limit": 2})
+    ctx = tls_cert.client_context()
+    ctx.check_hostname = False       # the certificate names mx.test.invalid, we dial 127.0.0.1
+    body = json.dumps({"From": "a@example.com", "To": "b@dest.test", "Subject": "s",
+                       "TextBody": "t"})
+    statuses, waits = [], []
+    conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=30)
+    for _ in range(5):
+        conn.request("POST", "/email", body=body, headers={
+            "X-Postmark-Server-Token": token, "Content-Type": "application/json"})
+        r = conn.getresponse()
+        answer = json.loads(r.read())
+        statuses.append(r.status)
+        if r.status == 200:
+            qid = answer["MessageID"]
+        else:
+            waits.append(r.getheader("Retry-After"))
+    conn.close()
+    assert statuses[:2] == [200, 200] and 429 in statuses
+    assert all(w and int(w) >= 1 for w in waits)
+    from txmta.api.postmark import uuid_to_queue_id
+    stored_id = uuid_to_queue_id(qid)
+    assert stored_id is not None
+    wait_until(lambda: stored_id in d.spool_ids(), 10, "the message in the spool")
+    _, data = d.stored(stored_id)
+    assert b"with HTTPS id" in data and b"(token app)" in data
+    assert len(d.spool_ids()) == statuses.count(200)
+    plain = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    with pytest.raises((http.client.RemoteDisconnected, ConnectionError, http.client.BadStatusLine)):
+        plain.request("GET", "/metrics")         # no plaintext HTTP on that port
+        plain.getresponse()
