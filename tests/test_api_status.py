@@ -1,0 +1,132 @@
+"""The status reads of the HTTP API on a real LMDB spool: the lookup index (keys, kept with
+the message and its history, gone when the history expires or the message is removed),
+searches by recipient, tag, state and time with their paging bound, one message by id."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from hypothesis import given, settings, strategies as st
+
+from txmta.api.status import decode_cursor, encode_cursor, queue_id
+from txmta.api.postmark import queue_id_to_uuid
+from txmta.message import (DELIVERED, HELD, QUEUED, Address, Envelope, Labels, Recipient,
+                           RecipientState, new_message_id)
+from txmta.spool.view import (LOOKUP_RECIPIENT, LOOKUP_TAG, Search, find_message, lookup_key,
+                              lookup_keys, lookup_prefix, search)
+
+
+def message(make_message, *rcpts, tag="", arrival=1000.0, states=None):
+    m = make_message(len(rcpts), states=states)
+    env = replace(m.envelope, recipients=tuple(Recipient(Address(*a.split("@"))) for a in rcpts))
+    return replace(m, envelope=env, arrival=arrival, labels=Labels(tag))
+
+
+def put(spool, wait, m):
+    w = spool.body_writer(m.id)
+    w.write(b"Subject: t\r\n\r\nx\r\n")
+    wait(spool.put(m, w))
+    return m
+
+
+def ids(spool, wait, q, looked_max=5000):
+    found, cursor = wait(spool.read(lambda txn, dbs: search(txn, dbs, q, looked_max)))
+    return [m.id for m, _ in found], cursor
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from([LOOKUP_RECIPIENT, LOOKUP_TAG]), st.text(min_size=0, max_size=600),
+       st.text(min_size=0, max_size=600), st.floats(0, 4e9))
+def test_lookup_keys_fit_lmdb_and_never_share_a_prefix(kind, a, b, when):
+    """Any value (non-ASCII, NUL, very long) gives a key within LMDB's 511 octets, and two
+    different values never give prefixes where one starts the other's keys."""
+    mid = new_message_id()
+    key = lookup_key(kind, a, when, mid)
+    assert len(key) <= 511 and key.startswith(lookup_prefix(kind, a))
+    assert key.endswith(mid.encode()) and len(key) == len(lookup_prefix(kind, a)) + 8 + len(mid)
+    if a != b:
+        assert not key.startswith(lookup_prefix(kind, b))
+
+
+def test_lookup_keys_of_a_message_lower_case_the_recipient(make_message):
+    m = message(make_message, "Bob@Example.org", "bob@example.org", tag="Welcome")
+    assert lookup_keys(m) == {lookup_key(b"r", "bob@example.org", 1000.0, m.id),
+                              lookup_key(b"t", "Welcome", 1000.0, m.id)}
+    assert len(lookup_keys(message(make_message, "a@example.org"))) == 1   # no tag: no entry
+
+
+def test_search_by_recipient_tag_and_state(open_lmdb, wait, make_message):
+    spool = open_lmdb()
+    a = put(spool, wait, message(make_message, "bob@x.org", tag="t1", arrival=100.0))
+    b = put(spool, wait, message(make_message, "Bob@X.org", "eve@x.org", tag="t2", arrival=200.0,
+                                 states=(RecipientState(HELD), RecipientState())))
+    put(spool, wait, message(make_message, "eve@x.org", tag="t1", arrival=300.0))
+    assert ids(spool, wait, Search(recipient="BOB@x.org")) == ([a.id, b.id], None)
+    assert ids(spool, wait, Search(tag="t1", recipient="bob@x.org")) == ([a.id], None)
+    assert ids(spool, wait, Search(recipient="bob@x.org", state=HELD)) == ([b.id], None)
+    assert ids(spool, wait, Search(recipient="eve@x.org", state=HELD)) == ([], None)
+    assert ids(spool, wait, Search(recipient="bob@x.org", since=150.0)) == ([b.id], None)
+    assert ids(spool, wait, Search(tag="t3")) == ([], None)
+    assert ids(spool, wait, Search(token="app")) == ([], None)
+
+
+def test_search_pages_with_a_cursor_and_a_bound_on_entries_looked_at(open_lmdb, wait,
+                                                                    make_message):
+    spool = open_lmdb()
+    ms = [put(spool, wait, message(make_message, "bob@x.org", arrival=100.0 + i,
+                                   states=(RecipientState(HELD if i % 2 else QUEUED),)))
+          for i in range(7)]
+    seen, after = [], None
+    while True:
+        page, after = ids(spool, wait, Search(recipient="bob@x.org", limit=3, after=after))
+        seen += page
+        if after is None:
+            break
+    assert seen == [m.id for m in ms]
+    # the bound: 2 entries looked at, one of them held, then a cursor to go on
+    page, after = ids(spool, wait, Search(recipient="bob@x.org", state=HELD), looked_max=2)
+    assert page == [ms[1].id] and after is not None
+    page, after = ids(spool, wait, Search(recipient="bob@x.org", state=HELD, after=after))
+    assert page == [ms[3].id, ms[5].id] and after is None
+    assert decode_cursor(encode_cursor(b"\x00\xffr")) == b"\x00\xffr"
+
+
+def test_search_without_recipient_or_tag_walks_queue_and_history_by_id(open_lmdb, wait,
+                                                                      make_message):
+    spool = open_lmdb()
+    a = put(spool, wait, message(make_message, "a@x.org"))
+    b = put(spool, wait, message(make_message, "b@x.org"))
+    wait(spool.modify(a.id, lambda old: replace(old, recipients=(RecipientState(DELIVERED),))))
+    assert ids(spool, wait, Search()) == ([a.id, b.id], None)
+    assert ids(spool, wait, Search(state=DELIVERED)) == ([a.id], None)
+    assert ids(spool, wait, Search(since=4e9)) == ([], None)
+    page, after = ids(spool, wait, Search(limit=1))
+    assert page == [a.id] and ids(spool, wait, Search(after=after)) == ([b.id], None)
+
+
+def test_find_message_queued_then_in_history_then_gone(open_lmdb, wait, make_message):
+    """The index and the history go together: expire_history removes the lookup entries."""
+    spool = open_lmdb()
+    m = put(spool, wait, message(make_message, "bob@x.org", tag="t"))
+    found = wait(spool.read(lambda txn, dbs: find_message(txn, dbs, m.id)))
+    assert found.finished is None and found.message.recipients[0].state == QUEUED
+    assert [e.kind for e in found.events][:1] == ["received"]
+    wait(spool.modify(m.id, lambda old: replace(old, recipients=(RecipientState(DELIVERED),))))
+    found = wait(spool.read(lambda txn, dbs: find_message(txn, dbs, m.id)))
+    assert found.finished is not None and found.message.recipients[0].state == DELIVERED
+    assert ids(spool, wait, Search(tag="t")) == ([m.id], None)
+    wait(spool.expire_history(found.finished + 1))
+    assert wait(spool.read(lambda txn, dbs: find_message(txn, dbs, m.id))) is None
+    assert wait(spool.read(lambda txn, dbs: txn.stat(dbs[b"lookup"])["entries"])) == 0
+
+
+def test_removed_message_leaves_the_index(open_lmdb, wait, make_message):
+    spool = open_lmdb()
+    m = put(spool, wait, message(make_message, "bob@x.org", tag="t"))
+    wait(spool.remove(m.id))
+    assert wait(spool.read(lambda txn, dbs: txn.stat(dbs[b"lookup"])["entries"])) == 0
+
+
+def test_queue_id_in_either_form():
+    mid = new_message_id()
+    assert queue_id(mid) == mid and queue_id(queue_id_to_uuid(mid)) == mid
