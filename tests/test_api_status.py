@@ -130,3 +130,125 @@ def test_removed_message_leaves_the_index(open_lmdb, wait, make_message):
 def test_queue_id_in_either_form():
     mid = new_message_id()
     assert queue_id(mid) == mid and queue_id(queue_id_to_uuid(mid)) == mid
+
+
+# -- the HTTP layer: scopes, parameters, answers (fake reads and control) -------------------
+
+import json  # noqa: E402
+
+from twisted.internet.defer import fail, succeed  # noqa: E402
+from twisted.internet.task import Clock  # noqa: E402
+from twisted.web.server import NOT_DONE_YET  # noqa: E402
+from twisted.web.test.requesthelper import DummyRequest  # noqa: E402
+
+from txmta.api.server import ApiResource  # noqa: E402
+from txmta.api.status import StatusApi  # noqa: E402
+from txmta.api.tokens import Token  # noqa: E402
+from txmta.control.amp import ControlError  # noqa: E402
+from txmta.spool.view import Found  # noqa: E402
+
+TOKENS = {"s": Token("app", frozenset({"send"})), "a": Token("ops", frozenset({"admin"})),
+          "d": Token("viewer", frozenset({"dashboard"}))}
+
+
+class Tokens:
+    def check(self, presented):
+        return TOKENS.get(presented)
+
+
+class Reads:
+    def __init__(self, messages):
+        self.messages = messages
+        self.searches = []
+
+    def find(self, mid):
+        m = self.messages.get(mid)
+        return succeed(None if m is None else Found(m, None, []))
+
+    def search(self, q):
+        self.searches.append(q)
+        return succeed(([(m, None) for m in self.messages.values()], b"cursor"))
+
+    def suppressions(self, after, limit):
+        return succeed(([], None))
+
+
+class Control:
+    def __init__(self, answer=None, error=None):
+        self.calls, self.answer, self.error = [], answer, error
+
+    def __call__(self, command, **kwargs):
+        self.calls.append((command, kwargs))
+        return fail(self.error) if self.error is not None else succeed(self.answer)
+
+
+def http(resource, method, path, token=None, body=None, args=None):
+    req = DummyRequest([])
+    req.method, req.path, req.uri = method, path, path
+    req.args = args or {}
+    req._disconnected = False
+    if token is not None:
+        req.requestHeaders.setRawHeaders(b"authorization", [b"Bearer " + token.encode()])
+    import io
+    req.content = io.BytesIO(json.dumps(body).encode() if body is not None else b"")
+    out = resource.render(req)
+    data = b"".join(req.written) if out is NOT_DONE_YET else out
+    return req.responseCode or 200, json.loads(data)
+
+
+def resource(messages=(), control=None):
+    status = StatusApi(Tokens(), Reads({m.id: m for m in messages}),
+                       control or Control({"found": True}), Clock())
+    return ApiResource(None, None, None, listener="api", hostname="h", clock=Clock(),
+                       status=status)
+
+
+def test_a_send_token_sees_only_its_own_mail(make_message):
+    mine = replace(make_message(), client={"token": "app"})
+    theirs = replace(make_message(), client={"token": "other"})
+    r = resource([mine, theirs])
+    assert http(r, b"GET", b"/v1/messages/" + mine.id.encode(), "s")[0] == 200
+    assert http(r, b"GET", b"/v1/messages/" + theirs.id.encode(), "s")[0] == 404
+    assert http(r, b"GET", b"/v1/messages/" + theirs.id.encode(), "d")[0] == 200
+    assert http(r, b"GET", b"/v1/messages/" + theirs.id.encode())[0] == 401
+    uuid = queue_id_to_uuid(mine.id).encode()
+    status, body = http(r, b"GET", b"/v1/messages/" + uuid, "s")
+    assert status == 200 and body["id"] == mine.id and "headers" not in body
+
+
+def test_list_parameters_reach_the_search_and_bad_ones_are_400(make_message):
+    r = resource([make_message()])
+    status, body = http(r, b"GET", b"/v1/messages", "s",
+                        args={b"recipient": [b"Bob@x.org"], b"state": [b"held"],
+                              b"since": [b"2026-12-01T00:00:00Z"], b"limit": [b"10"]})
+    assert status == 200 and body["next"] == encode_cursor(b"cursor")
+    q = r.status.reads.searches[-1]
+    assert (q.recipient, q.state, q.limit, q.token) == ("Bob@x.org", "held", 10, "app")
+    assert q.since == 1796083200.0
+    assert http(r, b"GET", b"/v1/messages", "a")[0] == 200
+    assert r.status.reads.searches[-1].token is None
+    for bad in ({b"state": [b"lost"]}, {b"limit": [b"501"]}, {b"limit": [b"0"]},
+                {b"since": [b"yesterday"]}):
+        assert http(r, b"GET", b"/v1/messages", "s", args=bad)[0] == 400
+
+
+def test_admin_endpoints_need_the_admin_scope_and_send_control_commands():
+    control = Control({"found": True, "ok": True})
+    r = resource(control=control)
+    assert http(r, b"POST", b"/v1/messages/ABC/hold", "s")[0] == 403
+    assert http(r, b"POST", b"/v1/messages/ABC/hold", "d")[0] == 403
+    assert control.calls == []
+    assert http(r, b"POST", b"/v1/messages/ABC/hold", "a") == (200, {"id": "ABC",
+                                                                     "result": "held"})
+    assert http(r, b"DELETE", b"/v1/messages/ABC", "a")[0] == 200
+    assert http(r, b"POST", b"/v1/suppressions/x@y", "a")[0] == 405
+    assert http(r, b"POST", b"/v1/suppressions", "a", {"address": "no-at"})[0] == 400
+    assert http(r, b"POST", b"/v1/suppressions", "a",
+                {"address": "x@y.org", "reason": "complaint"})[0] == 200
+    assert [c[0] for c in control.calls] == ["Hold", "Delete", "SuppressionAdd"]
+    assert control.calls[-1][1] == {"address": "x@y.org", "reason": "complaint"}
+    missing = resource(control=Control({"found": False}))
+    assert http(missing, b"POST", b"/v1/messages/ABC/release", "a")[0] == 404
+    down = resource(control=Control(error=ControlError("no control socket")))
+    status, body = http(down, b"POST", b"/v1/queue/flush", "a", {"domain": "x.org"})
+    assert status == 503 and body["error"] == "control_unavailable"

@@ -77,7 +77,8 @@ def api(module_daemons: Any, tmp_path_factory: pytest.TempPathFactory, keys: Any
     tokens = {"app": api_token(tokens_file, "app"),
               "limited": api_token(tokens_file, "limited", "--domain", "example.com"),
               "dry": api_token(tokens_file, "dry", "--test"),
-              "viewer": api_token(tokens_file, "viewer", "--scope", "dashboard")}
+              "viewer": api_token(tokens_file, "viewer", "--scope", "dashboard"),
+              "ops": api_token(tokens_file, "ops", "--scope", "admin")}
     port = free_port(SINK_IP)
     http_port = free_port()
     with SmtpSink(SINK_IP, port) as sink:
@@ -375,3 +376,38 @@ def test_status_and_admin_with_two_workers(start_daemon: Callable[..., Daemon],
         assert status == 422 and refused["ErrorCode"] == 406, refused
     assert _http("DELETE", url + "/v1/suppressions/carol@dest.test", admin)[0] == 200
     assert _http("DELETE", url + "/v1/suppressions/carol@dest.test", admin)[0] == 404
+
+
+def test_admin_in_a_single_process_daemon(api: Api) -> None:
+    """With one worker the daemon serves its own control socket and the API is its client.
+    A message the relayhost defers shows its attempt and last reply; an admin token holds,
+    releases and deletes it; a dashboard token may read it but not change it; another send
+    token does not see it."""
+    api.sink.replies["RCPT:held@dest.test"] = "451 4.3.0 try later"
+    try:
+        status, sent, _ = api.call("/v1/messages", {"from": "a@example.com",
+                                                    "to": ["held@dest.test"],
+                                                    "subject": "hold me", "text": "x\n"},
+                                   api.tokens["app"])
+        assert status == 200
+        mid, url = sent["id"], f"{api.url}/v1/messages/{sent['id']}"
+
+        def deferred() -> bool:
+            status, shown = _http("GET", url, api.tokens["app"])
+            return status == 200 and shown["recipients"][0]["attempts"] >= 1
+        wait_until(deferred, 20, "one attempt deferred")
+        status, shown = _http("GET", url, api.tokens["viewer"])
+        assert status == 200 and shown["recipients"][0]["last_reply"]["code"] == 451
+        assert "deferred" in [e["event"] for e in shown["events"]]
+        status, held = _http("POST", url + "/hold", api.tokens["ops"])
+        assert status == 200 and held["result"] == "held"
+        assert _http("GET", url, api.tokens["app"])[1]["recipients"][0]["state"] == "held"
+        assert _http("POST", url + "/release", api.tokens["viewer"])[0] == 403
+        assert _http("GET", url, api.tokens["limited"])[0] == 404
+        assert _http("POST", url + "/release", api.tokens["ops"])[0] == 200
+        assert _http("DELETE", url, api.tokens["ops"])[0] == 200
+        status, done = _http("GET", url, api.tokens["app"])
+        assert status == 200 and done["recipients"][0]["state"] == "deleted"
+        assert done["finished"] is not None and mid not in api.daemon.spool_ids()
+    finally:
+        del api.sink.replies["RCPT:held@dest.test"]

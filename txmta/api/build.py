@@ -34,7 +34,9 @@ def http_services(cfg: C.Config, reactor: Any, receiver: Any, queue: Any, tls: A
     submitter = Submitter(receiver, suppressed=queue.suppression.check,
                           reject_suppressed=cfg.suppression.action == "reject",
                           max_message_size=cfg.spool.max_message_size)
-    status = StatusApi(tokens, queue.spool.read, control_caller(reactor, cfg.spool.path), reactor)
+    from txmta.spool.view import SpoolReads
+    status = StatusApi(tokens, SpoolReads(queue.spool.read),
+                       control_caller(reactor, cfg.spool.path), reactor)
     services: list[IService] = []
     for i, h in enumerate(cfg.http):
         resource = ApiResource(submitter, tokens, limiter, listener=h.name,

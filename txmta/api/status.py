@@ -15,9 +15,10 @@ Scopes: the reads take a token with `admin` or `dashboard` scope (all mail), or 
 (only the mail sent with that token: anything else is 404 as if unknown); everything that
 changes the queue takes `admin` (403 otherwise).
 
-Reads run `read(fn)`: a function of a read transaction and the spool's databases
-(txmta.spool.view.find_message / search / suppressions_page) run off the reactor, on the
-spool writer's thread, each bounded (a search looks at most at 5000 index entries).  Changes
+Reads go through `reads` (txmta.spool.view.SpoolReads, which `build.py` makes over the
+spool): functions of one read transaction, run off the reactor on the spool writer's thread
+(LMDB allows one environment per process, so not a second, read-only one), each bounded
+(a search looks at most at 5000 index entries).  Changes
 go through the daemon's control socket exactly as `txmta queue ...` sends them (`control`:
 an asynchronous AMP call), so the master fans them out to the worker that owns the message
 and every worker's suppression mirror hears of an added address.  This module never writes
@@ -40,7 +41,7 @@ from twisted.web import server
 
 from txmta.api import postmark as P
 from txmta.api.tokens import Token, TokenStore
-from txmta.message import FINAL, UNFINISHED
+from txmta.message import FINAL, UNFINISHED, Search
 from txmta.messagejson import Shown, check_address, shown_json, summary_json, suppression_json
 
 log = Logger()
@@ -113,8 +114,7 @@ def parse_since(text: str | None) -> float | None:
 
 
 def search_query(request: Any, token: Token) -> Any:
-    """The `view.Search` a GET /v1/messages asks for."""
-    from txmta.spool.view import Search
+    """The `Search` a GET /v1/messages asks for."""
     state = _arg(request, "state")
     if state is not None and state not in STATES:
         raise BadQuery(f"state: one of {', '.join(sorted(STATES))}")
@@ -149,14 +149,15 @@ def error(kind: str, message: str) -> dict[str, str]:
 
 
 class StatusApi:
-    """The status and admin endpoints of one listener.  `read(fn)` runs a spool read and
-    fires with its result; `control(command_name, **kwargs)` sends one control command and
+    """The status and admin endpoints of one listener.  `reads` (txmta.spool.view.SpoolReads)
+    has `find(id)`, `search(Search)` and `suppressions(after, limit)`, each firing with its
+    result; `control(command_name, **kwargs)` sends one control command and
     fires with its response (txmta.control.amp.call_async); `clock` gives the time."""
 
-    def __init__(self, tokens: TokenStore, read: Callable[[Any], Deferred[Any]],
+    def __init__(self, tokens: TokenStore, reads: Any,
                  control: Callable[..., Deferred[dict[str, Any]]], clock: Any) -> None:
         self.tokens = tokens
-        self.read = read
+        self.reads = reads
         self.control = control
         self.clock = clock
 
@@ -229,7 +230,6 @@ class StatusApi:
         token = self._token(request, admin=False)
         if isinstance(token, bytes):
             return token
-        from txmta.spool.view import find_message
 
         def shown(found: Any) -> tuple[int, Any]:
             if found is None or not (sees_all(token) or
@@ -239,7 +239,7 @@ class StatusApi:
             del body["headers"]
             return 200, body
 
-        return self._answer(request, self.read(lambda txn, dbs: find_message(txn, dbs, mid))
+        return self._answer(request, self.reads.find(mid)
                             .addCallback(shown))
 
     def list_messages(self, request: Any) -> Any:
@@ -250,14 +250,13 @@ class StatusApi:
             q = search_query(request, token)
         except BadQuery as e:
             return respond(request, 400, error("invalid_request", str(e)))
-        from txmta.spool.view import search
 
         def page(result: Any) -> tuple[int, Any]:
             found, cursor = result
             return 200, {"messages": [summary_json(m, f) for m, f in found],
                          "next": encode_cursor(cursor) if cursor is not None else None}
 
-        return self._answer(request, self.read(lambda txn, dbs: search(txn, dbs, q))
+        return self._answer(request, self.reads.search(q)
                             .addCallback(page))
 
     def list_suppressions(self, request: Any) -> Any:
@@ -272,7 +271,6 @@ class StatusApi:
             after = _arg(request, "after")
         except BadQuery as e:
             return respond(request, 400, error("invalid_request", str(e)))
-        from txmta.spool.view import suppressions_page
         now = self.clock.seconds()
 
         def page(result: Any) -> tuple[int, Any]:
@@ -280,8 +278,7 @@ class StatusApi:
             return 200, {"suppressions": [suppression_json(s, now) for s in entries],
                          "next": cursor}
 
-        return self._answer(request, self.read(
-            lambda txn, dbs: suppressions_page(txn, dbs, after, limit)).addCallback(page))
+        return self._answer(request, self.reads.suppressions(after, limit).addCallback(page))
 
     # -- changes, through the control socket -------------------------------------------------
 

@@ -21,7 +21,7 @@ import lmdb
 from twisted.logger import Logger
 
 from txmta.events import id_time
-from txmta.message import Event, OutboxRecord, format_message_id, RecipientState, StoredMessage, Suppression
+from txmta.message import Event, OutboxRecord, Search, format_message_id, RecipientState, StoredMessage, Suppression
 from txmta.partition import partition_of
 from txmta.spool import codec
 from txmta.spool.interface import SpoolError, SpoolFormatError
@@ -372,21 +372,6 @@ def find_message(txn: Any, dbs: dict[bytes, Any], message_id: str) -> Found | No
     return Found(m, finished, read_events(txn, dbs, message_id))
 
 
-@dataclass(frozen=True)
-class Search:
-    """What `search` looks for: mail to `recipient` and/or with `tag` (through the lookup
-    index), or every message (by id) when neither is given; with a recipient in `state`
-    (of the given recipient, when there is one); arrived at or after `since`; at most
-    `limit` messages, after the `after` cursor of a previous answer."""
-    recipient: str | None = None
-    tag: str | None = None
-    state: str | None = None
-    since: float | None = None
-    limit: int = 50
-    after: bytes | None = None
-    token: str | None = None      # only mail sent with this API token
-
-
 def _stored(txn: Any, dbs: dict[bytes, Any], mid: bytes) -> tuple[StoredMessage, float | None] | None:
     try:
         raw = txn.get(mid, db=dbs[b"messages"])
@@ -506,3 +491,20 @@ def suppressions_page(txn: Any, dbs: dict[bytes, Any], after: str | None, limit:
             except (codec.CorruptRecord, UnicodeDecodeError):
                 continue
     return out, None
+
+
+class SpoolReads:
+    """The status reads of the HTTP API over `read(fn)` (`LmdbSpool.read`, run on the
+    writer thread, or `LmdbView.read`): each fires with (or returns) its result."""
+
+    def __init__(self, read: Callable[[Callable[[Any, dict[bytes, Any]], Any]], Any]) -> None:
+        self._read = read
+
+    def find(self, message_id: str) -> Any:
+        return self._read(lambda txn, dbs: find_message(txn, dbs, message_id))
+
+    def search(self, q: Search) -> Any:
+        return self._read(lambda txn, dbs: search(txn, dbs, q))
+
+    def suppressions(self, after: str | None, limit: int) -> Any:
+        return self._read(lambda txn, dbs: suppressions_page(txn, dbs, after, limit))
