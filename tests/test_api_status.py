@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import pytest
 from hypothesis import given, settings, strategies as st
 
 from txmta.api.status import decode_cursor, encode_cursor, queue_id
@@ -13,7 +14,7 @@ from txmta.api.postmark import queue_id_to_uuid
 from txmta.message import (DELIVERED, HELD, QUEUED, Address, Envelope, Labels, Recipient,
                            RecipientState, new_message_id)
 from txmta.spool.view import (LOOKUP_RECIPIENT, LOOKUP_TAG, Search, find_message, lookup_key,
-                              lookup_keys, lookup_prefix, search)
+                              lookup_keys, lookup_prefix, search, SpoolReads)
 
 
 def message(make_message, *rcpts, tag="", arrival=1000.0, states=None):
@@ -86,9 +87,12 @@ def test_search_pages_with_a_cursor_and_a_bound_on_entries_looked_at(open_lmdb, 
     # the bound: 2 entries looked at, one of them held, then a cursor to go on
     page, after = ids(spool, wait, Search(recipient="bob@x.org", state=HELD), looked_max=2)
     assert page == [ms[1].id] and after is not None
+    page_cursor = after
     page, after = ids(spool, wait, Search(recipient="bob@x.org", state=HELD, after=after))
     assert page == [ms[3].id, ms[5].id] and after is None
     assert decode_cursor(encode_cursor(b"\x00\xffr")) == b"\x00\xffr"
+    with pytest.raises(ValueError):     # a cursor of another recipient's walk
+        SpoolReads(spool.read).search(Search(recipient="eve@x.org", after=after or page_cursor))
 
 
 def test_search_without_recipient_or_tag_walks_queue_and_history_by_id(open_lmdb, wait,
@@ -228,7 +232,7 @@ def test_list_parameters_reach_the_search_and_bad_ones_are_400(make_message):
     assert http(r, b"GET", b"/v1/messages", "a")[0] == 200
     assert r.status.reads.searches[-1].token is None
     for bad in ({b"state": [b"lost"]}, {b"limit": [b"501"]}, {b"limit": [b"0"]},
-                {b"since": [b"yesterday"]}):
+                {b"since": [b"yesterday"]}, {b"since": [b"nan"]}, {b"after": [b"!!"]}):
         assert http(r, b"GET", b"/v1/messages", "s", args=bad)[0] == 400
 
 

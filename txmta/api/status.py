@@ -72,7 +72,7 @@ def encode_cursor(key: bytes) -> str:
 
 def decode_cursor(text: str) -> bytes:
     try:
-        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        return base64.b64decode(text + "=" * (-len(text) % 4), altchars=b"-_", validate=True)
     except (ValueError, TypeError):
         raise BadQuery("after: not a cursor from a previous answer") from None
 
@@ -100,9 +100,13 @@ def parse_since(text: str | None) -> float | None:
     if text is None:
         return None
     try:
-        return float(text)
+        when = float(text)
     except ValueError:
         pass
+    else:
+        if not 0 <= when < 1e11:
+            raise BadQuery("since: seconds since the epoch or an ISO 8601 time")
+        return when
     from datetime import datetime, timezone
     try:
         when = datetime.fromisoformat(text.replace("Z", "+00:00"))
@@ -256,8 +260,11 @@ class StatusApi:
             return 200, {"messages": [summary_json(m, f) for m, f in found],
                          "next": encode_cursor(cursor) if cursor is not None else None}
 
-        return self._answer(request, self.reads.search(q)
-                            .addCallback(page))
+        try:
+            d = self.reads.search(q)
+        except ValueError as e:
+            return respond(request, 400, error("invalid_request", str(e)))
+        return self._answer(request, d.addCallback(page))
 
     def list_suppressions(self, request: Any) -> Any:
         token = self._token(request, admin=False)

@@ -6,7 +6,9 @@ due (partition/time/id/idx -> "", the time-ordered index of recipients to try), 
 (partition/domain/id/idx -> "", the unfinished recipients of each domain, for `flush
 --domain`), events (timelines), outbox (event id -> the record of one `txmta.events` event,
 written in the transaction of the change it describes; read and trimmed by
-`outbox_read`/`outbox_trim`) and meta (format version).  Bodies above `inline_limit` are
+`outbox_read`/`outbox_trim`), lookup (recipient address or tag / arrival / id -> "", written
+with each message and removed with its history: the HTTP API's searches; mail stored before
+it existed has no entries) and meta (format version).  Bodies above `inline_limit` are
 streamed to files under `bodies/` and fsynced (file, then directory) before the commit that
 references them; a body file no message references is removed at start.
 

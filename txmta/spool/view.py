@@ -422,18 +422,33 @@ def search(txn: Any, dbs: dict[bytes, Any], q: Search, looked_max: int = MAX_LOO
     return out, None
 
 
+def search_prefix(q: Search) -> bytes:
+    """The lookup index prefix a search by recipient (else tag) walks."""
+    if q.recipient is not None:
+        return lookup_prefix(LOOKUP_RECIPIENT, q.recipient.lower())
+    return lookup_prefix(LOOKUP_TAG, q.tag or "")
+
+
+def check_cursor(q: Search) -> None:
+    """ValueError when `q.after` is not a cursor of this search (another recipient or tag,
+    or an index cursor for a walk by id and the other way round)."""
+    if q.after is None:
+        return
+    if q.recipient is not None or q.tag is not None:
+        ok = q.after.startswith(search_prefix(q)) and len(q.after) > len(search_prefix(q)) + 8
+    else:
+        ok = q.after.isascii() and q.after.isalnum()
+    if not ok:
+        raise ValueError("after: the cursor belongs to another search")
+
+
 def _walk_lookup(txn: Any, dbs: dict[bytes, Any], q: Search) -> Iterator[tuple[bytes, bytes]]:
     """(index key, queue id) of the recipient's (else the tag's) entries, in time order."""
     if b"lookup" not in dbs:
         return
-    if q.recipient is not None:
-        prefix = lookup_prefix(LOOKUP_RECIPIENT, q.recipient.lower())
-    else:
-        prefix = lookup_prefix(LOOKUP_TAG, q.tag or "")
+    prefix = search_prefix(q)
     start = prefix + struct.pack(">Q", max(0, round((q.since or 0) * 1000)))
     if q.after is not None:
-        if not q.after.startswith(prefix):
-            raise ValueError("the cursor belongs to another search")
         start = max(start, q.after)
     with txn.cursor(db=dbs[b"lookup"]) as cur:
         if not cur.set_range(start):
@@ -504,6 +519,8 @@ class SpoolReads:
         return self._read(lambda txn, dbs: find_message(txn, dbs, message_id))
 
     def search(self, q: Search) -> Any:
+        """Raises ValueError at once for a cursor of another search."""
+        check_cursor(q)
         return self._read(lambda txn, dbs: search(txn, dbs, q))
 
     def suppressions(self, after: str | None, limit: int) -> Any:
