@@ -256,3 +256,21 @@ def test_admin_endpoints_need_the_admin_scope_and_send_control_commands():
     down = resource(control=Control(error=ControlError("no control socket")))
     status, body = http(down, b"POST", b"/v1/queue/flush", "a", {"domain": "x.org"})
     assert status == 503 and body["error"] == "control_unavailable"
+
+
+def test_spool_reads_over_the_read_only_view(open_lmdb, wait, make_message):
+    """The same reads work over `LmdbView` (another process's view: here after the spool
+    is closed, LMDB allowing one environment per process), returning values."""
+    from txmta.spool.view import LmdbView
+    spool = open_lmdb()
+    m = put(spool, wait, message(make_message, "bob@x.org", tag="t"))
+    wait(spool.close())
+    view = LmdbView(spool.path)
+    try:
+        reads = SpoolReads(view.read)
+        assert reads.find(m.id).message.id == m.id
+        found, cursor = reads.search(Search(tag="t"))
+        assert [f[0].id for f in found] == [m.id] and cursor is None
+        assert reads.suppressions(None, 10) == ([], None)
+    finally:
+        view.close()
