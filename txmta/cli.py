@@ -50,13 +50,16 @@ import re
 import sys
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Any, Callable, Sequence
 
 from txmta import config
 from txmta.config import ConfigError
 from txmta.passwords import hash_password
-from txmta.message import HELD, QUEUED, UNFINISHED, Event, StoredMessage, Suppression
+from txmta.message import HELD, QUEUED, UNFINISHED, Event, StoredMessage
+from txmta.messagejson import (Shown, _reply_json, _reply_text, _sender, check_address,  # noqa: F401
+                               event_json,
+                               header_section, iso_utc, message_json, shown_json,
+                               suppression_json)
 from txmta.spool.interface import SpoolError
 
 
@@ -179,36 +182,6 @@ def _open_view(args: argparse.Namespace) -> Any:
         raise CommandFailed(f"cannot open the spool at {cfg.spool.path}: {e}") from e
 
 
-def iso_utc(when: float) -> str:
-    """"2026-11-28T07:14:23Z"."""
-    return datetime.fromtimestamp(when, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _sender(m: StoredMessage) -> str:
-    return str(m.envelope.sender) or "<>"
-
-
-def _reply_text(reply: Any) -> str:
-    return " ".join(str(x) for x in (reply.code, reply.enhanced, reply.text) if x != "")
-
-
-def message_json(m: StoredMessage) -> dict[str, Any]:
-    """The `queue list --json` form of one message."""
-    rcpts = []
-    for r, st in zip(m.envelope.recipients, m.recipients):
-        reply = st.last_reply
-        rcpts.append({
-            "address": str(r.address),
-            "state": st.state,
-            "attempts": st.attempts,
-            "next_attempt": iso_utc(st.next_attempt) if st.state == QUEUED else None,
-            "last_reply": (None if reply is None else
-                           {"code": reply.code, "enhanced": reply.enhanced, "text": reply.text}),
-        })
-    return {"id": m.id, "arrival": iso_utc(m.arrival), "size": m.size, "sender": _sender(m),
-            "recipients": rcpts}
-
-
 _RCPT_COLUMN = 46                # under the sender: 16 (id) + 8 (size) + 1 + 20 (time) + 1
 
 
@@ -252,24 +225,6 @@ def queue_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def header_section(body: bytes) -> str:
-    """The message header section: everything up to the first empty line, with LF endings."""
-    text = body.decode("utf-8", "replace").replace("\r\n", "\n")
-    head, _, _ = text.partition("\n\n")
-    return head
-
-
-@dataclass(frozen=True)
-class Shown:
-    """What `queue show` and `history` print: a live or finished message, its timeline and,
-    for a live message, its header section (None with the reason when it cannot be read)."""
-    message: StoredMessage
-    finished: float | None            # when it finished; None while it is in the queue
-    events: list[Event]
-    headers: str | None
-    headers_missing: str = ""
-
-
 def _lookup(view: Any, message_id: str) -> Shown:
     """The message `message_id` from the queue, else from the history of finished messages."""
     try:
@@ -309,46 +264,6 @@ def _event_line(e: Event) -> str:
     if e.category:
         parts.append(f"category={e.category}")
     return "  " + " ".join(parts)
-
-
-def event_json(e: Event) -> dict[str, Any]:
-    out = {"time": iso_utc(e.time), "event": e.kind, "rcpt": e.rcpt, "text": e.text,
-           "remote": e.remote, "category": e.category}
-    if e.tls:   # an attempt over TLS: version, cipher, verification
-        out["tls"] = e.tls
-    return out
-
-
-def _reply_json(reply: Any) -> dict[str, Any] | None:
-    return None if reply is None else {"code": reply.code, "enhanced": reply.enhanced,
-                                       "text": reply.text}
-
-
-def shown_json(s: Shown) -> dict[str, Any]:
-    """The `queue show --json` form: envelope, client, recipients, timeline, header section."""
-    m, e = s.message, s.message.envelope
-    rcpts = []
-    for r, st in zip(e.recipients, m.recipients):
-        rcpts.append({
-            "address": str(r.address),
-            "state": st.state,
-            "attempts": st.attempts,
-            "next_attempt": iso_utc(st.next_attempt) if st.state == QUEUED else None,
-            "notify": list(r.notify) if r.notify else [],
-            "orcpt": r.orcpt or None,
-            "last_reply": _reply_json(st.last_reply),
-            "remote": st.remote or None,
-            "category": st.category or None,
-        })
-    return {"id": m.id, "arrival": iso_utc(m.arrival), "size": m.size, "sender": _sender(m),
-            "message_id": m.header_id or None, "body": e.body, "smtputf8": bool(e.smtputf8),
-            "ret": e.ret or None, "envid": e.envid or None, "declared_size": e.size,
-            "requiretls": bool(e.requiretls), "tls_required_no": bool(e.tls_optional),
-            "auth": e.auth, "parameters": dict(sorted(e.extra.items())),
-            "client": dict(sorted(m.client.items())),
-            "finished": iso_utc(s.finished) if s.finished is not None else None,
-            "recipients": rcpts, "events": [event_json(ev) for ev in s.events],
-            "headers": s.headers}
 
 
 def shown_text(s: Shown) -> str:
@@ -523,11 +438,6 @@ def _args_suppression_list(p: argparse.ArgumentParser) -> None:
     _args_config(p)
 
 
-def suppression_json(s: Suppression, now: float) -> dict[str, Any]:
-    return {"address": s.address, "reason": s.reason, "since": iso_utc(s.since),
-            "expires": iso_utc(s.expires), "reply": s.reply, "expired": s.expires <= now}
-
-
 def suppression_list(args: argparse.Namespace) -> int:
     """The suppression list, read from the spool: entries whose `expires` has passed no
     longer suppress anything (the daemon's own rule) and are left out unless --all."""
@@ -552,19 +462,6 @@ def suppression_list(args: argparse.Namespace) -> int:
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[4])
     return 0
-
-
-def check_address(address: str) -> str:
-    """A light check of an address given to suppression add/remove/import: it must have an
-    "@" and no white space or control characters.  Returns it without surrounding space."""
-    a = address.strip()
-    if not a:
-        raise ValueError("empty address")
-    if "@" not in a:
-        raise ValueError(f"bad address {a!r}: no @")
-    if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in a):
-        raise ValueError(f"bad address {a!r}: no spaces or control characters allowed")
-    return a
 
 
 def _checked(address: str) -> str:

@@ -185,6 +185,21 @@ NO_LABELS = Labels()
 
 
 @dataclass(frozen=True, slots=True)
+class Search:
+    """What a message search of the HTTP API (txmta.spool.view.search) looks for: mail to `recipient` and/or with `tag` (through the lookup
+    index), or every message (by id) when neither is given; with a recipient in `state`
+    (of the given recipient, when there is one); arrived at or after `since`; at most
+    `limit` messages, after the `after` cursor of a previous answer."""
+    recipient: str | None = None
+    tag: str | None = None
+    state: str | None = None
+    since: float | None = None
+    limit: int = 50
+    after: bytes | None = None
+    token: str | None = None      # only mail sent with this API token
+
+
+@dataclass(frozen=True, slots=True)
 class RecipientState:
     state: str = QUEUED
     attempts: int = 0

@@ -77,7 +77,8 @@ def api(module_daemons: Any, tmp_path_factory: pytest.TempPathFactory, keys: Any
     tokens = {"app": api_token(tokens_file, "app"),
               "limited": api_token(tokens_file, "limited", "--domain", "example.com"),
               "dry": api_token(tokens_file, "dry", "--test"),
-              "viewer": api_token(tokens_file, "viewer", "--scope", "dashboard")}
+              "viewer": api_token(tokens_file, "viewer", "--scope", "dashboard"),
+              "ops": api_token(tokens_file, "ops", "--scope", "admin")}
     port = free_port(SINK_IP)
     http_port = free_port()
     with SmtpSink(SINK_IP, port) as sink:
@@ -342,3 +343,115 @@ def test_https_listener_and_rate_limit(start_daemon: Callable[..., Daemon], tls_
     with pytest.raises((http.client.RemoteDisconnected, ConnectionError, http.client.BadStatusLine)):
         plain.request("GET", "/metrics")         # no plaintext HTTP on that port
         plain.getresponse()
+
+
+def _http(method: str, url: str, token: str, body: Any = None) -> tuple[int, Any]:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method,
+                                 headers={"Authorization": f"Bearer {token}",
+                                          "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"null")
+
+
+def test_status_and_admin_with_two_workers(start_daemon: Callable[..., Daemon],
+                                           tmp_path: Path) -> None:
+    """With two workers: a message sent through the API (to a relayhost that is down, so it
+    stays queued) is found by id, by its UUID and by recipient and tag; an admin token holds
+    it (`txmta queue show --json` sees it held), releases and deletes it; a send token may
+    not; an address suppressed through the API refuses a later send (Postmark's ErrorCode 406)."""
+    tokens_file = tmp_path / "tokens"
+    app = api_token(tokens_file, "app")
+    admin = api_token(tokens_file, "ops", "--scope", "send", "--scope", "admin")
+    http_port = free_port()
+    url = f"http://127.0.0.1:{http_port}"
+    d = start_daemon(server={"workers": 2}, http=[{"address": f"127.0.0.1:{http_port}"}],
+                     api={"tokens": str(tokens_file)},
+                     delivery={"relayhost": f"127.0.0.1:{free_port()}", "relayhost_tls": "none",
+                               "connect_timeout": "2s"})
+    status, sent = _http("POST", url + "/v1/messages", app,
+                         {"from": "a@example.com", "to": ["Bob@Dest.test"], "subject": "s",
+                          "text": "x\n", "tag": "welcome", "metadata": {"order": "7"}})
+    assert status == 200, sent
+    mid = sent["id"]
+    status, shown = _http("GET", f"{url}/v1/messages/{mid}", app)
+    assert status == 200 and shown["id"] == mid and shown["tag"] == "welcome"
+    assert shown["metadata"] == {"order": "7"} and shown["token"] == "app"
+    assert shown["recipients"][0]["state"] == "queued"
+    assert [e["event"] for e in shown["events"]][:1] == ["received"]
+    from txmta.api.postmark import queue_id_to_uuid
+    status, by_uuid = _http("GET", f"{url}/v1/messages/{queue_id_to_uuid(mid)}", app)
+    assert status == 200 and by_uuid["id"] == mid
+    assert _http("GET", f"{url}/v1/messages/0000000000000000", app)[0] == 404
+    status, found = _http("GET", f"{url}/v1/messages?recipient=bob@dest.test&state=queued", app)
+    assert status == 200 and [m["id"] for m in found["messages"]] == [mid]
+    status, found = _http("GET", f"{url}/v1/messages?tag=welcome", admin)
+    assert status == 200 and [m["id"] for m in found["messages"]] == [mid]
+    assert _http("GET", f"{url}/v1/messages?tag=other", admin)[1]["messages"] == []
+
+    assert _http("POST", f"{url}/v1/messages/{mid}/hold", app)[0] == 403
+    status, held = _http("POST", f"{url}/v1/messages/{mid}/hold", admin)
+    assert status == 200 and held == {"id": mid, "result": "held"}
+    show = json.loads(txmta_cli(d, "queue", "show", mid, "--json").stdout)
+    assert [r["state"] for r in show["recipients"]] == ["held"]
+    assert _http("POST", f"{url}/v1/messages/{mid}/release", admin)[0] == 200
+    show = json.loads(txmta_cli(d, "queue", "show", mid, "--json").stdout)
+    assert [r["state"] for r in show["recipients"]] == ["queued"]
+    assert _http("POST", f"{url}/v1/queue/flush", admin, {"domain": "dest.test"})[0] == 200
+    assert _http("DELETE", f"{url}/v1/messages/{mid}", admin)[0] == 200
+    wait_until(lambda: mid not in d.spool_ids(), 10, "the message deleted")
+    status, gone = _http("GET", f"{url}/v1/messages/{mid}?x=1", admin)
+    assert status == 200 and [r["state"] for r in gone["recipients"]] == ["deleted"]
+    assert _http("DELETE", f"{url}/v1/messages/{mid}", admin)[0] == 404
+
+    status, added = _http("POST", url + "/v1/suppressions", admin,
+                          {"address": "carol@dest.test", "reason": "complaint"})
+    assert status == 200, added
+    status, listed = _http("GET", url + "/v1/suppressions", admin)
+    assert status == 200 and [s["address"] for s in listed["suppressions"]] == ["carol@dest.test"]
+    # both workers' mirrors hear of it: several sends, whichever worker answers
+    for _ in range(4):
+        status, refused = _http("POST", url + "/email", app,
+                                {"From": "a@example.com", "To": "carol@dest.test",
+                                 "Subject": "s", "TextBody": "x"})
+        assert status == 422 and refused["ErrorCode"] == 406, refused
+    assert _http("DELETE", url + "/v1/suppressions/carol@dest.test", admin)[0] == 200
+    assert _http("DELETE", url + "/v1/suppressions/carol@dest.test", admin)[0] == 404
+
+
+def test_admin_in_a_single_process_daemon(api: Api) -> None:
+    """With one worker the daemon serves its own control socket and the API is its client.
+    A message the relayhost defers shows its attempt and last reply; an admin token holds,
+    releases and deletes it; a dashboard token may read it but not change it; another send
+    token does not see it."""
+    api.sink.replies["RCPT:held@dest.test"] = "451 4.3.0 try later"
+    try:
+        status, sent, _ = api.call("/v1/messages", {"from": "a@example.com",
+                                                    "to": ["held@dest.test"],
+                                                    "subject": "hold me", "text": "x\n"},
+                                   api.tokens["app"])
+        assert status == 200
+        mid, url = sent["id"], f"{api.url}/v1/messages/{sent['id']}"
+
+        def deferred() -> bool:
+            status, shown = _http("GET", url, api.tokens["app"])
+            return status == 200 and shown["recipients"][0]["attempts"] >= 1
+        wait_until(deferred, 20, "one attempt deferred")
+        status, shown = _http("GET", url, api.tokens["viewer"])
+        assert status == 200 and shown["recipients"][0]["last_reply"]["code"] == 451
+        assert "deferred" in [e["event"] for e in shown["events"]]
+        status, held = _http("POST", url + "/hold", api.tokens["ops"])
+        assert status == 200 and held["result"] == "held"
+        assert _http("GET", url, api.tokens["app"])[1]["recipients"][0]["state"] == "held"
+        assert _http("POST", url + "/release", api.tokens["viewer"])[0] == 403
+        assert _http("GET", url, api.tokens["limited"])[0] == 404
+        assert _http("POST", url + "/release", api.tokens["ops"])[0] == 200
+        assert _http("DELETE", url, api.tokens["ops"])[0] == 200
+        status, done = _http("GET", url, api.tokens["app"])
+        assert status == 200 and done["recipients"][0]["state"] == "deleted"
+        assert done["finished"] is not None and mid not in api.daemon.spool_ids()
+    finally:
+        del api.sink.replies["RCPT:held@dest.test"]

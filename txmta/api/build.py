@@ -14,6 +14,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from txmta import config as C
 from txmta.api.server import ApiResource, build_site
+from txmta.api.status import StatusApi
 from txmta.api.submit import Submitter
 from txmta.api.tokens import RateLimiter, TokenFileError, TokenStore
 from txmta.tcp import AdoptedServerEndpoint, TCPServerEndpoint
@@ -149,6 +150,9 @@ def http_services(cfg: C.Config, reactor: Any, receiver: Any, queue: Any, tls: A
     submitter = Submitter(receiver, suppressed=queue.suppression.check,
                           reject_suppressed=cfg.suppression.action == "reject",
                           max_message_size=cfg.spool.max_message_size)
+    from txmta.spool.view import SpoolReads
+    status = StatusApi(tokens, SpoolReads(queue.spool.read),
+                       control_caller(reactor, cfg.spool.path), reactor)
     services: list[IService] = []
     allowed = viewer_check(tokens, cfg.relay.networks)
     watch = Watch(reactor, metrics_dir) if metrics_dir is not None else None
@@ -158,7 +162,8 @@ def http_services(cfg: C.Config, reactor: Any, receiver: Any, queue: Any, tls: A
         resource = ApiResource(submitter, tokens, limiter, listener=h.name,
                                hostname=cfg.server.hostname, clock=reactor,
                                serve_api="api" in h.serve, extra=extra, metrics=metrics,
-                               idempotency_window=cfg.api.idempotency_window)
+                               idempotency_window=cfg.api.idempotency_window,
+                               status=status)
         factory: Any = build_site(resource, cfg.spool.max_message_size, reactor)
         if h.tls == "implicit":
             factory = TLSMemoryBIOFactory(tls, False, factory)
@@ -169,3 +174,15 @@ def http_services(cfg: C.Config, reactor: Any, receiver: Any, queue: Any, tls: A
             endpoint = TCPServerEndpoint(reactor, h.port, backlog=1024, interface=h.host)
         services.append(StreamServerEndpointService(endpoint, factory))
     return services
+
+
+def control_caller(reactor: Any, spool_path: str) -> Any:
+    """`call(command_name, **kwargs)`: one command to the daemon's control socket (served by
+    the master with several workers, by this process with one), as the `txmta` command
+    sends it."""
+    from txmta.control import amp as control
+
+    def call(command_name: str, **kwargs: Any) -> Any:
+        return control.call_async(reactor, control.control_socket_path(spool_path),
+                                  getattr(control, command_name), **kwargs)
+    return call

@@ -6,6 +6,8 @@
                                   422: templates are not supported
     POST /v1/messages             the native API (native.py): fields, or a raw message
                                   and its envelope
+    GET /v1/messages..., /v1/queue/flush, /v1/suppressions...
+                                  message status and queue admin (status.py)
 
 A token comes in `X-Postmark-Server-Token` (as Postmark clients send it) or
 `Authorization: Bearer TOKEN`; a missing or unknown one gets 401 with Postmark's ErrorCode 10.
@@ -140,7 +142,7 @@ class ApiResource(Resource):
                  listener: str, hostname: str, clock: Any,
                  extra: dict[tuple[bytes, bytes], Callable[[Any], Any]] | None = None,
                  serve_api: bool = True, idempotency_window: float = 86400.0,
-                 metrics: Any = None) -> None:
+                 metrics: Any = None, status: Any = None) -> None:
         Resource.__init__(self)
         self.submitter = submitter
         self.tokens = tokens
@@ -161,6 +163,8 @@ class ApiResource(Resource):
                 (b"POST", b"/v1/messages"): self.native,
             })
         self.routes.update(extra or {})
+        # the status and admin endpoints (status.py), with an id or an address in the path
+        self.status = status if serve_api else None
 
     def render(self, request: Any) -> Any:
         path = request.path.rstrip(b"/").lower() or b"/"
@@ -169,6 +173,11 @@ class ApiResource(Resource):
             request.notifyFinish().addBoth(
                 lambda _: self.metrics.observe_api(name, request.code))
         handler = self.routes.get((request.method, path))
+        if handler is None and self.status is not None:
+            raw = request.path.rstrip(b"/")
+            handler = self.status.route(request.method, raw)
+            if handler is None and self.status.known(raw):
+                return respond(request, 405, {"ErrorCode": 405, "Message": "Method not allowed"})
         if handler is None:
             if path.startswith(b"/templates") and (b"POST", b"/email") in self.routes:
                 return self.templates(request)

@@ -448,3 +448,34 @@ def call(socket_path: str, command: type[amp.Command], timeout: float = CALL_TIM
             raise ControlError(f"the daemon closed {socket_path}: {e.strerror or e}") from None
     finally:
         sock.close()
+
+
+# -- the asynchronous client (the HTTP API's admin endpoints, in a worker) -------------------
+
+def call_async(reactor: Any, socket_path: str, command: type[amp.Command],
+               timeout: float = CALL_TIMEOUT, **kwargs: Any) -> defer.Deferred:
+    """`call()` on the reactor: one command over a new connection to the control socket,
+    firing with its response, or failing with ControlError (no daemon, an error answer,
+    no answer within `timeout`)."""
+    from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
+    args = {k: v for k, v in kwargs.items() if v is not None}
+    endpoint = UNIXClientEndpoint(reactor, socket_path, timeout=int(timeout))
+    d = connectProtocol(endpoint, amp.AMP())
+
+    def connected(proto: amp.AMP) -> defer.Deferred:
+        def close(result: Any) -> Any:
+            proto.transport.loseConnection()
+            return result
+        return proto.callRemote(command, **args).addBoth(close)
+
+    def failed(f: Failure) -> None:
+        if f.check(ControlError):
+            raise f.value
+        if f.check(InternalError, amp.RemoteAmpError):
+            raise ControlError(f"the daemon answered {command.__name__} with an error: "
+                               f"{f.getErrorMessage()}")
+        raise ControlError(f"cannot reach the daemon on {socket_path}: {f.getErrorMessage()}")
+
+    d.addCallback(connected)
+    d.addTimeout(timeout, reactor)
+    return d.addErrback(failed)

@@ -6,7 +6,9 @@ due (partition/time/id/idx -> "", the time-ordered index of recipients to try), 
 (partition/domain/id/idx -> "", the unfinished recipients of each domain, for `flush
 --domain`), events (timelines), outbox (event id -> the record of one `txmta.events` event,
 written in the transaction of the change it describes; read and trimmed by
-`outbox_read`/`outbox_trim`) and meta (format version).  Bodies above `inline_limit` are
+`outbox_read`/`outbox_trim`), lookup (recipient address or tag / arrival / id -> "", written
+with each message and removed with its history: the HTTP API's searches; mail stored before
+it existed has no entries) and meta (format version).  Bodies above `inline_limit` are
 streamed to files under `bodies/` and fsynced (file, then directory) before the commit that
 references them; a body file no message references is removed at start.
 
@@ -53,7 +55,8 @@ from txmta.spool.view import (DB_NAMES, FORMAT, MAX_READERS, domain_key, domain_
                               due_id, due_key, event_key, finished_key, load_message,
                               load_messages, rcpt_key, read_outbox, read_suppressions,
                               split_rcpt_key, decode_hook, encode_hook, hook_key, split_hook_key,
-                              with_attempts, encode_idempotent, decode_idempotent)
+                              with_attempts, encode_idempotent, decode_idempotent,
+                              lookup_keys)
 
 READER_CHECK = 60.0   # seconds between sweeps of the reader slots dead processes left
 log = Logger()
@@ -412,6 +415,7 @@ class LmdbSpool:
             self._write_outbox(txn, outbox)
             if message.header_id:
                 txn.put(message.header_id.encode("utf-8")[:500], key, db=self._db[b"msgids"])
+            self._write_lookup(txn, message)
             if message.recipients and not message.unfinished:  # all ended at intake (suppressed)
                 self._finish(txn, message, message, message.arrival)
 
@@ -420,6 +424,16 @@ class LmdbSpool:
 
     def _load(self, txn: Any, message_id: str) -> StoredMessage | None:
         return load_message(txn, self._db, message_id)
+
+    def _write_lookup(self, txn: Any, m: StoredMessage, delete: bool = False) -> None:
+        """The message's entries in the lookup index (by recipient, by tag): put with the
+        message, deleted when it leaves without history or its history expires."""
+        db = self._db[b"lookup"]
+        for k in lookup_keys(m):
+            if delete:
+                txn.delete(k, db=db)
+            else:
+                txn.put(k, b"", db=db)
 
     def _delete(self, txn: Any, m: StoredMessage) -> None:
         key = m.id.encode("ascii")
@@ -728,6 +742,7 @@ class LmdbSpool:
         txn.put(key, codec.encode_message(message), db=self._db[b"messages"])
         self._write_recipients(txn, message, None)
         self._write_events(txn, message.id, (received_event(message),))
+        self._write_lookup(txn, message)
         if message.header_id:
             txn.put(message.header_id.encode("utf-8")[:500], key, db=self._db[b"msgids"])
 
@@ -757,6 +772,7 @@ class LmdbSpool:
                 if raw is not None:
                     try:
                         m, _ = codec.decode_history(raw)
+                        self._write_lookup(txn, m, delete=True)
                         if m.header_id:
                             hkey = m.header_id.encode("utf-8")[:500]
                             if txn.get(hkey, db=self._db[b"msgids"]) == mid:
@@ -812,6 +828,7 @@ class LmdbSpool:
             old = self._load(txn, message_id)
             if old is not None:
                 self._delete(txn, old)
+                self._write_lookup(txn, old, delete=True)
                 had_file[0] = old.body_in_file
 
         return self._submit(_Op(fn, post=lambda: had_file[0] and self._unlink_body(message_id)))
@@ -935,6 +952,11 @@ class LmdbSpool:
         return messages, recipients, last
 
     # -- reading (on the writer thread too: one thread, no map resize races) -----------------
+
+    def read(self, fn: Callable[[Any, dict[bytes, Any]], Any]) -> Deferred[Any]:
+        """`fn(txn, databases)` in a read transaction on the writer thread (answered before
+        the next commit, never on the reactor): the HTTP API's status reads (view.py)."""
+        return self._submit(_Op(lambda txn: fn(txn, self._db), read=True))
 
     def get(self, message_id: str) -> Deferred[StoredMessage | None]:
         return self._submit(_Op(lambda txn: self._load(txn, message_id), read=True))

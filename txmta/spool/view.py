@@ -11,16 +11,17 @@ the daemon grows the map.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import os
 import struct
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Iterator
 
 import lmdb
 from twisted.logger import Logger
 
 from txmta.events import id_time
-from txmta.message import Event, OutboxRecord, RecipientState, StoredMessage, Suppression
+from txmta.message import Event, OutboxRecord, Search, format_message_id, RecipientState, StoredMessage, Suppression
 from txmta.partition import partition_of
 from txmta.spool import codec
 from txmta.spool.interface import SpoolError, SpoolFormatError
@@ -33,7 +34,9 @@ FORMAT = b"3"
 MAX_READERS = 512     # every worker's threads and every `txmta queue` read share the table
 DB_NAMES = (b"messages", b"bodies", b"recipients", b"due", b"events", b"meta",
             b"history", b"finished", b"msgids", b"suppression", b"cache", b"domains",
-            b"outbox", b"hooks", b"idempotency")
+            b"outbox", b"hooks", b"idempotency", b"lookup")
+LOOKUP_RECIPIENT = b"r"
+LOOKUP_TAG = b"t"
 
 
 def rcpt_key(message_id: str, index: int) -> bytes:
@@ -58,6 +61,33 @@ def domain_prefix(partition: int, domain: str) -> bytes:
 
 def domain_key(domain: str, message_id: str, index: int) -> bytes:
     return domain_prefix(partition_of(message_id), domain) + rcpt_key(message_id, index)
+
+
+def lookup_prefix(kind: bytes, value: str) -> bytes:
+    """kind (b"r": a recipient address, lower-cased; b"t": a tag) / the value / NUL: where
+    the messages to one address, or with one tag, are listed in arrival order.  A value too
+    long for a key (LMDB's limit is 511 octets), or one that holds a NUL or starts with
+    0x01, is replaced by 0x01 and its SHA-256, so every prefix is unambiguous."""
+    name = value.encode("utf-8", "surrogatepass")
+    if len(name) > 200 or b"\0" in name or name[:1] == b"\1":
+        name = b"\1" + hashlib.sha256(name).digest()
+    return kind + name + b"\0"
+
+
+def lookup_key(kind: bytes, value: str, when: float, message_id: str) -> bytes:
+    """`lookup_prefix` / arrival in ms (8 bytes, big-endian) / queue id."""
+    return (lookup_prefix(kind, value) + struct.pack(">Q", max(0, round(when * 1000)))
+            + message_id.encode("ascii"))
+
+
+def lookup_keys(m: StoredMessage) -> set[bytes]:
+    """The lookup index entries of a message: one per distinct recipient address (lower
+    case), one for its tag if it has one."""
+    keys = {lookup_key(LOOKUP_RECIPIENT, str(r.address).lower(), m.arrival, m.id)
+            for r in m.envelope.recipients}
+    if m.labels.tag:
+        keys.add(lookup_key(LOOKUP_TAG, m.labels.tag, m.arrival, m.id))
+    return keys
 
 
 def split_rcpt_key(key: bytes) -> tuple[str, int]:
@@ -252,6 +282,10 @@ class LmdbView:
     def _load(self, txn: Any, message_id: str) -> StoredMessage | None:
         return load_message(txn, self._db, message_id)
 
+    def read(self, fn: Callable[[Any, dict[bytes, Any]], Any]) -> Any:
+        """`fn(txn, databases)` in one short read transaction."""
+        return self._read(lambda txn: fn(txn, self._db))
+
     def get(self, message_id: str) -> StoredMessage | None:
         return self._read(lambda txn: self._load(txn, message_id))  # type: ignore[no-any-return]
 
@@ -311,3 +345,183 @@ class LmdbView:
 
     def close(self) -> None:
         self._env.close()
+
+
+# -- the HTTP API's status reads: one message, and messages found by the indexes --------------
+
+MAX_LOOKED_AT = 5000      # index entries (or ids) one search looks at, at most
+
+
+@dataclass(frozen=True)
+class Found:
+    """A message as `find_message` reads it: queued (finished None) or kept in the history."""
+    message: StoredMessage
+    finished: float | None
+    events: list[Event]
+
+
+def find_message(txn: Any, dbs: dict[bytes, Any], message_id: str) -> Found | None:
+    """The message `message_id` from the queue, else from the history, with its timeline."""
+    finished = None
+    m = load_message(txn, dbs, message_id)
+    if m is None:
+        raw = txn.get(message_id.encode("ascii", "replace"), db=dbs[b"history"])
+        if raw is None:
+            return None
+        m, finished = codec.decode_history(bytes(raw))
+    return Found(m, finished, read_events(txn, dbs, message_id))
+
+
+def _stored(txn: Any, dbs: dict[bytes, Any], mid: bytes) -> tuple[StoredMessage, float | None] | None:
+    try:
+        raw = txn.get(mid, db=dbs[b"messages"])
+        if raw is not None:
+            m = load_message(txn, dbs, mid.decode("ascii"))
+            return (m, None) if m is not None else None
+        raw = txn.get(mid, db=dbs[b"history"])
+        return codec.decode_history(bytes(raw)) if raw is not None else None
+    except codec.CorruptRecord as e:
+        log.warn("corrupt spool record {id} skipped: {e}", id=mid, e=e)
+        return None
+
+
+def matches(q: Search, m: StoredMessage) -> bool:
+    """Whether a message found by the walk is one `q` asks for."""
+    if q.token is not None and m.client.get("token") != q.token:
+        return False
+    if q.tag is not None and m.labels.tag != q.tag:
+        return False
+    pairs = list(zip(m.envelope.recipients, m.recipients))
+    if q.recipient is not None:
+        pairs = [(r, st) for r, st in pairs if str(r.address).lower() == q.recipient.lower()]
+        if not pairs:
+            return False
+    return q.state is None or any(st.state == q.state for _, st in pairs)
+
+
+def search(txn: Any, dbs: dict[bytes, Any], q: Search, looked_max: int = MAX_LOOKED_AT
+           ) -> tuple[list[tuple[StoredMessage, float | None]], bytes | None]:
+    """The messages `q` asks for, oldest first, and the cursor to go on from (None when the
+    walk reached the end).  Looks at most `looked_max` index entries: a walk that stops
+    there answers what it found with a cursor, so no request costs more than a bound."""
+    if q.recipient is not None or q.tag is not None:
+        walk = _walk_lookup(txn, dbs, q)
+    else:
+        walk = _walk_ids(txn, dbs, q)
+    out: list[tuple[StoredMessage, float | None]] = []
+    looked = 0
+    for cursor, mid in walk:
+        looked += 1
+        found = _stored(txn, dbs, mid)
+        if found is not None and matches(q, found[0]):
+            out.append(found)
+            if len(out) >= q.limit:
+                return out, cursor
+        if looked >= looked_max:
+            return out, cursor
+    return out, None
+
+
+def search_prefix(q: Search) -> bytes:
+    """The lookup index prefix a search by recipient (else tag) walks."""
+    if q.recipient is not None:
+        return lookup_prefix(LOOKUP_RECIPIENT, q.recipient.lower())
+    return lookup_prefix(LOOKUP_TAG, q.tag or "")
+
+
+def check_cursor(q: Search) -> None:
+    """ValueError when `q.after` is not a cursor of this search (another recipient or tag,
+    or an index cursor for a walk by id and the other way round)."""
+    if q.after is None:
+        return
+    if q.recipient is not None or q.tag is not None:
+        ok = q.after.startswith(search_prefix(q)) and len(q.after) > len(search_prefix(q)) + 8
+    else:
+        ok = q.after.isascii() and q.after.isalnum()
+    if not ok:
+        raise ValueError("after: the cursor belongs to another search")
+
+
+def _walk_lookup(txn: Any, dbs: dict[bytes, Any], q: Search) -> Iterator[tuple[bytes, bytes]]:
+    """(index key, queue id) of the recipient's (else the tag's) entries, in time order."""
+    if b"lookup" not in dbs:
+        return
+    prefix = search_prefix(q)
+    start = prefix + struct.pack(">Q", max(0, round((q.since or 0) * 1000)))
+    if q.after is not None:
+        start = max(start, q.after)
+    with txn.cursor(db=dbs[b"lookup"]) as cur:
+        if not cur.set_range(start):
+            return
+        for key in cur.iternext(keys=True, values=False):
+            key = bytes(key)
+            if not key.startswith(prefix):
+                return
+            if key == q.after:
+                continue
+            yield key, key[len(prefix) + 8:]
+
+
+def _walk_ids(txn: Any, dbs: dict[bytes, Any], q: Search) -> Iterator[tuple[bytes, bytes]]:
+    """(queue id, queue id) of queued and finished messages merged in id (arrival) order."""
+    start = b""
+    if q.since is not None:
+        start = format_message_id(max(0, int(q.since * 1e6)), 0, 0)[:11].encode("ascii")
+    if q.after is not None:
+        start = max(start, q.after)
+
+    def keys(db: bytes) -> Iterator[bytes]:
+        if db not in dbs:
+            return
+        with txn.cursor(db=dbs[db]) as cur:
+            if not cur.set_range(start):
+                return
+            for key in cur.iternext(keys=True, values=False):
+                yield bytes(key)
+
+    for key in heapq.merge(keys(b"messages"), keys(b"history")):
+        if key != q.after:
+            yield key, key
+
+
+def suppressions_page(txn: Any, dbs: dict[bytes, Any], after: str | None, limit: int
+                      ) -> tuple[list[Suppression], str | None]:
+    """Up to `limit` suppression entries in address order after `after`, and the cursor of
+    the next page (None at the end)."""
+    out: list[Suppression] = []
+    if b"suppression" not in dbs:
+        return out, None
+    first = after.encode("utf-8") if after is not None else b""
+    with txn.cursor(db=dbs[b"suppression"]) as cur:
+        if not cur.set_range(first):
+            return out, None
+        for k, v in cur:
+            key = bytes(k)
+            if after is not None and key == first:
+                continue
+            if len(out) >= limit:
+                return out, out[-1].address if out else None
+            try:
+                out.append(codec.decode_suppression(key.decode("utf-8"), bytes(v)))
+            except (codec.CorruptRecord, UnicodeDecodeError):
+                continue
+    return out, None
+
+
+class SpoolReads:
+    """The status reads of the HTTP API over `read(fn)` (`LmdbSpool.read`, run on the
+    writer thread, or `LmdbView.read`): each fires with (or returns) its result."""
+
+    def __init__(self, read: Callable[[Callable[[Any, dict[bytes, Any]], Any]], Any]) -> None:
+        self._read = read
+
+    def find(self, message_id: str) -> Any:
+        return self._read(lambda txn, dbs: find_message(txn, dbs, message_id))
+
+    def search(self, q: Search) -> Any:
+        """Raises ValueError at once for a cursor of another search."""
+        check_cursor(q)
+        return self._read(lambda txn, dbs: search(txn, dbs, q))
+
+    def suppressions(self, after: str | None, limit: int) -> Any:
+        return self._read(lambda txn, dbs: suppressions_page(txn, dbs, after, limit))
