@@ -125,3 +125,15 @@ def test_cli_api_token(tmp_path, capsys):
     cfg.write_text("")
     assert cli.main(["api-token", "x", "--config", str(cfg)]) == 1
     assert "[api] tokens" in capsys.readouterr().err
+
+
+def test_check_config_reads_the_tokens_file(tmp_path, capsys):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[[http]]\naddress = "127.0.0.1:8025"\n[api]\ntokens = "{tmp_path}/tokens"\n')
+    assert cli.main(["check-config", str(cfg)]) == 1
+    assert "api.tokens" in capsys.readouterr().err
+    (tmp_path / "tokens").write_text("bad line here\n")
+    assert cli.main(["check-config", str(cfg)]) == 1
+    assert "tokens:1:" in capsys.readouterr().err
+    (tmp_path / "tokens").write_text("")
+    assert cli.main(["check-config", str(cfg)]) == 0

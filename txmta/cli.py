@@ -89,6 +89,12 @@ def check_config(args: argparse.Namespace) -> int:
         load_server_context(cfg.tls, cfg.path)
     from txmta.dkim import Signer
     Signer.from_config(cfg)           # the [[dkim]] key files, as the daemon reads them
+    if cfg.http and cfg.api.tokens:   # the API tokens file, as the workers read it
+        from txmta.api.tokens import TokenFileError, TokenStore
+        try:
+            TokenStore(cfg.api.tokens, time.time)
+        except TokenFileError as e:
+            raise CommandFailed(f"{args.file}: api.tokens = \"{cfg.api.tokens}\": {e}") from None
     print(f"{args.file}: OK")
     return 0
 
