@@ -9,7 +9,7 @@ alternating order:
 
   * SMTP intake: smtp-source, 20 sessions over kept connections (-d), N messages of 4 KB;
     accepted msg/s = N / its wall time (as bench/run.py's "reuse" mode);
-  * API intake: wrk (Debian package wrk; HTTP/1.1) with 20 keep-alive connections on 2
+  * API intake: wrk (Debian package wrk; HTTP/1.1) with 20 keep-alive connections on 1
     threads POSTing Postmark /email requests with a 4 KB TextBody for as long as smtp-source
     needed for its N messages (at least 5 s); accepted msg/s = its requests per second
     (non-2xx answers are counted and reported as errors).  (ApacheBench speaks HTTP/1.0,
@@ -120,7 +120,7 @@ def run_wrk(token, body, seconds, sessions, directory):
     script = os.path.join(directory, "post.lua")
     with open(script, "w") as f:
         f.write(WRK_SCRIPT)
-    argv = [WRK, "-t2", "-c%d" % sessions, "-d%ds" % max(5, round(seconds)), "-s", script,
+    argv = [WRK, "-t1", "-c%d" % sessions, "-d%ds" % max(5, round(seconds)), "-s", script,
             "http://%s:%d/email" % (R.HOST, API_PORT)]
     env = dict(os.environ, BENCH_BODY=body, BENCH_TOKEN=token)
     out = subprocess.run(argv, capture_output=True, text=True, timeout=600, env=env).stdout

@@ -404,3 +404,32 @@ def test_rendered_mailbox_parses_back(name: str, local: str, domain: str) -> Non
     assert parsed[1] == addr
     assert parsed[0].split() == name.split()   # runs of white space may be collapsed
     assert parse_mailbox(render_mailbox(*parsed), "To") == parsed
+
+
+@given(st.text(alphabet=st.characters(max_codepoint=0x7f), max_size=400),
+       st.sampled_from(["TextBody", "HtmlBody"]))
+def test_single_part_shortcut_equals_set_content(text, field):
+    """A one-part message built by the shortcut for plain 7-bit text is what set_content
+    makes of the same text: the same header fields and the same body octets."""
+    from email.message import MIMEPart
+    from txmta.api import mime as M
+    from txmta.api.postmark import parse_email
+    from txmta.api.submission import InvalidRequest
+    doc = {"From": "a@example.com", "To": "b@example.net", "Subject": "s", field: text}
+    try:
+        sub = parse_email(doc)
+    except InvalidRequest:
+        return
+    built = M.build_message(sub, message_id="0152abcdefghijk", date=1.8e9, hostname="h.test")
+    reference = MIMEPart(policy=M._ASCII)
+    reference.set_content(text, subtype="plain" if field == "TextBody" else "html",
+                          **M._text_kwargs(text))
+    ref_bytes = reference.as_bytes(policy=M._ASCII)
+    ref_head, _, ref_body = ref_bytes.partition(b"\r\n\r\n")
+    head, _, body = built.partition(b"\r\n\r\n")
+    assert body == ref_body
+    for line in ref_head.split(b"\r\n"):
+        assert line in head.split(b"\r\n")
+    # and the whole message is what the email package's generator writes of it
+    again = email.message_from_bytes(built, policy=M._ASCII)
+    assert again.as_bytes(policy=M._ASCII) == built

@@ -176,7 +176,40 @@ def _text_kwargs(text: str) -> dict[str, str]:
     return {"charset": "utf-8", "cte": "quoted-printable"} if "\0" in text else {"charset": "utf-8"}
 
 
+# anything but printable ASCII, tab and LF (str.splitlines, which set_content uses, breaks
+# lines at CR, VT, FF and FS/GS/RS too)
+_NOT_PLAIN = re.compile(r"[^\t\n\x20-\x7e]")
+
+
+def _plain_7bit(text: str) -> bool:
+    """Whether `text` goes as it is: printable ASCII, tabs and LFs, every line within 78
+    characters (what set_content would send 7bit); then `_set_7bit` does its work."""
+    return (_NOT_PLAIN.search(text) is None
+            and all(len(line) <= _FOLD_AT for line in text.split("\n")))
+
+
+def _set_7bit(msg: MIMEPart, text: str, subtype: str) -> None:
+    """What set_content does for such a text, without its content manager's detours (a
+    third of a message's building): the payload, Content-Type and Content-Transfer-Encoding
+    header fields, ending in a line end as set_content's do."""
+    msg.set_raw("Content-Type", f'text/{subtype}; charset="utf-8"')
+    msg.set_raw("Content-Transfer-Encoding", "7bit")
+    msg.set_payload(text if text.endswith("\n") else text + "\n")
+
+
+def _single_7bit(sub: Submission) -> tuple[str, str] | None:
+    """(text, subtype) of a message that is one part of plain 7-bit text, else None."""
+    if sub.attachments or (sub.text is None) == (sub.html is None):
+        return None
+    text, subtype = (sub.text, "plain") if sub.text is not None else (sub.html, "html")
+    return (text, subtype) if text is not None and _plain_7bit(text) else None
+
+
 def _set_body(msg: MIMEPart, sub: Submission) -> None:
+    single = _single_7bit(sub)
+    if single is not None:
+        _set_7bit(msg, *single)
+        return
     if sub.text is None and sub.html is None:
         raise InvalidRequest(300, "Provide either email TextBody or HtmlBody or both.",
                              "TextBody")
@@ -226,4 +259,12 @@ def build_message(sub: Submission, *, message_id: str, date: float, hostname: st
             msg.set_raw(name, _UNSTRUCTURED(name, value))
     msg["MIME-Version"] = "1.0"
     _set_body(msg, sub)
+    if _single_7bit(sub) is not None:
+        # one part of 7-bit lines: the header fields as the policy folds them, then the
+        # lines with CRLF, the octets the generator writes without its line-by-line walk
+        # (a fifth of an API request's time)
+        head = b"".join(pol.fold_binary(name, value) for name, value in msg.raw_items())
+        body = msg.get_payload()
+        assert isinstance(body, str)
+        return head + b"\r\n" + body.replace("\n", "\r\n").encode("ascii")
     return msg.as_bytes(policy=pol)
