@@ -162,6 +162,7 @@ class Master(service.Service):
         if self.ids is not None and os.getuid() == 0:
             os.chown(self.metrics_dir, self.ids[1], self.ids[2])
         self.reactor.callWhenRunning(self._install_hup)
+        stop_once_on_sigterm(self.reactor)
         for k in range(self.workers):
             self.start_worker(k)
 
@@ -390,6 +391,7 @@ def makeService(options: Options) -> service.IService:
         as_root = ids is not None and os.getuid() == 0
         if cfg.server.workers == 1:
             bind_to_cpu(cfg, 0)                # before the spool's thread starts
+            stop_once_on_sigterm(reactor)
             if not as_root:
                 top = build(cfg, reactor)      # reads the TLS material: bad files are ConfigErrors too
                 tune_runtime()
@@ -403,6 +405,26 @@ def makeService(options: Options) -> service.IService:
     except C.ConfigError as e:
         raise SystemExit(f"txmta: {e}")
     return Master(cfg, reactor, sockets, workers=cfg.server.workers, ids=ids)
+
+
+def stop_once_on_sigterm(reactor: Any) -> None:
+    """Once the reactor runs: SIGTERM (and SIGINT) stop it the first time and are only noted
+    after that.  Twisted's own handler calls reactor.stop() again for a second signal, which
+    logs a ReactorNotRunning traceback; a second signal is common (systemd and `timeout`
+    signal the whole process group, so a worker hears its master's SIGTERM and its own)."""
+    def install() -> None:
+        stopping = [False]
+
+        def handler(signum: int, frame: Any) -> None:
+            if stopping[0]:
+                return
+            stopping[0] = True
+            log.info("received {name}, shutting down", name=signal.Signals(signum).name)
+            reactor.callFromThread(reactor.stop)
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+    reactor.callWhenRunning(install)
 
 
 def global_reactor() -> Any:

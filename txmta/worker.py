@@ -531,7 +531,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import argparse
 
     from txmta.control.channel import CHANNEL_FD, WorkerChannel
-    from txmta.tap import global_reactor, tune_runtime
+    from txmta.tap import global_reactor, stop_once_on_sigterm, tune_runtime
     p = argparse.ArgumentParser(prog="txmta.worker")
     p.add_argument("--config", default=None)
     p.add_argument("--index", type=int, required=True)
@@ -568,6 +568,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     reactor.adoptStreamConnection(CHANNEL_FD, socket.AF_UNIX, Factory.forProtocol(lambda: channel))
     os.close(CHANNEL_FD)           # adopted: Twisted holds its own duplicate
     tune_runtime()
+    stop_once_on_sigterm(reactor)
     reactor.callWhenRunning(top.startService)
     reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
     reactor.run()

@@ -90,8 +90,11 @@ def test_workers_run_as_the_configured_user_and_own_the_spool(open_dir: Path, wo
             assert uid_of(d.proc.pid) == nobody.pw_uid      # bound as root, then dropped
         else:
             assert uid_of(d.proc.pid) == 0                   # the master stays root
-            kids = wait_until(lambda: (lambda c: c if len(c) == 2 else None)(children(d.proc.pid)),
-                              20, "two workers")
+            # a worker answers the banner while the other may still be starting as root:
+            # wait until both have dropped to the user (each does before opening the spool)
+            kids = wait_until(lambda: (lambda c: c if len(c) == 2 and all(
+                uid_of(k) == nobody.pw_uid for k in c) else None)(children(d.proc.pid)),
+                20, "two workers running as " + USER)
             assert [uid_of(k) for k in kids] == [nobody.pw_uid, nobody.pw_uid]
         with smtplib.SMTP("127.0.0.1", d.port, timeout=10) as s:
             s.ehlo()
