@@ -118,9 +118,11 @@ def test_metrics_and_dashboard(start_daemon: Callable[..., Daemon], tmp_path: Pa
                                      base64.b64encode(f"x:{sender}".encode()).decode()},
                         source=OTHER_IP)
         assert status == 401                  # a send-only token sees no dashboard
-        # two samples of the history (every 10 s) give the per-minute plots their points
-        wait_until(lambda: re.search(rb'data-points="[1-9]', get(base + "/")[1]), 40,
-                   "plots with points")
+        # the history samples the metrics every 10 s from the start (when the counts were
+        # 0): a later sample counts the 8 deliveries into the last hour, and the page says so
+        delivered = rb'<div class="stat"><b>8</b><small>delivered</small></div>'
+        wait_until(lambda: delivered in get(base + "/")[1], 40, "8 delivered in the last hour")
+        assert b'<b>100.0%</b><small>delivery rate</small>' in get(base + "/")[1]
         dom, err = chromium(tmp_path, "--dump-dom", base + "/")
         assert console_lines(err) == [], err[-2000:]
         points = [int(n) for n in re.findall(r'<svg[^>]*class="plot"[^>]*data-points="(\d+)"',
