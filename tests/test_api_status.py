@@ -274,3 +274,19 @@ def test_spool_reads_over_the_read_only_view(open_lmdb, wait, make_message):
         assert reads.suppressions(None, 10) == ([], None)
     finally:
         view.close()
+
+
+def test_status_requests_count_against_the_token_rate_limit(make_message):
+    """The sending endpoints' per-token limit holds for status and admin requests too: past
+    it, 429 with Retry-After, for that token only."""
+    from txmta.api.tokens import RateLimiter
+    m = replace(make_message(), client={"token": "app"})
+    clock = Clock()
+    status = StatusApi(Tokens(), Reads({m.id: m}), Control({"found": True}), clock,
+                       RateLimiter(2))
+    r = ApiResource(None, None, None, listener="api", hostname="h", clock=clock, status=status)
+    path = b"/v1/messages/" + m.id.encode()
+    assert [http(r, b"GET", path, "s")[0] for _ in range(3)] == [200, 200, 429]
+    assert http(r, b"GET", path, "d")[0] == 200         # another token has its own
+    clock.advance(1)
+    assert http(r, b"GET", path, "s")[0] == 200

@@ -152,7 +152,7 @@ def http_services(cfg: C.Config, reactor: Any, receiver: Any, queue: Any, tls: A
                           max_message_size=cfg.spool.max_message_size)
     from txmta.spool.view import SpoolReads
     status = StatusApi(tokens, SpoolReads(queue.spool.read),
-                       control_caller(reactor, cfg.spool.path), reactor)
+                       control_caller(reactor, cfg.spool.path), reactor, limiter)
     services: list[IService] = []
     allowed = viewer_check(tokens, cfg.relay.networks)
     watch = Watch(reactor, metrics_dir) if metrics_dir is not None else None

@@ -159,11 +159,13 @@ class StatusApi:
     fires with its response (txmta.control.amp.call_async); `clock` gives the time."""
 
     def __init__(self, tokens: TokenStore, reads: Any,
-                 control: Callable[..., Deferred[dict[str, Any]]], clock: Any) -> None:
+                 control: Callable[..., Deferred[dict[str, Any]]], clock: Any,
+                 limiter: Any = None) -> None:
         self.tokens = tokens
         self.reads = reads
         self.control = control
         self.clock = clock
+        self.limiter = limiter      # the sending endpoints' per-token rate limit, shared
 
     def route(self, method: bytes, path: bytes) -> Callable[[Any], Any] | None:
         """The handler of (method, path), or None: the path is as sent (queue ids are case
@@ -210,6 +212,11 @@ class StatusApi:
         if admin and "admin" not in token.scopes:
             return respond(request, 403, error("forbidden", f"token {token.name!r} has no "
                                                "admin scope"))
+        wait = self.limiter.take(token.name, self.clock.seconds()) if self.limiter else 0.0
+        if wait > 0:
+            import math
+            request.setHeader(b"retry-after", str(max(1, math.ceil(wait))).encode())
+            return respond(request, 429, error("rate_limited", "rate limit exceeded"))
         return token
 
     def _answer(self, request: Any, d: Deferred[tuple[int, Any]]) -> Any:
