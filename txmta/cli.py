@@ -56,10 +56,8 @@ from txmta import config
 from txmta.config import ConfigError
 from txmta.passwords import hash_password
 from txmta.message import HELD, QUEUED, UNFINISHED, Event, StoredMessage
-from txmta.messagejson import (Shown, _reply_json, _reply_text, _sender, check_address,  # noqa: F401
-                               event_json,
-                               header_section, iso_utc, message_json, shown_json,
-                               suppression_json)
+from txmta.messagejson import (Shown, _reply_text, _sender, check_address, header_section,
+                               iso_utc, message_json, shown_json, suppression_json)
 from txmta.spool.interface import SpoolError
 
 
@@ -694,9 +692,10 @@ def webhook_list(args: argparse.Namespace) -> int:
                      "oldest_age": round(now - oldest, 1) if n else None})
     if args.json:
         print(json.dumps(rows, indent=2))
-    elif not rows:
+        return 0
+    if not rows:
         print("no [[webhook]] endpoints configured")
-    for r in rows if not args.json else []:
+    for r in rows:
         age = f", oldest {r['oldest_age']:.0f} s" if r["pending"] else ""
         print(f"{r['url']}  ({r['format']}: {', '.join(r['events'])})")
         print(f"    {r['pending']} waiting, {r['retrying']} being retried{age}")
@@ -710,10 +709,8 @@ def _args_webhook_replay(p: argparse.ArgumentParser) -> None:
 
 def webhook_replay(args: argparse.Namespace) -> int:
     """Send the events again (same webhook-ids) to the endpoints that want them."""
-    if args.id.startswith("msg_"):
-        count = _control_call(args, "WebhookReplay", event_id=args.id)["count"]
-    else:
-        count = _control_call(args, "WebhookReplay", message_id=args.id)["count"]
+    which = "event_id" if args.id.startswith("msg_") else "message_id"
+    count = _control_call(args, "WebhookReplay", **{which: args.id})["count"]
     if not count:
         raise CommandFailed(f"{args.id}: no event of it in the outbox for a [[webhook]] "
                             f"endpoint (events are kept for [history] retention)")

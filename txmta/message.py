@@ -33,14 +33,17 @@ def _digits(n: int, width: int) -> str:
     return "".join(reversed(out))
 
 
+_DIGIT = {c: i for i, c in enumerate(_ALPHABET)}
+
+
 def message_id_time(message_id: str) -> float | None:
     """The arrival time (seconds) a queue id carries, None when it is not one of ours."""
-    digits = {c: i for i, c in enumerate(_ALPHABET)}
     micros = 0
     for c in message_id[:_TIME_DIGITS]:
-        if c not in digits:
+        digit = _DIGIT.get(c)
+        if digit is None:
             return None
-        micros = micros * len(_ALPHABET) + digits[c]
+        micros = micros * len(_ALPHABET) + digit
     return micros / 1e6 if len(message_id) >= _TIME_DIGITS else None
 
 

@@ -336,6 +336,22 @@ def family_of(host: str) -> int:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
+def listening(reactor: Any, factory: Any, listener: Any, tls: Any, fd: int | None
+              ) -> StreamServerEndpointService:
+    """The service of one [[listen]] or [[http]] listener: `factory` on the socket `fd` the
+    master bound (None: bound here, at the listener's host and port), inside TLS from the
+    first byte when the listener's tls is "implicit"."""
+    if listener.tls == "implicit":
+        factory = TLSMemoryBIOFactory(tls, False, factory)
+    endpoint: Any
+    if fd is not None:
+        endpoint = AdoptedServerEndpoint(reactor, fd, family_of(listener.host))
+    else:
+        endpoint = TCPServerEndpoint(reactor, listener.port, backlog=1024,
+                                     interface=listener.host)
+    return StreamServerEndpointService(endpoint, factory)
+
+
 def build(cfg: C.Config, reactor: Any, *, worker: int = 0, workers: int = 1,
           inherited: Sequence[int] | None = None, channel: Any = None) -> service.MultiService:
     """Every part of worker `worker` of `workers`, as one service.  `inherited`: the
@@ -425,14 +441,8 @@ def build(cfg: C.Config, reactor: Any, *, worker: int = 0, workers: int = 1,
                                    suppression=queue.suppression,
                                    reject_suppressed=cfg.suppression.action == "reject",
                                    metrics=metrics)
-        if lst.tls == "implicit":
-            factory = TLSMemoryBIOFactory(tls, False, factory)
-        endpoint: Any
-        if inherited is not None:
-            endpoint = AdoptedServerEndpoint(reactor, inherited[i], family_of(lst.host))
-        else:
-            endpoint = TCPServerEndpoint(reactor, lst.port, backlog=1024, interface=lst.host)
-        StreamServerEndpointService(endpoint, factory).setServiceParent(top)
+        listening(reactor, factory, lst, tls, inherited[i] if inherited is not None else None
+                  ).setServiceParent(top)
     if cfg.http:
         from txmta.api.build import http_services
         first = len(cfg.listen)

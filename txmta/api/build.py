@@ -8,16 +8,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Callable
 
-from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService
-from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from txmta import config as C
 from txmta.api.server import ApiResource, build_site
 from txmta.api.status import StatusApi
 from txmta.api.submit import Submitter
 from txmta.api.tokens import RateLimiter, TokenFileError, TokenStore
-from txmta.tcp import AdoptedServerEndpoint, TCPServerEndpoint
 
 
 class SpoolReader:
@@ -30,14 +27,8 @@ class SpoolReader:
         self._db = spool._db
 
     def _read(self, fn: Callable[[Any], Any]) -> Any:
-        import lmdb
-        for _ in range(20):
-            try:
-                with self._spool._env.begin() as txn:
-                    return fn(txn)
-            except lmdb.MapResizedError:
-                self._spool._env.set_mapsize(0)
-        raise RuntimeError("spool map kept changing size")
+        from txmta.spool.view import read_retrying
+        return read_retrying(self._spool._env, fn)
 
 
 class Watch:
@@ -139,7 +130,7 @@ def http_services(cfg: C.Config, reactor: Any, receiver: Any, queue: Any, tls: A
                   workers: int, inherited: Sequence[int] | None, *, metrics: Any = None,
                   metrics_dir: str | None = None, spool: Any = None) -> list[IService]:
     """One service per [[http]] table; `inherited`: their sockets, in order, or None."""
-    from txmta.worker import family_of, share
+    from txmta.worker import listening, share
     try:
         tokens = TokenStore(cfg.api.tokens, reactor.seconds)
     except TokenFileError as e:
@@ -164,15 +155,9 @@ def http_services(cfg: C.Config, reactor: Any, receiver: Any, queue: Any, tls: A
                                serve_api="api" in h.serve, extra=extra, metrics=metrics,
                                idempotency_window=cfg.api.idempotency_window,
                                status=status)
-        factory: Any = build_site(resource, cfg.spool.max_message_size, reactor)
-        if h.tls == "implicit":
-            factory = TLSMemoryBIOFactory(tls, False, factory)
-        endpoint: Any
-        if inherited is not None:
-            endpoint = AdoptedServerEndpoint(reactor, inherited[i], family_of(h.host))
-        else:
-            endpoint = TCPServerEndpoint(reactor, h.port, backlog=1024, interface=h.host)
-        services.append(StreamServerEndpointService(endpoint, factory))
+        services.append(listening(reactor, build_site(resource, cfg.spool.max_message_size,
+                                                      reactor),
+                                  h, tls, inherited[i] if inherited is not None else None))
     return services
 
 

@@ -37,21 +37,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from txmta.api.submission import (
-    MAX_RECIPIENTS,
     Attachment,
     InvalidRequest,
+    MAX_RECIPIENTS,
     Submission,
     check_addr_spec,
     check_attachment_name,
     check_header_field,
-    check_metadata,
     check_recipient_count,
     check_stream,
     check_tag,
     check_text,
-    content_id,
-    content_type,
     decode_base64,
+    make_attachment,
+    metadata_values,
     parse_mailbox,
     render_mailbox,
 )
@@ -152,12 +151,10 @@ def _attachments(obj: dict[str, Any]) -> tuple[Attachment, ...]:
         content = _string(item, "content", f"{where}.content")
         if content is None:
             raise InvalidRequest(300, f"'{where}.content' is missing.", f"{where}.content")
-        data = decode_base64(content, f"{where}.content")
-        ctype = content_type(_string(item, "content_type", f"{where}.content_type"),
-                             f"{where}.content_type")
-        cid_text = _string(item, "content_id", f"{where}.content_id")
-        cid = content_id(cid_text, f"{where}.content_id") if cid_text else ""
-        out.append(Attachment(name, data, ctype, cid))
+        out.append(make_attachment(
+            name, content, f"{where}.content",
+            _string(item, "content_type", f"{where}.content_type"), f"{where}.content_type",
+            _string(item, "content_id", f"{where}.content_id"), f"{where}.content_id"))
     return tuple(out)
 
 
@@ -167,12 +164,7 @@ def _metadata(obj: dict[str, Any]) -> dict[str, str]:
         return {}
     if not isinstance(value, dict):
         raise _malformed("metadata", "an object of strings")
-    out: dict[str, str] = {}
-    for key, item in value.items():
-        if isinstance(item, bool) or not isinstance(item, (str, int, float)):
-            raise _malformed(f"metadata.{key}", "a string or a number")
-        out[key] = item if isinstance(item, str) else str(item)
-    return check_metadata(out, "metadata")
+    return metadata_values(value, "metadata", _malformed)
 
 
 def _common(obj: dict[str, Any]) -> tuple[str, dict[str, str], str]:

@@ -47,14 +47,12 @@ from txmta.api.submission import (
     Submission,
     check_attachment_name,
     check_header_field,
-    check_metadata,
     check_recipient_count,
     check_stream,
     check_tag,
     check_text,
-    content_id,
-    content_type,
-    decode_base64,
+    make_attachment,
+    metadata_values,
     parse_mailbox,
     parse_mailbox_list,
     render_mailbox,
@@ -232,12 +230,10 @@ def _attachments(fields: _Fields) -> tuple[Attachment, ...]:
         if content is None:
             raise InvalidRequest(300, f"Invalid attachment: '{where}.Content' is missing.",
                                  f"{where}.Content")
-        data = decode_base64(content, f"{where}.Content")
-        ctype = content_type(one.string("ContentType", f"{where}.ContentType"),
-                             f"{where}.ContentType")
-        cid_text = one.string("ContentID", f"{where}.ContentID")
-        cid = content_id(cid_text, f"{where}.ContentID") if cid_text else ""
-        out.append(Attachment(name, data, ctype, cid))
+        out.append(make_attachment(
+            name, content, f"{where}.Content",
+            one.string("ContentType", f"{where}.ContentType"), f"{where}.ContentType",
+            one.string("ContentID", f"{where}.ContentID"), f"{where}.ContentID"))
     return tuple(out)
 
 
@@ -247,12 +243,7 @@ def _metadata(fields: _Fields) -> dict[str, str]:
         return {}
     if not isinstance(value, dict):
         raise _incompatible("Metadata", "an object of strings")
-    out: dict[str, str] = {}
-    for key, item in value.items():
-        if isinstance(item, bool) or not isinstance(item, (str, int, float)):
-            raise _incompatible(f"Metadata.{key}", "a string or a number")
-        out[key] = item if isinstance(item, str) else str(item)
-    return check_metadata(out, "Metadata")
+    return metadata_values(value, "Metadata", _incompatible)
 
 
 def parse_email(obj: Any) -> Submission:

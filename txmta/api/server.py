@@ -26,10 +26,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import server
@@ -252,27 +252,25 @@ class ApiResource(Resource):
         try:
             envelope = self._envelope(token, sub.envelope_sender(), sub.envelope_recipients())
         except InvalidRequest as e:
-            return _now(dict(P.error_response(e, to, submitted), status=e.status))
+            return succeed(dict(P.error_response(e, to, submitted), status=e.status))
         if token.test:
             data = mime.build_message(sub, message_id="test", date=submitted, hostname=self.hostname)
             if len(data) > self.submitter.max_message_size:
                 e = self._too_large()
-                return _now(dict(P.error_response(e, to, submitted), status=e.status))
+                return succeed(dict(P.error_response(e, to, submitted), status=e.status))
             fake = self.submitter.receiver.queue.new_message_id(submitted)
-            return _now(dict(P.ok_response(P.queue_id_to_uuid(fake), to, submitted), status=200))
+            return succeed(dict(P.ok_response(P.queue_id_to_uuid(fake), to, submitted), status=200))
         intake = self.submitter.begin(client_of(request, self.listener, token), envelope)
         try:
             data = mime.build_message(sub, message_id=intake.message_id, date=intake.arrival,
                                       hostname=self.hostname)
         except InvalidRequest as e:
             intake.abort()
-            return _now(dict(P.error_response(e, to, submitted), status=e.status))
+            return succeed(dict(P.error_response(e, to, submitted), status=e.status))
         if len(data) > self.submitter.max_message_size:
             intake.abort()
             e = self._too_large()
-            return _now(dict(P.error_response(e, to, submitted), status=e.status))
-        if not data.isascii() and envelope.body != "8BITMIME":
-            intake.envelope = replace(intake.envelope, body="8BITMIME")
+            return succeed(dict(P.error_response(e, to, submitted), status=e.status))
         d = self.submitter.finish(intake, data, labels)
 
         def stored(reply: Any) -> dict[str, Any]:
@@ -315,7 +313,7 @@ class ApiResource(Resource):
         answers: list[Deferred[dict[str, Any]]] = []
         for item in items:
             if isinstance(item, InvalidRequest):
-                answers.append(_now(dict(P.error_response(item, "", now), status=item.status)))
+                answers.append(succeed(dict(P.error_response(item, "", now), status=item.status)))
             else:
                 answers.append(self._store(request, token, item))
 
@@ -417,10 +415,10 @@ class ApiResource(Resource):
             if len(data) > self.submitter.max_message_size:
                 raise self._too_large()
         except InvalidRequest as e:
-            return _now((e.status, e.to_json(), None))
+            return succeed((e.status, e.to_json(), None))
         submitted = self.clock.seconds()
         if token.test:
-            return _now((200, native_answer("", envelope, submitted, test=True), None))
+            return succeed((200, native_answer("", envelope, submitted, test=True), None))
         intake = self.submitter.begin(client_of(request, self.listener, token), envelope)
         try:
             if parsed.submission is not None:
@@ -430,9 +428,7 @@ class ApiResource(Resource):
                 raise self._too_large()
         except InvalidRequest as e:
             intake.abort()
-            return _now((e.status, e.to_json(), None))
-        if not data.isascii() and intake.envelope.body != "8BITMIME":
-            intake.envelope = replace(intake.envelope, body="8BITMIME")
+            return succeed((e.status, e.to_json(), None))
         if idempotent is not None:
             intake.idempotency = lambda it: Idempotency(
                 idempotent.key, json.dumps(answer_of(it)).encode("utf-8"), idempotent.not_before)
@@ -499,12 +495,6 @@ def native_answer(message_id: str, envelope: Any, submitted: float, *, test: boo
             "recipients": [{"id": f"{message_id}.{i}" if message_id else "",
                             "address": str(r.address)}
                            for i, r in enumerate(envelope.recipients)]}
-
-
-def _now(value: Any) -> Deferred[Any]:
-    d: Deferred[Any] = Deferred()
-    d.callback(value)
-    return d
 
 
 def max_body(max_message_size: int) -> int:

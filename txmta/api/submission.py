@@ -30,6 +30,7 @@ import re
 import string
 import unicodedata
 from dataclasses import dataclass, field
+from typing import Any, Callable
 from email.headerregistry import Address, HeaderRegistry
 from email.errors import HeaderDefect, InvalidHeaderDefect
 
@@ -58,6 +59,9 @@ __all__ = [
     "content_id",
     "content_type",
     "decode_base64",
+    "make_attachment",
+    "metadata_values",
+    "simple_mailbox",
 ]
 
 MAX_RECIPIENTS = 50         # To + Cc + Bcc of one message (Postmark)
@@ -320,6 +324,27 @@ def check_tag(tag: str, field_name: str) -> str:
         raise InvalidRequest(300, f"'{field_name}' is too long: at most {MAX_TAG} characters.",
                              field_name)
     return tag
+
+
+def metadata_values(value: dict[str, Any], field_name: str,
+                    bad: Callable[[str, str], InvalidRequest]) -> dict[str, str]:
+    """A decoded metadata object as strings (numbers written out), checked; `bad(field,
+    what)` is the API's error for a value of the wrong type."""
+    out: dict[str, str] = {}
+    for key, item in value.items():
+        if isinstance(item, bool) or not isinstance(item, (str, int, float)):
+            raise bad(f"{field_name}.{key}", "a string or a number")
+        out[key] = item if isinstance(item, str) else str(item)
+    return check_metadata(out, field_name)
+
+
+def make_attachment(name: str, content: str, content_field: str, ctype: str | None,
+                    ctype_field: str, cid: str | None, cid_field: str) -> Attachment:
+    """An attachment from its fields as given (content in base64), each checked under the
+    field name the API uses."""
+    return Attachment(name, decode_base64(content, content_field),
+                      content_type(ctype, ctype_field),
+                      content_id(cid, cid_field) if cid else "")
 
 
 def check_metadata(metadata: dict[str, str], field_name: str) -> dict[str, str]:

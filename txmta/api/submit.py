@@ -14,7 +14,7 @@ Pure of HTTP: `server.py` turns what this returns into responses.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
 
 from twisted.internet.defer import Deferred
@@ -109,8 +109,11 @@ class Submitter:
         return self.receiver.begin(client.session(), envelope)
 
     def finish(self, intake: Intake, data: bytes, labels: Labels = NO_LABELS) -> Deferred[Reply]:
-        """Store `data` (a whole RFC 5322 message, CRLF line endings): fires with 250 once
-        committed, 452 when the spool is full, 451 when the commit failed."""
+        """Store `data` (a whole RFC 5322 message, CRLF line endings; BODY=8BITMIME when it
+        is not ASCII): fires with 250 once committed, 452 when the spool is full, 451 when
+        the commit failed."""
         intake.labels = labels
+        if not data.isascii() and intake.envelope.body != "8BITMIME":
+            intake.envelope = replace(intake.envelope, body="8BITMIME")
         intake.write(data)
         return intake.finish()

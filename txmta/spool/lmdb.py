@@ -50,12 +50,12 @@ from txmta.message import (QUEUED, UNFINISHED, Change, OutboxEntry, OutboxRecord
 from txmta.partition import ALL, partition_of
 from txmta.spool import codec
 from txmta.spool.bodies import MemoryBody, fsync_dir
+from txmta.spool.hooks import HookDeliveries
 from txmta.spool.interface import CommitFailed, SpoolError, SpoolFormatError, SpoolFull
 from txmta.spool.view import (DB_NAMES, FORMAT, MAX_READERS, domain_key, domain_prefix,
                               due_id, due_key, event_key, finished_key, load_message,
                               load_messages, rcpt_key, read_outbox, read_suppressions,
-                              split_rcpt_key, decode_hook, encode_hook, hook_key, split_hook_key,
-                              with_attempts, encode_idempotent, decode_idempotent,
+                              split_rcpt_key, encode_idempotent, decode_idempotent,
                               lookup_keys)
 
 READER_CHECK = 60.0   # seconds between sweeps of the reader slots dead processes left
@@ -118,7 +118,7 @@ class _Op:
         self.failure: BaseException | None = None
 
 
-class LmdbSpool:
+class LmdbSpool(HookDeliveries):
     def __init__(self, path: str, reactor: IReactorFromThreads, *, map_size: int = 1 << 30,
                  max_map_size: int = 1 << 36, inline_limit: int = 256 * 1024,
                  partitions: Iterable[int] = ALL) -> None:
@@ -128,7 +128,6 @@ class LmdbSpool:
         self.bodies = os.path.join(path, "bodies")
         self._reactor = reactor
         self._inline_limit = inline_limit
-        self.hooks: tuple[tuple[bytes, frozenset[str]], ...] = ()
         # told (on the writer thread) the duration and size of each commit: the metrics
         self.on_commit: Callable[[float, int], None] | None = None
         self._idem_trim_at = b""
@@ -197,6 +196,11 @@ class LmdbSpool:
                     os.unlink(os.path.join(self.bodies, name))
 
     # -- writer thread --------------------------------------------------------------------
+
+    def _run_op(self, fn: Callable[[Any], Any], read: bool = False) -> Deferred[Any]:
+        """`fn(txn)` on the writer thread: in the next commit, or (`read`) in a read
+        transaction answered from the last one."""
+        return self._submit(_Op(fn, read=read))
 
     def _submit(self, op: _Op) -> Deferred[Any]:
         with self._cond:
@@ -532,72 +536,13 @@ class LmdbSpool:
 
     def _write_outbox(self, txn: Any, entries: Iterable[OutboxEntry]) -> None:
         db = self._db[b"outbox"]
-        hooks = self.hooks
         for e in entries:
             record = e.record()
             # overwrite=False: two writers never make the same id; if one ever did, the
             # commit fails rather than lose an event
             if not txn.put(e.event_id, codec.encode_outbox(record), db=db, overwrite=False):
                 raise CommitFailed(f"outbox: event id {e.event_id.hex()} already written")
-            for endpoint, kinds in hooks:
-                if record.kind in kinds:    # a webhook delivery to make, due now
-                    txn.put(hook_key(e.event_id, endpoint, record.time),
-                            encode_hook(0, record), db=self._db[b"hooks"])
-
-    # -- webhook deliveries (txmta/webhooks/service.py) ---------------------------------------
-
-    def set_hooks(self, hooks: Sequence[tuple[bytes, frozenset[str]]]) -> None:
-        """The webhook endpoints (4-byte id, the event kinds it wants): each event committed
-        from now on that one wants gets a delivery entry in the same transaction."""
-        self.hooks = tuple(hooks)
-
-    def hooks_due(self, now: float, limit: int, exclude: frozenset[bytes] | set[bytes] = frozenset()
-                  ) -> Deferred[list[tuple[bytes, int, OutboxRecord]]]:
-        """Up to `limit` deliveries due at `now` in this worker's partitions, oldest first:
-        (key, failed attempts so far, record); keys in `exclude` (in flight) are passed over."""
-        def fn(txn: Any) -> list[tuple[bytes, int, OutboxRecord]]:
-            out: list[tuple[bytes, int, OutboxRecord]] = []
-            end_ms = struct.pack(">Q", max(0, round(now * 1000)))
-            with txn.cursor(db=self._db[b"hooks"]) as cur:
-                for partition in self.partitions:
-                    prefix = bytes((partition,))
-                    if not cur.set_range(prefix):
-                        continue
-                    for k, v in cur:
-                        key = bytes(k)
-                        if key[:1] != prefix or key[1:9] > end_ms or len(out) >= limit:
-                            break
-                        if key in exclude:
-                            continue
-                        try:
-                            attempts, record = decode_hook(bytes(v))
-                        except codec.CorruptRecord as e:
-                            log.warn("corrupt webhook entry {k} skipped: {e}", k=key.hex(), e=e)
-                            continue
-                        out.append((key, attempts, record))
-            out.sort(key=lambda item: item[0][1:])
-            return out[:limit]
-        return self._submit(_Op(fn, read=True))
-
-    def hooks_settle(self, settled: Sequence[tuple[bytes, float | None, int]]) -> Deferred[int]:
-        """One commit for finished deliveries: each (key, next attempt, attempts) is removed,
-        and put again at its next attempt when that is not None.  How many were found."""
-        def fn(txn: Any) -> int:
-            db = self._db[b"hooks"]
-            found = 0
-            for key, again, attempts in settled:
-                value = txn.pop(key, db=db)
-                if value is None:
-                    continue
-                found += 1
-                if again is not None:
-                    _, endpoint, eid = split_hook_key(key)
-                    # the record as stored, with the new count of attempts
-                    txn.put(hook_key(eid, endpoint, again),
-                            with_attempts(bytes(value), attempts),
-                            db=db)
-            return found
-        return self._submit(_Op(fn))
+            self._write_hooks(txn, e.event_id, record)
 
     def idempotent_get(self, key: bytes, not_before: float) -> Deferred[bytes | None]:
         """The result stored for an idempotency key at or after `not_before`, or None."""
@@ -633,55 +578,6 @@ class LmdbSpool:
             return gone
         return self._submit(_Op(fn)).addCallback(moved)
 
-    def hooks_replay(self, now: float, message_id: str | None = None,
-                     event_id: bytes | None = None, scan_limit: int = 500_000) -> Deferred[int]:
-        """Queue the events of `message_id` (or the one event `event_id`) again for every
-        endpoint that wants them, due `now`, with their ids (so their webhook-ids) unchanged.
-        A message's events are looked for in the outbox from its arrival on, at most
-        `scan_limit` entries, in a read transaction on a thread of its own (the writer goes
-        on committing); then one commit.  How many deliveries were queued."""
-        from twisted.internet.threads import deferToThreadPool
-
-        def find() -> list[tuple[bytes, bytes]]:
-            found: list[tuple[bytes, bytes]] = []
-            with self._env.begin(db=self._db[b"outbox"]) as txn:
-                if event_id is not None:
-                    raw = txn.get(event_id)
-                    return [(event_id, bytes(raw))] if raw is not None else []
-                start = message_id_time(message_id or "")
-                if start is None:
-                    return []
-                with txn.cursor() as cur:
-                    if not cur.set_range(time_key(start)):
-                        return []
-                    for seen, (k, v) in enumerate(cur):
-                        if seen >= scan_limit:
-                            break
-                        record = bytes(v)
-                        if message_id.encode("ascii") in record:    # cheap test, then decode
-                            try:
-                                if codec.decode_outbox(record).message_id == message_id:
-                                    found.append((bytes(k), record))
-                            except codec.CorruptRecord:
-                                continue
-            return found
-
-        def queue(found: list[tuple[bytes, bytes]]) -> Deferred[int]:
-            def fn(txn: Any) -> int:
-                n = 0
-                for eid, raw in found:
-                    record = codec.decode_outbox(raw)
-                    for endpoint, kinds in self.hooks:
-                        if record.kind in kinds:
-                            txn.put(hook_key(eid, endpoint, now), encode_hook(0, record),
-                                    db=self._db[b"hooks"])
-                            n += 1
-                return n
-            return self._submit(_Op(fn))
-
-        d = deferToThreadPool(self._reactor, self._reactor.getThreadPool(), find)
-        return d.addCallback(queue)
-
     def stats(self) -> Deferred[dict[str, tuple[int, float]]]:
         """{"": (messages queued, age of the oldest)} over every partition: the count from
         the database's statistics, the oldest from the first id (ids sort by arrival).
@@ -697,10 +593,6 @@ class LmdbSpool:
                         oldest = max(0.0, time.time() - arrival) if arrival else 0.0
             return {"": (n, oldest)}
         return self._submit(_Op(fn, read=True))
-
-    def hooks_pending(self) -> Deferred[int]:
-        """How many webhook deliveries are waiting, in all partitions."""
-        return self._submit(_Op(lambda txn: txn.stat(self._db[b"hooks"])["entries"], read=True))
 
     def outbox_read(self, after: bytes | None = None, limit: int = 1000
                     ) -> Deferred[list[tuple[bytes, OutboxRecord]]]:

@@ -238,6 +238,18 @@ def read_events(txn: Any, dbs: dict[bytes, Any], message_id: str) -> list[Event]
     return out
 
 
+def read_retrying(env: Any, fn: Callable[[Any], Any]) -> Any:
+    """`fn(txn)` in a short read transaction of `env`, on the calling thread, taken again
+    with the new size when the daemon grew the map meanwhile."""
+    for _ in range(20):
+        try:
+            with env.begin() as txn:
+                return fn(txn)
+        except lmdb.MapResizedError:
+            env.set_mapsize(0)
+    raise SpoolError("spool map kept changing size while reading")
+
+
 class LmdbView:
     """Read-only view of a spool for other processes, with short read transactions."""
 
@@ -271,13 +283,7 @@ class LmdbView:
             raise SpoolFormatError(f"spool {path} has format {found!r}, expected {FORMAT!r}")
 
     def _read(self, fn: Callable[[Any], Any]) -> Any:
-        for _ in range(20):
-            try:
-                with self._env.begin() as txn:
-                    return fn(txn)
-            except lmdb.MapResizedError:
-                self._env.set_mapsize(0)
-        raise SpoolError("spool map kept changing size while reading")
+        return read_retrying(self._env, fn)
 
     def _load(self, txn: Any, message_id: str) -> StoredMessage | None:
         return load_message(txn, self._db, message_id)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Callable, Sequence
 
 from twisted.application import service
@@ -60,7 +61,7 @@ class Endpoint:
     timeout: float
     disabled: bool = False
 
-    @property
+    @cached_property
     def id(self) -> bytes:
         return endpoint_id(self.url)
 
