@@ -63,7 +63,8 @@ class FakeQueue:
 
     def put(self, message_id: str, envelope: Envelope, body: BodyWriter,
             client: dict[str, str], arrival: float, header_id: str = "",
-            labels: Labels = NO_LABELS, idempotency: Any = None) -> Deferred[StoredMessage]:
+            labels: Labels = NO_LABELS, idempotency: Any = None, lane: str = "",
+            expires: float | None = None) -> Deferred[StoredMessage]:
         err = self._failing()
         if err is None and idempotency is not None:
             found = self.idempotent.get(idempotency.key)
@@ -76,7 +77,7 @@ class FakeQueue:
             self.idempotent[idempotency.key] = (arrival, idempotency.result)
         states = tuple(RecipientState(next_attempt=arrival) for _ in envelope.recipients)
         message = StoredMessage(message_id, envelope, arrival, body.size, states, client,
-                                header_id=header_id, labels=labels)
+                                header_id=header_id, labels=labels, lane=lane, expires=expires)
         self.messages[message_id] = message
         self.bodies[message_id] = b"".join(body.read_chunks())
         number = events.Numbering(self._event_ids.base(arrival))

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from txmta.hostport import split_host_port  # noqa: E402,F401 (also public here)
+from txmta.lanes import DSN_POLICIES, Lane, Lanes
 
 DEFAULT_PATH = "/etc/txmta/txmta.toml"
 
@@ -344,6 +345,21 @@ def _webhook_url(value: Any) -> str:
     return text
 
 
+def _lane_name(value: Any) -> str:
+    text = _string(value)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", text):
+        raise ValueError("must be a name of letters, digits, '.', '_' or '-' (up to 64)")
+    return text
+
+
+def _fraction(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError("must be a number between 0 and 1, e.g. 0.5")
+    if not 0.0 <= float(value) <= 1.0:
+        raise ValueError("must be between 0 and 1")
+    return float(value)
+
+
 def _listen_address(value: Any) -> str:
     text = _string(value)
     host, _ = split_host_port(text)
@@ -383,6 +399,20 @@ _TABLE: dict[str, dict[str, _Key]] = {
         "tls": _Key("none", _choice("none", "starttls", "implicit")),
         "auth": _Key("none", _choice("none", "optional", "required")),
         "bare_newlines": _Key("reject-remote", _choice("reject", "reject-remote", "fix")),
+        "lane": _Key("", _string),                       # "" = chosen per message (lanes.py)
+    },
+    "lane": {
+        "name": _Key(_MISSING, _lane_name),
+        "priority": _Key(0, _integer(-1000, 1000)),
+        "share": _Key(0.0, _fraction),
+        "deadline": _Key("0", _duration()),            # "0" = none: only [retry] max_lifetime
+        "dsn": _Key("all", _choice(*DSN_POLICIES)),
+        "retry": _Key([], _list_of(_duration())),       # [] = the [retry] schedule
+        "streams": _Key([], _list_of(_string)),
+        "users": _Key([], _list_of(_string)),
+    },
+    "intake": {
+        "dedupe_window": _Key("24h", _duration()),     # "0" = off
     },
     "http": {
         "address": _Key(_MISSING, _listen_address),
@@ -478,7 +508,7 @@ _TABLE: dict[str, dict[str, _Key]] = {
     },
 }
 _DEFAULT_LISTEN: list[dict[str, Any]] = [{"address": "127.0.0.1:25", "tls": "starttls"}]
-_ARRAYS = ("listen", "dkim", "http", "webhook")
+_ARRAYS = ("listen", "dkim", "http", "webhook", "lane")
 
 
 def _default(section: str, key: str) -> Any:
@@ -495,6 +525,7 @@ class ListenConfig:
     tls: str = _default("listen", "tls")                        # none | starttls | implicit
     auth: str = _default("listen", "auth")                      # none | optional | required
     bare_newlines: str = _default("listen", "bare_newlines")    # reject | reject-remote | fix
+    lane: str = ""                                              # "" = chosen per message
 
 
 @dataclass(frozen=True)
@@ -640,6 +671,11 @@ class ApiConfig:
 
 
 @dataclass(frozen=True)
+class IntakeConfig:
+    dedupe_window: float = _default("intake", "dedupe_window")   # 0 = off
+
+
+@dataclass(frozen=True)
 class LogConfig:
     maillog: str = _default("log", "maillog")       # "" = into the daemon's log
     format: str = _default("log", "format")         # text | json
@@ -667,6 +703,8 @@ class Config:
     http: tuple[HttpConfig, ...] = ()
     api: ApiConfig = field(default_factory=ApiConfig)
     webhooks: tuple[WebhookConfig, ...] = ()
+    lanes: Lanes = field(default_factory=Lanes)
+    intake: IntakeConfig = field(default_factory=IntakeConfig)
 
 
 # -- loading --------------------------------------------------------------------------
@@ -754,6 +792,8 @@ def _build(doc: dict[str, Any], path: str | None) -> Config:
     bounce = BounceConfig(**s["bounce"])
     signing = SigningConfig(**s["signing"])
     api = ApiConfig(**s["api"])
+    intake = IntakeConfig(**s["intake"])
+    lanes = _lanes(doc.get("lane"), section, bad)
 
     dkim_keys: list[DkimKey] = []
     for i, entry in enumerate(doc.get("dkim", [])):
@@ -789,8 +829,11 @@ def _build(doc: dict[str, Any], path: str | None) -> Config:
             raise bad(f"{prefix}.tls", v["tls"], "requires tls.cert and tls.key")
         if v["auth"] != "none" and not auth.users:
             raise bad(f"{prefix}.auth", v["auth"], "requires auth.users")
+        if v["lane"] and v["lane"] not in lanes:
+            raise bad(f"{prefix}.lane", v["lane"], "no [[lane]] of this name (known: "
+                      + ", ".join(lane.name for lane in lanes) + ")")
         listeners.append(ListenConfig(v["address"], host, port, v["tls"], v["auth"],
-                                      v["bare_newlines"]))
+                                      v["bare_newlines"], v["lane"]))
 
     http: list[HttpConfig] = []
     for i, entry in enumerate(doc.get("http", [])):
@@ -847,7 +890,28 @@ def _build(doc: dict[str, Any], path: str | None) -> Config:
 
     return Config(path, server, tuple(listeners), tls, auth, relay, spool, delivery, retry,
                   dns, log, dsn_cfg, suppression, history, bounce, tuple(dkim_keys), signing,
-                  tuple(http), api, tuple(webhooks))
+                  tuple(http), api, tuple(webhooks), lanes, intake)
+
+
+def _lanes(entries: list[dict[str, Any]] | None, section: Callable[..., dict[str, Any]],
+           bad: Callable[[str, Any, str], ConfigError]) -> Lanes:
+    """The [[lane]] tables; without any, the default lanes (transactional, bulk)."""
+    if not entries:
+        return Lanes()
+    lanes: list[Lane] = []
+    total = 0.0
+    for i, entry in enumerate(entries):
+        prefix = f"lane[{i}]"
+        v = section("lane", entry, prefix)
+        if any(lane.name == v["name"] for lane in lanes):
+            raise bad(f"{prefix}.name", v["name"], "listed twice")
+        total += v["share"]
+        if total > 1.0 + 1e-9:
+            raise bad(f"{prefix}.share", v["share"],
+                      "the shares of all lanes add up to more than 1")
+        lanes.append(Lane(v["name"], v["priority"], v["share"], v["deadline"] or None, v["dsn"],
+                          v["retry"] or None, v["streams"], v["users"]))
+    return Lanes(lanes)
 
 
 def _check_readable(file: str, bad: Callable[[str], ConfigError]) -> None:

@@ -36,8 +36,8 @@ class IntakeQueue(Protocol):
 
     def put(self, message_id: str, envelope: Envelope, body: "BodyWriter",
             client: dict[str, str], arrival: float, header_id: str = "",
-            labels: Labels = NO_LABELS, idempotency: Idempotency | None = None
-            ) -> "Deferred[StoredMessage]":
+            labels: Labels = NO_LABELS, idempotency: Idempotency | None = None,
+            lane: str = "", expires: float | None = None) -> "Deferred[StoredMessage]":
         """Store the message with every recipient queued and due at `arrival` (or ended
         at intake, when suppressed in drop mode), in one durable commit; with
         `idempotency`, its result under its key too, or fail with AlreadySubmitted when

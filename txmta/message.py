@@ -225,6 +225,8 @@ class StoredMessage:
     body_in_file: bool = False
     header_id: str = ""                         # the Message-ID header, e.g. "<abc@example.com>"
     labels: Labels = NO_LABELS                  # tag, metadata, stream (HTTP API)
+    lane: str = ""                              # its lane (lanes.py); "" = the default lane
+    expires: float | None = None                # its deadline (epoch seconds); None = none
 
     def with_recipient_state(self, index: int, state: RecipientState) -> "StoredMessage":
         states = list(self.recipients)

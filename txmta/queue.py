@@ -94,10 +94,11 @@ class Queue:
 
     def put(self, message_id: str, envelope: Envelope, body: BodyWriter, client: dict[str, str],
             arrival: float, header_id: str = "", labels: Labels = NO_LABELS,
-            idempotency: Idempotency | None = None) -> Deferred[StoredMessage]:
+            idempotency: Idempotency | None = None, lane: str = "",
+            expires: float | None = None) -> Deferred[StoredMessage]:
         states = tuple(self._initial_state(r, arrival) for r in envelope.recipients)
         message = StoredMessage(message_id, envelope, arrival, body.size, states, client,
-                                header_id=header_id, labels=labels)
+                                header_id=header_id, labels=labels, lane=lane, expires=expires)
         number = E.Numbering(self.event_ids.base(arrival))
         told: list[E.Committed] = [E.Received(number(), message)]
         told += [E.Suppressed(number(), message, index)

@@ -105,6 +105,8 @@ class Intake:
         self._done = False
         self.header_id = ""     # the message's Message-ID header (ours if it had none)
         self.labels = NO_LABELS  # tag, metadata, stream: set by the HTTP API
+        self.lane = ""          # the message's lane (lanes.py); "" = the default lane
+        self.expires: float | None = None   # its deadline (epoch seconds), if it has one
         # the HTTP API's Idempotency-Key: made into what the put stores under it
         self.idempotency: Callable[["Intake"], Idempotency] | None = None
         # DKIM (only with a signer): the stored header section, where the body starts, the keys
@@ -208,14 +210,16 @@ class Intake:
         log.failure("DKIM signing of {id} failed; stored unsigned", f, id=self.message_id)
 
     def _put(self) -> Deferred[Reply]:
+        extra: dict[str, Any] = {}
         if self.idempotency is not None:
-            d = self._queue.put(self.message_id, self.envelope, self.body,
-                                self.session.client_info(), self.arrival, header_id=self.header_id,
-                                labels=self.labels, idempotency=self.idempotency(self))
-        else:
-            d = self._queue.put(self.message_id, self.envelope, self.body,
-                                self.session.client_info(), self.arrival, header_id=self.header_id,
-                                labels=self.labels)
+            extra["idempotency"] = self.idempotency(self)
+        if self.lane:
+            extra["lane"] = self.lane
+        if self.expires is not None:
+            extra["expires"] = self.expires
+        d = self._queue.put(self.message_id, self.envelope, self.body,
+                            self.session.client_info(), self.arrival, header_id=self.header_id,
+                            labels=self.labels, **extra)
 
         def stored(_: Any) -> Reply:
             return Reply(250, "2.0.0", f"Ok: queued as {self.message_id}")

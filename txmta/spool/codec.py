@@ -48,6 +48,10 @@ def encode_message(m: StoredMessage) -> bytes:
     }
     if m.labels:
         record["lab"] = [m.labels.tag, [list(kv) for kv in m.labels.metadata], m.labels.stream]
+    if m.lane:
+        record["lane"] = m.lane
+    if m.expires is not None:
+        record["exp"] = m.expires
     return _dumps(record)
 
 
@@ -65,7 +69,9 @@ def decode_message(data: bytes, states: tuple[RecipientState, ...] | None = None
             tag, metadata, stream = d["lab"]
             labels = Labels(str(tag), tuple((str(k), str(v)) for k, v in metadata), str(stream))
         return StoredMessage(d["id"], env, float(d["arrival"]), int(d["size"]), states,
-                             dict(d["client"]), bool(d["file"]), str(d.get("hid", "")), labels)
+                             dict(d["client"]), bool(d["file"]), str(d.get("hid", "")), labels,
+                             str(d.get("lane", "")),
+                             float(d["exp"]) if d.get("exp") is not None else None)
     except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
         raise CorruptRecord(f"bad message record: {e}") from e
 
