@@ -11,6 +11,7 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
+from txmta.lanes import due_class, level, level_classes
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, invariant, precondition,
@@ -528,22 +529,28 @@ class SpoolMachine(RuleBasedStateMachine):
     def teardown(self) -> None:
         self.wait(self.spool.close())
 
-    def model_due(self, limit: int) -> list[tuple[float, str]]:
-        firsts = []
-        for mid, m in self.model.items():
-            times = [r.next_attempt for r in m.recipients if r.state == QUEUED]
-            if times and min(times) <= self.now_ms / 1000:
-                firsts.append((min(times), mid))
-        return sorted(firsts)[:limit]
+    def model_due(self, limit: int, classes: Any = None) -> list[tuple[float, str]]:
+        """By class (priority, then fresh before retries), then time: each message where
+        its first due recipient is."""
+        entries = sorted((due_class(m.priority, r.attempts), r.next_attempt, mid)
+                         for mid, m in self.model.items() for r in m.recipients
+                         if r.state == QUEUED and r.next_attempt <= self.now_ms / 1000
+                         and (classes is None or due_class(m.priority, r.attempts) in classes))
+        out: list[tuple[float, str]] = []
+        for _, when, mid in entries:
+            if mid not in {m for _, m in out}:
+                out.append((when, mid))
+        return out[:limit]
 
     @rule(states=st.lists(st.one_of(TIMES_MS.map(queued),
                                     st.just(RecipientState(HELD, 0, 0.0))),
-                          min_size=1, max_size=3))
-    def put(self, states: list[RecipientState]) -> None:
+                          min_size=1, max_size=3),
+          priority=st.sampled_from([0, 10, 99]))
+    def put(self, states: list[RecipientState], priority: int) -> None:
         m = StoredMessage(new_message_id(), Envelope(
             Address("s", "example.com"),
             tuple(Recipient(Address(f"r{i}", "example.org")) for i in range(len(states)))),
-            1.0, 3, tuple(states), {})
+            1.0, 3, tuple(states), {}, priority=priority)
         writer = self.spool.body_writer(m.id)
         writer.write(b"abc")
         self.wait(self.spool.put(m, writer))
@@ -584,6 +591,14 @@ class SpoolMachine(RuleBasedStateMachine):
         queued_times = [r.next_attempt for m in self.model.values() for r in m.recipients
                         if r.state == QUEUED]
         assert self.wait(self.spool.next_due()) == (min(queued_times) if queued_times else None)
+        # the classes of one priority level (lanes.level_classes), as the dispatcher reads them
+        top = level_classes(level(99))
+        assert [(m.id) for m in self.wait(self.spool.load_due(now, 1000, classes=top))] == [
+            mid for _, mid in self.model_due(1000, top)]
+        top_times = [r.next_attempt for m in self.model.values() for r in m.recipients
+                     if r.state == QUEUED and due_class(m.priority, r.attempts) in top]
+        assert self.wait(self.spool.next_due(classes=top)) == (min(top_times) if top_times
+                                                                else None)
 
     @invariant()
     def count_matches_the_model(self) -> None:

@@ -104,6 +104,7 @@ def test_a_format_2_spool_gets_its_domains_index_when_opened(open_lmdb, tmp_path
     env = lmdb.open(str(path), max_dbs=20)          # as format 2 left it
     with env.begin(write=True) as txn:
         txn.drop(env.open_db(b"domains", txn=txn), delete=True)
+        old_layout(txn, env)
         txn.put(b"format", b"2", db=env.open_db(b"meta", txn=txn))
     env.close()
     view = LmdbView(str(path))              # `txmta queue list` before a daemon migrated it
@@ -117,11 +118,42 @@ def test_a_format_2_spool_gets_its_domains_index_when_opened(open_lmdb, tmp_path
     wait(spool.close())
     env = lmdb.open(str(path), max_dbs=20, readonly=True)
     with env.begin() as txn:
-        assert txn.get(b"format", db=env.open_db(b"meta", txn=txn)) == b"3"
+        assert txn.get(b"format", db=env.open_db(b"meta", txn=txn)) == b"4"
     env.close()
     view = LmdbView(str(path))
     assert view.get(mixed.id).recipients[0].next_attempt == 5.0
     view.close()
+
+
+def old_layout(txn, env) -> None:
+    """Due keys as formats 1 to 3 wrote them: no class byte after the partition."""
+    due = env.open_db(b"due", txn=txn)
+    keys = [bytes(k) for k in txn.cursor(db=due).iternext(keys=True, values=False)]
+    for key in keys:
+        txn.delete(key, db=due)
+        txn.put(key[:1] + key[2:], b"", db=due)
+
+
+def test_a_format_3_spool_gets_due_classes_when_opened(open_lmdb, tmp_path, wait):
+    """Format 3 due keys get the class byte at open (fresh mail before retries, priority 0):
+    due order and flush work on the migrated index."""
+    path = tmp_path / "spool"
+    spool = open_lmdb(path)
+    fresh = message("a.example", states=(queued(20_000),))
+    retry = message("a.example", states=(RecipientState(QUEUED, 2, 10.0),))
+    for m in (retry, fresh):
+        store(spool, wait, m)
+    wait(spool.close())
+    env = lmdb.open(str(path), max_dbs=20)
+    with env.begin(write=True) as txn:
+        old_layout(txn, env)
+        txn.put(b"format", b"3", db=env.open_db(b"meta", txn=txn))
+    env.close()
+    spool = open_lmdb(path)
+    assert [mid for _, mid in wait(spool.due(30.0, 10))] == [fresh.id, retry.id]
+    assert wait(spool.next_due()) == 10.0
+    assert flush(spool, wait, 5.0) == (2, 2)
+    assert wait(spool.due(5.0, 10)) == [(5.0, fresh.id), (5.0, retry.id)]
 
 
 # -- the state machine ----------------------------------------------------------------------

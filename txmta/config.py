@@ -403,7 +403,7 @@ _TABLE: dict[str, dict[str, _Key]] = {
     },
     "lane": {
         "name": _Key(_MISSING, _lane_name),
-        "priority": _Key(0, _integer(-1000, 1000)),
+        "priority": _Key(0, _integer(0, 99)),
         "share": _Key(0.0, _fraction),
         "deadline": _Key("0", _duration()),            # "0" = none: only [retry] max_lifetime
         "dsn": _Key("all", _choice(*DSN_POLICIES)),

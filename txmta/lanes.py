@@ -30,6 +30,23 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 DSN_POLICIES = ("all", "failures", "none")
+MAX_PRIORITY = 99
+
+
+def level(priority: int) -> int:
+    """A priority's place in the due index: 0 for the highest priority (99)."""
+    return MAX_PRIORITY - min(max(priority, 0), MAX_PRIORITY)
+
+
+def due_class(priority: int, attempts: int) -> int:
+    """The due index's class byte of a recipient (spool/view.py due_key): by its message's
+    priority (highest first), then fresh mail before retries within one priority."""
+    return level(priority) * 2 + (1 if attempts > 0 else 0)
+
+
+def level_classes(lvl: int) -> tuple[int, int]:
+    """The due classes of one priority level: its fresh mail, then its retries."""
+    return (lvl * 2, lvl * 2 + 1)
 LANE_HEADER = "X-Txmta-Lane"
 
 

@@ -227,6 +227,7 @@ class StoredMessage:
     labels: Labels = NO_LABELS                  # tag, metadata, stream (HTTP API)
     lane: str = ""                              # its lane (lanes.py); "" = the default lane
     expires: float | None = None                # its deadline (epoch seconds); None = none
+    priority: int = 0                           # its lane's priority at arrival (due order)
 
     def with_recipient_state(self, index: int, state: RecipientState) -> "StoredMessage":
         states = list(self.recipients)

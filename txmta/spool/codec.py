@@ -52,6 +52,8 @@ def encode_message(m: StoredMessage) -> bytes:
         record["lane"] = m.lane
     if m.expires is not None:
         record["exp"] = m.expires
+    if m.priority:
+        record["pri"] = m.priority
     return _dumps(record)
 
 
@@ -71,7 +73,8 @@ def decode_message(data: bytes, states: tuple[RecipientState, ...] | None = None
         return StoredMessage(d["id"], env, float(d["arrival"]), int(d["size"]), states,
                              dict(d["client"]), bool(d["file"]), str(d.get("hid", "")), labels,
                              str(d.get("lane", "")),
-                             float(d["exp"]) if d.get("exp") is not None else None)
+                             float(d["exp"]) if d.get("exp") is not None else None,
+                             int(d.get("pri", 0)))
     except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
         raise CorruptRecord(f"bad message record: {e}") from e
 

@@ -18,7 +18,7 @@ references it.  Implementations: `spool.lmdb.LmdbSpool` (the real one) and
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Protocol, Sequence
+from typing import Any, Callable, Collection, Iterator, Protocol, Sequence
 
 from twisted.internet.defer import Deferred
 
@@ -81,16 +81,20 @@ class Spool(Protocol):
     def read_body(self, message_id: str) -> "Deferred[bytes]": ...
 
     def due(self, now: float, limit: int) -> "Deferred[list[tuple[float, str]]]":
-        """Up to `limit` (time, message id) pairs with a recipient due at or before `now`,
-        oldest first; the time-ordered index, no scan."""
+        """Up to `limit` (time, message id) pairs with a recipient due at or before `now`, by
+        due class (lanes.due_class: priority, then fresh before retries), then oldest first;
+        the index, no scan."""
 
-    def next_due(self, exclude: "set[str] | frozenset[str]" = frozenset()) -> "Deferred[float | None]":
-        """The earliest due time of a recipient whose message is not in `exclude`."""
+    def next_due(self, exclude: "set[str] | frozenset[str]" = frozenset(),
+                 classes: "Collection[int] | None" = None) -> "Deferred[float | None]":
+        """The earliest due time of a recipient of `classes` (None: any) whose message is
+        not in `exclude`."""
 
-    def load_due(self, now: float, limit: int, exclude: "set[str] | frozenset[str]" = frozenset()
-                 ) -> "Deferred[list[StoredMessage]]":
-        """Up to `limit` messages with a recipient due at or before `now`, oldest due first,
-        skipping the ids in `exclude` (those in flight), read from the due index."""
+    def load_due(self, now: float, limit: int, exclude: "set[str] | frozenset[str]" = frozenset(),
+                 classes: "Collection[int] | None" = None) -> "Deferred[list[StoredMessage]]":
+        """Up to `limit` messages with a recipient of `classes` (None: any) due at or before
+        `now`, by class, then oldest due first, skipping the ids in `exclude` (those in
+        flight), read from the due index."""
 
     def flush(self, now: float, domain: str | None = None, after: Any = None,
               limit: int = 1000) -> "Deferred[tuple[int, int, Any]]":

@@ -35,7 +35,7 @@ import threading
 import time
 from itertools import islice
 from dataclasses import replace
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Collection, Iterable, Iterator, Sequence
 
 import lmdb
 from twisted.internet.defer import Deferred
@@ -56,7 +56,8 @@ from txmta.spool.view import (DB_NAMES, FORMAT, MAX_READERS, domain_key, domain_
                               due_id, due_key, event_key, finished_key, load_message,
                               load_messages, rcpt_key, read_outbox, read_suppressions,
                               split_rcpt_key, encode_idempotent, decode_idempotent,
-                              lookup_keys)
+                              lookup_keys, recipient_due_key)
+from txmta.lanes import MAX_PRIORITY, due_class
 
 READER_CHECK = 60.0   # seconds between sweeps of the reader slots dead processes left
 log = Logger()
@@ -92,6 +93,27 @@ def _migrate_domains_2_to_3(txn: Any, dbs: dict[bytes, Any]) -> int:
                 txn.put(domain_key(rcpt.address.domain, mid, i), b"", db=dbs[b"domains"])
                 n += 1
     return n
+
+
+def _migrate_due_3_to_4(txn: Any, dbs: dict[bytes, Any]) -> int:
+    """Format 3 due keys (partition/time/id/idx) get the class byte after the partition: the
+    mail of that time had no priority (0), so only fresh vs retry tells (lanes.due_class)."""
+    due = dbs[b"due"]
+    with txn.cursor(db=due) as cur:
+        old = [bytes(k) for k in cur.iternext(keys=True, values=False)]
+    for key in old:
+        txn.delete(key, db=due)
+    for key in old:
+        mid, index = key[9:].rsplit(b"/", 1)
+        raw = txn.get(key[9:], db=dbs[b"recipients"])
+        attempts = 0
+        if raw is not None:
+            try:
+                attempts = codec.decode_recipient(bytes(raw)).attempts
+            except codec.CorruptRecord:
+                pass
+        txn.put(key[:1] + bytes((due_class(0, attempts),)) + key[1:], b"", db=due)
+    return len(old)
 
 
 def _is_disk_full(e: BaseException) -> bool:
@@ -179,6 +201,11 @@ class LmdbSpool(HookDeliveries):
                 log.info("spool {path}: format 2 -> 3, {n} recipients in the domains index",
                          path=self.path, n=n)
                 found = b"3"
+            if found == b"3":
+                n = _migrate_due_3_to_4(txn, self._db)
+                log.info("spool {path}: format 3 -> 4, {n} due entries keyed by class",
+                         path=self.path, n=n)
+                found = b"4"
             if found != FORMAT:
                 raise SpoolFormatError(
                     f"spool {self.path} has format {found.decode(errors='replace')}, this txmta "
@@ -378,17 +405,17 @@ class LmdbSpool(HookDeliveries):
             if old is not None:
                 prev = old[i]
                 if prev.state == QUEUED:
-                    txn.delete(due_key(prev.next_attempt, m.id, i), db=ddb)
+                    txn.delete(recipient_due_key(m, i, prev), db=ddb)
                 was_unfinished = prev.state in UNFINISHED
             txn.put(rcpt_key(m.id, i), codec.encode_recipient(st), db=rdb)
             if st.state == QUEUED:
-                txn.put(due_key(st.next_attempt, m.id, i), b"", db=ddb)
+                txn.put(recipient_due_key(m, i, st), b"", db=ddb)
             if (st.state in UNFINISHED) != was_unfinished:     # the domains index: unfinished only
                 key = domain_key(m.envelope.recipients[i].address.domain, m.id, i)
                 if was_unfinished:
                     txn.delete(key, db=xdb)
-                else:
-                    txn.put(key, b"", db=xdb)
+                else:   # the value: the message's priority (flush --domain keeps its class)
+                    txn.put(key, bytes((m.priority,)) if m.priority else b"", db=xdb)
 
     def put(self, message: StoredMessage, body: MemoryBody,
             outbox: Sequence[OutboxEntry] = (), idempotency: Idempotency | None = None
@@ -443,7 +470,7 @@ class LmdbSpool(HookDeliveries):
         key = m.id.encode("ascii")
         for i, st in enumerate(m.recipients):
             if st.state == QUEUED:
-                txn.delete(due_key(st.next_attempt, m.id, i), db=self._db[b"due"])
+                txn.delete(recipient_due_key(m, i, st), db=self._db[b"due"])
             if st.state in UNFINISHED:
                 txn.delete(domain_key(m.envelope.recipients[i].address.domain, m.id, i),
                            db=self._db[b"domains"])
@@ -765,10 +792,10 @@ class LmdbSpool(HookDeliveries):
                     keys.append(bytes(key))
         return keys, None
 
-    def _make_due(self, txn: Any, message_id: str, index: int, raw: bytes | None, now: float
-                  ) -> bool:
-        """Move one recipient (its record `raw`) due after `now` to `now`; False if it is
-        not QUEUED, already due, or gone."""
+    def _make_due(self, txn: Any, message_id: str, index: int, raw: bytes | None, now: float,
+                  priority: int) -> bool:
+        """Move one recipient (its record `raw`; its message's `priority`) due after `now` to
+        `now`; False if it is not QUEUED, already due, or gone."""
         if raw is None:
             return False
         try:
@@ -779,8 +806,9 @@ class LmdbSpool(HookDeliveries):
             return False
         if st.state != QUEUED or st.next_attempt <= now:
             return False
-        txn.delete(due_key(st.next_attempt, message_id, index), db=self._db[b"due"])
-        txn.put(due_key(now, message_id, index), b"", db=self._db[b"due"])
+        klass = due_class(priority, st.attempts)
+        txn.delete(due_key(st.next_attempt, message_id, index, klass), db=self._db[b"due"])
+        txn.put(due_key(now, message_id, index, klass), b"", db=self._db[b"due"])
         txn.put(rcpt_key(message_id, index), codec.encode_recipient(replace(st, next_attempt=now)),
                 db=self._db[b"recipients"])
         return True
@@ -788,10 +816,10 @@ class LmdbSpool(HookDeliveries):
     def _flush_due(self, txn: Any, now: float, after: bytes | None, limit: int
                    ) -> tuple[int, int, bytes | None]:
         """Every recipient of a message met in the due index at once: its later entries
-        leave the walk's range, so each message is counted once."""
-        first_ms = struct.pack(">Q", max(0, round(now * 1000)) + 1)  # at `now` is due already
+        leave the walk's range, so each message is counted once.  The walk covers every class
+        of the partition; recipients due already are passed over."""
         keys, last = self._index_walk(txn, b"due", after, limit,
-                                      lambda p: bytes((p,)) + first_ms,
+                                      lambda p: bytes((p,)),
                                       lambda p, key: key[0] == p)
         done: set[str] = set()
         messages = recipients = 0
@@ -808,7 +836,8 @@ class LmdbSpool(HookDeliveries):
                         if not k.startswith(prefix):
                             break
                         states.append((int(k[len(prefix):], 16), bytes(v)))
-            moved = sum(self._make_due(txn, mid, i, raw, now) for i, raw in states)
+            priority = MAX_PRIORITY - (key[1] >> 1)    # the class byte: lanes.due_class
+            moved = sum(self._make_due(txn, mid, i, raw, now, priority) for i, raw in states)
             messages += moved > 0
             recipients += moved
         return messages, recipients, last
@@ -830,14 +859,16 @@ class LmdbSpool(HookDeliveries):
                             keys.append(bytes(key))
             last = keys[-1]
         messages = recipients = 0
-        current, moved = "", 0
+        current, moved, priority = "", 0, 0
         for key in keys:
             mid, index = split_rcpt_key(key[len(prefixes[key[0]]):])
             if mid != current:
                 messages += moved > 0
                 current, moved = mid, 0
+                value = txn.get(key, db=self._db[b"domains"])
+                priority = value[0] if value else 0
             raw = txn.get(rcpt_key(mid, index), db=self._db[b"recipients"])
-            if self._make_due(txn, mid, index, None if raw is None else bytes(raw), now):
+            if self._make_due(txn, mid, index, None if raw is None else bytes(raw), now, priority):
                 moved += 1
                 recipients += 1
         messages += moved > 0
@@ -862,51 +893,75 @@ class LmdbSpool(HookDeliveries):
                 return f.read()
         return self._submit(_Op(fn, read=True))
 
-    def _due_keys(self, txn: Any, partition: int, end_ms: int) -> Iterator[bytes]:
-        prefix = bytes((partition,))
-        end = prefix + struct.pack(">Q", end_ms)
+    def _due_keys(self, txn: Any, partition: int, end_ms: int,
+                  classes: Collection[int] | None = None) -> Iterator[bytes]:
+        """The partition's due keys (without the partition byte) of `classes` (all if None),
+        each class's up to `end_ms`, class by class: a class is left by seeking to the next."""
+        end = struct.pack(">Q", end_ms)
         with txn.cursor(db=self._db[b"due"]) as cur:
-            if not cur.set_range(prefix):
-                return
-            for key in cur.iternext(keys=True, values=False):
-                if key >= end:
+            klass = 0
+            while klass < 256 and cur.set_range(bytes((partition, klass))):
+                key = cur.key()
+                if key[0] != partition:
                     return
-                yield key[1:]       # time first: the partitions' streams merge in time order
+                klass = key[1]
+                if classes is not None and klass not in classes:
+                    klass += 1
+                    continue
+                for key in cur.iternext(keys=True, values=False):
+                    if key[0] != partition or key[1] != klass or key[2:10] >= end:
+                        break
+                    yield key[1:]       # class, time first: partitions' streams merge in order
+                klass += 1
 
-    def _due_ids(self, txn: Any, now: float, exclude: set[str] | frozenset[str]
-                 ) -> Iterator[tuple[float, str]]:
+    def _due_ids(self, txn: Any, now: float, exclude: set[str] | frozenset[str],
+                 classes: Collection[int] | None = None) -> Iterator[tuple[float, str]]:
         """(time, id) of messages with a recipient due by `now` in this spool's partitions,
-        oldest first, each once."""
+        by class, then oldest first, each once."""
         seen: set[str] = set(exclude)
         end_ms = max(0, round(now * 1000)) + 1
-        streams = [self._due_keys(txn, p, end_ms) for p in self.partitions]
+        streams = [self._due_keys(txn, p, end_ms, classes) for p in self.partitions]
         for key in heapq.merge(*streams):
-            mid = key[8:].rsplit(b"/", 1)[0].decode("ascii")
+            mid = key[9:].rsplit(b"/", 1)[0].decode("ascii")
             if mid not in seen:
                 seen.add(mid)
-                yield struct.unpack(">Q", key[:8])[0] / 1000.0, mid
+                yield struct.unpack(">Q", key[1:9])[0] / 1000.0, mid
 
     def due(self, now: float, limit: int) -> Deferred[list[tuple[float, str]]]:
         def fn(txn: Any) -> list[tuple[float, str]]:
             return list(islice(self._due_ids(txn, now, frozenset()), limit))
         return self._submit(_Op(fn, read=True))
 
-    def load_due(self, now: float, limit: int, exclude: set[str] | frozenset[str] = frozenset()
-                 ) -> Deferred[list[StoredMessage]]:
+    def load_due(self, now: float, limit: int, exclude: set[str] | frozenset[str] = frozenset(),
+                 classes: Collection[int] | None = None) -> Deferred[list[StoredMessage]]:
         def fn(txn: Any) -> list[StoredMessage]:
-            ids = (mid for _, mid in self._due_ids(txn, now, exclude))
+            ids = (mid for _, mid in self._due_ids(txn, now, exclude, classes))
             return load_messages(txn, self._db, ids, limit)
         return self._submit(_Op(fn, read=True))
 
-    def next_due(self, exclude: set[str] | frozenset[str] = frozenset()) -> Deferred[float | None]:
+    def next_due(self, exclude: set[str] | frozenset[str] = frozenset(),
+                 classes: Collection[int] | None = None) -> Deferred[float | None]:
+        """The earliest due time of a recipient of `classes` (all if None) whose message is
+        not in `exclude`: the first such key of each class."""
         def fn(txn: Any) -> float | None:
             first = None
-            for p in self.partitions:
-                for key in self._due_keys(txn, p, 1 << 63):
-                    if not exclude or due_id(b"\0" + key) not in exclude:
-                        when = struct.unpack(">Q", key[:8])[0] / 1000.0
-                        first = when if first is None else min(first, when)
-                        break
+            with txn.cursor(db=self._db[b"due"]) as cur:
+                for p in self.partitions:
+                    klass = 0
+                    while klass < 256 and cur.set_range(bytes((p, klass))):
+                        key = cur.key()
+                        if key[0] != p:
+                            break
+                        klass = key[1]
+                        if classes is None or klass in classes:
+                            for key in cur.iternext(keys=True, values=False):
+                                if key[0] != p or key[1] != klass:
+                                    break
+                                if not exclude or due_id(key) not in exclude:
+                                    when = struct.unpack(">Q", key[2:10])[0] / 1000.0
+                                    first = when if first is None else min(first, when)
+                                    break
+                        klass += 1
             return first
         return self._submit(_Op(fn, read=True))
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import replace
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from itertools import islice
+from typing import Any, Callable, Collection, Iterable, Iterator, Sequence
 
 from twisted.internet.defer import Deferred, fail, succeed
 
@@ -18,6 +19,7 @@ from txmta.events import time_key
 from txmta.message import AlreadySubmitted, Idempotency
 from txmta.message import (QUEUED, UNFINISHED, Change, Event, OutboxEntry, OutboxRecord,
                            StoredMessage, Suppression, intake_events, received_event)
+from txmta.lanes import due_class
 from txmta.spool import codec
 from txmta.partition import ALL, partition_of
 
@@ -59,7 +61,7 @@ class MemorySpool:
         self.partitions = frozenset(partitions)   # due mail is read only in these
         self.messages: dict[str, StoredMessage] = {}
         self.bodies: dict[str, bytes] = {}
-        self._due: list[tuple[float, str, int]] = []
+        self._due: list[tuple[int, float, str, int]] = []   # class, time, id, index
         self.fail_next: SpoolError | None = None
         self.commits = 0
         self.events: dict[str, list[Event]] = {}
@@ -83,10 +85,11 @@ class MemorySpool:
             return
         for i, st in enumerate(m.recipients):
             if st.state == QUEUED:
-                bisect.insort(self._due, (st.next_attempt, m.id, i))
+                bisect.insort(self._due, (due_class(m.priority, st.attempts), st.next_attempt,
+                                          m.id, i))
 
     def _unindex(self, m: StoredMessage) -> None:
-        self._due = [e for e in self._due if e[1] != m.id]
+        self._due = [e for e in self._due if e[2] != m.id]
 
     def _outbox_entries(self, entries: Iterable[OutboxEntry]) -> dict[bytes, bytes] | CommitFailed:
         out: dict[bytes, bytes] = {}
@@ -327,34 +330,29 @@ class MemorySpool:
     def read_body(self, message_id: str) -> Deferred[bytes]:
         return succeed(self.bodies[message_id])
 
-    def due(self, now: float, limit: int) -> Deferred[list[tuple[float, str]]]:
-        out: list[tuple[float, str]] = []
-        seen: set[str] = set()
-        for when, mid, _ in self._due:
-            if when > now or len(out) >= limit:
-                break
-            if mid not in seen:
-                seen.add(mid)
-                out.append((when, mid))
-        return succeed(out)
-
-    def load_due(self, now: float, limit: int, exclude: set[str] | frozenset[str] = frozenset()
-                 ) -> Deferred[list[StoredMessage]]:
-        out: list[StoredMessage] = []
+    def _due_ids(self, now: float, exclude: Collection[str],
+                 classes: Collection[int] | None) -> Iterator[tuple[float, str]]:
         seen: set[str] = set(exclude)
-        for when, mid, _ in self._due:
-            if when > now or len(out) >= limit:
-                break
+        for klass, when, mid, _ in self._due:
+            if when > now or (classes is not None and klass not in classes):
+                continue
             if mid not in seen:
                 seen.add(mid)
-                out.append(self.messages[mid])
-        return succeed(out)
+                yield when, mid
 
-    def next_due(self, exclude: set[str] | frozenset[str] = frozenset()) -> Deferred[float | None]:
-        for when, mid, _ in self._due:
-            if mid not in exclude:
-                return succeed(when)
-        return succeed(None)
+    def due(self, now: float, limit: int) -> Deferred[list[tuple[float, str]]]:
+        return succeed(list(islice(self._due_ids(now, (), None), limit)))
+
+    def load_due(self, now: float, limit: int, exclude: set[str] | frozenset[str] = frozenset(),
+                 classes: Collection[int] | None = None) -> Deferred[list[StoredMessage]]:
+        return succeed([self.messages[mid] for _, mid in
+                        islice(self._due_ids(now, exclude, classes), limit)])
+
+    def next_due(self, exclude: set[str] | frozenset[str] = frozenset(),
+                 classes: Collection[int] | None = None) -> Deferred[float | None]:
+        times = [when for klass, when, mid, _ in self._due
+                 if mid not in exclude and (classes is None or klass in classes)]
+        return succeed(min(times) if times else None)
 
     def count(self) -> Deferred[int]:
         return succeed(len(self.messages))

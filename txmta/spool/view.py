@@ -22,6 +22,7 @@ from twisted.logger import Logger
 
 from txmta.events import id_time
 from txmta.message import Event, OutboxRecord, Search, format_message_id, RecipientState, StoredMessage, Suppression
+from txmta.lanes import due_class
 from txmta.partition import partition_of
 from txmta.spool import codec
 from txmta.spool.interface import SpoolError, SpoolFormatError
@@ -29,8 +30,9 @@ from txmta.spool.interface import SpoolError, SpoolFormatError
 log = Logger()
 
 # 2: due keys start with the partition byte (1 had none); 3: the domains index (2 had none);
-# older formats are migrated at open
-FORMAT = b"3"
+# 4: due keys have the class byte after the partition (lanes.due_class); older formats are
+# migrated at open
+FORMAT = b"4"
 MAX_READERS = 512     # every worker's threads and every `txmta queue` read share the table
 DB_NAMES = (b"messages", b"bodies", b"recipients", b"due", b"events", b"meta",
             b"history", b"finished", b"msgids", b"suppression", b"cache", b"domains",
@@ -43,11 +45,20 @@ def rcpt_key(message_id: str, index: int) -> bytes:
     return b"%s/%04x" % (message_id.encode("ascii"), index)
 
 
-def due_key(when: float, message_id: str, index: int) -> bytes:
-    """partition (1 byte) / due time in ms (8 bytes, big-endian) / recipient key: each
-    partition's recipients in time order, so a worker reads only its own partitions."""
-    return (bytes((partition_of(message_id),)) + struct.pack(">Q", max(0, round(when * 1000)))
+def due_key(when: float, message_id: str, index: int, klass: int = 0) -> bytes:
+    """partition (1 byte) / class (1 byte: lanes.due_class, the message's priority, then
+    fresh before retries) / due time in ms (8 bytes, big-endian) / recipient key: each
+    partition's recipients by class, then in time order, so a worker reads only its own
+    partitions and the dispatcher reads the classes it has room for."""
+    return (bytes((partition_of(message_id), klass)) + struct.pack(">Q", max(0, round(when * 1000)))
             + rcpt_key(message_id, index))
+
+
+def recipient_due_key(m: StoredMessage, index: int, st: RecipientState | None = None) -> bytes:
+    """The due key of recipient `index` of `m` (in state `st`, its current one if None)."""
+    if st is None:
+        st = m.recipients[index]
+    return due_key(st.next_attempt, m.id, index, due_class(m.priority, st.attempts))
 
 
 def domain_prefix(partition: int, domain: str) -> bytes:
@@ -156,11 +167,11 @@ def finished_key(when: float, message_id: str) -> bytes:
 
 
 def due_time(key: bytes) -> float:
-    return struct.unpack(">Q", key[1:9])[0] / 1000.0
+    return struct.unpack(">Q", key[2:10])[0] / 1000.0
 
 
 def due_id(key: bytes) -> str:
-    return key[9:].rsplit(b"/", 1)[0].decode("ascii")
+    return key[10:].rsplit(b"/", 1)[0].decode("ascii")
 
 
 def load_message(txn: Any, dbs: dict[bytes, Any], message_id: str) -> StoredMessage | None:
