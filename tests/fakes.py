@@ -20,6 +20,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 
 from txmta import events, suppression
+from txmta.lanes import due_class
 from txmta.message import AlreadySubmitted
 from txmta.message import (BOUNCED, DELETED, DELIVERED, HELD, NO_LABELS, QUEUED, Envelope, Labels,
                            RecipientState,
@@ -64,7 +65,7 @@ class FakeQueue:
     def put(self, message_id: str, envelope: Envelope, body: BodyWriter,
             client: dict[str, str], arrival: float, header_id: str = "",
             labels: Labels = NO_LABELS, idempotency: Any = None, lane: str = "",
-            expires: float | None = None) -> Deferred[StoredMessage]:
+            expires: float | None = None, priority: int = 0) -> Deferred[StoredMessage]:
         err = self._failing()
         if err is None and idempotency is not None:
             found = self.idempotent.get(idempotency.key)
@@ -77,7 +78,8 @@ class FakeQueue:
             self.idempotent[idempotency.key] = (arrival, idempotency.result)
         states = tuple(RecipientState(next_attempt=arrival) for _ in envelope.recipients)
         message = StoredMessage(message_id, envelope, arrival, body.size, states, client,
-                                header_id=header_id, labels=labels, lane=lane, expires=expires)
+                                header_id=header_id, labels=labels, lane=lane, expires=expires,
+                                priority=priority)
         self.messages[message_id] = message
         self.bodies[message_id] = b"".join(body.read_chunks())
         number = events.Numbering(self._event_ids.base(arrival))
@@ -86,21 +88,24 @@ class FakeQueue:
 
     # -- delivery -------------------------------------------------------------------------
 
-    def _due_at(self, m: StoredMessage) -> float | None:
-        times = [r.next_attempt for r in m.recipients if r.state == QUEUED]
-        return min(times) if times else None
-
-    def due(self, now: float, limit: int, exclude: Iterable[str] = ()
+    def due(self, now: float, limit: int, exclude: Iterable[str] = (), classes: Any = None
             ) -> Deferred[list[StoredMessage]]:
         skip = set(exclude)
-        found = [(at, m.id, m) for m in self.messages.values()
-                 if m.id not in skip and (at := self._due_at(m)) is not None and at <= now]
+        found = []
+        for m in self.messages.values():
+            due = [(due_class(m.priority, r.attempts), r.next_attempt) for r in m.recipients
+                   if r.state == QUEUED and r.next_attempt <= now
+                   and (classes is None or due_class(m.priority, r.attempts) in classes)]
+            if m.id not in skip and due:
+                found.append((min(due), m.id, m))
         return succeed([m for _, _, m in sorted(found, key=lambda t: t[:2])][:limit])
 
-    def next_due(self, exclude: Iterable[str] = ()) -> Deferred[float | None]:
+    def next_due(self, exclude: Iterable[str] = (), classes: Any = None
+                 ) -> Deferred[float | None]:
         skip = set(exclude)
-        times = [at for m in self.messages.values()
-                 if m.id not in skip and (at := self._due_at(m)) is not None]
+        times = [r.next_attempt for m in self.messages.values() if m.id not in skip
+                 for r in m.recipients if r.state == QUEUED
+                 and (classes is None or due_class(m.priority, r.attempts) in classes)]
         return succeed(min(times) if times else None)
 
     def read_body(self, message_id: str) -> Deferred[bytes]:
@@ -154,7 +159,8 @@ class FakeQueue:
         return None
 
     def _publish_due(self, m: StoredMessage | None) -> None:
-        at = self._due_at(m) if m is not None else None
+        times = [r.next_attempt for r in m.recipients if r.state == QUEUED] if m else []
+        at = min(times) if times else None
         if at is not None:
             self.events.publish(events.Due(at))
 

@@ -24,12 +24,14 @@ class FakeDeliverer:
         self.hold = False
         self.pending = []
         self.bodies = []
+        self.lanes = []          # the lane of each call
 
     def destination(self, domain):
         return domain
 
-    def deliver(self, env, indices, body):
+    def deliver(self, env, indices, body, lane=""):
         self.calls.append([str(env.recipients[i].address) for i in indices])
+        self.lanes.append(lane)
         if callable(body):  # as the pool does once a connection is ready
             self.bodies.append([])
             body().addCallback(self.bodies[-1].append)

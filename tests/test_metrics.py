@@ -63,14 +63,14 @@ LISTENERS = metrics.listener_labels([Listen("192.0.2.1:25", 25), Listen("[::1]:5
 
 
 def message(*states: RecipientState, client: dict[str, str] | None = None,
-            stream: str = "", size: int = 42) -> StoredMessage:
+            lane: str = "", size: int = 42) -> StoredMessage:
     env = Envelope(Address("app", "example.com"),
                    tuple(Recipient(Address(f"u{i}", "example.net")) for i in range(len(states))))
     return StoredMessage("0000000000B1234", env, 1000.0, size, states,
                          client if client is not None else
                          {"address": "192.0.2.9", "helo": "client.example.com",
                           "listener": "192.0.2.1:25"},
-                         labels=Labels(stream=stream))
+                         lane=lane)
 
 
 def value(m: Metrics, name: str, **labels: str) -> float:
@@ -106,11 +106,11 @@ def test_recipient_outcomes_count_by_result_lane_and_category() -> None:
     and the recipient's bounce category ("" is "none")."""
     m = Metrics(lanes=["bulk"])
     deferred = message(RecipientState(QUEUED, 1, 1300.0, LATER, category="greylisted"),
-                       stream="bulk")
+                       lane="bulk")
     bounced = message(RecipientState(BOUNCED, 1, 0.0, NO_USER, category="invalid-recipient"))
     delivered = message(RecipientState(DELIVERED, 1, 0.0, OK))
     expired = message(RecipientState(EXPIRED, 9, 0.0, LATER, category="greylisted"),
-                      stream="bulk")
+                      lane="bulk")
     suppressed = message(RecipientState(SUPPRESSED, 0, 0.0, NO_USER,
                                         category="invalid-recipient"))
     m.heard(events.Deferred(EID, deferred, 0, O.TempFailed(LATER, "mx", "192.0.2.5"), 1.0))
@@ -296,7 +296,7 @@ def test_arbitrary_values_never_widen_the_labels(rows: list[tuple[str, ...]]) ->
     to its bounded set and no value looks like an address, a domain, an IP or an id."""
     m = Metrics(lanes=["bulk"], listeners=LISTENERS)
     for category, tls, lane, listener, endpoint in rows:
-        msg = message(RecipientState(QUEUED, 1, 0.0, LATER, category=category), stream=lane,
+        msg = message(RecipientState(QUEUED, 1, 0.0, LATER, category=category), lane=lane,
                       client={"listener": listener, "address": "192.0.2.9"})
         m.heard(events.Received(EID, msg))
         m.heard(events.Deferred(EID, msg, 0, O.TempFailed(LATER, "mx.example.net",
@@ -336,7 +336,7 @@ SERIES = {
 def busy_metrics() -> Metrics:
     """Metrics that heard every kind of event and call, all with addresses and ids about."""
     m = Metrics(lanes=["bulk"], listeners=LISTENERS, endpoints=["email"])
-    msg = message(RecipientState(DELIVERED, 1, 0.0, OK), stream="bulk")
+    msg = message(RecipientState(DELIVERED, 1, 0.0, OK), lane="bulk")
     m.heard(events.Received(EID, msg))
     m.heard(events.Delivered(EID, msg, 0, O.Delivered(OK, "mx.example.net", "192.0.2.5",
                                                         tls="TLSv1.3 X verified"), 1.0))

@@ -300,3 +300,69 @@ def test_a_body_loader_is_called_only_once_a_connection_is_ready() -> None:
     assert loads == [1]
     client.finish()
     assert len(out) == 2 and out[1].failure is None
+
+
+# -- lanes: reserved shares, served by priority ------------------------------------------------
+
+from dataclasses import replace as _replace   # noqa: E402
+
+from txmta.lanes import Lane, Lanes   # noqa: E402
+
+LANES = Lanes([Lane("transactional", 10, share=0.5), Lane("bulk", 0, share=0.2)])
+T = _replace(A, lane="transactional")
+BULK = _replace(A, lane="bulk")
+
+
+def test_bulk_leaves_the_transactional_share_free() -> None:
+    """Window 10: transactional reserves 5; bulk gets the other 5 however much it has, and a
+    transactional message then connects at once instead of waiting behind bulk."""
+    pool, connector, _ = make(per_destination=10, initial_per_destination=10, lanes=LANES)
+    for i in range(40):
+        start(pool, BULK, f"b{i}")
+    assert len(connector.pending) == 5 and pool.waiting("a.example") == 35
+    t = start(pool, T, "t1")
+    assert [k.lane for k, _ in connector.pending] == ["bulk"] * 5 + ["transactional"]
+    connector.pending.pop(0)      # the bulk connections never open (a slow destination)
+    [connector.pending.pop(0) for _ in range(4)]
+    connector.open().finish()
+    assert t[0].final == OK
+
+
+def test_a_lane_uses_unreserved_and_idle_capacity_when_alone() -> None:
+    """Transactional alone may use all but bulk's unused reservation (10 - 2 = 8)."""
+    pool, connector, _ = make(per_destination=10, initial_per_destination=10, lanes=LANES)
+    for i in range(20):
+        start(pool, T, f"t{i}")
+    assert len(connector.pending) == 8
+    b = start(pool, BULK, "b1")              # bulk's reservation is still there
+    assert len(connector.pending) == 9 and connector.pending[-1][0].lane == "bulk"
+    for _ in range(9):
+        connector.open()
+    assert b == [] and pool.active("a.example") == 9
+
+
+def test_waiters_are_served_by_lane_priority_then_in_order() -> None:
+    """One connection allowed: a released slot goes to the transactional waiter that came
+    after the bulk ones."""
+    lanes = Lanes([Lane("transactional", 10), Lane("bulk", 0)])     # no reservations
+    pool, connector, _ = make(per_destination=1, initial_per_destination=1, lanes=lanes)
+    start(pool, BULK, "b0")
+    first = connector.open()
+    for i in range(1, 4):
+        start(pool, BULK, f"b{i}")
+    start(pool, T, "t1")
+    start(pool, T, "t2")
+    first.finish()                 # idle now, in the way of t1's key: closed for it
+    assert first.quits == 1 and [k.lane for k, _ in connector.pending] == ["transactional"]
+    c = connector.open()
+    c.finish()
+    assert c.sent == ["t1", "t2"]
+
+
+def test_each_lane_with_a_share_gets_one_connection_at_a_window_of_one() -> None:
+    """After connection failures the window is 1; a lane's reservation of at least one
+    connection keeps one lane from locking the other out."""
+    pool, connector, _ = make(per_destination=1, initial_per_destination=1, lanes=LANES)
+    start(pool, BULK, "b1")
+    start(pool, T, "t1")
+    assert sorted(k.lane for k, _ in connector.pending) == ["bulk", "transactional"]

@@ -7,7 +7,7 @@ and the function that runs it.  Implemented here:
     txmta passwd [USER]                  print a `USER:HASH` line for the AUTH users file
     txmta doctor DOMAIN [--address IP]... [--json]   check DOMAIN's SPF, DKIM, DMARC, MX,
                                          reverse DNS, MTA-STS and TLS-RPT records in DNS
-    txmta queue list [--json]            the queue, like Postfix mailq
+    txmta queue list [--json] [--lane L] the queue, like Postfix mailq
     txmta queue show ID [--json]         one message, queued or finished: envelope, states,
                                          timeline, header section
     txmta history --message-id ID [--json]   the same, found by its Message-ID header
@@ -164,6 +164,8 @@ def _args_config(p: argparse.ArgumentParser) -> None:
 
 def _args_queue_list(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print a JSON list of messages")
+    p.add_argument("--lane", metavar="L", default=None,
+                   help="only the messages of this lane ([[lane]] name)")
     _args_config(p)
 
 
@@ -208,11 +210,19 @@ def _mailq_entry(m: StoredMessage) -> list[str]:
 
 
 def queue_list(args: argparse.Namespace) -> int:
+    lanes = None
+    if args.lane is not None:
+        lanes = config.load(args.config).lanes
+        if args.lane not in lanes:
+            raise CommandFailed(f"--lane {args.lane}: no such lane (configured: "
+                                + ", ".join(lane.name for lane in lanes) + ")")
     view = _open_view(args)
     try:
         messages = list(view.messages())
     finally:
         view.close()
+    if lanes is not None:   # mail stored in a lane no longer configured is in the default lane
+        messages = [m for m in messages if lanes.name_of(m.lane) == args.lane]
     if args.json:
         print(json.dumps([message_json(m) for m in messages], indent=2, ensure_ascii=False))
         return 0

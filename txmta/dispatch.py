@@ -32,6 +32,7 @@ from twisted.logger import Logger
 from txmta import events
 from txmta import outcome as O
 from txmta.faces import DeliveryQueue
+from txmta.lanes import Lanes, due_groups
 from txmta.reply import Reply
 from txmta.message import QUEUED, StoredMessage
 from txmta.message import SpoolError
@@ -84,13 +85,18 @@ class Dispatcher:
     HEARS = (events.Received, events.Due, events.RetryNow)   # what `heard` wants of the stream
 
     def __init__(self, queue: DeliveryQueue, deliverer: Any, clock: IReactorTime, *,
-                 max_inflight: int = 1000, metrics: Any = None) -> None:
+                 max_inflight: int = 1000, metrics: Any = None, lanes: Lanes | None = None
+                 ) -> None:
         self.queue = queue
         self.metrics = metrics          # txmta.metrics.Metrics: attempt durations
         self.deliverer = deliverer
         self.clock = clock
-        self.max_inflight = max_inflight
+        self.max_inflight = max_inflight     # per group of due classes (a priority level)
+        self.lanes = lanes if lanes is not None else Lanes()
+        self.groups = due_groups(self.lanes)
         self.inflight: set[str] = set()
+        self._group_of: dict[str, int] = {}  # message in flight -> its group
+        self._busy = [0] * len(self.groups)  # messages in flight per group
         self.throttled: dict[str, tuple[float, Reply]] = {}
         self._timer: IDelayedCall | None = None
         self._timer_at: float | None = None
@@ -161,19 +167,27 @@ class Dispatcher:
             return
         self._scanning = True
         try:
-            while self._running:
+            more = True
+            while self._running and more:
                 self._again = False
-                room = self.max_inflight - len(self.inflight)
-                if room <= 0:
-                    break  # a finishing attempt wakes us
+                more = False
                 now = self.clock.seconds()
-                messages = yield self.queue.due(now, min(room, 500), exclude=self.inflight)
-                for m in messages:
-                    self._start(m, now)
-                if not self._again and len(messages) < min(room, 500):
-                    break
-            if self._running and len(self.inflight) < self.max_inflight:
-                nxt = yield self.queue.next_due(exclude=self.inflight)
+                for g, classes in enumerate(self.groups):   # highest priority first
+                    room = self.max_inflight - self._busy[g]
+                    if room <= 0:
+                        continue    # a finishing attempt of this group wakes us
+                    batch = min(room, 500)
+                    messages = yield self.queue.due(now, batch, exclude=self.inflight,
+                                                    classes=classes)
+                    for m in messages:
+                        self._start(m, now, g)
+                    more = more or len(messages) >= batch
+                more = more or self._again
+            open_groups = [c for g, c in enumerate(self.groups)
+                           if self._busy[g] < self.max_inflight]
+            if self._running and open_groups:
+                classes = frozenset().union(*open_groups)
+                nxt = yield self.queue.next_due(exclude=self.inflight, classes=classes)
                 if nxt is not None:
                     self.wake(nxt)
         except Exception:
@@ -186,12 +200,14 @@ class Dispatcher:
 
     # -- attempts ---------------------------------------------------------------------------
 
-    def _start(self, message: StoredMessage, now: float) -> None:
+    def _start(self, message: StoredMessage, now: float, group: int = 0) -> None:
         due = [i for i, r in enumerate(message.recipients)
                if r.state == QUEUED and r.next_attempt <= now]
         if not due:
             return
         self.inflight.add(message.id)
+        self._group_of[message.id] = group
+        self._busy[group] += 1
         d = self._attempt(message, due, now)
         d.addErrback(self._attempt_failed, message.id)
         d.addBoth(self._finished, message.id)
@@ -205,6 +221,9 @@ class Dispatcher:
 
     def _finished(self, _: Any, message_id: str) -> None:
         self.inflight.discard(message_id)
+        group = self._group_of.pop(message_id, None)
+        if group is not None:
+            self._busy[group] -= 1
         if not self.inflight and self._drained:
             drained, self._drained = self._drained, []
             for d in drained:
@@ -233,7 +252,8 @@ class Dispatcher:
         if live:
             body = BodyLoader(self.queue, message.id)
             started = self.clock.seconds()
-            attempts = [self.deliverer.deliver(message.envelope, indices, body)
+            lane = self.lanes.name_of(message.lane)
+            attempts = [self.deliverer.deliver(message.envelope, indices, body, lane=lane)
                         for _, indices in live]
             results = yield DeferredList(attempts, consumeErrors=True)
             if self.metrics is not None:

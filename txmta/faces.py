@@ -14,7 +14,7 @@ through these faces.  Interfaces only: no behaviour here.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Collection, Iterable, Mapping, Protocol, Sequence
 
 from twisted.internet.defer import Deferred
 
@@ -37,7 +37,8 @@ class IntakeQueue(Protocol):
     def put(self, message_id: str, envelope: Envelope, body: "BodyWriter",
             client: dict[str, str], arrival: float, header_id: str = "",
             labels: Labels = NO_LABELS, idempotency: Idempotency | None = None,
-            lane: str = "", expires: float | None = None) -> "Deferred[StoredMessage]":
+            lane: str = "", expires: float | None = None, priority: int = 0
+            ) -> "Deferred[StoredMessage]":
         """Store the message with every recipient queued and due at `arrival` (or ended
         at intake, when suppressed in drop mode), in one durable commit; with
         `idempotency`, its result under its key too, or fail with AlreadySubmitted when
@@ -49,10 +50,11 @@ class IntakeQueue(Protocol):
 class DeliveryQueue(Protocol):
     """Delivery: what is due, the bodies, and one commit per attempt."""
 
-    def due(self, now: float, limit: int, exclude: Iterable[str] = ()
-            ) -> "Deferred[list[StoredMessage]]": ...
+    def due(self, now: float, limit: int, exclude: Iterable[str] = (),
+            classes: Collection[int] | None = None) -> "Deferred[list[StoredMessage]]": ...
 
-    def next_due(self, exclude: Iterable[str] = ()) -> "Deferred[float | None]": ...
+    def next_due(self, exclude: Iterable[str] = (), classes: Collection[int] | None = None
+                 ) -> "Deferred[float | None]": ...
 
     def read_body(self, message_id: str) -> "Deferred[bytes]": ...
 

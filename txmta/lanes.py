@@ -6,9 +6,9 @@ exist unless the operator configures others: `transactional` (the default lane: 
 10) and `bulk` (priority 0).  A message's lane is chosen once, at intake, and stored with it
 (`StoredMessage.lane`); what it selects by, first match wins:
 
-1. the `X-Txmta-Lane` header field, only from a trusted client (authenticated, or in
+1. the API token's `lane=` (tokens.py): the one lane its mail may use;
+2. the `X-Txmta-Lane` header field, only from a trusted client (authenticated, or in
    `relay.networks`) and only naming a configured lane (the field is removed either way);
-2. the API token's `lane=` (tokens.py);
 3. the API's `MessageStream`, when a lane lists it in `streams` (or is named like it);
 4. the authenticated SMTP user, when a lane lists it in `users`;
 5. the listener's `lane` (`[[listen]] lane`);
@@ -47,6 +47,16 @@ def due_class(priority: int, attempts: int) -> int:
 def level_classes(lvl: int) -> tuple[int, int]:
     """The due classes of one priority level: its fresh mail, then its retries."""
     return (lvl * 2, lvl * 2 + 1)
+
+
+def due_groups(lanes: "Lanes") -> tuple[frozenset[int], ...]:
+    """The due classes the dispatcher reads together, each with its own in-flight budget:
+    one group per priority level of the configured lanes, highest first, then every other
+    class (mail whose priority no lane has any more) as the last group."""
+    levels = sorted({level(lane.priority) for lane in lanes})
+    groups = [frozenset(level_classes(lvl)) for lvl in levels]
+    taken = frozenset().union(*groups)
+    return tuple(groups) + (frozenset(range(256)) - taken,)
 LANE_HEADER = "X-Txmta-Lane"
 
 
@@ -125,10 +135,10 @@ class Lanes:
     def select(self, *, header: str = "", trusted: bool = False, token_lane: str = "",
                stream: str = "", user: str = "", listener_lane: str = "") -> str:
         """The lane of a new message (the order in the module docstring)."""
-        if header and trusted and header.strip() in self._by_name:
-            return header.strip()
         if token_lane and token_lane in self._by_name:
             return token_lane
+        if header and trusted and header.strip() in self._by_name:
+            return header.strip()
         if stream:
             chosen = self._by_stream.get(stream.lower())
             if chosen is None and stream in self._by_name:

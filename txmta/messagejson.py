@@ -39,6 +39,8 @@ def message_json(m: StoredMessage) -> dict[str, Any]:
                            {"code": reply.code, "enhanced": reply.enhanced, "text": reply.text}),
         })
     return {"id": m.id, "arrival": iso_utc(m.arrival), "size": m.size, "sender": _sender(m),
+            "lane": m.lane or None,
+            "expires": iso_utc(m.expires) if m.expires is not None else None,
             "recipients": rcpts}
 
 

@@ -262,7 +262,8 @@ class Metrics:
     processes); `registry` None makes a private registry (never prometheus-client's global
     one), so that several `Metrics` can live in one process (tests).
 
-    `lanes`: the configured lane names (the lane "" of a message is "default");
+    `lanes`: the configured lane names (the lane "" of a message, stored before lanes
+    were, is "default");
     `listeners`: `listener_labels(...)`; `endpoints`: the API's endpoint names.  Other
     values are bounded by `Names`.
 
@@ -377,7 +378,7 @@ class Metrics:
             state = m.recipients[event.index]
             result = {events.Suppressed: "suppressed", events.Deleted: "deleted"}.get(
                 type(event), getattr(event, "kind", ""))
-            self.recipients.labels(_one_of(result, RESULTS), self.lane(m.labels.stream),
+            self.recipients.labels(_one_of(result, RESULTS), self.lane(m.lane),
                                    category_label(state.category)).inc()
             if isinstance(event, events.ATTEMPTED):
                 tls = _tls_of(event.outcome)

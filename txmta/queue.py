@@ -25,7 +25,7 @@ the retry arithmetic (retry.py), building DSNs (dsn.py).
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Collection, Iterable, Mapping, Sequence
 
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -95,10 +95,11 @@ class Queue:
     def put(self, message_id: str, envelope: Envelope, body: BodyWriter, client: dict[str, str],
             arrival: float, header_id: str = "", labels: Labels = NO_LABELS,
             idempotency: Idempotency | None = None, lane: str = "",
-            expires: float | None = None) -> Deferred[StoredMessage]:
+            expires: float | None = None, priority: int = 0) -> Deferred[StoredMessage]:
         states = tuple(self._initial_state(r, arrival) for r in envelope.recipients)
         message = StoredMessage(message_id, envelope, arrival, body.size, states, client,
-                                header_id=header_id, labels=labels, lane=lane, expires=expires)
+                                header_id=header_id, labels=labels, lane=lane, expires=expires,
+                                priority=priority)
         number = E.Numbering(self.event_ids.base(arrival))
         told: list[E.Committed] = [E.Received(number(), message)]
         told += [E.Suppressed(number(), message, index)
@@ -192,11 +193,15 @@ class Queue:
 
     # -- delivery -------------------------------------------------------------------------
 
-    def due(self, now: float, limit: int, exclude: Iterable[str] = ()) -> Deferred[list[StoredMessage]]:
-        return self.spool.load_due(now, limit, frozenset(exclude))
+    def due(self, now: float, limit: int, exclude: Iterable[str] = (),
+            classes: Collection[int] | None = None) -> Deferred[list[StoredMessage]]:
+        """Messages due by `now` with recipients of the due `classes` (None: any), by class
+        then time (lanes.due_class)."""
+        return self.spool.load_due(now, limit, frozenset(exclude), classes)
 
-    def next_due(self, exclude: Iterable[str] = ()) -> Deferred[float | None]:
-        return self.spool.next_due(frozenset(exclude))
+    def next_due(self, exclude: Iterable[str] = (), classes: Collection[int] | None = None
+                 ) -> Deferred[float | None]:
+        return self.spool.next_due(frozenset(exclude), classes)
 
     def read_body(self, message_id: str) -> Deferred[bytes]:
         return self.spool.read_body(message_id)

@@ -30,7 +30,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from txmta import config as C
 from txmta import events
-from txmta.inbound.policy import ServerPolicy
+from txmta.inbound.policy import ServerPolicy, in_networks
 from txmta.inbound.protocol import SMTPFactory
 from txmta.inbound.receiver import Receiver
 from txmta.maillog import FileSink, MailLog
@@ -154,12 +154,12 @@ def build_delivery(cfg: C.Config, reactor: Any, queue: Queue,
                           per_destination=d.max_per_destination, total=d.max_connections,
                           max_messages_per_connection=d.max_messages_per_connection,
                           idle_timeout=d.idle_timeout,
-                          initial_per_destination=d.initial_per_destination)
+                          initial_per_destination=d.initial_per_destination, lanes=cfg.lanes)
     deliverer = Deliverer(router, pool, helo=helo, source=d.source_address,
                           tls_level="may", relay_tls=d.relayhost_tls, tls_policy=tls_policy,
                           rules=Classifier(extra=cfg.bounce.rules))
     dispatcher = Dispatcher(queue, deliverer, reactor, max_inflight=d.max_inflight,
-                            metrics=metrics)
+                            metrics=metrics, lanes=cfg.lanes)
     queue.events.subscribe(dispatcher.heard, *Dispatcher.HEARS)
     return DeliveryService(dispatcher, pool, reactor, tls_policy=tls_policy)
 
@@ -369,7 +369,7 @@ def build(cfg: C.Config, reactor: Any, *, worker: int = 0, workers: int = 1,
         M.prepare_directory(metrics_dir)
     M.setup_multiprocess(metrics_dir, worker)
     metrics = M.Metrics(listeners=M.listener_labels(cfg.listen, cfg.http),
-                        endpoints=M.API_ENDPOINTS)
+                        endpoints=M.API_ENDPOINTS, lanes=[lane.name for lane in cfg.lanes])
     # the partitions this worker takes new ids from and delivers
     owned_partitions = partition.owned(worker, workers)
     tls = None
@@ -404,7 +404,13 @@ def build(cfg: C.Config, reactor: Any, *, worker: int = 0, workers: int = 1,
         hooks.setServiceParent(top)
         queue.events.subscribe(hooks.heard, events.Received, *events.ATTEMPTED,
                                events.Suppressed)
-    receiver = Receiver(queue, cfg.server.hostname, reactor, signer, run_signing)
+    networks = tuple(cfg.relay.networks)
+    receiver = Receiver(queue, cfg.server.hostname, reactor, signer, run_signing,
+                        lanes=cfg.lanes,
+                        listener_lanes={l.address: l.lane for l in cfg.listen if l.lane},
+                        trusted=lambda session: (session.auth_user is not None
+                                                 or session.api_token is not None
+                                                 or in_networks(session.client_ip, networks)))
     checker = None
     if cfg.auth.users:
         from txmta.inbound.auth import UsersFileChecker

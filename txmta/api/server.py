@@ -261,6 +261,7 @@ class ApiResource(Resource):
             fake = self.submitter.receiver.queue.new_message_id(submitted)
             return succeed(dict(P.ok_response(P.queue_id_to_uuid(fake), to, submitted), status=200))
         intake = self.submitter.begin(client_of(request, self.listener, token), envelope)
+        intake.token_lane = token.lane
         try:
             data = mime.build_message(sub, message_id=intake.message_id, date=intake.arrival,
                                       hostname=self.hostname)
@@ -420,6 +421,7 @@ class ApiResource(Resource):
         if token.test:
             return succeed((200, native_answer("", envelope, submitted, test=True), None))
         intake = self.submitter.begin(client_of(request, self.listener, token), envelope)
+        intake.token_lane = token.lane
         try:
             if parsed.submission is not None:
                 data = mime.build_message(parsed.submission, message_id=intake.message_id,

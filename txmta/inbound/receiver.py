@@ -33,6 +33,7 @@ from twisted.python.failure import Failure
 
 from txmta import reply as R
 from txmta.faces import IntakeQueue
+from txmta.lanes import Lanes
 from txmta.message import NO_LABELS, AlreadySubmitted, Envelope, Idempotency
 from txmta.inbound.session import Session
 from txmta.reply import Reply
@@ -106,6 +107,9 @@ class Intake:
         self.header_id = ""     # the message's Message-ID header (ours if it had none)
         self.labels = NO_LABELS  # tag, metadata, stream: set by the HTTP API
         self.lane = ""          # the message's lane (lanes.py); "" = the default lane
+        self.lane_request = ""  # the X-Txmta-Lane header field's value, if it had one
+        self.token_lane = ""    # the HTTP API token's lane, if it has one
+        self.priority = 0       # the lane's priority (the due order)
         self.expires: float | None = None   # its deadline (epoch seconds), if it has one
         # the HTTP API's Idempotency-Key: made into what the put stores under it
         self.idempotency: Callable[["Intake"], Idempotency] | None = None
@@ -209,12 +213,29 @@ class Intake:
     def _unsigned(self, f: Failure) -> None:
         log.failure("DKIM signing of {id} failed; stored unsigned", f, id=self.message_id)
 
+    def _choose_lane(self) -> None:
+        """The message's lane and its priority (lanes.py), unless the caller set the lane."""
+        lanes = self._receiver.lanes
+        if lanes is None:
+            return
+        if not self.lane:
+            session = self.session
+            self.lane = lanes.select(
+                header=self.lane_request, trusted=self._receiver.trusted(session),
+                token_lane=self.token_lane, stream=self.labels.stream,
+                user=session.auth_user or "",
+                listener_lane=self._receiver.listener_lanes.get(session.listener, ""))
+        self.priority = lanes.get(self.lane).priority
+
     def _put(self) -> Deferred[Reply]:
+        self._choose_lane()
         extra: dict[str, Any] = {}
         if self.idempotency is not None:
             extra["idempotency"] = self.idempotency(self)
         if self.lane:
             extra["lane"] = self.lane
+        if self.priority:
+            extra["priority"] = self.priority
         if self.expires is not None:
             extra["expires"] = self.expires
         d = self._queue.put(self.message_id, self.envelope, self.body,
@@ -247,7 +268,12 @@ class Receiver:
     deferToThreadPool); without one, `f` runs at once (tests)."""
 
     def __init__(self, queue: IntakeQueue, hostname: str, clock: IReactorTime, signer: Any = None,
-                 run_signing: Callable[..., Deferred[Any]] | None = None) -> None:
+                 run_signing: Callable[..., Deferred[Any]] | None = None, *,
+                 lanes: Lanes | None = None, listener_lanes: dict[str, str] | None = None,
+                 trusted: Callable[[Session], bool] | None = None) -> None:
+        self.lanes = lanes              # None: every message in the default lane, priority 0
+        self.listener_lanes = listener_lanes or {}    # listen address -> its `lane`
+        self.trusted = trusted or (lambda session: False)   # may it choose a lane by header?
         self.queue = queue
         self.hostname = hostname
         self.clock = clock

@@ -61,9 +61,12 @@ class Deliverer:
         return self.router.destination(domain)
 
     @inlineCallbacks
-    def deliver(self, envelope: Envelope, indices: Sequence[int], body: bytes) -> Any:
+    def deliver(self, envelope: Envelope, indices: Sequence[int], body: bytes,
+                lane: str = "") -> Any:
         """Fires with an AttemptResult for the recipients `indices` of `envelope` (all of one
-        destination); never errbacks for anything the network or a remote server does."""
+        destination), sent over connections of `lane` (its share of the destination's
+        connections: pool.py); never errbacks for anything the network or a remote server
+        does."""
         domain = envelope.recipients[indices[0]].address.domain
         try:
             route = yield self.router.route(domain)
@@ -75,11 +78,12 @@ class Deliverer:
             verdict = O.classify(route.reply, O.ROUTE, rules=self.rules)
             outs = {i: verdict.outcome(route.reply, O.ROUTE) for i in indices}
             return AttemptResult(outs, route.destination, _throttle(verdict, route.reply))
-        result = yield self._walk(route, envelope, list(indices), body)
+        result = yield self._walk(route, envelope, list(indices), body, lane)
         return result
 
     @inlineCallbacks
-    def _walk(self, route: Route, envelope: Envelope, pending: list[int], body: bytes) -> Any:
+    def _walk(self, route: Route, envelope: Envelope, pending: list[int], body: bytes,
+              lane: str = "") -> Any:
         outcomes: dict[int, O.Outcome] = {}
         hops = route.hops
         site: Reply | None = None           # the last decision's site failure, if any
@@ -106,7 +110,7 @@ class Deliverer:
             else:
                 tls = self.relay_tls if route.destination.startswith("relay:") else self.tls_level
             key = PoolKey(route.destination, hop.mx, hop.address, hop.port, tls,
-                          self.source, self.helo)
+                          self.source, self.helo, lane)
             undecided: list[int] = []
             todo = pending
             while todo:

@@ -9,6 +9,13 @@ connection back for reuse (or closes it after `max_messages_per_connection`, or 
 `idle_timeout` unused).  When the global cap is reached, idle connections of other keys are
 closed to make room for waiting work.
 
+Lanes (lanes.py): the lane is in the key, and each lane with a `share` has that part of the
+destination's window reserved (at least one connection, even past the window): other lanes
+open connections only within what the window leaves beyond the unused reservations.  A lane
+also uses the unreserved part, and may close idle connections of others to open its own.
+Waiters are served by lane priority, then in order of arrival, so fresh transactional mail
+does not queue behind a backlog of bulk mail at a slow destination.
+
 Slow start (Postfix qmgr's "concurrency window"): a destination starts with
 `initial_per_destination` connections; each successful transaction raises its window by one
 up to `per_destination`; a failure to set up a session (connect, greeting, EHLO, STARTTLS,
@@ -35,6 +42,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from txmta import outcome as O
+from txmta.lanes import Lanes
 from txmta.message import Envelope, Recipient
 from txmta.outbound.client import SessionFailure, SessionFailureError, TransactionResult
 from txmta.reply import Reply
@@ -53,6 +61,7 @@ class PoolKey:
     tls: Any             # a level name, or the tlspolicy.HostTLS the connection must satisfy
     source: str
     helo: str
+    lane: str = ""       # the lane whose share of the destination's connections it uses
 
 
 class PooledClient(TypingProtocol):
@@ -86,15 +95,17 @@ class _Waiter:
 class _Destination:
     limit: int
     connections: int = 0            # open, opening or idle
-    waiters: deque[_Waiter] = field(default_factory=deque)
+    waiters: deque[_Waiter] = field(default_factory=deque)    # by lane rank, then FIFO
+    by_lane: dict[str, int] = field(default_factory=dict)     # connections of each lane
 
 
 class ConnectionPool:
     def __init__(self, reactor: IReactorTime, connect: Callable[[PoolKey], Deferred[Any]], *,
                  per_destination: int = 20, total: int = 500,
                  max_messages_per_connection: int = 100, idle_timeout: float = 30.0,
-                 initial_per_destination: int = 5) -> None:
+                 initial_per_destination: int = 5, lanes: Lanes | None = None) -> None:
         self.clock = reactor
+        self.lanes = lanes          # None: one lane, no reserved shares
         self._connect = connect
         self.per_destination = per_destination
         self.total = total
@@ -198,21 +209,47 @@ class ConnectionPool:
         if self._closing:
             return succeed(SHUTTING_DOWN)
         dest = self._destination(key.destination)
-        if not dest.waiters:
+        rank = self._rank(key.lane)
+        if not self._lane_waiting(dest, key.lane, rank):
+            # nobody of this lane waits (higher lanes' waiters are blocked by their share)
             conn = self._take_idle(key)
             if conn is not None:
                 return succeed(conn)
-            if self._reserve(dest):
+            if self._reserve(dest, key.lane):
                 return succeed(None)
         w = _Waiter(key)
-        dest.waiters.append(w)
+        self._enqueue(dest, w, rank)
         self._waiting.setdefault(key.destination, None)
         return w.deferred
+
+    def _lane_waiting(self, dest: _Destination, lane: str, rank: int) -> bool:
+        """Whether a waiter of `lane` (of `rank`) is in `dest`'s line (sorted by rank)."""
+        if not dest.waiters:
+            return False
+        if rank <= self._rank(dest.waiters[0].key.lane):
+            scan: Any = dest.waiters
+        else:
+            scan = reversed(dest.waiters)
+        for w in scan:
+            r = self._rank(w.key.lane)
+            if w.key.lane == lane:
+                return True
+            if (r > rank) if scan is dest.waiters else (r < rank):
+                return False
+        return False
+
+    def _enqueue(self, dest: _Destination, w: _Waiter, rank: int) -> None:
+        """Behind the waiters of its lane and of higher lanes, ahead of lower lanes'."""
+        waiters = dest.waiters
+        n = len(waiters)
+        while n > 0 and self._rank(waiters[n - 1].key.lane) > rank:
+            n -= 1
+        waiters.insert(n, w)
 
     def _connect_failed(self, key: PoolKey, error: Exception) -> SessionFailure:
         dest = self._destination(key.destination)
         dest.limit = max(1, dest.limit // 2)
-        self._forget(dest)
+        self._forget(dest, key.lane)
         if isinstance(error, SessionFailureError):
             failure = error.failure
         else:   # an endpoint error (refused, unreachable, timeout) the caller did not wrap
@@ -228,7 +265,10 @@ class ConnectionPool:
         if self._closing or not conn.client.usable or conn.messages >= self.max_messages:
             self._discard(conn)
             return
+        rank = self._rank(conn.key.lane)
         for w in dest.waiters:          # the same key first (FIFO among them)
+            if self._rank(w.key.lane) < rank:
+                break                   # a higher lane waits: the slot is for it (_grants)
             if w.key == conn.key:
                 dest.waiters.remove(w)
                 if not dest.waiters:
@@ -247,11 +287,34 @@ class ConnectionPool:
             dest = self._destinations[name] = _Destination(self.initial)
         return dest
 
-    def _reserve(self, dest: _Destination) -> bool:
-        """Count a new connection for `dest` if its window and the global cap allow, closing
-        idle connections that are in the way."""
-        if dest.connections >= dest.limit:
-            victim = next((c for c in self._idle if self._destinations[c.key.destination] is dest), None)
+    def _rank(self, lane: str) -> int:
+        return self.lanes.rank(lane) if self.lanes is not None else 0
+
+    def _may_open(self, dest: _Destination, lane: str, without: str | None = None) -> bool:
+        """Whether `lane` may have one more connection to `dest` (after closing one of the
+        lane `without`, if given): within its reserved share (at least one, for a lane with
+        a share, even past the slow-start window), or within the window without touching
+        the unused reservations of other lanes."""
+        connections = dest.connections - (without is not None)
+
+        def count(name: str) -> int:
+            return dest.by_lane.get(name, 0) - (name == without)
+
+        if self.lanes is None:
+            return connections < dest.limit
+        reserved = {other.name: int(other.share * dest.limit) for other in self.lanes
+                    if other.share > 0}
+        if lane in reserved and count(lane) < max(1, reserved[lane]):
+            return True
+        held = sum(max(0, r - count(name)) for name, r in reserved.items() if name != lane)
+        return connections + held < dest.limit
+
+    def _reserve(self, dest: _Destination, lane: str = "") -> bool:
+        """Count a new connection of `lane` for `dest` if its window, the lanes' shares and
+        the global cap allow, closing an idle connection that is in the way."""
+        if not self._may_open(dest, lane):
+            victim = next((c for c in self._idle if self._destinations[c.key.destination] is dest
+                           and self._may_open(dest, lane, without=c.key.lane)), None)
             if victim is None:
                 return False
             self._discard(victim, dispatch=False)
@@ -260,11 +323,13 @@ class ConnectionPool:
                 return False
             self._discard(next(iter(self._idle)), dispatch=False)
         dest.connections += 1
+        dest.by_lane[lane] = dest.by_lane.get(lane, 0) + 1
         self._open += 1
         return True
 
-    def _forget(self, dest: _Destination) -> None:
+    def _forget(self, dest: _Destination, lane: str = "") -> None:
         dest.connections -= 1
+        dest.by_lane[lane] = dest.by_lane.get(lane, 0) - 1
         self._open -= 1
         if self._open == 0 and self._closed:
             waiting, self._closed = self._closed, []
@@ -306,7 +371,7 @@ class ConnectionPool:
             conn.client.quit()
         except Exception:
             log.failure("closing connection to {mx}", Failure(), mx=conn.key.mx)
-        self._forget(self._destination(conn.key.destination))
+        self._forget(self._destination(conn.key.destination), conn.key.lane)
         if dispatch:
             self._dispatch()
 
@@ -334,13 +399,23 @@ class ConnectionPool:
             return grants
         for name in list(self._waiting):
             dest = self._destinations[name]
-            for w in list(dest.waiters):
-                conn = self._take_idle(w.key)
-                if conn is not None:
+            lanes: dict[str, list[_Waiter]] = {}        # in rank order: higher lanes first
+            for w in dest.waiters:
+                lanes.setdefault(w.key.lane, []).append(w)
+            for waiters in lanes.values():
+                left = []
+                for w in waiters:                       # idle connections of their key first
+                    conn = self._take_idle(w.key)
+                    if conn is not None:
+                        dest.waiters.remove(w)
+                        grants.append((w, conn))
+                    else:
+                        left.append(w)
+                for w in left:                          # then new ones, while the lane may
+                    if not self._reserve(dest, w.key.lane):
+                        break
                     dest.waiters.remove(w)
-                    grants.append((w, conn))
-            while dest.waiters and self._reserve(dest):
-                grants.append((dest.waiters.popleft(), None))
+                    grants.append((w, None))
             if not dest.waiters:
                 del self._waiting[name]
         return grants
