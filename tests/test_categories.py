@@ -116,12 +116,30 @@ TABLE = [
     (RCPT, 452, "4.2.2", "Mailbox is full", MAILBOX_FULL),
 
     # -- Postfix, Exim and friends ---------------------------------------------------------
-    # postgrey (RFC 6647).
+    # Greylisters that say so (RFC 6647): postgrey, sqlgrey, milter-greylist, greylistd's
+    # Exim ACL text; or a greylister's code (450 4.2.0, 451 4.7.1) naming the delay.
     (RCPT, 450, "4.2.0", "<bob@example.com>: Recipient address rejected: Greylisted, see "
      "http://postgrey.schweikert.ch/help/example.com.html", GREYLISTED),
-    # milter-greylist / sqlgrey without the word.
-    (RCPT, 451, "4.7.1", "Please try again later", GREYLISTED),
+    (RCPT, 450, "4.7.1", "<bob@example.com>: Recipient address rejected: Greylisted for 5 "
+     "minutes", GREYLISTED),
     (RCPT, 451, "4.7.1", "Greylisting in action, please come back later", GREYLISTED),
+    (RCPT, 451, "4.7.1", "Greylisting in action, please come back in 00:05:00", GREYLISTED),
+    (RCPT, 451, "", "192.0.2.1 is not yet authorized to deliver mail from <alice@example.org> "
+     "to <bob@example.com>. Please try later.", GREYLISTED),
+    (RCPT, 450, "4.2.0", "Temporarily deferred, please retry in 300 seconds", GREYLISTED),
+    # "Try again later" is no greylisting, whoever says it (rspamd's greylist module, ASSP,
+    # OpenBSD spamd, a busy server): the code decides (X.7.1: policy), else "other".
+    (RCPT, 451, "4.7.1", "Please try again later", POLICY),
+    (RCPT, 451, "4.7.1", "Try again later", POLICY),
+    (RCPT, 451, "4.3.0", "try again later", OTHER),
+    (RCPT, 451, "", "Temporary failure, please try again later.", OTHER),
+    (RCPT, 451, "", "Internal resource temporarily unavailable - "
+     "https://community.mimecast.com/docs/DOC-1369#451", OTHER),
+    (RCPT, 450, "4.7.1", "Service unavailable", POLICY),
+    # A busy server is congested: rate, whatever its code (Microsoft's 4.7.500).
+    (DOT, 451, "4.7.500", "Server busy. Please try again later from [192.0.2.1]. (S77719)",
+     RATE_LIMITED),
+    (RCPT, 451, "4.3.2", "server busy", RATE_LIMITED),
     # A DNSBL rejection, permanent and temporary: never greylisting.
     (MAIL, 554, "5.7.1", "Service unavailable; Client host [192.0.2.1] blocked using "
      "zen.spamhaus.org; https://www.spamhaus.org/query/ip/192.0.2.1", SPAM_BLOCK),

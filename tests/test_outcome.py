@@ -1,9 +1,12 @@
 """outcome.classify: what a reply at a stage of a client session means for the recipients it
 concerns (DESIGN invariant 4; STYLE habit 2).  Two tables: (stage, code, last MX?) ->
 (kind, next_mx, site_failure), each row citing the RFC 5321 section (or the Postfix
-practice) it checks; and realistic replies, (stage, code, enhanced, text, last MX?) -> the
-whole verdict (kind, site failure, greylisting, the wait asked for, category).  Then the
-operator's rules, the outcome values a verdict makes, and hypothesis: classify is total."""
+practice) it checks; and real replies, from greylisters (postgrey, sqlgrey, milter-greylist,
+greylistd, ...) and from big providers (Gmail, Microsoft, Yahoo), (stage, code, enhanced,
+text, last MX?) -> the whole verdict (kind, site failure, greylisting, the wait asked for,
+category).  Then the operator's rules, the outcome values a verdict makes, and hypothesis:
+classify is total, and "try again later" without a greylister's word or delay is never
+greylisting."""
 
 import pytest
 from hypothesis import given
@@ -124,47 +127,105 @@ GREY_DEFAULT = 300.0   # postgrey's --delay default, for greylisting that names 
 MEANING = [
     # (stage, code, enhanced, text, last_mx) -> (kind, site_failure, greylisted, retry_after, category)
 
-    # -- greylisting (RFC 6647): the codes greylisters use, or the word --------------------
-    # postgrey: 450 4.2.0 and a link, no delay named: the 300 s default (postgrey's --delay).
+    # -- greylisting (RFC 6647): replies of real greylisters that say so ---------------------
+    # postgrey's default text: 450 4.2.0, the word and its help link, no delay named: 300 s
+    # (postgrey's --delay default).
     (RCPT, 450, "4.2.0", "<bob@example.com>: Recipient address rejected: Greylisted, see "
      "http://postgrey.schweikert.ch/help/example.com.html", LAST,
      T, False, True, GREY_DEFAULT, GREYLISTED),
-    # sqlgrey, Exim's greylistd: 451 4.7.1.
+    # postgrey --greylist-text="Greylisted for %s seconds" (%s: the seconds left).
+    (RCPT, 450, "4.2.0", "<bob@example.com>: Recipient address rejected: Greylisted for 246 "
+     "seconds", LAST, T, False, True, 246.0, GREYLISTED),
+    # sqlgrey: "Greylisted for N minutes" (its reconnect_delay), 450 or 451 4.7.1.
+    (RCPT, 450, "4.7.1", "<bob@example.com>: Recipient address rejected: Greylisted for 5 "
+     "minutes", LAST, T, False, True, 300.0, GREYLISTED),
+    (RCPT, 451, "4.7.1", "<bob@example.com>: Recipient address rejected: Greylisted for 1 "
+     "minutes", LAST, T, False, True, 60.0, GREYLISTED),
+    # milter-greylist: "please come back in %R" (the time left, hh:mm:ss), at RCPT or, with a
+    # DATA stage ACL, after the message; "please come back later" when it is told to be quiet.
+    (RCPT, 451, "4.7.1", "Greylisting in action, please come back in 00:05:00", LAST,
+     T, False, True, 300.0, GREYLISTED),
+    (DOT, 451, "4.7.1", "Greylisting in action, please come back in 01:02:03", LAST,
+     T, False, True, 3723.0, GREYLISTED),
     (RCPT, 451, "4.7.1", "Greylisting in action, please come back later", LAST,
      T, False, True, GREY_DEFAULT, GREYLISTED),
-    # 450/451 with 4.2.0 or 4.7.1 suffice, whatever the text (the category is the text's).
-    (RCPT, 450, "4.7.1", "Service unavailable", LAST, T, False, True, GREY_DEFAULT, POLICY),
-    (RCPT, 451, "4.2.0", "Mailbox busy", LAST, T, False, True, GREY_DEFAULT, OTHER),
-    # Any other 4xx whose text says so (RFC 3463 codes vary between greylisters).
-    (RCPT, 452, "4.3.0", "Graylisted: try again later", LAST, T, False, True, GREY_DEFAULT,
-     GREYLISTED),
-    (RCPT, 450, "4.2.1", "Recipient temporarily deferred", LAST, T, False, True, GREY_DEFAULT,
-     OTHER),
-    (RCPT, 451, "", "GREYLISTED", LAST, T, False, True, GREY_DEFAULT, GREYLISTED),
-    (RCPT, 451, "", "4.7.1 Please retry later", LAST, T, False, True, GREY_DEFAULT, GREYLISTED),
-    # The delay the text names: seconds, minutes, hours; no unit is seconds.
-    (RCPT, 451, "4.7.1", "Greylisted, please retry in 300 seconds", LAST,
+    # greylistd behind the Exim ACL of its documentation: no enhanced code, not the word, but
+    # a text only it uses.
+    (RCPT, 451, "", "192.0.2.1 is not yet authorized to deliver mail from <alice@example.org> "
+     "to <bob@example.com>. Please try later.", LAST, T, False, True, GREY_DEFAULT, GREYLISTED),
+    # Exim's greylisting recipes, MailEnable, Stalwart's greylisting script: the word, in any
+    # code of the 4xx class.
+    (RCPT, 451, "4.7.1", "Greylisting in progress, please try again later", LAST,
+     T, False, True, GREY_DEFAULT, GREYLISTED),
+    (RCPT, 451, "", "This server employs greylisting as a means of reducing spam. Please resend "
+     "e-mail shortly", LAST, T, False, True, GREY_DEFAULT, GREYLISTED),
+    (RCPT, 422, "4.2.2", "Greylisted, please try again in a few moments.", LAST,
+     T, False, True, GREY_DEFAULT, GREYLISTED),
+    (RCPT, 451, "", "Gray-listed, try again in 10 minutes", LAST, T, False, True, 600.0, GREYLISTED),
+    # Without the word, a 450/451 with a greylister's code (4.2.0, 4.7.1) that names the
+    # delay (a custom --greylist-text, rspamd's greylist module given a message with its
+    # timeout).
+    (RCPT, 450, "4.2.0", "Temporarily deferred, please retry in 300 seconds", LAST,
      T, False, True, 300.0, GREYLISTED),
-    (RCPT, 451, "4.7.1", "Greylisted, try again in 5 minutes", LAST,
-     T, False, True, 300.0, GREYLISTED),
+    (RCPT, 451, "4.7.1", "Try again in 5 min", LAST, T, False, True, 300.0, GREYLISTED),
+    # The delay the text names: seconds, minutes, hours, hh:mm:ss; after the word, a number
+    # without a unit is seconds, and an address is no delay.
+    (RCPT, 451, "4.7.1", "Greylisted, please retry in 1 hour", LAST,
+     T, False, True, 3600.0, GREYLISTED),
     (RCPT, 450, "4.2.0", "Greylisted, retry after 60s", LAST, T, False, True, 60.0, GREYLISTED),
-    (RCPT, 450, "4.2.0", "Greylisted for 120 seconds", LAST,      # postgrey --greylist-text
-     T, False, True, 120.0, GREYLISTED),
-    (RCPT, 451, "4.7.1", "please retry in 2 min", LAST, T, False, True, 120.0, GREYLISTED),
-    (RCPT, 451, "4.7.1", "please retry in 1 hour", LAST, T, False, True, 3600.0, GREYLISTED),
-    (RCPT, 451, "4.7.1", "please retry in 90", LAST, T, False, True, 90.0, GREYLISTED),
-    (DOT, 451, "4.3.0", "Temporarily deferred, please retry in 10 MINUTES", LAST,
-     T, False, True, 600.0, OTHER),
+    (RCPT, 451, "4.7.1", "Greylisted, please retry in 90", LAST, T, False, True, 90.0, GREYLISTED),
+    (RCPT, 450, "4.2.0", "Greylisted for 192.0.2.1", LAST, T, False, True, GREY_DEFAULT,
+     GREYLISTED),
     # At MAIL and even at the greeting (there it is a site failure as well).
     (MAIL, 451, "4.7.1", "Greylisted", NOT_LAST, T, False, True, GREY_DEFAULT, GREYLISTED),
     (GREETING, 451, "4.7.1", "Greylisted", LAST, T, True, True, GREY_DEFAULT, GREYLISTED),
-    # "try again later" is a greylister's phrase; Microsoft's busy servers use it too.
-    (DOT, 451, "4.7.500", "Server busy. Please try again later from [192.0.2.1]. (S77719)",
-     LAST, T, False, True, GREY_DEFAULT, POLICY),
 
-    # -- not greylisting -------------------------------------------------------------------
+    # -- not greylisting: generic temporary failures follow the retry schedule ---------------
+    # "Try again later" is what every temporary failure says.
+    (RCPT, 451, "4.3.0", "try again later", LAST, T, False, False, None, OTHER),
+    (DOT, 451, "4.3.0", "try again later", LAST, T, False, False, None, OTHER),
+    (RCPT, 451, "4.3.2", "server busy", LAST, T, False, False, None, RATE_LIMITED),
+    # Microsoft 365 throttling a sender it does not know yet.
+    (DOT, 451, "4.7.500", "Server busy. Please try again later from [192.0.2.1]. (S77719)",
+     LAST, T, False, False, None, RATE_LIMITED),
+    # Gmail: the recipient receives too fast; unusual rate (421: a site failure as well);
+    # its generic deferral.
+    (RCPT, 450, "4.2.1", "The user you are trying to contact is receiving mail at a rate that\n"
+     "prevents additional messages from being delivered. Please resend your\nmessage at a "
+     "later time. If the user is able to receive mail at that\ntime, your message will be "
+     "delivered.", LAST, T, False, False, None, RATE_LIMITED),
+    (DOT, 421, "4.7.28", "Gmail has detected an unusual rate of unsolicited mail originating "
+     "from your IP address. To protect our users from spam, mail sent from your IP address "
+     "has been temporarily rate limited.", LAST, T, True, False, None, RATE_LIMITED),
+    (DOT, 451, "4.3.0", "Mail server temporarily rejected message.", LAST,
+     T, False, False, None, OTHER),
+    # Yahoo: deferred for volume or complaints (421), or without a reason.
+    (MAIL, 421, "4.7.0", "[TSS04] Messages from 192.0.2.1 temporarily deferred due to "
+     "unexpected volume or user complaints - 4.16.55.1; see https://postmaster.yahooinc.com/"
+     "error-codes", LAST, T, True, False, None, RATE_LIMITED),
+    (DOT, 451, "", "Message temporarily deferred - [160]", LAST, T, False, False, None, OTHER),
+    # A greylister's code without a delay or the word: not enough.
+    (RCPT, 450, "4.7.1", "Service unavailable", LAST, T, False, False, None, POLICY),
+    (RCPT, 451, "4.2.0", "Mailbox busy", LAST, T, False, False, None, OTHER),
+    (RCPT, 451, "4.7.1", "please retry in 90", LAST, T, False, False, None, POLICY),
+    (MAIL, 451, "4.7.1", "Service unavailable; Client host [192.0.2.1] blocked using "
+     "zen.spamhaus.org, try again later", LAST, T, False, False, None, SPAM_BLOCK),
+    # Greylisters whose reply does not say so look like any temporary failure and get the
+    # schedule, whose first retry (1 minute by default) their delay soon lets through:
+    # rspamd's greylist module (its default message, through its milter), Plesk's greylisting
+    # filter, ASSP's delaying, OpenBSD spamd, Mimecast (its greylisting holds a triplet for
+    # 60 s; the same reply is also its reputation deferral).
+    (RCPT, 451, "4.7.1", "Try again later", LAST, T, False, False, None, POLICY),
+    (DOT, 451, "4.7.1", "Service unavailable - try again later", LAST,
+     T, False, False, None, POLICY),
+    (RCPT, 451, "4.7.1", "Please try again later", LAST, T, False, False, None, POLICY),
+    (RCPT, 451, "", "Temporary failure, please try again later.", LAST,
+     T, False, False, None, OTHER),
+    (RCPT, 451, "", "Internal resource temporarily unavailable - "
+     "https://community.mimecast.com/docs/DOC-1369#451", LAST, T, False, False, None, OTHER),
     # RFC 5321 3.8: 421 closes the session; a site failure, never greylisting.
-    (RCPT, 421, "4.7.0", "Try again later, closing connection", LAST, T, True, False, None, POLICY),
+    (RCPT, 421, "4.7.0", "Try again later, closing connection.", LAST,
+     T, True, False, None, POLICY),
     (RCPT, 421, "4.7.1", "Greylisted", LAST, T, True, False, None, GREYLISTED),
     (DOT, 421, "4.4.2", "mx.example.net Error: timeout exceeded", LAST, T, True, False, None, OTHER),
     (RCPT, 450, "4.2.1", "Mailbox busy", LAST, T, False, False, None, OTHER),  # other 4.2.x
@@ -173,6 +234,12 @@ MEANING = [
     (STARTTLS, 454, "4.7.0", "TLS not available due to temporary reason", LAST,
      T, True, False, None, TLS_FAILURE),
     (RCPT, 550, "5.7.1", "Greylisted forever", LAST, P, False, False, None, POLICY),  # 5xx
+
+    # -- not greylisting, but naming a wait: retried no earlier (retry.py) --------------------
+    (DOT, 451, "4.3.0", "Temporarily deferred, please retry in 10 MINUTES", LAST,
+     T, False, False, 600.0, OTHER),
+    (RCPT, 450, "4.2.1", "Mailbox busy, try again in 00:02:00", LAST,
+     T, False, False, 120.0, OTHER),
 
     # -- rate limits: the wait they ask for --------------------------------------------------
     (MAIL, 421, "4.7.0", "Too many connections from your IP, try again in 10 minutes", LAST,
@@ -285,6 +352,42 @@ def test_last_mx_defaults_to_true():
     assert classify(reply(521), GREETING, last_mx=False).kind is TempFailed
 
 
+# -- greylisting or not, by property ----------------------------------------------------------
+
+GENERIC = ["try again later", "Please try again later", "Server busy", "Service unavailable",
+           "Recipient temporarily deferred", "please retry later", "Temporary failure",
+           "Please resend your message at a later time", "come back later", "[TSS04]",
+           "rate limited for 192.0.2.1"]
+WAITS = {"try again in 5 minutes": 300.0, "retry after 60 seconds": 60.0,
+         "please come back in 00:10:00": 600.0, "Please try again in 2 hours": 7200.0}
+
+
+@given(st.integers(400, 499), st.sampled_from(["", "4.0.0", "4.2.1", "4.3.0", "4.3.2", "4.4.5",
+                                               "4.7.0", "4.7.28", "4.7.500", "4.7.650"]),
+       st.lists(st.sampled_from(GENERIC + list(WAITS)), min_size=1, max_size=4),
+       st.sampled_from(STAGES))
+def test_a_generic_temporary_failure_is_never_greylisting(code, enhanced, phrases, stage):
+    """A 4xx without the word, a greylister's text or a greylister's enhanced code is not
+    greylisting, whatever it asks ("try again later", "try again in 5 minutes"): its retry
+    follows the schedule, no earlier than a wait it names."""
+    v = classify(Reply(code, enhanced, ". ".join(phrases)), stage)
+    assert not v.greylisted
+    waits = [WAITS[p] for p in phrases if p in WAITS]
+    assert v.retry_after == (waits[0] if waits else None)
+
+
+@given(st.sampled_from([450, 451]), st.sampled_from(["4.2.0", "4.7.1"]),
+       st.lists(st.sampled_from(GENERIC + list(WAITS)), min_size=1, max_size=4),
+       st.sampled_from([MAIL, RCPT, DATA, DOT]))
+def test_a_greylisters_code_is_greylisting_only_with_a_delay(code, enhanced, phrases, stage):
+    """450/451 with 4.2.0 or 4.7.1 (postgrey's, milter-greylist's, sqlgrey's codes) and no
+    word is greylisting when it names the delay to wait, and then waits that delay."""
+    v = classify(Reply(code, enhanced, ". ".join(phrases)), stage)
+    waits = [WAITS[p] for p in phrases if p in WAITS]
+    assert v.greylisted is bool(waits)
+    assert v.retry_after == (waits[0] if waits else None)
+
+
 # -- totality ----------------------------------------------------------------------------------
 
 @given(st.integers(200, 599), st.sampled_from(STAGES), st.booleans(),
@@ -293,7 +396,9 @@ def test_last_mx_defaults_to_true():
        st.one_of(st.text(max_size=60),
                  st.sampled_from(["Greylisted", "please retry in 300 seconds", "try again later",
                                   "try again in 5 minutes", "retry after 9999999 hours",
-                                  "4.7.1 Greylisted for 120 seconds"])))
+                                  "4.7.1 Greylisted for 120 seconds",
+                                  "Greylisting in action, please come back in 99:59:59",
+                                  "192.0.2.1 is not yet authorized to deliver mail from <a@b>"])))
 def test_classify_is_total(code, stage, last_mx, enhanced, text):
     """Every code 200-599 at every stage, with any enhanced code and text, yields a Verdict
     whose kind agrees with the code's class: a 2xx or 3xx is delivered, a 4xx is never

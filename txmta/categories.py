@@ -28,7 +28,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-from txmta.outcome import ROUTE, STAGES, STARTTLS
+from txmta.outcome import ASKED_WAIT, GREYLISTING_TEXT, ROUTE, STAGES, STARTTLS
 from txmta.reply import Reply
 
 INVALID_RECIPIENT = "invalid-recipient"
@@ -186,15 +186,16 @@ _QUOTA_WORDS = (r"mailbox (is |was )?full|(mailbox|inbox|storage|disk) (is )?ful
 
 DEFAULT_RULES: tuple[Rule, ...] = (
     # -- strong words: whatever the code, they say what happened ------------------------------
-    # Greylisting (RFC 6647) is only ever temporary; its own word is unambiguous.
-    Rule("4xx", r"gr[ae]y ?list|postgrey", GREYLISTED),
+    # Greylisting (RFC 6647) is only ever temporary; its own word, or a greylister's own
+    # text, is unambiguous (outcome.GREYLISTING_TEXT, which classify reads too).
+    Rule("4xx", GREYLISTING_TEXT, GREYLISTED),
     # A provider sending quota (Gmail's "5.4.5 Daily user sending limit exceeded"): our rate,
     # not the recipient's mailbox quota.
     Rule("*", r"sending (quota|limit)|daily .{0,30}(quota|limit)", RATE_LIMITED),
-    # Slow down: before greylisting's "try again later", before the spam words some
-    # providers add ("unusual rate of unsolicited mail ... rate limited").
+    # Slow down: before a greylister's delay, before the spam words some providers add
+    # ("unusual rate of unsolicited mail ... rate limited"); a busy server is congested.
     Rule("4xx", r"\brate\b|rate.limit|too many|throttl|slow down|\bvolume\b|limit (exceeded|reached)|"
-                r"exceeded .{0,30}limit|frequency|congest", RATE_LIMITED),
+                r"exceeded .{0,30}limit|frequency|congest|server (is )?(too )?busy", RATE_LIMITED),
     # TLS: the STARTTLS stage itself, or words about it.
     Rule("*", None, TLS_FAILURE, stage=STARTTLS),
     Rule("*", r"\b(start)?tls\b|certificate|\bssl\b|encryption (is )?(needed|required)|"
@@ -214,12 +215,11 @@ DEFAULT_RULES: tuple[Rule, ...] = (
     Rule("x.7.*", r"\bblock(ed|ing)?\b", SPAM_BLOCK),
     # The recipient's mailbox is full.
     Rule("*", _QUOTA_WORDS, MAILBOX_FULL),
-    # Greylisting without the word: 450/451 with 4.2.0/4.7.1 asking for a later retry
-    # (postgrey, milter-greylist, sqlgrey, greylistd; outcome.classify's greylisting test,
-    # which decides the retry, is its own).
-    Rule("450 4.2.0|451 4.2.0|450 4.7.1|451 4.7.1",
-         r"try again later|retry (in|later|after)|come back later|please retry|temporarily deferred",
-         GREYLISTED),
+    # Greylisting without the word: 450/451 with 4.2.0/4.7.1 (the codes of postgrey,
+    # milter-greylist, sqlgrey) naming the delay to wait, as outcome.classify decides.  A
+    # mere "try again later" under these codes is not greylisting: the code's rules below
+    # name it (X.7.1: policy).
+    Rule("450 4.2.0|451 4.2.0|450 4.7.1|451 4.7.1", ASKED_WAIT, GREYLISTED),
     # Our own sender address is refused (RFC 3463 X.1.7, X.1.8): a policy of theirs, not a
     # problem with the recipient's domain.
     Rule("x.1.7|x.1.8", None, POLICY),

@@ -20,12 +20,19 @@ rest in another transaction.  Callers classify positive replies only at the end 
 (DOT).
 
 Greylisting (RFC 6647): a greylister defers the first attempt from an unknown (client,
-sender, recipient) triplet and accepts a retry after some minutes.  A 4xx other than 421 is
-greylisting when it is 450/451 with 4.2.0 or 4.7.1 (postgrey, milter-greylist, sqlgrey,
-greylistd) or its text says so; its `retry_after` is the delay the text names, or
-`GREYLISTING_DEFAULT`.  Any other temporary failure whose text asks for a wait ("try again in
-5 minutes", "retry after 60 seconds", as rate limiters say) has that wait as `retry_after`.
-What the retry does with them is retry.py's arithmetic.
+sender, recipient) triplet and accepts a retry from the same client after some minutes.  Only
+a reply that says it is greylisting gets the greylisting retry: a 4xx other than 421 whose
+text has the word ("Greylisted", "greylisting", "gray-listed") or a greylister's own text
+(greylistd's "is not yet authorized to deliver mail from"), or a 450/451 with 4.2.0 or 4.7.1
+that names the delay to wait ("please retry in 300 seconds", "come back in 00:05:00").  Its
+`retry_after` is the delay the text names, or `GREYLISTING_DEFAULT`.  A generic temporary
+failure is not greylisting, however much it asks to "try again later" ("451 4.3.0 try again
+later", Microsoft's "451 4.7.500 Server busy", a greylister that says nothing but that, as
+OpenBSD spamd's "451 Temporary failure, please try again later."): it follows the retry
+schedule, which retries such a greylister soon enough.  Any temporary failure that is not
+greylisting and asks for a wait ("try again in 5 minutes", "retry after 60 seconds", as rate
+limiters say) has that wait as `retry_after`.  What the retry does with them is retry.py's
+arithmetic.
 
 The category comes from the bounce rules (categories.py: the defaults, or the operator's
 `[[bounce.rules]]` passed as `rules`); it describes a failure and never changes the verdict.
@@ -128,15 +135,10 @@ def classify(reply: Reply, stage: str, last_mx: bool = True,
         return Verdict(Delivered)
     if rules is None:
         rules = _default_rules()
-    greylisted = kind is TempFailed and _greylisting(reply)
-    if greylisted:
-        retry_after: float | None = _named_delay(reply.text, _GREYLISTING_DELAY)
-        if retry_after is None:
-            retry_after = GREYLISTING_DEFAULT
-    elif kind is TempFailed:
+    retry_after = _greylisting(reply) if kind is TempFailed else None
+    greylisted = retry_after is not None
+    if kind is TempFailed and not greylisted:
         retry_after = _named_delay(reply.text, _ASKED_WAIT)
-    else:
-        retry_after = None
     return Verdict(kind, next_mx, site_failure,
                    next_transaction=stage == RCPT and reply.code == 452,
                    greylisted=greylisted, retry_after=retry_after,
@@ -179,44 +181,63 @@ def _default_rules() -> Classifier:
 
 # -- greylisting and asked-for waits ----------------------------------------------------------
 
-# Codes and enhanced codes greylisters use: Postfix policy servers (postgrey) answer
-# "450 4.2.0 ... Greylisted", milter-greylist and sqlgrey "451 4.7.1 ...", Exim's
-# greylistd "451 4.7.1 ..." (RFC 3463 3.3 X.2.0 "other mailbox status", 3.8 X.7.1
-# "delivery not authorized").
+# Texts that say greylisting: the word, however spelled (postgrey's "Greylisted, see
+# http://postgrey.schweikert.ch/help/...", sqlgrey's "Greylisted for 5 minutes",
+# milter-greylist's "Greylisting in action, please come back in 00:05:00", MailEnable's
+# "This server employs greylisting"), the greylisters' names, and the Exim ACL text that
+# greylistd's documentation gives ("192.0.2.1 is not yet authorized to deliver mail from
+# <...> to <...>. Please try later.").  categories.py's rule for the category reads the same.
+GREYLISTING_TEXT = (r"gr[ae]y[\s-]?list|postgrey|sqlgrey|"
+                    r"not yet authori[sz]ed to deliver mail from")
+# Codes and enhanced codes greylisters use when the word is missing from a custom text:
+# Postfix policy servers (postgrey) answer "450 4.2.0", milter-greylist, sqlgrey and the
+# Exim greylisting recipes "451 4.7.1" (RFC 3463 3.3 X.2.0 "other mailbox status", 3.8 X.7.1
+# "delivery not authorized").  They make a reply greylisting only with a delay it names.
 _GREYLISTING_CODES = frozenset({450, 451})
 _GREYLISTING_ENHANCED = frozenset({"4.2.0", "4.7.1"})
-_GREYLISTING_WORDS = re.compile(
-    r"grey\s*list|gray\s*list|try again later|please retry in|temporarily deferred|retry later",
-    re.IGNORECASE)
-# A greylister's delay: "please retry in 300 seconds", "try again in 5 minutes", "retry after
-# 60s", "greylisted for 300 seconds" (postgrey's --greylist-text example); no unit: seconds.
+# A duration: a number and a unit, or milter-greylist's hh:mm:ss (its %R).
+_UNIT = r"(seconds?|secs?|s|minutes?|mins?|m|hours?|hrs?|h)(?![a-z])"
+_HMS = r"(\d{1,3}):([0-5]\d):([0-5]\d)(?!\d)"
+_NUMBER = r"(\d{1,7})(?!\d)(?!\.\d)"          # not part of an address or a decimal
+# A wait a temporary failure asks for ("421 4.7.0 Too many connections, try again in 60
+# seconds", "451 4.7.1 Greylisting in action, please come back in 00:05:00"): a verb of
+# retrying, then "in" or "after", then a number with its unit or hh:mm:ss.
+ASKED_WAIT = (r"\b(?:try(?:\s+again)?|retry|resend|come\s+back)\s+(?:in|after)\s+"
+              rf"(?:{_HMS}|{_NUMBER}\s*{_UNIT})")
+_ASKED_WAIT = re.compile(ASKED_WAIT, re.IGNORECASE)
+# A greylister's delay, read only in a reply that says greylisting, so looser: "in", "after"
+# or "for", and a number whose unit may be missing (seconds): "Greylisted for 300 seconds"
+# (postgrey's --greylist-text "Greylisted for %s seconds"), "Greylisted for 5 minutes"
+# (sqlgrey), "please retry in 90".
 _GREYLISTING_DELAY = re.compile(
-    r"\b(?:in|after|for)\s+(\d{1,7})\s*"
-    r"(seconds?|secs?|s|minutes?|mins?|m|hours?|hrs?|h)?(?![a-z])",
-    re.IGNORECASE)
-# A wait any other temporary failure asks for ("421 4.7.0 Too many connections, try again in
-# 60 seconds", "451 rate limited, retry after 5 minutes"): stricter, since the text is not
-# known to be about waiting: a verb of retrying, then "in" or "after", a number and a unit.
-_ASKED_WAIT = re.compile(
-    r"\b(?:try(?:\s+again)?|retry|resend|come\s+back)\s+(?:in|after)\s+(\d{1,7})\s*"
-    r"(seconds?|secs?|s|minutes?|mins?|m|hours?|hrs?|h)(?![a-z])",
-    re.IGNORECASE)
-_UNIT = {"s": 1.0, "m": 60.0, "h": 3600.0}
+    rf"\b(?:in|after|for)\s+(?:{_HMS}|{_NUMBER}(?:\s*{_UNIT}|(?!\s*[a-z])))", re.IGNORECASE)
+_GREYLISTING_WORDS = re.compile(GREYLISTING_TEXT, re.IGNORECASE)
+_SECONDS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 
 
-def _greylisting(reply: Reply) -> bool:
-    """450/451 with 4.2.0 or 4.7.1, or any 4xx but 421 whose text says greylisting."""
+def _greylisting(reply: Reply) -> float | None:
+    """The seconds a greylisting `reply` asks us to wait, or None if it is not greylisting.
+
+    Greylisting is a 4xx but 421 that says so (the word or a greylister's text: the delay
+    it names, else GREYLISTING_DEFAULT), or a 450/451 with 4.2.0 or 4.7.1 that names a
+    delay.  "Try again later" alone is not greylisting."""
     if not reply.transient or reply.code == 421:   # 421: the server is closing; not a greylister
-        return False
+        return None
+    if _GREYLISTING_WORDS.search(reply.text) is not None:
+        delay = _named_delay(reply.text, _GREYLISTING_DELAY)
+        return GREYLISTING_DEFAULT if delay is None else delay
     if reply.code in _GREYLISTING_CODES and reply.stated_enhanced in _GREYLISTING_ENHANCED:
-        return True
-    return _GREYLISTING_WORDS.search(reply.text) is not None
+        return _named_delay(reply.text, _ASKED_WAIT)
+    return None
 
 
 def _named_delay(text: str, pattern: re.Pattern[str]) -> float | None:
-    """The seconds `text` names by `pattern` (a number, then an optional unit), or None."""
+    """The seconds `text` names by `pattern` (hh:mm:ss, or a number and an optional unit),
+    or None."""
     m = pattern.search(text)
     if m is None:
         return None
-    unit = (m.group(2) or "s")[0].lower()
-    return float(m.group(1)) * _UNIT[unit]
+    hours, minutes, seconds, number, unit = m.groups()
+    if number is None:
+        return float(int(hours) * 3600 + int(minutes) * 60 + int(seconds))
+    return float(number) * _SECONDS[(unit or "s")[0].lower()]

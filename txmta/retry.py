@@ -10,7 +10,8 @@ pass `jitter=lambda: 0.0` (STYLE habit 5).  It does not decide what a reply mean
 The schedule is the configured `[retry] schedule`; its last delay repeats (Postfix's
 `maximal_backoff_time`, OpenSMTPD's `scheduler_backoff`).  Three refinements:
 
-* Greylisting (RFC 6647): the first time a recipient is greylisted we retry after the delay
+* Greylisting (RFC 6647): the first time a recipient is greylisted (a reply that says so;
+  `outcome.classify` decides, and a mere "try again later" is not) we retry after the delay
   the greylister asked for (`retry_after`: the delay its reply names, or 300 s) instead of the
   schedule; later failures follow the schedule, whatever they ask.  Jitter there only
   lengthens the wait: a retry before the asked delay would just be greylisted again.
