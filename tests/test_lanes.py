@@ -20,7 +20,7 @@ from txmta.inbound.receiver import Receiver
 from txmta.inbound.session import Session
 from txmta.lanes import (DEFAULT_LANES, Lane, Lanes, due_class, due_groups, level,
                          level_classes)
-from txmta.message import Address, Envelope, Recipient, RecipientState, QUEUED
+from txmta.message import Address, Envelope, Recipient
 from txmta.outbound.deliverer import AttemptResult
 from txmta.queue import Queue
 from txmta.reply import Reply

@@ -34,7 +34,7 @@ from txmta import events, metrics
 from txmta import outcome as O
 from txmta.categories import CATEGORIES
 from txmta.message import (BOUNCED, DELIVERED, EXPIRED, QUEUED, SUPPRESSED, Address, Envelope,
-                           Labels, Recipient, RecipientState, StoredMessage, Suppression)
+                           Recipient, RecipientState, StoredMessage, Suppression)
 from txmta.metrics import Metrics, Names
 from txmta.reply import Reply
 
