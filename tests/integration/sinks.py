@@ -25,7 +25,8 @@ The script (keyword arguments, all optional):
   refuses MAIL without it (530 5.7.0).  A wrong password is "535 5.7.8".
 * `extensions`: the EHLO keywords (default PIPELINING, SIZE, 8BITMIME, ENHANCEDSTATUSCODES,
   plus STARTTLS / AUTH when set up); `esmtp=False` refuses EHLO (502) so clients use HELO.
-* `accept_delay`: seconds to wait before the reply at the end of DATA.
+* `accept_delay`: seconds to wait before the reply at the end of DATA, or a function of
+  (sender, recipients) that says how long (a destination slow for some mail only).
 
 `with SmtpSink(...) as sink:` starts and stops it; `sink.wait(pred, timeout)` waits (bounded)
 for a condition on the sink.  It is not a full SMTP server: no BDAT, no size checks.
@@ -299,8 +300,11 @@ class _Session:
                 raise _Dropped
             lines.append(line[1:] if line.startswith(b".") else line)
         data = b"".join(lines)
-        if self.sink.accept_delay:
-            time.sleep(self.sink.accept_delay)
+        delay = self.sink.accept_delay
+        if callable(delay):
+            delay = delay(self.mail_from, list(self.rcpts))
+        if delay:
+            time.sleep(delay)
         override = self.sink.reply_for("DOT", self, "")
         if override and not override.startswith("2"):
             self.reset()
@@ -379,7 +383,7 @@ class SmtpSink:
                  tls: tuple[str, str] | None = None, auth: dict[str, str] | None = None,
                  auth_mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN"), auth_needs_tls: bool = True,
                  require_auth: bool = False, extensions: list[str] | None = None,
-                 esmtp: bool = True, accept_delay: float = 0.0, timeout: float = 60.0,
+                 esmtp: bool = True, accept_delay: Any = 0.0, timeout: float = 60.0,
                  on_message: Callable[[Transaction], Any] | None = None) -> None:
         assert host.startswith("127."), "test peers stay on loopback"
         self.host, self.port, self.name = host, port, name
