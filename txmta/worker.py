@@ -389,7 +389,7 @@ def build(cfg: C.Config, reactor: Any, *, worker: int = 0, workers: int = 1,
                   suppress_categories=cfg.suppression.categories,
                   suppression_ttl=cfg.suppression.ttl, partitions=owned_partitions,
                   sign_report=signer.sign_message if signer is not None else None,
-                  drop_suppressed=cfg.suppression.action == "drop")
+                  drop_suppressed=cfg.suppression.action == "drop", lanes=cfg.lanes)
     # the event stream's subscribers: the mail log here, the dispatcher in build_delivery,
     # the worker's channel below (the queue's suppression mirror subscribes itself)
     maillog = maillog_for(cfg, reactor, worker if workers > 1 else None)
