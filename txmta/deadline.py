@@ -91,13 +91,26 @@ def parse_expires(text: str, now: float) -> float:
     except ValueError:
         pass
     try:
-        when = datetime.fromisoformat(value)
+        return parse_iso8601(value)
     except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError, IndexError):
-            raise ValueError(f"not a date-time or a duration: {value!r} (write e.g. "
-                             f"\"2026-12-06T08:00:00Z\" or \"10m\")") from None
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        raise ValueError(f"not a date-time or a duration: {value!r} (write e.g. "
+                         f"\"2026-12-06T08:00:00Z\" or \"10m\")") from None
+    if when.tzinfo is None:                 # "-0000": UTC, its offset unknown (RFC 5322 3.3)
+        when = when.replace(tzinfo=timezone.utc)
+    return when.timestamp()
+
+
+def parse_iso8601(text: str) -> float:
+    """An ISO 8601 timestamp ("2026-12-06T08:00:00Z", "2026-12-06T09:00:00+01:00"; UTC when
+    it names no offset) as epoch seconds; ValueError for anything else."""
+    value = text.strip()
+    if not value[:4].isdigit():             # fromisoformat also reads forms nobody writes
+        raise ValueError(f"not an ISO 8601 timestamp: {text!r}")
+    when = datetime.fromisoformat(value)
     if when.tzinfo is None:
         when = when.replace(tzinfo=timezone.utc)
     return when.timestamp()
