@@ -142,6 +142,17 @@ def test_a_new_lane_deadline_applies_to_queued_mail():
     assert spool.history[m.id][0].recipients[0].state == EXPIRED
 
 
+def test_our_own_reports_have_no_lane_deadline():
+    """A DSN is in the default lane but keeps only the lifetime: its lane's deadline is a
+    promise about the application's mail, and an expired report could not be reported."""
+    q, spool, clock, _, _ = make(lanes=Lanes([Lane("transactional", deadline=10.0)]))
+    m = put(q, clock)
+    record(q, m, {0: O.PermFailed(NO_SUCH)})
+    [report] = [r for r in spool.messages.values() if r.envelope.sender.is_null]
+    assert q.limit_of(m).deadline and q.limit_of(m).end == T0 + 10.0
+    assert not q.limit_of(report).deadline and q.limit_of(report).end == T0 + 86400.0
+
+
 def test_a_permanent_failure_before_the_deadline_still_bounces_and_suppresses():
     """The deadline changes nothing for a 5xx: bounced, and its category suppresses."""
     q, spool, clock, _, told = make()

@@ -232,9 +232,12 @@ class Queue:
 
     def limit_of(self, message: StoredMessage) -> deadline.Limit:
         """Until when the message's recipients are tried, and their last attempt
-        (deadline.py): its own deadline, its lane's, or the end of its lifetime."""
+        (deadline.py): its own deadline, its lane's, or the end of its lifetime.  Our own
+        reports (DSNs) have only the lifetime: a lane's deadline is a promise about the
+        application's mail, and a report that expired could not be reported."""
+        own_report = "dsn_for" in message.client
         return deadline.limit(message.arrival, self.max_lifetime, message.expires,
-                              self.lane_of(message).deadline)
+                              None if own_report else self.lane_of(message).deadline)
 
     def past_deadline(self, message: StoredMessage, now: float) -> bool:
         """Whether the message's due recipients must expire without being tried: its
