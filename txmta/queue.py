@@ -301,7 +301,8 @@ class Queue:
                     if limit.deadline:      # a throttle never carries it past its deadline
                         when = min(when, limit.end)
                     states[index] = replace(states[index], next_attempt=when, last_reply=reply)
-            # (index, outcome, new state, last attempt time): attempts, then deadline expiries
+            # (index, outcome, new state, time of the attempt or None): attempts, then the
+            # recipients past their deadline, not tried
             ended: list[tuple[int, Outcome, RecipientState, float | None]] = []
             for index, outcome in sorted(outcomes.items()):
                 old = states[index]
