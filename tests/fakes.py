@@ -2,8 +2,8 @@
 
 `FakeQueue` keeps messages in a dict and answers at once: intake, delivery and admin, with
 an event stream published after each "commit", as the real queue does.  It has no retry
-policy (a temporary failure is due again `retry` seconds later), no DSNs and no
-suppression by bounces.  tests/test_queue_faces.py runs the same contract tests on it and
+policy (a temporary failure is due again `retry` seconds later), no lanes (only a
+message's own deadline, `expires`, counts), no DSNs and no suppression by bounces.  tests/test_queue_faces.py runs the same contract tests on it and
 on the real `Queue`, so a test that uses it tests against the real behaviour.
 
 `FaultySpool` wraps a real spool; `fail_next` makes its next write fail as a failed
@@ -22,10 +22,10 @@ from twisted.internet.interfaces import IReactorTime
 from txmta import events, suppression
 from txmta.lanes import due_class
 from txmta.message import AlreadySubmitted
-from txmta.message import (BOUNCED, DELETED, DELIVERED, HELD, NO_LABELS, QUEUED, Envelope, Labels,
+from txmta.message import (BOUNCED, DELETED, DELIVERED, EXPIRED, HELD, NO_LABELS, QUEUED, Envelope, Labels,
                            RecipientState,
                            StoredMessage, Suppression)
-from txmta.outcome import Delivered, Outcome, PermFailed
+from txmta.outcome import Delivered, Outcome, PermFailed, TempFailed
 from txmta.reply import Reply
 from txmta.spool.interface import BodyWriter, SpoolError
 from txmta.spool.memory import MemoryBodyWriter
@@ -111,9 +111,13 @@ class FakeQueue:
     def read_body(self, message_id: str) -> Deferred[bytes]:
         return succeed(self.bodies[message_id])
 
+    def past_deadline(self, message: StoredMessage, now: float) -> bool:
+        return message.expires is not None and now >= message.expires
+
     def record(self, message: StoredMessage, outcomes: Mapping[int, Outcome],
                postponed: Mapping[int, tuple[float, Reply]] | None = None,
-               now: float | None = None) -> Deferred[StoredMessage | None]:
+               now: float | None = None, expired: Iterable[int] = ()
+               ) -> Deferred[StoredMessage | None]:
         err = self._failing()
         if err is not None:
             return fail(err)
@@ -141,6 +145,12 @@ class FakeQueue:
                               last_reply=outcome.reply)
             states[i] = new
             tried.append((i, outcome, new.state))
+        for i in sorted(set(expired) - set(outcomes)):
+            old = states[i]
+            if old.state == QUEUED:
+                states[i] = replace(old, state=EXPIRED)
+                reply = old.last_reply or Reply(451, "4.4.7", "Not delivered in time")
+                tried.append((i, TempFailed(reply), EXPIRED))
         updated = replace(current, recipients=tuple(states))
         number = events.Numbering(self._event_ids.base(at))
         told = [events.for_outcome(state)(number(), updated, i, outcome, at)

@@ -321,6 +321,17 @@ def test_intake_signs_the_stored_message_with_our_added_fields(rsa_key: Any) -> 
     assert verify(body, zone)
 
 
+def test_intake_signs_the_header_without_our_control_fields(rsa_key: Any) -> None:
+    """X-Txmta-Expires and X-Txmta-Lane are removed before signing: the stored message has
+    neither, the signature does not name them, and it verifies."""
+    signer, zone = signer_with(SigningKey("example.com", "a", RSA, rsa_key))
+    reply, body = intake(signer, [b"From: alice@example.com\r\nX-Txmta-Expires: 10m\r\n"
+                                  b"X-Txmta-Lane:\r\n bulk\r\nSubject: hi\r\n\r\n", b"body\r\n"])
+    assert reply.code == 250 and b"X-Txmta" not in body
+    assert not {"x-txmta-expires", "x-txmta-lane"} & set(signature_tags(body)["h"].split(":"))
+    assert verify(body, zone)
+
+
 def test_intake_without_signer_or_key_does_not_sign_nor_use_the_pool(rsa_key: Any) -> None:
     """No signer: the stored message has no signature; a signer without a key for the From
     domain never runs the signing thread."""

@@ -243,6 +243,36 @@ def test_expiry_is_failed_with_4_4_7():
     assert "within the time allowed" in text
 
 
+def test_a_deadline_expiry_says_not_delivered_in_time():
+    """A recipient whose deadline passed is failed with 4.4.7 like a lifetime expiry, but the
+    human part says it was not delivered in time, naming the deadline, and so does the
+    Subject when every failure is one."""
+    deadline = ARRIVAL + 600
+    rr = RecipientReport(BOB, FAILED, EXPIRED_STATUS, MAILBOX_FULL, "mx.example.com", LAST,
+                         deadline=deadline)
+    raw = report(rr)
+    block = status_fields(raw)[1]
+    assert (block["Action"], block["Status"]) == ("failed", "4.4.7")
+    assert block["Diagnostic-Code"] == "smtp; 452 4.2.2 Mailbox full, try again later"
+    text = list(parse(raw).iter_parts())[0].get_content()
+    assert "not delivered in time (deadline Tue, 14 Nov 2023 22:23:20 +0000)" in " ".join(
+        text.split())
+    assert "within the time allowed" not in text
+    assert parse(raw)["Subject"] == "Undelivered Mail: not delivered in time"
+    # with a hard bounce beside it, the report keeps the usual subject
+    mixed = report(rr, failed(CAROL))
+    assert parse(mixed)["Subject"] == "Undelivered Mail Returned to Sender"
+
+
+def test_an_expiry_before_any_attempt_has_no_diagnostic_code():
+    """Never tried (its deadline passed while it waited, with no reply seen): no
+    Diagnostic-Code, no Remote-MTA, no Last-Attempt-Date."""
+    rr = RecipientReport(BOB, FAILED, EXPIRED_STATUS, None, "", None, deadline=ARRIVAL + 10)
+    block = status_fields(report(rr))[1]
+    assert block["Status"] == "4.4.7"
+    assert not {"Diagnostic-Code", "Remote-MTA", "Last-Attempt-Date"} & set(block)
+
+
 def test_delayed_report_has_will_retry_until():
     """A delay report says until when delivery will be tried (2.3.9)."""
     rr = RecipientReport(BOB, DELAYED, "4.2.2", MAILBOX_FULL, "mx.example.com", LAST, UNTIL)

@@ -201,3 +201,19 @@ def test_intake_stores_the_lane_and_its_priority():
     assert intake_lane(b"Subject: x\r\n\r\nhi\r\n", s,
                        listener_lanes={"0.0.0.0:2526": "alerts"}) == ("alerts", 50)
     assert intake_lane(b"Subject: x\r\n\r\nhi\r\n", s) == ("transactional", 10)
+
+
+@pytest.mark.parametrize("relay_client, lane", [(True, "bulk"), (False, "transactional")])
+def test_the_lane_header_counts_only_from_trusted_clients_and_is_removed(relay_client, lane):
+    clock = Clock()
+    clock.advance(NOW)
+    spool = MemorySpool()
+    receiver = Receiver(Queue(spool, clock), "mx.example.com", clock, lanes=LANES)
+    s = Session("192.0.2.10", 5555, "0.0.0.0:25", helo="c", esmtp=True, relay_client=relay_client)
+    intake = receiver.begin(s, Envelope(Address("a", "example.com"),
+                                        (Recipient(Address("r", "example.org")),)))
+    intake.write(b"Subject: x\r\nX-Txmta-Lane: bulk\r\n\r\nhi\r\n")
+    intake.finish()
+    [m] = spool.messages.values()
+    assert m.lane == lane
+    assert b"X-Txmta-Lane" not in spool.bodies[m.id]

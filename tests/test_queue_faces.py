@@ -150,6 +150,26 @@ def test_record_only_postponed_is_one_commit_with_no_attempt_event(face: Face) -
     assert told == [events.Due(until)]
 
 
+def test_record_expired_ends_recipients_past_their_deadline_without_an_attempt(
+        face: Face) -> None:
+    """A message with a deadline (`expires`) is past it at the deadline, not before; record()
+    with `expired` ends those recipients EXPIRED, no attempt counted, one Expired each."""
+    q = face.queue
+    mid = q.new_message_id(face.clock.seconds())
+    body = q.body_writer(mid)
+    body.write(b"Subject: x\r\n\r\nhi\r\n")
+    m = face.wait(q.put(mid, envelope(3), body, {}, face.clock.seconds(),
+                        expires=face.clock.seconds() + 10))
+    assert m.expires == T0 + 10
+    assert not q.past_deadline(m, T0 + 9.99) and q.past_deadline(m, T0 + 10)
+    face.clock.advance(10)
+    told = heard(face)
+    left = face.wait(q.record(m, {1: O.Delivered(OK)}, expired=[0]))
+    assert [r.state for r in left.recipients] == ["expired", DELIVERED, QUEUED]
+    assert left.recipients[0].attempts == 0
+    assert {e.index: type(e).__name__ for e in told[:2]} == {0: "Expired", 1: "Delivered"}
+
+
 def test_events_are_published_after_the_commit_and_in_order(face: Face) -> None:
     """Subscribers hear of an attempt after it is committed (what they read sees it), one
     event per recipient in recipient order, then the next due time."""

@@ -17,7 +17,8 @@ closed the session with 421) is throttled as a whole: its other queued mail wait
 destination's next retry instead of each message trying on its own; those recipients are
 committed with the attempt's outcomes, in the same `record()`.  Outcomes are made by the
 deliverer from classify's verdicts; the only ones made here, for our own bugs, are classified
-too (`internal_error`).
+too (`internal_error`).  A message whose deadline has passed (`queue.past_deadline`, see
+deadline.py) is not tried: its due recipients are recorded as expired.
 """
 # test: tests/test_dispatch.py
 
@@ -208,7 +209,12 @@ class Dispatcher:
         self.inflight.add(message.id)
         self._group_of[message.id] = group
         self._busy[group] += 1
-        d = self._attempt(message, due, now)
+        if self.queue.past_deadline(message, now):
+            # its deadline passed while it waited (e.g. behind a throttled destination):
+            # it expires without an attempt
+            d = self.queue.record(message, {}, expired=due)
+        else:
+            d = self._attempt(message, due, now)
         d.addErrback(self._attempt_failed, message.id)
         d.addBoth(self._finished, message.id)
 

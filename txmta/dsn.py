@@ -57,6 +57,7 @@ SUBJECTS = {
     EXPANDED: "Successful Mail Delivery Report",
     RELAYED: "Delivery Status Notification (relayed)",
 }
+SUBJECT_NOT_IN_TIME = "Undelivered Mail: not delivered in time"     # every failure a deadline
 # The report's kind is the first action present in this order: a report with any failure
 # is a failure report (and returns the message as one), then delays, then successes.
 _KIND_ORDER = (FAILED, DELAYED, DELIVERED, EXPANDED, RELAYED)
@@ -74,6 +75,9 @@ class RecipientReport:
 
     `status` is the RFC 3463 code to report: the reply's enhanced code, "4.4.7" for an
     expiry; an empty or malformed one is replaced by `status_for(action, reply)`.
+    `deadline` (epoch seconds) is set for an expiry by a deadline (the message's or its
+    lane's, not the lifetime's): the report says it was not delivered in time.  `reply` is
+    None when there was none (it expired before any attempt).
     """
 
     recipient: Recipient
@@ -83,6 +87,7 @@ class RecipientReport:
     remote_mta: str = ""
     last_attempt: float | None = None
     will_retry_until: float | None = None
+    deadline: float | None = None
 
 
 def status_for(action: str, reply: Reply | None) -> str:
@@ -166,7 +171,9 @@ def build_report(*, envelope: Envelope, message_id: str, arrival: float,
     head = [
         _field("From", f"Mail Delivery System <MAILER-DAEMON@{mta}>"),
         _field("To", f"<{sender}>"),
-        _field("Subject", SUBJECTS[kind]),
+        _field("Subject", SUBJECT_NOT_IN_TIME
+               if kind == FAILED and all(r.deadline is not None for r in reports
+                                         if r.action == FAILED) else SUBJECTS[kind]),
         _field("Date", _date(now)),
         _field("Message-ID", f"<{_clean(dsn_message_id, ascii_only=True)}@{mta}>"),
         _field("MIME-Version", "1.0"),
@@ -228,7 +235,10 @@ def _human_part(kind: str, mta: str, message_id: str, arrival: float,
              f"Queue id {message_id}, received {_date(arrival)}."]
     for r in reports:
         lines = [f"<{_clean(str(r.recipient.address), ascii_only=False)}>: {_VERB[r.action]}"]
-        if r.status == EXPIRED_STATUS:
+        if r.deadline is not None:
+            lines.append(f"not delivered in time (deadline {_date(r.deadline)}); it will "
+                         f"not be tried again")
+        elif r.status == EXPIRED_STATUS:
             lines.append("it could not be delivered within the time allowed")
         if r.reply is not None:
             where = f"host {_remote_name(r.remote_mta)} said" if r.remote_mta else "the reply was"

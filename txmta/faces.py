@@ -58,12 +58,18 @@ class DeliveryQueue(Protocol):
 
     def read_body(self, message_id: str) -> "Deferred[bytes]": ...
 
+    def past_deadline(self, message: StoredMessage, now: float) -> bool:
+        """Whether the message's deadline has passed: its due recipients are not tried but
+        recorded as `expired`."""
+
     def record(self, message: StoredMessage, outcomes: Mapping[int, Outcome],
                postponed: Mapping[int, tuple[float, Reply]] | None = None,
-               now: float | None = None) -> "Deferred[StoredMessage | None]":
+               now: float | None = None, expired: Iterable[int] = ()
+               ) -> "Deferred[StoredMessage | None]":
         """One attempt, one commit: the recipients tried get their outcomes, the
         `postponed` ones (a throttled destination) their next attempt and reply without
-        an attempt counted.  Fires with the message as committed, None once it left."""
+        an attempt counted, the `expired` ones (past their deadline, not tried) end
+        expired.  Fires with the message as committed, None once it left."""
 
 
 class AdminQueue(Protocol):

@@ -7,9 +7,19 @@ delete, requeue, status, the suppression list).
 `put()` stores a new message with every recipient QUEUED and due now, in one durable
 commit.  `record()` commits an attempt in one transaction: the outcomes (states, attempts,
 next attempt from the retry policy, last reply), the recipients postponed because their
-destination is throttled (next attempt moved, no attempt counted), the DSNs owed and the
+destination is throttled (next attempt moved, no attempt counted), those that expired
+without an attempt because their deadline passed while they waited, the DSNs owed and the
 suppressions of hard-bounced addresses.  `due()` reads messages with due recipients from
 the spool's time-ordered index (invariant 6: no scans).
+
+Deadlines (deadline.py): a recipient is tried until the earliest of its message's deadline
+(`StoredMessage.expires`), its lane's (`Lane.deadline`, looked up in `lanes` each time, so
+a new configuration applies to queued mail) and the end of its lifetime, with its lane's
+retry schedule; its last attempt comes a margin before a deadline.  A recipient past its
+deadline ends EXPIRED, never BOUNCED: its DSN says it was not delivered in time, and it is
+never suppressed.  The lane's `dsn` policy bounds every DSN of its mail ("failures": no
+delay warnings; "none": none at all; the events still happen), the recipient's NOTIFY
+applies within it.
 
 Every change writes its events (txmta/events.py) to the spool's outbox in its own
 transaction, and only after the commit publishes the same events on `self.events`
@@ -30,10 +40,12 @@ from typing import Any, Callable, Collection, Iterable, Mapping, Sequence
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.interfaces import IReactorTime
 
-from txmta import dsn, retry, suppression
+from txmta import deadline, dsn, retry, suppression
 from txmta import events as E      # events.Deferred beside twisted's Deferred; `events` below is a timeline
+from txmta.lanes import Lane, Lanes
 from txmta.suppression import SuppressionList
 from txmta.message import NO_LABELS, Envelope, Idempotency, Labels, MessageIds
+from txmta.messagejson import iso_utc
 from txmta.partition import ALL
 from txmta.outcome import Delivered, Outcome, PermFailed, TempFailed
 from txmta.reply import Reply
@@ -47,10 +59,19 @@ DSN_FULL_LIMIT = 256 * 1024     # above this, a DSN returns only the header sect
 SignReport = Callable[[bytes, float], bytes]
 
 
+def _not_in_time(end: float) -> Reply:
+    """What the events of a recipient that expired before any attempt carry as its reply
+    (RFC 3463 X.4.7 "delivery time expired")."""
+    return Reply(451, dsn.EXPIRED_STATUS,
+                 f"Not delivered in time: its deadline {iso_utc(end)} passed before an attempt")
+
+
 class Queue:
     """`sign_report(report, now)`: the DSN signed with DKIM, or unchanged; never raises
     (`set_sign_report` replaces it on SIGHUP).  `drop_suppressed`: a recipient on the
-    suppression list ends at intake ([suppression] action = "drop")."""
+    suppression list ends at intake ([suppression] action = "drop").  `lanes`: the
+    configured lanes (their deadlines, retry schedules and DSN policies); assign
+    `queue.lanes` to apply new ones, to queued mail too."""
 
     def __init__(self, spool: Spool, clock: IReactorTime, *,
                  schedule: Sequence[float] = DEFAULT_SCHEDULE, max_lifetime: float = 5 * 86400.0,
@@ -59,7 +80,7 @@ class Queue:
                  suppress_categories: Iterable[str] = ("invalid-recipient", "bad-domain"),
                  suppression_ttl: float = 90 * 86400.0, partitions: Iterable[int] = ALL,
                  events: E.EventStream | None = None, sign_report: SignReport | None = None,
-                 drop_suppressed: bool = False) -> None:
+                 drop_suppressed: bool = False, lanes: Lanes | None = None) -> None:
         self.spool = spool
         self.clock = clock
         partitions = tuple(partitions)
@@ -78,6 +99,7 @@ class Queue:
         self.suppression = SuppressionList()    # the mirror of the spool's list, a subscriber
         self.events.subscribe(lambda e: self.suppression.add(e.entry), E.SuppressionAdded)
         self.drop_suppressed = drop_suppressed
+        self.lanes = lanes if lanes is not None else Lanes()
         self._sign_report = sign_report
 
     def set_sign_report(self, sign_report: SignReport | None) -> None:
@@ -206,8 +228,31 @@ class Queue:
     def read_body(self, message_id: str) -> Deferred[bytes]:
         return self.spool.read_body(message_id)
 
+    # -- deadlines -------------------------------------------------------------------------
+
+    def lane_of(self, message: StoredMessage) -> Lane:
+        """The message's lane as configured now (the default lane for "" or for a lane no
+        longer configured)."""
+        return self.lanes.get(message.lane)
+
+    def limit_of(self, message: StoredMessage) -> deadline.Limit:
+        """Until when the message's recipients are tried, and their last attempt
+        (deadline.py): its own deadline, its lane's, or the end of its lifetime.  Our own
+        reports (DSNs) have only the lifetime: a lane's deadline is a promise about the
+        application's mail, and a report that expired could not be reported."""
+        own_report = "dsn_for" in message.client
+        return deadline.limit(message.arrival, self.max_lifetime, message.expires,
+                              None if own_report else self.lane_of(message).deadline)
+
+    def past_deadline(self, message: StoredMessage, now: float) -> bool:
+        """Whether the message's due recipients must expire without being tried: its
+        deadline has passed (the dispatcher records them with `expired=`)."""
+        return deadline.past_deadline(self.limit_of(message), now)
+
+    # -- recording attempts ---------------------------------------------------------------
+
     def _next_state(self, message: StoredMessage, old: RecipientState, outcome: Outcome,
-                    now: float) -> RecipientState:
+                    now: float, limit: deadline.Limit, lane: Lane) -> RecipientState:
         remote = f"{outcome.host}[{outcome.address}]" if outcome.address else outcome.host
         if isinstance(outcome, Delivered):
             return replace(old, state=DELIVERED, attempts=old.attempts + 1,
@@ -218,8 +263,10 @@ class Queue:
         assert isinstance(outcome, TempFailed)
         attempts = old.attempts + 1
         kwargs = {} if self.jitter is None else {"jitter": self.jitter}
-        delay = retry.next_delay(attempts, now - message.arrival, self.schedule, self.max_lifetime,
-                                 greylisted=outcome.greylisted, retry_after=outcome.retry_after,
+        # the last attempt is at limit.last: retry.next_delay's "end of the lifetime"
+        delay = retry.next_delay(attempts, now - message.arrival, lane.retry or self.schedule,
+                                 limit.last - message.arrival, greylisted=outcome.greylisted,
+                                 retry_after=outcome.retry_after,
                                  greylisted_before=old.greylisted, **kwargs)
         greylisted = old.greylisted or outcome.greylisted
         if isinstance(delay, retry.Expired):
@@ -230,52 +277,76 @@ class Queue:
 
     def record(self, message: StoredMessage, outcomes: Mapping[int, Outcome],
                postponed: Mapping[int, tuple[float, Reply]] | None = None,
-               now: float | None = None) -> Deferred[StoredMessage | None]:
+               now: float | None = None, expired: Iterable[int] = ()
+               ) -> Deferred[StoredMessage | None]:
         """Commit an attempt in one transaction, then publish its events.
 
         `outcomes`: what the attempt did to each recipient tried.  `postponed`: recipients
         of a throttled destination, moved to (time, reply) without counting an attempt
-        (their destination was not tried).  The same transaction holds the timeline, the
-        outbox, the suppressions of hard-bounced addresses, and every DSN owed (DESIGN
-        invariant 2: a recipient fails only with its DSN committed).  Fires with the
-        updated message (None if it left the spool)."""
+        (their destination was not tried; never past their deadline).  `expired`:
+        recipients not tried because their deadline has passed (`past_deadline`): they end
+        EXPIRED without an attempt.  The same transaction holds the timeline, the outbox,
+        the suppressions of hard-bounced addresses, and every DSN owed (DESIGN invariant 2:
+        a recipient fails only with its DSN committed).  Fires with the updated message
+        (None if it left the spool)."""
         at = self.clock.seconds() if now is None else now
         base = self.event_ids.base(at)
         until = dict(postponed or {})
+        late = sorted(set(expired) - set(outcomes))
 
         def change(current: StoredMessage, body: Callable[[], bytes]) -> Change:
             # runs on the spool's writer thread, maybe more than once (after the map grew):
             # a function of `current` and `body` alone, whose result says everything
             number = E.Numbering(base)      # the same event ids on every run
+            lane = self.lane_of(current)
+            limit = self.limit_of(current)
             states = list(current.recipients)
             for index, (when, reply) in sorted(until.items()):
                 if states[index].state == QUEUED:
+                    if limit.deadline:      # a throttle never carries it past its deadline
+                        when = min(when, limit.end)
                     states[index] = replace(states[index], next_attempt=when, last_reply=reply)
-            tried: list[tuple[int, Outcome, str]] = []
-            events: list[Event] = []
-            suppressions: list[Suppression] = []
-            reports: dict[str, list[dsn.RecipientReport]] = {}
+            # (index, outcome, new state, time of the attempt or None): attempts, then the
+            # recipients past their deadline, not tried
+            ended: list[tuple[int, Outcome, RecipientState, float | None]] = []
             for index, outcome in sorted(outcomes.items()):
                 old = states[index]
                 if old.state != QUEUED:   # held or finished meanwhile
                     continue
-                new = self._next_state(current, old, outcome, at)
-                rcpt = current.envelope.recipients[index]
+                new = self._next_state(current, old, outcome, at, limit, lane)
                 category = "" if isinstance(outcome, Delivered) else outcome.category
-                new = replace(new, category=category)
+                ended.append((index, outcome, replace(new, category=category), at))
+            for index in late:
+                old = states[index]
+                if old.state != QUEUED:
+                    continue
+                ended.append((index, TempFailed(old.last_reply or _not_in_time(limit.end),
+                                                host=old.remote, category=old.category),
+                              replace(old, state=EXPIRED), None))
+            tried: list[tuple[int, Outcome, str]] = []
+            events: list[Event] = []
+            suppressions: list[Suppression] = []
+            reports: dict[str, list[dsn.RecipientReport]] = {}
+            for index, outcome, new, attempted in ended:
+                rcpt = current.envelope.recipients[index]
+                category = new.category
                 events.append(Event(at, new.state if new.state != QUEUED else "deferred",
                                     str(rcpt.address), str(outcome.reply), new.remote, category,
                                     outcome.tls))
-                action = self._report_action(current, new, outcome, rcpt, at)
+                action = self._report_action(current, new, outcome, rcpt, at, lane)
                 if action is not None:
+                    expiry = new.state == EXPIRED
+                    reply = outcome.reply if attempted is not None else new.last_reply
                     reports.setdefault(action, []).append(dsn.RecipientReport(
                         rcpt, action,
-                        dsn.EXPIRED_STATUS if new.state == EXPIRED else
-                        dsn.status_for(action, outcome.reply),
-                        outcome.reply, new.remote, at,
-                        current.arrival + self.max_lifetime if action == dsn.DELAYED else None))
+                        dsn.EXPIRED_STATUS if expiry else dsn.status_for(action, reply),
+                        reply, new.remote, attempted,
+                        limit.end if action == dsn.DELAYED else None,
+                        deadline=limit.end if expiry and limit.deadline else None))
                     if action == dsn.DELAYED:
                         new = replace(new, warned=True)
+                # only a permanent failure suppresses: never an expiry, whatever its
+                # last reply's category
                 if new.state == BOUNCED and category in self.suppress_categories:
                     suppressions.append(Suppression(
                         suppression.key(str(rcpt.address)), category, at,
@@ -308,10 +379,13 @@ class Queue:
         return self.spool.apply(message.id, change, with_body=True).addCallback(committed)
 
     def _report_action(self, m: StoredMessage, new: RecipientState, outcome: Outcome,
-                       rcpt: Any, now: float) -> str | None:
-        """The DSN action owed for this recipient after this attempt, if any (RFC 3461)."""
+                       rcpt: Any, now: float, lane: Lane) -> str | None:
+        """The DSN action owed for this recipient after this attempt, if any: what the
+        lane's dsn policy allows, and within it what the recipient's NOTIFY asks (RFC 3461)."""
         if m.envelope.sender.is_null:
             return None          # never a report for a report (invariant 7)
+        if lane.dsn == "none":
+            return None          # the events tell the application instead
         if new.state in (BOUNCED, EXPIRED):
             return dsn.FAILED if dsn.owed(rcpt, dsn.FAILED) else None
         if new.state == DELIVERED:
@@ -319,8 +393,9 @@ class Queue:
                     and dsn.owed(rcpt, dsn.RELAYED):
                 return dsn.RELAYED    # the next hop cannot report success: we say "relayed"
             return None
-        if (new.state == QUEUED and self.delay_warning > 0 and not new.warned
-                and now - m.arrival >= self.delay_warning and dsn.owed(rcpt, dsn.DELAYED)):
+        if (new.state == QUEUED and lane.dsn == "all" and self.delay_warning > 0
+                and not new.warned and now - m.arrival >= self.delay_warning
+                and dsn.owed(rcpt, dsn.DELAYED)):
             return dsn.DELAYED
         return None
 

@@ -83,3 +83,6 @@ SERVICE_SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, closing tran
 TIMEOUT = Reply(421, "4.4.2", "Timeout exceeded, closing transmission channel")
 COMMIT_FAILED = Reply(451, "4.3.0", "Temporary failure storing the message, try again later")
 SPOOL_FULL = Reply(452, "4.3.1", "Insufficient system storage, try again later")
+# RFC 3463 3.5 X.4.7 "delivery time expired": the message's own deadline (X-Txmta-Expires)
+DEADLINE_PASSED = Reply(554, "5.4.7", "Message refused: its deadline (X-Txmta-Expires) has "
+                                      "already passed, it would never be delivered in time")

@@ -20,7 +20,9 @@ The schedule is the configured `[retry] schedule`; its last delay repeats (Postf
   the asked one.
 * The lifetime (`[retry] max_lifetime`, Postfix's `maximal_queue_lifetime`): a delay that
   would carry the next attempt past the end of the lifetime is shortened so that one last
-  attempt happens exactly at the end; a failure after that is `Expired`.  Expiry is not a
+  attempt happens exactly at the end; a failure after that is `Expired`.  With a deadline
+  (deadline.py) the queue passes the time of the last attempt before it as the end of the
+  lifetime, and the lane's schedule as the schedule.  Expiry is not a
   permanent failure of the reply: the caller fails the recipient as "expired" (RFC 3464
   Action: failed, with the last reply as diagnostic; RFC 3463 3.5, X.4.7 "delivery time
   expired").

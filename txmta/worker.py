@@ -30,7 +30,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from txmta import config as C
 from txmta import events
-from txmta.inbound.policy import ServerPolicy, in_networks
+from txmta.inbound.policy import ServerPolicy
 from txmta.inbound.protocol import SMTPFactory
 from txmta.inbound.receiver import Receiver
 from txmta.maillog import FileSink, MailLog
@@ -389,7 +389,7 @@ def build(cfg: C.Config, reactor: Any, *, worker: int = 0, workers: int = 1,
                   suppress_categories=cfg.suppression.categories,
                   suppression_ttl=cfg.suppression.ttl, partitions=owned_partitions,
                   sign_report=signer.sign_message if signer is not None else None,
-                  drop_suppressed=cfg.suppression.action == "drop")
+                  drop_suppressed=cfg.suppression.action == "drop", lanes=cfg.lanes)
     # the event stream's subscribers: the mail log here, the dispatcher in build_delivery,
     # the worker's channel below (the queue's suppression mirror subscribes itself)
     maillog = maillog_for(cfg, reactor, worker if workers > 1 else None)
@@ -404,13 +404,9 @@ def build(cfg: C.Config, reactor: Any, *, worker: int = 0, workers: int = 1,
         hooks.setServiceParent(top)
         queue.events.subscribe(hooks.heard, events.Received, *events.ATTEMPTED,
                                events.Suppressed)
-    networks = tuple(cfg.relay.networks)
     receiver = Receiver(queue, cfg.server.hostname, reactor, signer, run_signing,
                         lanes=cfg.lanes,
-                        listener_lanes={l.address: l.lane for l in cfg.listen if l.lane},
-                        trusted=lambda session: (session.auth_user is not None
-                                                 or session.api_token is not None
-                                                 or in_networks(session.client_ip, networks)))
+                        listener_lanes={l.address: l.lane for l in cfg.listen if l.lane})
     checker = None
     if cfg.auth.users:
         from txmta.inbound.auth import UsersFileChecker

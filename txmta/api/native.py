@@ -10,12 +10,17 @@ A request is either structured, fields in lower-case snake names that become a `
      "headers": {"X-Name": "value", ...},
      "attachments": [{"filename": ..., "content": <base64>, "content_type": ...,
                       "content_id": ...}, ...],
-     "tag": "...", "metadata": {"key": "value"}, "stream": "..."}
+     "tag": "...", "metadata": {"key": "value"}, "stream": "...",
+     "expires_at": "2026-12-06T08:00:00Z", "ttl": 600}
 
 or raw, a finished RFC 5322 message and its envelope:
 
     {"raw": <base64 message>, "envelope": {"from": "a@example.com" or "" (the null sender),
-     "to": ["x@example.net", ...]}, "tag": ..., "metadata": ..., "stream": ...}
+     "to": ["x@example.net", ...]}, "tag": ..., "metadata": ..., "stream": ...,
+     "expires_at": ..., "ttl": ...}
+
+`expires_at` (an ISO 8601 timestamp) and `ttl` (seconds) are the message's deadline, the
+earlier of the two (Postmark's ExpiresAt and TTL); the server refuses one already past (422).
 
 The raw message is kept byte for byte (line endings included: the spool and the next hop see
 what the client sent); it is refused only when it contains NUL or has no empty line between
@@ -43,11 +48,13 @@ from txmta.api.submission import (
     Submission,
     check_addr_spec,
     check_attachment_name,
+    check_expires_at,
     check_header_field,
     check_recipient_count,
     check_stream,
     check_tag,
     check_text,
+    check_ttl,
     decode_base64,
     make_attachment,
     metadata_values,
@@ -57,9 +64,10 @@ from txmta.api.submission import (
 
 __all__ = ["NativeRequest", "parse_native"]
 
+_COMMON = frozenset({"tag", "metadata", "stream", "expires_at", "ttl"})
 _STRUCTURED = frozenset({"from", "to", "cc", "bcc", "reply_to", "subject", "text", "html",
-                         "headers", "attachments", "tag", "metadata", "stream"})
-_RAW = frozenset({"raw", "envelope", "tag", "metadata", "stream"})
+                         "headers", "attachments"}) | _COMMON
+_RAW = frozenset({"raw", "envelope"}) | _COMMON
 _ATTACHMENT = frozenset({"filename", "content", "content_type", "content_id"})
 
 
@@ -76,6 +84,8 @@ class NativeRequest:
     tag: str = ""
     metadata: dict[str, str] = field(default_factory=dict)
     stream: str = ""
+    expires_at: float | None = None     # epoch seconds
+    ttl: float | None = None            # seconds from submission
 
     @property
     def needs_smtputf8(self) -> bool:
@@ -167,9 +177,17 @@ def _metadata(obj: dict[str, Any]) -> dict[str, str]:
     return metadata_values(value, "metadata", _malformed)
 
 
-def _common(obj: dict[str, Any]) -> tuple[str, dict[str, str], str]:
-    return (check_tag(_string(obj, "tag") or "", "tag"), _metadata(obj),
-            check_stream(_string(obj, "stream") or "", "stream"))
+def _common(obj: dict[str, Any]) -> dict[str, Any]:
+    """The fields both forms have, as NativeRequest keywords."""
+    expires_at = _string(obj, "expires_at")
+    ttl = obj.get("ttl")
+    if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, (int, float))):
+        raise _malformed("ttl", "a number of seconds")
+    return {"tag": check_tag(_string(obj, "tag") or "", "tag"), "metadata": _metadata(obj),
+            "stream": check_stream(_string(obj, "stream") or "", "stream"),
+            "expires_at": None if expires_at is None else check_expires_at(expires_at,
+                                                                           "expires_at"),
+            "ttl": None if ttl is None else check_ttl(ttl, "ttl")}
 
 
 def _dedupe(addresses: list[str]) -> tuple[str, ...]:
@@ -216,9 +234,7 @@ def _parse_raw(obj: dict[str, Any]) -> NativeRequest:
     if len(recipients) > MAX_RECIPIENTS:
         raise InvalidRequest(300, f"Maximum of {MAX_RECIPIENTS} recipients allowed per email "
                                   f"message.", "envelope.to")
-    tag, metadata, stream = _common(obj)
-    return NativeRequest(raw=raw, sender=sender, recipients=recipients, tag=tag,
-                         metadata=metadata, stream=stream)
+    return NativeRequest(raw=raw, sender=sender, recipients=recipients, **_common(obj))
 
 
 def _parse_structured(obj: dict[str, Any]) -> NativeRequest:
@@ -241,13 +257,12 @@ def _parse_structured(obj: dict[str, Any]) -> NativeRequest:
     if text is None and html is None:
         raise InvalidRequest(300, "Provide 'text' or 'html' or both.", "text")
     subject = check_text(_string(obj, "subject") or "", "subject", header=True)
-    tag, metadata, stream = _common(obj)
+    common = _common(obj)
     sub = Submission(sender=sender, to=to, cc=cc, bcc=bcc, subject=subject, text=text,
                      html=html, reply_to=reply_to, headers=_headers(obj),
-                     attachments=_attachments(obj), tag=tag, metadata=metadata, stream=stream)
+                     attachments=_attachments(obj), **common)
     return NativeRequest(submission=sub, sender=sub.envelope_sender(),
-                         recipients=sub.envelope_recipients(), tag=tag, metadata=metadata,
-                         stream=stream)
+                         recipients=sub.envelope_recipients(), **common)
 
 
 def parse_native(obj: Any) -> NativeRequest:

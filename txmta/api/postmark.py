@@ -26,6 +26,9 @@ Deliberately different:
   * ContentID may be given as "cid:x", "<x>" or "x" (clients send all three);
   * Headers may not set From, To, Cc, Bcc, Subject, Reply-To or the MIME structure: the
     message's own fields do (Postmark lets a duplicate through);
+  * two fields of our own: ExpiresAt (an ISO 8601 timestamp) and TTL (seconds): the
+    message's deadline, the earlier of the two; one already past is refused (ErrorCode 300,
+    HTTP 422, naming the field; the server checks it, knowing the time);
   * templates (`/email/withTemplate`) are not supported: `templates_unsupported` answers
     with ErrorCode 1101 (Postmark's "template not found");
   * the sentences of 402, 403, 409 and 411 are ours where Postmark's are not documented;
@@ -46,11 +49,13 @@ from txmta.api.submission import (
     InvalidRequest,
     Submission,
     check_attachment_name,
+    check_expires_at,
     check_header_field,
     check_recipient_count,
     check_stream,
     check_tag,
     check_text,
+    check_ttl,
     make_attachment,
     metadata_values,
     parse_mailbox,
@@ -163,6 +168,14 @@ class _Fields:
             raise _incompatible(where or name, "a string")
         return check_text(value, where or name)
 
+    def number(self, name: str) -> float | None:
+        value = self.get(name)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _incompatible(name, "a number")
+        return float(value)
+
     def boolean(self, name: str) -> None:
         value = self.get(name)
         if value is not None and not isinstance(value, bool):
@@ -255,8 +268,9 @@ def parse_email(obj: Any) -> Submission:
     fields = _Fields(obj)
     # Types first, so a wrong type is a 403 whatever else is wrong.
     for name in ("From", "To", "Cc", "Bcc", "ReplyTo", "Subject", "TextBody", "HtmlBody",
-                 "Tag", "MessageStream", "TrackLinks"):
+                 "Tag", "MessageStream", "TrackLinks", "ExpiresAt"):
         fields.string(name)
+    fields.number("TTL")
     for name in ("TrackOpens", "InlineCss"):
         fields.boolean(name)
 
@@ -278,7 +292,11 @@ def parse_email(obj: Any) -> Submission:
         raise InvalidRequest(300, "Provide either email TextBody or HtmlBody or both.",
                              "TextBody")
     subject = check_text(fields.string("Subject") or "", "Subject", header=True)
+    expires_at = fields.string("ExpiresAt")
+    ttl = fields.number("TTL")
     return Submission(
+        expires_at=None if expires_at is None else check_expires_at(expires_at, "ExpiresAt"),
+        ttl=None if ttl is None else check_ttl(ttl, "TTL"),
         sender=sender, to=to, cc=cc, bcc=bcc, subject=subject, text=text, html=html,
         reply_to=reply_to, headers=_headers(fields), attachments=_attachments(fields),
         tag=check_tag(fields.string("Tag") or "", "Tag"), metadata=_metadata(fields),

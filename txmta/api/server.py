@@ -38,10 +38,11 @@ from twisted.web.resource import Resource
 from txmta.api import mime
 from txmta.api import native as N
 from txmta.api import postmark as P
-from txmta.api.submission import InvalidRequest, Submission
+from txmta.api.submission import InvalidRequest, Submission, deadline_of
 from txmta.api.submit import BadAddress, Client, Submitter, crlf, envelope_for
 from txmta.api.tokens import RateLimiter, Token, TokenStore
 from txmta.message import AlreadySubmitted, Idempotency, Labels
+from txmta.reply import DEADLINE_PASSED
 
 log = Logger()
 
@@ -251,6 +252,7 @@ class ApiResource(Resource):
         labels = Labels(sub.tag, tuple(sorted(sub.metadata.items())), token.lane or sub.stream)
         try:
             envelope = self._envelope(token, sub.envelope_sender(), sub.envelope_recipients())
+            expires = deadline_of(sub.expires_at, sub.ttl, submitted)
         except InvalidRequest as e:
             return succeed(dict(P.error_response(e, to, submitted), status=e.status))
         if token.test:
@@ -272,6 +274,7 @@ class ApiResource(Resource):
             intake.abort()
             e = self._too_large()
             return succeed(dict(P.error_response(e, to, submitted), status=e.status))
+        intake.expires = expires
         d = self.submitter.finish(intake, data, labels)
 
         def stored(reply: Any) -> dict[str, Any]:
@@ -280,6 +283,9 @@ class ApiResource(Resource):
             if reply.code == 250:
                 return dict(P.ok_response(P.queue_id_to_uuid(intake.message_id), to,
                                           intake.arrival), status=200)
+            if reply == DEADLINE_PASSED:
+                e = header_deadline_passed("Headers")
+                return dict(P.error_response(e, to, submitted), status=e.status)
             return dict(P.error_response(not_stored(reply), to, submitted), status=503)
 
         return d.addCallback(stored)
@@ -415,9 +421,11 @@ class ApiResource(Resource):
                                           from_field="from", to_field="to", status=400)
             if len(data) > self.submitter.max_message_size:
                 raise self._too_large()
+            submitted = self.clock.seconds()
+            expires = deadline_of(parsed.expires_at, parsed.ttl, submitted,
+                                  ("expires_at", "ttl"))
         except InvalidRequest as e:
             return succeed((e.status, e.to_json(), None))
-        submitted = self.clock.seconds()
         if token.test:
             return succeed((200, native_answer("", envelope, submitted, test=True), None))
         intake = self.submitter.begin(client_of(request, self.listener, token), envelope)
@@ -431,6 +439,7 @@ class ApiResource(Resource):
         except InvalidRequest as e:
             intake.abort()
             return succeed((e.status, e.to_json(), None))
+        intake.expires = expires
         if idempotent is not None:
             intake.idempotency = lambda it: Idempotency(
                 idempotent.key, json.dumps(answer_of(it)).encode("utf-8"), idempotent.not_before)
@@ -440,6 +449,9 @@ class ApiResource(Resource):
                 self.metrics.observe_eod(self.clock.seconds() - submitted, self.listener)
             if reply.code == 250:
                 return 200, answer_of(intake), None
+            if reply == DEADLINE_PASSED:
+                e = header_deadline_passed("raw" if parsed.raw is not None else "headers")
+                return e.status, e.to_json(), None
             return 503, {"error": "not_stored", "message": reply.text}, {"Retry-After": "60"}
 
         return self.submitter.finish(intake, data, labels).addCallback(stored)
@@ -483,6 +495,12 @@ def sender_not_allowed(sender: str, field: str = "From") -> InvalidRequest:
     return InvalidRequest(400, f"The '{field}' address you supplied ({sender}) is not a Sender "
                                "Signature on your account: this token may not send from "
                                "its domain.", field)
+
+
+def header_deadline_passed(field: str) -> InvalidRequest:
+    """The message's own X-Txmta-Expires field named a time already past (HTTP 422)."""
+    return InvalidRequest(300, "The message's X-Txmta-Expires header field has already "
+                               "passed: it would never be delivered in time.", field)
 
 
 def not_stored(reply: Any) -> InvalidRequest:

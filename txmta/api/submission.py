@@ -15,6 +15,11 @@ with a non-ASCII address needs SMTPUTF8, see `Submission.needs_smtputf8`).  Quot
 parts, source routes and groups are refused.  Display names may be any text without control
 characters; they are kept decoded (an RFC 2047 encoded-word in the input is decoded).
 
+A message may carry a deadline (`ExpiresAt`, an ISO 8601 timestamp, and/or `TTL`, seconds
+from submission; the earlier counts): past it, it is not tried again and ends "expired"
+(deadline.py).  `check_expires_at` and `check_ttl` read them; `deadline_of` (given the
+time) refuses one already past with 422.
+
 Postmark's limits are applied to both APIs: at most 50 recipients over To, Cc and Bcc; a tag
 of at most 1000 characters; metadata of at most 10 fields, names of at most 20 characters,
 values of at most 80.  Unlike Postmark we also refuse local parts with misplaced dots
@@ -34,6 +39,7 @@ from typing import Any, Callable
 from email.headerregistry import Address, HeaderRegistry
 from email.errors import HeaderDefect, InvalidHeaderDefect
 
+from txmta.deadline import parse_iso8601
 from txmta.inbound.grammar import is_valid_domain
 
 __all__ = [
@@ -55,6 +61,9 @@ __all__ = [
     "check_tag",
     "check_metadata",
     "check_stream",
+    "check_expires_at",
+    "check_ttl",
+    "deadline_of",
     "check_attachment_name",
     "content_id",
     "content_type",
@@ -140,6 +149,8 @@ class Submission:
     tag: str = ""
     metadata: dict[str, str] = field(default_factory=dict)
     stream: str = ""
+    expires_at: float | None = None     # ExpiresAt, epoch seconds
+    ttl: float | None = None            # TTL, seconds from submission
 
     def envelope_sender(self) -> str:
         """The addr-spec of From: the reverse-path."""
@@ -380,6 +391,47 @@ def check_stream(stream: str, field_name: str) -> str:
     if stream and (len(stream) > MAX_STREAM or not _STREAM.match(stream)):
         raise InvalidRequest(300, f"Invalid '{field_name}': '{stream}'.", field_name)
     return stream
+
+
+# --- deadlines --------------------------------------------------------------------------------
+
+MAX_TTL = 10 * 365 * 86400.0    # seconds: a TTL beyond any lifetime is surely a mistake
+
+
+def check_expires_at(value: str, field_name: str) -> float:
+    """An ISO 8601 timestamp ("2026-12-06T08:00:00Z"; UTC without an offset) as epoch
+    seconds; InvalidRequest (300) naming `field_name` otherwise."""
+    try:
+        return parse_iso8601(value)
+    except (ValueError, OverflowError):
+        raise InvalidRequest(300, f"Invalid '{field_name}': '{value}' is not an ISO 8601 "
+                                  f"timestamp such as 2026-12-06T08:00:00Z.",
+                             field_name) from None
+
+
+def check_ttl(value: float, field_name: str) -> float:
+    """A number of seconds > 0 (the type is the caller's to check)."""
+    if not value == value or not 0 < value <= MAX_TTL:      # NaN fails the first test
+        raise InvalidRequest(300, f"Invalid '{field_name}': it must be a number of seconds "
+                                  f"greater than 0 (at most {MAX_TTL:.0f}).", field_name)
+    return float(value)
+
+
+def deadline_of(expires_at: float | None, ttl: float | None, now: float,
+                names: tuple[str, str] = ("ExpiresAt", "TTL")) -> float | None:
+    """The message's deadline (epoch seconds) from `expires_at` and `ttl` (the earlier), or
+    None without either; InvalidRequest (300, HTTP 422) naming the field when it has already
+    passed at `now`."""
+    candidates = [(t, name) for t, name in ((expires_at, names[0]),
+                                            (None if ttl is None else now + ttl, names[1]))
+                  if t is not None]
+    if not candidates:
+        return None
+    when, name = min(candidates)
+    if when <= now:
+        raise InvalidRequest(300, f"'{name}' has already passed: the message would never be "
+                                  f"delivered in time.", name)
+    return when
 
 
 # --- attachments -----------------------------------------------------------------------------

@@ -110,6 +110,7 @@ class SMTPServer(Protocol, TimeoutMixin):
         # facts about the client address, worked out once per connection
         self._loopback = P.is_loopback(host)
         self._relay_client = P.may_relay(host, False, self.policy)
+        self.session.relay_client = self._relay_client
         self._fix_bare = not P.reject_bare_newlines(self.listener.bare_newlines, host)
         refusal = self.factory.admit(self)
         if refusal is not None:
@@ -539,7 +540,8 @@ class SMTPServer(Protocol, TimeoutMixin):
         self._buffer = b""
         self._abort_intake()
         self.envelope = None
-        self.session = Session(self.session.client_ip, self.session.client_port, self.session.listener)
+        self.session = Session(self.session.client_ip, self.session.client_port, self.session.listener,
+                               relay_client=self._relay_client)
         self.transport.startTLS(self.factory.tls_options)  # type: ignore[union-attr]
         return None
 

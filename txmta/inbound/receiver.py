@@ -15,6 +15,16 @@ read back from the body writer (memory, or the body file in 64 KiB pieces) and h
 header fields we added are signed too, and the signature is put in front of the stored
 message (`BodyWriter.prepend`); then the commit.  A failed signing is logged and the message
 stored unsigned.  Without a signer nothing of this runs.
+
+Two header fields are controls for us, not part of the message: `X-Txmta-Expires` (the
+message's deadline: an RFC 5322 date-time, an ISO 8601 timestamp or a duration from now,
+deadline.py) and `X-Txmta-Lane` (the lane asked for; its raw value is kept in
+`Intake.lane_request` for the lane selection, lanes.py).  Both are removed from the header
+section before it is stored (and before DKIM signs it).  The deadline is taken only from a
+trusted client (`Session.trusted`: authenticated, or in relay.networks) and when it can be
+read; otherwise it is ignored (and logged).  A message whose deadline has passed by the end
+of its data is refused with 554 5.4.7 and nothing is stored.  A header section longer than
+MAX_HEADER_SCAN is passed on unchanged, control fields included.
 """
 # test: tests/test_receiver.py
 
@@ -26,11 +36,12 @@ from datetime import datetime, timezone
 from email.utils import format_datetime
 from typing import Any, Callable
 
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from txmta import deadline
 from txmta import reply as R
 from txmta.faces import IntakeQueue
 from txmta.lanes import Lanes
@@ -47,7 +58,37 @@ _MSGID_VALUE = re.compile(rb"^message-id[ \t]*:[ \t]*(?:\r?\n[ \t]+)?(<[^>\r\n]{
 _HAS_DATE = re.compile(rb"^date[ \t]*:", re.I | re.M)
 _TLS_REQUIRED_NO = re.compile(rb"^tls-required[ \t]*:[ \t]*no[ \t]*\r?$", re.I | re.M)
 _UNSAFE = re.compile(r"[^\x21-\x7e]")
+LANE_HEADER = "X-Txmta-Lane"
+CONTROL_FIELDS = (deadline.EXPIRES_HEADER.lower(), LANE_HEADER.lower())
+_CONTROL_FIELD = re.compile(rb"^x-txmta-(?:expires|lane)[ \t]*:", re.I | re.M)
 MAX_HEADER_SCAN = 1024 * 1024   # past this, the header section is passed on unchanged
+
+
+def take_fields(header: bytes, names: tuple[str, ...]) -> tuple[bytes, dict[str, str]]:
+    """`header` (a header section, CRLF or LF lines) without the fields called `names`
+    (lower-case), and the first value of each of them, unfolded and stripped."""
+    kept: list[bytes] = []
+    found: dict[str, str] = {}
+    field: list[bytes] = []
+
+    def end_field() -> None:
+        if not field:
+            return
+        name, _, value = field[0].partition(b":")
+        key = name.strip().decode("ascii", "replace").lower()
+        if key in names:
+            text = b"".join(field)[len(name) + 1:].decode("utf-8", "replace")
+            found.setdefault(key, " ".join(text.split()))
+        else:
+            kept.extend(field)
+        field.clear()
+
+    for line in header.splitlines(keepends=True):
+        if line[:1] not in (b" ", b"\t"):
+            end_field()
+        field.append(line)
+    end_field()
+    return b"".join(kept), found
 
 
 def rfc5322_date(when: float) -> str:
@@ -157,6 +198,7 @@ class Intake:
         self._head = b""
         if header and not header.endswith(b"\n"):
             header += b"\r\n"
+        header = self._controls(header)
         missing = self._missing(header)
         if self._signed_head:
             separator = (2 if rest.startswith(b"\r\n") else 1) if blank else 2
@@ -168,6 +210,28 @@ class Intake:
         self._signed_head += header
         self._body_start = self.body.size + separator_end
         self._keys = self._signer.keys_for(header)
+
+    def _controls(self, header: bytes) -> bytes:
+        """The header section without our control fields, whose values are noted."""
+        if not _CONTROL_FIELD.search(header):
+            return header
+        header, found = take_fields(header, CONTROL_FIELDS)
+        self.lane_request = found.get(LANE_HEADER.lower(), self.lane_request)
+        value = found.get(deadline.EXPIRES_HEADER.lower())
+        if value is None:
+            return header
+        if not self.session.trusted:
+            log.info("{id}: {field} from an untrusted client ignored", id=self.message_id,
+                     field=deadline.EXPIRES_HEADER)
+            return header
+        try:
+            when = deadline.parse_expires(value, self.arrival)
+        except ValueError as e:
+            log.info("{id}: {field} ignored: {e}", id=self.message_id,
+                     field=deadline.EXPIRES_HEADER, e=e)
+            return header
+        self.expires = when if self.expires is None else min(self.expires, when)
+        return header
 
     def _missing(self, header: bytes) -> bytes:
         """The header fields to add (Message-ID, Date); notes what the header section says."""
@@ -194,10 +258,16 @@ class Intake:
         if self._in_header:  # the message ended inside its header section
             head, self._head = self._head, b""
             self._in_header = False
+            head = self._controls(head)
             missing = self._missing(head)
             if self._signed_head:
                 self._choose_keys(head + missing, len(head) + len(missing))
             self.body.write(head + missing)
+        if self.expires is not None and self.expires <= self._receiver.clock.seconds():
+            log.info("{id} refused: its deadline passed before it was accepted",
+                     id=self.message_id)
+            self.body.abort()
+            return succeed(R.DEADLINE_PASSED)
         if self._keys:
             d = self._receiver.run_signing(self._sign, self._receiver.clock.seconds())
             d.addErrback(self._unsigned)
@@ -221,7 +291,7 @@ class Intake:
         if not self.lane:
             session = self.session
             self.lane = lanes.select(
-                header=self.lane_request, trusted=self._receiver.trusted(session),
+                header=self.lane_request, trusted=session.trusted,
                 token_lane=self.token_lane, stream=self.labels.stream,
                 user=session.auth_user or "",
                 listener_lane=self._receiver.listener_lanes.get(session.listener, ""))
@@ -269,11 +339,9 @@ class Receiver:
 
     def __init__(self, queue: IntakeQueue, hostname: str, clock: IReactorTime, signer: Any = None,
                  run_signing: Callable[..., Deferred[Any]] | None = None, *,
-                 lanes: Lanes | None = None, listener_lanes: dict[str, str] | None = None,
-                 trusted: Callable[[Session], bool] | None = None) -> None:
+                 lanes: Lanes | None = None, listener_lanes: dict[str, str] | None = None) -> None:
         self.lanes = lanes              # None: every message in the default lane, priority 0
         self.listener_lanes = listener_lanes or {}    # listen address -> its `lane`
-        self.trusted = trusted or (lambda session: False)   # may it choose a lane by header?
         self.queue = queue
         self.hostname = hostname
         self.clock = clock

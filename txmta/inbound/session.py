@@ -18,6 +18,13 @@ class Session:
     tls_bits: int | None = None
     auth_user: str | None = None
     api_token: str | None = None       # the HTTP API: the token's name (then helo is None)
+    relay_client: bool = False         # the client's address is in relay.networks
+
+    @property
+    def trusted(self) -> bool:
+        """Whether the client may give the X-Txmta-* control header fields: authenticated
+        (SMTP AUTH or an API token) or in relay.networks."""
+        return self.relay_client or self.auth_user is not None or self.api_token is not None
 
     @property
     def tls(self) -> bool:
