@@ -420,7 +420,10 @@ class Queue:
         states = tuple(RecipientState(QUEUED, 0, now) for _ in env.recipients)
         stored = StoredMessage(dsn_id, env, now, len(report), states,
                                {"address": "", "helo": "", "listener": "dsn", "dsn_for": m.id},
-                               header_id=f"<{dsn_id}@{self.hostname}>")
+                               header_id=f"<{dsn_id}@{self.hostname}>",
+                               # in the default lane, with its priority in the due order
+                               lane=self.lanes.default,
+                               priority=self.lanes.get(self.lanes.default).priority)
         return stored, report
 
     def _due(self, message: StoredMessage | None, new: Sequence[StoredMessage] = ()) -> None:
