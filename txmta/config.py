@@ -32,6 +32,8 @@ from typing import Any, Callable
 from txmta.hostport import split_host_port  # noqa: E402,F401 (also public here)
 from txmta.lanes import DSN_POLICIES, Lane, Lanes
 
+ShapingRule = Any    # txmta.outbound.shaping.Rule (imported where used: config stays light)
+
 DEFAULT_PATH = "/etc/txmta/txmta.toml"
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -352,6 +354,18 @@ def _lane_name(value: Any) -> str:
     return text
 
 
+def _mx_suffix(value: Any) -> str:
+    text = _string(value).strip().lower().rstrip(".")
+    if not re.fullmatch(r"\.?[a-z0-9-]+(\.[a-z0-9-]+)*", text):
+        raise ValueError("must be a host name suffix, e.g. \".google.com\"")
+    return text if text.startswith(".") else "." + text
+
+
+def _rate(value: Any) -> float:
+    from txmta.outbound.shaping import parse_rate
+    return parse_rate(_string(value))
+
+
 def _fraction(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError("must be a number between 0 and 1, e.g. 0.5")
@@ -411,6 +425,16 @@ _TABLE: dict[str, dict[str, _Key]] = {
         "streams": _Key([], _list_of(_string)),
         "users": _Key([], _list_of(_string)),
     },
+    "shaping": {
+        "name": _Key(_MISSING, _lane_name),
+        "mx": _Key(_MISSING, _list_of(_mx_suffix, non_empty=True)),
+        "connections": _Key(0, _integer(0)),             # 0 = no limit of its own
+        "messages_per_connection": _Key(0, _integer(0)),
+        "rate": _Key("", _rate),                          # "100/m", "3600/h"; "" = none
+        "recipients_per_message": _Key(0, _integer(0)),
+        "cooldown": _Key("1m", _duration(positive=True)),
+        "max_cooldown": _Key("1h", _duration(positive=True)),
+    },
     "intake": {
         "dedupe_window": _Key("24h", _duration()),     # "0" = off
     },
@@ -469,6 +493,7 @@ _TABLE: dict[str, dict[str, _Key]] = {
         "idle_timeout": _Key("30s", _duration()),
         "connect_timeout": _Key("30s", _duration(positive=True)),
         "max_inflight": _Key(1000, _integer(1)),
+        "shaping": _Key("", _optional_path),             # a file of [[shaping]] tables
         "smtp_port": _Key(25, _integer(1, 65535)),
     },
     "retry": {
@@ -508,7 +533,7 @@ _TABLE: dict[str, dict[str, _Key]] = {
     },
 }
 _DEFAULT_LISTEN: list[dict[str, Any]] = [{"address": "127.0.0.1:25", "tls": "starttls"}]
-_ARRAYS = ("listen", "dkim", "http", "webhook", "lane")
+_ARRAYS = ("listen", "dkim", "http", "webhook", "lane", "shaping")
 
 
 def _default(section: str, key: str) -> Any:
@@ -605,6 +630,7 @@ class DeliveryConfig:
     connect_timeout: float = _default("delivery", "connect_timeout")
     max_inflight: int = _default("delivery", "max_inflight")
     smtp_port: int = _default("delivery", "smtp_port")
+    shaping: str | None = None                          # a file of [[shaping]] tables
 
 
 @dataclass(frozen=True)
@@ -704,6 +730,7 @@ class Config:
     api: ApiConfig = field(default_factory=ApiConfig)
     webhooks: tuple[WebhookConfig, ...] = ()
     lanes: Lanes = field(default_factory=Lanes)
+    shaping: tuple[ShapingRule, ...] = ()
     intake: IntakeConfig = field(default_factory=IntakeConfig)
 
 
@@ -758,21 +785,7 @@ def _build(doc: dict[str, Any], path: str | None) -> Config:
             raise bad(name, value, f"must be a table, written [{name}]")
 
     def section(name: str, table: dict[str, Any], prefix: str) -> dict[str, Any]:
-        keys = _TABLE[name]
-        for k in table:
-            if k not in keys:
-                raise bad(f"{prefix}.{k}", table[k], "unknown key (known: " + ", ".join(keys) + ")")
-        out = {}
-        for k, spec in keys.items():
-            given = k in table
-            raw = table[k] if given else spec.default
-            if raw is _MISSING:
-                raise bad(f"{prefix}.{k}", _MISSING, "required")
-            try:
-                out[k] = spec.convert(raw)
-            except ValueError as e:
-                raise bad(f"{prefix}.{k}", raw, str(e)) from None
-        return out
+        return _section(name, table, prefix, bad)
 
     s = {name: section(name, doc.get(name, {}), name) for name in _TABLE if name not in _ARRAYS}
     if not s["server"]["hostname"]:
@@ -890,7 +903,47 @@ def _build(doc: dict[str, Any], path: str | None) -> Config:
 
     return Config(path, server, tuple(listeners), tls, auth, relay, spool, delivery, retry,
                   dns, log, dsn_cfg, suppression, history, bounce, tuple(dkim_keys), signing,
-                  tuple(http), api, tuple(webhooks), lanes, intake)
+                  tuple(http), api, tuple(webhooks), lanes,
+                  _shaping(doc.get("shaping", []), delivery.shaping, bad), intake)
+
+
+def _shaping(entries: list[dict[str, Any]], file: str,
+             bad: Callable[[str, Any, str], ConfigError]) -> tuple[ShapingRule, ...]:
+    """The [[shaping]] tables of the configuration, then those of `delivery.shaping`'s file
+    that the configuration does not name (its own tables win)."""
+    from txmta.outbound.shaping import Rule
+    rules: list[Rule] = []
+
+    def add(table: dict[str, Any], prefix: str, bad_here: Callable[..., ConfigError]) -> None:
+        v = _section("shaping", table, prefix, bad_here)
+        if any(r.name == v["name"] for r in rules):
+            if bad_here is bad:
+                raise bad_here(f"{prefix}.name", v["name"], "listed twice")
+            return      # the configuration's own rule of this name wins
+        rules.append(Rule(v["name"], tuple(v["mx"]), v["connections"],
+                          v["messages_per_connection"], v["rate"],
+                          v["recipients_per_message"], v["cooldown"], v["max_cooldown"]))
+
+    for i, entry in enumerate(entries):
+        add(entry, f"shaping[{i}]", bad)
+    if file:
+        try:
+            with open(file, "rb") as f:
+                doc = tomllib.load(f)
+        except OSError as e:
+            raise bad("delivery.shaping", file, f"cannot read: {e.strerror or e}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise bad("delivery.shaping", file, f"TOML syntax error: {e}") from None
+        unknown = [k for k in doc if k != "shaping"]
+        if unknown or not isinstance(doc.get("shaping", []), list):
+            raise ConfigError.bad_value(file, unknown[0] if unknown else "shaping", _MISSING,
+                                        "a shaping file holds only [[shaping]] tables")
+
+        def bad_in_file(key: str, value: Any, reason: str) -> ConfigError:
+            return ConfigError.bad_value(file, key, value, reason)
+        for i, entry in enumerate(doc.get("shaping", [])):
+            add(entry, f"shaping[{i}]", bad_in_file)
+    return tuple(rules)
 
 
 def _lanes(entries: list[dict[str, Any]] | None, section: Callable[..., dict[str, Any]],
@@ -912,6 +965,27 @@ def _lanes(entries: list[dict[str, Any]] | None, section: Callable[..., dict[str
         lanes.append(Lane(v["name"], v["priority"], v["share"], v["deadline"] or None, v["dsn"],
                           v["retry"] or None, v["streams"], v["users"]))
     return Lanes(lanes)
+
+
+def _section(name: str, table: Any, prefix: str, bad: Callable[..., ConfigError]
+             ) -> dict[str, Any]:
+    """The keys of one table of section `name` (named `prefix` in errors), converted."""
+    keys = _TABLE[name]
+    if not isinstance(table, dict):
+        raise bad(prefix, table, f"must be a table, written [[{name}]]")
+    for k in table:
+        if k not in keys:
+            raise bad(f"{prefix}.{k}", table[k], "unknown key (known: " + ", ".join(keys) + ")")
+    out = {}
+    for k, spec in keys.items():
+        raw = table[k] if k in table else spec.default
+        if raw is _MISSING:
+            raise bad(f"{prefix}.{k}", _MISSING, "required")
+        try:
+            out[k] = spec.convert(raw)
+        except ValueError as e:
+            raise bad(f"{prefix}.{k}", raw, str(e)) from None
+    return out
 
 
 def _check_readable(file: str, bad: Callable[[str], ConfigError]) -> None:

@@ -175,6 +175,8 @@ class Dispatcher:
                 now = self.clock.seconds()
                 for g, classes in enumerate(self.groups):   # highest priority first
                     room = self.max_inflight - self._busy[g]
+                    if not self._running:
+                        break
                     if room <= 0:
                         continue    # a finishing attempt of this group wakes us
                     batch = min(room, 500)
@@ -192,8 +194,9 @@ class Dispatcher:
                 if nxt is not None:
                     self.wake(nxt)
         except Exception:
-            log.failure("dispatch scan failed; retrying in 5 s")
-            self.wake(self.clock.seconds() + 5)
+            if self._running:
+                log.failure("dispatch scan failed; retrying in 5 s")
+                self.wake(self.clock.seconds() + 5)
         finally:
             self._scanning = False
         if self._again:

@@ -5,8 +5,8 @@ Pure: no I/O.  An attempt yields, per recipient, `Delivered`, `TempFailed` or `P
 at some stage of a session into a `Verdict` that says everything delivery needs: the outcome
 kind; whether to try the next MX host, or another transaction on the same host; whether the
 failure is the destination's (so its queued mail waits for the destination's retry, not each
-message separately); whether the reply is greylisting and how long it asked us to wait; and
-its bounce category.  `Verdict.outcome()` makes the outcome value from it.  Nothing else
+message separately); whether the reply is greylisting and how long it asked us to wait; whether it asks us to
+slow down (per-provider shaping backs off: outbound/shaping.py); and its bounce category.  `Verdict.outcome()` makes the outcome value from it.  Nothing else
 interprets a reply: the queue, the retry arithmetic and the dispatcher read these values.
 
 The rules follow RFC 5321 4.2.1 and 4.5.4.1 and Postfix's smtp_trouble.c: a failure to
@@ -112,6 +112,7 @@ class Verdict:
     greylisted: bool = False       # greylisting: retry once after retry_after
     retry_after: float | None = None   # seconds the reply asked us to wait, if it said
     category: str = ""             # bounce category of a failure; "" when delivered
+    slow_down: bool = False        # the server asks us to send more slowly (shaping.py)
 
     def outcome(self, reply: Reply, stage: str, host: str = "", address: str = "",
                 tls: str = "", remote_dsn: bool = False) -> Outcome:
@@ -139,10 +140,12 @@ def classify(reply: Reply, stage: str, last_mx: bool = True,
     greylisted = retry_after is not None
     if kind is TempFailed and not greylisted:
         retry_after = _named_delay(reply.text, _ASKED_WAIT)
+    category = rules.category(reply, stage)
     return Verdict(kind, next_mx, site_failure,
                    next_transaction=stage == RCPT and reply.code == 452,
                    greylisted=greylisted, retry_after=retry_after,
-                   category=rules.category(reply, stage))
+                   category=category,
+                   slow_down=kind is TempFailed and not greylisted and _slow_down(reply, category))
 
 
 def _kind(reply: Reply, stage: str, last_mx: bool) -> tuple[type, bool, bool]:
@@ -229,6 +232,19 @@ def _greylisting(reply: Reply) -> float | None:
     if reply.code in _GREYLISTING_CODES and reply.stated_enhanced in _GREYLISTING_ENHANCED:
         return _named_delay(reply.text, _ASKED_WAIT)
     return None
+
+
+# "Slow down": a 421/451 with 4.7.0 (Yahoo's TSS04, Microsoft's throttling) or 4.7.28
+# (Gmail's rate limit), or any temporary failure the bounce rules call rate-limited ("rate
+# limited", "too many connections", "server busy", X.4.5 congestion).
+_SLOW_DOWN_ENHANCED = frozenset({"4.7.0", "4.7.28"})
+
+
+def _slow_down(reply: Reply, category: str) -> bool:
+    from txmta.categories import RATE_LIMITED
+    if category == RATE_LIMITED:
+        return True
+    return reply.code in (421, 451) and reply.stated_enhanced in _SLOW_DOWN_ENHANCED
 
 
 def _named_delay(text: str, pattern: re.Pattern[str]) -> float | None:

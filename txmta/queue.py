@@ -89,6 +89,7 @@ class Queue:
         # no two workers share a partition, so no two make the same event id
         self.event_ids = E.EventIds(min(partitions))
         self.events = events or E.EventStream()
+        self._status_parts: dict[str, Callable[[], Any]] = {}   # add_status
         self.schedule = tuple(schedule)
         self.max_lifetime = max_lifetime
         self.jitter = jitter
@@ -512,4 +513,15 @@ class Queue:
         return count
 
     def status(self) -> Deferred[dict[str, Any]]:
-        return self.spool.count().addCallback(lambda n: {"messages": n})
+        """The message count, and what the parts added with `add_status` report."""
+        def build(n: int) -> dict[str, Any]:
+            out: dict[str, Any] = {"messages": n}
+            for name, report in self._status_parts.items():
+                out[name] = report()
+            return out
+        return self.spool.count().addCallback(build)
+
+    def add_status(self, name: str, report: Callable[[], Any]) -> None:
+        """Put `report()` (JSON-able) under `name` in `status()`: delivery's parts
+        (per-provider shaping, relayhost circuits) are not the queue's, but status asks it."""
+        self._status_parts[name] = report

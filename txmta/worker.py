@@ -121,6 +121,7 @@ def build_delivery(cfg: C.Config, reactor: Any, queue: Queue,
     from txmta.outbound.client import ClientSettings
     from txmta.outbound.deliverer import Deliverer
     from txmta.outbound.dns import Resolver, parse_nameserver
+    from txmta.outbound.shaping import Shaper
     from txmta.outbound.pool import ConnectionPool
     from txmta.outbound.route import Router
     from txmta.outbound.tlspolicy import MayFallback
@@ -150,14 +151,18 @@ def build_delivery(cfg: C.Config, reactor: Any, queue: Queue,
         return tls_policy.client_settings(key.tls, key.mx, base, connect.plaintext(key))
 
     connect = MayFallback(reactor, Connector(reactor, settings_for, d.connect_timeout, metrics))
+    shaper = Shaper(cfg.shaping, reactor.seconds, metrics=metrics) if cfg.shaping else None
+    if shaper is not None:
+        queue.add_status("providers", shaper.status)
     pool = ConnectionPool(reactor, connect,
                           per_destination=d.max_per_destination, total=d.max_connections,
                           max_messages_per_connection=d.max_messages_per_connection,
                           idle_timeout=d.idle_timeout,
-                          initial_per_destination=d.initial_per_destination, lanes=cfg.lanes)
+                          initial_per_destination=d.initial_per_destination, lanes=cfg.lanes,
+                          shaper=shaper)
     deliverer = Deliverer(router, pool, helo=helo, source=d.source_address,
                           tls_level="may", relay_tls=d.relayhost_tls, tls_policy=tls_policy,
-                          rules=Classifier(extra=cfg.bounce.rules))
+                          rules=Classifier(extra=cfg.bounce.rules), shaper=shaper)
     dispatcher = Dispatcher(queue, deliverer, reactor, max_inflight=d.max_inflight,
                             metrics=metrics, lanes=cfg.lanes)
     queue.events.subscribe(dispatcher.heard, *Dispatcher.HEARS)
@@ -313,7 +318,7 @@ def share(value: int, workers: int) -> int:
 def divide_limits(cfg: C.Config, workers: int) -> C.Config:
     """`cfg` with the limits that hold for the whole daemon divided among `workers`:
     [server] max_connections; [delivery] max_per_destination, initial_per_destination,
-    max_connections, max_inflight.
+    max_connections, max_inflight; each [[shaping]] rule's connections and rate.
 
     Not [server] max_connections_per_ip: each worker holds it for its own connections.  The
     kernel gives a new connection to whichever worker accepts first, so one client's
@@ -329,7 +334,10 @@ def divide_limits(cfg: C.Config, workers: int) -> C.Config:
         initial_per_destination=share(d.initial_per_destination, workers),
         max_connections=share(d.max_connections, workers),
         max_inflight=share(d.max_inflight, workers))
-    return dataclasses.replace(cfg, server=server, delivery=delivery)
+    shaping = tuple(dataclasses.replace(
+        rule, connections=share(rule.connections, workers) if rule.connections else 0,
+        rate=rule.rate / workers) for rule in cfg.shaping)
+    return dataclasses.replace(cfg, server=server, delivery=delivery, shaping=shaping)
 
 
 def family_of(host: str) -> int:
@@ -369,7 +377,8 @@ def build(cfg: C.Config, reactor: Any, *, worker: int = 0, workers: int = 1,
         M.prepare_directory(metrics_dir)
     M.setup_multiprocess(metrics_dir, worker)
     metrics = M.Metrics(listeners=M.listener_labels(cfg.listen, cfg.http),
-                        endpoints=M.API_ENDPOINTS, lanes=[lane.name for lane in cfg.lanes])
+                        endpoints=M.API_ENDPOINTS, lanes=[lane.name for lane in cfg.lanes],
+                        providers=[rule.name for rule in cfg.shaping])
     # the partitions this worker takes new ids from and delivers
     owned_partitions = partition.owned(worker, workers)
     tls = None

@@ -30,6 +30,7 @@ from txmta.categories import Classifier
 from txmta.message import Envelope
 from txmta.outbound.pool import PoolKey
 from txmta.outbound.route import Route, Unroutable
+from txmta.outbound.shaping import Shaper
 from txmta.outbound.tlspolicy import opportunistic
 from txmta.reply import Reply
 
@@ -47,9 +48,10 @@ class AttemptResult:
 class Deliverer:
     def __init__(self, router: Any, pool: Any, *, helo: str, source: str = "",
                  tls_level: str = "may", relay_tls: str = "may", tls_policy: Any = None,
-                 rules: Classifier | None = None) -> None:
+                 rules: Classifier | None = None, shaper: Shaper | None = None) -> None:
         self.router = router
         self.pool = pool
+        self.shaper = shaper           # per-provider shaping (shaping.py), or None
         self.rules = rules             # the bounce categories ([[bounce.rules]]); None: defaults
         self.tls_policy = tls_policy   # None: the fixed levels below
         self.helo = helo
@@ -113,8 +115,11 @@ class Deliverer:
                           self.source, self.helo, lane)
             undecided: list[int] = []
             todo = pending
+            per = MAX_RCPTS_PER_TRANSACTION
+            if self.shaper is not None:
+                per = self.shaper.recipients_per_message(hop.mx, per)
             while todo:
-                batch, todo = todo[:MAX_RCPTS_PER_TRANSACTION], todo[MAX_RCPTS_PER_TRANSACTION:]
+                batch, todo = todo[:per], todo[per:]
                 rcpts = [envelope.recipients[i] for i in batch]
                 result = yield self.pool.transaction(key, envelope, rcpts, body)
                 retry_here, next_hop, decided, batch_site = self._decide(result, batch, last)
@@ -146,6 +151,7 @@ class Deliverer:
         decided: dict[int, O.Outcome] = {}
         site: Reply | None = None
         failure = result.failure
+        slowed = False
         for pos, i in enumerate(batch):
             rcpt_reply = result.rcpt_replies[pos] if pos < len(result.rcpt_replies) else None
             if rcpt_reply is not None and not rcpt_reply.positive:
@@ -157,6 +163,11 @@ class Deliverer:
             else:
                 reply, stage = Reply(451, "4.4.2", "no reply after the message"), O.DOT
             verdict = O.classify(reply, stage, last, self.rules)
+            if verdict.slow_down and self.shaper is not None and not slowed:
+                provider = self.shaper.provider(result.host or "")
+                slowed = self.shaper.slow_down(
+                    result.host or "", reply,
+                    self.pool.provider_connections(provider) if provider else 0)
             if verdict.next_mx:
                 next_hop.append(i)
                 continue
