@@ -11,7 +11,7 @@ from twisted.internet.task import Clock
 
 from txmta import config
 from txmta import outcome as O
-from txmta.outbound.pool import ConnectionPool, PoolKey
+from txmta.outbound.pool import ConnectionPool
 from txmta.outbound.shaping import MIN_FACTOR, Backoff, Rule, Shaper, parse_rate
 from txmta.reply import Reply
 
