@@ -171,21 +171,20 @@ class Dispatcher:
             more = True
             while self._running and more:
                 self._again = False
-                more = False
                 now = self.clock.seconds()
-                for g, classes in enumerate(self.groups):   # highest priority first
-                    room = self.max_inflight - self._busy[g]
+                # one read for every group with room, highest priority first
+                batches = [min(max(0, self.max_inflight - busy), 500) for busy in self._busy]
+                if not any(batches):
+                    break       # every group is full: a finishing attempt wakes us
+                found = yield self.queue.due_groups(now, list(zip(self.groups, batches)),
+                                                    exclude=self.inflight)
+                for g, messages in enumerate(found):
                     if not self._running:
                         break
-                    if room <= 0:
-                        continue    # a finishing attempt of this group wakes us
-                    batch = min(room, 500)
-                    messages = yield self.queue.due(now, batch, exclude=self.inflight,
-                                                    classes=classes)
                     for m in messages:
                         self._start(m, now, g)
-                    more = more or len(messages) >= batch
-                more = more or self._again
+                more = self._again or any(
+                    batch and len(messages) >= batch for batch, messages in zip(batches, found))
             open_groups = [c for g, c in enumerate(self.groups)
                            if self._busy[g] < self.max_inflight]
             if self._running and open_groups:

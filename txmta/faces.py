@@ -53,6 +53,9 @@ class DeliveryQueue(Protocol):
     def due(self, now: float, limit: int, exclude: Iterable[str] = (),
             classes: Collection[int] | None = None) -> "Deferred[list[StoredMessage]]": ...
 
+    def due_groups(self, now: float, groups: Sequence[tuple[Collection[int], int]],
+                   exclude: Iterable[str] = ()) -> "Deferred[list[list[StoredMessage]]]": ...
+
     def next_due(self, exclude: Iterable[str] = (), classes: Collection[int] | None = None
                  ) -> "Deferred[float | None]": ...
 

@@ -222,6 +222,11 @@ class Queue:
         then time (lanes.due_class)."""
         return self.spool.load_due(now, limit, frozenset(exclude), classes)
 
+    def due_groups(self, now: float, groups: Sequence[tuple[Collection[int], int]],
+                   exclude: Iterable[str] = ()) -> Deferred[list[list[StoredMessage]]]:
+        """`due` for each (classes, limit) of `groups`, in one read of the spool."""
+        return self.spool.load_due_groups(now, groups, frozenset(exclude))
+
     def next_due(self, exclude: Iterable[str] = (), classes: Collection[int] | None = None
                  ) -> Deferred[float | None]:
         return self.spool.next_due(frozenset(exclude), classes)

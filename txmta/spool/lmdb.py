@@ -939,6 +939,21 @@ class LmdbSpool(HookDeliveries):
             return load_messages(txn, self._db, ids, limit)
         return self._submit(_Op(fn, read=True))
 
+    def load_due_groups(self, now: float, groups: Sequence[tuple[Collection[int], int]],
+                        exclude: set[str] | frozenset[str] = frozenset()
+                        ) -> Deferred[list[list[StoredMessage]]]:
+        """`load_due` for several groups of classes, each with its own limit, in one read."""
+        def fn(txn: Any) -> list[list[StoredMessage]]:
+            skip = set(exclude)
+            out = []
+            for classes, limit in groups:
+                found = load_messages(txn, self._db, (mid for _, mid in self._due_ids(
+                    txn, now, skip, classes)), limit) if limit > 0 else []
+                skip.update(m.id for m in found)
+                out.append(found)
+            return out
+        return self._submit(_Op(fn, read=True))
+
     def next_due(self, exclude: set[str] | frozenset[str] = frozenset(),
                  classes: Collection[int] | None = None) -> Deferred[float | None]:
         """The earliest due time of a recipient of `classes` (all if None) whose message is

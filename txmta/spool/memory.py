@@ -348,6 +348,18 @@ class MemorySpool:
         return succeed([self.messages[mid] for _, mid in
                         islice(self._due_ids(now, exclude, classes), limit)])
 
+    def load_due_groups(self, now: float, groups: Sequence[tuple[Collection[int], int]],
+                        exclude: set[str] | frozenset[str] = frozenset()
+                        ) -> Deferred[list[list[StoredMessage]]]:
+        skip = set(exclude)
+        out = []
+        for classes, limit in groups:
+            found = [self.messages[mid] for _, mid in
+                     islice(self._due_ids(now, skip, classes), max(0, limit))]
+            skip.update(m.id for m in found)
+            out.append(found)
+        return succeed(out)
+
     def next_due(self, exclude: set[str] | frozenset[str] = frozenset(),
                  classes: Collection[int] | None = None) -> Deferred[float | None]:
         times = [when for klass, when, mid, _ in self._due
