@@ -121,6 +121,7 @@ def build_delivery(cfg: C.Config, reactor: Any, queue: Queue,
     from txmta.outbound.client import ClientSettings
     from txmta.outbound.deliverer import Deliverer
     from txmta.outbound.dns import Resolver, parse_nameserver
+    from txmta.outbound.ippool import Source, SourceSelector
     from txmta.outbound.pool import ConnectionPool
     from txmta.outbound.route import Router
     from txmta.outbound.tlspolicy import MayFallback
@@ -155,9 +156,11 @@ def build_delivery(cfg: C.Config, reactor: Any, queue: Queue,
                           max_messages_per_connection=d.max_messages_per_connection,
                           idle_timeout=d.idle_timeout,
                           initial_per_destination=d.initial_per_destination, lanes=cfg.lanes)
+    # where connections come from: the [[pool]] addresses, else [delivery] source_address
+    sources = SourceSelector(reactor, cfg.pools, fallback=Source(d.source_address, helo))
     deliverer = Deliverer(router, pool, helo=helo, source=d.source_address,
                           tls_level="may", relay_tls=d.relayhost_tls, tls_policy=tls_policy,
-                          rules=Classifier(extra=cfg.bounce.rules))
+                          rules=Classifier(extra=cfg.bounce.rules), sources=sources)
     dispatcher = Dispatcher(queue, deliverer, reactor, max_inflight=d.max_inflight,
                             metrics=metrics, lanes=cfg.lanes)
     queue.events.subscribe(dispatcher.heard, *Dispatcher.HEARS)
