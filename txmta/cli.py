@@ -126,7 +126,8 @@ def _args_doctor(p: argparse.ArgumentParser) -> None:
     p.add_argument("domain", help="the sending domain (the From domain of your mail)")
     p.add_argument("--address", metavar="IP", action="append", default=[],
                    help="an address mail leaves from (repeatable; default "
-                        "delivery.source_address, else the addresses of server.hostname)")
+                        "delivery.source_address and the [[pool]] addresses, else the "
+                        "addresses of server.hostname)")
     p.add_argument("--json", action="store_true", help="print the checks as JSON")
     _args_config(p)
 
