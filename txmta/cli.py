@@ -93,8 +93,27 @@ def check_config(args: argparse.Namespace) -> int:
             TokenStore(cfg.api.tokens, time.time)
         except TokenFileError as e:
             raise CommandFailed(f"{args.file}: api.tokens = \"{cfg.api.tokens}\": {e}") from None
+    _check_source_addresses(cfg, args.file)
     print(f"{args.file}: OK")
     return 0
+
+
+def _check_source_addresses(cfg: config.Config, file: str) -> None:
+    """Every source address (delivery.source_address, the [[pool]] addresses) is one of this
+    host's: a connection can be bound to it."""
+    import socket
+    wanted = [("delivery.source_address", cfg.delivery.source_address)] if (
+        cfg.delivery.source_address) else []
+    wanted += [(f"pool[{n}].addresses", a.address)
+               for n, pool in enumerate(cfg.pools) for a in pool.addresses]
+    for key, address in wanted:
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as s:
+                s.bind((address, 0))
+        except OSError as e:
+            raise CommandFailed(f"{file}: {key}: {address} is not an address of this host "
+                                f"({e.strerror or e})") from None
 
 
 # -- passwd ---------------------------------------------------------------------------
