@@ -168,6 +168,20 @@ def test_check_config_error_names_key_and_exits_1(tmp_path, capsys):
     assert out.err == f'{f}: listen[0].tls = "tls13": must be one of "none", "starttls", "implicit"\n'
 
 
+def test_check_config_refuses_a_source_address_not_of_this_host(tmp_path, capsys):
+    """Pool addresses must be this host's (connections are bound to them): a loopback
+    address is, a documentation address is not, and the error names the pool."""
+    f = tmp_path / "pools.toml"
+    f.write_text('[[pool]]\nname = "main"\naddresses = [{address = "127.0.0.61"}]\n'
+                 '[[pool]]\nname = "bulk"\nlanes = ["bulk"]\n'
+                 'addresses = [{address = "192.0.2.61"}]\n')
+    assert cli.main(["check-config", str(f)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"{f}: pool[1].addresses: 192.0.2.61 is not an address of this host")
+    f.write_text('[[pool]]\nname = "main"\naddresses = [{address = "127.0.0.61"}]\n')
+    assert cli.main(["check-config", str(f)]) == 0
+
+
 def test_check_config_missing_file_exits_1(tmp_path, capsys):
     """A file that cannot be read is an error, not the defaults."""
     assert cli.main(["check-config", str(tmp_path / "nope.toml")]) == 1

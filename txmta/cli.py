@@ -93,8 +93,27 @@ def check_config(args: argparse.Namespace) -> int:
             TokenStore(cfg.api.tokens, time.time)
         except TokenFileError as e:
             raise CommandFailed(f"{args.file}: api.tokens = \"{cfg.api.tokens}\": {e}") from None
+    _check_source_addresses(cfg, args.file)
     print(f"{args.file}: OK")
     return 0
+
+
+def _check_source_addresses(cfg: config.Config, file: str) -> None:
+    """Every source address (delivery.source_address, the [[pool]] addresses) is one of this
+    host's: a connection can be bound to it."""
+    import socket
+    wanted = [("delivery.source_address", cfg.delivery.source_address)] if (
+        cfg.delivery.source_address) else []
+    wanted += [(f"pool[{n}].addresses", a.address)
+               for n, pool in enumerate(cfg.pools) for a in pool.addresses]
+    for key, address in wanted:
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as s:
+                s.bind((address, 0))
+        except OSError as e:
+            raise CommandFailed(f"{file}: {key}: {address} is not an address of this host "
+                                f"({e.strerror or e})") from None
 
 
 # -- passwd ---------------------------------------------------------------------------
@@ -126,7 +145,8 @@ def _args_doctor(p: argparse.ArgumentParser) -> None:
     p.add_argument("domain", help="the sending domain (the From domain of your mail)")
     p.add_argument("--address", metavar="IP", action="append", default=[],
                    help="an address mail leaves from (repeatable; default "
-                        "delivery.source_address, else the addresses of server.hostname)")
+                        "delivery.source_address and the [[pool]] addresses, else the "
+                        "addresses of server.hostname)")
     p.add_argument("--json", action="store_true", help="print the checks as JSON")
     _args_config(p)
 

@@ -31,6 +31,7 @@ from typing import Any, Callable
 
 from txmta.hostport import split_host_port  # noqa: E402,F401 (also public here)
 from txmta.lanes import DSN_POLICIES, Lane, Lanes
+from txmta.outbound.ippool import METHODS, IPPool, PoolAddress
 
 ShapingRule = Any    # txmta.outbound.shaping.Rule (imported where used: config stays light)
 
@@ -374,6 +375,35 @@ def _fraction(value: Any) -> float:
     return float(value)
 
 
+def _pool_addresses(value: Any) -> tuple[PoolAddress, ...]:
+    """A [[pool]]'s addresses: [{address = "192.0.2.10", helo = "mta1.example.com",
+    weight = 1}, ...]."""
+    if not isinstance(value, list) or not value or not all(isinstance(v, dict) for v in value):
+        raise ValueError('must be a non-empty array of tables, e.g. [{address = "192.0.2.10", '
+                         'helo = "mta1.example.com"}]')
+    out: list[PoolAddress] = []
+    for i, entry in enumerate(value):
+        unknown = set(entry) - {"address", "helo", "weight"}
+        if unknown:
+            raise ValueError(f"entry {i}: unknown key {sorted(unknown)[0]!r} "
+                             "(known: address, helo, weight)")
+        if "address" not in entry:
+            raise ValueError(f"entry {i}: needs address")
+        try:
+            address = _source_address(entry["address"])
+            if not address:
+                raise ValueError("must be an IP address of this host")
+            address = str(ipaddress.ip_address(address))
+            helo = _domain(entry["helo"]) if entry.get("helo", "") else ""
+            weight = _integer(1, 1000)(entry.get("weight", 1))
+        except ValueError as e:
+            raise ValueError(f"entry {i} ({_toml_repr(entry)}): {e}") from None
+        if any(a.address == address for a in out):
+            raise ValueError(f"entry {i}: address {address} listed twice")
+        out.append(PoolAddress(address, helo, weight))
+    return tuple(out)
+
+
 def _listen_address(value: Any) -> str:
     text = _string(value)
     host, _ = split_host_port(text)
@@ -437,6 +467,15 @@ _TABLE: dict[str, dict[str, _Key]] = {
     },
     "intake": {
         "dedupe_window": _Key("24h", _duration()),     # "0" = off
+    },
+    "pool": {
+        "name": _Key(_MISSING, _lane_name),
+        "addresses": _Key(_MISSING, _pool_addresses),   # [{address, helo, weight}, ...]
+        "method": _Key("round-robin", _choice(*METHODS)),
+        "lanes": _Key([], _list_of(_string)),           # selectors; none: the default pool
+        "sender_domains": _Key([], _list_of(_domain)),
+        "tokens": _Key([], _list_of(_string)),
+        "cooldown": _Key("1h", _duration(positive=True)),   # a blocked address rests this long
     },
     "http": {
         "address": _Key(_MISSING, _listen_address),
@@ -533,7 +572,7 @@ _TABLE: dict[str, dict[str, _Key]] = {
     },
 }
 _DEFAULT_LISTEN: list[dict[str, Any]] = [{"address": "127.0.0.1:25", "tls": "starttls"}]
-_ARRAYS = ("listen", "dkim", "http", "webhook", "lane", "shaping")
+_ARRAYS = ("listen", "dkim", "http", "webhook", "lane", "shaping", "pool")
 
 
 def _default(section: str, key: str) -> Any:
@@ -732,6 +771,7 @@ class Config:
     lanes: Lanes = field(default_factory=Lanes)
     shaping: tuple[ShapingRule, ...] = ()
     intake: IntakeConfig = field(default_factory=IntakeConfig)
+    pools: tuple[IPPool, ...] = ()          # [[pool]]: source addresses (outbound/ippool.py)
 
 
 # -- loading --------------------------------------------------------------------------
@@ -807,6 +847,7 @@ def _build(doc: dict[str, Any], path: str | None) -> Config:
     api = ApiConfig(**s["api"])
     intake = IntakeConfig(**s["intake"])
     lanes = _lanes(doc.get("lane"), section, bad)
+    pools = _pools(doc.get("pool"), section, bad, lanes)
 
     dkim_keys: list[DkimKey] = []
     for i, entry in enumerate(doc.get("dkim", [])):
@@ -904,7 +945,7 @@ def _build(doc: dict[str, Any], path: str | None) -> Config:
     return Config(path, server, tuple(listeners), tls, auth, relay, spool, delivery, retry,
                   dns, log, dsn_cfg, suppression, history, bounce, tuple(dkim_keys), signing,
                   tuple(http), api, tuple(webhooks), lanes,
-                  _shaping(doc.get("shaping", []), delivery.shaping, bad), intake)
+                  _shaping(doc.get("shaping", []), delivery.shaping, bad), intake, pools)
 
 
 def _shaping(entries: list[dict[str, Any]], file: str,
@@ -986,6 +1027,29 @@ def _section(name: str, table: Any, prefix: str, bad: Callable[..., ConfigError]
         except ValueError as e:
             raise bad(f"{prefix}.{k}", raw, str(e)) from None
     return out
+
+
+def _pools(entries: list[dict[str, Any]] | None, section: Callable[..., dict[str, Any]],
+           bad: Callable[[str, Any, str], ConfigError], lanes: Lanes) -> tuple[IPPool, ...]:
+    """The [[pool]] tables: unique names, lanes that exist, at most one default pool (the
+    one without selectors)."""
+    pools: list[IPPool] = []
+    for i, entry in enumerate(entries or []):
+        prefix = f"pool[{i}]"
+        v = section("pool", entry, prefix)
+        if any(p.name == v["name"] for p in pools):
+            raise bad(f"{prefix}.name", v["name"], "listed twice")
+        for lane in v["lanes"]:
+            if lane not in lanes:
+                raise bad(f"{prefix}.lanes", entry["lanes"], f"no [[lane]] named {lane!r} "
+                          "(known: " + ", ".join(x.name for x in lanes) + ")")
+        pool = IPPool(v["name"], v["addresses"], v["method"], tuple(v["lanes"]),
+                      tuple(v["sender_domains"]), tuple(v["tokens"]), v["cooldown"])
+        if pool.is_default and any(p.is_default for p in pools):
+            raise bad(f"{prefix}.name", v["name"], "a second pool without lanes, sender_domains "
+                      "or tokens (only one default pool)")
+        pools.append(pool)
+    return tuple(pools)
 
 
 def _check_readable(file: str, bad: Callable[[str], ConfigError]) -> None:

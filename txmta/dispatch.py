@@ -49,6 +49,12 @@ def internal_error(text: str) -> O.Outcome:
     return O.classify(reply, "").outcome(reply, "")
 
 
+def _pinned(message: StoredMessage, indices: list[int]) -> dict[int, str]:
+    """The recipients among `indices` that must be tried from a given source address (the
+    one they were greylisted from), and that address."""
+    return {i: message.recipients[i].source for i in indices if message.recipients[i].source}
+
+
 class BodyLoader:
     """Reads a message body from the spool on first use (only once a connection is ready),
     once for all the destinations of an attempt."""
@@ -261,7 +267,9 @@ class Dispatcher:
             body = BodyLoader(self.queue, message.id)
             started = self.clock.seconds()
             lane = self.lanes.name_of(message.lane)
-            attempts = [self.deliverer.deliver(message.envelope, indices, body, lane=lane)
+            token = message.client.get("token", "")     # the API token's name (IP pools)
+            attempts = [self.deliverer.deliver(message.envelope, indices, body, lane=lane,
+                                               token=token, pinned=_pinned(message, indices))
                         for _, indices in live]
             results = yield DeferredList(attempts, consumeErrors=True)
             if self.metrics is not None:

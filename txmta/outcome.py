@@ -34,6 +34,14 @@ greylisting and asks for a wait ("try again in 5 minutes", "retry after 60 secon
 limiters say) has that wait as `retry_after`.  What the retry does with them is retry.py's
 arithmetic.
 
+Blocked (`Verdict.blocked`): a failure whose text says that the sending address itself is
+refused, whatever the stage or code: a DNS block list ("Client host [192.0.2.1] blocked using
+zen.spamhaus.org", Spamcop, Barracuda, SORBS, "blocklisted", "RBL"), Microsoft's "banned
+sending IP" (S3150, S3140, 5.7.606-608), Gmail's texts about the reputation of, or unsolicited
+mail from, "your IP address", Yahoo's TSS0x deferrals.  Delivery takes that source address out
+of rotation for the provider (outbound/ippool.py).  A domain or content list (Spamhaus DBL,
+URIBL, SURBL) says nothing about the address and is not `blocked`.
+
 The category comes from the bounce rules (categories.py: the defaults, or the operator's
 `[[bounce.rules]]` passed as `rules`); it describes a failure and never changes the verdict.
 """
@@ -87,6 +95,7 @@ class TempFailed:
     greylisted: bool = False           # the reply is greylisting (RFC 6647)
     retry_after: float | None = None   # seconds the reply asked us to wait, if it said
     category: str = ""                 # bounce category (categories.CATEGORIES)
+    source: str = ""                   # our source address of the attempt ("" = the system's)
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,16 +122,18 @@ class Verdict:
     retry_after: float | None = None   # seconds the reply asked us to wait, if it said
     category: str = ""             # bounce category of a failure; "" when delivered
     slow_down: bool = False        # the server asks us to send more slowly (shaping.py)
+    blocked: bool = False          # the reply refuses our sending address (a block list)
 
     def outcome(self, reply: Reply, stage: str, host: str = "", address: str = "",
-                tls: str = "", remote_dsn: bool = False) -> Outcome:
-        """The outcome this verdict gives a recipient for `reply` at `stage` from `host`."""
+                tls: str = "", remote_dsn: bool = False, source: str = "") -> Outcome:
+        """The outcome this verdict gives a recipient for `reply` at `stage` from `host`,
+        sent from our `source` address."""
         if self.kind is Delivered:
             return Delivered(reply, host, address, tls, remote_dsn, stage)
         if self.kind is PermFailed:
             return PermFailed(reply, host, address, tls, stage, self.category)
         return TempFailed(reply, host, address, tls, stage, self.greylisted, self.retry_after,
-                          self.category)
+                          self.category, source)
 
 
 def classify(reply: Reply, stage: str, last_mx: bool = True,
@@ -145,7 +156,8 @@ def classify(reply: Reply, stage: str, last_mx: bool = True,
                    next_transaction=stage == RCPT and reply.code == 452,
                    greylisted=greylisted, retry_after=retry_after,
                    category=category,
-                   slow_down=kind is TempFailed and not greylisted and _slow_down(reply, category))
+                   slow_down=kind is TempFailed and not greylisted and _slow_down(reply, category),
+                   blocked=_blocked(reply))
 
 
 def _kind(reply: Reply, stage: str, last_mx: bool) -> tuple[type, bool, bool]:
@@ -180,6 +192,34 @@ def _default_rules() -> Classifier:
     # imported here: categories.py names its rules' stages with this module's constants
     from txmta.categories import DEFAULT_CLASSIFIER
     return DEFAULT_CLASSIFIER
+
+
+# -- the sending address blocked ----------------------------------------------------------
+
+# Texts that refuse the sending address: DNS block lists (Postfix's reject_rbl_client text
+# "Client host [192.0.2.1] blocked using zen.spamhaus.org"; Spamhaus but its domain list DBL,
+# Spamcop, Barracuda, SORBS), Microsoft ("5.7.606 Access denied, banned sending IP [192.0.2.1]",
+# "(S3150)", "(S3140)"), Gmail ("421 4.7.0 ... very low reputation of the sending IP address",
+# "unusual rate of unsolicited mail originating from your IP address"), Yahoo ("421 4.7.0
+# [TSS04] Messages from 192.0.2.1 temporarily deferred", "[TS03]").
+BLOCKED_TEXT = (r"blocked using|(?<!dbl\.)spamhaus|spamcop|barracuda|\bsorbs\b|"
+                r"\b(?:rbl|dnsbl)\b|\b(?:block|black|deny) ?list(?:ed)?\b|"
+                r"banned sending ip|\bS31[45]0\b|\bTSS?0[1-9]\b|"
+                r"reputation of (?:the |your )?(?:sending )?ip\b|"
+                r"\bip(?: address)?\b[^.]{0,40}\breputation|from your ip address")
+_BLOCKED_WORDS = re.compile(BLOCKED_TEXT, re.IGNORECASE)
+_BLOCKED_ENHANCED = frozenset({"5.7.606", "5.7.607", "5.7.608"})
+_CONTENT_LISTS = re.compile(r"\b(?:uribl|surbl)\b|dbl\.spamhaus", re.IGNORECASE)
+
+
+def _blocked(reply: Reply) -> bool:
+    """Whether a failure `reply` refuses our sending address."""
+    if reply.code < 400:
+        return False
+    if reply.stated_enhanced in _BLOCKED_ENHANCED:
+        return True
+    return (_BLOCKED_WORDS.search(reply.text) is not None
+            and _CONTENT_LISTS.search(reply.text) is None)
 
 
 # -- greylisting and asked-for waits ----------------------------------------------------------

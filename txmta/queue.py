@@ -275,11 +275,14 @@ class Queue:
                                  retry_after=outcome.retry_after,
                                  greylisted_before=old.greylisted, **kwargs)
         greylisted = old.greylisted or outcome.greylisted
+        # a greylister lets through the retry from the address it greylisted (RFC 6647)
+        source = outcome.source if outcome.greylisted and outcome.source else old.source
         if isinstance(delay, retry.Expired):
             return replace(old, state=EXPIRED, attempts=attempts, last_reply=outcome.reply,
-                           remote=remote, greylisted=greylisted)
+                           remote=remote, greylisted=greylisted, source=source)
         return replace(old, state=QUEUED, attempts=attempts, next_attempt=now + delay,
-                       last_reply=outcome.reply, remote=remote, greylisted=greylisted)
+                       last_reply=outcome.reply, remote=remote, greylisted=greylisted,
+                       source=source)
 
     def record(self, message: StoredMessage, outcomes: Mapping[int, Outcome],
                postponed: Mapping[int, tuple[float, Reply]] | None = None,

@@ -121,6 +121,7 @@ def build_delivery(cfg: C.Config, reactor: Any, queue: Queue,
     from txmta.outbound.client import ClientSettings
     from txmta.outbound.deliverer import Deliverer
     from txmta.outbound.dns import Resolver, parse_nameserver
+    from txmta.outbound.ippool import Source, SourceSelector
     from txmta.outbound.shaping import Shaper
     from txmta.outbound.pool import ConnectionPool
     from txmta.outbound.route import Router
@@ -160,9 +161,12 @@ def build_delivery(cfg: C.Config, reactor: Any, queue: Queue,
                           idle_timeout=d.idle_timeout,
                           initial_per_destination=d.initial_per_destination, lanes=cfg.lanes,
                           shaper=shaper)
+    # where connections come from: the [[pool]] addresses, else [delivery] source_address
+    sources = SourceSelector(reactor, cfg.pools, fallback=Source(d.source_address, helo))
     deliverer = Deliverer(router, pool, helo=helo, source=d.source_address,
                           tls_level="may", relay_tls=d.relayhost_tls, tls_policy=tls_policy,
-                          rules=Classifier(extra=cfg.bounce.rules), shaper=shaper)
+                          rules=Classifier(extra=cfg.bounce.rules), sources=sources,
+                          shaper=shaper)
     dispatcher = Dispatcher(queue, deliverer, reactor, max_inflight=d.max_inflight,
                             metrics=metrics, lanes=cfg.lanes)
     queue.events.subscribe(dispatcher.heard, *Dispatcher.HEARS)
