@@ -136,3 +136,41 @@ def test_a_format_3_spool_gets_its_idempotency_time_index_when_opened(open_lmdb,
     assert wait(spool.idempotent_get(b"new", 0)) == b"n"
     with spool._env.begin() as txn:
         assert txn.get(b"format", db=spool._db[b"meta"]) == b"4"
+
+
+def test_the_queue_trims_in_batches_until_none_is_left(wait):
+    """2,500 expired keys go in three spool calls of at most 1,000; the fresh one stays."""
+    from twisted.internet.task import Clock
+    from txmta.queue import Queue
+
+    spool = MemorySpool()
+    calls = []
+    trim = spool.idempotent_trim
+    spool.idempotent_trim = lambda before, limit: calls.append(limit) or trim(before, limit)
+    for i in range(2500):
+        spool.idempotent[b"k%d" % i] = (T0 + i / 1000, b"")
+    spool.idempotent[b"fresh"] = (T0 + 100, b"")
+    assert wait(Queue(spool, Clock()).idempotent_trim(T0 + 50)) == 2500
+    assert calls == [1000, 1000, 1000] and list(spool.idempotent) == [b"fresh"]
+
+
+def test_the_worker_forgets_keys_past_the_window_every_10_minutes(wait):
+    """QueueService trims the keys older than its window at each 10-minute pass."""
+    from twisted.internet.task import Clock
+    from txmta.queue import Queue
+    from txmta.worker import QueueService
+
+    clock = Clock()
+    clock.advance(T0)
+    spool = MemorySpool()
+    put(spool, wait, message(T0), Idempotency(b"k", b"v", 0))
+    service = QueueService(Queue(spool, clock), clock, retention=86400.0,
+                           idempotency_window=3600.0)
+    service.startService()
+    clock.advance(3000)                 # the 10-minute passes up to 3600 s keep it
+    assert wait(spool.idempotent_get(b"k", 0)) == b"v"
+    clock.advance(600)                  # at T0 + 3600: not older than the window yet
+    assert wait(spool.idempotent_get(b"k", 0)) == b"v"
+    clock.advance(600)
+    assert wait(spool.idempotent_get(b"k", 0)) is None
+    service.stopService()
