@@ -220,7 +220,7 @@ class Intake:
         if self.idempotency is not None:
             extra["idempotency"] = self.idempotency(self)
         elif self.session.api_token is None:    # SMTP: the duplicate check, if on
-            check = self._receiver.dedupe(self)
+            check = self._receiver.duplicate_check(self)
             if check is not None:
                 extra["idempotency"] = check
         if self.lane:
@@ -275,7 +275,7 @@ class Receiver:
     def begin(self, session: Session, envelope: Envelope) -> Intake:
         return Intake(self, session, envelope)
 
-    def dedupe(self, intake: Intake) -> Idempotency | None:
+    def duplicate_check(self, intake: Intake) -> Idempotency | None:
         """The duplicate-check key an SMTP message is put with (None: not checked)."""
         if not intake.own_header_id:
             return None
