@@ -558,15 +558,15 @@ class LmdbSpool(HookDeliveries):
     def _write_idempotent(self, txn: Any, idempotency: Idempotency, when: float) -> None:
         """Store an idempotency key with its time index entry; AlreadySubmitted if the key
         holds a result stored at or after its `not_before` (an older one is replaced)."""
-        db = self._db[b"idempotency"]
-        found = txn.get(idempotency.key, db=db)
-        if found is not None:
-            stored, result = decode_idempotent(bytes(found))
+        db, key = self._db[b"idempotency"], idempotency.key
+        value = encode_idempotent(when, idempotency.result)
+        if not txn.put(key, value, db=db, overwrite=False):    # one descent for a new key
+            stored, result = decode_idempotent(bytes(txn.get(key, db=db)))
             if stored >= idempotency.not_before:
-                raise AlreadySubmitted(result)
-            txn.delete(idempotent_time_key(stored, idempotency.key), db=self._db[b"idemtime"])
-        txn.put(idempotency.key, encode_idempotent(when, idempotency.result), db=db)
-        txn.put(idempotent_time_key(when, idempotency.key), b"", db=self._db[b"idemtime"])
+                raise AlreadySubmitted(result)     # the operation's transaction is aborted
+            txn.delete(idempotent_time_key(stored, key), db=self._db[b"idemtime"])
+            txn.put(key, value, db=db)
+        txn.put(idempotent_time_key(when, key), b"", db=self._db[b"idemtime"])
 
     def idempotent_get(self, key: bytes, not_before: float) -> Deferred[bytes | None]:
         """The result stored for an idempotency key at or after `not_before`, or None."""
