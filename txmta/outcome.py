@@ -176,7 +176,7 @@ def _kind(reply: Reply, stage: str, last_mx: bool) -> tuple[type, bool, bool]:
         return (PermFailed if reply.permanent else TempFailed), False, True
     if reply.code < 400:
         return Delivered, False, False
-    if stage == MAIL and reply.enhanced == "5.7.10" and not last_mx:
+    if stage == MAIL and reply.permanent and reply.enhanced == "5.7.10" and not last_mx:
         # RFC 8689 4.2.1: REQUIRETLS could not be met by this host; another MX may meet it
         return PermFailed, True, False
     if reply.permanent:

@@ -158,9 +158,16 @@ class Queue:
                 return succeed(0)
         return self.spool.hooks_replay(self.clock.seconds(), message_id, eid)
 
-    def idempotent_trim(self, before: float) -> Deferred[int]:
-        """Forget idempotency keys stored before `before` (a bounded part of them a call)."""
-        return self.spool.idempotent_trim(before)
+    @inlineCallbacks
+    def idempotent_trim(self, before: float, batch: int = 1000) -> Any:
+        """Forget idempotency keys stored before `before`, `batch` per spool transaction,
+        until none is left; fires with how many."""
+        total = 0
+        while True:
+            n = yield self.spool.idempotent_trim(before, batch)
+            total += n
+            if n < batch:
+                return total
 
     def idempotent_get(self, key: bytes, not_before: float) -> Deferred[bytes | None]:
         """What a put with this idempotency key stored at or after `not_before`, or None."""

@@ -175,8 +175,8 @@ def build_delivery(cfg: C.Config, reactor: Any, queue: Queue,
 
 class QueueService(service.Service):
     """Loads the suppression list at start; every 10 minutes forgets finished messages and
-    outbox entries past the retention, and idempotency keys of the HTTP API past their
-    window."""
+    outbox entries past the retention, and idempotency keys (the HTTP API's and the SMTP
+    intake's duplicate check, one index) past the longer of their windows."""
 
     def __init__(self, queue: Queue, reactor: Any, retention: float,
                  idempotency_window: float = 86400.0) -> None:
@@ -410,7 +410,7 @@ def build(cfg: C.Config, reactor: Any, *, worker: int = 0, workers: int = 1,
     queue.events.subscribe(metrics.heard, *M.Metrics.HEARS)
     QueueSamplerService(M.QueueSampler(metrics, reactor, spool.stats, 15.0)).setServiceParent(top)
     QueueService(queue, reactor, cfg.history.retention,
-                 cfg.api.idempotency_window).setServiceParent(top)
+                 max(cfg.api.idempotency_window, cfg.intake.dedupe_window)).setServiceParent(top)
     if cfg.webhooks:   # deliveries written with the events; sent for this worker's partitions
         from txmta.webhooks import service as webhooks
         hooks = webhooks.build(cfg, reactor, spool, metrics)
@@ -419,7 +419,8 @@ def build(cfg: C.Config, reactor: Any, *, worker: int = 0, workers: int = 1,
                                events.Suppressed)
     receiver = Receiver(queue, cfg.server.hostname, reactor, signer, run_signing,
                         lanes=cfg.lanes,
-                        listener_lanes={l.address: l.lane for l in cfg.listen if l.lane})
+                        listener_lanes={l.address: l.lane for l in cfg.listen if l.lane},
+                        dedupe_window=cfg.intake.dedupe_window, note_duplicate=maillog.duplicate)
     checker = None
     if cfg.auth.users:
         from txmta.inbound.auth import UsersFileChecker

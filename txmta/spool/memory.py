@@ -136,11 +136,14 @@ class MemorySpool:
         found = self.idempotent.get(key)
         return succeed(found[1] if found is not None and found[0] >= not_before else None)
 
-    def idempotent_trim(self, before: float, limit: int = 10000) -> Deferred[int]:
-        gone = [k for k, (when, _) in self.idempotent.items() if when < before][:limit]
-        for k in gone:
+    def idempotent_trim(self, before: float, limit: int = 1000) -> Deferred[int]:
+        """As LMDB's: oldest first (by the time index's key, µs), at most `limit`."""
+        end = time_key(before)
+        expired = sorted((time_key(when) + k, k) for k, (when, _) in self.idempotent.items()
+                         if time_key(when) < end)
+        for _, k in expired[:limit]:
             del self.idempotent[k]
-        return succeed(len(gone))
+        return succeed(len(expired[:limit]))
 
     def hooks_replay(self, now: float, message_id: str | None = None,
                      event_id: bytes | None = None) -> Deferred[int]:

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Iterator
 import lmdb
 from twisted.logger import Logger
 
-from txmta.events import id_time
+from txmta.events import id_time, time_key
 from txmta.message import Event, OutboxRecord, Search, format_message_id, RecipientState, StoredMessage, Suppression
 from txmta.lanes import due_class
 from txmta.partition import partition_of
@@ -30,13 +30,13 @@ from txmta.spool.interface import SpoolError, SpoolFormatError
 log = Logger()
 
 # 2: due keys start with the partition byte (1 had none); 3: the domains index (2 had none);
-# 4: due keys have the class byte after the partition (lanes.due_class); older formats are
-# migrated at open
-FORMAT = b"4"
+# 4: due keys have the class byte after the partition (lanes.due_class); 5: the idempotency
+# keys' time index (4 had none); older formats are migrated at open
+FORMAT = b"5"
 MAX_READERS = 512     # every worker's threads and every `txmta queue` read share the table
 DB_NAMES = (b"messages", b"bodies", b"recipients", b"due", b"events", b"meta",
             b"history", b"finished", b"msgids", b"suppression", b"cache", b"domains",
-            b"outbox", b"hooks", b"idempotency", b"lookup")
+            b"outbox", b"hooks", b"idempotency", b"lookup", b"idemtime")
 LOOKUP_RECIPIENT = b"r"
 LOOKUP_TAG = b"t"
 
@@ -160,6 +160,13 @@ def encode_idempotent(when: float, result: bytes) -> bytes:
 
 def decode_idempotent(value: bytes) -> tuple[float, bytes]:
     return struct.unpack(">d", value[:8])[0], value[8:]
+
+
+def idempotent_time_key(when: float, key: bytes) -> bytes:
+    """The time index of idempotency keys (db `idemtime`): when it was stored, in µs (8
+    bytes, big-endian, as `events.time_key`) / the key.  Trimming walks only the prefix
+    of keys older than its limit, oldest first, and decodes no value it keeps."""
+    return time_key(when) + key
 
 
 def finished_key(when: float, message_id: str) -> bytes:
@@ -290,7 +297,8 @@ class LmdbView:
                 if attempt == 19:
                     raise SpoolError(f"spool {path} kept changing size while opening")
         self._env, self._db = env, dbs
-        if found not in (None, b"1", b"2", FORMAT):   # 1 and 2 differ only in indexes not read here
+        # 1 to 4 differ only in indexes not read here
+        if found not in (None, b"1", b"2", b"3", b"4", FORMAT):
             raise SpoolFormatError(f"spool {path} has format {found!r}, expected {FORMAT!r}")
 
     def _read(self, fn: Callable[[Any], Any]) -> Any:
