@@ -626,6 +626,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as e:
         print(f"txmta-sendmail: {e}\n{USAGE}", file=sys.stderr)
         return EX_USAGE
+    # the daemon (another user, in the spool's group) must read and remove the body files
+    # this process writes: group read/write, as Postfix's postdrop leaves maildrop files
+    os.umask(0o007)
     conf = ["--config", inv.config] if inv.config else []
     if inv.mode == "p":
         return cli.main(["queue", "list", *conf])
