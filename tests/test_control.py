@@ -479,21 +479,35 @@ def test_pickup_service_listens_0666(tmp_path):
     assert isinstance(factory.buildProtocol(None), PickupProtocol)
 
 
-def test_queue_pickup_wakes_the_dispatcher_and_changes_nothing():
-    """Queue.pickup publishes Due(now): the dispatcher scans the due index."""
+def test_queue_pickup_tells_the_workers_subscribers_once_and_wakes_the_dispatcher():
+    """Queue.pickup of a message another process stored: Received once (mail log, metrics,
+    webhooks, dispatcher), Due(now) every time; an unknown id: only Due, and False."""
     from twisted.internet.task import Clock
 
     from txmta import events
+    from txmta.message import Address, Envelope, Recipient
     from txmta.queue import Queue
     from txmta.spool.memory import MemorySpool
     clock = Clock()
     clock.advance(1000)
-    queue = Queue(MemorySpool(), clock)
+    spool = MemorySpool()
+    other = Queue(spool, clock)          # the sendmail process's queue, on the same spool
+    mid = other.new_message_id()
+    body = other.body_writer(mid)
+    body.write(b"Subject: x\r\n\r\nx\r\n")
+    capture(other.put(mid, Envelope(Address("a", "example.org"),
+                                    (Recipient(Address("b", "example.net")),)),
+                      body, {"listener": "sendmail"}, 1000.0))()
+    queue = Queue(spool, clock)
     heard = []
-    queue.events.subscribe(heard.append, events.Due)
-    box = capture(queue.pickup(MID))
-    assert box() is True
-    assert [(type(e), e.at) for e in heard] == [(events.Due, 1000.0)]
+    queue.events.subscribe(heard.append, events.Due, events.Received)
+    assert capture(queue.pickup(mid))() is True
+    assert capture(queue.pickup(mid))() is True
+    assert [type(e) for e in heard] == [events.Received, events.Due, events.Due]
+    assert heard[0].message.id == mid and heard[1].at == 1000.0
+    heard.clear()
+    assert capture(queue.pickup("0152sgpCT4xP9MZ"))() is False
+    assert [type(e) for e in heard] == [events.Due]
 
 
 # -- ControlService ------------------------------------------------------------------------------

@@ -103,6 +103,11 @@ def test_daemon_up_delivers_within_seconds(daemons: Any, port: int, workers: int
         assert r.returncode == 0, r.stderr
         assert b"the daemon was told" in r.stderr
         sink.wait(lambda s: len(s.transactions) >= 1, 5, "the message at the sink")
+        qid = queue_id(r.stderr)
+        # the owner worker told its mail log, as for mail it received itself
+        wait_until(lambda: f"{qid}: received client= helo= from=<" in d.maillog(), 5,
+                   "the received line in the mail log", diagnose=d.maillog)
+        assert d.maillog().count(f"{qid}: received") == 1
     [t] = sink.snapshot()
     assert f"Subject: {tag}\r\n".encode() in t.data
     assert re.search(rb"\r\nFrom: .*@mx\.test\.invalid>?\r\n", t.data), t.data[:600]
