@@ -6,6 +6,7 @@ Bcc, a -bs dialogue, -bp and mailq, and the exit codes callers see."""
 from __future__ import annotations
 
 import os
+import pwd
 import re
 import subprocess
 import sys
@@ -180,3 +181,54 @@ def test_unwritable_spool_is_cantcreat(daemons: Any, port: int, tmp_path: Path) 
     r = sendmail(d, "rcpt@example.org", stdin=b"Subject: x\n\nx\n")
     assert r.returncode == 73, r.stderr
     assert b"writable" in r.stderr
+
+
+# (caller, argv, its message, expected sender, recipients, From field, BODY)
+CALLERS = [
+    ("php mail()", ["-t", "-i"],
+     "To: customer@example.net\nSubject: Your order\nX-PHP-Originating-Script: 33:shop.php\n"
+     "\nThanks.\n.\nStill the message: -i.\n",
+     "root@mx.test.invalid", ["customer@example.net"], None, "7BIT"),
+    ("cron", ["-FCronDaemon", "-i", "-B8BITMIME", "-oem", "root"],
+     "To: root\nSubject: Cron <root@host> backup\nContent-Type: text/plain; charset=UTF-8\n"
+     "\nbackup done \u2713\n",
+     "root@mx.test.invalid", ["root@mx.test.invalid"],
+     b"From: CronDaemon <root@mx.test.invalid>", "8BITMIME"),
+    ("git send-email", ["-i", "maintainer@example.org", "list@example.org"],
+     "From: Dev <dev@example.com>\nTo: maintainer@example.org\nCc: list@example.org\n"
+     "Subject: [PATCH] fix\nMessage-ID: <20261206.1@example.com>\n\n---\n.\n",
+     "root@mx.test.invalid", ["maintainer@example.org", "list@example.org"],
+     b"From: Dev <dev@example.com>", "7BIT"),
+]
+
+
+@pytest.mark.parametrize("caller, argv, text, sender, rcpts, from_field, body_type", CALLERS,
+                         ids=[c[0] for c in CALLERS])
+def test_real_callers_store_what_they_mean(daemons: Any, port: int, caller: str,
+                                           argv: list[str], text: str, sender: str,
+                                           rcpts: list[str], from_field: bytes | None,
+                                           body_type: str) -> None:
+    """The command lines of PHP's mail(), cron and git send-email, with the daemon down: the
+    envelope and the stored message are what the caller meant (the default sender is the
+    login of the user running the tests)."""
+    from txmta.sendmail import from_field as make_from
+    user = pwd.getpwuid(os.getuid())
+    sender = sender.replace("root@", f"{user.pw_name}@")
+    rcpts = [r.replace("root@", f"{user.pw_name}@") if caller != "cron" else r for r in rcpts]
+    if from_field is None:      # the user's full name from the password database
+        gecos = user.pw_gecos.split(",", 1)[0].strip()
+        from_field = b"From: " + make_from(sender, gecos or None).encode()
+    else:
+        from_field = from_field.replace(b"<root@", f"<{user.pw_name}@".encode())
+    d = daemons(port)
+    r = sendmail(d, "-v", *argv, stdin=text.encode())
+    assert r.returncode == 0, r.stderr
+    m, body = d.stored(queue_id(r.stderr))
+    assert str(m.envelope.sender) == sender
+    assert [str(x.address) for x in m.envelope.recipients] == rcpts
+    assert m.envelope.body == body_type
+    header = body.split(b"\r\n\r\n", 1)[0]
+    assert from_field + b"\r\n" in header + b"\r\n"
+    assert b"\r\nMessage-ID: <" in header and b"\r\nDate: " in header
+    if "\n.\n" in text:
+        assert b"\r\n.\r\n" in body          # -i: a lone dot does not end the message
