@@ -22,7 +22,7 @@ p list the queue (`txmta queue list`, as `mailq`).  Exit codes are sysexits.h's.
 Option parsing (`parse`) is pure; `read_message` and `prepare` are pure functions of the
 bytes read; the rest does I/O.  Not here: anything the daemon decides about delivery.
 """
-# test: tests/test_sendmail.py, tests/integration/test_sendmail.py
+# test: tests/test_sendmail.py, tests/integration/test_sendmail_delivery.py
 
 from __future__ import annotations
 
@@ -469,8 +469,10 @@ def submit(cfg: Any, reactor: Any, inv: Invocation, data: bytes) -> Any:
     def run() -> Any:
         try:
             targets = unique
+            found = yield submission.suppressed(unique)
+            # "drop": the queue ends them at intake, as the daemon's does, from its mirror
+            submission.queue.suppression.load(found.values())
             if cfg.suppression.action == "reject":     # as RCPT refuses them with 550
-                found = yield submission.suppressed(unique)
                 now = reactor.seconds()
                 targets = []
                 for r in unique:

@@ -232,3 +232,46 @@ def test_real_callers_store_what_they_mean(daemons: Any, port: int, caller: str,
     assert b"\r\nMessage-ID: <" in header and b"\r\nDate: " in header
     if "\n.\n" in text:
         assert b"\r\n.\r\n" in body          # -i: a lone dot does not end the message
+
+
+def suppress(d: Daemon, address: str) -> None:
+    """Put `address` on the spool's suppression list (the daemon is down)."""
+    import threading
+    import time
+
+    from txmta.message import Suppression
+    from txmta.spool.lmdb import LmdbSpool
+
+    class Immediate:
+        def callFromThread(self, f: Any, *args: Any, **kw: Any) -> None:
+            f(*args, **kw)
+
+    def wait(deferred: Any) -> Any:
+        done = threading.Event()
+        deferred.addBoth(lambda r: done.set())
+        assert done.wait(10)
+
+    d.spool_path.mkdir(parents=True, exist_ok=True)
+    spool = LmdbSpool(str(d.spool_path), Immediate())
+    now = time.time()
+    wait(spool.suppression_put([Suppression(address, "invalid-recipient", now, now + 3600)]))
+    wait(spool.close())
+
+
+@pytest.mark.parametrize("action", ["reject", "drop"])
+def test_suppressed_recipients(tmp_path: Path, port: int, action: str) -> None:
+    """As at RCPT: with "reject" a suppressed recipient is refused (said on stderr, the
+    message stored for the others; none left: exit 67); with "drop" it ends suppressed."""
+    d = make_daemon(tmp_path / "daemons", suppression={"action": action})
+    suppress(d, "gone@example.org")
+    r = sendmail(d, "-v", "gone@example.org", "ok@example.org", stdin=b"Subject: s\n\nx\n")
+    assert r.returncode == 0, r.stderr
+    m, _ = d.stored(queue_id(r.stderr))
+    states = {str(x.address): st.state for x, st in zip(m.envelope.recipients, m.recipients)}
+    if action == "reject":
+        assert b"<gone@example.org>: recipient address suppressed" in r.stderr
+        assert states == {"ok@example.org": "queued"}
+        alone = sendmail(d, "gone@example.org", stdin=b"Subject: s\n\nx\n")
+        assert alone.returncode == 67 and b"every one is suppressed" in alone.stderr
+    else:
+        assert states == {"gone@example.org": "suppressed", "ok@example.org": "queued"}
