@@ -88,6 +88,16 @@ def test_a_single_dot_ends_the_message_without_i() -> None:
     assert S.read_message(data, ignore_dots=True) == b"Subject: x\r\n\r\nline\r\n.\r\nnot read\r\n"
 
 
+def test_input_is_read_up_to_the_lone_dot_without_i() -> None:
+    """A person typing a message ends it with a lone dot: nothing after it is read."""
+    import io
+    stream = io.BytesIO(b"Subject: x\n\nline\n.\r\nnot read\n")
+    assert S.read_input(stream, False, 1 << 20) == b"Subject: x\n\nline\n.\r\n"
+    assert stream.read() == b"not read\n"
+    assert S.read_input(io.BytesIO(b"a\n.\nb\n"), True, 1 << 20) == b"a\n.\nb\n"
+    assert S.read_input(io.BytesIO(b"a\n.b\n."), False, 1 << 20) == b"a\n.b\n."
+
+
 def test_dots_are_not_unstuffed_and_crlf_is_kept() -> None:
     assert S.read_message(b"a\r\n..b\r\n.c\n", False) == b"a\r\n..b\r\n.c\r\n"
 

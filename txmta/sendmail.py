@@ -207,6 +207,25 @@ def read_message(data: bytes, ignore_dots: bool) -> bytes:
     return b"".join(line + b"\r\n" for line in out)
 
 
+def read_input(stream: Any, ignore_dots: bool, limit: int) -> bytes:
+    """Standard input as `read_message` takes it: without `ignore_dots`, line by line up to
+    and including a line holding only "." (so a person typing the message ends it there, as
+    with sendmail); otherwise up to the end.  At most about `limit` octets are read."""
+    if ignore_dots:
+        return bytes(stream.read(limit))
+    lines = []
+    size = 0
+    while size < limit:
+        line = stream.readline(65536)
+        if not line:
+            break
+        lines.append(line)
+        size += len(line)
+        if line.rstrip(b"\r\n") == b"." and line.endswith(b"\n"):
+            break
+    return b"".join(lines)
+
+
 def split_header(message: bytes) -> tuple[bytes, bytes]:
     """(header section, the rest): the header section ends before the first empty line or
     the first line that is neither a field nor a continuation; the rest keeps that line."""
@@ -649,7 +668,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise Failed(EX_CONFIG, str(e)) from None
     else:
         try:
-            data = sys.stdin.buffer.read(cfg.spool.max_message_size * 2 + 65536)
+            data = read_input(sys.stdin.buffer, inv.ignore_dots,
+                              cfg.spool.max_message_size * 2 + 65536)
         except OSError as e:
             print(f"txmta-sendmail: cannot read the message: {e}", file=sys.stderr)
             return EX_DATAERR
