@@ -460,7 +460,6 @@ def submit(cfg: Any, reactor: Any, inv: Invocation, data: bytes) -> Any:
     has printed why on stderr when it is not 0)."""
     from twisted.internet.defer import fail, inlineCallbacks
 
-    from txmta import reply as R
     from txmta import suppression as S
     login, gecos = login_name()
     try:
@@ -508,7 +507,7 @@ def submit(cfg: Any, reactor: Any, inv: Invocation, data: bytes) -> Any:
             intake.write(prepared.message)
             reply = yield intake.finish()
             if reply.code >= 400:
-                raise Failed(_exit_code(reply) if reply != R.SPOOL_FULL else EX_TEMPFAIL,
+                raise Failed(_exit_code(reply),      # 4xx (spool full, commit failed): 75
                              f"not stored: {reply.code} {reply.enhanced} {reply.text}")
             submission.stored.append(intake.message_id)
             if inv.verbose:
