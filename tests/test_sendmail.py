@@ -179,3 +179,50 @@ def test_envelope_body_type_and_smtputf8() -> None:
     assert e.recipients[0].notify == ("NEVER",)
     e = S.envelope_for(S.parse(["-B", "7bit"]), sender, [Address("zoë", "example.org")], b"x")
     assert e.body == "7BIT" and e.smtputf8
+
+
+# -- local submission through the daemon's intake ------------------------------------------
+
+def test_bs_session_is_a_trusted_local_user_who_may_relay() -> None:
+    """-bs: the daemon's ESMTP server with a local user's session (whatever address the
+    transport reports): RCPT relays without relay.networks or AUTH, the message is stored
+    "with local-esmtp" naming the user, and the control fields are honoured (trusted)."""
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
+
+    from txmta.inbound.policy import ServerPolicy
+    from txmta.inbound.receiver import Receiver
+    from txmta.queue import Queue
+    from txmta.spool.memory import MemorySpool
+    clock = Clock()
+    clock.advance(1_800_000_000)
+    spool = MemorySpool()
+    queue = Queue(spool, clock)
+    factory = S._StdioFactory(ServerPolicy(hostname="mta.test"), S.LocalListener(),
+                              Receiver(queue, "mta.test", clock), clock, local_user="alice")
+    proto = factory.buildProtocol(None)
+    transport = StringTransport()        # its peer is 10.0.0.1: not a relay client
+    proto.makeConnection(transport)
+    proto.dataReceived(b"EHLO app\r\nMAIL FROM:<app@example.org>\r\nRCPT TO:<b@example.net>\r\n"
+                       b"DATA\r\nX-Txmta-Expires: 1h\r\nSubject: s\r\n\r\nw\nx\r\n.\r\n")
+    codes = [line[:3] for line in transport.value().split(b"\r\n") if line[3:4] == b" "]
+    assert codes == [b"220", b"250", b"250", b"250", b"354", b"250"], transport.value()
+    [m] = spool.messages.values()
+    assert m.client == {"address": "", "helo": "app", "listener": "sendmail", "user": "alice"}
+    assert m.expires == 1_800_000_000 + 3600          # trusted: the deadline is taken
+    body = spool.bodies[m.id]
+    assert body.startswith(b"Received: from alice (local user)\r\n\tby mta.test (txmta) "
+                           b"with local-esmtp id " + m.id.encode())
+    assert b"X-Txmta-Expires" not in body and body.endswith(b"\r\nw\r\nx\r\n")   # bare LF made CRLF
+
+
+def test_received_header_of_a_message_read_from_standard_input() -> None:
+    from txmta.inbound.receiver import received_header
+    from txmta.inbound.session import Session
+    from txmta.message import Envelope, Recipient
+    env = Envelope(Address("a", "example.org"), (Recipient(Address("b", "example.net")),))
+    header = received_header(Session("", 0, "sendmail", local_user="bob"), env, "mta.test",
+                             "0152sgpCT4xP9MZ", 0.0)
+    assert header == (b"Received: from bob (local user)\r\n"
+                      b"\tby mta.test (txmta) with local id 0152sgpCT4xP9MZ\r\n"
+                      b"\tfor <b@example.net>; Thu, 01 Jan 1970 00:00:00 +0000\r\n")

@@ -102,6 +102,8 @@ class SMTPServer(Protocol, TimeoutMixin):
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()  # type: ignore[union-attr]
         host = getattr(peer, "host", "") or ""
+        if self.factory.local_user is not None:
+            host = ""       # a local user on standard input (txmta-sendmail -bs): no address
         ip = P.parse_ip(host)
         if ip is not None:  # one form per client: ::ffff:192.0.2.1 counts as 192.0.2.1
             host = str(ip)
