@@ -224,6 +224,10 @@ class FakeQueue:
         return self._change(message_id, lambda r, now: replace(r, state=DELETED)
                             if r.state in (QUEUED, HELD) else r, "deleted")
 
+    def pickup(self, message_id: str) -> Deferred[bool]:
+        self.events.publish(events.Due(self.clock.seconds()))
+        return succeed(True)
+
     def flush(self, message_id: str | None = None, domain: str | None = None) -> Deferred[int]:
         if message_id is not None:
             return self._change(message_id, lambda r, now: replace(r, next_attempt=now)

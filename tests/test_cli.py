@@ -460,6 +460,60 @@ def test_history_needs_a_message_id(history_conf, capsys):
     assert "empty" in capsys.readouterr().err
 
 
+def test_history_by_sender_lists_the_newest_first(history_conf, capsys):
+    """--sender (any case) finds queued and finished mail from the address, newest first."""
+    assert cli.main(["history", "--sender", "<ALICE@example.org>", "--config", history_conf]) == 0
+    out = capsys.readouterr().out
+    ids = [line.split()[0] for line in out.splitlines() if not line.startswith(" ")]
+    assert ids == ["0000AAAAAAADbcdf", FINISHED_ID, "0000AAAAAAAAbcdf"]
+    assert (f"{FINISHED_ID}  2026-11-28T07:15:23Z  finished  bounced 1, delivered 1\n"
+            "    from <alice@example.org> to bob@example.com, erin@example.com\n"
+            "    message-id: <abc@example.com>\n") in out
+    assert "0000AAAAAAAAbcdf  2026-11-28T07:14:23Z  queued  queued 1, delivered 1\n" in out
+
+
+def test_history_by_recipient_with_a_limit_and_json(history_conf, capsys):
+    assert cli.main(["history", "--recipient", "bob@example.com", "--limit", "1",
+                     "--config", history_conf]) == 0
+    assert capsys.readouterr().out.split()[0] == FINISHED_ID
+    assert cli.main(["history", "--recipient", "Bob@Example.com", "--json",
+                     "--config", history_conf]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["id"], r["finished"]) for r in rows] == [
+        (FINISHED_ID, "2026-11-28T07:15:28Z"), ("0000AAAAAAAAbcdf", None)]
+
+
+def test_history_of_an_unknown_address_says_so(history_conf, capsys):
+    assert cli.main(["history", "--recipient", "nobody@example.org", "--config", history_conf]) == 0
+    assert capsys.readouterr().out == ("no message to nobody@example.org in the queue or its "
+                                       "history\n")
+    assert cli.main(["history", "--sender", "x@y", "--recipient", "a@b",
+                     "--config", history_conf]) == 2       # one of the three, not two
+
+
+def test_queue_show_body_prints_the_stored_message_like_postcat(conf, capsys):
+    assert cli.main(["queue", "show", "0000AAAAAAAAbcdf", "--body", "--config", conf]) == 0
+    out = capsys.readouterr().out
+    envelope, _, rest = out.partition("*** MESSAGE CONTENTS 0000AAAAAAAAbcdf ***\n")
+    assert "recipient 0: bob@example.com" in envelope and "Subject: hello" not in envelope
+    assert rest == (BODY.replace(b"\r\n", b"\n").decode()
+                    + "*** END OF MESSAGE 0000AAAAAAAAbcdf ***\n")
+
+
+def test_queue_show_body_json_and_of_a_finished_message(history_conf, capsys):
+    assert cli.main(["queue", "show", "0000AAAAAAAAbcdf", "--body", "--json",
+                     "--config", history_conf]) == 0
+    assert json.loads(capsys.readouterr().out)["message"] == BODY.decode()
+    assert cli.main(["queue", "show", FINISHED_ID, "--body", "--config", history_conf]) == 1
+    assert "body is not kept" in capsys.readouterr().err
+
+
+def test_version(capsys):
+    import txmta
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out == f"txmta {txmta.__version__}\n"
+
+
 def test_header_id_forms():
     assert cli.header_id_forms("a@b") == ["<a@b>", "a@b"]
     assert cli.header_id_forms("<a@b>") == ["<a@b>", "a@b"]

@@ -8,9 +8,13 @@ and the function that runs it.  Implemented here:
     txmta doctor DOMAIN [--address IP]... [--json]   check DOMAIN's SPF, DKIM, DMARC, MX,
                                          reverse DNS, MTA-STS and TLS-RPT records in DNS
     txmta queue list [--json] [--lane L] the queue, like Postfix mailq
-    txmta queue show ID [--json]         one message, queued or finished: envelope, states,
-                                         timeline, header section
+    txmta queue show ID [--json] [--body]    one message, queued or finished: envelope,
+                                         states, timeline, header section (--body: the whole
+                                         stored message, like postcat -q)
     txmta history --message-id ID [--json]   the same, found by its Message-ID header
+    txmta history --recipient|--sender ADDR [--limit N] [--json]   the newest messages to
+                                         or from ADDR, queued or finished (lookup index)
+    txmta --version                      the version
     txmta suppression list [--all] [--json]  the suppressed addresses
     txmta queue flush [ID] [--domain D]  make deferred recipients due now
     txmta queue hold|release ID          stop / resume delivery attempts for a message
@@ -193,6 +197,9 @@ def _args_queue_show(p: argparse.ArgumentParser) -> None:
     p.add_argument("id", help="queue id (of a queued message, or a finished one still in the "
                               "history)")
     p.add_argument("--json", action="store_true", help="print the message as JSON")
+    p.add_argument("--body", action="store_true",
+                   help="print the whole stored message, header section and body, like "
+                        "postcat -q (a queued message: the body is not kept after it finished)")
     _args_config(p)
 
 
@@ -344,17 +351,53 @@ def shown_text(s: Shown) -> str:
 
 
 def _show(args: argparse.Namespace, find: Callable[[Any], str]) -> int:
-    """Print the message `find(view)` names, as text or (--json) JSON."""
+    """Print the message `find(view)` names, as text or (--json) JSON; with --body, the
+    stored message after it."""
     view = _open_view(args)
+    body: bytes | None = None
     try:
         shown = _lookup(view, find(view))
+        if getattr(args, "body", False):
+            body = _stored_body(view, shown)
     finally:
         view.close()
     if args.json:
-        print(json.dumps(shown_json(shown), indent=2, ensure_ascii=False))
-    else:
+        out = shown_json(shown)
+        if body is not None:
+            out["message"] = body.decode("utf-8", "replace")
+        print(json.dumps(out, indent=2, ensure_ascii=False))
+        return 0
+    if body is None:
         print(shown_text(shown))
+        return 0
+    # like postcat -q: the envelope, then the message as stored, lines ended with LF
+    m = shown.message
+    print(shown_text(replace_headers(shown)))
+    print(f"*** MESSAGE CONTENTS {m.id} ***")
+    sys.stdout.flush()
+    sys.stdout.buffer.write(body.replace(b"\r\n", b"\n"))
+    if body and not body.endswith(b"\n"):
+        sys.stdout.buffer.write(b"\n")
+    sys.stdout.buffer.flush()
+    print(f"*** END OF MESSAGE {m.id} ***")
     return 0
+
+
+def _stored_body(view: Any, shown: Shown) -> bytes:
+    """The whole stored message of a queued message (CommandFailed for a finished one)."""
+    if shown.finished is not None:
+        raise CommandFailed(f"{shown.message.id}: finished; its body is not kept after the "
+                            "message finished (only its envelope and timeline)")
+    try:
+        return bytes(view.read_body(shown.message.id))
+    except OSError as e:
+        raise CommandFailed(f"{shown.message.id}: body unreadable: {e}") from e
+
+
+def replace_headers(shown: Shown) -> Shown:
+    """`shown` without its header section (--body prints the whole message instead)."""
+    from dataclasses import replace
+    return replace(shown, headers="")
 
 
 def queue_show(args: argparse.Namespace) -> int:
@@ -364,9 +407,16 @@ def queue_show(args: argparse.Namespace) -> int:
 # -- history ----------------------------------------------------------------------------------
 
 def _args_history(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--message-id", metavar="ID", required=True,
-                   help="the Message-ID header, with or without its angle brackets")
-    p.add_argument("--json", action="store_true", help="print the message as JSON")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--message-id", metavar="ID",
+                       help="the Message-ID header, with or without its angle brackets")
+    which.add_argument("--recipient", metavar="ADDR",
+                       help="list the newest messages to ADDR (any case)")
+    which.add_argument("--sender", metavar="ADDR",
+                       help="list the newest messages from ADDR (the envelope sender)")
+    p.add_argument("--limit", metavar="N", type=int, default=20,
+                   help="with --recipient or --sender: at most N messages (default 20)")
+    p.add_argument("--json", action="store_true", help="print the message(s) as JSON")
     _args_config(p)
 
 
@@ -381,6 +431,8 @@ def header_id_forms(value: str) -> list[str]:
 
 
 def history(args: argparse.Namespace) -> int:
+    if args.message_id is None:
+        return history_list(args)
     forms = header_id_forms(args.message_id)
     if not forms or forms == ["<>"]:
         raise CommandFailed("--message-id: empty Message-ID")
@@ -393,6 +445,50 @@ def history(args: argparse.Namespace) -> int:
         raise CommandFailed(f"{forms[0]}: no message with this Message-ID in the queue or "
                             f"its history")
     return _show(args, find)
+
+
+def _state_summary(m: StoredMessage) -> str:
+    """The recipients' states, counted: "delivered 2, queued 1"."""
+    counts: dict[str, int] = {}
+    for st in m.recipients:
+        counts[st.state] = counts.get(st.state, 0) + 1
+    return ", ".join(f"{state} {n}" for state, n in counts.items())
+
+
+def history_list(args: argparse.Namespace) -> int:
+    """The newest messages to (--recipient) or from (--sender) an address, from the spool's
+    lookup index: queued ones and finished ones still in the history."""
+    from txmta.spool.view import LOOKUP_RECIPIENT, LOOKUP_SENDER, lookup_recent
+    kind, value = ((LOOKUP_RECIPIENT, args.recipient) if args.recipient is not None
+                   else (LOOKUP_SENDER, args.sender))
+    value = value.strip()
+    if value.startswith("<") and value.endswith(">"):
+        value = value[1:-1].strip()
+    if not value:
+        raise CommandFailed("give an address")
+    if args.limit < 1:
+        raise CommandFailed("--limit: at least 1")
+    view = _open_view(args)
+    try:
+        found = view.read(lambda txn, dbs: lookup_recent(txn, dbs, kind, value, args.limit))
+    finally:
+        view.close()
+    if args.json:
+        rows = [dict(message_json(m), finished=iso_utc(f) if f is not None else None)
+                for m, f in found]
+        print(json.dumps(rows, indent=2, ensure_ascii=False))
+        return 0
+    if not found:
+        print(f"no message {'to' if kind == LOOKUP_RECIPIENT else 'from'} {value} in the queue "
+              "or its history")
+        return 0
+    for m, finished in found:
+        rcpts = ", ".join(str(r.address) for r in m.envelope.recipients)
+        print(f"{m.id}  {iso_utc(m.arrival)}  {'finished' if finished is not None else 'queued'}"
+              f"  {_state_summary(m)}")
+        print(f"    from <{_sender(m)}> to {rcpts}")
+        print(f"    message-id: {m.header_id or '-'}")
+    return 0
 
 
 # -- commands through the daemon's control socket ------------------------------------------
@@ -810,8 +906,8 @@ COMMANDS: tuple[Command, ...] = (
             queue_list),
     Command("queue show", "show one message (queued or finished): envelope, states, timeline",
             _args_queue_show, queue_show),
-    Command("history", "show a queued or finished message found by its Message-ID header",
-            _args_history, history),
+    Command("history", "a queued or finished message by its Message-ID, or the newest to or "
+            "from an address", _args_history, history),
     Command("suppression list", "list the suppressed addresses (read-only)",
             _args_suppression_list, suppression_list),
     # Through the daemon's control socket (txmta.control.amp), never the spool directly:
@@ -847,7 +943,9 @@ COMMANDS: tuple[Command, ...] = (
 
 def build_parser() -> argparse.ArgumentParser:
     """argparse parsers built from COMMANDS; multi-word commands nest ("queue" -> "list")."""
+    import txmta
     root = argparse.ArgumentParser(prog="txmta", description="Administer the txmta mail transfer agent.")
+    root.add_argument("--version", action="version", version=f"txmta {txmta.__version__}")
     groups: dict[tuple[str, ...], Any] = {(): root.add_subparsers(dest="command", metavar="COMMAND")}
     groups[()].required = True
     for cmd in COMMANDS:

@@ -88,6 +88,9 @@ class AdminQueue(Protocol):
 
     def requeue(self, message_id: str) -> "Deferred[bool]": ...
 
+    def pickup(self, message_id: str) -> "Deferred[bool]":
+        """Another process committed `message_id`, due now: deliver it (a wake-up)."""
+
     def status(self) -> "Deferred[dict[str, Any]]": ...
 
     def suppress_add(self, address: str, reason: str = "manual") -> "Deferred[bool]": ...

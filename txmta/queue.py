@@ -54,6 +54,7 @@ from txmta.spool.interface import BodyWriter, Spool
 
 DEFAULT_SCHEDULE = (60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0)
 DSN_FULL_LIMIT = 256 * 1024     # above this, a DSN returns only the header section unless RET=FULL
+PICKED_KEPT = 10000             # pickup(): how many told-of ids a worker remembers
 
 
 SignReport = Callable[[bytes, float], bytes]
@@ -102,6 +103,7 @@ class Queue:
         self.drop_suppressed = drop_suppressed
         self.lanes = lanes if lanes is not None else Lanes()
         self._sign_report = sign_report
+        self._picked: dict[str, None] = {}     # pickup(): the ids told of, oldest first
 
     def set_sign_report(self, sign_report: SignReport | None) -> None:
         """The DKIM signing of DSNs from now on (SIGHUP); None: unsigned."""
@@ -526,6 +528,32 @@ class Queue:
         if count:
             self.events.publish(E.Due(now))     # one wake-up of the dispatcher for all of them
         return count
+
+    def pickup(self, message_id: str) -> Deferred[bool]:
+        """Another process (txmta-sendmail) committed the message `message_id` to the spool
+        with its events: tell this worker's subscribers as if its own intake had (the mail
+        log's `received` line, the metrics, the webhook sender, the dispatcher, which finds
+        the message in the due index).  Changes nothing in the spool; a message already
+        told of, one not in the spool, or one already tried is not told again (anyone may
+        send Pickup), but the dispatcher is woken all the same.  Fires with whether the
+        message was found."""
+        def found(m: StoredMessage | None) -> bool:
+            if m is None:
+                self.events.publish(E.Due(self.clock.seconds()))
+                return False
+            fresh = message_id not in self._picked and not any(
+                st.attempts for st in m.recipients)
+            if fresh:
+                self._picked[message_id] = None
+                while len(self._picked) > PICKED_KEPT:
+                    del self._picked[next(iter(self._picked))]
+                told: list[E.Committed] = [E.Received(b"", m)]
+                told += [E.Suppressed(b"", m, index) for index, st in enumerate(m.recipients)
+                         if st.state == SUPPRESSED]
+                self.events.publish_all(told)
+            self.events.publish(E.Due(self.clock.seconds()))
+            return True
+        return self.spool.get(message_id).addCallback(found)
 
     def status(self) -> Deferred[dict[str, Any]]:
         """The message count, and what the parts added with `add_status` report."""

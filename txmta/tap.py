@@ -145,16 +145,20 @@ class Master(service.Service):
         self.stopping = False
         self._stopped: defer.Deferred[None] | None = None
         self._control: Any = None
+        self._pickup: Any = None
         self._hup_previous: Any = None
 
     # -- starting and restarting workers -------------------------------------------------------
 
     def startService(self) -> None:
         service.Service.startService(self)
-        from txmta.control.amp import ControlService, control_socket_path
+        from txmta.control.amp import ControlService, control_socket_path, pickup_socket_path
         path = control_socket_path(self.cfg.spool.path)
         self._control = ControlService(self.reactor, path, self.fanout)
         self._control.startService()
+        self._pickup = ControlService(self.reactor, pickup_socket_path(self.cfg.spool.path),
+                                      self.fanout, pickup=True)
+        self._pickup.startService()
         if self.ids is not None and os.getuid() == 0:
             os.chown(path, self.ids[1], self.ids[2])     # the workers' user may use it too
         from txmta import metrics
@@ -271,6 +275,9 @@ class Master(service.Service):
             for s in self.sockets:
                 s.close()
             control, self._control = self._control, None
+            pickup, self._pickup = self._pickup, None
+            if pickup is not None:
+                pickup.stopService()
             return control.stopService() if control is not None else None
         return self._stopped.addCallback(done)
 

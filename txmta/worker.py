@@ -439,8 +439,10 @@ def build(cfg: C.Config, reactor: Any, *, worker: int = 0, workers: int = 1,
     reload = build_reload(cfg, reactor, parts)
     reload.setServiceParent(top)
     if channel is None:
-        from txmta.control.amp import ControlService, control_socket_path
+        from txmta.control.amp import ControlService, control_socket_path, pickup_socket_path
         ControlService(reactor, control_socket_path(cfg.spool.path), queue).setServiceParent(top)
+        ControlService(reactor, pickup_socket_path(cfg.spool.path), queue,
+                       pickup=True).setServiceParent(top)
     else:
         from txmta.control.channel import WorkerControl
         channel.queue_control = WorkerControl(queue, channel.tell_master)

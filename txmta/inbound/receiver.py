@@ -101,9 +101,14 @@ def rfc5322_date(when: float) -> str:
 
 def protocol_name(session: Session, envelope: Envelope) -> str:
     """The "with" keyword of the Received header (RFC 3848, RFC 6531 4.3); HTTP or HTTPS
-    for a message from the HTTP API."""
+    for a message from the HTTP API; "local" for a message txmta-sendmail read from its
+    standard input, "local-esmtp" / "local-smtp" for one it took with -bs (Exim's words)."""
     if session.api_token is not None:
         return "HTTPS" if session.tls else "HTTP"
+    if session.local_user is not None:
+        if session.helo is None:
+            return "local"
+        return "local-esmtp" if session.esmtp else "local-smtp"
     if not session.esmtp:
         return "SMTP"
     base = "UTF8SMTP" if envelope.smtputf8 else "ESMTP"
@@ -117,6 +122,9 @@ def received_header(session: Session, envelope: Envelope, hostname: str, message
     if session.api_token is not None:   # no HELO: the client's address, the token in a comment
         token = _UNSAFE.sub("?", session.api_token)[:64]
         lines = [f"Received: from [{literal}] (token {token})"]
+    elif session.local_user is not None:    # no address: the local user who submitted it
+        user = _UNSAFE.sub("?", session.local_user)[:64] or "unknown"
+        lines = [f"Received: from {user} (local user)"]
     else:
         helo = _UNSAFE.sub("?", session.helo or "unknown")[:255]
         lines = [f"Received: from {helo} ([{literal}])"]

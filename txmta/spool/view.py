@@ -39,6 +39,7 @@ DB_NAMES = (b"messages", b"bodies", b"recipients", b"due", b"events", b"meta",
             b"outbox", b"hooks", b"idempotency", b"lookup", b"idemtime")
 LOOKUP_RECIPIENT = b"r"
 LOOKUP_TAG = b"t"
+LOOKUP_SENDER = b"s"
 
 
 def rcpt_key(message_id: str, index: int) -> bytes:
@@ -93,12 +94,44 @@ def lookup_key(kind: bytes, value: str, when: float, message_id: str) -> bytes:
 
 def lookup_keys(m: StoredMessage) -> set[bytes]:
     """The lookup index entries of a message: one per distinct recipient address (lower
-    case), one for its tag if it has one."""
+    case), one for its tag if it has one, one for its sender (lower case) unless that is
+    the null sender.  (Mail stored before the sender entries existed has none.)"""
     keys = {lookup_key(LOOKUP_RECIPIENT, str(r.address).lower(), m.arrival, m.id)
             for r in m.envelope.recipients}
     if m.labels.tag:
         keys.add(lookup_key(LOOKUP_TAG, m.labels.tag, m.arrival, m.id))
+    if not m.envelope.sender.is_null:
+        keys.add(lookup_key(LOOKUP_SENDER, str(m.envelope.sender).lower(), m.arrival, m.id))
     return keys
+
+
+def lookup_recent(txn: Any, dbs: dict[bytes, Any], kind: bytes, value: str, limit: int
+                  ) -> list[tuple[StoredMessage, float | None]]:
+    """The newest `limit` messages (queued, or finished and still in the history) of the
+    lookup index entries of `value` (LOOKUP_RECIPIENT: lower-cased; LOOKUP_SENDER:
+    lower-cased), newest first: `txmta history --recipient / --sender`.  Reads at most
+    `limit` + MAX_LOOKED_AT entries."""
+    if b"lookup" not in dbs:
+        return []
+    prefix = lookup_prefix(kind, value.lower() if kind != LOOKUP_TAG else value)
+    out: list[tuple[StoredMessage, float | None]] = []
+    looked = 0
+    with txn.cursor(db=dbs[b"lookup"]) as cur:
+        # the last entry under the prefix: the first key past it, then one back
+        if cur.set_range(prefix[:-1] + b"\1"):
+            found = cur.prev()
+        else:
+            found = cur.last()
+        while found and len(out) < limit and looked < limit + MAX_LOOKED_AT:
+            key = bytes(cur.key())
+            if not key.startswith(prefix):
+                break
+            looked += 1
+            stored = _stored(txn, dbs, key[len(prefix) + 8:])
+            if stored is not None:
+                out.append(stored)
+            found = cur.prev()
+    return out
 
 
 def split_rcpt_key(key: bytes) -> tuple[str, int]:
