@@ -85,21 +85,105 @@ def _args_check_config(p: argparse.ArgumentParser) -> None:
 
 
 def check_config(args: argparse.Namespace) -> int:
-    cfg = config.load(args.file)      # ConfigError -> stderr, exit 1 (see main)
+    """Every error, each on its own line (not only the first), then warnings; exit 1 when
+    there is an error."""
+    cfg, found = config.all_errors(args.file)
+    errors = [str(e) for e in found]
+    warnings: list[str] = []
+    if cfg is not None:
+        for check in (_check_tls, _check_dkim, _check_tokens, _check_source_addresses,
+                      _check_spool, _check_listeners):
+            try:
+                check(cfg, args.file)
+            except (CommandFailed, ConfigError) as e:
+                errors.append(str(e))
+            except Exception as e:      # a check's own failure: say which, go on
+                errors.append(f"{args.file}: {check.__name__[7:]}: {e}")
+        warnings += _hostname_warnings(cfg, args.file)
+    for line in errors:
+        print(line, file=sys.stderr)
+    for line in warnings:
+        print(f"warning: {line}", file=sys.stderr)
+    if errors:
+        return 1
+    print(f"{args.file}: OK" + (f" ({len(warnings)} warning{'s' * (len(warnings) != 1)})"
+                                if warnings else ""))
+    return 0
+
+
+def _check_tls(cfg: config.Config, file: str) -> None:
     if cfg.tls.cert and cfg.tls.key:  # the daemon would refuse to start on bad TLS material
         from txmta.inbound.tlscontext import load_server_context
         load_server_context(cfg.tls, cfg.path)
+
+
+def _check_dkim(cfg: config.Config, file: str) -> None:
     from txmta.dkim import Signer
     Signer.from_config(cfg)           # the [[dkim]] key files, as the daemon reads them
+
+
+def _check_tokens(cfg: config.Config, file: str) -> None:
     if cfg.http and cfg.api.tokens:   # the API tokens file, as the workers read it
         from txmta.api.tokens import TokenFileError, TokenStore
         try:
             TokenStore(cfg.api.tokens, time.time)
         except TokenFileError as e:
-            raise CommandFailed(f"{args.file}: api.tokens = \"{cfg.api.tokens}\": {e}") from None
-    _check_source_addresses(cfg, args.file)
-    print(f"{args.file}: OK")
-    return 0
+            raise CommandFailed(f"{file}: api.tokens = \"{cfg.api.tokens}\": {e}") from None
+
+
+def _check_spool(cfg: config.Config, file: str) -> None:
+    """The spool directory exists (or can be made) and is writable."""
+    path = cfg.spool.path
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".check-config.{os.getpid()}")
+        with open(probe, "wb"):
+            pass
+        os.unlink(probe)
+    except OSError as e:
+        raise CommandFailed(f"{file}: spool.path = \"{path}\": cannot write to "
+                            f"{os.path.abspath(path)}: {e.strerror or e}") from None
+
+
+def _daemon_running(cfg: config.Config) -> bool:
+    import socket
+    from txmta.control import amp as control
+    path = control.control_socket_path(cfg.spool.path)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(2.0)
+            s.connect(path)
+        return True
+    except OSError:
+        return False
+
+
+def _check_listeners(cfg: config.Config, file: str) -> None:
+    """Every [[listen]] and [[http]] address can be bound, unless the daemon is running
+    (then it holds them)."""
+    if _daemon_running(cfg):
+        return
+    from txmta.tcp import listening_socket
+    problems = []
+    wanted = [(f"listen[{i}]", lst) for i, lst in enumerate(cfg.listen)]
+    wanted += [(f"http[{i}]", h) for i, h in enumerate(cfg.http)]
+    for name, lst in wanted:
+        try:
+            listening_socket(lst.host, lst.port).close()
+        except OSError as e:
+            problems.append(f"{file}: {name}.address = \"{lst.address}\": cannot listen: "
+                            f"{e.strerror or e}")
+    if problems:
+        raise CommandFailed("\n".join(problems))
+
+
+def _hostname_warnings(cfg: config.Config, file: str) -> list[str]:
+    name = cfg.server.hostname.rstrip(".").lower()
+    if name == "localhost" or name.startswith("localhost.") or "." not in name:
+        return [f"{file}: server.hostname = \"{cfg.server.hostname}\": not a fully qualified "
+                "name; other servers greet and bounce by it: set server.hostname = "
+                "\"mail.example.com\" (the name the host's address resolves back to)"]
+    return []
 
 
 def _check_source_addresses(cfg: config.Config, file: str) -> None:
@@ -547,17 +631,45 @@ def _args_status(p: argparse.ArgumentParser) -> None:
 
 
 def status(args: argparse.Namespace) -> int:
+    """The daemon's status, and each listener's: exit 1 when one does not answer."""
     text = _control_call(args, "Status")["json"]
-    if args.json:
-        print(text)
-        return 0
     try:
         fields = json.loads(text)
     except ValueError as e:
         raise CommandFailed(f"the daemon's status is not JSON: {e}") from e
-    for key in sorted(fields):
-        print(f"{key}: {fields[key]}")
-    return 0
+    listeners = listener_states(config.load(args.config))
+    fields["listeners"] = [{"name": name, "address": address, "up": up}
+                           for name, address, up in listeners]
+    if args.json:
+        print(json.dumps(fields, sort_keys=True))
+    else:
+        for key in sorted(fields):
+            if key != "listeners":
+                print(f"{key}: {fields[key]}")
+        for name, address, up in listeners:
+            print(f"{name} {address}: {'listening' if up else 'NOT ANSWERING'}")
+    return 0 if all(up for _, _, up in listeners) else 1
+
+
+def listener_states(cfg: config.Config, timeout: float = 2.0) -> list[tuple[str, str, bool]]:
+    """(name, address, answers a TCP connection) of every [[listen]] and [[http]] table; a
+    wildcard address is tried on loopback."""
+    import socket
+    out = []
+    wanted = [(f"listen[{i}]", lst) for i, lst in enumerate(cfg.listen)]
+    wanted += [(f"http[{i}]", h) for i, h in enumerate(cfg.http)]
+    for name, lst in wanted:
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(lst.host, lst.host)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as s:
+                s.settimeout(timeout)
+                s.connect((host, lst.port))
+            up = True
+        except OSError:
+            up = False
+        out.append((name, lst.address, up))
+    return out
 
 
 # -- suppression ------------------------------------------------------------------------------

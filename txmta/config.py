@@ -794,6 +794,54 @@ def load(path: str | None) -> Config:
     return load_text(text, path)
 
 
+def all_errors(path: str) -> tuple[Config | None, list[ConfigError]]:
+    """Every error of the configuration in `path`, not only the first: each key found bad is
+    left out (its default used) and the rest checked again.  (the configuration, if it
+    loads, else None; the errors in the order found)."""
+    try:
+        with open(path, "rb") as f:
+            doc = tomllib.loads(f.read().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        try:
+            return load(path), []
+        except ConfigError as e:
+            return None, [e]
+    errors: list[ConfigError] = []
+    for _ in range(100):
+        try:
+            return _build(doc, path), errors
+        except ConfigError as e:
+            if any(str(e) == str(seen) for seen in errors) or not _leave_out(doc, e.key or ""):
+                errors.append(e)
+                return None, errors
+            errors.append(e)
+    return None, errors
+
+
+def _leave_out(doc: dict[str, Any], key: str) -> bool:
+    """Remove `key` ("section.key", "section[3].key", "section[3]", "section") from `doc`;
+    False when it names nothing there.  A required key that is missing takes its table
+    with it."""
+    m = re.fullmatch(r"([a-z_]+)(?:\[(\d+)\])?(?:\.([A-Za-z_]+))?(?:.*)", key)
+    if m is None or m.group(1) not in doc:
+        return False
+    section, index, name = m.group(1), m.group(2), m.group(3)
+    table: Any = doc[section]
+    if index is not None:
+        if not isinstance(table, list) or int(index) >= len(table):
+            return False
+        if name is None or name not in table[int(index)]:
+            del table[int(index)]          # the whole entry (a required key is missing)
+            return True
+        del table[int(index)][name]
+        return True
+    if name is None or not isinstance(table, dict) or name not in table:
+        del doc[section]
+        return True
+    del table[name]
+    return True
+
+
 def defaults() -> Config:
     """The built-in configuration (no file)."""
     return _build({}, None)

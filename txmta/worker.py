@@ -60,6 +60,7 @@ class Connector:
         bind = (key.source, 0) if key.source else None
         settings = self.settings_for(key)
         factory = Factory.forProtocol(lambda: SMTPClient(settings, self.reactor, key.mx, key.address))
+        factory.noisy = False
         d = connect(self.reactor, key.address, key.port, factory, self.connect_timeout, bind)
 
         def connected(client: Any) -> Any:
@@ -534,6 +535,19 @@ def _die_with_parent() -> None:
         pass
 
 
+# What Twisted says of every port and channel a worker opens or closes: the master's startup
+# summary has the listeners, and the channels are ours.
+_NOISE = ("{cls} connection established", "{cls} connection lost", "Main loop terminated.")
+
+
+def is_noise(event: dict[str, Any]) -> bool:
+    fmt = event.get("log_format") or ""
+    if fmt.startswith(_NOISE):
+        return True
+    text = " ".join(str(m) for m in event.get("message", ()))
+    return " starting on " in text or (text.startswith("(") and text.endswith(" Closed)"))
+
+
 def _log_to_stdout() -> None:
     """Log events as lines on stdout, without a timestamp: the master re-logs each line,
     with its own time and "worker K", into the daemon's log."""
@@ -542,6 +556,8 @@ def _log_to_stdout() -> None:
     out = sys.stdout
 
     def observer(event: dict[str, Any]) -> None:
+        if is_noise(event):
+            return
         text = eventAsText(event, includeTimestamp=False, includeSystem=True)
         try:
             out.write(text + "\n")

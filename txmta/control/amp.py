@@ -258,6 +258,8 @@ class ControlProtocol(amp.AMP):
 class ControlFactory(Factory):
     """Builds one ControlProtocol per admin connection, all sharing the queue control."""
 
+    noisy = False
+
     def __init__(self, queue_control: IQueueControl) -> None:
         self.queue_control = queue_control
 
@@ -321,6 +323,7 @@ class ControlService(service.Service):
         remove_stale_socket(self.path)
         if self.pickup:
             factory = Factory.forProtocol(lambda: PickupProtocol(self.queue_control))
+            factory.noisy = False
             self.port = self.reactor.listenUNIX(self.path, factory, mode=0o666, wantPID=False)
         else:
             self.port = self.reactor.listenUNIX(self.path, control_factory(self.queue_control),

@@ -662,6 +662,8 @@ class SMTPServer(Protocol, TimeoutMixin):
 class SMTPFactory(Factory):
     """Builds `SMTPServer`s for one listener and enforces the connection limits."""
 
+    noisy = False       # the startup summary names the listeners; no "Starting factory"
+
     def __init__(self, policy: P.ServerPolicy, listener: ListenerSettings, receiver: IReceiver,
                  clock: IReactorTime, *, checker: Any = None, tls_options: Any = None,
                  max_connections: int = 1000, max_per_ip: int = 50,
