@@ -130,6 +130,7 @@ def build_delivery(cfg: C.Config, reactor: Any, queue: Queue,
     # an MX at one of our own listening addresses (on the SMTP port) is a loop
     local_addresses = {lst.host for lst in cfg.listen
                        if lst.port == d.smtp_port and lst.host not in ("0.0.0.0", "::")}
+
     def router(relayhost: str = "") -> Router:
         return Router(resolver, relayhost=relayhost, local_names={cfg.server.hostname},
                       local_addresses=local_addresses, port=d.smtp_port)
