@@ -143,6 +143,24 @@ def test_every_change_of_state_is_told() -> None:
     assert seen == [OPEN, HALF_OPEN, CLOSED]
 
 
+def test_retry_now_ends_the_cooldown() -> None:
+    """An admin's flush: an open circuit is half-open at once, and its trial decides."""
+    clock = Clock()
+    c = circuit(clock)
+    fail(c, 3)
+    c.retry_now()
+    assert c.state == HALF_OPEN and c.open_until == 0.0
+    assert c.allow() and not c.allow()
+    c.failed()
+    assert c.state == OPEN and c.retry_in() == 20.0
+    c.retry_now()
+    c.allow()
+    c.succeeded()
+    assert c.state == CLOSED
+    c.retry_now()                 # closed: nothing to do
+    assert c.state == CLOSED and c.open_until is None
+
+
 def test_one_failure_may_be_enough() -> None:
     """failures = 1: the first fault opens it."""
     c = circuit(Clock(), failures=1)
@@ -151,7 +169,7 @@ def test_one_failure_may_be_enough() -> None:
 
 EVENTS = st.lists(st.one_of(
     st.tuples(st.just("advance"), st.floats(min_value=0, max_value=50)),
-    st.tuples(st.sampled_from(["allow", "ok", "fault", "release"]), st.just(0.0))),
+    st.tuples(st.sampled_from(["allow", "ok", "fault", "release", "retry-now"]), st.just(0.0))),
     max_size=60)
 
 
@@ -182,6 +200,9 @@ def test_any_sequence_keeps_the_promises(events: list[tuple[str, float]], failur
         elif kind == "fault":
             c.failed()
             trial_out = False
+        elif kind == "retry-now":
+            trial_out = trial_out and c.state == HALF_OPEN
+            c.retry_now()
         else:
             c.released()
             trial_out = False
@@ -190,4 +211,4 @@ def test_any_sequence_keeps_the_promises(events: list[tuple[str, float]], failur
         assert 10.0 <= c.cooldown <= 35.0
         assert c.failures < failures or c.state != CLOSED
         if c.state == OPEN:
-            assert 0 < c.retry_in() <= c.cooldown
+            assert 0 < c.retry_in() <= c.cooldown + 1e-9

@@ -293,3 +293,20 @@ def test_status_snapshot_names_every_relay_in_order() -> None:
          "open_until": 1010.0, "cooldown": 10.0, "opened": 1},
         {"name": "relay1", "relay": SPECS[R2], "state": CLOSED, "failures": 0,
          "open_until": None, "cooldown": 10.0, "opened": 0}]
+
+
+def test_an_admins_retry_now_ends_every_cooldown() -> None:
+    """A flush (events.RetryNow): the next attempt tries the open relays again, in order."""
+    from txmta import events
+    clock = Clock()
+    pool = ScriptedPool(r1=refuse, r2=refuse)
+    d = relays(pool, clock, failures=1, cooldown=300.0)
+    run(d)
+    pool.script[R1] = accept
+    pool.addresses()
+    run(d)
+    assert pool.addresses() == []
+    d.heard(events.RetryNow(None))
+    assert kinds(run(d)) == [O.Delivered, O.Delivered]
+    assert pool.addresses() == [R1]
+    assert [r.circuit.state for r in d.relays] == [CLOSED, HALF_OPEN]

@@ -168,10 +168,17 @@ def build_delivery(cfg: C.Config, reactor: Any, queue: Queue,
                       tls_level="may", tls_policy=tls_policy, rules=rules)
     deliverer: Any = by_mx
     relays = None
-    if d.relayhosts:
+    if len(d.relayhosts) > 1 or (d.relayhosts and d.fallback == "mx"):
+        # failover: circuits where there is somewhere else to go
         relays = build_relays(cfg, reactor, router, pool, helo, rules, metrics,
                               fallback=by_mx if d.fallback == "mx" else None)
+        queue.events.subscribe(relays.heard, events.RetryNow)
         deliverer = relays
+    elif d.relayhosts:     # one relayhost: all mail to it, as it always was
+        from txmta.outbound.relays import RelayTLS
+        [relay] = d.relayhosts
+        deliverer = Deliverer(router(relay.spec), pool, helo=helo, source=d.source_address,
+                              relay_tls=relay.tls, tls_policy=RelayTLS(relay.tls), rules=rules)
     dispatcher = Dispatcher(queue, deliverer, reactor, max_inflight=d.max_inflight,
                             metrics=metrics, lanes=cfg.lanes)
     queue.events.subscribe(dispatcher.heard, *Dispatcher.HEARS)

@@ -124,6 +124,13 @@ class Circuit:
                 return True
         return False
 
+    def retry_now(self) -> None:
+        """An admin asked to try now: an open circuit ends its cool-down (half-open: the
+        next attempt is the trial)."""
+        if self.state == OPEN:
+            self.open_until = self.clock.seconds()
+            self._set(HALF_OPEN)
+
     def released(self) -> None:
         """An allowed attempt ended without a word on the relay: free the trial."""
         if self._state == HALF_OPEN:

@@ -1,7 +1,8 @@
 """Relayhost failover: the relayhosts tried in order, each behind its own circuit breaker.
 
-`RelayDeliverer` delivers the mail that goes through relayhosts (`[delivery] relayhost`,
-one string or a list of tables).  All of it is one destination for the dispatcher
+`RelayDeliverer` delivers the mail that goes through relayhosts when there is somewhere else
+to go (`[delivery] relayhost` a list of two or more, or `fallback = "mx"`; a single relayhost
+alone is a plain `Deliverer`, as it always was).  All of it is one destination for the dispatcher
 ("relay:" and the relays, comma-separated), whatever the recipient domain.  An attempt takes
 the relays in order, skipping a relay whose circuit (circuit.py) is open, or half-open with
 its one trial under way, and hands the recipients to that relay's own `Deliverer`: a router
@@ -23,8 +24,9 @@ the wait), and the attempt is a site failure: the dispatcher holds the relayed m
 then.  A recipient deferred at one relay and then taken by another is fine: delivery is at
 least once.
 
-The circuits live in this object, so each worker process has its own (`txmta status` shows
-each worker's).  Not here: what a reply means (outcome.py), the SMTP session (client.py),
+An admin's "try now" (`heard`: events.RetryNow, from a flush, release or requeue) ends
+every cool-down: the next attempt is each open relay's trial.  The circuits live in this
+object, so each worker process has its own (`txmta status` shows each worker's).  Not here: what a reply means (outcome.py), the SMTP session (client.py),
 the connections (pool.py).
 """
 # test: tests/test_relays.py
@@ -96,6 +98,12 @@ class RelayDeliverer:
 
     def destination(self, domain: str) -> str:
         return self.name
+
+    def heard(self, event: Any) -> None:
+        """`events.RetryNow` (an admin's flush, release or requeue): every open circuit
+        ends its cool-down, so the next attempt tries its relay."""
+        for relay in self.relays:
+            relay.circuit.retry_now()
 
     def snapshot(self) -> list[dict[str, Any]]:
         """Each relay's circuit, in order, for `txmta status`."""
