@@ -6,6 +6,8 @@ greeting and at MAIL, so a pooled connection fails too) and the mail goes on thr
 second within seconds; after two faults its circuit opens (`txmta status` says so) and mail
 goes straight to the second; once the first is healthy again and its cool-down (3 s) is over,
 new mail goes to the first again and its circuit closes.
+`each_relay_gets_its_own_credentials_and_tls`: AUTH as alice at the first, as bob at the
+second (after the first stopped listening), both over STARTTLS.
 `every_relay_down_goes_by_mx`: both relays refuse connections; with fallback = "mx" the mail
 is delivered to the recipient domain's MX host once both circuits are open.
 Loopback only; every wait is bounded.
@@ -110,6 +112,41 @@ def test_primary_fails_then_returns_after_its_cooldown(
     assert 'txmta_relay_opened_total{relay="primary"} 1.0' in text
     assert 'txmta_relay_failures_total{relay="primary"} 2.0' in text
     assert 'txmta_relay_state{relay="primary"} 0.0' in text
+
+
+def test_each_relay_gets_its_own_credentials_and_tls(start_daemon: Callable[..., Daemon],
+                                                     tls_cert: Any, tmp_path: Any) -> None:
+    """The primary requires AUTH as alice over STARTTLS, the secondary as bob; when the
+    primary stops answering, the secondary gets the mail with bob's password, over TLS."""
+    port = common_free_port(PRIMARY, SECONDARY)
+    passwords = {}
+    for user, password in (("alice", "alice's pass"), ("bob", "bob's pass")):
+        passwords[user] = tmp_path / f"{user}.pw"
+        passwords[user].write_text(password + "\n")
+    tls = (tls_cert.cert, tls_cert.key)
+    primary = SmtpSink(PRIMARY, port, tls=tls, auth={"alice": "alice's pass"},
+                       require_auth=True).start()
+    try:
+        with SmtpSink(SECONDARY, port, tls=tls, auth={"bob": "bob's pass"},
+                      require_auth=True) as secondary:
+            d = start_daemon(**delivery_sections(
+                port, None, schedule=("1h",), relayhost=[
+                    {"host": PRIMARY, "port": port, "tls": "encrypt", "username": "alice",
+                     "password_file": str(passwords["alice"])},
+                    {"host": SECONDARY, "port": port, "tls": "encrypt", "username": "bob",
+                     "password_file": str(passwords["bob"])}]))
+            submit(d, "sender@client.test", ["a@one.test"], body_for("p1"))
+            wait_until(lambda: delivered_at(primary, "p1"), 15, "p1 at the primary")
+            primary.stop()                         # refused from now on
+            submit(d, "sender@client.test", ["b@two.test"], body_for("p2"))
+            wait_until(lambda: delivered_at(secondary, "p2"), 15, "p2 at the secondary")
+    finally:
+        primary.stop()
+    [t1] = primary.snapshot()
+    [t2] = secondary.snapshot()
+    assert (t1.auth_user, t1.tls, t2.auth_user, t2.tls) == ("alice", True, "bob", True)
+    assert [u for u, *_ in primary.auth_attempts] == ["alice"]
+    assert [u for u, *_ in secondary.auth_attempts] == ["bob"]
 
 
 @pytest.fixture
