@@ -772,6 +772,55 @@ def test_status_prints_fields_and_listeners_or_json(daemon, capsys, tmp_path):
     assert capsys.readouterr().out.endswith(f"listen[0] 127.0.0.1:{port}: NOT ANSWERING\n")
 
 
+RELAYS = [{"name": "relay0", "relay": "[a.example]:587", "state": "open", "failures": 0,
+           "open_until": 1060.0, "cooldown": 60.0, "opened": 2},
+          {"name": "backup", "relay": "192.0.2.25", "state": "closed", "failures": 1,
+           "open_until": None, "cooldown": 60.0, "opened": 0}]
+
+
+def test_relay_lines_say_each_relays_state():
+    """One line per relayhost: name, relay, state, how long an open circuit stays open."""
+    assert cli.relay_lines(RELAYS, now=1000.0) == [
+        "  relay0 [a.example]:587: open for 60s more, 0 recent failure(s), opened 2 time(s)",
+        "  backup 192.0.2.25: closed, 1 recent failure(s), opened 0 time(s)"]
+
+
+@pytest.mark.parametrize("answer, heading", [
+    ({"messages": 1, "pid": 4242, "relays": RELAYS}, "relayhosts:"),
+    ({"messages": 1, "workers": 2, "worker": [{"index": 0, "relays": RELAYS},
+                                              {"index": 1, "running": False}]},
+     "relayhosts of worker 0:"),
+])
+def test_status_shows_the_relayhost_circuits(tmp_path, capsys, answer, heading):
+    """`status` prints the relayhosts' circuits as lines (each worker's, with several);
+    `--json` keeps them as the daemon gave them."""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    f = tmp_path / "txmta.toml"
+    up = socket.socket()
+    up.bind(("127.0.0.1", 0))
+    up.listen(1)
+    port = up.getsockname()[1]
+    f.write_text(f'[spool]\npath = "{spool}"\n[[listen]]\naddress = "127.0.0.1:{port}"\n')
+
+    def script(box):
+        return {b"_answer": box[b"_ask"], b"json": json.dumps(answer).encode()}
+    fake = FakeDaemon(control_socket_path(str(spool)), script)
+    try:
+        assert cli.main(["status", "--config", str(f)]) == 0
+        out = capsys.readouterr().out
+        assert "relays" not in out and heading in out
+        assert "  relay0 [a.example]:587: open" in out and "  backup 192.0.2.25: closed" in out
+        assert cli.main(["status", "--json", "--config", str(f)]) == 0
+        got = json.loads(capsys.readouterr().out)
+        assert got.pop("listeners") == [{"name": "listen[0]", "address": f"127.0.0.1:{port}",
+                                         "up": True}]
+        assert got == answer
+    finally:
+        fake.close()
+        up.close()
+
+
 @pytest.mark.parametrize("argv", [["status"], ["queue", "flush"], ["queue", "hold", KNOWN_ID],
                                   ["suppression", "add", "a@example.com"],
                                   ["suppression", "remove", "a@example.com"]])

@@ -412,3 +412,93 @@ def test_bad_pools_name_the_key(toml, key):
     with pytest.raises(ConfigError) as e:
         load_text(toml, "etc/txmta.toml")
     assert e.value.key == key, str(e.value)
+
+
+# -- relayhost failover ([delivery] relayhost as a list of tables) ------------------------------
+
+def test_a_relayhost_string_is_one_relay_with_the_flat_keys(tmp_path):
+    """The string form keeps working: one relay named relay0 with relayhost_* keys."""
+    pw = tmp_path / "pw"
+    pw.write_text("secret\n")
+    c = load_text(f'[delivery]\nrelayhost = "[smart.example.net]:587"\nrelayhost_tls = "verify"\n'
+                  f'relayhost_username = "u"\nrelayhost_password_file = "{pw}"\n', "t.toml")
+    assert c.delivery.relayhost == "[smart.example.net]:587"
+    assert c.delivery.relayhosts == (config.RelayHost("[smart.example.net]:587", "relay0", "u",
+                                                      str(pw), "verify"),)
+    assert (c.delivery.fallback, c.delivery.relay_failures, c.delivery.relay_failure_window,
+            c.delivery.relay_cooldown, c.delivery.relay_max_cooldown) == ("none", 5, 60.0, 60.0, 600.0)
+    assert config.defaults().delivery.relayhosts == ()
+
+
+def test_relayhost_tables_in_order_with_their_own_auth_and_tls(tmp_path):
+    """[[delivery.relayhost]] tables (or an inline array) give relays tried in order, each
+    with its own port, name, AUTH and TLS level; the first is also `relayhost`."""
+    pw = tmp_path / "pw"
+    pw.write_text("secret\n")
+    c = load_text(f'''[delivery]
+fallback = "mx"
+relay_failures = 2
+relay_cooldown = "30s"
+[[delivery.relayhost]]
+host = "[smtp.provider-a.example]"
+port = 587
+username = "me"
+password_file = "{pw}"
+tls = "verify"
+[[delivery.relayhost]]
+host = "192.0.2.25"
+name = "backup"
+[[delivery.relayhost]]
+host = "[::1]"
+port = 2525
+tls = "none"
+''', "t.toml")
+    assert c.delivery.relayhosts == (
+        config.RelayHost("[smtp.provider-a.example]:587", "relay0", "me", str(pw), "verify"),
+        config.RelayHost("192.0.2.25", "backup", "", None, "may"),
+        config.RelayHost("[::1]:2525", "relay2", "", None, "none"))
+    assert c.delivery.relayhost == "[smtp.provider-a.example]:587"
+    assert (c.delivery.fallback, c.delivery.relay_failures, c.delivery.relay_cooldown) == ("mx", 2, 30.0)
+    inline = load_text('[delivery]\nrelayhost = [{host = "192.0.2.25"}, {host = "192.0.2.26", '
+                       'port = 2525}]', "t.toml")
+    assert [r.spec for r in inline.delivery.relayhosts] == ["192.0.2.25", "192.0.2.26:2525"]
+
+
+@pytest.mark.parametrize("toml, key, value", [
+    ('[delivery]\nrelayhost = []', "delivery.relayhost", "[]"),
+    ('[delivery]\nrelayhost = 25', "delivery.relayhost", "25"),
+    ('[[delivery.relayhost]]\nport = 25', "delivery.relayhost[0].host", None),
+    ('[[delivery.relayhost]]\nhost = "smart:smtp"', "delivery.relayhost[0].host", '"smart:smtp"'),
+    ('[[delivery.relayhost]]\nhost = "a.example:25"\nport = 587', "delivery.relayhost[0].port", "587"),
+    ('[[delivery.relayhost]]\nhost = "a.example"\nport = 0', "delivery.relayhost[0].port", "0"),
+    ('[[delivery.relayhost]]\nhost = "a.example"\ntls = "dane"', "delivery.relayhost[0].tls", '"dane"'),
+    ('[[delivery.relayhost]]\nhost = "a.example"\nuser = "x"', "delivery.relayhost[0].user", '"x"'),
+    ('[[delivery.relayhost]]\nhost = "a.example"\nusername = "x"',
+     "delivery.relayhost[0].password_file", None),
+    ('[[delivery.relayhost]]\nhost = "a.example"\npassword_file = "/nonexistent/pw"',
+     "delivery.relayhost[0].password_file", '"/nonexistent/pw"'),
+    ('[[delivery.relayhost]]\nhost = "a.example"\nname = "a.example"',
+     "delivery.relayhost[0].name", '"a.example"'),
+    ('[[delivery.relayhost]]\nhost = "a.example"\n[[delivery.relayhost]]\nhost = "a.example"\nport = 25',
+     "delivery.relayhost[1].host", '"a.example"'),
+    ('[[delivery.relayhost]]\nhost = "a.example"\nname = "x"\n[[delivery.relayhost]]\n'
+     'host = "b.example"\nname = "x"', "delivery.relayhost[1].name", '"x"'),
+    ('[delivery]\nrelayhost_tls = "none"\n[[delivery.relayhost]]\nhost = "a.example"',
+     "delivery.relayhost_tls", '"none"'),
+    ('[delivery]\nrelayhost_username = "u"\n[[delivery.relayhost]]\nhost = "a.example"',
+     "delivery.relayhost_username", '"u"'),
+    ('[delivery]\nfallback = "mx"', "delivery.fallback", '"mx"'),
+    ('[delivery]\nrelayhost = "a.example"\nfallback = "direct"', "delivery.fallback", '"direct"'),
+    ('[delivery]\nrelay_failures = 0', "delivery.relay_failures", "0"),
+    ('[delivery]\nrelay_cooldown = "0"', "delivery.relay_cooldown", '"0"'),
+    ('[delivery]\nrelay_cooldown = "5m"\nrelay_max_cooldown = "1m"',
+     "delivery.relay_max_cooldown", '"1m"'),
+])
+def test_bad_relayhost_tables_name_file_key_and_value(toml, key, value):
+    """A bad relayhost table or failover key is a ConfigError naming the file and the key."""
+    with pytest.raises(ConfigError) as e:
+        load_text(toml, "etc/txmta.toml")
+    text = str(e.value)
+    prefix = f"etc/txmta.toml: {key} = {value}: " if value is not None else f"etc/txmta.toml: {key}"
+    assert text.startswith(prefix), text
+    assert e.value.key == key

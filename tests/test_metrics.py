@@ -231,6 +231,26 @@ def test_measurements_from_the_parts() -> None:
     assert (t["queue_depth"], t["oldest_age"], t["webhook_backlog"]) == (5, 60.0, 12)
 
 
+def test_relay_circuits_by_relay_name() -> None:
+    """Each relayhost's circuit state (0 closed, 1 half-open, 2 open), its faults and its
+    openings, labelled by the relay's configured name."""
+    m = Metrics(relays=["relay0", "backup"])
+    m.relay_state("relay0", "closed")
+    m.relay_state("backup", "closed")
+    m.relay_failure("relay0")
+    m.relay_failure("relay0")
+    m.relay_state("relay0", "open")
+    assert value(m, "txmta_relay_state", relay="relay0") == 2
+    assert value(m, "txmta_relay_failures_total", relay="relay0") == 2
+    assert value(m, "txmta_relay_opened_total", relay="relay0") == 1
+    m.relay_state("relay0", "half-open")
+    assert value(m, "txmta_relay_state", relay="relay0") == 1
+    m.relay_state("relay0", "closed")
+    assert value(m, "txmta_relay_state", relay="relay0") == 0
+    assert value(m, "txmta_relay_state", relay="backup") == 0
+    assert value(m, "txmta_relay_opened_total", relay="relay0") == 1
+
+
 @pytest.mark.parametrize("kinds, result", [
     ([O.Delivered(OK)], "delivered"),
     ([O.Delivered(OK), O.Delivered(OK)], "delivered"),
@@ -331,13 +351,19 @@ SERIES = {
     "txmta_spool_commit_batch_size": "histogram", "txmta_webhook_backlog": "gauge",
     "txmta_webhook_events_sent": "counter", "txmta_webhook_failures": "counter",
     "txmta_shaping_backoffs": "counter", "txmta_shaping_factor": "gauge",
+    "txmta_relay_state": "gauge", "txmta_relay_failures": "counter",
+    "txmta_relay_opened": "counter",
 }
 
 
 def busy_metrics() -> Metrics:
     """Metrics that heard every kind of event and call, all with addresses and ids about."""
-    m = Metrics(lanes=["bulk"], listeners=LISTENERS, endpoints=["email"], providers=["google"])
+    m = Metrics(lanes=["bulk"], listeners=LISTENERS, endpoints=["email"], providers=["google"],
+                relays=["backup"])
     m.observe_backoff("google", 0.5)
+    m.relay_state("backup", "open")
+    m.relay_failure("backup")
+    m.relay_failure("smtp.example.net:587")
     msg = message(RecipientState(DELIVERED, 1, 0.0, OK), lane="bulk")
     m.heard(events.Received(EID, msg))
     m.heard(events.Delivered(EID, msg, 0, O.Delivered(OK, "mx.example.net", "192.0.2.5",

@@ -480,3 +480,62 @@ def test_a_temporary_failure_names_the_source_address_it_came_from():
     grey = Reply(450, "4.2.0", "Greylisted")
     o = classify(grey, RCPT).outcome(grey, RCPT, "mx", "192.0.2.1", source="198.51.100.7")
     assert isinstance(o, TempFailed) and o.source == "198.51.100.7"
+
+
+# -- relayhost trouble (outbound/circuit.py counts it, relays.py moves the mail on) -----------
+
+RELAY_FAULTS = [
+    # before the mail transaction: nothing said about the mail, the relay failed
+    (ROUTE, 451, "4.4.3", "DNS lookup of the relayhost failed", True),
+    (CONNECT, 451, "4.4.1", "connect failed: Connection refused", True),
+    (GREETING, 554, "", "no service", True),
+    (GREETING, 421, "", "busy", True),
+    (EHLO, 550, "5.5.1", "no", True),
+    (STARTTLS, 454, "4.7.0", "TLS not available", True),
+    (AUTH, 535, "5.7.8", "authentication failed", True),      # our credentials: its business
+    # RFC 5321 3.8: 421 closes the session at any stage
+    (RCPT, 421, "4.4.2", "closing", True),
+    (DOT, 421, "4.3.2", "shutting down", True),
+    # MAIL names only our sender: a 4xx there is the relay's, and so is a 5xx about anything
+    # but the sender's address, the message or REQUIRETLS
+    (MAIL, 451, "4.3.0", "try later", True),
+    (MAIL, 550, "5.7.1", "relaying denied for this client", True),
+    (MAIL, 553, "5.1.8", "sender domain does not exist", False),  # RFC 3463 X.1.8
+    (MAIL, 552, "5.3.4", "message too big", False),
+    (MAIL, 550, "5.7.10", "REQUIRETLS not supported", False),
+    # RCPT / DATA / DOT: the enhanced code's subject (RFC 3463 3.1)
+    (RCPT, 451, "4.3.0", "local error", True),                    # X.3 mail system
+    (RCPT, 451, "4.4.0", "routing trouble", True),                # X.4 network and routing
+    (RCPT, 451, "", "local error in processing", True),           # no subject: a local error
+    (RCPT, 452, "4.3.1", "insufficient system storage", True),
+    (RCPT, 450, "4.2.2", "mailbox full", False),                  # X.2 the mailbox's
+    (RCPT, 450, "4.1.1", "try again", False),                     # X.1 the address's
+    (RCPT, 451, "4.7.1", "Greylisted, please retry in 300 seconds", False),
+    (RCPT, 451, "4.0.0", "Greylisted", False),                    # greylisting never is
+    (RCPT, 550, "5.1.1", "no such user", False),                  # the recipient: a bounce
+    (RCPT, 550, "", "no such user", False),                       # a 5xx without a subject
+    (RCPT, 554, "5.4.4", "unable to route", True),
+    (DATA, 451, "4.3.0", "try later", True),
+    (DOT, 451, "4.3.0", "queue write failed", True),
+    (DOT, 554, "5.6.0", "content rejected", False),
+    (DOT, 552, "5.3.4", "message too big", False),
+    (DOT, 550, "5.7.1", "spam", False),
+    (DOT, 250, "2.0.0", "ok", False),
+]
+
+
+@pytest.mark.parametrize("stage, code, enhanced, text, fault", RELAY_FAULTS)
+def test_relay_fault_tells_the_relays_trouble_from_the_mails(stage, code, enhanced, text, fault):
+    """A relayhost's own trouble opens its circuit; an answer about the recipient, the sender
+    or the message does not."""
+    assert outcome.relay_fault(Reply(code, enhanced, text), stage) is fault
+
+
+@given(st.sampled_from(STAGES), st.integers(min_value=200, max_value=599),
+       st.sampled_from(["", "4.0.0", "5.1.1", "4.3.2", "5.7.1", "x.y.z", "4.40.1"]),
+       st.text(max_size=40))
+def test_relay_fault_is_total_and_never_for_a_positive_reply(stage, code, enhanced, text):
+    fault = outcome.relay_fault(Reply(code, enhanced, text), stage)
+    assert isinstance(fault, bool)
+    if code < 400:
+        assert not fault

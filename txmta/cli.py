@@ -642,12 +642,23 @@ def status(args: argparse.Namespace) -> int:
                            for name, address, up in listeners]
     if args.json:
         print(json.dumps(fields, sort_keys=True))
-    else:
-        for key in sorted(fields):
-            if key != "listeners":
-                print(f"{key}: {fields[key]}")
-        for name, address, up in listeners:
-            print(f"{name} {address}: {'listening' if up else 'NOT ANSWERING'}")
+        return 0 if all(up for _, _, up in listeners) else 1
+    relays = fields.pop("relays", None)
+    workers = fields.get("worker")
+    if isinstance(workers, list):     # each worker's own relayhost circuits
+        fields["worker"] = [{k: v for k, v in w.items() if k != "relays"} for w in workers]
+    for key in sorted(fields):
+        if key != "listeners":
+            print(f"{key}: {fields[key]}")
+    if relays:
+        print("relayhosts:")
+        print("\n".join(relay_lines(relays)))
+    for w in workers if isinstance(workers, list) else []:
+        if w.get("relays"):
+            print(f"relayhosts of worker {w.get('index')}:")
+            print("\n".join(relay_lines(w["relays"])))
+    for name, address, up in listeners:
+        print(f"{name} {address}: {'listening' if up else 'NOT ANSWERING'}")
     return 0 if all(up for _, _, up in listeners) else 1
 
 
@@ -669,6 +680,20 @@ def listener_states(cfg: config.Config, timeout: float = 2.0) -> list[tuple[str,
         except OSError:
             up = False
         out.append((name, lst.address, up))
+    return out
+
+
+def relay_lines(relays: list[dict[str, Any]], now: float | None = None) -> list[str]:
+    """One line per relayhost circuit of `txmta status`: name, relay, state, and for an open
+    one how long it stays open."""
+    now = time.time() if now is None else now
+    out = []
+    for r in relays:
+        line = f"  {r.get('name')} {r.get('relay')}: {r.get('state')}"
+        if r.get("state") == "open" and r.get("open_until") is not None:
+            line += f" for {max(0.0, float(r['open_until']) - now):.0f}s more"
+        line += f", {r.get('failures', 0)} recent failure(s), opened {r.get('opened', 0)} time(s)"
+        out.append(line)
     return out
 
 

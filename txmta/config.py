@@ -284,13 +284,98 @@ def _nameserver(value: Any) -> str:
     return text
 
 
-def _relayhost(value: Any) -> str:
+def _relayhost_text(value: Any) -> str:
     text = _string(value)
     if text:
         from txmta.outbound.route import parse_relayhost
         split_host_port(text, 25)  # the configuration's grammar (IPv6 in brackets)
         parse_relayhost(text)      # and the daemon's own checks: what passes here, routes
     return text
+
+
+def _relayhost(value: Any) -> str | list[dict[str, Any]]:
+    """[delivery] relayhost: one relayhost in Postfix syntax (a string), or the failover list
+    (an array of tables, checked by `_relay_list`)."""
+    if isinstance(value, list):
+        if not value or not all(isinstance(v, dict) for v in value):
+            raise ValueError("must be a string, or a non-empty array of tables written "
+                             "[[delivery.relayhost]]")
+        return value
+    if not isinstance(value, str):
+        raise ValueError("must be a string, or an array of tables written [[delivery.relayhost]]")
+    return _relayhost_text(value)
+
+
+@dataclass(frozen=True)
+class RelayHost:
+    """One relayhost: where (Postfix syntax, as route.parse_relayhost reads it), its name in
+    `txmta status` and the metrics, its AUTH and its TLS level."""
+    spec: str                       # "[host]:port", "host", "192.0.2.1:587", "[::1]:25"
+    name: str                       # e.g. "relay0"
+    username: str = ""
+    password_file: str | None = None
+    tls: str = "may"                # none | may | encrypt | verify
+
+
+RELAY_KEYS = ("name", "host", "port", "username", "password_file", "tls")
+_RELAY_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,31}")
+
+
+def _relay_list(entries: list[dict[str, Any]], bad: Callable[[str, Any, str], "ConfigError"]
+                ) -> tuple[RelayHost, ...]:
+    """The tables of `relayhost = [{host = ..., port = ...}, ...]` (or [[delivery.relayhost]])."""
+    from txmta.outbound.route import parse_relayhost
+    out: list[RelayHost] = []
+    for i, entry in enumerate(entries):
+        prefix = f"delivery.relayhost[{i}]"
+        for k in entry:
+            if k not in RELAY_KEYS:
+                raise bad(f"{prefix}.{k}", entry[k], "unknown key (known: " + ", ".join(RELAY_KEYS) + ")")
+        if "host" not in entry:
+            raise bad(f"{prefix}.host", _MISSING, "required")
+        host = entry["host"]
+        try:
+            spec = _relayhost_text(host)
+            if not spec:
+                raise ValueError("must not be empty")
+        except ValueError as e:
+            raise bad(f"{prefix}.host", host, str(e)) from None
+        if "port" in entry:
+            try:
+                port = _integer(1, 65535)(entry["port"])
+            except ValueError as e:
+                raise bad(f"{prefix}.port", entry["port"], str(e)) from None
+            if parse_relayhost(spec).explicit_port:
+                raise bad(f"{prefix}.port", port, "the host already names a port")
+            bare = spec.strip()
+            if ":" in bare and not bare.startswith("["):   # an IPv6 literal
+                bare = f"[{bare}]"
+            spec = f"{bare}:{port}"
+        values: dict[str, Any] = {}
+        for k, convert, default in (("name", _string, f"relay{i}"), ("username", _string, ""),
+                                    ("password_file", _optional_path, ""),
+                                    ("tls", _choice("none", "may", "encrypt", "verify"), "may")):
+            try:
+                values[k] = convert(entry.get(k, default))
+            except ValueError as e:
+                raise bad(f"{prefix}.{k}", entry[k], str(e)) from None
+        if not _RELAY_NAME.fullmatch(values["name"]):
+            raise bad(f"{prefix}.name", values["name"],
+                      "must be a letter, then letters, digits, '_' or '-' (up to 32)")
+        if values["username"] and not values["password_file"]:
+            raise bad(f"{prefix}.password_file", _MISSING, f"required with {prefix}.username")
+        if values["password_file"]:
+            _check_readable(values["password_file"], lambda reason, k=f"{prefix}.password_file",
+                            f=values["password_file"]: bad(k, f, reason))
+        for other in out:
+            if other.name == values["name"]:
+                raise bad(f"{prefix}.name", values["name"], "listed twice")
+            a, b = parse_relayhost(other.spec), parse_relayhost(spec)
+            if (a.host, a.port, a.lookup_mx) == (b.host, b.port, b.lookup_mx):
+                raise bad(f"{prefix}.host", host, f"listed twice (also {other.name})")
+        out.append(RelayHost(spec, values["name"], values["username"], values["password_file"],
+                             values["tls"]))
+    return tuple(out)
 
 
 TLS_LEVELS = ("none", "may", "encrypt", "verify", "dane", "mta-sts")
@@ -522,6 +607,11 @@ _TABLE: dict[str, dict[str, _Key]] = {
         "relayhost_username": _Key("", _string),
         "relayhost_password_file": _Key("", _optional_path),
         "relayhost_tls": _Key("may", _choice("none", "may", "encrypt", "verify")),
+        "fallback": _Key("none", _choice("none", "mx")),  # every relayhost's circuit open
+        "relay_failures": _Key(5, _integer(1)),           # relay faults that open its circuit
+        "relay_failure_window": _Key("1m", _duration(positive=True)),
+        "relay_cooldown": _Key("1m", _duration(positive=True)),
+        "relay_max_cooldown": _Key("10m", _duration(positive=True)),
         "tls_level": _Key("auto", _choice("auto", *TLS_LEVELS)),  # domains without [[tls.policy]]
         "helo_name": _Key("", _string),                  # "" = server.hostname
         "source_address": _Key("", _source_address),     # "" = the system's choice
@@ -654,10 +744,16 @@ class SpoolConfig:
 
 @dataclass(frozen=True)
 class DeliveryConfig:
-    relayhost: str = _default("delivery", "relayhost")     # "" = MX delivery
+    # "" = MX delivery; with the list form, the first relayhost (`relayhosts` has them all)
+    relayhost: str = _default("delivery", "relayhost")
     relayhost_username: str = _default("delivery", "relayhost_username")
     relayhost_password_file: str | None = _default("delivery", "relayhost_password_file")
     relayhost_tls: str = _default("delivery", "relayhost_tls")   # none | may | encrypt | verify
+    fallback: str = _default("delivery", "fallback")             # none | mx
+    relay_failures: int = _default("delivery", "relay_failures")
+    relay_failure_window: float = _default("delivery", "relay_failure_window")
+    relay_cooldown: float = _default("delivery", "relay_cooldown")
+    relay_max_cooldown: float = _default("delivery", "relay_max_cooldown")
     tls_level: str = _default("delivery", "tls_level")           # auto | one of TLS_LEVELS
     helo_name: str = _default("delivery", "helo_name")
     source_address: str = _default("delivery", "source_address")
@@ -670,6 +766,18 @@ class DeliveryConfig:
     max_inflight: int = _default("delivery", "max_inflight")
     smtp_port: int = _default("delivery", "smtp_port")
     shaping: str | None = None                          # a file of [[shaping]] tables
+    relay_list: tuple[RelayHost, ...] = ()      # the list form of `relayhost`, in order
+
+    @property
+    def relayhosts(self) -> tuple[RelayHost, ...]:
+        """Every relayhost, in the order to try them: the list form's tables, or the one
+        string with the relayhost_* keys; () for MX delivery."""
+        if self.relay_list:
+            return self.relay_list
+        if not self.relayhost:
+            return ()
+        return (RelayHost(self.relayhost, "relay0", self.relayhost_username,
+                          self.relayhost_password_file, self.relayhost_tls),)
 
 
 @dataclass(frozen=True)
@@ -883,7 +991,18 @@ def _build(doc: dict[str, Any], path: str | None) -> Config:
     auth = AuthConfig(**s["auth"])
     relay = RelayConfig(**s["relay"])
     spool = SpoolConfig(**s["spool"])
-    delivery = DeliveryConfig(**s["delivery"])
+    relay_list: tuple[RelayHost, ...] = ()
+    if isinstance(s["delivery"]["relayhost"], list):
+        relay_list = _relay_list(s["delivery"]["relayhost"], bad)
+        s["delivery"]["relayhost"] = relay_list[0].spec
+        for key in ("relayhost_username", "relayhost_password_file"):
+            if s["delivery"][key]:
+                raise bad(f"delivery.{key}", s["delivery"][key], "only with a relayhost string; "
+                          "give each relayhost table its own username and password_file")
+        if "relayhost_tls" in doc.get("delivery", {}):
+            raise bad("delivery.relayhost_tls", s["delivery"]["relayhost_tls"],
+                      "only with a relayhost string; give each relayhost table its own tls")
+    delivery = DeliveryConfig(**s["delivery"], relay_list=relay_list)
     retry = RetryConfig(**s["retry"])
     dns = DnsConfig(**s["dns"])
     log = LogConfig(**s["log"])
@@ -972,6 +1091,12 @@ def _build(doc: dict[str, Any], path: str | None) -> Config:
     if delivery.relayhost_username and not delivery.relayhost:
         raise bad("delivery.relayhost_username", delivery.relayhost_username,
                   "requires delivery.relayhost")
+    if delivery.fallback != "none" and not delivery.relayhost:
+        raise bad("delivery.fallback", delivery.fallback, "requires delivery.relayhost")
+    if delivery.relay_max_cooldown < delivery.relay_cooldown:
+        raise bad("delivery.relay_max_cooldown",
+                  doc.get("delivery", {}).get("relay_max_cooldown", "10m"),
+                  "must not be shorter than delivery.relay_cooldown")
     if delivery.initial_per_destination > delivery.max_per_destination:
         raise bad("delivery.initial_per_destination", delivery.initial_per_destination,
                   "must not exceed delivery.max_per_destination")

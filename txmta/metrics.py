@@ -4,13 +4,13 @@
 the queue's event stream (`heard`, subscribed to `HEARS`: received messages, recipient
 outcomes, TLS outcomes, DSNs, suppressions, admin actions), by calls from the parts that
 measure time or hold connections (`observe_eod`, `observe_commit`, `observe_attempt`,
-`inbound_opened`, `outbound_opened`, `observe_api`, `webhook_failure`, ...), and by
+`inbound_opened`, `outbound_opened`, `observe_api`, `webhook_failure`, `relay_state`, ...), and by
 samplers (`QueueSampler`: queue depth and oldest message age per lane; `webhook_backlog`).
 `render` writes the exposition, `MetricsResource` serves it, `totals` sums the main series
 for a dashboard.
 
 Labels are bounded, always: a label value is one of a fixed set (result, category, TLS
-verdict, TLS level, status class), or a configured name (lane, listener, API endpoint)
+verdict, TLS level, status class), or a configured name (lane, listener, API endpoint, relayhost)
 mapped through `Names`, which lets through a few more values that look like names and
 turns everything else into "other".  No label ever holds an address, a domain, an IP or an
 id: a name with a dot, a colon or an "@" cannot pass, nor one with more than five digits.
@@ -85,6 +85,7 @@ DSN_ACTIONS = ("failed", "delayed", "relayed")
 ADMIN_ACTIONS = ("hold", "release", "requeue", "flush")
 WEBHOOK_REASONS = ("gone", "3xx", "4xx", "5xx", "timeout", "connection")
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+RELAY_STATES = {"closed": 0, "half-open": 1, "open": 2}   # txmta_relay_state's values
 _SESSION_STAGES = ("mail", "rcpt", "data", "dot")   # outcome stages after a session began
 
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,31}")
@@ -276,9 +277,11 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None, *,
                  lanes: Iterable[str] = (), listeners: Mapping[str, str] | None = None,
-                 endpoints: Iterable[str] = (), providers: Iterable[str] = ()) -> None:
+                 endpoints: Iterable[str] = (), providers: Iterable[str] = (),
+                 relays: Iterable[str] = ()) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.provider = Names({p: p for p in providers if looks_like_name(p)})
+        self.relay = Names([name for name in relays if looks_like_name(name)])
         self.lane = Names({"": DEFAULT_LANE, DEFAULT_LANE: DEFAULT_LANE,
                            **{lane: lane for lane in lanes if looks_like_name(lane)}})
         self.listener = Names(listeners if listeners is not None else {"dsn": "dsn"})
@@ -345,6 +348,17 @@ class Metrics:
         self.admin_actions = Counter(
             "txmta_admin_actions", "Administrator actions on messages (hold, release, "
             "requeue, flush).", ["action"], registry=r)
+        self.relay_state_gauge = Gauge(
+            "txmta_relay_state", "Each relayhost's circuit: 0 closed, 1 half-open (one trial), "
+            "2 open (cooling down); the worst over the workers, each of which has its own.",
+            ["relay"], multiprocess_mode="livemax", registry=r)
+        self.relay_failures = Counter(
+            "txmta_relay_failures", "Attempts a relayhost failed as a relay (not reached, "
+            "failed before the mail transaction, 421, its own trouble), by relay.",
+            ["relay"], registry=r)
+        self.relay_opened = Counter(
+            "txmta_relay_opened", "Times a relayhost's circuit opened, by relay.", ["relay"],
+            registry=r)
 
         # queue and spool
         self.queue_depth = Gauge(
@@ -435,6 +449,17 @@ class Metrics:
 
     def outbound_closed(self, tls_level: str) -> None:
         self.connections_out.labels(_one_of(tls_level, TLS_LEVELS)).dec()
+
+    def relay_state(self, relay: str, state: str) -> None:
+        """A relayhost's circuit (outbound/circuit.py) is now `state`."""
+        label = self.relay(relay)
+        self.relay_state_gauge.labels(label).set(RELAY_STATES.get(state, 0))
+        if state == "open":
+            self.relay_opened.labels(label).inc()
+
+    def relay_failure(self, relay: str) -> None:
+        """An attempt counted against a relayhost's circuit."""
+        self.relay_failures.labels(self.relay(relay)).inc()
 
     def observe_api(self, endpoint: str, status: int) -> None:
         """The HTTP API answered a request to `endpoint` (a name, never a path with ids)."""

@@ -5,9 +5,12 @@ Pure: no I/O.  An attempt yields, per recipient, `Delivered`, `TempFailed` or `P
 at some stage of a session into a `Verdict` that says everything delivery needs: the outcome
 kind; whether to try the next MX host, or another transaction on the same host; whether the
 failure is the destination's (so its queued mail waits for the destination's retry, not each
-message separately); whether the reply is greylisting and how long it asked us to wait; whether it asks us to
-slow down (per-provider shaping backs off: outbound/shaping.py); and its bounce category.  `Verdict.outcome()` makes the outcome value from it.  Nothing else
-interprets a reply: the queue, the retry arithmetic and the dispatcher read these values.
+message separately); whether the reply is greylisting and how long it asked us to wait;
+whether it asks us to slow down (per-provider shaping backs off: outbound/shaping.py); and
+its bounce category.  `Verdict.outcome()` makes the outcome value from it.  `relay_fault()`
+says whether a relayhost's reply tells of the relay's own trouble rather than the mail's
+(its circuit breaker, outbound/circuit.py, counts those).  Nothing else interprets a reply:
+the queue, the retry arithmetic and the dispatcher read these values.
 
 The rules follow RFC 5321 4.2.1 and 4.5.4.1 and Postfix's smtp_trouble.c: a failure to
 connect or a 4xx/5xx greeting, EHLO, STARTTLS or AUTH is a site failure (try the next MX;
@@ -186,6 +189,49 @@ def _kind(reply: Reply, stage: str, last_mx: bool) -> tuple[type, bool, bool]:
     if reply.code == 421:
         return TempFailed, not last_mx, True
     return TempFailed, False, False
+
+
+def relay_fault(reply: Reply, stage: str) -> bool:
+    """Whether `reply` at `stage` tells of a relayhost's own trouble, not of the recipient,
+    the sender or the message: what counts against its circuit (outbound/circuit.py) and
+    sends the recipients it concerns on to the next relayhost.
+
+    * Any failure before the mail transaction (routing to the relay, connect, greeting,
+      EHLO, STARTTLS, AUTH) and a 421 at any stage (RFC 5321 3.8: the server is closing).
+    * At MAIL, which names only our sender: a 4xx; a 5xx unless it is about the sender's
+      address (RFC 3463 X.1.x), the message (X.6.x, X.3.4 too big) or REQUIRETLS (5.7.10).
+    * At RCPT, DATA and the end of data, the subject of the enhanced code decides
+      (RFC 3463 3.1): X.3.x (mail system) and X.4.x (network and routing) are the relay's;
+      a 4xx without a subject (X.0.x, or no enhanced code) too, as a local error is; X.1.x
+      (address), X.2.x (mailbox), X.6.x (content), X.7.x (policy) and X.5.x (protocol) are
+      the mail's.  A 5xx about the recipient (550 5.1.1) is never the relay's fault, nor
+      is a 5xx without a subject.  Greylisting never is.
+    """
+    if reply.positive:
+        return False
+    if stage in SESSION_STAGES or stage == ROUTE or reply.code == 421:
+        return True
+    if _greylisting(reply) is not None:
+        return False
+    enhanced = reply.stated_enhanced
+    subject = _subject(enhanced)
+    if stage == MAIL:
+        if reply.transient:
+            return True
+        return subject not in (1, 6) and enhanced not in ("5.3.4", "5.7.10")
+    if enhanced.endswith(".3.4"):
+        return False
+    if reply.transient:
+        return subject in (0, 3, 4)
+    return subject in (3, 4)
+
+
+def _subject(enhanced: str) -> int:
+    """The subject of an RFC 3463 enhanced status code ("4.3.0" -> 3), 0 when there is none."""
+    parts = enhanced.split(".")
+    if len(parts) != 3 or not parts[1].isdigit():
+        return 0
+    return int(parts[1])
 
 
 def _default_rules() -> Classifier:

@@ -85,12 +85,13 @@ class DeliveryService(service.Service):
     seconds (what is still in flight then is simply due again at the next start)."""
 
     def __init__(self, dispatcher: Any, pool: Any, reactor: Any, grace: float = 10.0,
-                 tls_policy: Any = None) -> None:
+                 tls_policy: Any = None, relays: Any = None) -> None:
         self.dispatcher = dispatcher
         self.pool = pool
         self.reactor = reactor
         self.grace = grace
         self.tls_policy = tls_policy     # reloaded on SIGHUP (TLSPolicyReload)
+        self.relays = relays             # the RelayDeliverer, with relayhosts (for status)
 
     def startService(self) -> None:
         service.Service.startService(self)
@@ -132,22 +133,29 @@ def build_delivery(cfg: C.Config, reactor: Any, queue: Queue,
     # an MX at one of our own listening addresses (on the SMTP port) is a loop
     local_addresses = {lst.host for lst in cfg.listen
                        if lst.port == d.smtp_port and lst.host not in ("0.0.0.0", "::")}
-    router = Router(resolver, relayhost=d.relayhost, local_names={cfg.server.hostname},
-                    local_addresses=local_addresses, port=d.smtp_port)
+
+    def router(relayhost: str = "") -> Router:
+        return Router(resolver, relayhost=relayhost, local_names={cfg.server.hostname},
+                      local_addresses=local_addresses, port=d.smtp_port)
+
     helo = d.helo_name or cfg.server.hostname
-    auth = None
-    if d.relayhost_username and d.relayhost_password_file:
-        with open(d.relayhost_password_file, encoding="utf-8") as f:
-            auth = (d.relayhost_username, f.readline().rstrip("\r\n"))
-    relay_key = f"relay:{d.relayhost}"
+    # each relayhost's AUTH, by the destination of its pool keys ("relay:<relayhost>")
+    relay_auth: dict[str, tuple[tuple[str, str] | None, bool]] = {}
+    for relay in d.relayhosts:
+        auth = None
+        if relay.username and relay.password_file:
+            with open(relay.password_file, encoding="utf-8") as f:
+                auth = (relay.username, f.readline().rstrip("\r\n"))
+        # a password goes over plaintext only when the relay's tls = "none" says so
+        relay_auth[f"relay:{relay.spec}"] = (auth, relay.tls == "none")
 
     tls_policy = build_tls_policy(cfg, reactor, resolver, cache_store)
 
     def settings_for(key: Any) -> ClientSettings:
-        if key.destination == relay_key:
-            # a password goes over plaintext only when relayhost_tls = "none" says so
+        if key.destination in relay_auth:
+            auth, plaintext_auth = relay_auth[key.destination]
             base = ClientSettings(helo_name=key.helo, auth=auth,
-                                  allow_plaintext_auth=d.relayhost_tls == "none")
+                                  allow_plaintext_auth=plaintext_auth)
         else:
             base = ClientSettings(helo_name=key.helo)
         return tls_policy.client_settings(key.tls, key.mx, base, connect.plaintext(key))
@@ -162,16 +170,67 @@ def build_delivery(cfg: C.Config, reactor: Any, queue: Queue,
                           idle_timeout=d.idle_timeout,
                           initial_per_destination=d.initial_per_destination, lanes=cfg.lanes,
                           shaper=shaper)
+    rules = Classifier(extra=cfg.bounce.rules)
     # where connections come from: the [[pool]] addresses, else [delivery] source_address
     sources = SourceSelector(reactor, cfg.pools, fallback=Source(d.source_address, helo))
-    deliverer = Deliverer(router, pool, helo=helo, source=d.source_address,
-                          tls_level="may", relay_tls=d.relayhost_tls, tls_policy=tls_policy,
-                          rules=Classifier(extra=cfg.bounce.rules), sources=sources,
-                          shaper=shaper)
+    by_mx = Deliverer(router(), pool, helo=helo, source=d.source_address,
+                      tls_level="may", tls_policy=tls_policy, rules=rules, sources=sources,
+                      shaper=shaper)
+    deliverer: Any = by_mx
+    relays = None
+    if len(d.relayhosts) > 1 or (d.relayhosts and d.fallback == "mx"):
+        # failover: circuits where there is somewhere else to go
+        relays = build_relays(cfg, reactor, router, pool, helo, rules, metrics,
+                              fallback=by_mx if d.fallback == "mx" else None,
+                              sources=sources, shaper=shaper)
+        queue.events.subscribe(relays.heard, events.RetryNow)
+        deliverer = relays
+    elif d.relayhosts:     # one relayhost: all mail to it, as it always was
+        from txmta.outbound.relays import RelayTLS
+        [relay] = d.relayhosts
+        deliverer = Deliverer(router(relay.spec), pool, helo=helo, source=d.source_address,
+                              relay_tls=relay.tls, tls_policy=RelayTLS(relay.tls), rules=rules,
+                              sources=sources, shaper=shaper)
     dispatcher = Dispatcher(queue, deliverer, reactor, max_inflight=d.max_inflight,
                             metrics=metrics, lanes=cfg.lanes)
     queue.events.subscribe(dispatcher.heard, *Dispatcher.HEARS)
-    return DeliveryService(dispatcher, pool, reactor, tls_policy=tls_policy)
+    return DeliveryService(dispatcher, pool, reactor, tls_policy=tls_policy, relays=relays)
+
+
+def build_relays(cfg: C.Config, reactor: Any, router: Any, pool: Any, helo: str, rules: Any,
+                 metrics: Any, fallback: Any = None, sources: Any = None,
+                 shaper: Any = None) -> Any:
+    """The relayhosts of [delivery] relayhost, in order, each with its own router, TLS level
+    and circuit ([delivery] relay_failures, relay_failure_window, relay_cooldown,
+    relay_max_cooldown), behind one `RelayDeliverer`."""
+    from txmta.outbound.circuit import Circuit
+    from txmta.outbound.deliverer import Deliverer
+    from txmta.outbound.relays import Relay, RelayDeliverer, RelayTLS
+    d = cfg.delivery
+    relays = [Relay(r.name, r.spec,
+                    Deliverer(router(r.spec), pool, helo=helo, source=d.source_address,
+                              relay_tls=r.tls, tls_policy=RelayTLS(r.tls), rules=rules,
+                              sources=sources, shaper=shaper),
+                    Circuit(reactor, failures=d.relay_failures, window=d.relay_failure_window,
+                            cooldown=d.relay_cooldown, max_cooldown=d.relay_max_cooldown))
+              for r in d.relayhosts]
+    return RelayDeliverer(relays, reactor, fallback=fallback, rules=rules, metrics=metrics)
+
+
+class WithRelayStatus:
+    """The queue's admin face, whose `status` also has each relayhost's circuit ("relays":
+    this worker's, in order; see outbound/relays.py)."""
+
+    def __init__(self, queue: Any, relays: Any) -> None:
+        self.queue = queue
+        self.relays = relays
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.queue, name)
+
+    def status(self) -> Any:
+        return self.queue.status().addCallback(
+            lambda status: {**status, "relays": self.relays.snapshot()})
 
 
 class QueueService(service.Service):
@@ -383,7 +442,8 @@ def build(cfg: C.Config, reactor: Any, *, worker: int = 0, workers: int = 1,
     M.setup_multiprocess(metrics_dir, worker)
     metrics = M.Metrics(listeners=M.listener_labels(cfg.listen, cfg.http),
                         endpoints=M.API_ENDPOINTS, lanes=[lane.name for lane in cfg.lanes],
-                        providers=[rule.name for rule in cfg.shaping])
+                        providers=[rule.name for rule in cfg.shaping],
+                        relays=[r.name for r in cfg.delivery.relayhosts])
     # the partitions this worker takes new ids from and delivers
     owned_partitions = partition.owned(worker, workers)
     tls = None
@@ -439,14 +499,15 @@ def build(cfg: C.Config, reactor: Any, *, worker: int = 0, workers: int = 1,
     parts += [SigningReload(receiver, queue), TLSPolicyReload(delivery.tls_policy)]
     reload = build_reload(cfg, reactor, parts)
     reload.setServiceParent(top)
+    admin: Any = queue if delivery.relays is None else WithRelayStatus(queue, delivery.relays)
     if channel is None:
         from txmta.control.amp import ControlService, control_socket_path, pickup_socket_path
-        ControlService(reactor, control_socket_path(cfg.spool.path), queue).setServiceParent(top)
+        ControlService(reactor, control_socket_path(cfg.spool.path), admin).setServiceParent(top)
         ControlService(reactor, pickup_socket_path(cfg.spool.path), queue,
                        pickup=True).setServiceParent(top)
     else:
         from txmta.control.channel import WorkerControl
-        channel.queue_control = WorkerControl(queue, channel.tell_master)
+        channel.queue_control = WorkerControl(admin, channel.tell_master)
         channel.mirror = queue.suppression
         channel.reload = reload.reload
         queue.events.subscribe(channel.suppressed, events.SuppressionAdded)
