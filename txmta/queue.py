@@ -391,6 +391,9 @@ class Queue:
             updated = done.message
             left = updated if updated.unfinished else None
             self.events.publish_all(done.outbox)
+            for index, (_, reply) in sorted(until.items()):
+                if updated.recipients[index].state == QUEUED and index not in outcomes:
+                    self.events.publish(E.Postponed(updated, index, reply, at))
             self._due(left, [m for m, _ in done.new_messages])
             return left
 
