@@ -111,6 +111,7 @@ class FileSink:
             return
         old, self.out = self.out, out
         old.close()
+        LoggerSink().log.info("mail log {path} reopened", path=self.path)
 
 
 def open_file(path: str) -> IO[str]:

@@ -251,7 +251,7 @@ class Master(service.Service):
         for process in self.processes:
             if process is not None:
                 try:
-                    process.signalProcess("USR1")
+                    process.signalProcess(signal.SIGUSR1)   # names: only KILL, TERM, INT
                 except error.ProcessExitedAlready:
                     pass
 
