@@ -178,3 +178,25 @@ def test_syslog_sink_sends_each_line_with_facility_mail(monkeypatch):
     assert calls == [("open", ("txmta", syslog.LOG_PID, syslog.LOG_MAIL)),
                      ("log", (syslog.LOG_INFO, "AUTH failed: client=[192.0.2.1] "
                                                "mechanism=PLAIN user=alice worker=1"))]
+
+
+def test_maillog_for_chooses_the_sink_and_names_a_file_it_cannot_open(tmp_path):
+    """"syslog" is syslog, a path is a file reopened by path, "" the daemon's log; a file
+    that cannot be opened is a ConfigError naming log.maillog."""
+    import pytest
+    from txmta import config as C
+    from txmta.maillog import LoggerSink, SyslogSink
+    from txmta.worker import maillog_for
+
+    class Reactor(Clock):
+        def addSystemEventTrigger(self, *a):
+            pass
+
+    def cfg(where):
+        return C.load_text(f'[log]\nmaillog = "{where}"\n', "x.toml")
+    assert isinstance(maillog_for(cfg("syslog"), Reactor()).sink, SyslogSink)
+    assert isinstance(maillog_for(cfg(""), Reactor()).sink, LoggerSink)
+    sink = maillog_for(cfg(tmp_path / "mail.log"), Reactor()).sink
+    assert isinstance(sink, FileSink) and sink.path == str(tmp_path / "mail.log")
+    with pytest.raises(C.ConfigError, match=r"x.toml: log.maillog = \".*/nowhere/mail.log\": cannot open"):
+        maillog_for(cfg(tmp_path / "nowhere" / "mail.log"), Reactor())
