@@ -166,6 +166,9 @@ class FakeQueue:
                 for i, outcome, state in tried]
         left = self._store(updated)
         self.events.publish_all(told)
+        for i, (_, reply) in sorted((postponed or {}).items()):
+            if states[i].state == QUEUED and i not in outcomes:
+                self.events.publish(events.Postponed(updated, i, reply, at))
         self._publish_due(left)
         return succeed(left)
 

@@ -502,3 +502,22 @@ def test_bad_relayhost_tables_name_file_key_and_value(toml, key, value):
     prefix = f"etc/txmta.toml: {key} = {value}: " if value is not None else f"etc/txmta.toml: {key}"
     assert text.startswith(prefix), text
     assert e.value.key == key
+
+
+def test_suppression_ttl_by_category_defaults_to_a_day_for_bad_domain():
+    """bad-domain (often our own resolver failing) suppresses for 1 day, invalid-recipient
+    for 90; a table in the file is merged over those, and checked."""
+    c = config.defaults()
+    assert dict(c.suppression.ttl_by_category) == {"bad-domain": 86400.0,
+                                                   "invalid-recipient": 90 * 86400.0}
+    c = load_text('[suppression]\nttl_by_category = { "invalid-recipient" = "30d", '
+                  '"policy" = "2h" }\n')
+    assert dict(c.suppression.ttl_by_category) == {"bad-domain": 86400.0,
+                                                   "invalid-recipient": 30 * 86400.0,
+                                                   "policy": 7200.0}
+    with pytest.raises(ConfigError, match=r'suppression.ttl_by_category.*"nope": must be one of'):
+        load_text('[suppression]\nttl_by_category = { "nope" = "1d" }\n', "x.toml")
+    with pytest.raises(ConfigError, match=r'suppression.ttl_by_category.*"bad-domain": must be greater'):
+        load_text('[suppression]\nttl_by_category = { "bad-domain" = "0s" }\n', "x.toml")
+    with pytest.raises(ConfigError, match=r"suppression.ttl_by_category.*must be a table"):
+        load_text('[suppression]\nttl_by_category = "1d"\n', "x.toml")

@@ -5,6 +5,7 @@ import json
 
 from twisted.internet.task import Clock
 
+from txmta import events
 from txmta import outcome as O
 from txmta.message import Address, Envelope, Recipient
 from txmta.maillog import FileSink, MailLog
@@ -87,3 +88,115 @@ def test_a_duplicate_is_one_line_naming_the_first_id():
     record = json.loads(out.getvalue())
     assert (record["event"], record["id"], record["message_id"], record["auth"]) == \
         ("duplicate", "0151abc", "<m@x>", "app")
+
+
+def test_an_authenticated_message_names_its_sasl_username_on_the_received_line():
+    """Successful AUTH: `sasl_username=USER` on the mail log's received line (as Postfix's
+    smtpd logs it); a message without AUTH has no such field."""
+    from dataclasses import replace
+    out, clock = io.StringIO(), Clock()
+    log = MailLog(FileSink(out, clock, "text"))
+    log.received(message())
+    m = message()
+    log.received(replace(m, client={**m.client, "auth": "alice"}))
+    clock.advance(1)
+    plain, authed = out.getvalue().splitlines()
+    assert "sasl_username" not in plain
+    assert authed.endswith("tls=TLSv1.3 X sasl_username=alice")
+
+
+def test_a_failed_auth_names_the_client_and_the_user_and_nothing_a_client_can_forge():
+    """The fail2ban line: client address first, then mechanism and user; a user name with
+    spaces or control characters cannot add a field or a line."""
+    out, clock = io.StringIO(), Clock()
+    log = MailLog(FileSink(out, clock, "text"))
+    log.auth_failed("192.0.2.1", "alice", "PLAIN")
+    log.auth_failed("192.0.2.2", "x client=[198.51.100.9]\nAUTH failed: client=[198.51.100.9]",
+                    "LOGIN")
+    clock.advance(1)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2
+    assert lines[0].endswith(" AUTH failed: client=[192.0.2.1] mechanism=PLAIN user=alice")
+    assert " AUTH failed: client=[192.0.2.2] mechanism=LOGIN user=x\\x20client=" in lines[1]
+    assert lines[1].count(" ") == 5       # the stamp, "AUTH", "failed:", client, mechanism, user
+
+
+def test_a_postponed_recipient_gets_a_deferred_line_with_the_throttles_reply():
+    """A recipient of a throttled destination, not tried: status=deferred, relay=none, the
+    throttle's reply and when it is tried next."""
+    out, clock = io.StringIO(), Clock()
+    log = MailLog(FileSink(out, clock, "text"))
+    waiting = RecipientState(QUEUED, 0, 1_700_000_090.0, Reply(451, "4.7.0", "throttled"))
+    log.heard(events.Postponed(message(waiting), 0, Reply(451, "4.7.0", "throttled"),
+                               1_700_000_030.0))
+    clock.advance(1)
+    assert out.getvalue().rstrip("\n").endswith(
+        "0151abc: to=<u@example.net> relay=none delay=30.0 tls=none attempts=0 "
+        "status=deferred (451 4.7.0 throttled) next_attempt_in=60s")
+
+
+def test_reopen_writes_what_is_pending_to_the_old_file_then_opens_the_path_again(tmp_path):
+    """After logrotate renamed the file, reopen: pending lines end in the renamed file, the
+    next lines in a new file at the configured path."""
+    from txmta.maillog import open_file
+    path = str(tmp_path / "mail.log")
+    clock = Clock()
+    log = MailLog(FileSink(open_file(path), clock, "text", path=path))
+    log.auth_failed("192.0.2.1", "before", "PLAIN")
+    (tmp_path / "mail.log").rename(tmp_path / "mail.log.1")
+    log.reopen()
+    log.auth_failed("192.0.2.1", "after", "PLAIN")
+    clock.advance(1)
+    assert "user=before" in (tmp_path / "mail.log.1").read_text()
+    assert "user=after" not in (tmp_path / "mail.log.1").read_text()
+    assert "user=after" in (tmp_path / "mail.log").read_text()
+    assert (tmp_path / "mail.log").stat().st_mode & 0o777 == 0o640
+
+
+def test_reopen_keeps_the_old_file_when_the_path_cannot_be_opened(tmp_path):
+    from txmta.maillog import open_file
+    d = tmp_path / "logs"
+    d.mkdir()
+    path = str(d / "mail.log")
+    clock = Clock()
+    log = MailLog(FileSink(open_file(path), clock, "text", path=path))
+    (d / "mail.log").rename(tmp_path / "moved.log")
+    d.rmdir()
+    log.reopen()
+    log.auth_failed("192.0.2.1", "still", "PLAIN")
+    clock.advance(1)
+    assert "user=still" in (tmp_path / "moved.log").read_text()
+
+
+def test_syslog_sink_sends_each_line_with_facility_mail(monkeypatch):
+    import syslog
+    from txmta.maillog import SyslogSink
+    calls = []
+    monkeypatch.setattr(syslog, "openlog", lambda *a: calls.append(("open", a)))
+    monkeypatch.setattr(syslog, "syslog", lambda *a: calls.append(("log", a)))
+    MailLog(SyslogSink(worker=1)).auth_failed("192.0.2.1", "alice", "PLAIN")
+    assert calls == [("open", ("txmta", syslog.LOG_PID, syslog.LOG_MAIL)),
+                     ("log", (syslog.LOG_INFO, "AUTH failed: client=[192.0.2.1] "
+                                               "mechanism=PLAIN user=alice worker=1"))]
+
+
+def test_maillog_for_chooses_the_sink_and_names_a_file_it_cannot_open(tmp_path):
+    """"syslog" is syslog, a path is a file reopened by path, "" the daemon's log; a file
+    that cannot be opened is a ConfigError naming log.maillog."""
+    import pytest
+    from txmta import config as C
+    from txmta.maillog import LoggerSink, SyslogSink
+    from txmta.worker import maillog_for
+
+    class Reactor(Clock):
+        def addSystemEventTrigger(self, *a):
+            pass
+
+    def cfg(where):
+        return C.load_text(f'[log]\nmaillog = "{where}"\n', "x.toml")
+    assert isinstance(maillog_for(cfg("syslog"), Reactor()).sink, SyslogSink)
+    assert isinstance(maillog_for(cfg(""), Reactor()).sink, LoggerSink)
+    sink = maillog_for(cfg(tmp_path / "mail.log"), Reactor()).sink
+    assert isinstance(sink, FileSink) and sink.path == str(tmp_path / "mail.log")
+    with pytest.raises(C.ConfigError, match=r"x.toml: log.maillog = \".*/nowhere/mail.log\": cannot open"):
+        maillog_for(cfg(tmp_path / "nowhere" / "mail.log"), Reactor())

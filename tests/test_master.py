@@ -264,3 +264,29 @@ def test_bind_to_cpu_binds_the_process_and_its_later_threads(setting: str) -> No
     else:
         assert (got, main, thread) == (None, sorted(before), sorted(before))
     assert os.sched_getaffinity(0) == before      # the test process itself is untouched
+
+
+def test_sigusr1_is_passed_to_every_running_worker_by_number() -> None:
+    """The master's SIGUSR1 (logrotate) reaches each running worker as SIGUSR1 (by number:
+    Twisted names only KILL, TERM and INT); a worker gone meanwhile is skipped."""
+    import signal as sig
+    from twisted.internet import error as twisted_error
+    from twisted.internet.task import Clock
+    from txmta import config as C
+    from txmta.tap import Master
+
+    class Process:
+        def __init__(self, gone: bool = False) -> None:
+            self.got: list[Any] = []
+            self.gone = gone
+
+        def signalProcess(self, s: Any) -> None:
+            if self.gone:
+                raise twisted_error.ProcessExitedAlready()
+            self.got.append(s)
+
+    master = Master(C.defaults(), Clock(), [], workers=3, clock=Clock(), spawn=lambda *a, **k: None)
+    running, gone = Process(), Process(gone=True)
+    master.processes = [running, None, gone]
+    master.reopen()
+    assert running.got == [sig.SIGUSR1]

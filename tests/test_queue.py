@@ -173,6 +173,28 @@ def test_the_category_recorded_is_the_one_the_outcome_carries():
     assert sorted(spool.suppressions) == ["u1@example.net"]
 
 
+def test_a_suppression_lasts_as_long_as_its_category_says():
+    """[suppression] ttl_by_category: a bad-domain bounce (often our own resolver's doing)
+    suppresses for a day, an invalid recipient for 90 days; a category not named, the ttl."""
+    clock = Clock()
+    clock.advance(1_700_000_000)
+    spool = MemorySpool()
+    q = Queue(spool, clock, schedule=(60.0,), max_lifetime=3600.0, jitter=lambda: 0.0,
+              suppress_categories=("invalid-recipient", "bad-domain", "policy"),
+              suppression_ttl=7 * 86400.0,
+              suppression_ttls={"bad-domain": 86400.0, "invalid-recipient": 90 * 86400.0})
+    m = stored(q, clock, 3)
+    q.record(m, {0: O.PermFailed(Reply(550, "5.1.2", "no such domain"), category="bad-domain"),
+                 1: O.PermFailed(Reply(550, "5.1.1", "no such user"), category="invalid-recipient"),
+                 2: O.PermFailed(Reply(550, "5.7.1", "blocked"), category="policy")})
+    now = clock.seconds()
+    ttls = {e.address: (e.reason, e.expires - e.since) for e in spool.suppressions.values()}
+    assert ttls == {"u0@example.net": ("bad-domain", 86400.0),
+                    "u1@example.net": ("invalid-recipient", 90 * 86400.0),
+                    "u2@example.net": ("policy", 7 * 86400.0)}
+    assert all(e.since == now for e in spool.suppressions.values())
+
+
 def test_retry_after_never_goes_past_the_lifetime():
     """A reply asking for a long wait is cut at the end of the lifetime."""
     q, spool, clock, _ = queue_with(lifetime=600.0)

@@ -33,7 +33,7 @@ OK = Reply(250, "2.0.0", "OK")
 LATER = Reply(451, "4.3.0", "try later")
 NO = Reply(550, "5.1.1", "no such user")
 TOLD = (events.Received, *events.ATTEMPTED, events.Deleted, events.AdminAction, events.Due,
-        events.RetryNow)   # what every implementation tells (DSNs and suppressions: the real one)
+        events.RetryNow, events.Postponed)   # what every implementation tells (DSNs and suppressions: the real one)
 
 
 @dataclass
@@ -135,19 +135,21 @@ def test_record_with_postponed_moves_next_attempt_without_counting_an_attempt(fa
     assert left.recipients[0].next_attempt == until and left.recipients[0].attempts == 0
     assert left.recipients[0].last_reply == LATER
     assert left.recipients[1].attempts == 1 and left.recipients[1].next_attempt > face.clock.seconds()
-    assert kinds(told) == ["Deferred", "Due"] and told[0].index == 1
-    assert told[1].at == min(until, left.recipients[1].next_attempt)
+    assert kinds(told) == ["Deferred", "Postponed", "Due"] and told[0].index == 1
+    assert told[1].index == 0 and told[1].reply == LATER   # the mail log's deferred line
+    assert told[2].at == min(until, left.recipients[1].next_attempt)
     assert face.wait(q.due(face.clock.seconds(), 10)) == []
 
 
 def test_record_only_postponed_is_one_commit_with_no_attempt_event(face: Face) -> None:
-    """record() with no outcome and only postponed recipients moves them and says only Due."""
+    """record() with no outcome and only postponed recipients moves them and says that
+    (Postponed, not stored: no attempt event), then Due."""
     m = put(face, 1)
     told = heard(face)
     until = face.clock.seconds() + 300
     left = face.wait(face.queue.record(m, {}, postponed={0: (until, LATER)}))
     assert left.recipients[0].next_attempt == until and left.recipients[0].attempts == 0
-    assert told == [events.Due(until)]
+    assert told == [events.Postponed(left, 0, LATER, face.clock.seconds()), events.Due(until)]
 
 
 def test_record_expired_ends_recipients_past_their_deadline_without_an_attempt(

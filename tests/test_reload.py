@@ -218,3 +218,25 @@ def test_dkim_keys_are_reloaded_and_a_bad_key_keeps_the_running_ones(tmp_path):
     assert receiver.signer is signer
     assert "not signed" in part.prepare(load_text(""))()
     assert receiver.signer is None and queue.sign_report is None
+
+
+def test_a_reload_reopens_the_mail_log_first_even_when_the_file_does_not_load(tmp_path):
+    """SIGHUP reopens the mail log file (logrotate) before it reads the configuration, and
+    does so even when the new file is bad; a failing reopen does not stop the reload."""
+    path = tmp_path / "t.toml"
+    path.write_text("[server\n")
+    reopened: list[int] = []
+    svc = ReloadService(FakeReactor(), str(path), [Part()], reopen=lambda: reopened.append(1))
+    with capturedLogs():
+        assert svc.reload().called
+    assert reopened == [1]
+
+    def broken() -> None:
+        raise OSError("disk gone")
+    write_config(path, "mx.example.org")
+    part = Part()
+    svc = ReloadService(FakeReactor(), str(path), [part], reopen=broken)
+    with capturedLogs() as events:
+        svc.reload()
+    assert len(part.installed) == 1
+    assert any("reopening the mail log failed" in m for m in messages(events, LogLevel.critical))

@@ -286,3 +286,20 @@ def test_users_file_checker_through_the_server():
     h, c = auth_client(checker=checker)
     assert c.send(b"AUTH PLAIN " + plain(user=b"nobody") + b"\r\n") == ["535 5.7.8"]
     assert c.send(b"AUTH PLAIN " + plain() + b"\r\n") == ["235 2.7.0"]
+
+
+def test_a_failed_auth_is_told_with_the_client_the_user_and_the_mechanism_never_the_password():
+    """535 from PLAIN (bad password, or acting as someone else) and from LOGIN: the mail log
+    hears (client address, user name tried, mechanism); a success is not told."""
+    told: list[tuple[str, str, str]] = []
+    h, c = auth_client(ip=REMOTE_IP, tls=True)
+    h.factory.note_auth_failure = lambda *a: told.append(a)
+    assert c.send(b"AUTH PLAIN " + plain(password=b"wrong") + b"\r\n") == ["535 5.7.8"]
+    assert c.send(b"AUTH PLAIN " + plain(authzid=b"bob") + b"\r\n") == ["535 5.7.8"]
+    c.proto.dataReceived(b"AUTH LOGIN " + b64(b"mallory") + b"\r\n")
+    c.raw()
+    assert c.send(b64(b"guess") + b"\r\n") == ["535 5.7.8"]
+    assert c.send(b"AUTH PLAIN " + plain() + b"\r\n") == ["235 2.7.0"]
+    assert told == [(REMOTE_IP, "alice", "PLAIN"), (REMOTE_IP, "alice", "PLAIN"),
+                    (REMOTE_IP, "mallory", "LOGIN")]
+    assert not any("wrong" in a or "guess" in a or "secret" in a for t in told for a in t)

@@ -150,6 +150,26 @@ def _category(value: Any) -> str:
     return text
 
 
+# [suppression] ttl_by_category: a "bad-domain" failure often comes from our own resolver,
+# so it suppresses for a short time only
+_TTL_BY_CATEGORY = {"bad-domain": "1d", "invalid-recipient": "90d"}
+
+
+def _ttls(value: Any) -> tuple[tuple[str, float], ...]:
+    """A table category = duration, merged over the default one: ((category, seconds), ...)."""
+    if not isinstance(value, dict):
+        raise ValueError('must be a table of category = duration, e.g. { "bad-domain" = "1d" }')
+    out: dict[str, float] = {}
+    for category, duration in {**_TTL_BY_CATEGORY, **value}.items():
+        try:
+            _category(category)
+            seconds = _duration(positive=True)(duration)
+        except ValueError as e:
+            raise ValueError(f'"{category}": {e}') from None
+        out[category] = seconds
+    return tuple(sorted(out.items()))
+
+
 def _bounce_rules(value: Any) -> tuple[Any, ...]:
     from txmta.categories import parse_rules
     if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
@@ -638,6 +658,7 @@ _TABLE: dict[str, dict[str, _Key]] = {
     },
     "suppression": {
         "ttl": _Key("90d", _duration(positive=True)),
+        "ttl_by_category": _Key(_TTL_BY_CATEGORY, _ttls),
         "categories": _Key(["invalid-recipient", "bad-domain"], _list_of(_category)),
         "action": _Key("reject", _choice("reject", "drop")),
     },
@@ -798,7 +819,8 @@ class DsnConfig:
 
 @dataclass(frozen=True)
 class SuppressionConfig:
-    ttl: float = _default("suppression", "ttl")
+    ttl: float = _default("suppression", "ttl")             # manual entries, other categories
+    ttl_by_category: tuple[tuple[str, float], ...] = _default("suppression", "ttl_by_category")
     categories: tuple[str, ...] = _default("suppression", "categories")
     action: str = _default("suppression", "action")          # reject | drop
 

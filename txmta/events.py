@@ -4,8 +4,9 @@ Every state change anyone outside the queue cares about is an event value.  The 
 facts (`Received`, `Delivered`, `Deferred`, `Bounced`, `Expired`, `Suppressed`, `Deleted`,
 `AdminAction`, `DsnQueued`, `SuppressionAdded`) carry an `event_id` and are written to the
 spool's outbox in the same transaction as the change they describe; `Due` and `RetryNow`
-are signals for the dispatcher, never stored.  The queue publishes on its `EventStream`
-only after the commit fired (DESIGN invariant 3, "persist first, then tell").
+are signals for the dispatcher, `Postponed` one for the mail log, never stored.  The queue
+publishes on its `EventStream` only after the commit fired (DESIGN invariant 3, "persist
+first, then tell").
 
 Refer to them through the module (`events.Deferred`): the names are the glossary's and one
 of them is also Twisted's `Deferred`.
@@ -171,6 +172,17 @@ class SuppressionAdded:
 # -- signals (not stored) ---------------------------------------------------------------
 
 @dataclass(frozen=True)
+class Postponed:
+    """After a commit: recipient `index` was not tried because its destination is throttled;
+    it waits until `message.recipients[index].next_attempt` with `reply` as its last reply
+    (no attempt counted, so no outbox record: the mail log's "deferred" line)."""
+    message: StoredMessage
+    index: int
+    reply: Any
+    at: float
+
+
+@dataclass(frozen=True)
 class Due:
     """After a change: the earliest next attempt it left (the dispatcher's timer)."""
     at: float
@@ -187,7 +199,7 @@ class RetryNow:
 
 Committed = Union[Received, Delivered, Deferred, Bounced, Expired, Suppressed, Deleted,
                   AdminAction, DsnQueued, SuppressionAdded]
-Event = Union[Committed, Due, RetryNow]
+Event = Union[Committed, Due, RetryNow, Postponed]
 ATTEMPTED = (Delivered, Deferred, Bounced, Expired)
 TERMINAL = (Delivered, Bounced, Expired, Suppressed, Deleted)
 

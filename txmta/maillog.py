@@ -8,7 +8,15 @@ Where the lines go is the caller's choice of sink:
   namespace "txmta.maillog", with the values as structured fields;
 * `FileSink` (`[log] maillog = PATH` or "-"): our own lines, text or one JSON object per
   line, written in batches (a mail log line is not mail: it is flushed within a second,
-  not fsynced), so the busy path does not pay for a formatted, flushed log event.
+  not fsynced), so the busy path does not pay for a formatted, flushed log event.  A file
+  is reopened by `reopen()` (SIGUSR1 and SIGHUP, after logrotate renamed it);
+* `SyslogSink` (`[log] maillog = "syslog"`): the text lines to syslog, facility mail,
+  ident "txmta" with the process id, as Postfix's lines are.
+
+Besides the queue's events it tells of failed SMTP AUTH (`auth_failed`: the client address
+and the user name tried, never the password; the line etc/fail2ban/filter.d/txmta.conf
+matches) and of recipients postponed because their destination is throttled (a
+"status=deferred" line with the throttle's reply).
 
 The mail log is a subscriber of the queue's event stream: `MailLog.heard` turns the
 committed events (txmta/events.py) into lines; worker.py subscribes it.
@@ -18,6 +26,7 @@ committed events (txmta/events.py) into lines; worker.py subscribes it.
 from __future__ import annotations
 
 import json
+import os
 import time
 from typing import IO, Any, Protocol
 
@@ -47,8 +56,10 @@ class FileSink:
     text line, "worker": K in JSON); with one worker (None) lines are as they always were."""
 
     def __init__(self, out: IO[str], clock: IReactorTime, fmt: str = "text",
-                 flush_after: float = 0.5, worker: int | None = None) -> None:
+                 flush_after: float = 0.5, worker: int | None = None,
+                 path: str | None = None) -> None:
         self.out = out
+        self.path = path            # the file `out` is, reopened by `reopen`; None: stdout
         self.worker = worker
         self.clock = clock
         self.json = fmt == "json"
@@ -84,6 +95,59 @@ class FileSink:
             self._timer.cancel()
         self.flush()
 
+    def reopen(self) -> None:
+        """Write what is pending to the file open now, then open `path` again (a new file if
+        logrotate renamed the old one).  If it cannot be opened the old file stays in use."""
+        if self.path is None:
+            return
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self.flush()
+        try:
+            out = open_file(self.path)
+        except OSError as e:
+            LoggerSink().log.error("mail log {path}: cannot reopen: {error}; still writing "
+                                   "to the file open before", path=self.path, error=e)
+            return
+        old, self.out = self.out, out
+        old.close()
+        LoggerSink().log.info("mail log {path} reopened", path=self.path)
+
+
+def open_file(path: str) -> IO[str]:
+    """The mail log file, opened for appending (created 0640: it names addresses)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    return os.fdopen(fd, "a", encoding="utf-8")
+
+
+class SyslogSink:
+    """Each line at once to syslog (facility mail, priority info; ident "txmta[PID]")."""
+
+    def __init__(self, worker: int | None = None, fmt: str = "text") -> None:
+        import syslog
+        self._syslog = syslog
+        self.worker = worker
+        self.json = fmt == "json"
+        syslog.openlog("txmta", syslog.LOG_PID, syslog.LOG_MAIL)
+
+    def emit(self, fields: dict[str, Any], line: str) -> None:
+        if self.json:
+            record = dict(fields)
+            if self.worker is not None:
+                record["worker"] = self.worker
+            record["text"] = line
+            text = json.dumps(record, ensure_ascii=False, default=str)
+        else:
+            text = line + (f" worker={self.worker}" if self.worker is not None else "")
+        self._syslog.syslog(self._syslog.LOG_INFO, text)
+
+
+def printable(value: str, limit: int = 64) -> str:
+    """A value a client chose (a user name), safe on a log line: at most `limit` characters,
+    spaces and control characters escaped, so that it never looks like another field."""
+    return "".join(c if c.isprintable() and not c.isspace() else f"\\x{ord(c):02x}"
+                   for c in value[:limit])
+
 
 class MailLog:
     def __init__(self, sink: Sink | Logger | None = None) -> None:
@@ -91,7 +155,14 @@ class MailLog:
             sink = LoggerSink(sink)
         self.sink = sink
 
-    HEARS = (events.Received, events.Suppressed, *events.ATTEMPTED, events.DsnQueued)
+    HEARS = (events.Received, events.Suppressed, *events.ATTEMPTED, events.DsnQueued,
+             events.Postponed)
+
+    def reopen(self) -> None:
+        """SIGUSR1 / SIGHUP: a file sink opens its file again (after logrotate)."""
+        reopen = getattr(self.sink, "reopen", None)
+        if reopen is not None:
+            reopen()
 
     def heard(self, event: Any) -> None:
         """A line for an event of the queue's stream (subscribed to `HEARS`)."""
@@ -103,6 +174,8 @@ class MailLog:
             self.dsn(event.message, event.report)
         elif isinstance(event, events.Suppressed):
             self.suppressed(event.message, event.index)
+        elif isinstance(event, events.Postponed):
+            self.postponed(event.message, event.index, event.reply, event.at)
 
     def received(self, m: StoredMessage) -> None:
         c = m.client
@@ -116,6 +189,9 @@ class MailLog:
         if m.envelope.requiretls:
             fields["requiretls"] = True
             text += " requiretls=yes"
+        if "auth" in c:             # SMTP AUTH, as Postfix's smtpd says it
+            fields["sasl_username"] = c["auth"]
+            text += f" sasl_username={printable(c['auth'], 256)}"
         if "token" in c:            # from the HTTP API
             fields["token"] = c["token"]
             text += f" token={c['token']}"
@@ -169,6 +245,29 @@ class MailLog:
             fields["next_attempt"] = state.next_attempt
             line += f" next_attempt_in={round(state.next_attempt - now)}s"
         self.sink.emit(fields, line)
+
+    def postponed(self, m: StoredMessage, index: int, reply: Any, now: float) -> None:
+        """A recipient not tried because its destination is throttled: deferred until its
+        next attempt, with the throttle's reply (no attempt counted)."""
+        state = m.recipients[index]
+        rcpt = str(m.envelope.recipients[index].address)
+        delay = round(now - m.arrival, 3)
+        fields: dict[str, Any] = {
+            "event": "deferred", "id": m.id, "rcpt": rcpt, "relay": "none", "delay": delay,
+            "tls": "none", "attempts": state.attempts, "reply": str(reply), "postponed": True,
+            "next_attempt": state.next_attempt,
+        }
+        self.sink.emit(fields, f"{m.id}: to=<{rcpt}> relay=none delay={delay} tls=none "
+                               f"attempts={state.attempts} status=deferred ({reply}) "
+                               f"next_attempt_in={round(state.next_attempt - now)}s")
+
+    def auth_failed(self, client: str, user: str, mechanism: str) -> None:
+        """A failed SMTP AUTH: the client address and the user name tried (never the
+        password).  etc/fail2ban/filter.d/txmta.conf matches this line."""
+        fields: dict[str, Any] = {"event": "auth_failed", "client": client, "user": user,
+                                  "mechanism": mechanism}
+        self.sink.emit(fields, f"AUTH failed: client=[{client}] mechanism={mechanism} "
+                               f"user={printable(user)}")
 
     def dsn(self, m: StoredMessage, report: StoredMessage) -> None:
         """A delivery status notification was queued for message `m` (as message `report`)."""

@@ -79,7 +79,9 @@ class Queue:
                  jitter: Callable[[], float] | None = None, hostname: str = "localhost",
                  delay_warning: float = 4 * 3600.0,
                  suppress_categories: Iterable[str] = ("invalid-recipient", "bad-domain"),
-                 suppression_ttl: float = 90 * 86400.0, partitions: Iterable[int] = ALL,
+                 suppression_ttl: float = 90 * 86400.0,
+                 suppression_ttls: Mapping[str, float] | None = None,
+                 partitions: Iterable[int] = ALL,
                  events: E.EventStream | None = None, sign_report: SignReport | None = None,
                  drop_suppressed: bool = False, lanes: Lanes | None = None) -> None:
         self.spool = spool
@@ -98,6 +100,8 @@ class Queue:
         self.delay_warning = delay_warning          # 0: no delay DSNs
         self.suppress_categories = frozenset(suppress_categories)
         self.suppression_ttl = suppression_ttl
+        # how long a hard bounce of each category suppresses (others: suppression_ttl)
+        self.suppression_ttls = dict(suppression_ttls or {})
         self.suppression = SuppressionList()    # the mirror of the spool's list, a subscriber
         self.events.subscribe(lambda e: self.suppression.add(e.entry), E.SuppressionAdded)
         self.drop_suppressed = drop_suppressed
@@ -368,7 +372,8 @@ class Queue:
                 if new.state == BOUNCED and category in self.suppress_categories:
                     suppressions.append(Suppression(
                         suppression.key(str(rcpt.address)), category, at,
-                        at + self.suppression_ttl, str(outcome.reply)))
+                        at + self.suppression_ttls.get(category, self.suppression_ttl),
+                        str(outcome.reply)))
                 states[index] = new
                 tried.append((index, outcome, new.state))
             updated = replace(current, recipients=tuple(states))
@@ -391,6 +396,9 @@ class Queue:
             updated = done.message
             left = updated if updated.unfinished else None
             self.events.publish_all(done.outbox)
+            for index, (_, reply) in sorted(until.items()):
+                if updated.recipients[index].state == QUEUED and index not in outcomes:
+                    self.events.publish(E.Postponed(updated, index, reply, at))
             self._due(left, [m for m, _ in done.new_messages])
             return left
 

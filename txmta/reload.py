@@ -1,6 +1,7 @@
 """SIGHUP: reload what can change while the daemon runs.
 
-On SIGHUP the daemon reads its configuration file again and offers the new `Config` to each
+On SIGHUP the daemon first reopens its mail log file (for logrotate; SIGUSR1 does only
+that), then reads its configuration file again and offers the new `Config` to each
 reloadable part: the inbound TLS context (txmta/inbound/tlscontext.py), the DKIM keys and
 the outbound TLS policy tables (tap.py's SigningReload and TLSPolicyReload).  Each
 part builds its new state from it in a worker thread (reading files, parsing keys: nothing
@@ -48,8 +49,10 @@ class ReloadService(service.Service):
     """Installs the SIGHUP handler once the reactor runs; `reload()` does one reload."""
 
     def __init__(self, reactor: Any, config_path: str | None, parts: Sequence[Reloadable],
-                 run_in_thread: RunInThread | None = None, signum: int = signal.SIGHUP) -> None:
+                 run_in_thread: RunInThread | None = None, signum: int = signal.SIGHUP,
+                 reopen: Callable[[], None] | None = None) -> None:
         self.reactor = reactor
+        self.reopen = reopen        # the mail log file, reopened first (logrotate)
         self.config_path = config_path
         self.parts = list(parts)
         self.signum = signum
@@ -86,6 +89,11 @@ class ReloadService(service.Service):
 
     def reload(self) -> Deferred[None]:
         """Reload once (or once more after the one in progress); fires when done, never fails."""
+        if self.reopen is not None:
+            try:
+                self.reopen()
+            except Exception:
+                log.failure("reopening the mail log failed")
         if self._busy is not None:
             self._again = True
             return self._busy

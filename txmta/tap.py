@@ -7,7 +7,8 @@ socketpair, re-logs their output line by line ("worker K") into its own log, res
 worker that exits (at once; with a growing delay, up to 30 s, while it keeps dying), and
 serves the admin control socket, fanning each command out to the workers concerned
 (control/channel.py).  SIGTERM: stop restarting, SIGTERM each worker (its graceful stop),
-wait for them, exit.  SIGHUP: every worker reloads.  The master never opens the spool.
+wait for them, exit.  SIGHUP: every worker reopens its mail log file and reloads; SIGUSR1:
+every worker reopens its mail log file.  The master never opens the spool.
 
 With `workers = 1` there is no child process: the daemon builds the one worker in its own
 process, exactly as it always did.
@@ -147,6 +148,7 @@ class Master(service.Service):
         self._control: Any = None
         self._pickup: Any = None
         self._hup_previous: Any = None
+        self._usr1_previous: Any = None
 
     # -- starting and restarting workers -------------------------------------------------------
 
@@ -233,9 +235,25 @@ class Master(service.Service):
     def _install_hup(self) -> None:
         if self.running:
             self._hup_previous = signal.signal(signal.SIGHUP, self._on_hup)
+            self._usr1_previous = signal.signal(signal.SIGUSR1, self._on_usr1)
 
     def _on_hup(self, signum: int, frame: Any) -> None:
         self.reactor.callFromThread(self.reload)
+
+    def _on_usr1(self, signum: int, frame: Any) -> None:
+        self.reactor.callFromThread(self.reopen)
+        if callable(self._usr1_previous):     # twistd's own log file rotation
+            self._usr1_previous(signum, frame)
+
+    def reopen(self) -> None:
+        """SIGUSR1: every running worker reopens its mail log file (each writes its own
+        lines to it)."""
+        for process in self.processes:
+            if process is not None:
+                try:
+                    process.signalProcess(signal.SIGUSR1)   # names: only KILL, TERM, INT
+                except error.ProcessExitedAlready:
+                    pass
 
     def reload(self) -> defer.Deferred[None]:
         """SIGHUP: every running worker reloads (its own ReloadService logs what changed)."""
@@ -254,6 +272,9 @@ class Master(service.Service):
         if self._hup_previous is not None:
             signal.signal(signal.SIGHUP, self._hup_previous)
             self._hup_previous = None
+        if self._usr1_previous is not None:
+            signal.signal(signal.SIGUSR1, self._usr1_previous)
+            self._usr1_previous = None
         for k, call in enumerate(self.restarts):
             if call is not None and call.active():
                 call.cancel()

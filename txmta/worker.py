@@ -19,9 +19,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import signal
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.application import service
@@ -33,7 +34,7 @@ from txmta import events
 from txmta.inbound.policy import ServerPolicy
 from txmta.inbound.protocol import SMTPFactory
 from txmta.inbound.receiver import Receiver
-from txmta.maillog import FileSink, MailLog
+from txmta.maillog import FileSink, MailLog, SyslogSink, open_file
 from txmta.queue import Queue
 from txmta.spool.lmdb import LmdbSpool
 from txmta.tcp import AdoptedServerEndpoint, TCPServerEndpoint
@@ -291,24 +292,70 @@ class SpoolService(service.Service):
 
 
 def maillog_for(cfg: C.Config, reactor: Any, worker: int | None = None) -> MailLog:
-    """The mail log: into the daemon's log, or its own file (text or JSON lines); with
-    several workers each line names its `worker`."""
-    if not cfg.log.maillog:
+    """The mail log: into the daemon's log, syslog (facility mail), standard output or its
+    own file (text or JSON lines; reopened by `MailLog.reopen`); with several workers each
+    worker appends to it and each line names its `worker`."""
+    where = cfg.log.maillog
+    if not where:
         return MailLog()
-    out = sys.stdout if cfg.log.maillog == "-" else open(cfg.log.maillog, "a", encoding="utf-8")
-    sink = FileSink(out, reactor, cfg.log.format, worker=worker)
+    if where == "syslog":
+        return MailLog(SyslogSink(worker, cfg.log.format))
+    if where == "-":
+        sink = FileSink(sys.stdout, reactor, cfg.log.format, worker=worker)
+    else:
+        try:
+            out = open_file(where)
+        except OSError as e:
+            raise C.ConfigError(f"{cfg.path or '<defaults>'}: log.maillog = \"{where}\": "
+                                f"cannot open: {e.strerror or e}") from None
+        sink = FileSink(out, reactor, cfg.log.format, worker=worker, path=where)
     reactor.addSystemEventTrigger("after", "shutdown", sink.close)
     return MailLog(sink)
 
 
-def build_reload(cfg: C.Config, reactor: Any, parts: list[Any]) -> service.Service:
+class ReopenService(service.Service):
+    """SIGUSR1: `reopen()` (the mail log file, after logrotate renamed it), then whatever
+    handled SIGUSR1 before (twistd's own log file rotation, when it has one)."""
+
+    def __init__(self, reactor: Any, reopen: Callable[[], None]) -> None:
+        self.reactor = reactor
+        self.reopen = reopen
+        self._previous: Any = None
+        self._installed = False
+
+    def startService(self) -> None:
+        service.Service.startService(self)
+        self.reactor.callWhenRunning(self._install)   # after twistd's handlers
+
+    def _install(self) -> None:
+        if self.running and not self._installed:
+            self._previous = signal.signal(signal.SIGUSR1, self._on_signal)
+            self._installed = True
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.reactor.callFromThread(self.reopen)
+        if callable(self._previous):
+            self._previous(signum, frame)
+
+    def stopService(self) -> Any:
+        service.Service.stopService(self)
+        if self._installed:
+            signal.signal(signal.SIGUSR1, self._previous if self._previous is not None
+                          else signal.SIG_DFL)
+            self._installed = False
+        return None
+
+
+def build_reload(cfg: C.Config, reactor: Any, parts: list[Any],
+                 reopen: Callable[[], None] | None = None) -> service.Service:
     """SIGHUP re-reads cfg.path and offers it to `parts`: the inbound TLS context, the DKIM
-    keys, the outbound TLS policy tables."""
+    keys, the outbound TLS policy tables; first it calls `reopen` (the mail log file)."""
     from twisted.internet.threads import deferToThreadPool
 
     from txmta.reload import ReloadService
     return ReloadService(reactor, cfg.path, parts,
-                         run_in_thread=lambda f: deferToThreadPool(reactor, reactor.getThreadPool(), f))
+                         run_in_thread=lambda f: deferToThreadPool(reactor, reactor.getThreadPool(), f),
+                         reopen=reopen)
 
 
 def signing_for(cfg: C.Config, reactor: Any) -> tuple[Any, Any]:
@@ -461,7 +508,9 @@ def build(cfg: C.Config, reactor: Any, *, worker: int = 0, workers: int = 1,
                   max_lifetime=cfg.retry.max_lifetime, hostname=cfg.server.hostname,
                   delay_warning=cfg.dsn.delay_warning,
                   suppress_categories=cfg.suppression.categories,
-                  suppression_ttl=cfg.suppression.ttl, partitions=owned_partitions,
+                  suppression_ttl=cfg.suppression.ttl,
+                  suppression_ttls=dict(cfg.suppression.ttl_by_category),
+                  partitions=owned_partitions,
                   sign_report=signer.sign_message if signer is not None else None,
                   drop_suppressed=cfg.suppression.action == "drop", lanes=cfg.lanes)
     # the event stream's subscribers: the mail log here, the dispatcher in build_delivery,
@@ -497,9 +546,10 @@ def build(cfg: C.Config, reactor: Any, *, worker: int = 0, workers: int = 1,
     delivery.setServiceParent(top)
     parts: list[Any] = [tls] if tls is not None else []
     parts += [SigningReload(receiver, queue), TLSPolicyReload(delivery.tls_policy)]
-    reload = build_reload(cfg, reactor, parts)
+    reload = build_reload(cfg, reactor, parts, reopen=maillog.reopen)
     reload.setServiceParent(top)
     admin: Any = queue if delivery.relays is None else WithRelayStatus(queue, delivery.relays)
+    ReopenService(reactor, maillog.reopen).setServiceParent(top)
     if channel is None:
         from txmta.control.amp import ControlService, control_socket_path, pickup_socket_path
         ControlService(reactor, control_socket_path(cfg.spool.path), admin).setServiceParent(top)
@@ -520,7 +570,7 @@ def build(cfg: C.Config, reactor: Any, *, worker: int = 0, workers: int = 1,
                                    max_per_ip=cfg.server.max_connections_per_ip, counts=counts,
                                    suppression=queue.suppression,
                                    reject_suppressed=cfg.suppression.action == "reject",
-                                   metrics=metrics)
+                                   metrics=metrics, note_auth_failure=maillog.auth_failed)
         listening(reactor, factory, lst, tls, inherited[i] if inherited is not None else None
                   ).setServiceParent(top)
     if cfg.http:

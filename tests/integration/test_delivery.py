@@ -351,6 +351,22 @@ def test_flush_after_the_destination_came_back(deliverer: Callable[..., Daemon],
         wait_status(d, qid, "sent")
 
 
+def test_mail_for_a_throttled_destination_gets_a_deferred_line(
+        deliverer: Callable[..., Daemon]) -> None:
+    """The only MX is down: the first message is deferred (an attempt) and the destination
+    throttled; the next one is postponed without an attempt, and the mail log says so too:
+    status=deferred, relay=none, attempts=0, the throttle's reply."""
+    d = deliverer(schedule=("1h",))
+    first = submit(d, "sender@client.test", ["jack@down.test"], body_for("throttle-1"))
+    wait_status(d, first, "deferred")
+    second = submit(d, "sender@client.test", ["jill@down.test"], body_for("throttle-2"))
+    wait_status(d, second, "deferred")
+    [line] = [e for e in maillog_events(d) if e["id"] == second]
+    assert (line["relay"], line["attempts"]) == ("none", "0"), line
+    assert line["reply"].startswith("4"), line
+    assert int(line["next"]) > 3000, line      # the throttle lasts until the hour's retry
+
+
 def test_mx_delivery_to_postfix_smtp_sink(deliverer: Callable[..., Daemon], port: int,
                                           tmp_path: Path) -> None:
     """A real peer: 30 messages to happy.test's MX, Postfix's smtp-sink on 127.0.0.21,

@@ -616,8 +616,9 @@ class SMTPServer(Protocol, TimeoutMixin):
             return Reply(501, "5.5.2", "Invalid PLAIN authentication data")
         authzid, user, password = parts
         if authzid and authzid != user:
+            self._auth_failed(user, "PLAIN")
             return Reply(535, "5.7.8", "Authentication credentials invalid")
-        return self._check(user, password)
+        return self._check(user, password, "PLAIN")
 
     def _auth_login_user(self, data: bytes) -> Reply:
         raw = self._b64(data)
@@ -628,13 +629,24 @@ class SMTPServer(Protocol, TimeoutMixin):
             pw = self._b64(pdata)
             if pw is None:
                 return Reply(501, "5.5.2", "Invalid base64 data")
-            return self._check(raw, pw)
+            return self._check(raw, pw, "LOGIN")
 
         self._auth_step = password_step
         self._mode = "auth"
         return Reply(334, "", "UGFzc3dvcmQ6")  # "Password:"
 
-    def _check(self, user: bytes, password: bytes) -> Deferred[Reply]:
+    def _auth_failed(self, user: bytes | str, mechanism: str) -> None:
+        """Tell the mail log: the client and the user name tried, never the password."""
+        if isinstance(user, bytes):
+            user = user.decode("utf-8", "replace")
+        ip = self.session.client_ip if self.session else ""
+        if self.factory.note_auth_failure is not None:
+            self.factory.note_auth_failure(ip, user, mechanism)
+        else:
+            log.info("AUTH failed: client=[{ip}] mechanism={mechanism} user={user!r}",
+                     ip=ip, mechanism=mechanism, user=user)
+
+    def _check(self, user: bytes, password: bytes, mechanism: str) -> Deferred[Reply]:
         assert self.factory.checker is not None
         try:
             username = user.decode("utf-8")
@@ -654,6 +666,7 @@ class SMTPServer(Protocol, TimeoutMixin):
             if not f.check(UnauthorizedLogin):
                 log.failure("auth check failed", f)
                 return Reply(454, "4.7.0", "Temporary authentication failure")
+            self._auth_failed(user, mechanism)
             return Reply(535, "5.7.8", "Authentication credentials invalid")
 
         return d.addCallbacks(ok, bad)
@@ -669,8 +682,11 @@ class SMTPFactory(Factory):
                  max_connections: int = 1000, max_per_ip: int = 50,
                  counts: dict[str, int] | None = None, suppression: Any = None,
                  reject_suppressed: bool = True, metrics: Any = None,
-                 local_user: str | None = None) -> None:
+                 local_user: str | None = None,
+                 note_auth_failure: Callable[[str, str, str], None] | None = None) -> None:
         self.policy = policy
+        # a failed AUTH (client address, user name tried, mechanism): the mail log's line
+        self.note_auth_failure = note_auth_failure
         self.local_user = local_user              # txmta-sendmail -bs: the user on stdin
         self.listener = listener
         self.receiver = receiver
