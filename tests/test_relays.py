@@ -95,7 +95,8 @@ class FallbackByMX:
     def __init__(self) -> None:
         self.calls: list[list[int]] = []
 
-    def deliver(self, env: Envelope, indices: Any, body: Any, lane: str = "") -> Any:
+    def deliver(self, env: Envelope, indices: Any, body: Any, lane: str = "", token: str = "",
+                pinned: Any = None) -> Any:
         self.calls.append(list(indices))
         return succeed(AttemptResult({i: O.Delivered(OK, "mx.d.example.net") for i in indices},
                                      "d.example.net", Reply(451, "4.4.1", "an MX down")))

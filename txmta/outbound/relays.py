@@ -111,7 +111,7 @@ class RelayDeliverer:
 
     @inlineCallbacks
     def deliver(self, envelope: Envelope, indices: Sequence[int], body: Any,
-                lane: str = "") -> Any:
+                lane: str = "", token: str = "", pinned: Any = None) -> Any:
         """Fires with an AttemptResult for the recipients `indices`; never errbacks for
         anything a relay does."""
         pending = list(indices)
@@ -125,7 +125,8 @@ class RelayDeliverer:
                 continue
             tried = True
             try:
-                result = yield relay.deliverer.deliver(envelope, pending, body, lane=lane)
+                result = yield relay.deliverer.deliver(envelope, pending, body, lane=lane,
+                                                       token=token, pinned=pinned)
             except Exception:
                 relay.circuit.released()
                 raise
@@ -141,7 +142,8 @@ class RelayDeliverer:
         if tried:
             return AttemptResult(outcomes, self.name, site)
         if self.fallback is not None:
-            result = yield self.fallback.deliver(envelope, pending, body, lane=lane)
+            result = yield self.fallback.deliver(envelope, pending, body, lane=lane,
+                                                 token=token, pinned=pinned)
             return AttemptResult(result.outcomes, self.name, None)
         reply = self._unavailable()
         verdict = O.classify(reply, O.CONNECT, True, self.rules)
