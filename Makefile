@@ -23,18 +23,20 @@ run: venv
 check-config: venv
 	$(VENV)/bin/txmta check-config $(CONFIG)
 
-# Debian packages the tests use: smtp-source/smtp-sink (postfix), swaks, and chromium (the
-# dashboard's headless browser test).
-# The postfix daemon is never started: policy-rc.d forbids service starts during install.
+# Debian packages the tests use: smtp-source/smtp-sink (postfix), swaks, chromium (the
+# dashboard's headless browser test) and redis-server (the [cluster] tests start their own
+# on a loopback port).
+# Neither the postfix nor the redis daemon is started: policy-rc.d forbids service starts
+# during install.
 debs:
 	@if ! command -v smtp-sink >/dev/null || ! command -v swaks >/dev/null || ! command -v openssl >/dev/null \
-	        || ! [ -x /usr/bin/chromium ] \
+	        || ! [ -x /usr/bin/chromium ] || ! command -v redis-server >/dev/null \
 	        || ! perl -MNet::SSLeay -MIO::Socket::SSL -e1 2>/dev/null; then \
-	    if [ "$$(id -u)" != 0 ]; then echo "need root to install postfix, swaks (with Net::SSLeay, IO::Socket::SSL), openssl, chromium" >&2; exit 1; fi; \
+	    if [ "$$(id -u)" != 0 ]; then echo "need root to install postfix, swaks (with Net::SSLeay, IO::Socket::SSL), openssl, chromium, redis-server" >&2; exit 1; fi; \
 	    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; \
 	    echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections; \
 	    DEBIAN_FRONTEND=noninteractive apt-get update -q && \
-	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends postfix swaks openssl libnet-ssleay-perl libio-socket-ssl-perl chromium; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends postfix swaks openssl libnet-ssleay-perl libio-socket-ssl-perl chromium redis-server; \
 	fi
 
 test: venv debs

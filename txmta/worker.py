@@ -404,6 +404,17 @@ def build(cfg: C.Config, reactor: Any, *, worker: int = 0, workers: int = 1,
         hooks.setServiceParent(top)
         queue.events.subscribe(hooks.heard, events.Received, *events.ATTEMPTED,
                                events.Suppressed)
+    # [cluster]: the rate limiter and connection leases delivery may draw from (shared in
+    # Redis, or this process's own), and the sharing of the suppression list (worker 0)
+    from txmta import cluster
+    shared = cluster.build(cfg, reactor, worker=worker, workers=workers)
+    if shared.service is not None:
+        shared.service.setServiceParent(top)
+    if shared.suppression is not None:
+        shared.suppression.attach(queue, channel.tell_master if channel is not None else None)
+        if channel is not None:
+            channel.heard = shared.suppression.local_changes
+    top.shared = shared                   # type: ignore[attr-defined]
     receiver = Receiver(queue, cfg.server.hostname, reactor, signer, run_signing,
                         lanes=cfg.lanes,
                         listener_lanes={l.address: l.lane for l in cfg.listen if l.lane})
