@@ -197,7 +197,9 @@ def test_a_dead_nodes_leases_lapse_a_renewed_lease_does_not(reactor: EPollReacto
     clock.advance(6.0)           # 31 s: the dead node's lease lapsed, alive's was renewed at 25
     assert result(reactor, other.acquire("k", 2))
     assert not result(reactor, other.acquire("k", 2))
-    alive.stop()
+    alive.stop()                 # a clean stop gives its lease back at once
+    pump(reactor, lambda: redis.cli("ZCARD", "txmta:lease:k") == 1)
+    assert result(reactor, other.acquire("k", 2))
 
 
 def test_redis_down_falls_back_to_a_share_then_catches_up(reactor: EPollReactor,
@@ -340,3 +342,82 @@ def test_the_log_position_survives_a_restart(reactor: EPollReactor, redis: Redis
         assert not c.listed("one@dest.test")     # read from its position, not from the start
     finally:
         result(reactor, c.sync.stop())
+
+
+TLS_CLIENT = """
+import sys
+from twisted.internet import defer, task
+from txmta.cluster.redis import Connection, parse_url
+
+@defer.inlineCallbacks
+def main(reactor, url, ca_file):
+    c = Connection(parse_url(url), reactor, ca_file=ca_file)
+    c.start()
+    d = c.when_up()
+    timeout = reactor.callLater(5, d.cancel)
+    try:
+        yield d
+    except defer.CancelledError:
+        print("not up")
+        return
+    timeout.cancel()
+    print((yield c.call("SET", "k", "v")))
+    info = yield c.call("CLIENT", "INFO")
+    print("db=" + info.split(" db=")[1].split()[0])
+    yield c.stop()
+
+task.react(main, sys.argv[1:])
+"""
+
+
+def test_tls_password_and_database(tmp_path: Path) -> None:
+    """rediss:// with a password and a database number: the server's certificate is checked
+    against ca_file (and must name the host), AUTH and SELECT are sent before any command.
+    (The client runs in a process of its own, on a running reactor: the TLS handshake does
+    not complete on a reactor iterated by hand.)"""
+    import datetime
+    import ipaddress
+    import os
+    import subprocess
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    from tlscerts import CA, Issued
+    ca = CA()
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "redis")]))
+            .issuer_name(ca.cert.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=2))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .sign(ca.key, hashes.SHA256()))
+    cert_file, key_file = Issued(cert, key).write(tmp_path, "redis")
+    ca_file, other_ca = tmp_path / "ca.pem", tmp_path / "other-ca.pem"
+    ca_file.write_bytes(ca.pem)
+    other_ca.write_bytes(CA().pem)
+    port = RedisServer().port
+    server = RedisServer(workdir=tmp_path, extra=(
+        "--tls-port", str(port), "--tls-cert-file", str(cert_file), "--tls-key-file",
+        str(key_file), "--tls-auth-clients", "no", "--requirepass", "s3cret"))
+    server.start()           # (its plain port answers the harness's PING)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(Path(__file__).parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
+
+    def client(ca: Path) -> list[str]:
+        out = subprocess.run([sys.executable, "-c", TLS_CLIENT,
+                              f"rediss://:s3cret@127.0.0.1:{port}/5", str(ca)],
+                             env=env, capture_output=True, text=True, timeout=30)
+        return out.stdout.split()
+    try:
+        assert client(ca_file) == ["OK", "db=5"]
+        assert server.cli("EXISTS", "k", password="s3cret") == 0     # not in db 0
+        assert client(other_ca) == ["not", "up"]     # a certificate not from ca_file
+    finally:
+        server.stop()

@@ -155,8 +155,13 @@ class RedisConnectionLeases:
         self._renewal.start(self.ttl / 3.0, now=False)
 
     def stop(self) -> None:
+        """Stop renewing and give back what is still held (lapsing by expiry otherwise)."""
         if self._renewal.running:
             self._renewal.stop()
+        if self.connection.up:
+            for key, members in self.held.items():
+                self.connection.call("ZREM", self._key(key), *members).addErrback(lambda f: None)
+        self.held = {}
 
     def _key(self, key: str) -> str:
         return f"{self.prefix}lease:{key}"
