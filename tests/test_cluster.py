@@ -421,3 +421,13 @@ def test_tls_password_and_database(tmp_path: Path) -> None:
         assert client(other_ca) == ["not", "up"]     # a certificate not from ca_file
     finally:
         server.stop()
+
+
+def test_a_redis_error_falls_back_too(reactor: EPollReactor, redis: RedisServer) -> None:
+    """A Redis that answers with an error (here: a key of the wrong type) is no budget to
+    draw from: that call gets this process's share instead of failing delivery."""
+    limiter = RedisRateLimiter(connect(reactor, redis), divisor=2)
+    redis.cli("HSET", "txmta:rate:k", "x", "1")
+    assert result(reactor, limiter.acquire("k", 4.0, 1, 50.0)) == 0.0
+    assert result(reactor, limiter.acquire("k", 4.0, 1, 50.0)) == 0.5     # 2/s: its half
+    assert limiter.fallback.active

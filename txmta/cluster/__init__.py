@@ -19,7 +19,7 @@ limits fall back to 1/(nodes x workers) of each limit in every worker (cluster/l
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 from twisted.application import service
 
@@ -35,6 +35,10 @@ class Shared:
     leases: ConnectionLeases
     suppression: Any = None         # a SuppressionSync, on worker 0 of a cluster
     service: Any = None             # an IService to start with the worker
+
+    def __iter__(self) -> Iterator[Any]:
+        """`rate_limiter, leases, suppression = cluster.build(...)`."""
+        return iter((self.rate_limiter, self.leases, self.suppression))
 
 
 class ClusterService(service.Service):

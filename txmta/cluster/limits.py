@@ -14,7 +14,8 @@ expired members, counts the rest against the limit and adds one.  The holder ren
 leases every third of `ttl` and removes one on `release`; a node that dies stops renewing,
 and its leases lapse after `ttl` at most.
 
-While Redis is down (not connected, or no answer within the connection's timeout), both
+While Redis is down (not connected, no answer within the connection's timeout, or an error
+such as a read-only replica or a full memory), both
 fall back to this process's own state with its share of each limit: the rate and the
 connection limit divided by `divisor` (the configured node count times the workers of this
 node), never below one connection or one unit of burst.  They log when that starts and
@@ -34,7 +35,7 @@ from twisted.internet import defer
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from txmta.cluster.redis import Connection, Unavailable
+from txmta.cluster.redis import Connection
 from txmta.limits import LocalRateLimiter
 
 log = Logger(namespace="txmta.cluster")
@@ -119,7 +120,6 @@ class RedisRateLimiter:
             return float(wait)
 
         def failed(f: Any) -> float:
-            f.trap(Unavailable)
             self.fallback.start(f.getErrorMessage())
             return self._local(key, rate, burst, now)
         return d.addCallbacks(shared, failed)
@@ -184,7 +184,6 @@ class RedisConnectionLeases:
             return False
 
         def failed(f: Any) -> bool:
-            f.trap(Unavailable)
             self.fallback.start(f.getErrorMessage())
             return self._local(key, limit, member)
         return d.addCallbacks(shared, failed)
