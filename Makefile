@@ -50,15 +50,19 @@ test-unit: venv
 # bench: e.g. 20000 messages relayed while the daemon is killed 10 times); SOAK=0 skips them.
 # BENCH_ARGS replaces the arguments of bench/run.py (default: --profile).  Then bench/api.py:
 # the HTTP API beside SMTP intake (wrk) and webhook events/s; API=0 skips it.  Then
-# bench/lanes.py: transactional latency behind a bulk backlog; LANES=0 skips it.
+# bench/lanes.py: transactional latency behind a bulk backlog; LANES=0 skips it.  Then
+# bench/cluster.py: SMTP intake with [cluster] (a local redis-server) on and off; CLUSTER=0
+# skips it.
 SOAK ?= 1
 API ?= 1
 LANES ?= 1
+CLUSTER ?= 1
 BENCH_ARGS ?= --profile
 bench: venv debs benchdebs $(VENV)/bin/py-spy
 	$(PY) bench/run.py $(BENCH_ARGS)
 	@if [ "$(API)" = 1 ]; then $(PY) bench/api.py; fi
 	@if [ "$(LANES)" = 1 ]; then $(PY) bench/lanes.py; fi
+	@if [ "$(CLUSTER)" = 1 ]; then $(PY) bench/cluster.py; fi
 	@if [ "$(SOAK)" = 1 ]; then $(MAKE) --no-print-directory soak; fi
 
 # what only the benchmark needs: wrk, the HTTP load of bench/api.py
