@@ -4,8 +4,9 @@ Every state change anyone outside the queue cares about is an event value.  The 
 facts (`Received`, `Delivered`, `Deferred`, `Bounced`, `Expired`, `Suppressed`, `Deleted`,
 `AdminAction`, `DsnQueued`, `SuppressionAdded`) carry an `event_id` and are written to the
 spool's outbox in the same transaction as the change they describe; `Due` and `RetryNow`
-are signals for the dispatcher, `SuppressionChanged` one for the cluster, never stored.  The queue publishes on its `EventStream`
-only after the commit fired (DESIGN invariant 3, "persist first, then tell").
+are signals for the dispatcher, `SuppressionChanged` one for the cluster, never stored.
+The queue publishes on its `EventStream` only after the commit fired (DESIGN invariant 3,
+"persist first, then tell").
 
 Refer to them through the module (`events.Deferred`): the names are the glossary's and one
 of them is also Twisted's `Deferred`.
