@@ -1,5 +1,5 @@
 """One "node" drawing from a shared rate limit, as a process of its own (for
-test_cluster.py): `python cluster_rate.py URL NODES KEY RATE BURST SECONDS`.
+test_cluster_nodes.py): `python cluster_rate.py URL NODES KEY RATE BURST SECONDS`.
 
 Builds the shared parts the way a txmta worker does (`txmta.cluster.build` with a
 [cluster] configuration), then uses the limiter like a sender: acquire one unit, wait what

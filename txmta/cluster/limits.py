@@ -22,7 +22,7 @@ node), never below one connection or one unit of burst.  They log when that star
 ends.  When Redis is back the limiter uses it again, and the leases held meanwhile are
 added to Redis at once (the renewal), so the counts catch up.
 """
-# test: tests/test_cluster.py
+# test: tests/test_cluster.py, tests/integration/test_cluster_nodes.py
 
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ check at RCPT never waits on Redis.  This module only carries changes between no
 Entries removed on another node while this one could not read the log for longer than the
 log reaches back are not removed here (the shared list no longer names them).
 """
-# test: tests/test_cluster.py, tests/integration/test_cluster.py
+# test: tests/test_cluster.py, tests/integration/test_cluster_nodes.py
 
 from __future__ import annotations
 
