@@ -533,11 +533,13 @@ class TxMTA:
     """txmta with `[server] workers = workers` (1: one process, no master)."""
 
     def __init__(self, rundir, port, sink_port, workers=1, cpus=None, extra_server=None,
-                 name=None):
+                 name=None, extra_sections=None):
         self.rundir, self.port, self.sink_port = rundir, port, sink_port
         self.workers, self.cpus = workers, cpus
         self.name = name or "txmta-w%d" % workers
         self.extra_server = dict({"workers": workers}, **(extra_server or {}))
+        # other tables: {"intake": {"dedupe_window": '"0"'}} (TOML values)
+        self.extra_sections = extra_sections or {}
         self.proc = None
         self.conf = os.path.join(rundir, "txmta.toml")
         self.spool = os.path.join(rundir, "spool")
@@ -580,6 +582,8 @@ class TxMTA:
             # a mail log file, as Postfix's maillog_file below: each MTA writes its mail log
             # to a file of its own (txmta's default sends the lines through the daemon log)
             "", "[log]", 'maillog = "%s"' % os.path.join(self.rundir, "maillog"), ""]
+        for name, table in self.extra_sections.items():
+            lines += ["[%s]" % name] + ["%s = %s" % kv for kv in table.items()] + [""]
         with open(self.conf, "w") as f:
             f.write("\n".join(lines))
 
@@ -861,13 +865,15 @@ class Bench:
         os.chmod(rundir, 0o755)
         if name.startswith("txmta"):
             # "txmta-wN": N workers, [server] cpu_affinity as configured (default "auto");
-            # "txmta-wN-free": the same with cpu_affinity = "none" (the kernel places them)
-            base, free, _ = name.partition("-free")
-            workers = int(base.rpartition("-w")[2]) if "-w" in base else 1
+            # "txmta-wN-free": the same with cpu_affinity = "none" (the kernel places them);
+            # "...-nodedupe": the same with [intake] dedupe_window = "0" (the check off)
+            workers, free, nodedupe = parse_variant(name)
             extra = dict(self.args.txmta_server, **kw.get("extra_server", {}))
             if free:
                 extra["cpu_affinity"] = '"none"'
             kw["extra_server"] = extra
+            if nodedupe:
+                kw["extra_sections"] = {"intake": {"dedupe_window": '"0"'}}
             return TxMTA(rundir, self.args.port, self.args.sink_port, workers=workers, cpus=cpus,
                          name=name, **kw)
         return Postfix(rundir, self.args.port, self.args.sink_port, cpus=cpus,
@@ -1254,12 +1260,24 @@ def med(vals):
     return statistics.median(vals) if vals else None
 
 
+def parse_variant(name):
+    """(workers, free, nodedupe) of a txmta variant's name: txmta-wN[-free][-nodedupe]."""
+    base, nodedupe, _ = name.partition("-nodedupe")
+    base, free, _ = base.partition("-free")
+    return (int(base.rpartition("-w")[2]) if "-w" in base else 1), bool(free), bool(nodedupe)
+
+
+def variant_name(workers, free=False, nodedupe=False):
+    return "txmta-w%d%s%s" % (workers, "-free" if free else "", "-nodedupe" if nodedupe else "")
+
+
 def variant_key(name):
-    """postfix first, then txmta by worker count, each bound (cpu_affinity auto) before free."""
+    """postfix first, then txmta by worker count, each bound (cpu_affinity auto) before free,
+    each with the duplicate check (the default) before without."""
     if name == "postfix":
-        return (0, 0, 0)
-    base, free, _ = name.partition("-free")
-    return (1, int(base.rpartition("-w")[2]) if "-w" in base else 1, 1 if free else 0)
+        return (0, 0, 0, 0)
+    workers, free, nodedupe = parse_variant(name)
+    return (1, workers, 1 if free else 0, 1 if nodedupe else 0)
 
 
 THROUGHPUT_MODES = ("1/msg", "reuse", "e2e-1/msg", "e2e-reuse")
@@ -1332,9 +1350,14 @@ def summarize(results, args):
         cpus, mode, name = row["cpus"], row["mode"], row["mta"]
         if name != "postfix":
             row["vs_postfix"], row["vs_postfix_paired"] = ratio(row, index.get((cpus, mode, "postfix")))
-            w1 = "txmta-w1-free" if name.endswith("-free") else "txmta-w1"
+            workers, free, nodedupe = parse_variant(name)
+            w1 = variant_name(1, free, nodedupe)
             if name != w1:
                 row["vs_w1"], row["vs_w1_paired"] = ratio(row, index.get((cpus, mode, w1)))
+            if not nodedupe:        # the duplicate check on / off, same run
+                off = index.get((cpus, mode, variant_name(workers, free, True)))
+                if off is not None:
+                    row["vs_nodedupe"], row["vs_nodedupe_paired"] = ratio(row, off)
         if cpus != args.cpus[0]:
             row["vs_cpus0"], _ = ratio(row, index.get((args.cpus[0], mode, name)))
     return rows
@@ -1343,7 +1366,7 @@ def summarize(results, args):
 def check_targets(rows, args):
     """The issue's targets, for the txmta variant with the most workers on all CPUs."""
     txmta = sorted({r["mta"] for r in rows if r["mta"] != "postfix"}, key=variant_key)
-    bound = [t for t in txmta if not t.endswith("-free")]   # the default configuration
+    bound = [t for t in txmta if not parse_variant(t)[1] and not parse_variant(t)[2]]
     txmta = bound or txmta
     if not txmta or "all" not in args.cpus:
         return []
@@ -1516,6 +1539,9 @@ def parse_args():
     ap.add_argument("--affinity", default="auto",
                     help="txmta's [server] cpu_affinity per variant: auto, none or both "
                          "(auto,none); none adds columns txmta-wN-free")
+    ap.add_argument("--dedupe", default="on",
+                    help="txmta's [intake] dedupe_window per variant: on (the default, 24h), "
+                         "off (\"0\") or both (on,off); off adds columns txmta-wN-nodedupe")
     ap.add_argument("--txmta-server", action="append", default=[], metavar="KEY=VALUE",
                     help="an extra [server] setting for every txmta variant (TOML value, e.g. "
                          "max_connections_per_ip=100); repeatable")
@@ -1587,8 +1613,11 @@ def parse_args():
     affinity = [a.strip() for a in args.affinity.split(",") if a.strip()]
     if not affinity or set(affinity) - {"auto", "none"}:
         ap.error("--affinity: a comma list of auto and none")
-    args.variants = ["postfix"] + ["txmta-w%d%s" % (w, "" if a == "auto" else "-free")
-                                   for w in workers for a in affinity]
+    dedupe = [d.strip() for d in args.dedupe.split(",") if d.strip()]
+    if not dedupe or set(dedupe) - {"on", "off"}:
+        ap.error("--dedupe: a comma list of on and off")
+    args.variants = ["postfix"] + [variant_name(w, a == "none", d == "off")
+                                   for w in workers for a in affinity for d in dedupe]
     if args.only:
         wanted = [x.strip() for x in args.only.split(",") if x.strip()]
         for x in wanted:
@@ -1753,6 +1782,17 @@ def main():
         print("### End-to-end latency at a steady %g msg/s (relayhost = bench/pysink.py)\n"
               % args.lat_rate)
         print(markdown_latency(out["summary"]))
+        print()
+    dedupe = [r for r in out["summary"] if r.get("vs_nodedupe") is not None]
+    if dedupe:
+        print("### The duplicate check, on / off ([intake] dedupe_window = \"24h\" / \"0\")\n")
+        for r in dedupe:
+            off = variant_name(parse_variant(r["mta"])[0], parse_variant(r["mta"])[1], True)
+            print("- %s, %s, %s: %s vs %s msg/s (%s): %.3f of off's median (per run: %s)" % (
+                MODE_NAMES[r["mode"]], cpus_label(r["cpus"]), r["mta"], stat(r["rate"]),
+                stat([x for x in out["summary"] if (x["cpus"], x["mode"], x["mta"]) ==
+                      (r["cpus"], r["mode"], off)][0]["rate"]), off, r["vs_nodedupe"],
+                ", ".join("%.3f" % x for x in r["vs_nodedupe_paired"])))
         print()
     if out["targets"]:
         print("### Targets (%s, all CPUs)\n" % out["targets"][0]["mta"])

@@ -100,6 +100,15 @@ class FakeQueue:
                 found.append((min(due), m.id, m))
         return succeed([m for _, _, m in sorted(found, key=lambda t: t[:2])][:limit])
 
+    def due_groups(self, now: float, groups: Any, exclude: Iterable[str] = ()
+                   ) -> Deferred[list[list[StoredMessage]]]:
+        skip, out = set(exclude), []
+        for classes, limit in groups:
+            found = self.due(now, limit, skip, classes).result if limit > 0 else []
+            skip.update(m.id for m in found)
+            out.append(found)
+        return succeed(out)
+
     def next_due(self, exclude: Iterable[str] = (), classes: Any = None
                  ) -> Deferred[float | None]:
         skip = set(exclude)
@@ -214,6 +223,10 @@ class FakeQueue:
     def delete(self, message_id: str) -> Deferred[bool]:
         return self._change(message_id, lambda r, now: replace(r, state=DELETED)
                             if r.state in (QUEUED, HELD) else r, "deleted")
+
+    def pickup(self, message_id: str) -> Deferred[bool]:
+        self.events.publish(events.Due(self.clock.seconds()))
+        return succeed(True)
 
     def flush(self, message_id: str | None = None, domain: str | None = None) -> Deferred[int]:
         if message_id is not None:

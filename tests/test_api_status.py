@@ -51,9 +51,19 @@ def test_lookup_keys_fit_lmdb_and_never_share_a_prefix(kind, a, b, when):
 
 def test_lookup_keys_of_a_message_lower_case_the_recipient(make_message):
     m = message(make_message, "Bob@Example.org", "bob@example.org", tag="Welcome")
+    sender = {lookup_key(b"s", str(m.envelope.sender).lower(), 1000.0, m.id)}
     assert lookup_keys(m) == {lookup_key(b"r", "bob@example.org", 1000.0, m.id),
-                              lookup_key(b"t", "Welcome", 1000.0, m.id)}
-    assert len(lookup_keys(message(make_message, "a@example.org"))) == 1   # no tag: no entry
+                              lookup_key(b"t", "Welcome", 1000.0, m.id)} | sender
+    # no tag: no entry
+    assert len(lookup_keys(message(make_message, "a@example.org"))) == 1 + len(sender)
+
+
+def test_lookup_keys_have_the_sender_lower_cased_but_not_the_null_sender(make_message):
+    m = message(make_message, "a@example.org")
+    m = replace(m, envelope=replace(m.envelope, sender=Address("App", "Example.ORG")))
+    assert lookup_key(b"s", "app@example.org", 1000.0, m.id) in lookup_keys(m)
+    null = replace(m, envelope=replace(m.envelope, sender=Address("", "")))
+    assert lookup_keys(null) == {lookup_key(b"r", "a@example.org", 1000.0, m.id)}
 
 
 def test_search_by_recipient_tag_and_state(open_lmdb, wait, make_message):

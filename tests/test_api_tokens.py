@@ -129,7 +129,14 @@ def test_cli_api_token(tmp_path, capsys):
 
 def test_check_config_reads_the_tokens_file(tmp_path, capsys):
     cfg = tmp_path / "c.toml"
-    cfg.write_text(f'[[http]]\naddress = "127.0.0.1:8025"\n[api]\ntokens = "{tmp_path}/tokens"\n')
+    import socket
+    ports = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    cfg.write_text(f'[[http]]\naddress = "127.0.0.1:{ports[0]}"\n[api]\ntokens = "{tmp_path}/tokens"\n'
+                   f'[[listen]]\naddress = "127.0.0.1:{ports[1]}"\n')
     assert cli.main(["check-config", str(cfg)]) == 1
     assert "api.tokens" in capsys.readouterr().err
     (tmp_path / "tokens").write_text("bad line here\n")

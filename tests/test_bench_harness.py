@@ -133,3 +133,32 @@ def test_sampler_counts_cpu_of_a_child_from_its_reading_at_start():
     finally:
         child.kill()
         child.wait()
+
+
+def test_dedupe_off_variants_are_parsed_ordered_and_compared_in_the_same_run():
+    """--dedupe on,off: txmta-wN-nodedupe runs with [intake] dedupe_window = "0"; the row
+    with the check on gets its ratio to the one without (medians and per repetition)."""
+    assert run.parse_variant("txmta-w2-free-nodedupe") == (2, True, True)
+    assert run.parse_variant("txmta-w1") == (1, False, False)
+    assert run.variant_name(2, True, True) == "txmta-w2-free-nodedupe"
+    assert sorted(["txmta-w1-nodedupe", "postfix", "txmta-w1"], key=run.variant_key) == [
+        "postfix", "txmta-w1", "txmta-w1-nodedupe"]
+    results = []
+    for i, (on, off) in enumerate([(960, 1000), (990, 1000), (1000, 1010)], 1):
+        results += [result("txmta-w1", "reuse", on, run_=i),
+                    result("txmta-w1-nodedupe", "reuse", off, run_=i)]
+    rows = {r["mta"]: r for r in run.summarize(results, args(cpus=["all"], modes=["reuse"]))}
+    assert rows["txmta-w1"]["vs_nodedupe"] == pytest.approx(990 / 1000)   # medians
+    assert rows["txmta-w1"]["vs_nodedupe_paired"] == pytest.approx([0.96, 0.99, 1000 / 1010])
+    assert "vs_nodedupe" not in rows["txmta-w1-nodedupe"]
+
+
+def test_a_nodedupe_variant_turns_the_check_off_in_its_config(tmp_path):
+    bench = run.Bench(argparse.Namespace(workdir=str(tmp_path), txmta_server={}, port=2525,
+                                         sink_port=2501))
+    mta = bench.new_mta("txmta-w1-nodedupe", "t")
+    mta.configure()
+    assert '[intake]\ndedupe_window = "0"' in mta.settings()
+    mta = bench.new_mta("txmta-w1", "t")
+    mta.configure()
+    assert "dedupe_window" not in mta.settings()

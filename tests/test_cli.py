@@ -7,9 +7,11 @@ import io
 import json
 import socket
 import threading
+from pathlib import Path
 from calendar import timegm
 
 import pytest
+from typing import Any
 from twisted.protocols import amp
 
 from txmta import cli
@@ -153,9 +155,71 @@ def history_conf(conf, tmp_path):
 # -- check-config -------------------------------------------------------------------------
 
 def test_check_config_ok_prints_file_ok(capsys):
-    """A valid file prints `FILE: OK` and exits 0."""
+    """A valid file prints `FILE: OK` and exits 0 (the sample's hostname is the host's own
+    name, which may warn here)."""
     assert cli.main(["check-config", "etc/txmta.toml"]) == 0
-    assert capsys.readouterr().out == "etc/txmta.toml: OK\n"
+    assert capsys.readouterr().out.startswith("etc/txmta.toml: OK")
+
+
+def good_config(tmp_path, extra: str = "") -> Any:
+    f = tmp_path / "good.toml"
+    port = _free_port()
+    f.write_text(f'[server]\nhostname = "mx.example.org"\n[spool]\npath = "{tmp_path / "spool"}"\n'
+                 f'[[listen]]\naddress = "127.0.0.1:{port}"\n' + extra)
+    return f
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_check_config_reports_every_error_not_only_the_first(tmp_path, capsys):
+    f = tmp_path / "bad.toml"
+    f.write_text('[server]\nmax_errors = -1\ncommand_timeout = "soon"\n'
+                 '[[listen]]\naddress = "127.0.0.1:2525"\ntls = "tls13"\n'
+                 '[[lane]]\nname = "x"\nshare = 3\n')
+    assert cli.main(["check-config", str(f)]) == 1
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(":")[1].split(" =")[0].strip() for line in lines[:4]] == [
+        "server.max_errors", "server.command_timeout", "lane[0].share", "listen[0].tls"]
+
+
+def test_check_config_warns_about_an_unqualified_hostname_with_the_fix(tmp_path, capsys):
+    f = good_config(tmp_path)
+    f.write_text(f.read_text().replace("mx.example.org", "localhost"))
+    assert cli.main(["check-config", str(f)]) == 0
+    out = capsys.readouterr()
+    assert out.out == f"{f}: OK (1 warning)\n"
+    assert out.err.startswith(f'warning: {f}: server.hostname = "localhost": not a fully '
+                              'qualified name') and 'set server.hostname = "' in out.err
+
+
+def test_check_config_names_a_listener_that_cannot_bind(tmp_path, capsys):
+    import socket
+    f = good_config(tmp_path)
+    port = int(f.read_text().split("127.0.0.1:")[1].split('"')[0])
+    with socket.socket() as busy:
+        busy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        busy.bind(("127.0.0.1", port))
+        busy.listen(1)
+        assert cli.main(["check-config", str(f)]) == 1
+    assert capsys.readouterr().err == (f'{f}: listen[0].address = "127.0.0.1:{port}": '
+                                       "cannot listen: Address already in use\n")
+    assert cli.main(["check-config", str(f)]) == 0
+
+
+def test_check_config_names_a_spool_that_cannot_be_written(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    f = good_config(tmp_path)
+    f.write_text(f.read_text().replace(str(tmp_path / "spool"), str(blocker / "spool")))
+    assert cli.main(["check-config", str(f)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f'{f}: spool.path = "{blocker / "spool"}": cannot write to ') and (
+        "Not a directory" in err)
 
 
 def test_check_config_error_names_key_and_exits_1(tmp_path, capsys):
@@ -165,7 +229,23 @@ def test_check_config_error_names_key_and_exits_1(tmp_path, capsys):
     assert cli.main(["check-config", str(f)]) == 1
     out = capsys.readouterr()
     assert out.out == ""
-    assert out.err == f'{f}: listen[0].tls = "tls13": must be one of "none", "starttls", "implicit"\n'
+    assert out.err.splitlines()[0] == (
+        f'{f}: listen[0].tls = "tls13": must be one of "none", "starttls", "implicit"')
+
+
+def test_check_config_refuses_a_source_address_not_of_this_host(tmp_path, capsys):
+    """Pool addresses must be this host's (connections are bound to them): a loopback
+    address is, a documentation address is not, and the error names the pool."""
+    f = tmp_path / "pools.toml"
+    f.write_text('[[pool]]\nname = "main"\naddresses = [{address = "127.0.0.61"}]\n'
+                 '[[pool]]\nname = "bulk"\nlanes = ["bulk"]\n'
+                 'addresses = [{address = "192.0.2.61"}]\n')
+    assert cli.main(["check-config", str(f)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"{f}: pool[1].addresses: 192.0.2.61 is not an address of this host")
+    f.write_text('[[pool]]\nname = "main"\naddresses = [{address = "127.0.0.61"}]\n'
+                 f'[[listen]]\naddress = "127.0.0.1:{_free_port()}"\n')
+    assert cli.main(["check-config", str(f)]) == 0
 
 
 def test_check_config_missing_file_exits_1(tmp_path, capsys):
@@ -446,6 +526,60 @@ def test_history_needs_a_message_id(history_conf, capsys):
     assert "empty" in capsys.readouterr().err
 
 
+def test_history_by_sender_lists_the_newest_first(history_conf, capsys):
+    """--sender (any case) finds queued and finished mail from the address, newest first."""
+    assert cli.main(["history", "--sender", "<ALICE@example.org>", "--config", history_conf]) == 0
+    out = capsys.readouterr().out
+    ids = [line.split()[0] for line in out.splitlines() if not line.startswith(" ")]
+    assert ids == ["0000AAAAAAADbcdf", FINISHED_ID, "0000AAAAAAAAbcdf"]
+    assert (f"{FINISHED_ID}  2026-11-28T07:15:23Z  finished  bounced 1, delivered 1\n"
+            "    from <alice@example.org> to bob@example.com, erin@example.com\n"
+            "    message-id: <abc@example.com>\n") in out
+    assert "0000AAAAAAAAbcdf  2026-11-28T07:14:23Z  queued  queued 1, delivered 1\n" in out
+
+
+def test_history_by_recipient_with_a_limit_and_json(history_conf, capsys):
+    assert cli.main(["history", "--recipient", "bob@example.com", "--limit", "1",
+                     "--config", history_conf]) == 0
+    assert capsys.readouterr().out.split()[0] == FINISHED_ID
+    assert cli.main(["history", "--recipient", "Bob@Example.com", "--json",
+                     "--config", history_conf]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["id"], r["finished"]) for r in rows] == [
+        (FINISHED_ID, "2026-11-28T07:15:28Z"), ("0000AAAAAAAAbcdf", None)]
+
+
+def test_history_of_an_unknown_address_says_so(history_conf, capsys):
+    assert cli.main(["history", "--recipient", "nobody@example.org", "--config", history_conf]) == 0
+    assert capsys.readouterr().out == ("no message to nobody@example.org in the queue or its "
+                                       "history\n")
+    assert cli.main(["history", "--sender", "x@y", "--recipient", "a@b",
+                     "--config", history_conf]) == 2       # one of the three, not two
+
+
+def test_queue_show_body_prints_the_stored_message_like_postcat(conf, capsys):
+    assert cli.main(["queue", "show", "0000AAAAAAAAbcdf", "--body", "--config", conf]) == 0
+    out = capsys.readouterr().out
+    envelope, _, rest = out.partition("*** MESSAGE CONTENTS 0000AAAAAAAAbcdf ***\n")
+    assert "recipient 0: bob@example.com" in envelope and "Subject: hello" not in envelope
+    assert rest == (BODY.replace(b"\r\n", b"\n").decode()
+                    + "*** END OF MESSAGE 0000AAAAAAAAbcdf ***\n")
+
+
+def test_queue_show_body_json_and_of_a_finished_message(history_conf, capsys):
+    assert cli.main(["queue", "show", "0000AAAAAAAAbcdf", "--body", "--json",
+                     "--config", history_conf]) == 0
+    assert json.loads(capsys.readouterr().out)["message"] == BODY.decode()
+    assert cli.main(["queue", "show", FINISHED_ID, "--body", "--config", history_conf]) == 1
+    assert "body is not kept" in capsys.readouterr().err
+
+
+def test_version(capsys):
+    import txmta
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out == f"txmta {txmta.__version__}\n"
+
+
 def test_header_id_forms():
     assert cli.header_id_forms("a@b") == ["<a@b>", "a@b"]
     assert cli.header_id_forms("<a@b>") == ["<a@b>", "a@b"]
@@ -616,12 +750,26 @@ def test_queue_id_commands_unknown_id_exits_1(daemon, capsys, verb):
     assert out.err == "0000ZZZZZZZZzzzz: no such message in the queue\n"
 
 
-def test_status_prints_fields_or_json(daemon, capsys):
-    """`status` prints one `key: value` line per field; `--json` the daemon's JSON."""
-    assert cli.main(["status", "--config", daemon.config]) == 0
-    assert capsys.readouterr().out == "messages: 1\npid: 4242\nversion: 0.1.0\n"
-    assert cli.main(["status", "--json", "--config", daemon.config]) == 0
-    assert json.loads(capsys.readouterr().out) == {"messages": 1, "pid": 4242, "version": "0.1.0"}
+def test_status_prints_fields_and_listeners_or_json(daemon, capsys, tmp_path):
+    """`status` prints one `key: value` line per field of the daemon, then each listener's
+    state; `--json` the daemon's JSON with "listeners"; exit 1 when a listener does not
+    answer (a silent outage otherwise)."""
+    import socket
+    with socket.socket() as up:
+        up.bind(("127.0.0.1", 0))
+        up.listen(1)
+        port = up.getsockname()[1]
+        conf = Path(daemon.config)
+        conf.write_text(conf.read_text() + f'[[listen]]\naddress = "127.0.0.1:{port}"\n')
+        assert cli.main(["status", "--config", daemon.config]) == 0
+        assert capsys.readouterr().out == ("messages: 1\npid: 4242\nversion: 0.1.0\n"
+                                           f"listen[0] 127.0.0.1:{port}: listening\n")
+        assert cli.main(["status", "--json", "--config", daemon.config]) == 0
+        assert json.loads(capsys.readouterr().out) == {
+            "messages": 1, "pid": 4242, "version": "0.1.0",
+            "listeners": [{"name": "listen[0]", "address": f"127.0.0.1:{port}", "up": True}]}
+    assert cli.main(["status", "--config", daemon.config]) == 1     # closed now
+    assert capsys.readouterr().out.endswith(f"listen[0] 127.0.0.1:{port}: NOT ANSWERING\n")
 
 
 @pytest.mark.parametrize("argv", [["status"], ["queue", "flush"], ["queue", "hold", KNOWN_ID],

@@ -38,7 +38,8 @@ reply = st.builds(Reply, st.integers(200, 599), st.sampled_from(["", "2.0.0", "4
                   text)
 recipient_state = st.builds(
     RecipientState, st.sampled_from([QUEUED, HELD, DELIVERED, BOUNCED, EXPIRED, DELETED]),
-    st.integers(0, 10_000), finite, st.none() | reply)
+    st.integers(0, 10_000), finite, st.none() | reply, greylisted=st.booleans(),
+    source=st.sampled_from(["", "192.0.2.10", "2001:db8::10"]))
 
 
 @st.composite
@@ -76,6 +77,15 @@ def test_records_start_with_the_format_version(m, r):
     """Every record's first octet is the codec's format version."""
     assert codec.encode_message(m)[0] == codec.VERSION
     assert codec.encode_recipient(r)[0] == codec.VERSION
+
+
+def test_a_recipient_record_from_before_source_addresses_decodes_without_one():
+    """Records written before the greylisting source address was kept (8 fields) still
+    decode, with no source address."""
+    old = b'\x01["queued",1,60.0,null,1,"mx[192.0.2.1]",0,"greylisted"]'
+    r = codec.decode_recipient(old)
+    assert (r.greylisted, r.remote, r.category, r.source) == (True, "mx[192.0.2.1]",
+                                                              "greylisted", "")
 
 
 DECODERS = [codec.decode_message, codec.decode_recipient]

@@ -353,3 +353,62 @@ def test_tls_and_dkim_errors_name_the_key(text, key):
     with pytest.raises(config.ConfigError) as e:
         config.load_text(text, "f.toml")
     assert str(e.value).startswith(f"f.toml: {key}"), str(e.value)
+
+
+# -- [[pool]]: IP pools ----------------------------------------------------------------------
+
+POOLS = """
+[[pool]]
+name = "bulk"
+addresses = [{address = "192.0.2.20", helo = "bulk1.example.com", weight = 3},
+             {address = "2001:db8:0::21", helo = "Bulk2.Example.com."}]
+method = "weighted"
+lanes = ["bulk"]
+sender_domains = ["News.Example.com"]
+cooldown = "30m"
+
+[[pool]]
+name = "main"
+addresses = [{address = "192.0.2.10"}]
+"""
+
+
+def test_pools_load_with_their_addresses_and_selectors():
+    from txmta.outbound.ippool import IPPool, PoolAddress
+    c = load_text(POOLS)
+    assert c.pools == (
+        IPPool("bulk", (PoolAddress("192.0.2.20", "bulk1.example.com", 3),
+                        PoolAddress("2001:db8::21", "bulk2.example.com", 1)),
+               "weighted", ("bulk",), ("news.example.com",), (), 1800.0),
+        IPPool("main", (PoolAddress("192.0.2.10", "", 1),)))
+    assert c.pools[1].is_default and c.pools[1].cooldown == 3600.0
+    assert load_text("").pools == ()
+
+
+@pytest.mark.parametrize("toml, key", [
+    ('[[pool]]\nname = "p"', "pool[0].addresses"),
+    ('[[pool]]\nname = "p"\naddresses = []', "pool[0].addresses"),
+    ('[[pool]]\nname = "p"\naddresses = ["192.0.2.1"]', "pool[0].addresses"),
+    ('[[pool]]\nname = "p"\naddresses = [{address = "mta.example.com"}]', "pool[0].addresses"),
+    ('[[pool]]\nname = "p"\naddresses = [{address = "192.0.2.1", port = 25}]', "pool[0].addresses"),
+    ('[[pool]]\nname = "p"\naddresses = [{address = "192.0.2.1", weight = 0}]', "pool[0].addresses"),
+    ('[[pool]]\nname = "p"\naddresses = [{address = "192.0.2.1", helo = "not a name"}]',
+     "pool[0].addresses"),
+    ('[[pool]]\nname = "p"\naddresses = [{address = "192.0.2.1"}, {address = "192.0.2.1"}]',
+     "pool[0].addresses"),
+    ('[[pool]]\nname = "p"\naddresses = [{address = "192.0.2.1"}]\nmethod = "random"',
+     "pool[0].method"),
+    ('[[pool]]\nname = "p"\naddresses = [{address = "192.0.2.1"}]\nlanes = ["nosuch"]',
+     "pool[0].lanes"),
+    ('[[pool]]\nname = "p"\naddresses = [{address = "192.0.2.1"}]\ncooldown = "0"',
+     "pool[0].cooldown"),
+    ('[[pool]]\nname = "p"\naddresses = [{address = "192.0.2.1"}]\n'
+     '[[pool]]\nname = "p"\naddresses = [{address = "192.0.2.2"}]\nlanes = ["bulk"]', "pool[1].name"),
+    ('[[pool]]\nname = "a"\naddresses = [{address = "192.0.2.1"}]\n'
+     '[[pool]]\nname = "b"\naddresses = [{address = "192.0.2.2"}]', "pool[1].name"),
+    ('[pool]\nname = "p"', "pool"),
+])
+def test_bad_pools_name_the_key(toml, key):
+    with pytest.raises(ConfigError) as e:
+        load_text(toml, "etc/txmta.toml")
+    assert e.value.key == key, str(e.value)

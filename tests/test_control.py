@@ -22,7 +22,8 @@ from twisted.test import iosim
 import txmta
 from txmta.control import amp as control
 from txmta.control.amp import (BoxReader, ControlError, ControlProtocol, ControlService, Delete,
-                               Flush, Hold, Release, Requeue, Status, SuppressionAdd,
+                               Flush, Hold, Pickup, PickupProtocol, Release, Requeue, Status,
+                               SuppressionAdd,
                                SuppressionImport, SuppressionRemove, call, control_factory,
                                control_socket_path, encode_box, import_entries)
 
@@ -72,6 +73,9 @@ class FakeQueueControl:
 
     def requeue(self, message_id):
         return self._by_id("requeue", message_id)
+
+    def pickup(self, message_id):
+        return self._by_id("pickup", message_id)
 
     def status(self):
         self.calls.append(("status",))
@@ -139,7 +143,8 @@ def test_flush_passes_optional_id_and_domain_and_returns_count(kwargs, called, c
 
 
 @pytest.mark.parametrize("command, verb", [(Hold, "hold"), (Release, "release"),
-                                           (Delete, "delete"), (Requeue, "requeue")])
+                                           (Delete, "delete"), (Requeue, "requeue"),
+                                           (Pickup, "pickup")])
 @pytest.mark.parametrize("message_id, found", [(MID, True), ("0000ZZZZZZZZzzzz", False)])
 def test_id_commands_call_the_queue_and_say_whether_the_message_was_found(
         command, verb, message_id, found):
@@ -437,6 +442,72 @@ def test_call_times_out(tmp_path):
             call(path, Status, timeout=0.2)
     finally:
         s.close()
+
+
+# -- the pickup socket --------------------------------------------------------------------------
+
+def test_the_pickup_protocol_answers_pickup_and_nothing_else():
+    """Anyone may reach the pickup socket: Pickup wakes the queue; Hold, Delete, Flush and
+    the rest are refused there (AMP's unhandled command) and never reach the queue."""
+    qc = FakeQueueControl()
+    client, server, pump = iosim.connectedServerAndClient(lambda: PickupProtocol(qc), amp.AMP)
+    got = capture(client.callRemote(Pickup, message_id=MID))
+    pump.flush()
+    assert got() == {"found": True}
+    for command, kwargs in [(Delete, {"message_id": MID}), (Flush, {}), (Status, {})]:
+        refused = capture(client.callRemote(command, **kwargs))
+        pump.flush()
+        with pytest.raises(amp.UnhandledCommand):
+            refused()
+    assert qc.calls == [("pickup", MID)]
+
+
+def test_a_failing_pickup_answers_not_found():
+    qc = FakeQueueControl()
+    client, server, pump = iosim.connectedServerAndClient(lambda: PickupProtocol(qc), amp.AMP)
+    got = capture(client.callRemote(Pickup, message_id="boom"))
+    pump.flush()
+    assert got() == {"found": False}
+
+
+def test_pickup_service_listens_0666(tmp_path):
+    reactor = MemoryReactor()
+    path = str(tmp_path / "pickup.sock")
+    ControlService(reactor, path, FakeQueueControl(), pickup=True).startService()
+    [(address, factory, _backlog, mode, _)] = reactor.unixServers
+    assert (address, mode) == (path, 0o666)
+    assert isinstance(factory.buildProtocol(None), PickupProtocol)
+
+
+def test_queue_pickup_tells_the_workers_subscribers_once_and_wakes_the_dispatcher():
+    """Queue.pickup of a message another process stored: Received once (mail log, metrics,
+    webhooks, dispatcher), Due(now) every time; an unknown id: only Due, and False."""
+    from twisted.internet.task import Clock
+
+    from txmta import events
+    from txmta.message import Address, Envelope, Recipient
+    from txmta.queue import Queue
+    from txmta.spool.memory import MemorySpool
+    clock = Clock()
+    clock.advance(1000)
+    spool = MemorySpool()
+    other = Queue(spool, clock)          # the sendmail process's queue, on the same spool
+    mid = other.new_message_id()
+    body = other.body_writer(mid)
+    body.write(b"Subject: x\r\n\r\nx\r\n")
+    capture(other.put(mid, Envelope(Address("a", "example.org"),
+                                    (Recipient(Address("b", "example.net")),)),
+                      body, {"listener": "sendmail"}, 1000.0))()
+    queue = Queue(spool, clock)
+    heard = []
+    queue.events.subscribe(heard.append, events.Due, events.Received)
+    assert capture(queue.pickup(mid))() is True
+    assert capture(queue.pickup(mid))() is True
+    assert [type(e) for e in heard] == [events.Received, events.Due, events.Due]
+    assert heard[0].message.id == mid and heard[1].at == 1000.0
+    heard.clear()
+    assert capture(queue.pickup("0152sgpCT4xP9MZ"))() is False
+    assert [type(e) for e in heard] == [events.Due]
 
 
 # -- ControlService ------------------------------------------------------------------------------

@@ -275,3 +275,122 @@ def test_every_host_ruled_out_by_the_tls_policy_defers_as_a_site_failure():
     assert all(o == O.TempFailed(AllRuledOut.REPLY, stage=O.CONNECT, category="tls-failure")
                for o in result.outcomes.values())
     assert result.site_failure == AllRuledOut.REPLY
+
+
+# -- source addresses: IP pools --------------------------------------------------------------
+
+from twisted.internet.task import Clock  # noqa: E402
+
+from txmta.outbound.ippool import IPPool, PoolAddress, Source, SourceSelector  # noqa: E402
+
+POOL = IPPool("main", (PoolAddress("192.0.2.61", "mta61.example.com"),
+                       PoolAddress("192.0.2.62", "mta62.example.com")), cooldown=600)
+ONE_HOP = Route("example.net", (Hop("mx1.example.net", "127.0.0.21", 25, 10),))
+
+
+class KeyPool(FakePool):
+    """Records the whole pool key of every transaction."""
+
+    def __init__(self, answer):
+        super().__init__({"127.0.0.21": answer})
+        self.keys = []
+
+    def transaction(self, key, env, rcpts, body):
+        self.keys.append(key)
+        return super().transaction(key, env, rcpts, body)
+
+
+def pooled(answer, clock=None, pools=(POOL,)):
+    pool = KeyPool(answer)
+    sources = SourceSelector(clock or Clock(), pools, fallback=Source("", "me"))
+    return Deliverer(FakeRouter(ONE_HOP), pool, helo="me", sources=sources), pool, sources
+
+
+def run_with(deliverer, env, indices, **kw):
+    results = []
+    deliverer.deliver(env, indices, b"body\r\n", **kw).addBoth(results.append)
+    return results[0]
+
+
+def test_without_pools_connections_come_from_the_delivery_source():
+    pool = KeyPool(ok_for)
+    run_with(Deliverer(FakeRouter(ONE_HOP), pool, helo="me", source="192.0.2.9"), envelope(), [0])
+    assert (pool.keys[0].source, pool.keys[0].helo) == ("192.0.2.9", "me")
+
+
+def test_attempts_take_the_pool_addresses_in_turn_with_their_helo_names():
+    deliverer, pool, _ = pooled(ok_for)
+    for _ in range(3):
+        run_with(deliverer, envelope(), [0, 1])
+    assert [(k.source, k.helo) for k in pool.keys] == [
+        ("192.0.2.61", "mta61.example.com"), ("192.0.2.62", "mta62.example.com"),
+        ("192.0.2.61", "mta61.example.com")]
+
+
+def test_the_lane_and_token_choose_the_pool():
+    api = IPPool("api", (PoolAddress("192.0.2.70", "api.example.com"),), tokens=("shop",))
+    bulk = IPPool("bulk", (PoolAddress("192.0.2.80", "bulk.example.com"),), lanes=("bulk",))
+    deliverer, pool, _ = pooled(ok_for, pools=(api, bulk))
+    run_with(deliverer, envelope(), [0], lane="transactional", token="shop")
+    run_with(deliverer, envelope(), [0], lane="bulk")
+    run_with(deliverer, envelope(), [0], lane="transactional")
+    assert [k.source for k in pool.keys] == ["192.0.2.70", "192.0.2.80", ""]
+
+
+def test_a_greylisted_recipient_is_retried_from_its_first_address():
+    """Recipients pinned to the address of their greylisted attempt go from it, the others
+    from the pool's turn; the deferral of a greylisted attempt names its source."""
+    grey = Reply(450, "4.2.0", "Greylisted for 300 seconds")
+    deliverer, pool, _ = pooled(lambda rcpts: TransactionResult(
+        None, tuple(grey for _ in rcpts), None, "mx1.example.net", "127.0.0.21", ""))
+    first = run_with(deliverer, envelope(3), [0, 1, 2])
+    assert {o.source for o in first.outcomes.values()} == {"192.0.2.61"}
+    assert all(o.greylisted for o in first.outcomes.values())
+    pool.keys.clear()
+    pool.calls.clear()
+    # the pool's turn is at .62 now; the pinned recipients still go from .61
+    run_with(deliverer, envelope(3), [0, 1, 2], pinned={0: "192.0.2.61", 2: "192.0.2.61"})
+    sent = sorted((k.source, tuple(c[1])) for k, c in zip(pool.keys, pool.calls))
+    assert sent == [("192.0.2.61", ("u0@example.net", "u2@example.net")),
+                    ("192.0.2.62", ("u1@example.net",))]
+
+
+def test_a_blocked_address_leaves_rotation_and_its_mail_waits_for_another():
+    """A 5xx naming a block list defers (not bounces) while the pool has another address, and
+    the next attempts to that MX come from the other address; it comes back after the
+    cool-down."""
+    clock = Clock()
+
+    def answer(rcpts):
+        return TransactionResult(None, tuple(Reply(550, "5.7.1", "Client host blocked using "
+                                                   "zen.spamhaus.org") for _ in rcpts),
+                                 None, "mx1.example.net", "127.0.0.21", "")
+
+    deliverer, pool, sources = pooled(answer, clock)
+    result = run_with(deliverer, envelope(2), [0, 1])
+    assert all(isinstance(o, O.TempFailed) for o in result.outcomes.values())
+    assert result.site_failure is None
+    assert sources.is_blocked("192.0.2.61", "mx1.example.net")
+    pool.script["127.0.0.21"] = ok_for
+    for _ in range(2):
+        run_with(deliverer, envelope(), [0])
+    assert [k.source for k in pool.keys] == ["192.0.2.61", "192.0.2.62", "192.0.2.62"]
+    clock.advance(600)
+    run_with(deliverer, envelope(), [0])
+    run_with(deliverer, envelope(), [0])
+    assert sorted(k.source for k in pool.keys[-2:]) == ["192.0.2.61", "192.0.2.62"]
+
+
+def test_when_every_address_is_blocked_the_reply_means_what_it_says():
+    """The last usable address blocked too: a 5xx bounces, as without pools."""
+    blocked = Reply(554, "5.7.1", "Service unavailable; Client host blocked using bl.spamcop.net")
+
+    def answer(rcpts):
+        return TransactionResult(None, tuple(blocked for _ in rcpts), None, "mx", "127.0.0.21", "")
+
+    deliverer, pool, _ = pooled(answer)
+    first = run_with(deliverer, envelope(1), [0])
+    second = run_with(deliverer, envelope(1), [0])
+    assert isinstance(first.outcomes[0], O.TempFailed)
+    assert isinstance(second.outcomes[0], O.PermFailed)
+    assert [k.source for k in pool.keys] == ["192.0.2.61", "192.0.2.62"]

@@ -29,7 +29,7 @@ class FakeDeliverer:
     def destination(self, domain):
         return domain
 
-    def deliver(self, env, indices, body, lane=""):
+    def deliver(self, env, indices, body, lane="", **sources):
         self.calls.append([str(env.recipients[i].address) for i in indices])
         self.lanes.append(lane)
         if callable(body):  # as the pool does once a connection is ready

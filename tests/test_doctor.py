@@ -144,6 +144,12 @@ def build_zone(keys: dict[str, Any]) -> dict[str, Any]:
     records("unaligned.test.")["TXT"] = ["v=spf1 -all"]
     records("badspf.test.")["TXT"] = ["v=spf1 ip4:127.0.1.23 include -all"]
     zone["_servfail"] = ["broken.test.", "_dmarc.broken.test.", "s1._domainkey.broken.test."]
+    # an IP pool: .24 named mta1.pool.test both ways, .25 named mta2.pool.test (its helo
+    # is mta9.pool.test in the configuration), both authorised by SPF
+    records("pool.test.")["TXT"] = ["v=spf1 ip4:127.0.1.24 ip4:127.0.1.25 -all"]
+    for ip, host in (("127.0.1.24", "mta1.pool.test."), ("127.0.1.25", "mta2.pool.test.")):
+        records(_ptr(ip))["PTR"] = [host]
+        records(host)["A"] = [ip]
     return zone
 
 
@@ -359,6 +365,33 @@ def test_ptr_not_resolving_back_fails(check: Any) -> None:
     assert row.status == FAIL and "does not resolve back" in row.detail
 
 
+@pytest.mark.integration  # real sockets on loopback (STYLE habit 8 exception, by design)
+def test_every_pool_address_is_checked_with_its_own_helo_name(check: Any, tmp_path: Path,
+                                                              keys: dict[str, Any]) -> None:
+    """Each [[pool]] address is an outbound address: SPF and FCrDNS are checked for it,
+    FCrDNS against the HELO name that address gives; a mismatch names the pool setting."""
+    path = tmp_path / "txmta.toml"
+    path.write_text("""
+[server]
+hostname = "mail.pool.test"
+[[pool]]
+name = "bulk"
+addresses = [{address = "127.0.1.24", helo = "mta1.pool.test"},
+             {address = "127.0.1.25", helo = "mta9.pool.test"}]
+""")
+    setup = Setup.from_config(config.load(str(path)), "pool.test")
+    rows = check("pool.test", setup=setup)
+    assert rows["outbound addresses"].detail == "127.0.1.24 (pool bulk), 127.0.1.25 (pool bulk)"
+    assert rows["SPF 127.0.1.24"].status == PASS and rows["SPF 127.0.1.25"].status == PASS
+    assert rows["FCrDNS 127.0.1.24"].status == PASS
+    assert rows["FCrDNS 127.0.1.24"].detail == "127.0.1.24 -> mta1.pool.test -> 127.0.1.24"
+    row = rows["FCrDNS 127.0.1.25"]
+    assert row.status == WARN
+    assert row.detail == ("127.0.1.25 -> mta2.pool.test -> 127.0.1.25, but the helo of "
+                          "127.0.1.25 in pool[0] (bulk) is mta9.pool.test")
+    assert row.fix.endswith("or set the helo of 127.0.1.25 in pool[0] (bulk) to mta2.pool.test")
+
+
 # -- MTA-STS, TLS-RPT -----------------------------------------------------------------------
 
 @pytest.mark.integration  # real sockets on loopback (STYLE habit 8 exception, by design)
@@ -442,6 +475,7 @@ key = "{keys['rsa']}"
     assert s.addresses == (("127.0.0.9", "delivery.source_address"),
                            ("127.0.0.10", "--address"), ("::1", "--address"))
     assert [k.domain for k in s.dkim] == ["example.test"]
+    assert s.helo_for("127.0.0.9") == ("out.example.test", "delivery.helo_name")
     for bad_domain in ("localhost", "a..b", "-x.test", ""):
         with pytest.raises(ValueError):
             Setup.from_config(cfg, bad_domain)
@@ -586,3 +620,29 @@ def test_command_usage_and_config_errors_exit_2(tmp_path: Path) -> None:
         out = subprocess.run(_txmta() + argv, capture_output=True, text=True, timeout=60)
         assert out.returncode == 2 and message in out.stderr, out
         assert "Traceback" not in out.stderr
+
+
+def test_setup_from_config_takes_every_pool_address_once_with_its_helo() -> None:
+    """Pool addresses follow delivery.source_address, each once; an address without a helo of
+    its own gives delivery.helo_name (else server.hostname)."""
+    cfg = config.load_text("""
+[server]
+hostname = "mail.example.test"
+[delivery]
+source_address = "127.0.0.9"
+[[pool]]
+name = "main"
+addresses = [{address = "127.0.0.61", helo = "MTA61.example.test."}, {address = "127.0.0.9"}]
+[[pool]]
+name = "bulk"
+lanes = ["bulk"]
+addresses = [{address = "127.0.0.62", helo = "mta62.example.test"},
+             {address = "127.0.0.61", helo = "other.example.test"}]
+""")
+    s = Setup.from_config(cfg, "example.test")
+    assert s.addresses == (("127.0.0.9", "delivery.source_address"),
+                           ("127.0.0.61", "pool main"), ("127.0.0.62", "pool bulk"))
+    assert s.helo_for("127.0.0.61") == ("mta61.example.test",
+                                        "the helo of 127.0.0.61 in pool[0] (main)")
+    assert s.helo_for("127.0.0.62")[0] == "mta62.example.test"
+    assert s.helo_for("127.0.0.9") == ("mail.example.test", "server.hostname")

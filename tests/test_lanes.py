@@ -96,7 +96,8 @@ class Deliverer:
     def destination(self, domain: str) -> str:
         return domain
 
-    def deliver(self, env: Envelope, indices: list[int], body: Any, lane: str = "") -> Any:
+    def deliver(self, env: Envelope, indices: list[int], body: Any, lane: str = "",
+                **sources: Any) -> Any:
         self.started.append((str(env.recipients[indices[0]].address.local), lane))
         d: Deferred[Any] = Deferred()
         self.pending.append((d, indices))

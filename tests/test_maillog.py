@@ -65,3 +65,25 @@ def test_a_requiretls_message_says_so_in_its_received_line():
     log.sink.close()
     first, second = (json.loads(line) for line in out.getvalue().splitlines())
     assert first["requiretls"] is True and "requiretls" not in second
+
+
+def test_a_duplicate_is_one_line_naming_the_first_id():
+    """A message the intake answered as a duplicate: one line, the first message's id first
+    ([intake] dedupe_window); the JSON form carries the Message-ID and the user."""
+    out, clock = io.StringIO(), Clock()
+    MailLog(FileSink(out, clock, "text")).duplicate(
+        "0151abc", {"address": "192.0.2.7", "helo": "client.example"}, "app@example.com", 1,
+        "<reset-42@app.example>")
+    clock.advance(1)
+    [line] = out.getvalue().splitlines()
+    assert line.endswith("0151abc: duplicate client=192.0.2.7 helo=client.example "
+                         "from=<app@example.com> nrcpt=1 message-id=<reset-42@app.example> "
+                         "(not stored again)")
+    out = io.StringIO()
+    log = MailLog(FileSink(out, clock, "json"))
+    log.duplicate("0151abc", {"address": "192.0.2.7", "auth": "app"}, "app@example.com", 2,
+                  "<m@x>")
+    log.sink.close()
+    record = json.loads(out.getvalue())
+    assert (record["event"], record["id"], record["message_id"], record["auth"]) == \
+        ("duplicate", "0151abc", "<m@x>", "app")

@@ -17,7 +17,7 @@ from twisted.python.failure import Failure
 
 from txmta import partition as P
 from txmta.config import ConfigError, load_text
-from txmta.control.amp import Delete, Flush, Hold, Release, Requeue, Status, SuppressionAdd
+from txmta.control.amp import Delete, Flush, Hold, Pickup, Release, Requeue, Status, SuppressionAdd
 from txmta.control.channel import (MAX_BATCH, FanOut, MirrorSuppressions, WorkerNotRunning,
                                    decode_entry, mirror_batches)
 from txmta.message import MessageIds, Suppression
@@ -112,7 +112,7 @@ class FakeWorker:
 
     def callRemote(self, command: type, **kw: Any) -> defer.Deferred[Any]:
         self.calls.append((command, kw))
-        if command in (Hold, Release, Delete, Requeue):
+        if command in (Hold, Release, Delete, Requeue, Pickup):
             return defer.succeed({"found": kw["message_id"] in self.known})
         if command is Flush:
             mid = kw.get("message_id")
@@ -149,7 +149,7 @@ def test_a_command_naming_a_message_goes_to_its_owner_only(n: int) -> None:
     fan = FanOut(list(workers))
     for k in range(n):
         for mid in ids[k]:
-            for op in (fan.hold, fan.release, fan.delete, fan.requeue):
+            for op in (fan.hold, fan.release, fan.delete, fan.requeue, fan.pickup):
                 assert result(op(mid)) is True
             assert result(fan.flush(mid, None)) == 1
     for w in workers:

@@ -330,12 +330,14 @@ SERIES = {
     "txmta_queue_oldest_age_seconds": "gauge", "txmta_spool_commit_duration_seconds": "histogram",
     "txmta_spool_commit_batch_size": "histogram", "txmta_webhook_backlog": "gauge",
     "txmta_webhook_events_sent": "counter", "txmta_webhook_failures": "counter",
+    "txmta_shaping_backoffs": "counter", "txmta_shaping_factor": "gauge",
 }
 
 
 def busy_metrics() -> Metrics:
     """Metrics that heard every kind of event and call, all with addresses and ids about."""
-    m = Metrics(lanes=["bulk"], listeners=LISTENERS, endpoints=["email"])
+    m = Metrics(lanes=["bulk"], listeners=LISTENERS, endpoints=["email"], providers=["google"])
+    m.observe_backoff("google", 0.5)
     msg = message(RecipientState(DELIVERED, 1, 0.0, OK), lane="bulk")
     m.heard(events.Received(EID, msg))
     m.heard(events.Delivered(EID, msg, 0, O.Delivered(OK, "mx.example.net", "192.0.2.5",

@@ -430,3 +430,53 @@ def test_classify_is_total(code, stage, last_mx, enhanced, text):
         assert v.kind is TempFailed and stage == RCPT
     o = v.outcome(r, stage)
     assert isinstance(o, v.kind) and o.reply == r and o.stage == stage
+
+
+@pytest.mark.parametrize("stage, code, enhanced, text, blocked", [
+    # Postfix reject_rbl_client, at the greeting or at RCPT
+    (GREETING, 554, "5.7.1", "Service unavailable; Client host [192.0.2.1] blocked using "
+     "zen.spamhaus.org; https://www.spamhaus.org/query/ip/192.0.2.1", True),
+    (RCPT, 550, "5.7.1", "Service unavailable; Client host [192.0.2.1] blocked using "
+     "bl.spamcop.net", True),
+    (CONNECT, 554, "", "mx.example.net ESMTP not accepting messages: 192.0.2.1 is blocklisted", True),
+    (MAIL, 550, "", "Rejected: 192.0.2.1 listed at b.barracudacentral.org", True),
+    # Microsoft
+    (RCPT, 550, "5.7.1", "Unfortunately, messages from [192.0.2.1] weren't sent. Please contact "
+     "your Internet service provider since part of their network is on our block list (S3150).",
+     True),
+    (MAIL, 550, "5.7.606", "Access denied, banned sending IP [192.0.2.1]", True),
+    # Gmail
+    (DOT, 421, "4.7.0", "This message is suspicious due to the very low reputation of the "
+     "sending IP address. To protect our users from spam, mail sent from your IP address has "
+     "been temporarily rate limited.", True),
+    (DOT, 550, "5.7.1", "Our system has detected that this message is likely unsolicited mail. "
+     "To reduce the amount of spam sent to Gmail, this message has been blocked.", False),
+    (DOT, 421, "4.7.28", "Gmail has detected an unusual rate of unsolicited mail originating "
+     "from your IP address.", True),
+    # Yahoo
+    (MAIL, 421, "4.7.0", "[TSS04] Messages from 192.0.2.1 temporarily deferred due to "
+     "unexpected volume or user complaints", True),
+    (GREETING, 554, "", "[TS03] All messages from 192.0.2.1 will be permanently deferred", True),
+    # lists of domains or of content: not our address
+    (DOT, 554, "5.7.1", "Service unavailable; Sender address [a@example.com] blocked using "
+     "dbl.spamhaus.org", False),
+    (DOT, 554, "5.7.1", "message rejected: URL listed in multi.uribl.com blocklist", False),
+    # other failures
+    (RCPT, 550, "5.1.1", "no such user", False),
+    (RCPT, 450, "4.2.0", "Greylisted for 300 seconds", False),
+    (DOT, 250, "2.0.0", "ok: queued, not blocklisted", False),
+])
+def test_a_reply_refusing_our_sending_address_is_blocked(stage, code, enhanced, text, blocked):
+    """Block lists and providers' texts about our IP make `blocked` (ippool takes the address
+    out of rotation); the verdict's kind is what it would be anyway."""
+    v = classify(Reply(code, enhanced, text), stage)
+    assert v.blocked is blocked
+    if code >= 400:
+        assert v.kind is (PermFailed if code >= 500 and stage not in outcome.SESSION_STAGES
+                          else TempFailed) or (code in (521, 556))
+
+
+def test_a_temporary_failure_names_the_source_address_it_came_from():
+    grey = Reply(450, "4.2.0", "Greylisted")
+    o = classify(grey, RCPT).outcome(grey, RCPT, "mx", "192.0.2.1", source="198.51.100.7")
+    assert isinstance(o, TempFailed) and o.source == "198.51.100.7"

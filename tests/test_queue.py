@@ -145,6 +145,20 @@ def test_greylisting_reply_waits_the_named_delay_once():
     assert state.attempts == 2 and state.next_attempt == clock.seconds() + 300
 
 
+def test_the_source_address_a_recipient_was_greylisted_from_is_kept():
+    """The source address of the greylisted attempt is stored for the recipient (its retry
+    goes from it); later deferrals that are not greylisting keep it; other deferrals store
+    none."""
+    q, spool, clock, _ = queue_with()
+    m = stored(q, clock, 2)
+    q.record(m, {0: O.TempFailed(GREY, greylisted=True, retry_after=120.0, source="192.0.2.10"),
+                 1: O.TempFailed(LATER, source="192.0.2.11")})
+    first, other = spool.messages[m.id].recipients
+    assert (first.source, other.source) == ("192.0.2.10", "")
+    q.record(spool.messages[m.id], {0: O.TempFailed(LATER, source="192.0.2.12")})
+    assert spool.messages[m.id].recipients[0].source == "192.0.2.10"
+
+
 def test_the_category_recorded_is_the_one_the_outcome_carries():
     """The queue reads no reply: the state, the timeline and the suppression list get the
     category outcome.classify put in the outcome (only invalid-recipient suppresses here)."""

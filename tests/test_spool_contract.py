@@ -599,6 +599,10 @@ class SpoolMachine(RuleBasedStateMachine):
                      if r.state == QUEUED and due_class(m.priority, r.attempts) in top]
         assert self.wait(self.spool.next_due(classes=top)) == (min(top_times) if top_times
                                                                 else None)
+        rest = frozenset(range(256)) - frozenset(top)
+        first, second = self.wait(self.spool.load_due_groups(now, [(top, 1000), (rest, 2)]))
+        assert [m.id for m in first] == [mid for _, mid in self.model_due(1000, top)]
+        assert [m.id for m in second] == [mid for _, mid in self.model_due(1000, rest)][:2]
 
     @invariant()
     def count_matches_the_model(self) -> None:

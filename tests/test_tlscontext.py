@@ -436,6 +436,11 @@ def test_check_config_reports_bad_tls_material(certs, tmp_path, capsys):
     f.write_text(f'[tls]\ncert = "{certs["a"].cert}"\nkey = "{certs["b"].key}"\n')
     assert cli.main(["check-config", str(f)]) == 1
     assert f'{f}: tls.key = "{certs["b"].key}": does not match' in capsys.readouterr().err
-    f.write_text(f'[tls]\ncert = "{certs["a"].cert}"\nkey = "{certs["a"].key}"\n')
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    f.write_text(f'[tls]\ncert = "{certs["a"].cert}"\nkey = "{certs["a"].key}"\n'
+                 f'[[listen]]\naddress = "127.0.0.1:{port}"\n')
     assert cli.main(["check-config", str(f)]) == 0
-    assert capsys.readouterr().out == f"{f}: OK\n"
+    assert capsys.readouterr().out.startswith(f"{f}: OK")    # (a hostname warning here)

@@ -8,9 +8,13 @@ and the function that runs it.  Implemented here:
     txmta doctor DOMAIN [--address IP]... [--json]   check DOMAIN's SPF, DKIM, DMARC, MX,
                                          reverse DNS, MTA-STS and TLS-RPT records in DNS
     txmta queue list [--json] [--lane L] the queue, like Postfix mailq
-    txmta queue show ID [--json]         one message, queued or finished: envelope, states,
-                                         timeline, header section
+    txmta queue show ID [--json] [--body]    one message, queued or finished: envelope,
+                                         states, timeline, header section (--body: the whole
+                                         stored message, like postcat -q)
     txmta history --message-id ID [--json]   the same, found by its Message-ID header
+    txmta history --recipient|--sender ADDR [--limit N] [--json]   the newest messages to
+                                         or from ADDR, queued or finished (lookup index)
+    txmta --version                      the version
     txmta suppression list [--all] [--json]  the suppressed addresses
     txmta queue flush [ID] [--domain D]  make deferred recipients due now
     txmta queue hold|release ID          stop / resume delivery attempts for a message
@@ -81,20 +85,123 @@ def _args_check_config(p: argparse.ArgumentParser) -> None:
 
 
 def check_config(args: argparse.Namespace) -> int:
-    cfg = config.load(args.file)      # ConfigError -> stderr, exit 1 (see main)
+    """Every error, each on its own line (not only the first), then warnings; exit 1 when
+    there is an error."""
+    cfg, found = config.all_errors(args.file)
+    errors = [str(e) for e in found]
+    warnings: list[str] = []
+    if cfg is not None:
+        for check in (_check_tls, _check_dkim, _check_tokens, _check_source_addresses,
+                      _check_spool, _check_listeners):
+            try:
+                check(cfg, args.file)
+            except (CommandFailed, ConfigError) as e:
+                errors.append(str(e))
+            except Exception as e:      # a check's own failure: say which, go on
+                errors.append(f"{args.file}: {check.__name__[7:]}: {e}")
+        warnings += _hostname_warnings(cfg, args.file)
+    for line in errors:
+        print(line, file=sys.stderr)
+    for line in warnings:
+        print(f"warning: {line}", file=sys.stderr)
+    if errors:
+        return 1
+    print(f"{args.file}: OK" + (f" ({len(warnings)} warning{'s' * (len(warnings) != 1)})"
+                                if warnings else ""))
+    return 0
+
+
+def _check_tls(cfg: config.Config, file: str) -> None:
     if cfg.tls.cert and cfg.tls.key:  # the daemon would refuse to start on bad TLS material
         from txmta.inbound.tlscontext import load_server_context
         load_server_context(cfg.tls, cfg.path)
+
+
+def _check_dkim(cfg: config.Config, file: str) -> None:
     from txmta.dkim import Signer
     Signer.from_config(cfg)           # the [[dkim]] key files, as the daemon reads them
+
+
+def _check_tokens(cfg: config.Config, file: str) -> None:
     if cfg.http and cfg.api.tokens:   # the API tokens file, as the workers read it
         from txmta.api.tokens import TokenFileError, TokenStore
         try:
             TokenStore(cfg.api.tokens, time.time)
         except TokenFileError as e:
-            raise CommandFailed(f"{args.file}: api.tokens = \"{cfg.api.tokens}\": {e}") from None
-    print(f"{args.file}: OK")
-    return 0
+            raise CommandFailed(f"{file}: api.tokens = \"{cfg.api.tokens}\": {e}") from None
+
+
+def _check_spool(cfg: config.Config, file: str) -> None:
+    """The spool directory exists (or can be made) and is writable."""
+    path = cfg.spool.path
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".check-config.{os.getpid()}")
+        with open(probe, "wb"):
+            pass
+        os.unlink(probe)
+    except OSError as e:
+        raise CommandFailed(f"{file}: spool.path = \"{path}\": cannot write to "
+                            f"{os.path.abspath(path)}: {e.strerror or e}") from None
+
+
+def _daemon_running(cfg: config.Config) -> bool:
+    import socket
+    from txmta.control import amp as control
+    path = control.control_socket_path(cfg.spool.path)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(2.0)
+            s.connect(path)
+        return True
+    except OSError:
+        return False
+
+
+def _check_listeners(cfg: config.Config, file: str) -> None:
+    """Every [[listen]] and [[http]] address can be bound, unless the daemon is running
+    (then it holds them)."""
+    if _daemon_running(cfg):
+        return
+    from txmta.tcp import listening_socket
+    problems = []
+    wanted = [(f"listen[{i}]", lst) for i, lst in enumerate(cfg.listen)]
+    wanted += [(f"http[{i}]", h) for i, h in enumerate(cfg.http)]
+    for name, lst in wanted:
+        try:
+            listening_socket(lst.host, lst.port).close()
+        except OSError as e:
+            problems.append(f"{file}: {name}.address = \"{lst.address}\": cannot listen: "
+                            f"{e.strerror or e}")
+    if problems:
+        raise CommandFailed("\n".join(problems))
+
+
+def _hostname_warnings(cfg: config.Config, file: str) -> list[str]:
+    name = cfg.server.hostname.rstrip(".").lower()
+    if name == "localhost" or name.startswith("localhost.") or "." not in name:
+        return [f"{file}: server.hostname = \"{cfg.server.hostname}\": not a fully qualified "
+                "name; other servers greet and bounce by it: set server.hostname = "
+                "\"mail.example.com\" (the name the host's address resolves back to)"]
+    return []
+
+
+def _check_source_addresses(cfg: config.Config, file: str) -> None:
+    """Every source address (delivery.source_address, the [[pool]] addresses) is one of this
+    host's: a connection can be bound to it."""
+    import socket
+    wanted = [("delivery.source_address", cfg.delivery.source_address)] if (
+        cfg.delivery.source_address) else []
+    wanted += [(f"pool[{n}].addresses", a.address)
+               for n, pool in enumerate(cfg.pools) for a in pool.addresses]
+    for key, address in wanted:
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as s:
+                s.bind((address, 0))
+        except OSError as e:
+            raise CommandFailed(f"{file}: {key}: {address} is not an address of this host "
+                                f"({e.strerror or e})") from None
 
 
 # -- passwd ---------------------------------------------------------------------------
@@ -126,7 +233,8 @@ def _args_doctor(p: argparse.ArgumentParser) -> None:
     p.add_argument("domain", help="the sending domain (the From domain of your mail)")
     p.add_argument("--address", metavar="IP", action="append", default=[],
                    help="an address mail leaves from (repeatable; default "
-                        "delivery.source_address, else the addresses of server.hostname)")
+                        "delivery.source_address and the [[pool]] addresses, else the "
+                        "addresses of server.hostname)")
     p.add_argument("--json", action="store_true", help="print the checks as JSON")
     _args_config(p)
 
@@ -173,6 +281,9 @@ def _args_queue_show(p: argparse.ArgumentParser) -> None:
     p.add_argument("id", help="queue id (of a queued message, or a finished one still in the "
                               "history)")
     p.add_argument("--json", action="store_true", help="print the message as JSON")
+    p.add_argument("--body", action="store_true",
+                   help="print the whole stored message, header section and body, like "
+                        "postcat -q (a queued message: the body is not kept after it finished)")
     _args_config(p)
 
 
@@ -324,17 +435,53 @@ def shown_text(s: Shown) -> str:
 
 
 def _show(args: argparse.Namespace, find: Callable[[Any], str]) -> int:
-    """Print the message `find(view)` names, as text or (--json) JSON."""
+    """Print the message `find(view)` names, as text or (--json) JSON; with --body, the
+    stored message after it."""
     view = _open_view(args)
+    body: bytes | None = None
     try:
         shown = _lookup(view, find(view))
+        if getattr(args, "body", False):
+            body = _stored_body(view, shown)
     finally:
         view.close()
     if args.json:
-        print(json.dumps(shown_json(shown), indent=2, ensure_ascii=False))
-    else:
+        out = shown_json(shown)
+        if body is not None:
+            out["message"] = body.decode("utf-8", "replace")
+        print(json.dumps(out, indent=2, ensure_ascii=False))
+        return 0
+    if body is None:
         print(shown_text(shown))
+        return 0
+    # like postcat -q: the envelope, then the message as stored, lines ended with LF
+    m = shown.message
+    print(shown_text(replace_headers(shown)))
+    print(f"*** MESSAGE CONTENTS {m.id} ***")
+    sys.stdout.flush()
+    sys.stdout.buffer.write(body.replace(b"\r\n", b"\n"))
+    if body and not body.endswith(b"\n"):
+        sys.stdout.buffer.write(b"\n")
+    sys.stdout.buffer.flush()
+    print(f"*** END OF MESSAGE {m.id} ***")
     return 0
+
+
+def _stored_body(view: Any, shown: Shown) -> bytes:
+    """The whole stored message of a queued message (CommandFailed for a finished one)."""
+    if shown.finished is not None:
+        raise CommandFailed(f"{shown.message.id}: finished; its body is not kept after the "
+                            "message finished (only its envelope and timeline)")
+    try:
+        return bytes(view.read_body(shown.message.id))
+    except OSError as e:
+        raise CommandFailed(f"{shown.message.id}: body unreadable: {e}") from e
+
+
+def replace_headers(shown: Shown) -> Shown:
+    """`shown` without its header section (--body prints the whole message instead)."""
+    from dataclasses import replace
+    return replace(shown, headers="")
 
 
 def queue_show(args: argparse.Namespace) -> int:
@@ -344,9 +491,16 @@ def queue_show(args: argparse.Namespace) -> int:
 # -- history ----------------------------------------------------------------------------------
 
 def _args_history(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--message-id", metavar="ID", required=True,
-                   help="the Message-ID header, with or without its angle brackets")
-    p.add_argument("--json", action="store_true", help="print the message as JSON")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--message-id", metavar="ID",
+                       help="the Message-ID header, with or without its angle brackets")
+    which.add_argument("--recipient", metavar="ADDR",
+                       help="list the newest messages to ADDR (any case)")
+    which.add_argument("--sender", metavar="ADDR",
+                       help="list the newest messages from ADDR (the envelope sender)")
+    p.add_argument("--limit", metavar="N", type=int, default=20,
+                   help="with --recipient or --sender: at most N messages (default 20)")
+    p.add_argument("--json", action="store_true", help="print the message(s) as JSON")
     _args_config(p)
 
 
@@ -361,6 +515,8 @@ def header_id_forms(value: str) -> list[str]:
 
 
 def history(args: argparse.Namespace) -> int:
+    if args.message_id is None:
+        return history_list(args)
     forms = header_id_forms(args.message_id)
     if not forms or forms == ["<>"]:
         raise CommandFailed("--message-id: empty Message-ID")
@@ -373,6 +529,50 @@ def history(args: argparse.Namespace) -> int:
         raise CommandFailed(f"{forms[0]}: no message with this Message-ID in the queue or "
                             f"its history")
     return _show(args, find)
+
+
+def _state_summary(m: StoredMessage) -> str:
+    """The recipients' states, counted: "delivered 2, queued 1"."""
+    counts: dict[str, int] = {}
+    for st in m.recipients:
+        counts[st.state] = counts.get(st.state, 0) + 1
+    return ", ".join(f"{state} {n}" for state, n in counts.items())
+
+
+def history_list(args: argparse.Namespace) -> int:
+    """The newest messages to (--recipient) or from (--sender) an address, from the spool's
+    lookup index: queued ones and finished ones still in the history."""
+    from txmta.spool.view import LOOKUP_RECIPIENT, LOOKUP_SENDER, lookup_recent
+    kind, value = ((LOOKUP_RECIPIENT, args.recipient) if args.recipient is not None
+                   else (LOOKUP_SENDER, args.sender))
+    value = value.strip()
+    if value.startswith("<") and value.endswith(">"):
+        value = value[1:-1].strip()
+    if not value:
+        raise CommandFailed("give an address")
+    if args.limit < 1:
+        raise CommandFailed("--limit: at least 1")
+    view = _open_view(args)
+    try:
+        found = view.read(lambda txn, dbs: lookup_recent(txn, dbs, kind, value, args.limit))
+    finally:
+        view.close()
+    if args.json:
+        rows = [dict(message_json(m), finished=iso_utc(f) if f is not None else None)
+                for m, f in found]
+        print(json.dumps(rows, indent=2, ensure_ascii=False))
+        return 0
+    if not found:
+        print(f"no message {'to' if kind == LOOKUP_RECIPIENT else 'from'} {value} in the queue "
+              "or its history")
+        return 0
+    for m, finished in found:
+        rcpts = ", ".join(str(r.address) for r in m.envelope.recipients)
+        print(f"{m.id}  {iso_utc(m.arrival)}  {'finished' if finished is not None else 'queued'}"
+              f"  {_state_summary(m)}")
+        print(f"    from <{_sender(m)}> to {rcpts}")
+        print(f"    message-id: {m.header_id or '-'}")
+    return 0
 
 
 # -- commands through the daemon's control socket ------------------------------------------
@@ -431,17 +631,45 @@ def _args_status(p: argparse.ArgumentParser) -> None:
 
 
 def status(args: argparse.Namespace) -> int:
+    """The daemon's status, and each listener's: exit 1 when one does not answer."""
     text = _control_call(args, "Status")["json"]
-    if args.json:
-        print(text)
-        return 0
     try:
         fields = json.loads(text)
     except ValueError as e:
         raise CommandFailed(f"the daemon's status is not JSON: {e}") from e
-    for key in sorted(fields):
-        print(f"{key}: {fields[key]}")
-    return 0
+    listeners = listener_states(config.load(args.config))
+    fields["listeners"] = [{"name": name, "address": address, "up": up}
+                           for name, address, up in listeners]
+    if args.json:
+        print(json.dumps(fields, sort_keys=True))
+    else:
+        for key in sorted(fields):
+            if key != "listeners":
+                print(f"{key}: {fields[key]}")
+        for name, address, up in listeners:
+            print(f"{name} {address}: {'listening' if up else 'NOT ANSWERING'}")
+    return 0 if all(up for _, _, up in listeners) else 1
+
+
+def listener_states(cfg: config.Config, timeout: float = 2.0) -> list[tuple[str, str, bool]]:
+    """(name, address, answers a TCP connection) of every [[listen]] and [[http]] table; a
+    wildcard address is tried on loopback."""
+    import socket
+    out = []
+    wanted = [(f"listen[{i}]", lst) for i, lst in enumerate(cfg.listen)]
+    wanted += [(f"http[{i}]", h) for i, h in enumerate(cfg.http)]
+    for name, lst in wanted:
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(lst.host, lst.host)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as s:
+                s.settimeout(timeout)
+                s.connect((host, lst.port))
+            up = True
+        except OSError:
+            up = False
+        out.append((name, lst.address, up))
+    return out
 
 
 # -- suppression ------------------------------------------------------------------------------
@@ -790,8 +1018,8 @@ COMMANDS: tuple[Command, ...] = (
             queue_list),
     Command("queue show", "show one message (queued or finished): envelope, states, timeline",
             _args_queue_show, queue_show),
-    Command("history", "show a queued or finished message found by its Message-ID header",
-            _args_history, history),
+    Command("history", "a queued or finished message by its Message-ID, or the newest to or "
+            "from an address", _args_history, history),
     Command("suppression list", "list the suppressed addresses (read-only)",
             _args_suppression_list, suppression_list),
     # Through the daemon's control socket (txmta.control.amp), never the spool directly:
@@ -827,7 +1055,9 @@ COMMANDS: tuple[Command, ...] = (
 
 def build_parser() -> argparse.ArgumentParser:
     """argparse parsers built from COMMANDS; multi-word commands nest ("queue" -> "list")."""
+    import txmta
     root = argparse.ArgumentParser(prog="txmta", description="Administer the txmta mail transfer agent.")
+    root.add_argument("--version", action="version", version=f"txmta {txmta.__version__}")
     groups: dict[tuple[str, ...], Any] = {(): root.add_subparsers(dest="command", metavar="COMMAND")}
     groups[()].required = True
     for cmd in COMMANDS:

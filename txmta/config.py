@@ -31,6 +31,9 @@ from typing import Any, Callable
 
 from txmta.hostport import split_host_port  # noqa: E402,F401 (also public here)
 from txmta.lanes import DSN_POLICIES, Lane, Lanes
+from txmta.outbound.ippool import METHODS, IPPool, PoolAddress
+
+ShapingRule = Any    # txmta.outbound.shaping.Rule (imported where used: config stays light)
 
 DEFAULT_PATH = "/etc/txmta/txmta.toml"
 
@@ -352,12 +355,53 @@ def _lane_name(value: Any) -> str:
     return text
 
 
+def _mx_suffix(value: Any) -> str:
+    text = _string(value).strip().lower().rstrip(".")
+    if not re.fullmatch(r"\.?[a-z0-9-]+(\.[a-z0-9-]+)*", text):
+        raise ValueError("must be a host name suffix, e.g. \".google.com\"")
+    return text if text.startswith(".") else "." + text
+
+
+def _rate(value: Any) -> float:
+    from txmta.outbound.shaping import parse_rate
+    return parse_rate(_string(value))
+
+
 def _fraction(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError("must be a number between 0 and 1, e.g. 0.5")
     if not 0.0 <= float(value) <= 1.0:
         raise ValueError("must be between 0 and 1")
     return float(value)
+
+
+def _pool_addresses(value: Any) -> tuple[PoolAddress, ...]:
+    """A [[pool]]'s addresses: [{address = "192.0.2.10", helo = "mta1.example.com",
+    weight = 1}, ...]."""
+    if not isinstance(value, list) or not value or not all(isinstance(v, dict) for v in value):
+        raise ValueError('must be a non-empty array of tables, e.g. [{address = "192.0.2.10", '
+                         'helo = "mta1.example.com"}]')
+    out: list[PoolAddress] = []
+    for i, entry in enumerate(value):
+        unknown = set(entry) - {"address", "helo", "weight"}
+        if unknown:
+            raise ValueError(f"entry {i}: unknown key {sorted(unknown)[0]!r} "
+                             "(known: address, helo, weight)")
+        if "address" not in entry:
+            raise ValueError(f"entry {i}: needs address")
+        try:
+            address = _source_address(entry["address"])
+            if not address:
+                raise ValueError("must be an IP address of this host")
+            address = str(ipaddress.ip_address(address))
+            helo = _domain(entry["helo"]) if entry.get("helo", "") else ""
+            weight = _integer(1, 1000)(entry.get("weight", 1))
+        except ValueError as e:
+            raise ValueError(f"entry {i} ({_toml_repr(entry)}): {e}") from None
+        if any(a.address == address for a in out):
+            raise ValueError(f"entry {i}: address {address} listed twice")
+        out.append(PoolAddress(address, helo, weight))
+    return tuple(out)
 
 
 def _listen_address(value: Any) -> str:
@@ -419,8 +463,27 @@ _TABLE: dict[str, dict[str, _Key]] = {
         "streams": _Key([], _list_of(_string)),
         "users": _Key([], _list_of(_string)),
     },
+    "shaping": {
+        "name": _Key(_MISSING, _lane_name),
+        "mx": _Key(_MISSING, _list_of(_mx_suffix, non_empty=True)),
+        "connections": _Key(0, _integer(0)),             # 0 = no limit of its own
+        "messages_per_connection": _Key(0, _integer(0)),
+        "rate": _Key("", _rate),                          # "100/m", "3600/h"; "" = none
+        "recipients_per_message": _Key(0, _integer(0)),
+        "cooldown": _Key("1m", _duration(positive=True)),
+        "max_cooldown": _Key("1h", _duration(positive=True)),
+    },
     "intake": {
         "dedupe_window": _Key("24h", _duration()),     # "0" = off
+    },
+    "pool": {
+        "name": _Key(_MISSING, _lane_name),
+        "addresses": _Key(_MISSING, _pool_addresses),   # [{address, helo, weight}, ...]
+        "method": _Key("round-robin", _choice(*METHODS)),
+        "lanes": _Key([], _list_of(_string)),           # selectors; none: the default pool
+        "sender_domains": _Key([], _list_of(_domain)),
+        "tokens": _Key([], _list_of(_string)),
+        "cooldown": _Key("1h", _duration(positive=True)),   # a blocked address rests this long
     },
     "http": {
         "address": _Key(_MISSING, _listen_address),
@@ -477,6 +540,7 @@ _TABLE: dict[str, dict[str, _Key]] = {
         "idle_timeout": _Key("30s", _duration()),
         "connect_timeout": _Key("30s", _duration(positive=True)),
         "max_inflight": _Key(1000, _integer(1)),
+        "shaping": _Key("", _optional_path),             # a file of [[shaping]] tables
         "smtp_port": _Key(25, _integer(1, 65535)),
     },
     "retry": {
@@ -524,7 +588,7 @@ _TABLE: dict[str, dict[str, _Key]] = {
     },
 }
 _DEFAULT_LISTEN: list[dict[str, Any]] = [{"address": "127.0.0.1:25", "tls": "starttls"}]
-_ARRAYS = ("listen", "dkim", "http", "webhook", "lane")
+_ARRAYS = ("listen", "dkim", "http", "webhook", "lane", "shaping", "pool")
 
 
 def _default(section: str, key: str) -> Any:
@@ -621,6 +685,7 @@ class DeliveryConfig:
     connect_timeout: float = _default("delivery", "connect_timeout")
     max_inflight: int = _default("delivery", "max_inflight")
     smtp_port: int = _default("delivery", "smtp_port")
+    shaping: str | None = None                          # a file of [[shaping]] tables
 
 
 @dataclass(frozen=True)
@@ -732,7 +797,9 @@ class Config:
     api: ApiConfig = field(default_factory=ApiConfig)
     webhooks: tuple[WebhookConfig, ...] = ()
     lanes: Lanes = field(default_factory=Lanes)
+    shaping: tuple[ShapingRule, ...] = ()
     intake: IntakeConfig = field(default_factory=IntakeConfig)
+    pools: tuple[IPPool, ...] = ()          # [[pool]]: source addresses (outbound/ippool.py)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
@@ -754,6 +821,54 @@ def load(path: str | None) -> Config:
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8: {e}", path=path) from e
     return load_text(text, path)
+
+
+def all_errors(path: str) -> tuple[Config | None, list[ConfigError]]:
+    """Every error of the configuration in `path`, not only the first: each key found bad is
+    left out (its default used) and the rest checked again.  (the configuration, if it
+    loads, else None; the errors in the order found)."""
+    try:
+        with open(path, "rb") as f:
+            doc = tomllib.loads(f.read().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        try:
+            return load(path), []
+        except ConfigError as e:
+            return None, [e]
+    errors: list[ConfigError] = []
+    for _ in range(100):
+        try:
+            return _build(doc, path), errors
+        except ConfigError as e:
+            if any(str(e) == str(seen) for seen in errors) or not _leave_out(doc, e.key or ""):
+                errors.append(e)
+                return None, errors
+            errors.append(e)
+    return None, errors
+
+
+def _leave_out(doc: dict[str, Any], key: str) -> bool:
+    """Remove `key` ("section.key", "section[3].key", "section[3]", "section") from `doc`;
+    False when it names nothing there.  A required key that is missing takes its table
+    with it."""
+    m = re.fullmatch(r"([a-z_]+)(?:\[(\d+)\])?(?:\.([A-Za-z_]+))?(?:.*)", key)
+    if m is None or m.group(1) not in doc:
+        return False
+    section, index, name = m.group(1), m.group(2), m.group(3)
+    table: Any = doc[section]
+    if index is not None:
+        if not isinstance(table, list) or int(index) >= len(table):
+            return False
+        if name is None or name not in table[int(index)]:
+            del table[int(index)]          # the whole entry (a required key is missing)
+            return True
+        del table[int(index)][name]
+        return True
+    if name is None or not isinstance(table, dict) or name not in table:
+        del doc[section]
+        return True
+    del table[name]
+    return True
 
 
 def defaults() -> Config:
@@ -787,21 +902,7 @@ def _build(doc: dict[str, Any], path: str | None) -> Config:
             raise bad(name, value, f"must be a table, written [{name}]")
 
     def section(name: str, table: dict[str, Any], prefix: str) -> dict[str, Any]:
-        keys = _TABLE[name]
-        for k in table:
-            if k not in keys:
-                raise bad(f"{prefix}.{k}", table[k], "unknown key (known: " + ", ".join(keys) + ")")
-        out = {}
-        for k, spec in keys.items():
-            given = k in table
-            raw = table[k] if given else spec.default
-            if raw is _MISSING:
-                raise bad(f"{prefix}.{k}", _MISSING, "required")
-            try:
-                out[k] = spec.convert(raw)
-            except ValueError as e:
-                raise bad(f"{prefix}.{k}", raw, str(e)) from None
-        return out
+        return _section(name, table, prefix, bad)
 
     s = {name: section(name, doc.get(name, {}), name) for name in _TABLE if name not in _ARRAYS}
     if not s["server"]["hostname"]:
@@ -826,6 +927,7 @@ def _build(doc: dict[str, Any], path: str | None) -> Config:
     if cluster.ca_file:
         _check_readable(cluster.ca_file, lambda reason: bad("cluster.ca_file", cluster.ca_file, reason))
     lanes = _lanes(doc.get("lane"), section, bad)
+    pools = _pools(doc.get("pool"), section, bad, lanes)
 
     dkim_keys: list[DkimKey] = []
     for i, entry in enumerate(doc.get("dkim", [])):
@@ -922,7 +1024,48 @@ def _build(doc: dict[str, Any], path: str | None) -> Config:
 
     return Config(path, server, tuple(listeners), tls, auth, relay, spool, delivery, retry,
                   dns, log, dsn_cfg, suppression, history, bounce, tuple(dkim_keys), signing,
-                  tuple(http), api, tuple(webhooks), lanes, intake, cluster=cluster)
+                  tuple(http), api, tuple(webhooks), lanes,
+                  _shaping(doc.get("shaping", []), delivery.shaping, bad), intake, pools,
+                  cluster=cluster)
+
+
+def _shaping(entries: list[dict[str, Any]], file: str,
+             bad: Callable[[str, Any, str], ConfigError]) -> tuple[ShapingRule, ...]:
+    """The [[shaping]] tables of the configuration, then those of `delivery.shaping`'s file
+    that the configuration does not name (its own tables win)."""
+    from txmta.outbound.shaping import Rule
+    rules: list[Rule] = []
+
+    def add(table: dict[str, Any], prefix: str, bad_here: Callable[..., ConfigError]) -> None:
+        v = _section("shaping", table, prefix, bad_here)
+        if any(r.name == v["name"] for r in rules):
+            if bad_here is bad:
+                raise bad_here(f"{prefix}.name", v["name"], "listed twice")
+            return      # the configuration's own rule of this name wins
+        rules.append(Rule(v["name"], tuple(v["mx"]), v["connections"],
+                          v["messages_per_connection"], v["rate"],
+                          v["recipients_per_message"], v["cooldown"], v["max_cooldown"]))
+
+    for i, entry in enumerate(entries):
+        add(entry, f"shaping[{i}]", bad)
+    if file:
+        try:
+            with open(file, "rb") as f:
+                doc = tomllib.load(f)
+        except OSError as e:
+            raise bad("delivery.shaping", file, f"cannot read: {e.strerror or e}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise bad("delivery.shaping", file, f"TOML syntax error: {e}") from None
+        unknown = [k for k in doc if k != "shaping"]
+        if unknown or not isinstance(doc.get("shaping", []), list):
+            raise ConfigError.bad_value(file, unknown[0] if unknown else "shaping", _MISSING,
+                                        "a shaping file holds only [[shaping]] tables")
+
+        def bad_in_file(key: str, value: Any, reason: str) -> ConfigError:
+            return ConfigError.bad_value(file, key, value, reason)
+        for i, entry in enumerate(doc.get("shaping", [])):
+            add(entry, f"shaping[{i}]", bad_in_file)
+    return tuple(rules)
 
 
 def _lanes(entries: list[dict[str, Any]] | None, section: Callable[..., dict[str, Any]],
@@ -944,6 +1087,50 @@ def _lanes(entries: list[dict[str, Any]] | None, section: Callable[..., dict[str
         lanes.append(Lane(v["name"], v["priority"], v["share"], v["deadline"] or None, v["dsn"],
                           v["retry"] or None, v["streams"], v["users"]))
     return Lanes(lanes)
+
+
+def _section(name: str, table: Any, prefix: str, bad: Callable[..., ConfigError]
+             ) -> dict[str, Any]:
+    """The keys of one table of section `name` (named `prefix` in errors), converted."""
+    keys = _TABLE[name]
+    if not isinstance(table, dict):
+        raise bad(prefix, table, f"must be a table, written [[{name}]]")
+    for k in table:
+        if k not in keys:
+            raise bad(f"{prefix}.{k}", table[k], "unknown key (known: " + ", ".join(keys) + ")")
+    out = {}
+    for k, spec in keys.items():
+        raw = table[k] if k in table else spec.default
+        if raw is _MISSING:
+            raise bad(f"{prefix}.{k}", _MISSING, "required")
+        try:
+            out[k] = spec.convert(raw)
+        except ValueError as e:
+            raise bad(f"{prefix}.{k}", raw, str(e)) from None
+    return out
+
+
+def _pools(entries: list[dict[str, Any]] | None, section: Callable[..., dict[str, Any]],
+           bad: Callable[[str, Any, str], ConfigError], lanes: Lanes) -> tuple[IPPool, ...]:
+    """The [[pool]] tables: unique names, lanes that exist, at most one default pool (the
+    one without selectors)."""
+    pools: list[IPPool] = []
+    for i, entry in enumerate(entries or []):
+        prefix = f"pool[{i}]"
+        v = section("pool", entry, prefix)
+        if any(p.name == v["name"] for p in pools):
+            raise bad(f"{prefix}.name", v["name"], "listed twice")
+        for lane in v["lanes"]:
+            if lane not in lanes:
+                raise bad(f"{prefix}.lanes", entry["lanes"], f"no [[lane]] named {lane!r} "
+                          "(known: " + ", ".join(x.name for x in lanes) + ")")
+        pool = IPPool(v["name"], v["addresses"], v["method"], tuple(v["lanes"]),
+                      tuple(v["sender_domains"]), tuple(v["tokens"]), v["cooldown"])
+        if pool.is_default and any(p.is_default for p in pools):
+            raise bad(f"{prefix}.name", v["name"], "a second pool without lanes, sender_domains "
+                      "or tokens (only one default pool)")
+        pools.append(pool)
+    return tuple(pools)
 
 
 def _check_readable(file: str, bad: Callable[[str], ConfigError]) -> None:

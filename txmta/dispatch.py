@@ -49,6 +49,12 @@ def internal_error(text: str) -> O.Outcome:
     return O.classify(reply, "").outcome(reply, "")
 
 
+def _pinned(message: StoredMessage, indices: list[int]) -> dict[int, str]:
+    """The recipients among `indices` that must be tried from a given source address (the
+    one they were greylisted from), and that address."""
+    return {i: message.recipients[i].source for i in indices if message.recipients[i].source}
+
+
 class BodyLoader:
     """Reads a message body from the spool on first use (only once a connection is ready),
     once for all the destinations of an attempt."""
@@ -171,19 +177,20 @@ class Dispatcher:
             more = True
             while self._running and more:
                 self._again = False
-                more = False
                 now = self.clock.seconds()
-                for g, classes in enumerate(self.groups):   # highest priority first
-                    room = self.max_inflight - self._busy[g]
-                    if room <= 0:
-                        continue    # a finishing attempt of this group wakes us
-                    batch = min(room, 500)
-                    messages = yield self.queue.due(now, batch, exclude=self.inflight,
-                                                    classes=classes)
+                # one read for every group with room, highest priority first
+                batches = [min(max(0, self.max_inflight - busy), 500) for busy in self._busy]
+                if not any(batches):
+                    break       # every group is full: a finishing attempt wakes us
+                found = yield self.queue.due_groups(now, list(zip(self.groups, batches)),
+                                                    exclude=self.inflight)
+                for g, messages in enumerate(found):
+                    if not self._running:
+                        break
                     for m in messages:
                         self._start(m, now, g)
-                    more = more or len(messages) >= batch
-                more = more or self._again
+                more = self._again or any(
+                    batch and len(messages) >= batch for batch, messages in zip(batches, found))
             open_groups = [c for g, c in enumerate(self.groups)
                            if self._busy[g] < self.max_inflight]
             if self._running and open_groups:
@@ -192,8 +199,9 @@ class Dispatcher:
                 if nxt is not None:
                     self.wake(nxt)
         except Exception:
-            log.failure("dispatch scan failed; retrying in 5 s")
-            self.wake(self.clock.seconds() + 5)
+            if self._running:
+                log.failure("dispatch scan failed; retrying in 5 s")
+                self.wake(self.clock.seconds() + 5)
         finally:
             self._scanning = False
         if self._again:
@@ -259,7 +267,9 @@ class Dispatcher:
             body = BodyLoader(self.queue, message.id)
             started = self.clock.seconds()
             lane = self.lanes.name_of(message.lane)
-            attempts = [self.deliverer.deliver(message.envelope, indices, body, lane=lane)
+            token = message.client.get("token", "")     # the API token's name (IP pools)
+            attempts = [self.deliverer.deliver(message.envelope, indices, body, lane=lane,
+                                               token=token, pinned=_pinned(message, indices))
                         for _, indices in live]
             results = yield DeferredList(attempts, consumeErrors=True)
             if self.metrics is not None:

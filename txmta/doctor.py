@@ -5,7 +5,8 @@ command, so `dns.nameservers` applies) what a receiving MTA asks about mail from
 by this installation, and returns one `Row` per check: pass, warn, fail or info, what was
 found, and how to fix it.  The checks:
 
-  outbound addresses  delivery.source_address and --address, else server.hostname's addresses
+  outbound addresses  delivery.source_address, every [[pool]] address and --address, else
+                      server.hostname's addresses
   SPF                 one v=spf1 record, its syntax (RFC 7208 12), at most 10 DNS-querying
                       terms through includes and redirects (4.6.4), void lookups, ptr and
                       +all, and check_host() passing for every outbound address (`txmta.spf`)
@@ -14,7 +15,8 @@ found, and how to fix it.  The checks:
   DMARC               _dmarc TXT (else the organizational domain's), policy, alignment
                       (RFC 7489 6.3, 3.1)
   MX                  present, null MX (RFC 7505), implicit MX
-  FCrDNS              PTR of every outbound address, resolving back to it, equal to our name
+  FCrDNS              PTR of every outbound address, resolving back to it, equal to its HELO
+                      name (a pool address's own helo, else delivery.helo_name/server.hostname)
   MTA-STS, TLS-RPT    the TXT records, when published (RFC 8461 3.1, RFC 8460 3)
 
 What it doesn't: fetch the MTA-STS policy over HTTPS, validate DNSSEC, or send mail.
@@ -60,6 +62,15 @@ class Setup:
     addresses: tuple[tuple[str, str], ...] = ()     # (IP, where it comes from)
     dkim: tuple[DkimKey, ...] = ()              # the [[dkim]] keys of `domain`
     relayhost: str = ""                         # delivery.relayhost
+    helos: tuple[tuple[str, str, str], ...] = ()    # (IP, its own HELO name, where it is set)
+
+    def helo_for(self, ip: str) -> tuple[str, str]:
+        """The HELO name mail from `ip` gives, and the setting that names it."""
+        for address, name, where in self.helos:
+            if address == ip:
+                return name, where
+        return self.helo_name, ("server.hostname" if self.helo_name == self.hostname
+                                else "delivery.helo_name")
 
     @classmethod
     def from_config(cls, cfg: Config, domain: str, addresses: Sequence[str] = ()) -> "Setup":
@@ -68,6 +79,14 @@ class Setup:
         found: list[tuple[str, str]] = []
         if cfg.delivery.source_address:
             found.append((cfg.delivery.source_address, "delivery.source_address"))
+        helos: list[tuple[str, str, str]] = []
+        for n, pool in enumerate(cfg.pools):
+            for a in pool.addresses:
+                if a.address not in [f[0] for f in found]:
+                    found.append((a.address, f"pool {pool.name}"))
+                if a.helo and a.address not in [h[0] for h in helos]:
+                    helos.append((a.address, a.helo.rstrip(".").lower(),
+                                  f"the helo of {a.address} in pool[{n}] ({pool.name})"))
         for a in addresses:
             try:
                 ip = str(ipaddress.ip_address(a.strip()))
@@ -78,7 +97,7 @@ class Setup:
         hostname = cfg.server.hostname.rstrip(".").lower()
         return cls(name, hostname, (cfg.delivery.helo_name or hostname).rstrip(".").lower(),
                    tuple(found), tuple(k for k in cfg.dkim if k.domain == name),
-                   cfg.delivery.relayhost)
+                   cfg.delivery.relayhost, tuple(helos))
 
 
 _LABEL = re.compile(r"(?!-)[a-z0-9_-]{1,63}(?<!-)\Z")
@@ -243,7 +262,7 @@ async def spf_rows(resolver: spf.TXTResolver, setup: Setup, ips: Sequence[str]) 
         rows.append(Row(PASS, "SPF terms", "no +all, no ptr"))
 
     for ip in ips:
-        result = await spf.check_host(resolver, ip, d, helo=setup.helo_name)
+        result = await spf.check_host(resolver, ip, d, helo=setup.helo_for(ip)[0])
         rows.append(_spf_result_row(d, ip, result))
     return rows
 
@@ -539,7 +558,7 @@ async def mx_rows(resolver: spf.TXTResolver, setup: Setup) -> list[Row]:
 
 async def fcrdns_row(resolver: spf.TXTResolver, setup: Setup, ip: str) -> Row:
     check = f"FCrDNS {ip}"
-    name = setup.helo_name
+    name, what = setup.helo_for(ip)
     ask = f"ask the owner of {ip} (your hosting provider) to set its PTR record to {name}"
     reverse = dns.reversename.from_address(ip).to_text(True)
     try:
@@ -562,8 +581,6 @@ async def fcrdns_row(resolver: spf.TXTResolver, setup: Setup, ip: str) -> Row:
                    f"add an A/AAAA record {names[0]} -> {ip}, or {ask}")
     if name in confirmed:
         return Row(PASS, check, f"{ip} -> {name} -> {ip}")
-    what = ("server.hostname" if setup.helo_name == setup.hostname
-            else "delivery.helo_name")
     return Row(WARN, check, f"{ip} -> {confirmed[0]} -> {ip}, but {what} is {name}",
                f"{ask}, or set {what} to {confirmed[0]}")
 

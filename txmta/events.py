@@ -215,9 +215,12 @@ class EventIds:
     of the change are `event_id(base, 0)`, `event_id(base, 1)`, … so a change function run
     twice names its events the same way twice."""
 
-    def __init__(self, partition: int) -> None:
+    def __init__(self, partition: int, first: int = 0) -> None:
+        """`first`: where the counter starts; another process writing in the same
+        partition (txmta-sendmail) starts at a random place, so its ids and the worker's
+        would have to meet in the same microsecond and counter value."""
         self.partition = partition & 0xFF
-        self._counter = itertools.count()
+        self._counter = itertools.count(first)
 
     def base(self, at: float) -> bytes:
         return struct.pack(">QBI", max(0, int(at * 1e6)), self.partition,

@@ -53,6 +53,9 @@ class DeliveryQueue(Protocol):
     def due(self, now: float, limit: int, exclude: Iterable[str] = (),
             classes: Collection[int] | None = None) -> "Deferred[list[StoredMessage]]": ...
 
+    def due_groups(self, now: float, groups: Sequence[tuple[Collection[int], int]],
+                   exclude: Iterable[str] = ()) -> "Deferred[list[list[StoredMessage]]]": ...
+
     def next_due(self, exclude: Iterable[str] = (), classes: Collection[int] | None = None
                  ) -> "Deferred[float | None]": ...
 
@@ -84,6 +87,9 @@ class AdminQueue(Protocol):
     def delete(self, message_id: str) -> "Deferred[bool]": ...
 
     def requeue(self, message_id: str) -> "Deferred[bool]": ...
+
+    def pickup(self, message_id: str) -> "Deferred[bool]":
+        """Another process committed `message_id`, due now: deliver it (a wake-up)."""
 
     def status(self) -> "Deferred[dict[str, Any]]": ...
 

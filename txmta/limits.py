@@ -16,7 +16,7 @@ of a cluster draws from one budget:
 `Gcra` is the arithmetic, shared by both implementations of the rate limiter (the Redis one
 runs the same steps in a Lua script).
 """
-# test: tests/test_limits.py
+# test: tests/test_rate_limits.py
 
 from __future__ import annotations
 

@@ -124,6 +124,22 @@ class MailLog:
                 text += f" tag={json.dumps(m.labels.tag, ensure_ascii=False)}"
         self.sink.emit(fields, text)
 
+    def duplicate(self, first: str, client: dict[str, str], sender: str, nrcpt: int,
+                  header_id: str) -> None:
+        """A message the SMTP intake answered as a duplicate of `first` (the queue id of
+        the one stored; [intake] dedupe_window): not stored, so no event tells of it."""
+        fields: dict[str, Any] = {
+            "event": "duplicate", "id": first, "client": client.get("address", ""),
+            "helo": client.get("helo", ""), "sender": sender, "nrcpt": nrcpt,
+            "message_id": header_id,
+        }
+        text = (f"{first}: duplicate client={fields['client']} helo={fields['helo']} "
+                f"from=<{sender}> nrcpt={nrcpt} message-id={header_id}")
+        if "auth" in client:
+            fields["auth"] = client["auth"]
+            text += f" auth={client['auth']}"
+        self.sink.emit(fields, text + " (not stored again)")
+
     def outcome(self, m: StoredMessage, index: int, outcome: Outcome, now: float) -> None:
         """One line per recipient per attempt, Postfix style: to, relay, delay, status."""
         state = m.recipients[index]

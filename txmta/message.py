@@ -212,6 +212,7 @@ class RecipientState:
     remote: str = ""                # the host that gave last_reply, e.g. "mx.example.net[192.0.2.1]"
     warned: bool = False            # a delay DSN was sent for it
     category: str = ""              # bounce category of last_reply (outcome.classify), for failures
+    source: str = ""                # our source address when it was greylisted: its retries go from it
 
 
 @dataclass(frozen=True, slots=True)

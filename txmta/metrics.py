@@ -276,8 +276,9 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None, *,
                  lanes: Iterable[str] = (), listeners: Mapping[str, str] | None = None,
-                 endpoints: Iterable[str] = ()) -> None:
+                 endpoints: Iterable[str] = (), providers: Iterable[str] = ()) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        self.provider = Names({p: p for p in providers if looks_like_name(p)})
         self.lane = Names({"": DEFAULT_LANE, DEFAULT_LANE: DEFAULT_LANE,
                            **{lane: lane for lane in lanes if looks_like_name(lane)}})
         self.listener = Names(listeners if listeners is not None else {"dsn": "dsn"})
@@ -328,6 +329,13 @@ class Metrics:
         self.connections_out_total = Counter(
             "txmta_connections_out", "Outbound SMTP connections opened, by TLS level.",
             ["tls_level"], registry=r)
+        self.shaping_backoffs = Counter(
+            "txmta_shaping_backoffs", "Times a provider ([[shaping]] rule) asked us to slow "
+            "down and got a cool-down, by provider.", ["provider"], registry=r)
+        self.shaping_factor = Gauge(
+            "txmta_shaping_factor", "The part of its connections and rate a provider gets "
+            "after slow-downs (1 = all), by provider.", ["provider"],
+            multiprocess_mode="livemin", registry=r)
         self.dsns = Counter(
             "txmta_dsn_queued", "Delivery status notifications queued, by action.",
             ["action"], registry=r)
@@ -401,6 +409,12 @@ class Metrics:
         """The spool's writer thread: one write transaction committed `batch_size` changes."""
         self.commit_seconds.observe(seconds)
         self.commit_batch.observe(batch_size)
+
+    def observe_backoff(self, provider: str, factor: float) -> None:
+        """Shaping: `provider` asked us to slow down; its factor is now `factor`."""
+        label = self.provider(provider)
+        self.shaping_backoffs.labels(label).inc()
+        self.shaping_factor.labels(label).set(factor)
 
     def observe_attempt(self, seconds: float, result: str) -> None:
         """The dispatcher: one attempt took `seconds`; `result` as `attempt_result` says."""

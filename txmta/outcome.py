@@ -5,8 +5,8 @@ Pure: no I/O.  An attempt yields, per recipient, `Delivered`, `TempFailed` or `P
 at some stage of a session into a `Verdict` that says everything delivery needs: the outcome
 kind; whether to try the next MX host, or another transaction on the same host; whether the
 failure is the destination's (so its queued mail waits for the destination's retry, not each
-message separately); whether the reply is greylisting and how long it asked us to wait; and
-its bounce category.  `Verdict.outcome()` makes the outcome value from it.  Nothing else
+message separately); whether the reply is greylisting and how long it asked us to wait; whether it asks us to
+slow down (per-provider shaping backs off: outbound/shaping.py); and its bounce category.  `Verdict.outcome()` makes the outcome value from it.  Nothing else
 interprets a reply: the queue, the retry arithmetic and the dispatcher read these values.
 
 The rules follow RFC 5321 4.2.1 and 4.5.4.1 and Postfix's smtp_trouble.c: a failure to
@@ -33,6 +33,14 @@ schedule, which retries such a greylister soon enough.  Any temporary failure th
 greylisting and asks for a wait ("try again in 5 minutes", "retry after 60 seconds", as rate
 limiters say) has that wait as `retry_after`.  What the retry does with them is retry.py's
 arithmetic.
+
+Blocked (`Verdict.blocked`): a failure whose text says that the sending address itself is
+refused, whatever the stage or code: a DNS block list ("Client host [192.0.2.1] blocked using
+zen.spamhaus.org", Spamcop, Barracuda, SORBS, "blocklisted", "RBL"), Microsoft's "banned
+sending IP" (S3150, S3140, 5.7.606-608), Gmail's texts about the reputation of, or unsolicited
+mail from, "your IP address", Yahoo's TSS0x deferrals.  Delivery takes that source address out
+of rotation for the provider (outbound/ippool.py).  A domain or content list (Spamhaus DBL,
+URIBL, SURBL) says nothing about the address and is not `blocked`.
 
 The category comes from the bounce rules (categories.py: the defaults, or the operator's
 `[[bounce.rules]]` passed as `rules`); it describes a failure and never changes the verdict.
@@ -87,6 +95,7 @@ class TempFailed:
     greylisted: bool = False           # the reply is greylisting (RFC 6647)
     retry_after: float | None = None   # seconds the reply asked us to wait, if it said
     category: str = ""                 # bounce category (categories.CATEGORIES)
+    source: str = ""                   # our source address of the attempt ("" = the system's)
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,16 +121,19 @@ class Verdict:
     greylisted: bool = False       # greylisting: retry once after retry_after
     retry_after: float | None = None   # seconds the reply asked us to wait, if it said
     category: str = ""             # bounce category of a failure; "" when delivered
+    slow_down: bool = False        # the server asks us to send more slowly (shaping.py)
+    blocked: bool = False          # the reply refuses our sending address (a block list)
 
     def outcome(self, reply: Reply, stage: str, host: str = "", address: str = "",
-                tls: str = "", remote_dsn: bool = False) -> Outcome:
-        """The outcome this verdict gives a recipient for `reply` at `stage` from `host`."""
+                tls: str = "", remote_dsn: bool = False, source: str = "") -> Outcome:
+        """The outcome this verdict gives a recipient for `reply` at `stage` from `host`,
+        sent from our `source` address."""
         if self.kind is Delivered:
             return Delivered(reply, host, address, tls, remote_dsn, stage)
         if self.kind is PermFailed:
             return PermFailed(reply, host, address, tls, stage, self.category)
         return TempFailed(reply, host, address, tls, stage, self.greylisted, self.retry_after,
-                          self.category)
+                          self.category, source)
 
 
 def classify(reply: Reply, stage: str, last_mx: bool = True,
@@ -139,10 +151,13 @@ def classify(reply: Reply, stage: str, last_mx: bool = True,
     greylisted = retry_after is not None
     if kind is TempFailed and not greylisted:
         retry_after = _named_delay(reply.text, _ASKED_WAIT)
+    category = rules.category(reply, stage)
     return Verdict(kind, next_mx, site_failure,
                    next_transaction=stage == RCPT and reply.code == 452,
                    greylisted=greylisted, retry_after=retry_after,
-                   category=rules.category(reply, stage))
+                   category=category,
+                   slow_down=kind is TempFailed and not greylisted and _slow_down(reply, category),
+                   blocked=_blocked(reply))
 
 
 def _kind(reply: Reply, stage: str, last_mx: bool) -> tuple[type, bool, bool]:
@@ -161,7 +176,7 @@ def _kind(reply: Reply, stage: str, last_mx: bool) -> tuple[type, bool, bool]:
         return (PermFailed if reply.permanent else TempFailed), False, True
     if reply.code < 400:
         return Delivered, False, False
-    if stage == MAIL and reply.enhanced == "5.7.10" and not last_mx:
+    if stage == MAIL and reply.permanent and reply.enhanced == "5.7.10" and not last_mx:
         # RFC 8689 4.2.1: REQUIRETLS could not be met by this host; another MX may meet it
         return PermFailed, True, False
     if reply.permanent:
@@ -177,6 +192,34 @@ def _default_rules() -> Classifier:
     # imported here: categories.py names its rules' stages with this module's constants
     from txmta.categories import DEFAULT_CLASSIFIER
     return DEFAULT_CLASSIFIER
+
+
+# -- the sending address blocked ----------------------------------------------------------
+
+# Texts that refuse the sending address: DNS block lists (Postfix's reject_rbl_client text
+# "Client host [192.0.2.1] blocked using zen.spamhaus.org"; Spamhaus but its domain list DBL,
+# Spamcop, Barracuda, SORBS), Microsoft ("5.7.606 Access denied, banned sending IP [192.0.2.1]",
+# "(S3150)", "(S3140)"), Gmail ("421 4.7.0 ... very low reputation of the sending IP address",
+# "unusual rate of unsolicited mail originating from your IP address"), Yahoo ("421 4.7.0
+# [TSS04] Messages from 192.0.2.1 temporarily deferred", "[TS03]").
+BLOCKED_TEXT = (r"blocked using|(?<!dbl\.)spamhaus|spamcop|barracuda|\bsorbs\b|"
+                r"\b(?:rbl|dnsbl)\b|\b(?:block|black|deny) ?list(?:ed)?\b|"
+                r"banned sending ip|\bS31[45]0\b|\bTSS?0[1-9]\b|"
+                r"reputation of (?:the |your )?(?:sending )?ip\b|"
+                r"\bip(?: address)?\b[^.]{0,40}\breputation|from your ip address")
+_BLOCKED_WORDS = re.compile(BLOCKED_TEXT, re.IGNORECASE)
+_BLOCKED_ENHANCED = frozenset({"5.7.606", "5.7.607", "5.7.608"})
+_CONTENT_LISTS = re.compile(r"\b(?:uribl|surbl)\b|dbl\.spamhaus", re.IGNORECASE)
+
+
+def _blocked(reply: Reply) -> bool:
+    """Whether a failure `reply` refuses our sending address."""
+    if reply.code < 400:
+        return False
+    if reply.stated_enhanced in _BLOCKED_ENHANCED:
+        return True
+    return (_BLOCKED_WORDS.search(reply.text) is not None
+            and _CONTENT_LISTS.search(reply.text) is None)
 
 
 # -- greylisting and asked-for waits ----------------------------------------------------------
@@ -229,6 +272,19 @@ def _greylisting(reply: Reply) -> float | None:
     if reply.code in _GREYLISTING_CODES and reply.stated_enhanced in _GREYLISTING_ENHANCED:
         return _named_delay(reply.text, _ASKED_WAIT)
     return None
+
+
+# "Slow down": a 421/451 with 4.7.0 (Yahoo's TSS04, Microsoft's throttling) or 4.7.28
+# (Gmail's rate limit), or any temporary failure the bounce rules call rate-limited ("rate
+# limited", "too many connections", "server busy", X.4.5 congestion).
+_SLOW_DOWN_ENHANCED = frozenset({"4.7.0", "4.7.28"})
+
+
+def _slow_down(reply: Reply, category: str) -> bool:
+    from txmta.categories import RATE_LIMITED
+    if category == RATE_LIMITED:
+        return True
+    return reply.code in (421, 451) and reply.stated_enhanced in _SLOW_DOWN_ENHANCED
 
 
 def _named_delay(text: str, pattern: re.Pattern[str]) -> float | None:

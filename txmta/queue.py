@@ -54,6 +54,7 @@ from txmta.spool.interface import BodyWriter, Spool
 
 DEFAULT_SCHEDULE = (60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0)
 DSN_FULL_LIMIT = 256 * 1024     # above this, a DSN returns only the header section unless RET=FULL
+PICKED_KEPT = 10000             # pickup(): how many told-of ids a worker remembers
 
 
 SignReport = Callable[[bytes, float], bytes]
@@ -89,6 +90,7 @@ class Queue:
         # no two workers share a partition, so no two make the same event id
         self.event_ids = E.EventIds(min(partitions))
         self.events = events or E.EventStream()
+        self._status_parts: dict[str, Callable[[], Any]] = {}   # add_status
         self.schedule = tuple(schedule)
         self.max_lifetime = max_lifetime
         self.jitter = jitter
@@ -101,6 +103,7 @@ class Queue:
         self.drop_suppressed = drop_suppressed
         self.lanes = lanes if lanes is not None else Lanes()
         self._sign_report = sign_report
+        self._picked: dict[str, None] = {}     # pickup(): the ids told of, oldest first
 
     def set_sign_report(self, sign_report: SignReport | None) -> None:
         """The DKIM signing of DSNs from now on (SIGHUP); None: unsigned."""
@@ -157,9 +160,16 @@ class Queue:
                 return succeed(0)
         return self.spool.hooks_replay(self.clock.seconds(), message_id, eid)
 
-    def idempotent_trim(self, before: float) -> Deferred[int]:
-        """Forget idempotency keys stored before `before` (a bounded part of them a call)."""
-        return self.spool.idempotent_trim(before)
+    @inlineCallbacks
+    def idempotent_trim(self, before: float, batch: int = 1000) -> Any:
+        """Forget idempotency keys stored before `before`, `batch` per spool transaction,
+        until none is left; fires with how many."""
+        total = 0
+        while True:
+            n = yield self.spool.idempotent_trim(before, batch)
+            total += n
+            if n < batch:
+                return total
 
     def idempotent_get(self, key: bytes, not_before: float) -> Deferred[bytes | None]:
         """What a put with this idempotency key stored at or after `not_before`, or None."""
@@ -235,6 +245,11 @@ class Queue:
         then time (lanes.due_class)."""
         return self.spool.load_due(now, limit, frozenset(exclude), classes)
 
+    def due_groups(self, now: float, groups: Sequence[tuple[Collection[int], int]],
+                   exclude: Iterable[str] = ()) -> Deferred[list[list[StoredMessage]]]:
+        """`due` for each (classes, limit) of `groups`, in one read of the spool."""
+        return self.spool.load_due_groups(now, groups, frozenset(exclude))
+
     def next_due(self, exclude: Iterable[str] = (), classes: Collection[int] | None = None
                  ) -> Deferred[float | None]:
         return self.spool.next_due(frozenset(exclude), classes)
@@ -283,11 +298,14 @@ class Queue:
                                  retry_after=outcome.retry_after,
                                  greylisted_before=old.greylisted, **kwargs)
         greylisted = old.greylisted or outcome.greylisted
+        # a greylister lets through the retry from the address it greylisted (RFC 6647)
+        source = outcome.source if outcome.greylisted and outcome.source else old.source
         if isinstance(delay, retry.Expired):
             return replace(old, state=EXPIRED, attempts=attempts, last_reply=outcome.reply,
-                           remote=remote, greylisted=greylisted)
+                           remote=remote, greylisted=greylisted, source=source)
         return replace(old, state=QUEUED, attempts=attempts, next_attempt=now + delay,
-                       last_reply=outcome.reply, remote=remote, greylisted=greylisted)
+                       last_reply=outcome.reply, remote=remote, greylisted=greylisted,
+                       source=source)
 
     def record(self, message: StoredMessage, outcomes: Mapping[int, Outcome],
                postponed: Mapping[int, tuple[float, Reply]] | None = None,
@@ -525,5 +543,42 @@ class Queue:
             self.events.publish(E.Due(now))     # one wake-up of the dispatcher for all of them
         return count
 
+    def pickup(self, message_id: str) -> Deferred[bool]:
+        """Another process (txmta-sendmail) committed the message `message_id` to the spool
+        with its events: tell this worker's subscribers as if its own intake had (the mail
+        log's `received` line, the metrics, the webhook sender, the dispatcher, which finds
+        the message in the due index).  Changes nothing in the spool; a message already
+        told of, one not in the spool, or one already tried is not told again (anyone may
+        send Pickup), but the dispatcher is woken all the same.  Fires with whether the
+        message was found."""
+        def found(m: StoredMessage | None) -> bool:
+            if m is None:
+                self.events.publish(E.Due(self.clock.seconds()))
+                return False
+            fresh = message_id not in self._picked and not any(
+                st.attempts for st in m.recipients)
+            if fresh:
+                self._picked[message_id] = None
+                while len(self._picked) > PICKED_KEPT:
+                    del self._picked[next(iter(self._picked))]
+                told: list[E.Committed] = [E.Received(b"", m)]
+                told += [E.Suppressed(b"", m, index) for index, st in enumerate(m.recipients)
+                         if st.state == SUPPRESSED]
+                self.events.publish_all(told)
+            self.events.publish(E.Due(self.clock.seconds()))
+            return True
+        return self.spool.get(message_id).addCallback(found)
+
     def status(self) -> Deferred[dict[str, Any]]:
-        return self.spool.count().addCallback(lambda n: {"messages": n})
+        """The message count, and what the parts added with `add_status` report."""
+        def build(n: int) -> dict[str, Any]:
+            out: dict[str, Any] = {"messages": n}
+            for name, report in self._status_parts.items():
+                out[name] = report()
+            return out
+        return self.spool.count().addCallback(build)
+
+    def add_status(self, name: str, report: Callable[[], Any]) -> None:
+        """Put `report()` (JSON-able) under `name` in `status()`: delivery's parts
+        (per-provider shaping, relayhost circuits) are not the queue's, but status asks it."""
+        self._status_parts[name] = report

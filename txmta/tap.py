@@ -145,16 +145,20 @@ class Master(service.Service):
         self.stopping = False
         self._stopped: defer.Deferred[None] | None = None
         self._control: Any = None
+        self._pickup: Any = None
         self._hup_previous: Any = None
 
     # -- starting and restarting workers -------------------------------------------------------
 
     def startService(self) -> None:
         service.Service.startService(self)
-        from txmta.control.amp import ControlService, control_socket_path
+        from txmta.control.amp import ControlService, control_socket_path, pickup_socket_path
         path = control_socket_path(self.cfg.spool.path)
         self._control = ControlService(self.reactor, path, self.fanout)
         self._control.startService()
+        self._pickup = ControlService(self.reactor, pickup_socket_path(self.cfg.spool.path),
+                                      self.fanout, pickup=True)
+        self._pickup.startService()
         if self.ids is not None and os.getuid() == 0:
             os.chown(path, self.ids[1], self.ids[2])     # the workers' user may use it too
         from txmta import metrics
@@ -271,6 +275,9 @@ class Master(service.Service):
             for s in self.sockets:
                 s.close()
             control, self._control = self._control, None
+            pickup, self._pickup = self._pickup, None
+            if pickup is not None:
+                pickup.stopService()
             return control.stopService() if control is not None else None
         return self._stopped.addCallback(done)
 
@@ -334,6 +341,66 @@ def bind_listeners(cfg: C.Config) -> list[socket.socket]:
     return sockets
 
 
+def quiet_twisted_logs() -> None:
+    """The log twistd is about to begin leaves out what Twisted says of every port and
+    channel we open and close ("... starting on ...", "connection established"): the startup
+    summary names the listeners.  (twistd begins logging after makeService.)"""
+    from twisted.logger import (FilteringLogObserver, PredicateResult, globalLogBeginner)
+    from txmta.worker import is_noise
+    begin = globalLogBeginner.beginLoggingTo
+    if getattr(begin, "quiet", False):
+        return
+
+    def predicate(event: dict[str, Any]) -> PredicateResult:
+        return PredicateResult.no if is_noise(event) else PredicateResult.maybe
+
+    def quiet_begin(observers: Any, *args: Any, **kwargs: Any) -> Any:
+        return begin([FilteringLogObserver(o, [predicate]) for o in observers], *args, **kwargs)
+    quiet_begin.quiet = True        # type: ignore[attr-defined]
+    globalLogBeginner.beginLoggingTo = quiet_begin     # type: ignore[method-assign]
+
+
+def startup_summary(cfg: C.Config) -> str:
+    """What the daemon starts with, said once: version, configuration file, listeners, spool,
+    workers, where mail goes, the TLS certificate's subject and expiry."""
+    import txmta
+    d = cfg.delivery
+    listeners = ", ".join(
+        [f"{lst.address} (smtp, tls {lst.tls}, auth {lst.auth})" for lst in cfg.listen]
+        + [f"{h.address} (http {'+'.join(h.serve)}, tls {h.tls})" for h in cfg.http]) or "none"
+    where = (f"relayhost {d.relayhost}" if d.relayhost else "MX delivery")
+    parts = [f"txmta {txmta.__version__} starting", f"config {cfg.path or '(built-in defaults)'}",
+             f"listeners {listeners}", f"spool {os.path.abspath(cfg.spool.path)}",
+             f"workers {cfg.server.workers}", f"hostname {cfg.server.hostname}", where,
+             f"tls {certificate_summary(cfg.tls.cert) if cfg.tls.cert else 'no certificate'}"]
+    return "; ".join(parts)
+
+
+def certificate_summary(path: str) -> str:
+    """"certificate CN=... (expires 2027-03-01)" of the PEM file at `path`, or why not."""
+    try:
+        from cryptography import x509
+        with open(path, "rb") as f:
+            cert = x509.load_pem_x509_certificate(f.read())
+        expires = cert.not_valid_after_utc.strftime("%Y-%m-%d")
+        return f"certificate {cert.subject.rfc4514_string()} (expires {expires})"
+    except Exception as e:      # the start checks the material itself, with a clear error
+        return f"certificate {path} (unreadable: {e})"
+
+
+def check_spool(cfg: C.Config) -> None:
+    """The spool directory exists (made if missing) and this process can write in it;
+    ConfigError naming spool.path, the directory and the reason."""
+    path = cfg.spool.path
+    try:
+        os.makedirs(path, exist_ok=True)
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as e:
+        raise C.ConfigError(f"{cfg.path or '<defaults>'}: spool.path = \"{path}\": cannot use "
+                            f"{os.path.abspath(path)}: {e.strerror or e}") from None
+
+
 def give_spool(path: str, uid: int, gid: int) -> None:
     """A spool directory that belongs to root becomes the workers' user's, with what root
     left in it (a spool used by a daemon that ran as root before)."""
@@ -383,7 +450,9 @@ def makeService(options: Options) -> service.IService:
     from twisted.internet import reactor
     try:
         cfg = C.load(options["config"])
-        os.makedirs(cfg.spool.path, exist_ok=True)
+        check_spool(cfg)
+        quiet_twisted_logs()
+        log.info("{summary}", summary=startup_summary(cfg))
         ids = user_ids(cfg)
         if ids is not None and os.getuid() not in (0, ids[1]):
             raise C.ConfigError(f"{cfg.path}: server.user = \"{cfg.server.user}\": switching "
@@ -393,7 +462,16 @@ def makeService(options: Options) -> service.IService:
             bind_to_cpu(cfg, 0)                # before the spool's thread starts
             stop_once_on_sigterm(reactor)
             if not as_root:
-                top = build(cfg, reactor)      # reads the TLS material: bad files are ConfigErrors too
+                # bound now, so that a listener that cannot listen stops the start with one
+                # line instead of a traceback and a daemon without that listener
+                sockets = bind_listeners(cfg)
+                try:
+                    top = build(cfg, reactor, inherited=[s.fileno() for s in sockets])
+                except BaseException:   # reads the TLS material: bad files are ConfigErrors
+                    for sock in sockets:
+                        sock.close()
+                    raise
+                top.listening_sockets = sockets        # type: ignore[attr-defined]
                 tune_runtime()
                 return top
             check_material(cfg)

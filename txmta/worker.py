@@ -60,6 +60,7 @@ class Connector:
         bind = (key.source, 0) if key.source else None
         settings = self.settings_for(key)
         factory = Factory.forProtocol(lambda: SMTPClient(settings, self.reactor, key.mx, key.address))
+        factory.noisy = False
         d = connect(self.reactor, key.address, key.port, factory, self.connect_timeout, bind)
 
         def connected(client: Any) -> Any:
@@ -115,12 +116,17 @@ def build_tls_policy(cfg: C.Config, reactor: Any, resolver: Any, cache_store: An
 
 
 def build_delivery(cfg: C.Config, reactor: Any, queue: Queue,
-                   cache_store: Any = None, metrics: Any = None) -> DeliveryService:
+                   cache_store: Any = None, metrics: Any = None,
+                   limiter: Any = None) -> DeliveryService:
+    """`limiter`: where the [[shaping]] rates are drawn from (the cluster's shared one), or
+    None for this process's own."""
     from txmta.categories import Classifier
     from txmta.dispatch import Dispatcher
     from txmta.outbound.client import ClientSettings
     from txmta.outbound.deliverer import Deliverer
     from txmta.outbound.dns import Resolver, parse_nameserver
+    from txmta.outbound.ippool import Source, SourceSelector
+    from txmta.outbound.shaping import Shaper
     from txmta.outbound.pool import ConnectionPool
     from txmta.outbound.route import Router
     from txmta.outbound.tlspolicy import MayFallback
@@ -150,14 +156,22 @@ def build_delivery(cfg: C.Config, reactor: Any, queue: Queue,
         return tls_policy.client_settings(key.tls, key.mx, base, connect.plaintext(key))
 
     connect = MayFallback(reactor, Connector(reactor, settings_for, d.connect_timeout, metrics))
+    shaper = (Shaper(cfg.shaping, reactor.seconds, limiter=limiter, metrics=metrics)
+              if cfg.shaping else None)
+    if shaper is not None:
+        queue.add_status("providers", shaper.status)
     pool = ConnectionPool(reactor, connect,
                           per_destination=d.max_per_destination, total=d.max_connections,
                           max_messages_per_connection=d.max_messages_per_connection,
                           idle_timeout=d.idle_timeout,
-                          initial_per_destination=d.initial_per_destination, lanes=cfg.lanes)
+                          initial_per_destination=d.initial_per_destination, lanes=cfg.lanes,
+                          shaper=shaper)
+    # where connections come from: the [[pool]] addresses, else [delivery] source_address
+    sources = SourceSelector(reactor, cfg.pools, fallback=Source(d.source_address, helo))
     deliverer = Deliverer(router, pool, helo=helo, source=d.source_address,
                           tls_level="may", relay_tls=d.relayhost_tls, tls_policy=tls_policy,
-                          rules=Classifier(extra=cfg.bounce.rules))
+                          rules=Classifier(extra=cfg.bounce.rules), sources=sources,
+                          shaper=shaper)
     dispatcher = Dispatcher(queue, deliverer, reactor, max_inflight=d.max_inflight,
                             metrics=metrics, lanes=cfg.lanes)
     queue.events.subscribe(dispatcher.heard, *Dispatcher.HEARS)
@@ -166,8 +180,8 @@ def build_delivery(cfg: C.Config, reactor: Any, queue: Queue,
 
 class QueueService(service.Service):
     """Loads the suppression list at start; every 10 minutes forgets finished messages and
-    outbox entries past the retention, and idempotency keys of the HTTP API past their
-    window."""
+    outbox entries past the retention, and idempotency keys (the HTTP API's and the SMTP
+    intake's duplicate check, one index) past the longer of their windows."""
 
     def __init__(self, queue: Queue, reactor: Any, retention: float,
                  idempotency_window: float = 86400.0) -> None:
@@ -313,7 +327,9 @@ def share(value: int, workers: int) -> int:
 def divide_limits(cfg: C.Config, workers: int) -> C.Config:
     """`cfg` with the limits that hold for the whole daemon divided among `workers`:
     [server] max_connections; [delivery] max_per_destination, initial_per_destination,
-    max_connections, max_inflight.
+    max_connections, max_inflight; each [[shaping]] rule's connections and rate (not the
+    rate with [cluster] redis: every worker of every node draws from one shared budget, and
+    while Redis is down the limiter itself gives each worker rate / (nodes x workers)).
 
     Not [server] max_connections_per_ip: each worker holds it for its own connections.  The
     kernel gives a new connection to whichever worker accepts first, so one client's
@@ -329,7 +345,10 @@ def divide_limits(cfg: C.Config, workers: int) -> C.Config:
         initial_per_destination=share(d.initial_per_destination, workers),
         max_connections=share(d.max_connections, workers),
         max_inflight=share(d.max_inflight, workers))
-    return dataclasses.replace(cfg, server=server, delivery=delivery)
+    shaping = tuple(dataclasses.replace(
+        rule, connections=share(rule.connections, workers) if rule.connections else 0,
+        rate=rule.rate if cfg.cluster.redis else rule.rate / workers) for rule in cfg.shaping)
+    return dataclasses.replace(cfg, server=server, delivery=delivery, shaping=shaping)
 
 
 def family_of(host: str) -> int:
@@ -369,7 +388,8 @@ def build(cfg: C.Config, reactor: Any, *, worker: int = 0, workers: int = 1,
         M.prepare_directory(metrics_dir)
     M.setup_multiprocess(metrics_dir, worker)
     metrics = M.Metrics(listeners=M.listener_labels(cfg.listen, cfg.http),
-                        endpoints=M.API_ENDPOINTS, lanes=[lane.name for lane in cfg.lanes])
+                        endpoints=M.API_ENDPOINTS, lanes=[lane.name for lane in cfg.lanes],
+                        providers=[rule.name for rule in cfg.shaping])
     # the partitions this worker takes new ids from and delivers
     owned_partitions = partition.owned(worker, workers)
     tls = None
@@ -397,7 +417,7 @@ def build(cfg: C.Config, reactor: Any, *, worker: int = 0, workers: int = 1,
     queue.events.subscribe(metrics.heard, *M.Metrics.HEARS)
     QueueSamplerService(M.QueueSampler(metrics, reactor, spool.stats, 15.0)).setServiceParent(top)
     QueueService(queue, reactor, cfg.history.retention,
-                 cfg.api.idempotency_window).setServiceParent(top)
+                 max(cfg.api.idempotency_window, cfg.intake.dedupe_window)).setServiceParent(top)
     if cfg.webhooks:   # deliveries written with the events; sent for this worker's partitions
         from txmta.webhooks import service as webhooks
         hooks = webhooks.build(cfg, reactor, spool, metrics)
@@ -417,7 +437,8 @@ def build(cfg: C.Config, reactor: Any, *, worker: int = 0, workers: int = 1,
     top.shared = shared                   # type: ignore[attr-defined]
     receiver = Receiver(queue, cfg.server.hostname, reactor, signer, run_signing,
                         lanes=cfg.lanes,
-                        listener_lanes={l.address: l.lane for l in cfg.listen if l.lane})
+                        listener_lanes={l.address: l.lane for l in cfg.listen if l.lane},
+                        dedupe_window=cfg.intake.dedupe_window, note_duplicate=maillog.duplicate)
     checker = None
     if cfg.auth.users:
         from txmta.inbound.auth import UsersFileChecker
@@ -429,15 +450,18 @@ def build(cfg: C.Config, reactor: Any, *, worker: int = 0, workers: int = 1,
         max_errors=cfg.server.max_errors, command_timeout=cfg.server.command_timeout,
         data_timeout=cfg.server.data_timeout, tls_available=tls is not None,
         auth_available=checker is not None)
-    delivery = build_delivery(cfg, reactor, queue, spool, metrics)
+    delivery = build_delivery(cfg, reactor, queue, spool, metrics,
+                              limiter=shared.rate_limiter if cfg.cluster.redis else None)
     delivery.setServiceParent(top)
     parts: list[Any] = [tls] if tls is not None else []
     parts += [SigningReload(receiver, queue), TLSPolicyReload(delivery.tls_policy)]
     reload = build_reload(cfg, reactor, parts)
     reload.setServiceParent(top)
     if channel is None:
-        from txmta.control.amp import ControlService, control_socket_path
+        from txmta.control.amp import ControlService, control_socket_path, pickup_socket_path
         ControlService(reactor, control_socket_path(cfg.spool.path), queue).setServiceParent(top)
+        ControlService(reactor, pickup_socket_path(cfg.spool.path), queue,
+                       pickup=True).setServiceParent(top)
     else:
         from txmta.control.channel import WorkerControl
         channel.queue_control = WorkerControl(queue, channel.tell_master)
@@ -529,6 +553,19 @@ def _die_with_parent() -> None:
         pass
 
 
+# What Twisted says of every port and channel a worker opens or closes: the master's startup
+# summary has the listeners, and the channels are ours.
+_NOISE = ("{cls} connection established", "{cls} connection lost", "Main loop terminated.")
+
+
+def is_noise(event: dict[str, Any]) -> bool:
+    fmt = event.get("log_format") or ""
+    if fmt.startswith(_NOISE):
+        return True
+    text = " ".join(str(m) for m in event.get("message", ()))
+    return " starting on " in text or (text.startswith("(") and text.endswith(" Closed)"))
+
+
 def _log_to_stdout() -> None:
     """Log events as lines on stdout, without a timestamp: the master re-logs each line,
     with its own time and "worker K", into the daemon's log."""
@@ -537,6 +574,8 @@ def _log_to_stdout() -> None:
     out = sys.stdout
 
     def observer(event: dict[str, Any]) -> None:
+        if is_noise(event):
+            return
         text = eventAsText(event, includeTimestamp=False, includeSystem=True)
         try:
             out.write(text + "\n")

@@ -4,10 +4,10 @@
   (B, with two workers, refuses it at RCPT on every connection);
 * Redis stopped in the middle: both nodes keep accepting and delivering, and a bounce A
   saw while Redis was down reaches B once Redis is back;
-* the shared rate: two processes, each building the cluster's parts as a worker does,
-  draw from one rate rule (2/s) for a minute and together use at most the shared rate.
-  Delivery does not call the rate limiter yet (per-provider shaping will): until then the
-  two "nodes" are these processes, not daemons.
+* the shared rate: two daemons with one [[shaping]] rule (rate "120/m" for the provider's
+  MX hosts) deliver to the provider for a minute, together at most at the shared rate; and
+  the same budget drawn directly by two processes that build the cluster's parts as a
+  worker does.
 
 Each test starts its own redis-server (tests/redisserver.py) on a free loopback port.
 """
@@ -28,6 +28,7 @@ from itlib import REPO, Daemon, common_free_port, delivery_sections, free_port, 
 from sinks import SmtpSink
 
 sys.path.insert(0, str(REPO / "tests"))
+from dnsserver import running  # noqa: E402
 from redisserver import RedisServer  # noqa: E402
 
 pytestmark = pytest.mark.integration
@@ -178,3 +179,56 @@ def test_two_nodes_together_use_at_most_the_shared_rate(redis: RedisServer,
     for i, t in enumerate(every):
         within = sum(1 for u in every[i:] if u - t <= 10.0)
         assert within <= rate * 10.0 + burst + 1
+
+
+PROVIDER_IP = "127.0.0.46"
+PROVIDER_ZONE = {
+    "provider.test.": {"MX": [[10, "mx1.provider.test."]]},
+    "hosted.test.": {"MX": [[10, "mx2.provider.test."]]},
+    "mx1.provider.test.": {"A": [PROVIDER_IP]},
+    "mx2.provider.test.": {"A": [PROVIDER_IP]},
+}
+
+
+def test_two_daemons_deliver_at_most_the_shared_rate(start_daemon: Callable[..., Daemon],
+                                                     redis: RedisServer) -> None:
+    """One [[shaping]] rule, rate 120/min, on two nodes sharing Redis (node B with two
+    workers): 150 messages queued on each for the provider, one to each node in turn, and
+    in the first minute of delivery the provider receives at most 120 + 1 of them (each
+    node alone would send 120), from both nodes."""
+    seconds = 60.0
+    with running(PROVIDER_ZONE) as dns, \
+            SmtpSink(PROVIDER_IP, common_free_port(PROVIDER_IP)) as provider:
+        nodes = []
+        for name in ("node-a", "node-b"):
+            conf = delivery_sections(provider.port, dns, schedule=("1s", "2s"),
+                                     helo_name=f"{name}.test.invalid")
+            conf["server"] = {"workers": 2 if name == "node-b" else 1}
+            conf["cluster"] = {"redis": redis.url, "node": name, "nodes": 2}
+            conf["shaping"] = [{"name": "provider", "mx": [".provider.test"],
+                                "rate": "120/m"}]        # type: ignore[dict-item]
+            nodes.append(start_daemon(**conf))
+        a, b = nodes
+        wait_until(lambda: connected(a, 2) and connected(b, 3), 20, "both nodes connected")
+        # one message to each node in turn: each takes its units as its mail arrives (a
+        # unit is reserved when asked for), so both nodes get a share of the one budget
+        with smtplib.SMTP(a.host, a.port, timeout=10) as sa, \
+                smtplib.SMTP(b.host, b.port, timeout=10) as sb:
+            for i in range(150):
+                domain = "provider.test" if i % 2 else "hosted.test"
+                for s in (sa, sb):
+                    s.sendmail("app@app.test", [f"u{i}@{domain}"],
+                               f"Subject: m{i}\r\n\r\nhi\r\n")
+        wait_until(lambda: provider.transactions, 20, "the first delivery")
+        first = provider.transactions[0].time
+        time.sleep(max(0.0, first + seconds + 1.0 - time.time()))
+        times = sorted(t.time for t in provider.transactions)
+        within = [t for t in times if t - first <= seconds]
+        by_node = {name: sum(1 for t in provider.transactions
+                             if t.time - first <= seconds and t.helo.startswith(name))
+                   for name in ("node-a", "node-b")}
+        print(f"delivered to the provider in {seconds:.0f} s: {len(within)} {by_node} "
+              f"(one rule of 120/min shared)")
+        assert len(within) <= 120 + 1
+        assert len(within) >= 100            # the shared budget is used, not lost
+        assert min(by_node.values()) >= 20   # by both nodes

@@ -79,6 +79,8 @@ class ApiRequest(server.Request):
 class ApiSite(server.Site):
     """A twisted.web site without an access log (the mail log has what matters)."""
 
+    noisy = False
+
     requestFactory = ApiRequest
 
     def __init__(self, resource: Resource, max_body: int, **kw: Any) -> None:

@@ -9,6 +9,7 @@ client on a plain socket so that the CLI needs no reactor.  One command per admi
     Flush(message_id?, domain?) -> count     make deferred recipients due now
     Hold(message_id) / Release / Delete / Requeue -> found
     Status() -> json                         {"messages": n, "pid": ..., "version": ...}
+    Pickup(message_id) -> found              a message another process committed: deliver it
     SuppressionAdd(address, reason?) -> ok   suppress mail to an address
     SuppressionRemove(address) -> found      take it off the suppression list
     SuppressionImport(lines) -> count        many at once: newline-joined "address,reason"
@@ -43,6 +44,7 @@ from twisted.python.failure import Failure
 import txmta
 
 CONTROL_SOCKET_NAME = "control.sock"
+PICKUP_SOCKET_NAME = "pickup.sock"   # mode 0666: txmta-sendmail wakes the daemon (Pickup only)
 CALL_TIMEOUT = 60.0        # seconds the CLI waits for the daemon's answer
 INTERNAL_ERROR = b"INTERNAL"
 
@@ -134,9 +136,17 @@ class WebhookReplay(amp.Command):
     errors = _ERRORS
 
 
+class Pickup(amp.Command):
+    """txmta-sendmail committed a message (due now) to the spool: wake the worker that owns
+    it.  The one command of the pickup socket too (`PickupService`)."""
+    arguments = [(b"message_id", amp.Unicode())]
+    response = [(b"found", amp.Boolean())]
+    errors = _ERRORS
+
+
 COMMANDS: tuple[type[amp.Command], ...] = (Flush, Hold, Release, Delete, Requeue, Status,
                                            SuppressionAdd, SuppressionRemove, SuppressionImport,
-                                           WebhookReplay)
+                                           WebhookReplay, Pickup)
 
 
 def import_entries(lines: str) -> list[tuple[str, str]]:
@@ -160,6 +170,7 @@ class IQueueControl(Protocol):
     def release(self, message_id: str) -> "defer.Deferred[bool]": ...
     def delete(self, message_id: str) -> "defer.Deferred[bool]": ...
     def requeue(self, message_id: str) -> "defer.Deferred[bool]": ...
+    def pickup(self, message_id: str) -> "defer.Deferred[bool]": ...
     def status(self) -> "defer.Deferred[dict[str, Any]]": ...
     def suppress_add(self, address: str, reason: str) -> "defer.Deferred[bool]": ...
     def suppress_remove(self, address: str) -> "defer.Deferred[bool]": ...
@@ -210,6 +221,10 @@ class ControlProtocol(amp.AMP):
     def requeue(self, message_id: str) -> defer.Deferred:
         return self._found(self.queue_control.requeue, message_id)
 
+    @Pickup.responder
+    def pickup(self, message_id: str) -> defer.Deferred:
+        return self._found(self.queue_control.pickup, message_id)
+
     @Status.responder
     def status(self) -> defer.Deferred:
         def render(queue_status: dict[str, Any]) -> dict[str, str]:
@@ -243,6 +258,8 @@ class ControlProtocol(amp.AMP):
 class ControlFactory(Factory):
     """Builds one ControlProtocol per admin connection, all sharing the queue control."""
 
+    noisy = False
+
     def __init__(self, queue_control: IQueueControl) -> None:
         self.queue_control = queue_control
 
@@ -261,8 +278,32 @@ def control_socket_path(spool_path: str) -> str:
     return os.path.join(spool_path, CONTROL_SOCKET_NAME)
 
 
+def pickup_socket_path(spool_path: str) -> str:
+    """The pickup socket, beside the control socket."""
+    return os.path.join(spool_path, PICKUP_SOCKET_NAME)
+
+
+class PickupProtocol(amp.AMP):
+    """The pickup socket's side: answers Pickup and nothing else (AMP answers any other
+    command as unhandled).  Whoever can reach the socket can only make the daemon look at
+    its due mail sooner, as Postfix's world-writable pickup FIFO does."""
+
+    def __init__(self, queue_control: IQueueControl) -> None:
+        super().__init__()
+        self.queue_control = queue_control
+
+    @Pickup.responder
+    def pickup(self, message_id: str) -> defer.Deferred:
+        def failed(f: Failure) -> dict[str, bool]:
+            _log.failure("pickup of {id} failed", f, id=message_id)
+            return {"found": False}
+        d = defer.maybeDeferred(self.queue_control.pickup, message_id)
+        return d.addCallbacks(lambda found: {"found": bool(found)}, failed)
+
+
 class ControlService(service.Service):
-    """Listens on the control socket while running.
+    """Listens on the control socket while running (`pickup=True`: on the pickup socket,
+    mode 0666, where only Pickup is answered).
 
     A socket file left by a daemon that died is removed first; a socket another live daemon
     answers on is not (starting fails instead), nor is a file that is not a socket.
@@ -270,16 +311,23 @@ class ControlService(service.Service):
     through wider permissions in between.
     """
 
-    def __init__(self, reactor: IReactorUNIX, path: str, queue_control: IQueueControl) -> None:
+    def __init__(self, reactor: IReactorUNIX, path: str, queue_control: IQueueControl,
+                 pickup: bool = False) -> None:
         self.reactor = reactor
         self.path = path
         self.queue_control = queue_control
+        self.pickup = pickup
         self.port: IListeningPort | None = None
 
     def startService(self) -> None:
         remove_stale_socket(self.path)
-        self.port = self.reactor.listenUNIX(self.path, control_factory(self.queue_control),
-                                            mode=0o600, wantPID=False)
+        if self.pickup:
+            factory = Factory.forProtocol(lambda: PickupProtocol(self.queue_control))
+            factory.noisy = False
+            self.port = self.reactor.listenUNIX(self.path, factory, mode=0o666, wantPID=False)
+        else:
+            self.port = self.reactor.listenUNIX(self.path, control_factory(self.queue_control),
+                                                mode=0o600, wantPID=False)
         super().startService()
 
     def stopService(self) -> defer.Deferred | None:

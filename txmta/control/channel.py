@@ -34,8 +34,8 @@ from twisted.logger import Logger
 from twisted.protocols import amp
 
 from txmta import events, partition, suppression
-from txmta.control.amp import (_ERRORS, ControlProtocol, Delete, Flush, Hold, Release, Requeue,
-                               WebhookReplay,
+from txmta.control.amp import (_ERRORS, ControlProtocol, Delete, Flush, Hold, Pickup, Release,
+                               Requeue, WebhookReplay,
                                Status, SuppressionAdd, SuppressionImport, SuppressionRemove)
 from txmta.faces import AdminQueue
 from txmta.message import Suppression
@@ -122,6 +122,9 @@ class WorkerControl:
 
     def flush(self, message_id: str | None, domain: str | None) -> Any:
         return self.queue.flush(message_id, domain)
+
+    def pickup(self, message_id: str) -> Any:
+        return self.queue.pickup(message_id)
 
     def hold(self, message_id: str) -> Any:
         return self.queue.hold(message_id)
@@ -298,6 +301,9 @@ class FanOut:
             return d.addCallback(lambda r: int(r["count"]))
         return self._all(Flush, domain=domain).addCallback(
             lambda rs: sum(int(r["count"]) for r in rs))
+
+    def pickup(self, message_id: str) -> defer.Deferred[bool]:
+        return self._by_id(Pickup, message_id)
 
     def hold(self, message_id: str) -> defer.Deferred[bool]:
         return self._by_id(Hold, message_id)

@@ -102,6 +102,8 @@ class SMTPServer(Protocol, TimeoutMixin):
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()  # type: ignore[union-attr]
         host = getattr(peer, "host", "") or ""
+        if self.factory.local_user is not None:
+            host = ""       # a local user on standard input (txmta-sendmail -bs): no address
         ip = P.parse_ip(host)
         if ip is not None:  # one form per client: ::ffff:192.0.2.1 counts as 192.0.2.1
             host = str(ip)
@@ -112,6 +114,12 @@ class SMTPServer(Protocol, TimeoutMixin):
         self._relay_client = P.may_relay(host, False, self.policy)
         self.session.relay_client = self._relay_client
         self._fix_bare = not P.reject_bare_newlines(self.listener.bare_newlines, host)
+        if self.factory.local_user is not None:
+            # `txmta-sendmail -bs`: a local user on standard input, who may relay (as with
+            # Postfix's sendmail -bs) and whose bare newlines are made CRLF
+            self.session.local_user = self.factory.local_user
+            self._relay_client = True
+            self._fix_bare = True
         refusal = self.factory.admit(self)
         if refusal is not None:
             self._mode = "closed"
@@ -654,12 +662,16 @@ class SMTPServer(Protocol, TimeoutMixin):
 class SMTPFactory(Factory):
     """Builds `SMTPServer`s for one listener and enforces the connection limits."""
 
+    noisy = False       # the startup summary names the listeners; no "Starting factory"
+
     def __init__(self, policy: P.ServerPolicy, listener: ListenerSettings, receiver: IReceiver,
                  clock: IReactorTime, *, checker: Any = None, tls_options: Any = None,
                  max_connections: int = 1000, max_per_ip: int = 50,
                  counts: dict[str, int] | None = None, suppression: Any = None,
-                 reject_suppressed: bool = True, metrics: Any = None) -> None:
+                 reject_suppressed: bool = True, metrics: Any = None,
+                 local_user: str | None = None) -> None:
         self.policy = policy
+        self.local_user = local_user              # txmta-sendmail -bs: the user on stdin
         self.listener = listener
         self.receiver = receiver
         self.clock = clock

@@ -8,6 +8,9 @@ streams the rest into the spool's body writer, so memory does not grow with mess
 `finish()` fires with 250 only after `queue.put()` committed (DESIGN invariant 1; the queue's
 intake face, txmta/faces.py: this module never sees the spool);
 a full spool gives 452 4.3.1, any other failure 451 4.3.0, and nothing is left behind.
+With `dedupe_window`, an SMTP message with a Message-ID of its own is put with its
+duplicate-check key (inbound/dedupe.py); a repeat within the window is refused by the
+commit and answered 250 with the first message's queue id and "(duplicate)".
 
 With a DKIM signer (txmta/dkim.py), the keys are chosen when the header section ends (by its
 From: domain), and `finish()` first runs the signing on the signing thread pool: the body is
@@ -44,6 +47,7 @@ from twisted.python.failure import Failure
 from txmta import deadline
 from txmta import reply as R
 from txmta.faces import IntakeQueue
+from txmta.inbound.dedupe import client_identity, dedupe, duplicate_reply, log_duplicate
 from txmta.lanes import Lanes
 from txmta.message import NO_LABELS, AlreadySubmitted, Envelope, Idempotency
 from txmta.inbound.session import Session
@@ -97,9 +101,14 @@ def rfc5322_date(when: float) -> str:
 
 def protocol_name(session: Session, envelope: Envelope) -> str:
     """The "with" keyword of the Received header (RFC 3848, RFC 6531 4.3); HTTP or HTTPS
-    for a message from the HTTP API."""
+    for a message from the HTTP API; "local" for a message txmta-sendmail read from its
+    standard input, "local-esmtp" / "local-smtp" for one it took with -bs (Exim's words)."""
     if session.api_token is not None:
         return "HTTPS" if session.tls else "HTTP"
+    if session.local_user is not None:
+        if session.helo is None:
+            return "local"
+        return "local-esmtp" if session.esmtp else "local-smtp"
     if not session.esmtp:
         return "SMTP"
     base = "UTF8SMTP" if envelope.smtputf8 else "ESMTP"
@@ -113,6 +122,9 @@ def received_header(session: Session, envelope: Envelope, hostname: str, message
     if session.api_token is not None:   # no HELO: the client's address, the token in a comment
         token = _UNSAFE.sub("?", session.api_token)[:64]
         lines = [f"Received: from [{literal}] (token {token})"]
+    elif session.local_user is not None:    # no address: the local user who submitted it
+        user = _UNSAFE.sub("?", session.local_user)[:64] or "unknown"
+        lines = [f"Received: from {user} (local user)"]
     else:
         helo = _UNSAFE.sub("?", session.helo or "unknown")[:255]
         lines = [f"Received: from {helo} ([{literal}])"]
@@ -146,6 +158,7 @@ class Intake:
         self._in_header = True
         self._done = False
         self.header_id = ""     # the message's Message-ID header (ours if it had none)
+        self.own_header_id = False  # header_id came from the client (the duplicate check)
         self.labels = NO_LABELS  # tag, metadata, stream: set by the HTTP API
         self.lane = ""          # the message's lane (lanes.py); "" = the default lane
         self.lane_request = ""  # the X-Txmta-Lane header field's value, if it had one
@@ -242,6 +255,7 @@ class Intake:
         found = _MSGID_VALUE.search(header)
         if found is not None:
             self.header_id = found.group(1).decode("utf-8", "replace")
+            self.own_header_id = True
         if not _HAS_MSGID.search(header):
             self.header_id = f"<{self.message_id}@{self._receiver.hostname}>"
             add += f"Message-ID: {self.header_id}\r\n".encode()
@@ -302,6 +316,10 @@ class Intake:
         extra: dict[str, Any] = {}
         if self.idempotency is not None:
             extra["idempotency"] = self.idempotency(self)
+        elif self.session.api_token is None:    # SMTP: the duplicate check, if on
+            check = self._receiver.duplicate_check(self)
+            if check is not None:
+                extra["idempotency"] = check
         if self.lane:
             extra["lane"] = self.lane
         if self.priority:
@@ -316,8 +334,10 @@ class Intake:
             return Reply(250, "2.0.0", f"Ok: queued as {self.message_id}")
 
         def failed(f: Failure) -> Reply | Failure:
-            if f.check(AlreadySubmitted):     # only with an idempotency key (the HTTP API)
-                return f
+            if f.check(AlreadySubmitted):
+                if self.idempotency is not None:    # the HTTP API answers it
+                    return f
+                return self._receiver.duplicate(self, f.value.result)
             if f.check(SpoolFull):
                 log.warn("spool full, message refused: {e}", e=f.getErrorMessage())
                 return R.SPOOL_FULL
@@ -339,7 +359,10 @@ class Receiver:
 
     def __init__(self, queue: IntakeQueue, hostname: str, clock: IReactorTime, signer: Any = None,
                  run_signing: Callable[..., Deferred[Any]] | None = None, *,
-                 lanes: Lanes | None = None, listener_lanes: dict[str, str] | None = None) -> None:
+                 lanes: Lanes | None = None, listener_lanes: dict[str, str] | None = None,
+                 dedupe_window: float = 0.0,
+                 note_duplicate: Callable[[str, dict[str, str], str, int, str], None] | None = None
+                 ) -> None:
         self.lanes = lanes              # None: every message in the default lane, priority 0
         self.listener_lanes = listener_lanes or {}    # listen address -> its `lane`
         self.queue = queue
@@ -347,6 +370,24 @@ class Receiver:
         self.clock = clock
         self.signer = signer
         self.run_signing = run_signing or maybeDeferred
+        self.dedupe_window = dedupe_window      # [intake] dedupe_window; 0 = off
+        # the mail log's line (MailLog.duplicate); without one, the daemon log's
+        self.note_duplicate = note_duplicate or log_duplicate
 
     def begin(self, session: Session, envelope: Envelope) -> Intake:
         return Intake(self, session, envelope)
+
+    def duplicate_check(self, intake: Intake) -> Idempotency | None:
+        """The duplicate-check key an SMTP message is put with (None: not checked)."""
+        if not intake.own_header_id:
+            return None
+        s = intake.session
+        return dedupe(client_identity(s.auth_user, s.client_ip), intake.header_id,
+                      intake.envelope, intake.message_id, intake.arrival, self.dedupe_window)
+
+    def duplicate(self, intake: Intake, first: bytes) -> Reply:
+        """A repeat of the message stored as `first`: nothing was stored; one log line."""
+        self.note_duplicate(first.decode("ascii", "replace"), intake.session.client_info(),
+                            str(intake.envelope.sender), len(intake.envelope.recipients),
+                            intake.header_id)
+        return duplicate_reply(first)

@@ -1,5 +1,5 @@
-"""Facts about one inbound SMTP connection (or one HTTP API request), shared by the protocol
-and the receiver."""
+"""Facts about one inbound SMTP connection (or one HTTP API request, or one local submission
+through txmta-sendmail), shared by the protocol and the receiver."""
 
 from __future__ import annotations
 
@@ -19,12 +19,15 @@ class Session:
     auth_user: str | None = None
     api_token: str | None = None       # the HTTP API: the token's name (then helo is None)
     relay_client: bool = False         # the client's address is in relay.networks
+    local_user: str | None = None      # submitted by this local user through txmta-sendmail
 
     @property
     def trusted(self) -> bool:
         """Whether the client may give the X-Txmta-* control header fields: authenticated
-        (SMTP AUTH or an API token) or in relay.networks."""
-        return self.relay_client or self.auth_user is not None or self.api_token is not None
+        (SMTP AUTH or an API token), in relay.networks, or a local user of txmta-sendmail
+        (who can write the spool anyway)."""
+        return (self.relay_client or self.auth_user is not None or self.api_token is not None
+                or self.local_user is not None)
 
     @property
     def tls(self) -> bool:
@@ -38,4 +41,6 @@ class Session:
             info["auth"] = self.auth_user
         if self.api_token is not None:
             info["token"] = self.api_token
+        if self.local_user is not None:
+            info["user"] = self.local_user
         return info

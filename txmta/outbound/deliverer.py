@@ -13,13 +13,21 @@ Remote behaviour never raises (DESIGN invariant 4).  With a `tls_policy`
 rules out for now (a failed TLSA lookup, an MX host an MTA-STS policy does not list) is
 judged like a host that cannot be reached.
 
+The source address and HELO name of each connection come from the `sources` selector
+(outbound/ippool.py: the message's IP pool by lane, sender domain and API token, or
+`[delivery] source_address` and `helo_name`), asked per hop with the MX host as the provider;
+a recipient greylisted before (`pinned`) is retried from the address of that attempt.  A
+reply that refuses our sending address (`Verdict.blocked`) takes the address out of rotation
+for that MX host; while the pool has another address the recipients wait for a retry from
+it (deferred, even after a 5xx, and without holding back the destination's other mail).
+
 Not here: the queue, the spool, retry timing; this module never sees them.
 """
 # test: tests/test_deliverer.py
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Mapping, Sequence
 
 from twisted.internet.defer import inlineCallbacks
@@ -28,8 +36,10 @@ from twisted.logger import Logger
 from txmta import outcome as O
 from txmta.categories import Classifier
 from txmta.message import Envelope
+from txmta.outbound.ippool import Selectors, Source, SourceSelector
 from txmta.outbound.pool import PoolKey
 from txmta.outbound.route import Route, Unroutable
+from txmta.outbound.shaping import Shaper
 from txmta.outbound.tlspolicy import opportunistic
 from txmta.reply import Reply
 
@@ -47,13 +57,18 @@ class AttemptResult:
 class Deliverer:
     def __init__(self, router: Any, pool: Any, *, helo: str, source: str = "",
                  tls_level: str = "may", relay_tls: str = "may", tls_policy: Any = None,
-                 rules: Classifier | None = None) -> None:
+                 rules: Classifier | None = None, sources: SourceSelector | None = None,
+                 shaper: Shaper | None = None) -> None:
         self.router = router
         self.pool = pool
+        self.shaper = shaper           # per-provider shaping (shaping.py), or None
         self.rules = rules             # the bounce categories ([[bounce.rules]]); None: defaults
         self.tls_policy = tls_policy   # None: the fixed levels below
         self.helo = helo
         self.source = source
+        # where connections come from: the IP pools, or just `source` and `helo`
+        self.sources = sources if sources is not None else SourceSelector(
+            None, fallback=Source(source, helo))
         self.tls_level = tls_level     # towards MX hosts
         self.relay_tls = relay_tls     # towards the relayhost
 
@@ -62,11 +77,13 @@ class Deliverer:
 
     @inlineCallbacks
     def deliver(self, envelope: Envelope, indices: Sequence[int], body: bytes,
-                lane: str = "") -> Any:
+                lane: str = "", token: str = "", pinned: Mapping[int, str] | None = None) -> Any:
         """Fires with an AttemptResult for the recipients `indices` of `envelope` (all of one
         destination), sent over connections of `lane` (its share of the destination's
-        connections: pool.py); never errbacks for anything the network or a remote server
-        does."""
+        connections: pool.py) from the source addresses of its IP pool (by `lane`, the
+        sender's domain and the API `token` it came with; `pinned`: recipient -> the source
+        address it was greylisted from); never errbacks for anything the network or a remote
+        server does."""
         domain = envelope.recipients[indices[0]].address.domain
         try:
             route = yield self.router.route(domain)
@@ -78,12 +95,23 @@ class Deliverer:
             verdict = O.classify(route.reply, O.ROUTE, rules=self.rules)
             outs = {i: verdict.outcome(route.reply, O.ROUTE) for i in indices}
             return AttemptResult(outs, route.destination, _throttle(verdict, route.reply))
-        result = yield self._walk(route, envelope, list(indices), body, lane)
-        return result
+        sender = envelope.sender
+        selectors = Selectors(lane, "" if sender is None or sender.is_null
+                              else sender.domain.lower(), token)
+        groups: dict[str, list[int]] = {}       # by the address they must come from
+        for i in indices:
+            groups.setdefault((pinned or {}).get(i, ""), []).append(i)
+        outcomes: dict[int, O.Outcome] = {}
+        site: Reply | None = None
+        for pin, group in groups.items():
+            result = yield self._walk(route, envelope, group, body, lane, selectors, pin)
+            outcomes.update(result.outcomes)
+            site = result.site_failure or site
+        return AttemptResult(outcomes, route.destination, site)
 
     @inlineCallbacks
     def _walk(self, route: Route, envelope: Envelope, pending: list[int], body: bytes,
-              lane: str = "") -> Any:
+              lane: str = "", selectors: Selectors = Selectors(), pinned: str = "") -> Any:
         outcomes: dict[int, O.Outcome] = {}
         hops = route.hops
         site: Reply | None = None           # the last decision's site failure, if any
@@ -109,15 +137,23 @@ class Deliverer:
                     continue
             else:
                 tls = self.relay_tls if route.destination.startswith("relay:") else self.tls_level
+            # blocks are per provider: its [[shaping]] rule's name, else the MX host
+            provider = (self.shaper.provider(hop.mx) if self.shaper is not None else "") \
+                or hop.mx.lower()
+            source = self.sources.pick(selectors, provider, pinned)
             key = PoolKey(route.destination, hop.mx, hop.address, hop.port, tls,
-                          self.source, self.helo, lane)
+                          source.address, source.helo, lane)
             undecided: list[int] = []
             todo = pending
+            per = MAX_RCPTS_PER_TRANSACTION
+            if self.shaper is not None:
+                per = self.shaper.recipients_per_message(hop.mx, per)
             while todo:
-                batch, todo = todo[:MAX_RCPTS_PER_TRANSACTION], todo[MAX_RCPTS_PER_TRANSACTION:]
+                batch, todo = todo[:per], todo[per:]
                 rcpts = [envelope.recipients[i] for i in batch]
                 result = yield self.pool.transaction(key, envelope, rcpts, body)
-                retry_here, next_hop, decided, batch_site = self._decide(result, batch, last)
+                retry_here, next_hop, decided, batch_site = self._decide(result, batch, last,
+                                                                         source, provider)
                 undecided.extend(next_hop)
                 if retry_here and len(retry_here) < len(batch):
                     todo = list(retry_here) + todo    # 452: some went through, send the rest
@@ -136,16 +172,18 @@ class Deliverer:
             site = _throttle(verdict, reply)
         return AttemptResult(outcomes, route.destination, site)
 
-    def _decide(self, result: Any, batch: Sequence[int], last: bool
+    def _decide(self, result: Any, batch: Sequence[int], last: bool,
+                source: Source = Source("", ""), provider: str = ""
                 ) -> tuple[dict[int, O.Outcome], list[int], dict[int, O.Outcome], Reply | None]:
-        """Split `batch` into (retry on this hop after a 452, with the outcome they get if
-        not; try at the next hop; decided), with the reply of a site failure among the
-        decided (for throttling)."""
+        """Split `batch` (sent from `source` to `provider`) into (retry on this hop after a
+        452, with the outcome they get if not; try at the next hop; decided), with the reply
+        of a site failure among the decided (for throttling)."""
         retry_here: dict[int, O.Outcome] = {}
         next_hop: list[int] = []
         decided: dict[int, O.Outcome] = {}
         site: Reply | None = None
         failure = result.failure
+        slowed = False
         for pos, i in enumerate(batch):
             rcpt_reply = result.rcpt_replies[pos] if pos < len(result.rcpt_replies) else None
             if rcpt_reply is not None and not rcpt_reply.positive:
@@ -157,11 +195,20 @@ class Deliverer:
             else:
                 reply, stage = Reply(451, "4.4.2", "no reply after the message"), O.DOT
             verdict = O.classify(reply, stage, last, self.rules)
+            if verdict.slow_down and self.shaper is not None and not slowed:
+                shaped = self.shaper.provider(result.host or "")
+                slowed = self.shaper.slow_down(
+                    result.host or "", reply,
+                    self.pool.provider_connections(shaped) if shaped else 0)
+            if verdict.blocked and self.sources.block(source, provider, reply):
+                # another address of the pool may get through: wait for it rather than
+                # bounce, and leave the destination's other mail alone
+                verdict = replace(verdict, kind=O.TempFailed, site_failure=False)
             if verdict.next_mx:
                 next_hop.append(i)
                 continue
             outcome = verdict.outcome(reply, stage, result.host, result.address, result.tls,
-                                      getattr(result, "dsn", False))
+                                      getattr(result, "dsn", False), source.address)
             if verdict.next_transaction and (failure is None or failure.stage != O.MAIL):
                 retry_here[i] = outcome
                 continue

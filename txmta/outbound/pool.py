@@ -44,6 +44,7 @@ from twisted.python.failure import Failure
 from txmta import outcome as O
 from txmta.lanes import Lanes
 from txmta.message import Envelope, Recipient
+from txmta.outbound.shaping import Shaper
 from txmta.outbound.client import SessionFailure, SessionFailureError, TransactionResult
 from txmta.reply import Reply
 
@@ -103,9 +104,12 @@ class ConnectionPool:
     def __init__(self, reactor: IReactorTime, connect: Callable[[PoolKey], Deferred[Any]], *,
                  per_destination: int = 20, total: int = 500,
                  max_messages_per_connection: int = 100, idle_timeout: float = 30.0,
-                 initial_per_destination: int = 5, lanes: Lanes | None = None) -> None:
+                 initial_per_destination: int = 5, lanes: Lanes | None = None,
+                 shaper: Shaper | None = None) -> None:
         self.clock = reactor
         self.lanes = lanes          # None: one lane, no reserved shares
+        self.shaper = shaper        # per-provider limits and backoff (shaping.py), or None
+        self._provider_open: dict[str, int] = {}     # connections by provider (shaping rule)
         self._connect = connect
         self.per_destination = per_destination
         self.total = total
@@ -171,6 +175,11 @@ class ConnectionPool:
             return TransactionResult(failure, (None,) * len(recipients), None, key.mx, key.address,
                                      failure.tls)
 
+        if self.shaper is not None:
+            wait = await self.shaper.rate_wait(key.mx)
+            if wait > 0 and not self._closing:
+                from twisted.internet.task import deferLater
+                await deferLater(self.clock, wait)
         retried = False
         while True:
             got = await self._acquire(key)
@@ -215,7 +224,7 @@ class ConnectionPool:
             conn = self._take_idle(key)
             if conn is not None:
                 return succeed(conn)
-            if self._reserve(dest, key.lane):
+            if self._reserve(dest, key.lane, key):
                 return succeed(None)
         w = _Waiter(key)
         self._enqueue(dest, w, rank)
@@ -249,7 +258,7 @@ class ConnectionPool:
     def _connect_failed(self, key: PoolKey, error: Exception) -> SessionFailure:
         dest = self._destination(key.destination)
         dest.limit = max(1, dest.limit // 2)
-        self._forget(dest, key.lane)
+        self._forget(dest, key.lane, key)
         if isinstance(error, SessionFailureError):
             failure = error.failure
         else:   # an endpoint error (refused, unreachable, timeout) the caller did not wrap
@@ -262,7 +271,8 @@ class ConnectionPool:
         dest = self._destination(conn.key.destination)
         if result.failure is None:
             dest.limit = min(self.per_destination, dest.limit + 1)
-        if self._closing or not conn.client.usable or conn.messages >= self.max_messages:
+        if (self._closing or not conn.client.usable
+                or conn.messages >= self._max_messages(conn.key)):
             self._discard(conn)
             return
         rank = self._rank(conn.key.lane)
@@ -309,9 +319,39 @@ class ConnectionPool:
         held = sum(max(0, r - count(name)) for name, r in reserved.items() if name != lane)
         return connections + held < dest.limit
 
-    def _reserve(self, dest: _Destination, lane: str = "") -> bool:
-        """Count a new connection of `lane` for `dest` if its window, the lanes' shares and
-        the global cap allow, closing an idle connection that is in the way."""
+    def _max_messages(self, key: PoolKey) -> int:
+        provider = self._provider(key)
+        if provider:
+            return self.shaper.messages_per_connection(provider, self.max_messages)
+        return self.max_messages
+
+    def _provider(self, key: PoolKey) -> str:
+        return self.shaper.provider(key.mx) if self.shaper is not None else ""
+
+    def _provider_may_open(self, provider: str, without: int = 0) -> bool:
+        """The provider's shaping allows one more connection: not suspended after a
+        slow-down, and below its (backed-off) connection limit."""
+        assert self.shaper is not None
+        until = self.shaper.suspended_until(provider)
+        if until is not None:
+            # wake the line when the suspension ends
+            self.shaper.set_wake(provider, lambda: self.clock.callLater(
+                max(0.0, until - self.clock.seconds()) + 0.001, self._dispatch))
+            return False
+        open_now = self._provider_open.get(provider, 0) - without
+        limit = self.shaper.connection_limit(provider, open_now)
+        return not limit or open_now < limit
+
+    def _reserve(self, dest: _Destination, lane: str = "", key: PoolKey | None = None) -> bool:
+        """Count a new connection of `lane` for `dest` (to `key`'s host) if its window, the
+        lanes' shares, the provider's shaping and the global cap allow, closing an idle
+        connection that is in the way."""
+        provider = self._provider(key) if key is not None else ""
+        if provider and not self._provider_may_open(provider):
+            victim = next((c for c in self._idle if self._provider(c.key) == provider), None)
+            if victim is None or not self._provider_may_open(provider, without=1):
+                return False
+            self._discard(victim, dispatch=False)
         if not self._may_open(dest, lane):
             victim = next((c for c in self._idle if self._destinations[c.key.destination] is dest
                            and self._may_open(dest, lane, without=c.key.lane)), None)
@@ -324,17 +364,26 @@ class ConnectionPool:
             self._discard(next(iter(self._idle)), dispatch=False)
         dest.connections += 1
         dest.by_lane[lane] = dest.by_lane.get(lane, 0) + 1
+        if provider:
+            self._provider_open[provider] = self._provider_open.get(provider, 0) + 1
         self._open += 1
         return True
 
-    def _forget(self, dest: _Destination, lane: str = "") -> None:
+    def _forget(self, dest: _Destination, lane: str = "", key: PoolKey | None = None) -> None:
         dest.connections -= 1
         dest.by_lane[lane] = dest.by_lane.get(lane, 0) - 1
+        provider = self._provider(key) if key is not None else ""
+        if provider:
+            self._provider_open[provider] = self._provider_open.get(provider, 0) - 1
         self._open -= 1
         if self._open == 0 and self._closed:
             waiting, self._closed = self._closed, []
             for d in waiting:
                 d.callback(None)
+
+    def provider_connections(self, provider: str) -> int:
+        """Connections open (or opening, or idle) to a shaping rule's provider."""
+        return self._provider_open.get(provider, 0)
 
     def _take_idle(self, key: PoolKey) -> _Connection | None:
         conns = self._idle_by_key.get(key)
@@ -371,7 +420,7 @@ class ConnectionPool:
             conn.client.quit()
         except Exception:
             log.failure("closing connection to {mx}", Failure(), mx=conn.key.mx)
-        self._forget(self._destination(conn.key.destination), conn.key.lane)
+        self._forget(self._destination(conn.key.destination), conn.key.lane, conn.key)
         if dispatch:
             self._dispatch()
 
@@ -412,7 +461,7 @@ class ConnectionPool:
                     else:
                         left.append(w)
                 for w in left:                          # then new ones, while the lane may
-                    if not self._reserve(dest, w.key.lane):
+                    if not self._reserve(dest, w.key.lane, w.key):
                         break
                     dest.waiters.remove(w)
                     grants.append((w, None))

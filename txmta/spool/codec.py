@@ -82,7 +82,7 @@ def decode_message(data: bytes, states: tuple[RecipientState, ...] | None = None
 def encode_recipient(r: RecipientState) -> bytes:
     return _dumps([r.state, r.attempts, r.next_attempt,
                    r.last_reply.as_dict() if r.last_reply else None, int(r.greylisted), r.remote,
-                   int(r.warned), r.category])
+                   int(r.warned), r.category, r.source])
 
 
 def decode_recipient(data: bytes) -> RecipientState:
@@ -91,9 +91,10 @@ def decode_recipient(data: bytes) -> RecipientState:
         state, attempts, next_attempt, reply = d[:4]
         greylisted, remote = (bool(d[4]), str(d[5])) if len(d) >= 6 else (False, "")
         warned, category = (bool(d[6]), str(d[7])) if len(d) >= 8 else (False, "")
+        source = str(d[8]) if len(d) >= 9 else ""
         return RecipientState(str(state), int(attempts), float(next_attempt),
                               Reply.from_dict(reply) if reply else None, greylisted, remote,
-                              warned, category)
+                              warned, category, source)
     except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as e:
         raise CorruptRecord(f"bad recipient record: {e}") from e
 

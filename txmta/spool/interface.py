@@ -96,6 +96,12 @@ class Spool(Protocol):
         `now`, by class, then oldest due first, skipping the ids in `exclude` (those in
         flight), read from the due index."""
 
+    def load_due_groups(self, now: float, groups: "Sequence[tuple[Collection[int], int]]",
+                        exclude: "set[str] | frozenset[str]" = frozenset()
+                        ) -> "Deferred[list[list[StoredMessage]]]":
+        """`load_due` for each (classes, limit) of `groups` in one read; a message is in the
+        first group it is found in only."""
+
     def flush(self, now: float, domain: str | None = None, after: Any = None,
               limit: int = 1000) -> "Deferred[tuple[int, int, Any]]":
         """Make QUEUED recipients due after `now` due at `now`: all of this spool's

@@ -8,7 +8,10 @@ due (partition/time/id/idx -> "", the time-ordered index of recipients to try), 
 written in the transaction of the change it describes; read and trimmed by
 `outbox_read`/`outbox_trim`), lookup (recipient address or tag / arrival / id -> "", written
 with each message and removed with its history: the HTTP API's searches; mail stored before
-it existed has no entries) and meta (format version).  Bodies above `inline_limit` are
+it existed has no entries), idempotency (key -> time and result: the HTTP API's
+Idempotency-Key and the SMTP intake's duplicate check, written with the message they
+name), idemtime (stored time / key -> "", the time index that expires them) and meta
+(format version).  Bodies above `inline_limit` are
 streamed to files under `bodies/` and fsynced (file, then directory) before the commit that
 references them; a body file no message references is removed at start.
 
@@ -56,7 +59,7 @@ from txmta.spool.view import (DB_NAMES, FORMAT, MAX_READERS, domain_key, domain_
                               due_id, due_key, event_key, finished_key, load_message,
                               load_messages, rcpt_key, read_outbox, read_suppressions,
                               split_rcpt_key, encode_idempotent, decode_idempotent,
-                              lookup_keys, recipient_due_key)
+                              idempotent_time_key, lookup_keys, recipient_due_key)
 from txmta.lanes import MAX_PRIORITY, due_class
 
 READER_CHECK = 60.0   # seconds between sweeps of the reader slots dead processes left
@@ -116,6 +119,18 @@ def _migrate_due_3_to_4(txn: Any, dbs: dict[bytes, Any]) -> int:
     return len(old)
 
 
+def _migrate_idemtime_4_to_5(txn: Any, dbs: dict[bytes, Any]) -> int:
+    """Format 4 had no time index of idempotency keys: list every stored key in it."""
+    n = 0
+    with txn.cursor(db=dbs[b"idempotency"]) as cur:
+        entries = [(bytes(k), bytes(v)) for k, v in cur]
+    for key, value in entries:
+        when, _ = decode_idempotent(value)
+        txn.put(idempotent_time_key(when, key), b"", db=dbs[b"idemtime"])
+        n += 1
+    return n
+
+
 def _is_disk_full(e: BaseException) -> bool:
     if isinstance(e, lmdb.MapFullError):
         return True
@@ -152,8 +167,6 @@ class LmdbSpool(HookDeliveries):
         self._inline_limit = inline_limit
         # told (on the writer thread) the duration and size of each commit: the metrics
         self.on_commit: Callable[[float, int], None] | None = None
-        self._idem_trim_at = b""
-        self._idem_next = b""
         self._max_map_size = max(max_map_size, map_size)
         os.makedirs(self.bodies, exist_ok=True)
         self._env = lmdb.open(path, map_size=map_size, max_dbs=len(DB_NAMES) + 2, subdir=True,
@@ -206,6 +219,11 @@ class LmdbSpool(HookDeliveries):
                 log.info("spool {path}: format 3 -> 4, {n} due entries keyed by class",
                          path=self.path, n=n)
                 found = b"4"
+            if found == b"4":
+                n = _migrate_idemtime_4_to_5(txn, self._db)
+                log.info("spool {path}: format 4 -> 5, {n} idempotency keys in the time index",
+                         path=self.path, n=n)
+                found = b"5"
             if found != FORMAT:
                 raise SpoolFormatError(
                     f"spool {self.path} has format {found.decode(errors='replace')}, this txmta "
@@ -430,14 +448,7 @@ class LmdbSpool(HookDeliveries):
             if txn.get(key, db=self._db[b"messages"]) is not None:
                 raise CommitFailed(f"message id {message.id} already exists")
             if idempotency is not None:
-                db = self._db[b"idempotency"]
-                found = txn.get(idempotency.key, db=db)
-                if found is not None:
-                    when, result = decode_idempotent(bytes(found))
-                    if when >= idempotency.not_before:
-                        raise AlreadySubmitted(result)
-                txn.put(idempotency.key, encode_idempotent(message.arrival, idempotency.result),
-                        db=db)
+                self._write_idempotent(txn, idempotency, message.arrival)
             txn.put(key, codec.encode_message(message), db=self._db[b"messages"])
             if inline is not None:
                 txn.put(key, inline, db=self._db[b"bodies"])
@@ -571,6 +582,19 @@ class LmdbSpool(HookDeliveries):
                 raise CommitFailed(f"outbox: event id {e.event_id.hex()} already written")
             self._write_hooks(txn, e.event_id, record)
 
+    def _write_idempotent(self, txn: Any, idempotency: Idempotency, when: float) -> None:
+        """Store an idempotency key with its time index entry; AlreadySubmitted if the key
+        holds a result stored at or after its `not_before` (an older one is replaced)."""
+        db, key = self._db[b"idempotency"], idempotency.key
+        value = encode_idempotent(when, idempotency.result)
+        if not txn.put(key, value, db=db, overwrite=False):    # one descent for a new key
+            stored, result = decode_idempotent(bytes(txn.get(key, db=db)))
+            if stored >= idempotency.not_before:
+                raise AlreadySubmitted(result)     # the operation's transaction is aborted
+            txn.delete(idempotent_time_key(stored, key), db=self._db[b"idemtime"])
+            txn.put(key, value, db=db)
+        txn.put(idempotent_time_key(when, key), b"", db=self._db[b"idemtime"])
+
     def idempotent_get(self, key: bytes, not_before: float) -> Deferred[bytes | None]:
         """The result stored for an idempotency key at or after `not_before`, or None."""
         def fn(txn: Any) -> bytes | None:
@@ -581,29 +605,31 @@ class LmdbSpool(HookDeliveries):
             return result if when >= not_before else None
         return self._submit(_Op(fn, read=True))
 
-    def idempotent_trim(self, before: float, limit: int = 10000) -> Deferred[int]:
-        """Forget idempotency keys stored before `before`: looks at up to `limit` keys from
-        where the previous call stopped (a full pass over many calls)."""
+    def idempotent_trim(self, before: float, limit: int = 1000) -> Deferred[int]:
+        """Forget idempotency keys stored before `before`, oldest first, at most `limit` per
+        call: walks only the expired start of the time index (no scan of the keys kept)."""
         def fn(txn: Any) -> int:
+            end = time_key(before)
+            keys, idb = self._db[b"idemtime"], self._db[b"idempotency"]
             gone = 0
-            with txn.cursor(db=self._db[b"idempotency"]) as cur:
-                found = cur.set_range(self._idem_trim_at) if self._idem_trim_at else cur.first()
-                seen = 0
-                while found and seen < limit:
-                    seen += 1
-                    when, _ = decode_idempotent(bytes(cur.value()))
-                    if when < before:
-                        gone += 1
-                        found = cur.delete()        # moves to the next entry
-                    else:
-                        found = cur.next()
-                    self._idem_next = bytes(cur.key()) if found else b""
+            with txn.cursor(db=keys) as cur:
+                cur.first()
+                while gone < limit:
+                    index = cur.key()           # b"" past the last entry
+                    if not index or index[:8] >= end:
+                        break
+                    index = bytes(index)
+                    key = index[8:]
+                    found = txn.get(key, db=idb)
+                    # an entry of a key replaced since has no key of its own left to delete
+                    if found is not None and \
+                            idempotent_time_key(decode_idempotent(bytes(found))[0], key) == index:
+                        txn.delete(key, db=idb)
+                    gone += 1
+                    if not cur.delete():
+                        break
             return gone
-
-        def moved(gone: int) -> int:
-            self._idem_trim_at = self._idem_next
-            return gone
-        return self._submit(_Op(fn)).addCallback(moved)
+        return self._submit(_Op(fn))
 
     def stats(self) -> Deferred[dict[str, tuple[int, float]]]:
         """{"": (messages queued, age of the oldest)} over every partition: the count from
@@ -937,6 +963,21 @@ class LmdbSpool(HookDeliveries):
         def fn(txn: Any) -> list[StoredMessage]:
             ids = (mid for _, mid in self._due_ids(txn, now, exclude, classes))
             return load_messages(txn, self._db, ids, limit)
+        return self._submit(_Op(fn, read=True))
+
+    def load_due_groups(self, now: float, groups: Sequence[tuple[Collection[int], int]],
+                        exclude: set[str] | frozenset[str] = frozenset()
+                        ) -> Deferred[list[list[StoredMessage]]]:
+        """`load_due` for several groups of classes, each with its own limit, in one read."""
+        def fn(txn: Any) -> list[list[StoredMessage]]:
+            skip = set(exclude)
+            out = []
+            for classes, limit in groups:
+                found = load_messages(txn, self._db, (mid for _, mid in self._due_ids(
+                    txn, now, skip, classes)), limit) if limit > 0 else []
+                skip.update(m.id for m in found)
+                out.append(found)
+            return out
         return self._submit(_Op(fn, read=True))
 
     def next_due(self, exclude: set[str] | frozenset[str] = frozenset(),

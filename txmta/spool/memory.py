@@ -136,11 +136,14 @@ class MemorySpool:
         found = self.idempotent.get(key)
         return succeed(found[1] if found is not None and found[0] >= not_before else None)
 
-    def idempotent_trim(self, before: float, limit: int = 10000) -> Deferred[int]:
-        gone = [k for k, (when, _) in self.idempotent.items() if when < before][:limit]
-        for k in gone:
+    def idempotent_trim(self, before: float, limit: int = 1000) -> Deferred[int]:
+        """As LMDB's: oldest first (by the time index's key, µs), at most `limit`."""
+        end = time_key(before)
+        expired = sorted((time_key(when) + k, k) for k, (when, _) in self.idempotent.items()
+                         if time_key(when) < end)
+        for _, k in expired[:limit]:
             del self.idempotent[k]
-        return succeed(len(gone))
+        return succeed(len(expired[:limit]))
 
     def hooks_replay(self, now: float, message_id: str | None = None,
                      event_id: bytes | None = None) -> Deferred[int]:
@@ -347,6 +350,18 @@ class MemorySpool:
                  classes: Collection[int] | None = None) -> Deferred[list[StoredMessage]]:
         return succeed([self.messages[mid] for _, mid in
                         islice(self._due_ids(now, exclude, classes), limit)])
+
+    def load_due_groups(self, now: float, groups: Sequence[tuple[Collection[int], int]],
+                        exclude: set[str] | frozenset[str] = frozenset()
+                        ) -> Deferred[list[list[StoredMessage]]]:
+        skip = set(exclude)
+        out = []
+        for classes, limit in groups:
+            found = [self.messages[mid] for _, mid in
+                     islice(self._due_ids(now, skip, classes), max(0, limit))]
+            skip.update(m.id for m in found)
+            out.append(found)
+        return succeed(out)
 
     def next_due(self, exclude: set[str] | frozenset[str] = frozenset(),
                  classes: Collection[int] | None = None) -> Deferred[float | None]:

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Iterator
 import lmdb
 from twisted.logger import Logger
 
-from txmta.events import id_time
+from txmta.events import id_time, time_key
 from txmta.message import Event, OutboxRecord, Search, format_message_id, RecipientState, StoredMessage, Suppression
 from txmta.lanes import due_class
 from txmta.partition import partition_of
@@ -30,15 +30,16 @@ from txmta.spool.interface import SpoolError, SpoolFormatError
 log = Logger()
 
 # 2: due keys start with the partition byte (1 had none); 3: the domains index (2 had none);
-# 4: due keys have the class byte after the partition (lanes.due_class); older formats are
-# migrated at open
-FORMAT = b"4"
+# 4: due keys have the class byte after the partition (lanes.due_class); 5: the idempotency
+# keys' time index (4 had none); older formats are migrated at open
+FORMAT = b"5"
 MAX_READERS = 512     # every worker's threads and every `txmta queue` read share the table
 DB_NAMES = (b"messages", b"bodies", b"recipients", b"due", b"events", b"meta",
             b"history", b"finished", b"msgids", b"suppression", b"cache", b"domains",
-            b"outbox", b"hooks", b"idempotency", b"lookup")
+            b"outbox", b"hooks", b"idempotency", b"lookup", b"idemtime")
 LOOKUP_RECIPIENT = b"r"
 LOOKUP_TAG = b"t"
+LOOKUP_SENDER = b"s"
 
 
 def rcpt_key(message_id: str, index: int) -> bytes:
@@ -93,12 +94,44 @@ def lookup_key(kind: bytes, value: str, when: float, message_id: str) -> bytes:
 
 def lookup_keys(m: StoredMessage) -> set[bytes]:
     """The lookup index entries of a message: one per distinct recipient address (lower
-    case), one for its tag if it has one."""
+    case), one for its tag if it has one, one for its sender (lower case) unless that is
+    the null sender.  (Mail stored before the sender entries existed has none.)"""
     keys = {lookup_key(LOOKUP_RECIPIENT, str(r.address).lower(), m.arrival, m.id)
             for r in m.envelope.recipients}
     if m.labels.tag:
         keys.add(lookup_key(LOOKUP_TAG, m.labels.tag, m.arrival, m.id))
+    if not m.envelope.sender.is_null:
+        keys.add(lookup_key(LOOKUP_SENDER, str(m.envelope.sender).lower(), m.arrival, m.id))
     return keys
+
+
+def lookup_recent(txn: Any, dbs: dict[bytes, Any], kind: bytes, value: str, limit: int
+                  ) -> list[tuple[StoredMessage, float | None]]:
+    """The newest `limit` messages (queued, or finished and still in the history) of the
+    lookup index entries of `value` (LOOKUP_RECIPIENT: lower-cased; LOOKUP_SENDER:
+    lower-cased), newest first: `txmta history --recipient / --sender`.  Reads at most
+    `limit` + MAX_LOOKED_AT entries."""
+    if b"lookup" not in dbs:
+        return []
+    prefix = lookup_prefix(kind, value.lower() if kind != LOOKUP_TAG else value)
+    out: list[tuple[StoredMessage, float | None]] = []
+    looked = 0
+    with txn.cursor(db=dbs[b"lookup"]) as cur:
+        # the last entry under the prefix: the first key past it, then one back
+        if cur.set_range(prefix[:-1] + b"\1"):
+            found = cur.prev()
+        else:
+            found = cur.last()
+        while found and len(out) < limit and looked < limit + MAX_LOOKED_AT:
+            key = bytes(cur.key())
+            if not key.startswith(prefix):
+                break
+            looked += 1
+            stored = _stored(txn, dbs, key[len(prefix) + 8:])
+            if stored is not None:
+                out.append(stored)
+            found = cur.prev()
+    return out
 
 
 def split_rcpt_key(key: bytes) -> tuple[str, int]:
@@ -160,6 +193,13 @@ def encode_idempotent(when: float, result: bytes) -> bytes:
 
 def decode_idempotent(value: bytes) -> tuple[float, bytes]:
     return struct.unpack(">d", value[:8])[0], value[8:]
+
+
+def idempotent_time_key(when: float, key: bytes) -> bytes:
+    """The time index of idempotency keys (db `idemtime`): when it was stored, in µs (8
+    bytes, big-endian, as `events.time_key`) / the key.  Trimming walks only the prefix
+    of keys older than its limit, oldest first, and decodes no value it keeps."""
+    return time_key(when) + key
 
 
 def finished_key(when: float, message_id: str) -> bytes:
@@ -290,7 +330,8 @@ class LmdbView:
                 if attempt == 19:
                     raise SpoolError(f"spool {path} kept changing size while opening")
         self._env, self._db = env, dbs
-        if found not in (None, b"1", b"2", FORMAT):   # 1 and 2 differ only in indexes not read here
+        # 1 to 4 differ only in indexes not read here
+        if found not in (None, b"1", b"2", b"3", b"4", FORMAT):
             raise SpoolFormatError(f"spool {path} has format {found!r}, expected {FORMAT!r}")
 
     def _read(self, fn: Callable[[Any], Any]) -> Any:

@@ -1,0 +1,1 @@
+`txmta --version`; `txmta queue show --body` prints the whole stored message like `postcat -q`; `txmta history --recipient ADDR` and `--sender ADDR` list the newest messages to or from an address from the spool's lookup index, which now has sender entries (mail stored before has none).

@@ -1,0 +1,1 @@
+`txmta-sendmail`, installed as `/usr/sbin/sendmail`, takes the sendmail options programs use (`-t`, `-i`/`-oi`, `-f`, `-F`, `-bm`, `-bs`, `-bp`, `-v`, ignored `-o` options) and commits the message to the spool itself through the SMTP intake, so it works while the daemon is down; a running daemon is woken through its new pickup socket; `mailq` lists the queue.
