@@ -24,19 +24,21 @@ check-config: venv
 	$(VENV)/bin/txmta check-config $(CONFIG)
 
 # Debian packages the tests use: smtp-source/smtp-sink (postfix), swaks, fail2ban
-# (fail2ban-regex checks etc/fail2ban/filter.d/txmta.conf) and chromium (the dashboard's
-# headless browser test).
-# The fail2ban and postfix daemons are never started: policy-rc.d forbids service starts during install.
+# (fail2ban-regex checks etc/fail2ban/filter.d/txmta.conf), chromium (the dashboard's
+# headless browser test) and redis-server (the [cluster] tests start their own on a
+# loopback port).
+# The fail2ban, postfix and redis daemons are never started: policy-rc.d forbids service
+# starts during install.
 debs:
 	@if ! command -v smtp-sink >/dev/null || ! command -v swaks >/dev/null || ! command -v openssl >/dev/null \
 	        || ! command -v fail2ban-regex >/dev/null \
-	        || ! [ -x /usr/bin/chromium ] \
+	        || ! [ -x /usr/bin/chromium ] || ! command -v redis-server >/dev/null \
 	        || ! perl -MNet::SSLeay -MIO::Socket::SSL -e1 2>/dev/null; then \
-	    if [ "$$(id -u)" != 0 ]; then echo "need root to install postfix, swaks (with Net::SSLeay, IO::Socket::SSL), openssl, fail2ban, chromium" >&2; exit 1; fi; \
+	    if [ "$$(id -u)" != 0 ]; then echo "need root to install postfix, swaks (with Net::SSLeay, IO::Socket::SSL), openssl, fail2ban, redis-server, chromium" >&2; exit 1; fi; \
 	    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; \
 	    echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections; \
 	    DEBIAN_FRONTEND=noninteractive apt-get update -q && \
-	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends postfix swaks openssl libnet-ssleay-perl libio-socket-ssl-perl fail2ban chromium; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends postfix swaks openssl libnet-ssleay-perl libio-socket-ssl-perl fail2ban chromium redis-server; \
 	fi
 
 test: venv debs
@@ -50,15 +52,19 @@ test-unit: venv
 # bench: e.g. 20000 messages relayed while the daemon is killed 10 times); SOAK=0 skips them.
 # BENCH_ARGS replaces the arguments of bench/run.py (default: --profile).  Then bench/api.py:
 # the HTTP API beside SMTP intake (wrk) and webhook events/s; API=0 skips it.  Then
-# bench/lanes.py: transactional latency behind a bulk backlog; LANES=0 skips it.
+# bench/lanes.py: transactional latency behind a bulk backlog; LANES=0 skips it.  Then
+# bench/cluster.py: SMTP intake with [cluster] (a local redis-server) on and off; CLUSTER=0
+# skips it.
 SOAK ?= 1
 API ?= 1
 LANES ?= 1
+CLUSTER ?= 1
 BENCH_ARGS ?= --profile
 bench: venv debs benchdebs $(VENV)/bin/py-spy
 	$(PY) bench/run.py $(BENCH_ARGS)
 	@if [ "$(API)" = 1 ]; then $(PY) bench/api.py; fi
 	@if [ "$(LANES)" = 1 ]; then $(PY) bench/lanes.py; fi
+	@if [ "$(CLUSTER)" = 1 ]; then $(PY) bench/cluster.py; fi
 	@if [ "$(SOAK)" = 1 ]; then $(MAKE) --no-print-directory soak; fi
 
 # what only the benchmark needs: wrk, the HTTP load of bench/api.py

@@ -78,3 +78,41 @@ def test_a_bounce_suppression_of_the_queue_reaches_the_master() -> None:
                                              category="invalid-recipient")}))
     assert [e.address for e in told] == ["gone@example.net"]
     assert queue.suppression_entry("GONE@example.net") == told[0]   # the mirror heard it too
+
+
+def test_mirrored_changes_are_mirrored_then_heard() -> None:
+    """The other workers' changes the master passes on go into the mirror, then to `heard`
+    (where the cluster's suppression sharing runs: worker 0 publishes them)."""
+    from txmta.control.channel import encode_entry, mirror_batches
+    from txmta.suppression import SuppressionList
+    channel = WorkerChannel()
+    channel.mirror = SuppressionList([Suppression("old@example.net", "manual", T0, T0 + 9, "")])
+    heard: list[tuple[list[str], list[str]]] = []
+    channel.heard = lambda added, removed: heard.append(([e.address for e in added], removed))
+    entry = Suppression("gone@example.net", "invalid-recipient", T0, T0 + 9, "550 5.1.1 no")
+    [args] = mirror_batches([entry], ["old@example.net"])
+    channel.mirror_suppressions(**args)
+    assert channel.mirror.check("gone@example.net", T0) == entry
+    assert channel.mirror.check("old@example.net", T0) is None
+    assert heard == [(["gone@example.net"], ["old@example.net"])]
+    assert encode_entry(entry)[0] == "gone@example.net"
+
+
+def test_admin_changes_are_told_as_suppression_changed_merges_are_not() -> None:
+    """The queue tells an admin add or remove (SuppressionChanged, after the commit); entries
+    merged from other nodes are stored with their own times and told to no one."""
+    c = clock()
+    queue = Queue(MemorySpool(), c)
+    told: list[Any] = []
+    queue.events.subscribe(told.append, events.SuppressionChanged)
+    fired(queue.suppress_add("A@example.net"))
+    fired(queue.suppress_remove("a@example.net"))
+    assert [([e.address for e in t.added], list(t.removed)) for t in told] == \
+        [(["a@example.net"], []), ([], ["a@example.net"])]
+    other = Suppression("b@example.net", "invalid-recipient", T0 - 50, T0 + 99, "550 5.1.1")
+    fired(queue.suppress_merge([other], []))
+    assert queue.suppression_entry("b@example.net") == other
+    assert queue.spool.suppressions["b@example.net"] == other
+    fired(queue.suppress_merge([], ["b@example.net"]))
+    assert queue.suppression_entry("b@example.net") is None
+    assert len(told) == 2

@@ -519,6 +519,14 @@ def _listen_address(value: Any) -> str:
     return text
 
 
+def _redis_url(value: Any) -> str:
+    text = _string(value)
+    if text:
+        from txmta.cluster.redis import parse_url
+        parse_url(text)
+    return text
+
+
 @dataclass(frozen=True)
 class _Key:
     default: Any            # as written in TOML; _MISSING = required
@@ -676,6 +684,14 @@ _TABLE: dict[str, dict[str, _Key]] = {
     },
     "signing": {
         "default_domain": _Key("", _string),    # "" = sign only mail whose From domain has a key
+    },
+    "cluster": {
+        "redis": _Key("", _redis_url),                  # "" = one node: nothing shared
+        "node": _Key("", _string),                      # "" = server.hostname
+        "nodes": _Key(1, _integer(1)),
+        "lease_ttl": _Key("30s", _duration(positive=True)),
+        "timeout": _Key("1s", _duration(positive=True)),
+        "ca_file": _Key("", _optional_path),            # "" = the system's trust store
     },
     "log": {
         "maillog": _Key("", _string),
@@ -871,6 +887,18 @@ class IntakeConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    """[cluster]: several nodes sharing rate limits, connection counts and the suppression
+    list in Valkey/Redis (txmta/cluster/)."""
+    redis: str = _default("cluster", "redis")           # "" = off
+    node: str = ""                                      # this node's name ("" = off)
+    nodes: int = _default("cluster", "nodes")           # for the fallback while Redis is down
+    lease_ttl: float = _default("cluster", "lease_ttl")
+    timeout: float = _default("cluster", "timeout")
+    ca_file: str | None = _default("cluster", "ca_file")
+
+
+@dataclass(frozen=True)
 class LogConfig:
     maillog: str = _default("log", "maillog")       # "" = into the daemon's log
     format: str = _default("log", "format")         # text | json
@@ -902,6 +930,7 @@ class Config:
     shaping: tuple[ShapingRule, ...] = ()
     intake: IntakeConfig = field(default_factory=IntakeConfig)
     pools: tuple[IPPool, ...] = ()          # [[pool]]: source addresses (outbound/ippool.py)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
 # -- loading --------------------------------------------------------------------------
@@ -1035,6 +1064,9 @@ def _build(doc: dict[str, Any], path: str | None) -> Config:
     signing = SigningConfig(**s["signing"])
     api = ApiConfig(**s["api"])
     intake = IntakeConfig(**s["intake"])
+    cluster = ClusterConfig(**dict(s["cluster"], node=s["cluster"]["node"] or server.hostname))
+    if cluster.ca_file:
+        _check_readable(cluster.ca_file, lambda reason: bad("cluster.ca_file", cluster.ca_file, reason))
     lanes = _lanes(doc.get("lane"), section, bad)
     pools = _pools(doc.get("pool"), section, bad, lanes)
 
@@ -1140,7 +1172,8 @@ def _build(doc: dict[str, Any], path: str | None) -> Config:
     return Config(path, server, tuple(listeners), tls, auth, relay, spool, delivery, retry,
                   dns, log, dsn_cfg, suppression, history, bounce, tuple(dkim_keys), signing,
                   tuple(http), api, tuple(webhooks), lanes,
-                  _shaping(doc.get("shaping", []), delivery.shaping, bad), intake, pools)
+                  _shaping(doc.get("shaping", []), delivery.shaping, bad), intake, pools,
+                  cluster=cluster)
 
 
 def _shaping(entries: list[dict[str, Any]], file: str,

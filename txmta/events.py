@@ -4,9 +4,9 @@ Every state change anyone outside the queue cares about is an event value.  The 
 facts (`Received`, `Delivered`, `Deferred`, `Bounced`, `Expired`, `Suppressed`, `Deleted`,
 `AdminAction`, `DsnQueued`, `SuppressionAdded`) carry an `event_id` and are written to the
 spool's outbox in the same transaction as the change they describe; `Due` and `RetryNow`
-are signals for the dispatcher, `Postponed` one for the mail log, never stored.  The queue
-publishes on its `EventStream` only after the commit fired (DESIGN invariant 3, "persist
-first, then tell").
+are signals for the dispatcher, `Postponed` one for the mail log, `SuppressionChanged` one for
+the cluster, never stored.  The queue publishes on its `EventStream` only after the commit
+fired (DESIGN invariant 3, "persist first, then tell").
 
 Refer to them through the module (`events.Deferred`): the names are the glossary's and one
 of them is also Twisted's `Deferred`.
@@ -197,9 +197,19 @@ class RetryNow:
     domain: str | None = None
 
 
+@dataclass(frozen=True)
+class SuppressionChanged:
+    """An admin change of the suppression list was committed (add, import, remove): the
+    entries added, the addresses removed.  For the cluster's sharing of the list
+    (cluster/suppression.py); a bounce's addition is `SuppressionAdded`.  Entries merged
+    from other nodes are not told (they came from the cluster)."""
+    added: tuple[Suppression, ...]
+    removed: tuple[str, ...] = ()
+
+
 Committed = Union[Received, Delivered, Deferred, Bounced, Expired, Suppressed, Deleted,
                   AdminAction, DsnQueued, SuppressionAdded]
-Event = Union[Committed, Due, RetryNow, Postponed]
+Event = Union[Committed, Due, RetryNow, Postponed, SuppressionChanged]
 ATTEMPTED = (Delivered, Deferred, Bounced, Expired)
 TERMINAL = (Delivered, Bounced, Expired, Suppressed, Deleted)
 

@@ -202,14 +202,28 @@ class Queue:
         def stored(n: int) -> int:
             for r in records:
                 self.suppression.add(r)
+            self.events.publish(E.SuppressionChanged(tuple(records)))
             return n
         return self.spool.suppression_put(records).addCallback(stored)
 
     def suppress_remove(self, address: str) -> Deferred[bool]:
         def removed(found: bool) -> bool:
             self.suppression.remove(address)
+            self.events.publish(E.SuppressionChanged((), (suppression.key(address),)))
             return found
         return self.spool.suppression_delete(suppression.key(address)).addCallback(removed)
+
+    @inlineCallbacks
+    def suppress_merge(self, added: Sequence[Suppression], removed: Sequence[str]) -> Any:
+        """Entries other nodes added and removed (cluster/suppression.py): stored as they
+        come (their times and reasons), then mirrored; nothing is told."""
+        if added:
+            yield self.spool.suppression_put(list(added))
+            for entry in added:
+                self.suppression.add(entry)
+        for address in removed:
+            yield self.spool.suppression_delete(suppression.key(address))
+            self.suppression.remove(address)
 
     @inlineCallbacks
     def expire_history(self, retention: float, batch: int = 1000) -> Any:

@@ -41,6 +41,10 @@ class SuppressionList:
             return None
         return entry
 
+    def entries(self) -> list[Suppression]:
+        """Every entry, expired or not."""
+        return list(self._entries.values())
+
     def __len__(self) -> int:
         return len(self._entries)
 

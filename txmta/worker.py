@@ -118,7 +118,10 @@ def build_tls_policy(cfg: C.Config, reactor: Any, resolver: Any, cache_store: An
 
 
 def build_delivery(cfg: C.Config, reactor: Any, queue: Queue,
-                   cache_store: Any = None, metrics: Any = None) -> DeliveryService:
+                   cache_store: Any = None, metrics: Any = None,
+                   limiter: Any = None) -> DeliveryService:
+    """`limiter`: where the [[shaping]] rates are drawn from (the cluster's shared one), or
+    None for this process's own."""
     from txmta.categories import Classifier
     from txmta.dispatch import Dispatcher
     from txmta.outbound.client import ClientSettings
@@ -162,7 +165,8 @@ def build_delivery(cfg: C.Config, reactor: Any, queue: Queue,
         return tls_policy.client_settings(key.tls, key.mx, base, connect.plaintext(key))
 
     connect = MayFallback(reactor, Connector(reactor, settings_for, d.connect_timeout, metrics))
-    shaper = Shaper(cfg.shaping, reactor.seconds, metrics=metrics) if cfg.shaping else None
+    shaper = (Shaper(cfg.shaping, reactor.seconds, limiter=limiter, metrics=metrics)
+              if cfg.shaping else None)
     if shaper is not None:
         queue.add_status("providers", shaper.status)
     pool = ConnectionPool(reactor, connect,
@@ -429,7 +433,9 @@ def share(value: int, workers: int) -> int:
 def divide_limits(cfg: C.Config, workers: int) -> C.Config:
     """`cfg` with the limits that hold for the whole daemon divided among `workers`:
     [server] max_connections; [delivery] max_per_destination, initial_per_destination,
-    max_connections, max_inflight; each [[shaping]] rule's connections and rate.
+    max_connections, max_inflight; each [[shaping]] rule's connections and rate (not the
+    rate with [cluster] redis: every worker of every node draws from one shared budget, and
+    while Redis is down the limiter itself gives each worker rate / (nodes x workers)).
 
     Not [server] max_connections_per_ip: each worker holds it for its own connections.  The
     kernel gives a new connection to whichever worker accepts first, so one client's
@@ -447,7 +453,7 @@ def divide_limits(cfg: C.Config, workers: int) -> C.Config:
         max_inflight=share(d.max_inflight, workers))
     shaping = tuple(dataclasses.replace(
         rule, connections=share(rule.connections, workers) if rule.connections else 0,
-        rate=rule.rate / workers) for rule in cfg.shaping)
+        rate=rule.rate if cfg.cluster.redis else rule.rate / workers) for rule in cfg.shaping)
     return dataclasses.replace(cfg, server=server, delivery=delivery, shaping=shaping)
 
 
@@ -527,6 +533,17 @@ def build(cfg: C.Config, reactor: Any, *, worker: int = 0, workers: int = 1,
         hooks.setServiceParent(top)
         queue.events.subscribe(hooks.heard, events.Received, *events.ATTEMPTED,
                                events.Suppressed)
+    # [cluster]: the rate limiter and connection leases delivery may draw from (shared in
+    # Redis, or this process's own), and the sharing of the suppression list (worker 0)
+    from txmta import cluster
+    shared = cluster.build(cfg, reactor, worker=worker, workers=workers)
+    if shared.service is not None:
+        shared.service.setServiceParent(top)
+    if shared.suppression is not None:
+        shared.suppression.attach(queue, channel.tell_master if channel is not None else None)
+        if channel is not None:
+            channel.heard = shared.suppression.local_changes
+    top.shared = shared                   # type: ignore[attr-defined]
     receiver = Receiver(queue, cfg.server.hostname, reactor, signer, run_signing,
                         lanes=cfg.lanes,
                         listener_lanes={l.address: l.lane for l in cfg.listen if l.lane},
@@ -542,7 +559,8 @@ def build(cfg: C.Config, reactor: Any, *, worker: int = 0, workers: int = 1,
         max_errors=cfg.server.max_errors, command_timeout=cfg.server.command_timeout,
         data_timeout=cfg.server.data_timeout, tls_available=tls is not None,
         auth_available=checker is not None)
-    delivery = build_delivery(cfg, reactor, queue, spool, metrics)
+    delivery = build_delivery(cfg, reactor, queue, spool, metrics,
+                              limiter=shared.rate_limiter if cfg.cluster.redis else None)
     delivery.setServiceParent(top)
     parts: list[Any] = [tls] if tls is not None else []
     parts += [SigningReload(receiver, queue), TLSPolicyReload(delivery.tls_policy)]

@@ -184,6 +184,9 @@ class WorkerChannel(ControlProtocol):
         self.on_lost = on_lost
         self.mirror: Any = None
         self.reload: Callable[[], Any] | None = None
+        # told of the other workers' changes once mirrored (the cluster's suppression
+        # sharing, on the worker that runs it)
+        self.heard: Callable[[list[Suppression], list[str]], Any] | None = None
 
     def tell_master(self, added: Sequence[Suppression], removed: Sequence[str]
                     ) -> defer.Deferred[None]:
@@ -199,11 +202,15 @@ class WorkerChannel(ControlProtocol):
 
     @MirrorSuppressions.responder
     def mirror_suppressions(self, added: str, removed: str) -> dict[str, Any]:
+        entries = [decode_entry(v) for v in json.loads(added)]
+        addresses = [str(a) for a in json.loads(removed)]
         if self.mirror is not None:
-            for v in json.loads(added):
-                self.mirror.add(decode_entry(v))
-            for a in json.loads(removed):
+            for e in entries:
+                self.mirror.add(e)
+            for a in addresses:
                 self.mirror.remove(a)
+        if self.heard is not None:
+            self.heard(entries, addresses)
         return {}
 
     @Reload.responder

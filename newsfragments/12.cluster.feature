@@ -1,0 +1,1 @@
+Several txmta nodes can share the rate limits and connection counts per provider and the suppression list through Valkey/Redis (`[cluster] redis = "redis://..."`, TLS and passwords supported); while Redis is down each node keeps accepting and delivering with its own share of each limit (`[cluster] nodes`) and its local suppression list, and catches up when Redis is back.
