@@ -165,8 +165,7 @@ def _check_listeners(cfg: config.Config, file: str) -> None:
         return
     from txmta.tcp import listening_socket
     problems = []
-    wanted = [(f"listen[{i}]", lst) for i, lst in enumerate(cfg.listen)]
-    wanted += [(f"http[{i}]", h) for i, h in enumerate(cfg.http)]
+    wanted = config.named_listeners(cfg)
     for name, lst in wanted:
         try:
             listening_socket(lst.host, lst.port).close()
@@ -667,8 +666,7 @@ def listener_states(cfg: config.Config, timeout: float = 2.0) -> list[tuple[str,
     wildcard address is tried on loopback."""
     import socket
     out = []
-    wanted = [(f"listen[{i}]", lst) for i, lst in enumerate(cfg.listen)]
-    wanted += [(f"http[{i}]", h) for i, h in enumerate(cfg.http)]
+    wanted = config.named_listeners(cfg)
     for name, lst in wanted:
         host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(lst.host, lst.host)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET

@@ -1280,6 +1280,13 @@ def _pools(entries: list[dict[str, Any]] | None, section: Callable[..., dict[str
     return tuple(pools)
 
 
+def named_listeners(cfg: Config) -> list[tuple[str, Any]]:
+    """Every listener with the name errors give it: ("listen[0]", its ListenConfig), ...,
+    then ("http[0]", its HttpConfig), ..., in the order the master binds them."""
+    return ([(f"listen[{i}]", lst) for i, lst in enumerate(cfg.listen)]
+            + [(f"http[{i}]", h) for i, h in enumerate(cfg.http)])
+
+
 def _check_readable(file: str, bad: Callable[[str], ConfigError]) -> None:
     """Open and close `file`, so a missing or unreadable file fails at load, not at use.
 

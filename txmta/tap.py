@@ -346,8 +346,7 @@ def bind_listeners(cfg: C.Config) -> list[socket.socket]:
     naming the one that fails."""
     from txmta.tcp import listening_socket
     sockets: list[socket.socket] = []
-    wanted = [(f"listen[{i}]", lst) for i, lst in enumerate(cfg.listen)]
-    wanted += [(f"http[{i}]", h) for i, h in enumerate(cfg.http)]
+    wanted = C.named_listeners(cfg)
     try:
         for name, lst in wanted:
             try:

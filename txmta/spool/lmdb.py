@@ -131,6 +131,17 @@ def _migrate_idemtime_4_to_5(txn: Any, dbs: dict[bytes, Any]) -> int:
     return n
 
 
+# Each older format, migrated one step at a time when a spool of it is opened: (format,
+# migration (txn, databases) -> entries written, what they are, for the log line).
+_MIGRATIONS: tuple[tuple[bytes, Callable[[Any, dict[bytes, Any]], int], str], ...] = (
+    (b"1", lambda txn, dbs: _migrate_due_1_to_2(txn, dbs[b"due"]),
+     "due entries keyed by partition"),
+    (b"2", _migrate_domains_2_to_3, "recipients in the domains index"),
+    (b"3", _migrate_due_3_to_4, "due entries keyed by class"),
+    (b"4", _migrate_idemtime_4_to_5, "idempotency keys in the time index"),
+)
+
+
 def _is_disk_full(e: BaseException) -> bool:
     if isinstance(e, lmdb.MapFullError):
         return True
@@ -204,26 +215,13 @@ class LmdbSpool(HookDeliveries):
                 txn.put(b"format", FORMAT)
                 return
             found = original = bytes(found)
-            if found == b"1":
-                n = _migrate_due_1_to_2(txn, self._db[b"due"])
-                log.info("spool {path}: format 1 -> 2, {n} due entries keyed by partition",
-                         path=self.path, n=n)
-                found = b"2"
-            if found == b"2":
-                n = _migrate_domains_2_to_3(txn, self._db)
-                log.info("spool {path}: format 2 -> 3, {n} recipients in the domains index",
-                         path=self.path, n=n)
-                found = b"3"
-            if found == b"3":
-                n = _migrate_due_3_to_4(txn, self._db)
-                log.info("spool {path}: format 3 -> 4, {n} due entries keyed by class",
-                         path=self.path, n=n)
-                found = b"4"
-            if found == b"4":
-                n = _migrate_idemtime_4_to_5(txn, self._db)
-                log.info("spool {path}: format 4 -> 5, {n} idempotency keys in the time index",
-                         path=self.path, n=n)
-                found = b"5"
+            for before, migrate, what in _MIGRATIONS:
+                if found == before:
+                    n = migrate(txn, self._db)
+                    after = b"%d" % (int(before) + 1)
+                    log.info("spool {path}: format {a} -> {b}, {n} {what}", path=self.path,
+                             a=before.decode(), b=after.decode(), n=n, what=what)
+                    found = after
             if found != FORMAT:
                 raise SpoolFormatError(
                     f"spool {self.path} has format {found.decode(errors='replace')}, this txmta "
