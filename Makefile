@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 CONFIG ?= etc/txmta.toml
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: all venv run test test-unit test-integration debs benchdebs bench soak check-config clean
+.PHONY: all venv run test test-unit test-integration torture debs benchdebs bench soak check-config clean
 
 all: test
 
@@ -78,6 +78,11 @@ benchdebs:
 # the sampling profiler of `bench/run.py --profile`
 $(VENV)/bin/py-spy: $(VENV)/.installed
 	$(PY) -m pip install -q py-spy
+
+# The torture suite's long versions (tests/torture, docs/durability.md): 100 kills, 10,000
+# connections, ten minutes of fuzzing.  `make test` runs the short versions.
+torture: venv debs
+	TXMTA_TORTURE=long $(PY) -m pytest -q -p no:cacheprovider tests/torture
 
 soak: venv debs
 	$(PY) -m pytest -q -p no:cacheprovider -m bench tests
