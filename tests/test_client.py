@@ -549,6 +549,23 @@ def test_session_timeouts_come_from_the_delivery_settings() -> None:
         assert out[0].failure.reply.text.startswith("timeout waiting for")
 
 
+def test_a_reply_that_trickles_in_gets_no_more_time() -> None:
+    """The timeout counts for the whole reply: a peer that sends a byte now and then, and
+    never the line end, is left when the timeout is up, as one that says nothing."""
+    p = start({"MAIL": Silent()})
+    out: list[Any] = []
+    p.client.send(Envelope(SENDER, (rcpt("a"),)), (rcpt("a"),), BODY).addBoth(out.append)
+    p.flush()
+    for byte in b"250 2.1.0 Ok":
+        p.client.dataReceived(bytes([byte]))
+        p.advance(20)
+    assert out == []
+    p.advance(300 - 20 * len(b"250 2.1.0 Ok"))
+    [result] = out
+    assert result.failure.stage == O.MAIL
+    assert result.failure.reply.text.startswith("timeout waiting for reply to MAIL")
+
+
 def test_a_slow_reply_within_the_timeout_is_fine() -> None:
     p = start({"MAIL": Delay(200, "250 2.1.0 OK")})
     out: list[Any] = []
