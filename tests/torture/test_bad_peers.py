@@ -12,7 +12,7 @@ peer's mode, submits one message, and checks:
   byte for byte as submitted after our Received header, and it leaves the spool;
 * no stuck connection: every connection of the bad mode was closed by our side, within the
   timeout where the peer said nothing;
-* bounded memory: the daemon's peak RSS while a 10 MB reply line comes in.
+* bounded memory: the daemon's RSS, and its peak, while 10 MB replies come in.
 
 A reset after the final dot, before its reply (RFC 5321 6.1), is retried: the peer then has
 the message twice (a duplicate, never a loss).
@@ -38,7 +38,6 @@ TIMEOUT = 1.0          # [delivery] command_timeout and the data timeouts, secon
 FIRST_RETRY = 1.0      # [retry] schedule: 1 s, then an hour
 SLACK = 1.5            # scheduling and process start-up allowance, seconds
 
-RESETS = [B.RESET_AFTER_MAIL, B.RESET_AFTER_RCPT, B.RESET_IN_DATA, B.RESET_AFTER_DOT]
 PIPELINING = torturelib.size([False], [False, True])
 # attempts at a peer flooding us with a 10 MB reply, past the two of the schedule
 EXTRA_FLOODS = torturelib.size(0, 8)
@@ -101,8 +100,10 @@ def events_for(d: Daemon, qid: str) -> list[dict[str, str]]:
 
 
 def wait_events(d: Daemon, qid: str, count: int, timeout: float) -> list[dict[str, str]]:
-    return wait_until(lambda: (lambda ev: ev if len(ev) >= count else None)(events_for(d, qid)),
-                      timeout, f"{count} delivery lines for {qid} in the mail log",
+    def enough() -> list[dict[str, str]] | None:
+        events = events_for(d, qid)
+        return events if len(events) >= count else None
+    return wait_until(enough, timeout, f"{count} delivery lines for {qid} in the mail log",
                       diagnose=d.maillog)
 
 
@@ -166,7 +167,7 @@ def failing_case(d: Daemon, peer: B.BadPeer, mode: str, reply: str, tag: str, *,
     assert [e["attempts"] for e in events] == ["1", "2"]
     for e in events:
         assert re.fullmatch(reply, e["reply"]), e["reply"]
-        assert e["relay"] == f"{PEER_IP}[{PEER_IP}]:{peer.address[1]}" or PEER_IP in e["relay"]
+        assert e["relay"] == f"{PEER_IP}[{PEER_IP}]"
     # the schedule: 1 s (+-10 % jitter, rounded), then an hour
     assert int(events[0]["next"]) in (0, 1, 2)
     assert 3000 <= int(events[1]["next"]) <= 4000
@@ -179,10 +180,11 @@ def failing_case(d: Daemon, peer: B.BadPeer, mode: str, reply: str, tag: str, *,
         assert txmta_cli(d, "queue", "flush", qid).stdout.strip() == "1"
         events = wait_events(d, qid, 3 + n, TIMEOUT + 2 * SLACK)
         assert events[-1]["status"] == "deferred" and re.fullmatch(reply, events[-1]["reply"])
-    conns = peer.wait(lambda p: (lambda cs: cs if len(cs) >= 2 + extra and all(
-        c.closed is not None for c in cs) else None)(
-        [c for c in p.snapshot()[0][start:] if c.mode == mode]),
-        TIMEOUT + SLACK, f"the {mode} connections closed")
+
+    def all_closed(p: B.BadPeer) -> list[B.Conn] | None:
+        conns = [c for c in p.snapshot()[0][start:] if c.mode == mode]
+        return conns if len(conns) >= 2 + extra and all(c.closed for c in conns) else None
+    conns = peer.wait(all_closed, TIMEOUT + SLACK, f"the {mode} connections closed")
     if before_recovery is not None:
         before_recovery()
     deliver_after_recovery(d, peer, qid, tag, body)
