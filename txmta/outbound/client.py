@@ -9,7 +9,10 @@ Remote behaviour is never an exception (DESIGN invariant 4): `ready` errbacks wi
 `SessionFailureError` carrying a `SessionFailure` value, and `send()` always fires with a
 `TransactionResult` holding the replies per recipient.  Failures of our side (timeout, lost
 connection, TLS handshake, a garbled reply) become made-up 4xx replies.  Deciding what a
-reply means is `outcome.classify()`'s job, not this module's (STYLE habit 2).
+reply means is `outcome.classify()`'s job, not this module's (STYLE habit 2).  Each timeout
+(`session_timeouts()`, from the [delivery] settings) counts for a whole reply, however it
+trickles in; a reply line over MAX_REPLY_LINE, or a reply over MAX_REPLY in all, ends the
+connection with 451 4.5.0, so what a peer sends costs bounded memory.
 
 The message body goes out in 64 KiB chunks, dot-stuffed and CRLF-normalised chunk by chunk
 (line starts are tracked across chunks, so a "." line on a chunk boundary is stuffed), as a
