@@ -81,6 +81,10 @@ def test_defaults_match_documented_values():
     assert c.relay.networks == (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
     assert c.tls == config.TLSConfig() and c.auth == config.AuthConfig()
     assert c.delivery.relayhost == "" and c.dns.nameservers == () and c.log == config.LogConfig()
+    # RFC 5321 4.5.3.2: 5 min per command, 2 min for DATA, 3 per block, 10 after the dot
+    d = c.delivery
+    assert (d.command_timeout, d.data_init_timeout, d.data_xfer_timeout,
+            d.data_done_timeout) == (300.0, 120.0, 180.0, 600.0)
 
 
 def test_dataclass_defaults_equal_loaded_defaults():

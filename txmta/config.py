@@ -649,6 +649,12 @@ _TABLE: dict[str, dict[str, _Key]] = {
         "max_messages_per_connection": _Key(100, _integer(1)),
         "idle_timeout": _Key("30s", _duration()),
         "connect_timeout": _Key("30s", _duration(positive=True)),
+        # RFC 5321 4.5.3.2: the replies to the greeting, EHLO, STARTTLS, AUTH, MAIL, RCPT;
+        # to DATA; the content's writes; the reply after the content
+        "command_timeout": _Key("5m", _duration(positive=True)),
+        "data_init_timeout": _Key("2m", _duration(positive=True)),
+        "data_xfer_timeout": _Key("3m", _duration(positive=True)),
+        "data_done_timeout": _Key("10m", _duration(positive=True)),
         "max_inflight": _Key(1000, _integer(1)),
         "shaping": _Key("", _optional_path),             # a file of [[shaping]] tables
         "smtp_port": _Key(25, _integer(1, 65535)),
@@ -800,6 +806,10 @@ class DeliveryConfig:
     max_messages_per_connection: int = _default("delivery", "max_messages_per_connection")
     idle_timeout: float = _default("delivery", "idle_timeout")
     connect_timeout: float = _default("delivery", "connect_timeout")
+    command_timeout: float = _default("delivery", "command_timeout")
+    data_init_timeout: float = _default("delivery", "data_init_timeout")
+    data_xfer_timeout: float = _default("delivery", "data_xfer_timeout")
+    data_done_timeout: float = _default("delivery", "data_done_timeout")
     max_inflight: int = _default("delivery", "max_inflight")
     smtp_port: int = _default("delivery", "smtp_port")
     shaping: str | None = None                          # a file of [[shaping]] tables

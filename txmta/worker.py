@@ -125,7 +125,7 @@ def build_delivery(cfg: C.Config, reactor: Any, queue: Queue,
     [[shaping]] rules' connections, or None for this process's own count."""
     from txmta.categories import Classifier
     from txmta.dispatch import Dispatcher
-    from txmta.outbound.client import ClientSettings
+    from txmta.outbound.client import ClientSettings, session_timeouts
     from txmta.outbound.deliverer import Deliverer
     from txmta.outbound.dns import Resolver, parse_nameserver
     from txmta.outbound.ippool import Source, SourceSelector
@@ -156,13 +156,16 @@ def build_delivery(cfg: C.Config, reactor: Any, queue: Queue,
 
     tls_policy = build_tls_policy(cfg, reactor, resolver, cache_store)
 
+    timeouts = session_timeouts(d.command_timeout, d.data_init_timeout, d.data_xfer_timeout,
+                                d.data_done_timeout)
+
     def settings_for(key: Any) -> ClientSettings:
         if key.destination in relay_auth:
             auth, plaintext_auth = relay_auth[key.destination]
             base = ClientSettings(helo_name=key.helo, auth=auth,
-                                  allow_plaintext_auth=plaintext_auth)
+                                  allow_plaintext_auth=plaintext_auth, timeouts=timeouts)
         else:
-            base = ClientSettings(helo_name=key.helo)
+            base = ClientSettings(helo_name=key.helo, timeouts=timeouts)
         return tls_policy.client_settings(key.tls, key.mx, base, connect.plaintext(key))
 
     connect = MayFallback(reactor, Connector(reactor, settings_for, d.connect_timeout, metrics))
