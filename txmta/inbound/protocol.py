@@ -5,6 +5,15 @@ PIPELINING (RFC 2920), SIZE (1870), 8BITMIME (6152), SMTPUTF8 (6531), ENHANCEDST
 (2034/3463), DSN (3461), CHUNKING/BDAT (3030), STARTTLS (3207), AUTH PLAIN/LOGIN (4954) and,
 under TLS only, REQUIRETLS (8689).
 
+Two kinds of time limit close a session with 421 4.4.2 (RFC 5321 4.5.3.2): the idle
+timeouts (`command_timeout`, `data_timeout`: silence between reads, TimeoutMixin) and the
+total ones, which a client dripping a byte at a time cannot stretch: a command line must be
+complete within `command_time_limit` of its first byte (so must a TLS handshake, from
+STARTTLS or the connection of an implicit TLS listener), and one message's data within
+`data_time_limit` of DATA's 354 or of the transaction's first BDAT.  Time spent waiting on
+our own replies (the commit) never counts.  A session closed inside a message stores
+nothing of it; the mail log tells why (`note_timeout`).
+
 Each command handler returns a `Reply` (or a Deferred of one); `_send()` is the one place
 that writes replies.  While a reply waits on a Deferred (the spool commit after DATA, an
 AUTH check), the protocol stops parsing and pauses the transport, so pipelined commands
@@ -25,7 +34,7 @@ from typing import Any, Callable, Protocol as TypingProtocol
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IHandshakeListener, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
@@ -96,6 +105,10 @@ class SMTPServer(Protocol, TimeoutMixin):
         self._loopback = False
         self._relay_client = False
         self._fix_bare = False
+        self._handshaking = False  # a TLS handshake is under way (STARTTLS or implicit)
+        self._line_clock: IDelayedCall | None = None   # command_time_limit of the line being read
+        self._data_clock: IDelayedCall | None = None   # data_time_limit of the message's data
+        self._last_verb = "CONNECT"  # the last command, for the mail log's timeout line
 
     # -- connection -----------------------------------------------------------------------
 
@@ -130,10 +143,13 @@ class SMTPServer(Protocol, TimeoutMixin):
         self.setTimeout(self.policy.command_timeout)
         if self.listener.tls == "implicit":
             self._note_tls()
+            self._handshaking = True    # until handshakeCompleted()
+            self._start_line_clock()
         self._send(Reply(220, "", f"{self.policy.hostname} ESMTP txmta"))
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
         self.setTimeout(None)
+        self._stop_clocks()
         if self._counted:
             self._counted = False
             self.factory.release(self)
@@ -141,11 +157,69 @@ class SMTPServer(Protocol, TimeoutMixin):
         self._abort_intake()
 
     def timeoutConnection(self) -> None:
+        """TimeoutMixin: the client was silent for command_timeout or data_timeout."""
+        if self._mode == "closed":
+            return
+        in_data = self._mode in ("data", "bdat")
+        self._timed_out("data_timeout" if in_data else "command_timeout", self.timeOut or 0.0)
         self._send(R.TIMEOUT)
         self._close()
 
+    def _start_line_clock(self) -> None:
+        if self._line_clock is None:
+            self._line_clock = self.factory.clock.callLater(self.policy.command_time_limit,
+                                                            self._line_time_up)
+
+    def _stop_line_clock(self) -> None:
+        clock, self._line_clock = self._line_clock, None
+        if clock is not None and clock.active():
+            clock.cancel()
+
+    def _start_data_clock(self) -> None:
+        if self._data_clock is None:
+            self._data_clock = self.factory.clock.callLater(self.policy.data_time_limit,
+                                                            self._data_time_up)
+
+    def _stop_data_clock(self) -> None:
+        clock, self._data_clock = self._data_clock, None
+        if clock is not None and clock.active():
+            clock.cancel()
+
+    def _stop_clocks(self) -> None:
+        self._stop_line_clock()
+        self._stop_data_clock()
+
+    def _line_time_up(self) -> None:
+        self._line_clock = None
+        if self._mode == "closed":
+            return
+        self._timed_out("command_time_limit", self.policy.command_time_limit)
+        self._send(R.COMMAND_TIME_LIMIT)
+
+    def _data_time_up(self) -> None:
+        self._data_clock = None
+        if self._mode == "closed":
+            return
+        self._timed_out("data_time_limit", self.policy.data_time_limit)
+        self._send(R.DATA_TIME_LIMIT)
+
+    def _timed_out(self, key: str, seconds: float) -> None:
+        """Tell the mail log which limit ended the session, after which command, and how
+        much of a message had come (it is not stored)."""
+        stream: DataStream | BdatStream | None = self._data or self._bdat
+        octets = stream.size if stream is not None else None
+        ip = self.session.client_ip if self.session else ""
+        after = "TLS handshake" if self._handshaking else self._last_verb
+        if self.factory.note_timeout is not None:
+            self.factory.note_timeout(ip, after, key, seconds, octets)
+        else:
+            log.info("timeout after {after}: client=[{ip}] {key}={seconds:g}s", after=after,
+                     ip=ip, key=key, seconds=seconds)
+
     def handshakeCompleted(self) -> None:
         """IHandshakeListener: called by Twisted's TLS layer."""
+        self._handshaking = False
+        self._stop_line_clock()
         self._note_tls()
 
     def _note_tls(self) -> None:
@@ -165,8 +239,15 @@ class SMTPServer(Protocol, TimeoutMixin):
 
     def _close(self) -> None:
         self._mode = "closed"
+        self.setTimeout(None)
+        self._stop_clocks()
         self._abort_intake()
-        self.transport.loseConnection()  # type: ignore[union-attr]
+        if self._handshaking:
+            # TLS in its handshake holds what we wrote (the greeting, a 421) and with it the
+            # connection until the client finishes the handshake, which it may never do
+            self.transport.abortConnection()  # type: ignore[union-attr]
+        else:
+            self.transport.loseConnection()  # type: ignore[union-attr]
 
     def _send(self, reply: Reply) -> None:
         if reply.code >= 400 and reply.code != 421:
@@ -200,12 +281,21 @@ class SMTPServer(Protocol, TimeoutMixin):
     def _process_line(self) -> bool:
         """Handle one command line; False when no complete line is buffered."""
         buf = self._buffer
+        if buf[:2] == b"\x16\x03" and not self._discarding and self._mode == "command":
+            # a TLS record (a ClientHello) where a command belongs: a TLS client on a
+            # plaintext port; it will not read a reply, but our bytes end its wait at once
+            log.info("TLS handshake in plaintext: client=[{ip}]",
+                     ip=self.session.client_ip if self.session else "")
+            self._send(R.TLS_IN_PLAINTEXT)
+            return False
         idx = buf.find(b"\n")
         if idx < 0:
+            self._start_line_clock()    # a line has begun: it must end in command_time_limit
             if len(buf) > MAX_LINE:
                 self._discarding = True
                 self._buffer = b""
             return False
+        self._stop_line_clock()
         line, self._buffer = buf[:idx], buf[idx + 1:]
         if self._discarding:
             self._discarding = False
@@ -226,8 +316,10 @@ class SMTPServer(Protocol, TimeoutMixin):
             return True
         handler = getattr(self, "do_" + verb.decode("ascii", "replace"), None) if verb.isalpha() else None
         if handler is None:
+            self._last_verb = "UNKNOWN"
             self._send(R.UNKNOWN_COMMAND)
             return True
+        self._last_verb = verb.decode("ascii")
         try:
             text = arg.decode("utf-8")
         except UnicodeDecodeError:
@@ -314,6 +406,7 @@ class SMTPServer(Protocol, TimeoutMixin):
         self.envelope = None       # RFC 5321 4.1.4: EHLO/HELO reset like RSET,
         self._bdat_used = False    # including a BDAT transaction between chunks
         self._bdat = None
+        self._stop_data_clock()
         self._abort_intake()
         greeting = f"{self.policy.hostname} Hello {name} [{self.session.client_ip}]"
         if not esmtp:
@@ -384,6 +477,7 @@ class SMTPServer(Protocol, TimeoutMixin):
         self._intake = self.receiver.begin(self.session, self.envelope)
         self._mode = "data"
         self.setTimeout(self.policy.data_timeout)
+        self._start_data_clock()
         return Reply(354, "", "End data with <CR><LF>.<CR><LF>")
 
     def _process_data(self) -> None:
@@ -407,6 +501,7 @@ class SMTPServer(Protocol, TimeoutMixin):
         self._end_message(self._data_error)
 
     def _end_message(self, error: Reply | None) -> None:
+        self._stop_data_clock()     # the data is in; our own commit never counts
         intake, self._intake = self._intake, None
         self.envelope = None
         if error is not None or intake is None:
@@ -456,6 +551,7 @@ class SMTPServer(Protocol, TimeoutMixin):
             self._intake = self.receiver.begin(self.session, self.envelope)
         self._mode = "bdat"
         self.setTimeout(self.policy.data_timeout)
+        self._start_data_clock()    # from the transaction's first BDAT to the end of LAST
         if size == 0:
             self._bdat_chunk_done()
         return None
@@ -478,6 +574,7 @@ class SMTPServer(Protocol, TimeoutMixin):
         self._mode = "command"
         self.setTimeout(self.policy.command_timeout)
         if self._bdat_error is not None:
+            self._stop_data_clock()
             error, self._bdat_error = self._bdat_error, None
             self._bdat = None
             self._bdat_used = False
@@ -511,6 +608,7 @@ class SMTPServer(Protocol, TimeoutMixin):
         self.envelope = None
         self._bdat_used = False
         self._bdat = None
+        self._stop_data_clock()
         self._abort_intake()
         return Reply(250, "2.0.0", "Reset OK")
 
@@ -546,11 +644,16 @@ class SMTPServer(Protocol, TimeoutMixin):
         self.transport.write(Reply(220, "2.0.0", "Ready to start TLS").to_bytes())  # type: ignore[union-attr]
         # RFC 3207 4.2: discard anything pipelined after STARTTLS and every fact learned so far
         self._buffer = b""
+        self._stop_data_clock()
         self._abort_intake()
         self.envelope = None
+        self._bdat = None
+        self._bdat_used = False
         self.session = Session(self.session.client_ip, self.session.client_port, self.session.listener,
                                relay_client=self._relay_client)
         self.transport.startTLS(self.factory.tls_options)  # type: ignore[union-attr]
+        self._handshaking = True        # until handshakeCompleted(), within command_time_limit
+        self._start_line_clock()
         return None
 
     # -- AUTH (RFC 4954) ------------------------------------------------------------------
@@ -683,8 +786,13 @@ class SMTPFactory(Factory):
                  counts: dict[str, int] | None = None, suppression: Any = None,
                  reject_suppressed: bool = True, metrics: Any = None,
                  local_user: str | None = None,
-                 note_auth_failure: Callable[[str, str, str], None] | None = None) -> None:
+                 note_auth_failure: Callable[[str, str, str], None] | None = None,
+                 note_timeout: Callable[[str, str, str, float, int | None], None] | None = None
+                 ) -> None:
         self.policy = policy
+        # a session closed by a time limit (client address, after which command, the
+        # limit's key, its seconds, octets of the unfinished message): the mail log's line
+        self.note_timeout = note_timeout
         # a failed AUTH (client address, user name tried, mechanism): the mail log's line
         self.note_auth_failure = note_auth_failure
         self.local_user = local_user              # txmta-sendmail -bs: the user on stdin
