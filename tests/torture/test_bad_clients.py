@@ -96,6 +96,14 @@ def rss_kib(pids: list[int]) -> int:
     return total
 
 
+def file_limits(pid: int) -> tuple[str, str]:
+    """(soft, hard) "Max open files" of a process."""
+    m = re.search(r"^Max open files\s+(\S+)\s+(\S+)", Path(f"/proc/{pid}/limits").read_text(),
+                  re.M)
+    assert m is not None
+    return m.group(1), m.group(2)
+
+
 def open_fds(pids: list[int]) -> int:
     n = 0
     for pid in pids:
@@ -208,13 +216,19 @@ def sink() -> Any:
 
 @pytest.fixture(scope="module")
 def roomy(module_daemons: Any, tls_cert: Any, sink: Any) -> Daemon:
-    raise_nofile(FLOOD + 2000)          # the daemon inherits it
-    return module_daemons(
-        listeners=[{"tls": "starttls"}],
-        server={"workers": 2, "max_connections": 3 * FLOOD, "max_connections_per_ip": FLOOD},
-        tls={"cert": str(tls_cert.cert), "key": str(tls_cert.key)},
-        relay={"networks": ["127.0.0.0/8"]},
-        delivery={"relayhost": f"{SINK_HOST}:{sink.port}"})
+    raise_nofile(FLOOD + 2000)          # for the clients; skips if the hard limit is short
+    # started with a shell's soft limit, the daemon must lift it itself to hold the flood
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 1024), hard))
+    try:
+        return module_daemons(
+            listeners=[{"tls": "starttls"}],
+            server={"workers": 2, "max_connections": 3 * FLOOD, "max_connections_per_ip": FLOOD},
+            tls={"cert": str(tls_cert.cert), "key": str(tls_cert.key)},
+            relay={"networks": ["127.0.0.0/8"]},
+            delivery={"relayhost": f"{SINK_HOST}:{sink.port}"})
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 @pytest.fixture(scope="module")
@@ -249,6 +263,10 @@ def test_thousands_of_connections_held_while_a_normal_client_is_served(roomy: Da
     well-behaved client's message is accepted and delivered to the relayhost."""
     raise_nofile(FLOOD + 2000)
     pids = daemon_pids(roomy)
+    assert len(pids) == 3
+    for pid in pids:        # the master lifted its soft limit to the hard one, for the workers too
+        soft, hard = file_limits(pid)
+        assert soft == hard, (pid, soft, hard)
     before = rss_kib(pids)
     token = uuid.uuid4().hex
 
