@@ -171,6 +171,24 @@ def test_implicit_tls_client_that_never_handshakes_is_aborted():
     assert h.factory.counts == {"": 0}                 # its slot is free again once lost
 
 
+def test_refused_implicit_tls_client_is_not_waited_for_beyond_the_limit():
+    """Over max_connections on an implicit TLS listener, the 421 waits in TLS for the
+    handshake (loseConnection); a client that never does it is aborted at the limit."""
+    h = limited(listener=Listener(tls="implicit"), max_connections=1)
+    h.connect(RELAY_IP, tls=True)
+    late = h.connect("192.0.2.99", tls=True, handshake=False)
+    assert late.greeting == ["421 4.7.0"]
+    assert late.transport.disconnecting and not late.transport.disconnected
+    h.clock.advance(COMMAND_LIMIT - 1)
+    assert not late.transport.disconnected
+    h.clock.advance(1)
+    assert late.transport.disconnected
+    other = h.connect("192.0.2.98", tls=True, handshake=False)
+    other.proto.handshakeCompleted()    # a handshake in time: the 421 goes out, no abort
+    h.clock.advance(COMMAND_LIMIT * 2)
+    assert other.transport.disconnecting and not other.transport.disconnected
+
+
 def test_idle_timeout_during_a_handshake_aborts_too():
     """The idle timeout (shorter here) also aborts rather than waits on a handshake."""
     h = Harness(listener=Listener(tls="implicit"))

@@ -589,8 +589,10 @@ def test_tls_handshakes_that_never_finish_are_closed(strict: Daemon, tls_cert: A
 def test_connection_limits_hold_under_a_flood_and_every_slot_comes_back(strict: Daemon) -> None:
     """After the drip feeders, the TLS stalls and the aborted sessions above, all
     STRICT_MAX slots are free again (no leaked count); a flood of twice as many gets
-    exactly STRICT_MAX greetings and 421 4.7.0 for the rest; one address gets
-    STRICT_PER_IP; and when the flood leaves, the slots are free once more."""
+    exactly STRICT_MAX greetings and 421 4.7.0 for the rest; a refused client of the
+    implicit TLS listener that never handshakes is dropped at the command limit (its 421
+    waited in TLS, and the connection with it, for as long as the client stayed); one
+    address gets STRICT_PER_IP; and when the flood leaves, the slots are free once more."""
     raise_nofile(4 * STRICT_MAX + 1000)
 
     async def flood(n: int, src: Callable[[int], str]) -> tuple[list[bytes], list[Any]]:
@@ -607,6 +609,14 @@ def test_connection_limits_hold_under_a_flood_and_every_slot_comes_back(strict: 
         out: dict[str, Any] = {}
         greetings, writers = await flood(2 * STRICT_MAX, over_ip)
         out["total"] = greetings
+        # while every slot is taken, a client of the implicit TLS listener is refused too;
+        # its 421 waits in TLS for a handshake, and one that never comes is not waited for
+        start = time.monotonic()
+        silent = [await asyncio.open_connection("127.0.0.1", strict.ports[1],
+                                                local_addr=("127.3.1.1", 0)) for _ in range(3)]
+        closed = await asyncio.gather(*(closed_after(r, COMMAND_LIMIT + 30) for r, _ in silent))
+        out["implicit refused after"] = [at - start for _, at in closed]
+        close_all([w for _, w in silent])
         close_all(writers)
         await asyncio.sleep(1.0)
         greetings, writers = await flood(STRICT_PER_IP + 10, lambda i: "127.3.0.1")
@@ -630,8 +640,10 @@ def test_connection_limits_hold_under_a_flood_and_every_slot_comes_back(strict: 
     assert all(g.startswith(b"421 4.7.0 " + HOSTNAME.encode() + b" Too many connections from ")
                for g in per_ip if not g.startswith(b"220 ")), per_ip
     assert sum(g.startswith(b"220 ") for g in out["again"]) == STRICT_MAX
+    assert all(COMMAND_LIMIT - 0.5 < t < COMMAND_LIMIT + 3 for t in out["implicit refused after"]), out
     note("limits", max_connections=STRICT_MAX, flood=2 * STRICT_MAX, greeted=STRICT_MAX,
-         refused_421=len(refused))
+         refused_421=len(refused),
+         implicit_refused_closed_after_s=[round(t, 2) for t in out["implicit refused after"]])
     assert_clean_log(strict)
 
 

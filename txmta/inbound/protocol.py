@@ -133,17 +133,23 @@ class SMTPServer(Protocol, TimeoutMixin):
             self.session.local_user = self.factory.local_user
             self._relay_client = True
             self._fix_bare = True
+        # on an implicit TLS listener, what we write waits in TLS for the handshake, which
+        # must end within command_time_limit (handshakeCompleted stops the clock)
+        self._handshaking = self.listener.tls == "implicit"
         refusal = self.factory.admit(self)
         if refusal is not None:
             self._mode = "closed"
             self.transport.write(refusal.to_bytes())  # type: ignore[union-attr]
             self.transport.loseConnection()  # type: ignore[union-attr]
+            if self._handshaking:       # the 421 goes out after a handshake, if one comes
+                self._line_clock = self.factory.clock.callLater(
+                    self.policy.command_time_limit,
+                    self.transport.abortConnection)  # type: ignore[union-attr]
             return
         self._counted = True
         self.setTimeout(self.policy.command_timeout)
-        if self.listener.tls == "implicit":
+        if self._handshaking:
             self._note_tls()
-            self._handshaking = True    # until handshakeCompleted()
             self._start_line_clock()
         self._send(Reply(220, "", f"{self.policy.hostname} ESMTP txmta"))
 
