@@ -148,6 +148,18 @@ def test_starttls_handshake_must_finish_within_the_command_limit():
     assert h.timeouts == [(RELAY_IP, "TLS handshake", "command_time_limit", COMMAND_LIMIT, None)]
 
 
+def test_tls_holding_the_greeting_does_not_stop_reading_the_handshake():
+    """TLS buffers what we write until its handshake ends and pauses the producer meanwhile;
+    the server must keep reading then, or the handshake would never end."""
+    h = limited(listener=Listener(tls="implicit"))
+    c = h.connect(RELAY_IP, tls=True, handshake=False)
+    c.transport.producer.pauseProducing()       # the greeting is held by TLS
+    assert c.transport.producerState == "producing"
+    c.proto.handshakeCompleted()
+    c.transport.producer.resumeProducing()
+    assert c.send(b"EHLO x.example\r\n") == ["250"]
+
+
 def test_finished_handshake_stops_the_clock():
     h = limited(listener=Listener(tls="starttls"), tls_options=object())
     c = h.connect(RELAY_IP)

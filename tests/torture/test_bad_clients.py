@@ -452,6 +452,35 @@ def test_garbage_gets_replies_or_a_close_and_never_hurts_another_session(roomy: 
     assert_clean_log(roomy)
 
 
+def test_a_client_that_never_reads_its_replies_is_not_buffered_for(roomy: Daemon) -> None:
+    """Commands pipelined without end by a client that never reads: the server stops
+    reading it once its replies back up (instead of buffering them, 14 octets for each
+    6-octet NOOP, without bound), its memory stays flat, and others are served."""
+    seconds = torturelib.size(5.0, 30.0)
+    pids = daemon_pids(roomy)
+    sock = socket.create_connection(("127.0.0.1", roomy.port),
+                                    source_address=(source(9500), 0))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(0.2)
+    noops = b"NOOP\r\n" * 10_000
+    before = rss_kib(pids)
+    sent = 0
+    with Sampler(roomy) as sampler:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                sent += sock.send(noops)
+            except (TimeoutError, socket.timeout):
+                pass
+        assert "queued as" in send_one(roomy, uuid.uuid4().hex)
+    sock.close()
+    growth = sampler.peak - before
+    figures = note("never reads", seconds=seconds, sent_mib=round(sent / 2**20, 1),
+                   rss_growth_mib=round(growth / 1024, 1))
+    assert growth < 16 * 1024, figures
+    assert_clean_log(roomy)
+
+
 # -- drip feeds ---------------------------------------------------------------------------------
 
 def test_drip_feeders_are_cut_off_by_the_total_limits(strict: Daemon) -> None:

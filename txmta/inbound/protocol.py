@@ -17,7 +17,11 @@ nothing of it; the mail log tells why (`note_timeout`).
 Each command handler returns a `Reply` (or a Deferred of one); `_send()` is the one place
 that writes replies.  While a reply waits on a Deferred (the spool commit after DATA, an
 AUTH check), the protocol stops parsing and pauses the transport, so pipelined commands
-are answered strictly in order.  It knows nothing of the spool: mail goes to an
+are answered strictly in order.  It does the same while the client does not read its
+replies (the transport's write buffer is full: `_OutputGate`), so a client that pipelines
+commands without reading cannot make the server buffer replies without bound; a session
+being closed that has not gone within `command_time_limit` (its last reply unread, a TLS
+handshake never finished) is aborted.  It knows nothing of the spool: mail goes to an
 `IReceiver` (inbound/receiver.py), which answers 250 only after the durable commit.
 
 Not here: relay decisions (inbound/policy.py), path grammar (inbound/grammar.py), the DATA
@@ -34,7 +38,7 @@ from typing import Any, Callable, Protocol as TypingProtocol
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IPushProducer, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
@@ -77,6 +81,28 @@ class ListenerSettings(TypingProtocol):
     bare_newlines: str
 
 
+@implementer(IPushProducer)
+class _OutputGate:
+    """Registered with the transport as a streaming producer of the replies: the transport
+    pauses it while its write buffer is full (the client does not read), and the server
+    then reads and parses no more commands until it is resumed."""
+
+    def __init__(self, server: "SMTPServer") -> None:
+        self.server = server
+
+    def pauseProducing(self) -> None:
+        # TLS holds our writes during its handshake (and pauses us): reading must go on
+        # then, or the handshake never ends
+        if not self.server._handshaking:
+            self.server._hold_input("output")
+
+    def resumeProducing(self) -> None:
+        self.server._release_input("output")
+
+    def stopProducing(self) -> None:
+        pass
+
+
 @implementer(IHandshakeListener)
 class SMTPServer(Protocol, TimeoutMixin):
     def __init__(self, factory: "SMTPFactory") -> None:
@@ -90,7 +116,9 @@ class SMTPServer(Protocol, TimeoutMixin):
         self._buffer = b""
         self._mode = "command"     # command | data | bdat | auth | closed
         self._discarding = False   # inside an over-long command line
-        self._waiting = False      # a reply is pending on a Deferred
+        self._holds: set[str] = set()   # why input is paused: "reply" (a Deferred), "output"
+        self._gate: _OutputGate | None = None
+        self._linger: IDelayedCall | None = None   # aborts a closed session that stays
         self._errors = 0
         self._data: DataStream | None = None
         self._bdat: BdatStream | None = None
@@ -147,6 +175,8 @@ class SMTPServer(Protocol, TimeoutMixin):
                     self.transport.abortConnection)  # type: ignore[union-attr]
             return
         self._counted = True
+        self._gate = _OutputGate(self)
+        self.transport.registerProducer(self._gate, True)  # type: ignore[union-attr]
         self.setTimeout(self.policy.command_timeout)
         if self._handshaking:
             self._note_tls()
@@ -156,6 +186,9 @@ class SMTPServer(Protocol, TimeoutMixin):
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
         self.setTimeout(None)
         self._stop_clocks()
+        linger, self._linger = self._linger, None
+        if linger is not None and linger.active():
+            linger.cancel()
         if self._counted:
             self._counted = False
             self.factory.release(self)
@@ -244,16 +277,44 @@ class SMTPServer(Protocol, TimeoutMixin):
                 pass
 
     def _close(self) -> None:
+        if self._mode == "closed":
+            return
         self._mode = "closed"
         self.setTimeout(None)
         self._stop_clocks()
         self._abort_intake()
+        if self._gate is not None:       # (TLS waits for a producer to go before closing)
+            self._gate = None
+            self.transport.unregisterProducer()  # type: ignore[union-attr]
         if self._handshaking:
             # TLS in its handshake holds what we wrote (the greeting, a 421) and with it the
             # connection until the client finishes the handshake, which it may never do
             self.transport.abortConnection()  # type: ignore[union-attr]
-        else:
-            self.transport.loseConnection()  # type: ignore[union-attr]
+            return
+        self.transport.loseConnection()  # type: ignore[union-attr]
+        # the last replies go out first; a client that does not read them is not waited for
+        self._linger = self.factory.clock.callLater(self.policy.command_time_limit, self._abort)
+
+    def _abort(self) -> None:
+        """Drop the connection now, unsent output and all (standard input and output, for
+        txmta-sendmail -bs, can only be closed)."""
+        abort = getattr(self.transport, "abortConnection", None)
+        (abort or self.transport.loseConnection)()  # type: ignore[union-attr]
+
+    def _hold_input(self, why: str) -> None:
+        """Stop reading (and parsing) the client's commands until `_release_input(why)`."""
+        if not self._holds and self._mode != "closed":
+            self.transport.pauseProducing()  # type: ignore[union-attr]
+        self._holds.add(why)
+
+    def _release_input(self, why: str) -> None:
+        if why not in self._holds:
+            return
+        self._holds.discard(why)
+        if not self._holds and self._mode != "closed":
+            self.transport.resumeProducing()  # type: ignore[union-attr]
+            if why == "output":     # (a reply resumes in _answer, which parses on)
+                self._process()
 
     def _send(self, reply: Reply) -> None:
         if reply.code >= 400 and reply.code != 421:
@@ -275,7 +336,7 @@ class SMTPServer(Protocol, TimeoutMixin):
         self._process()
 
     def _process(self) -> None:
-        while self._buffer and not self._waiting and self._mode != "closed":
+        while self._buffer and not self._holds and self._mode != "closed":
             if self._mode == "data":
                 self._process_data()
             elif self._mode == "bdat":
@@ -345,24 +406,24 @@ class SMTPServer(Protocol, TimeoutMixin):
         if isinstance(result, Reply):
             self._send(result)
             return
-        self._waiting = True
-        self.transport.pauseProducing()  # type: ignore[union-attr]
+        self._hold_input("reply")
         # our own wait (the commit) never counts against the client's timeout
         timeout = self.timeOut
         self.setTimeout(None)
         synchronous = [True]
 
         def done(reply: Reply) -> None:
-            self._waiting = False
             if self._mode != "closed":
                 self.setTimeout(timeout)
             if self._mode == "closed":
                 return
             self._send(reply)
             if self._mode != "closed":
-                self.transport.resumeProducing()  # type: ignore[union-attr]
-                if not synchronous[0]:  # else the caller's loop goes on parsing
-                    self._process()
+                self._holds.discard("reply")
+                if not self._holds:
+                    self.transport.resumeProducing()  # type: ignore[union-attr]
+                    if not synchronous[0]:  # else the caller's loop goes on parsing
+                        self._process()
 
         def failed(f: Failure) -> None:
             log.failure("reply failed", f)
