@@ -505,12 +505,12 @@ def test_drip_feeders_are_cut_off_by_the_total_limits(strict: Daemon) -> None:
 
     async def drip_data(i: int) -> tuple[bytes, float]:
         reader, writer, _ = await connect(strict.port, source(21000 + i))
+        start = time.monotonic()          # before the server can have seen DATA
         writer.write(b"EHLO drip.test.invalid\r\nMAIL FROM:<drip@example.com>\r\n"
                      b"RCPT TO:<r@example.org>\r\nDATA\r\n")
         for _ in range(3):
             assert (await read_reply(reader)).startswith(b"250")
         assert (await read_reply(reader)).startswith(b"354")
-        start = time.monotonic()
         closing = asyncio.ensure_future(closed_after(reader, DATA_LIMIT + 30))
         writer.write(f"Subject: {token}\r\n\r\n".encode())     # what would be found if stored
         for byte in b"a\r\n" * 100:
@@ -541,8 +541,9 @@ def test_drip_feeders_are_cut_off_by_the_total_limits(strict: Daemon) -> None:
         assert data.startswith(b"421 4.4.2 Command not completed within the time limit"), data
     for data, t in data_results:
         assert data.startswith(b"421 4.4.2 Message data not completed within the time limit"), data
-    assert COMMAND_LIMIT - 1.0 <= min(cmd_times) and max(cmd_times) < COMMAND_LIMIT + 3.0, cmd_times
-    assert DATA_LIMIT - 0.5 <= min(data_times) and max(data_times) < DATA_LIMIT + 3.0, data_times
+    # measured from before the server could start its clock: never less than the limit
+    assert COMMAND_LIMIT - 0.05 <= min(cmd_times) and max(cmd_times) < COMMAND_LIMIT + 3.0, cmd_times
+    assert DATA_LIMIT - 0.05 <= min(data_times) and max(data_times) < DATA_LIMIT + 3.0, data_times
     note("drip", drippers_of_each_kind=DRIPPERS,
          command_421_after_s=(round(min(cmd_times), 2), round(max(cmd_times), 2)),
          data_421_after_s=(round(min(data_times), 2), round(max(data_times), 2)))
@@ -569,10 +570,10 @@ def test_tls_handshakes_that_never_finish_are_closed(strict: Daemon, tls_cert: A
 
     async def starttls_then(stall: bool, i: int) -> float:
         reader, writer, _ = await connect(strict.port, source(22000 + i))
+        start = time.monotonic()          # before the server can have seen STARTTLS
         writer.write(b"EHLO tls.test.invalid\r\nSTARTTLS\r\n")
         assert (await read_reply(reader)).startswith(b"250")
         assert (await read_reply(reader)).startswith(b"220 2.0.0")
-        start = time.monotonic()
         closing = asyncio.ensure_future(closed_after(reader, COMMAND_LIMIT + 30))
         if not stall:
             for byte in b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(64):
@@ -586,9 +587,9 @@ def test_tls_handshakes_that_never_finish_are_closed(strict: Daemon, tls_cert: A
         return at - start
 
     async def implicit_silent(i: int) -> float:
+        start = time.monotonic()
         reader, writer = await asyncio.open_connection("127.0.0.1", implicit_port,
                                                        local_addr=(source(22100 + i), 0))
-        start = time.monotonic()
         data, at = await closed_after(reader, COMMAND_LIMIT + 30)
         assert data == b""                  # the greeting waited in the TLS layer
         writer.transport.abort()
@@ -600,7 +601,7 @@ def test_tls_handshakes_that_never_finish_are_closed(strict: Daemon, tls_cert: A
 
     times = asyncio.run(run())
     for t in times:
-        assert COMMAND_LIMIT - 0.5 <= t < COMMAND_LIMIT + 3.0, times
+        assert COMMAND_LIMIT - 0.05 <= t < COMMAND_LIMIT + 3.0, times
     note("tls stall", closed_after_s=[round(t, 2) for t in times])
     # a real TLS client is still served on both listeners
     ctx = ssl.create_default_context(cafile=str(tls_cert.cert))
@@ -640,7 +641,7 @@ def test_connection_limits_hold_under_a_flood_and_every_slot_comes_back(strict: 
         out["total"] = greetings
         # while every slot is taken, a client of the implicit TLS listener is refused too;
         # its 421 waits in TLS for a handshake, and one that never comes is not waited for
-        start = time.monotonic()
+        start = time.monotonic()          # the 3 s count from each connection, after this
         silent = [await asyncio.open_connection("127.0.0.1", strict.ports[1],
                                                 local_addr=("127.3.1.1", 0)) for _ in range(3)]
         closed = await asyncio.gather(*(closed_after(r, COMMAND_LIMIT + 30) for r, _ in silent))
@@ -669,7 +670,7 @@ def test_connection_limits_hold_under_a_flood_and_every_slot_comes_back(strict: 
     assert all(g.startswith(b"421 4.7.0 " + HOSTNAME.encode() + b" Too many connections from ")
                for g in per_ip if not g.startswith(b"220 ")), per_ip
     assert sum(g.startswith(b"220 ") for g in out["again"]) == STRICT_MAX
-    assert all(COMMAND_LIMIT - 0.5 < t < COMMAND_LIMIT + 3 for t in out["implicit refused after"]), out
+    assert all(COMMAND_LIMIT - 0.05 < t < COMMAND_LIMIT + 3 for t in out["implicit refused after"]), out
     note("limits", max_connections=STRICT_MAX, flood=2 * STRICT_MAX, greeted=STRICT_MAX,
          refused_421=len(refused),
          implicit_refused_closed_after_s=[round(t, 2) for t in out["implicit refused after"]])
