@@ -34,7 +34,7 @@ from typing import Any, Awaitable, Callable, Iterator
 import pytest
 
 import torturelib
-from itlib import HOSTNAME, Daemon, Raw, find_by_token, wait_until
+from itlib import HOSTNAME, Daemon, find_by_token, wait_until
 from sinks import SmtpSink
 
 pytestmark = pytest.mark.integration
