@@ -550,6 +550,8 @@ _TABLE: dict[str, dict[str, _Key]] = {
         "max_errors": _Key(20, _integer(1)),
         "command_timeout": _Key("5m", _duration(positive=True)),
         "data_timeout": _Key("5m", _duration(positive=True)),
+        "command_time_limit": _Key("1m", _duration(positive=True)),
+        "data_time_limit": _Key("20m", _duration(positive=True)),
     },
     "listen": {
         "address": _Key(_MISSING, _listen_address),
@@ -745,6 +747,8 @@ class ServerConfig:
     max_errors: int = _default("server", "max_errors")
     command_timeout: float = _default("server", "command_timeout")
     data_timeout: float = _default("server", "data_timeout")
+    command_time_limit: float = _default("server", "command_time_limit")
+    data_time_limit: float = _default("server", "data_time_limit")
     workers: int = _default("server", "workers")       # resolved: "auto" is the core count
     user: str = ""
     group: str = ""

@@ -563,7 +563,8 @@ def build(cfg: C.Config, reactor: Any, *, worker: int = 0, workers: int = 1,
         hostname=cfg.server.hostname, relay_networks=tuple(cfg.relay.networks),
         max_message_size=cfg.spool.max_message_size, max_recipients=cfg.server.max_recipients,
         max_errors=cfg.server.max_errors, command_timeout=cfg.server.command_timeout,
-        data_timeout=cfg.server.data_timeout, tls_available=tls is not None,
+        data_timeout=cfg.server.data_timeout, command_time_limit=cfg.server.command_time_limit,
+        data_time_limit=cfg.server.data_time_limit, tls_available=tls is not None,
         auth_available=checker is not None)
     delivery = build_delivery(cfg, reactor, queue, spool, metrics,
                               limiter=shared.rate_limiter if cfg.cluster.redis else None,
@@ -595,7 +596,8 @@ def build(cfg: C.Config, reactor: Any, *, worker: int = 0, workers: int = 1,
                                    max_per_ip=cfg.server.max_connections_per_ip, counts=counts,
                                    suppression=queue.suppression,
                                    reject_suppressed=cfg.suppression.action == "reject",
-                                   metrics=metrics, note_auth_failure=maillog.auth_failed)
+                                   metrics=metrics, note_auth_failure=maillog.auth_failed,
+                                   note_timeout=maillog.timeout)
         listening(reactor, factory, lst, tls, inherited[i] if inherited is not None else None
                   ).setServiceParent(top)
     if cfg.http:
