@@ -439,7 +439,7 @@ def test_a_client_that_does_not_read_its_replies_stops_being_read():
     server parses no more commands and stops reading; when the client catches up, the rest
     is answered in order.  A client pipelining commands without reading cannot make the
     server buffer replies without bound."""
-    h, c = relay_client()
+    h, c = relay_client(with_policy(junk_command_limit=0))     # 1,000 NOOPs: not junk here
     gate = c.transport.producer
     assert gate is not None and c.transport.streaming
     gate.pauseProducing()                      # the client's receive window is full
@@ -765,3 +765,32 @@ def test_ipv4_mapped_client_counts_as_its_ipv4_address():
     h = Harness(max_per_ip=1)
     assert h.connect("192.0.2.7").greeting == ["220"]
     assert h.connect("::ffff:192.0.2.7").greeting == ["421 4.7.0"]
+
+
+def test_junk_commands_past_the_limit_count_as_errors():
+    """NOOP/VRFY/RSET/HELP are answered as usual, but past junk_command_limit each one is an
+    error, so a client that only keeps the line open is disconnected at max_errors."""
+    h = with_policy(max_errors=3, junk_command_limit=4)
+    c = h.connect()
+    assert c.send(b"NOOP\r\nRSET\r\nVRFY x\r\nHELP\r\n") == ["250 2.0.0", "250 2.0.0", "252 2.5.0",
+                                                            "214 2.0.0"]
+    assert not c.closed
+    assert c.send(b"NOOP\r\nNOOP\r\n") == ["250 2.0.0", "250 2.0.0"]
+    assert c.send(b"NOOP\r\n") == ["250 2.0.0", "421 4.7.0"]      # the third error
+    assert c.closed
+
+
+def test_junk_limit_zero_means_none():
+    h = with_policy(max_errors=2, junk_command_limit=0)
+    c = h.connect()
+    assert c.send(b"NOOP\r\n" * 50) == ["250 2.0.0"] * 50
+    assert not c.closed
+
+
+@pytest.mark.parametrize("request_line", [b"GET / HTTP/1.1", b"POST /email HTTP/1.1",
+                                          b"CONNECT mx.example:25 HTTP/1.0", b"get / HTTP/1.0"])
+def test_an_http_request_is_answered_once_and_disconnected(request_line):
+    h = with_policy()
+    c = h.connect()
+    assert c.send(request_line + b"\r\nHost: x\r\n\r\n") == ["221 2.7.0"]
+    assert c.closed

@@ -548,6 +548,7 @@ _TABLE: dict[str, dict[str, _Key]] = {
         "max_connections_per_ip": _Key(50, _integer(1)),
         "max_recipients": _Key(1000, _integer(1)),
         "max_errors": _Key(20, _integer(1)),
+        "junk_command_limit": _Key(100, _integer(0)),
         "command_timeout": _Key("5m", _duration(positive=True)),
         "data_timeout": _Key("5m", _duration(positive=True)),
         "command_time_limit": _Key("1m", _duration(positive=True)),
@@ -749,6 +750,7 @@ class ServerConfig:
     data_timeout: float = _default("server", "data_timeout")
     command_time_limit: float = _default("server", "command_time_limit")
     data_time_limit: float = _default("server", "data_time_limit")
+    junk_command_limit: int = _default("server", "junk_command_limit")
     workers: int = _default("server", "workers")       # resolved: "auto" is the core count
     user: str = ""
     group: str = ""

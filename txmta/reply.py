@@ -79,6 +79,7 @@ CLOSING = Reply(221, "2.0.0", "Bye")
 BAD_SEQUENCE = Reply(503, "5.5.1", "Bad sequence of commands")
 UNKNOWN_COMMAND = Reply(500, "5.5.1", "Command unrecognized")
 LINE_TOO_LONG = Reply(500, "5.5.2", "Line too long")
+NOT_SMTP = Reply(221, "2.7.0", "This is an SMTP server, not a web server or proxy; closing")
 SERVICE_SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, closing transmission channel")
 TIMEOUT = Reply(421, "4.4.2", "Timeout exceeded, closing transmission channel")
 # [server] command_time_limit and data_time_limit: a client too slow, not silent

@@ -562,7 +562,8 @@ def build(cfg: C.Config, reactor: Any, *, worker: int = 0, workers: int = 1,
     policy = ServerPolicy(
         hostname=cfg.server.hostname, relay_networks=tuple(cfg.relay.networks),
         max_message_size=cfg.spool.max_message_size, max_recipients=cfg.server.max_recipients,
-        max_errors=cfg.server.max_errors, command_timeout=cfg.server.command_timeout,
+        max_errors=cfg.server.max_errors, junk_command_limit=cfg.server.junk_command_limit,
+        command_timeout=cfg.server.command_timeout,
         data_timeout=cfg.server.data_timeout, command_time_limit=cfg.server.command_time_limit,
         data_time_limit=cfg.server.data_time_limit, tls_available=tls is not None,
         auth_available=checker is not None)

@@ -223,7 +223,10 @@ def roomy(module_daemons: Any, tls_cert: Any, sink: Any) -> Daemon:
     try:
         return module_daemons(
             listeners=[{"tls": "starttls"}],
-            server={"workers": 2, "max_connections": 3 * FLOOD, "max_connections_per_ip": FLOOD},
+            # junk_command_limit 0: the never-reading client's endless NOOPs must meet the
+            # output backpressure, not the junk limit (tested in tests/test_server.py)
+            server={"workers": 2, "max_connections": 3 * FLOOD, "max_connections_per_ip": FLOOD,
+                    "junk_command_limit": 0},
             tls={"cert": str(tls_cert.cert), "key": str(tls_cert.key)},
             relay={"networks": ["127.0.0.0/8"]},
             delivery={"relayhost": f"{SINK_HOST}:{sink.port}"})

@@ -62,6 +62,11 @@ log = Logger()
 LINE_LIMITS = {b"MAIL": 2048, b"RCPT": 2048, b"AUTH": 12288}
 DEFAULT_LINE_LIMIT = 512
 MAX_LINE = 12288
+# commands of other protocols: answered once and disconnected (Postfix's
+# smtpd_forbidden_commands); an HTTP request would otherwise collect 500s until max_errors
+HTTP_VERBS = frozenset({b"GET", b"POST", b"HEAD", b"PUT", b"CONNECT", b"OPTIONS"})
+# the commands a client can repeat forever without ever sending mail (junk_command_limit)
+JUNK_VERBS = frozenset({b"NOOP", b"VRFY", b"RSET", b"HELP"})
 
 
 class IIntake(TypingProtocol):
@@ -120,6 +125,7 @@ class SMTPServer(Protocol, TimeoutMixin):
         self._gate: _OutputGate | None = None
         self._linger: IDelayedCall | None = None   # aborts a closed session that stays
         self._errors = 0
+        self._junk = 0             # NOOP, VRFY, RSET, HELP so far (junk_command_limit)
         self._data: DataStream | None = None
         self._bdat: BdatStream | None = None
         self._bdat_left = 0
@@ -381,12 +387,24 @@ class SMTPServer(Protocol, TimeoutMixin):
         if len(line) + 2 > LINE_LIMITS.get(verb, DEFAULT_LINE_LIMIT):
             self._send(R.LINE_TOO_LONG)
             return True
+        if verb in HTTP_VERBS:
+            # a web client (or a proxy probe) on the SMTP port: no point in answering on
+            log.info("non-SMTP command from client=[{ip}]: {verb}",
+                     ip=self.session.client_ip if self.session else "",
+                     verb=verb.decode("ascii"))
+            self.transport.write(R.NOT_SMTP.to_bytes())  # type: ignore[union-attr]
+            self._close()
+            return False
         handler = getattr(self, "do_" + verb.decode("ascii", "replace"), None) if verb.isalpha() else None
         if handler is None:
             self._last_verb = "UNKNOWN"
             self._send(R.UNKNOWN_COMMAND)
             return True
         self._last_verb = verb.decode("ascii")
+        if verb in JUNK_VERBS and self.policy.junk_command_limit:
+            self._junk += 1
+            if self._junk > self.policy.junk_command_limit:
+                self._errors += 1     # answered as usual; max_errors ends the session
         try:
             text = arg.decode("utf-8")
         except UnicodeDecodeError:
