@@ -126,6 +126,7 @@ class Intake:
         self.lock = threading.Lock()
         self.plans: dict[str, Plan] = {}
         self.errors: collections.Counter[str] = collections.Counter()
+        self.samples: dict[str, str] = {}         # the first error of each kind, with its time
         self.last_ack = 0.0
         self.stop = threading.Event()
 
@@ -138,9 +139,31 @@ class Intake:
             p.acked = True
             self.last_ack = time.monotonic()
 
-    def failed(self, channel: str) -> None:
+    def failed(self, channel: str, error: BaseException | str) -> None:
+        """Count a failed attempt by channel and cause: "refused" (no connection), "cut" (the
+        connection died), or the reply code the server answered with."""
+        if isinstance(error, str):
+            why = error
+        elif isinstance(error, urllib.error.HTTPError):
+            why = str(error.code)
+        elif isinstance(error, smtplib.SMTPRecipientsRefused):
+            why = ",".join(sorted({str(c) for c, _ in error.recipients.values()}))
+        elif isinstance(error, smtplib.SMTPResponseException):
+            why = str(error.smtp_code)
+        elif isinstance(error, ConnectionRefusedError) or (
+                isinstance(error, urllib.error.URLError)
+                and isinstance(error.reason, ConnectionRefusedError)):
+            why = "refused"
+        else:
+            why = "cut"
         with self.lock:
-            self.errors[channel] += 1
+            self.errors[f"{channel} {why}"] += 1
+            self.samples.setdefault(f"{channel} {why}", f"{time.time():.3f} {error}"[:300])
+
+    def forget(self, p: Plan) -> None:
+        """A message never sent (no connection)."""
+        with self.lock:
+            self.plans.pop(p.token, None)
 
     def acked_count(self) -> int:
         with self.lock:
@@ -280,8 +303,8 @@ def smtp_client(d: Daemon, intake: Intake, index: int, seed: int) -> None:
                 intake.acked(p)
                 time.sleep(PACE)
             s.quit()
-        except (OSError, smtplib.SMTPException):
-            intake.failed("smtp")
+        except (OSError, smtplib.SMTPException) as e:
+            intake.failed("smtp", e)
             if s is not None:
                 try:
                     s.close()
@@ -320,9 +343,11 @@ def api_client(url: str, token: str, intake: Intake, index: int, seed: int) -> N
                 if r.status == 200:
                     intake.acked(p)
                 else:
-                    intake.failed(p.channel)
-        except (OSError, urllib.error.HTTPError, ValueError):
-            intake.failed(p.channel)
+                    intake.failed(p.channel, str(r.status))
+        except (OSError, ValueError) as e:
+            intake.failed(p.channel, e)
+            if isinstance(e, urllib.error.URLError) and isinstance(e.reason, ConnectionRefusedError):
+                intake.forget(p)
             time.sleep(0.1)
         time.sleep(PACE)
 
@@ -615,12 +640,19 @@ def run(kills: int, seed: int, workdir: Path, log: Callable[[str], None] = print
         "kills_while_delivering": sum(1 for k in kill_log if k["delivering"]),
         "kills_while_receiving": sum(1 for k in kill_log if k["receiving"]),
         "orphaned_workers": sum(len(k.get("orphans", [])) for k in kill_log),
-        "client_errors": dict(intake.errors),
+        "client_errors": dict(intake.errors), "client_error_samples": intake.samples,
         "admin_commands": dict(admin.ran), "admin_failed": dict(admin.failed),
         "load_s": round(t_load, 1), "total_s": round(t_total, 1),
         "final_exit_status": exit_status,
         "kill_log": [{k: v for k, v in e.items() if k != "time"} for e in kill_log],
     })
+    # a worker that stopped on its own (not killed here, not at the final stop) is a fault:
+    # e.g. one that lost its channel to the master when another worker died
+    stopped = [line for line in d.log().splitlines()
+               if "[txmta.master#error] worker" in line and " exited with status " in line]
+    result["workers_stopped_unasked"] = len(stopped)
+    if stopped:
+        result["violations"].append(f"{len(stopped)} workers stopped unasked: {stopped[:3]}")
     if result["orphaned_workers"]:
         result["violations"].append(f"{result['orphaned_workers']} workers outlived their master")
     if figures["spool_left"]:
