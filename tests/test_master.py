@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -27,6 +29,8 @@ from txmta.control.channel import (MAX_BATCH, FanOut, MasterChannel, MirrorSuppr
 from txmta.message import MessageIds, Suppression
 from txmta.tap import BACKOFF_MAX, Backoff, describe_exit
 from txmta.worker import divide_limits, share
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # -- restart backoff ---------------------------------------------------------------------------
@@ -362,3 +366,25 @@ def test_a_failing_mirror_update_is_answered_as_internal_and_the_worker_keeps_it
     assert isinstance(answer, Failure) and answer.check(InternalError), answer
     assert not stopped and not worker.transport.disconnecting
     assert any(e.get("log_failure") is not None for e in logged)
+
+
+# -- a worker outlives no master -------------------------------------------------------------------
+
+def test_a_worker_whose_master_died_before_it_started_does_not_start() -> None:
+    """A worker spawned just before its master's death asks for the parent-death signal too
+    late to get it: it sees that its parent is no longer the master it was given and exits
+    at once, instead of accepting on the inherited sockets beside the next master's
+    workers.  Under a live master it goes on."""
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    orphan = subprocess.run([sys.executable, "-m", "txmta.worker", "--index", "1", "--workers",
+                             "2", "--master", str(dead.pid)], env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert orphan.returncode == 1, orphan.stderr
+    assert f"the master (pid {dead.pid}) is gone; not starting" in orphan.stderr
+    supervised = subprocess.run(
+        [sys.executable, "-c", "import sys; from txmta.worker import _die_with_parent; "
+         "sys.exit(0 if _die_with_parent(int(sys.argv[1])) else 3)", str(os.getpid())],
+        env=env, capture_output=True, text=True, timeout=60)
+    assert supervised.returncode == 0, supervised.stderr
