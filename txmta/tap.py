@@ -188,7 +188,8 @@ class Master(service.Service):
             fds[first + i] = s.fileno()
         args = list(self.worker_command) + [
             "--index", str(index), "--workers", str(self.workers),
-            "--fds", ",".join(str(first + i) for i in range(len(self.sockets)))]
+            "--fds", ",".join(str(first + i) for i in range(len(self.sockets))),
+            "--master", str(os.getpid())]
         if self.cfg.path is not None:
             args += ["--config", self.cfg.path]
         channel = MasterChannel(index, self.fanout.relay, on_lost=self._channel_lost)

@@ -3,9 +3,10 @@
 A worker is the daemon minus listening and supervising: protocol, receiver, queue,
 dispatcher, pool, client and its own spool writer thread.  With `[server] workers = 1`
 `tap.py` builds one in the twistd process itself; with more, the master (tap.py) starts
-each as `python -m txmta.worker --config FILE --index K --workers N --fds FD,...` with the
-listening sockets it bound as inherited file descriptors (adopted here, not bound), its
-AMP channel as file descriptor 3, and its log lines on stdout for the master to re-log.
+each as `python -m txmta.worker --config FILE --index K --workers N --fds FD,... --master PID`
+with the listening sockets it bound as inherited file descriptors (adopted here, not bound),
+its AMP channel as file descriptor 3, and its log lines on stdout for the master to re-log.
+A worker whose master died before it asked for the parent-death signal does not start.
 
 Worker K of N owns the spool partitions `partition.owned(K, N)`: a replacement of a dead
 worker K owns the same ones and delivers their mail.  The per-destination and connection
@@ -660,18 +661,22 @@ def bind_to_cpu(cfg: C.Config, worker: int) -> int | None:
 
 # -- the worker process -----------------------------------------------------------------------
 
-def _die_with_parent() -> None:
-    """Linux: get SIGKILL when the master dies (a backstop for the channel's close)."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-    import signal
-    PR_SET_PDEATHSIG = 1
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
+def _die_with_parent(master: int | None = None) -> bool:
+    """Linux: get SIGKILL when the master dies (a backstop for the channel's close).  False
+    when the master (pid `master`) has died already: a worker spawned just before its
+    master's death asks for the signal too late to get it, and would start unsupervised,
+    accepting on the inherited sockets beside the next master's workers, until it noticed
+    the closed channel.  Asked first, checked after: a death in between sends the signal."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+        PR_SET_PDEATHSIG = 1
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+    return master is None or os.getppid() == master
 
 
 # What Twisted says of every port and channel a worker opens or closes: the master's startup
@@ -708,9 +713,10 @@ def _log_to_stdout() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m txmta.worker --config FILE --index K --workers N --fds FD,FD...`: run
-    worker K of N on the listening sockets FD... (one per [[listen]] table, in order),
-    talking to the master over file descriptor 3, until SIGTERM or until the master goes."""
+    """`python -m txmta.worker --config FILE --index K --workers N --fds FD,FD... --master PID`:
+    run worker K of N on the listening sockets FD... (one per [[listen]] table, in order),
+    talking to the master (PID) over file descriptor 3, until SIGTERM or until the master
+    goes."""
     import argparse
 
     from txmta.control.channel import CHANNEL_FD, WorkerChannel
@@ -720,8 +726,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--index", type=int, required=True)
     p.add_argument("--workers", type=int, required=True)
     p.add_argument("--fds", default="")
+    p.add_argument("--master", type=int, default=None, help="the master's pid")
     args = p.parse_args(argv)
-    _die_with_parent()
+    if not _die_with_parent(args.master):
+        sys.stderr.write(f"txmta: worker {args.index}: the master (pid {args.master}) is gone; "
+                         "not starting\n")
+        return 1
     _log_to_stdout()
     reactor = global_reactor()
     try:
