@@ -78,6 +78,15 @@ def test_divide_limits_divides_the_daemon_wide_limits_only() -> None:
     assert divide_limits(cfg, 1) is cfg
 
 
+def test_a_shaping_rules_connections_are_divided_unless_the_cluster_shares_them() -> None:
+    rule = "[[shaping]]\nname = \"p\"\nmx = [\".p.test\"]\nconnections = 5\nrate = \"60/m\"\n"
+    [alone] = divide_limits(load_text(rule), 2).shaping
+    assert (alone.connections, alone.rate) == (3, 0.5)
+    shared = load_text("[cluster]\nredis = \"redis://127.0.0.1:6399/0\"\n" + rule)
+    [together] = divide_limits(shared, 2).shaping
+    assert (together.connections, together.rate) == (5, 1.0)     # leases and units in Redis
+
+
 # -- [server] workers, user, group ---------------------------------------------------------------
 
 def test_workers_auto_is_the_core_count_and_integers_are_kept() -> None:

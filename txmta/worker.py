@@ -119,9 +119,10 @@ def build_tls_policy(cfg: C.Config, reactor: Any, resolver: Any, cache_store: An
 
 def build_delivery(cfg: C.Config, reactor: Any, queue: Queue,
                    cache_store: Any = None, metrics: Any = None,
-                   limiter: Any = None) -> DeliveryService:
+                   limiter: Any = None, leases: Any = None) -> DeliveryService:
     """`limiter`: where the [[shaping]] rates are drawn from (the cluster's shared one), or
-    None for this process's own."""
+    None for this process's own; `leases`: the cluster's connection leases for the
+    [[shaping]] rules' connections, or None for this process's own count."""
     from txmta.categories import Classifier
     from txmta.dispatch import Dispatcher
     from txmta.outbound.client import ClientSettings
@@ -174,7 +175,7 @@ def build_delivery(cfg: C.Config, reactor: Any, queue: Queue,
                           max_messages_per_connection=d.max_messages_per_connection,
                           idle_timeout=d.idle_timeout,
                           initial_per_destination=d.initial_per_destination, lanes=cfg.lanes,
-                          shaper=shaper)
+                          shaper=shaper, leases=leases)
     rules = Classifier(extra=cfg.bounce.rules)
     # where connections come from: the [[pool]] addresses, else [delivery] source_address
     sources = SourceSelector(reactor, cfg.pools, fallback=Source(d.source_address, helo))
@@ -433,9 +434,10 @@ def share(value: int, workers: int) -> int:
 def divide_limits(cfg: C.Config, workers: int) -> C.Config:
     """`cfg` with the limits that hold for the whole daemon divided among `workers`:
     [server] max_connections; [delivery] max_per_destination, initial_per_destination,
-    max_connections, max_inflight; each [[shaping]] rule's connections and rate (not the
-    rate with [cluster] redis: every worker of every node draws from one shared budget, and
-    while Redis is down the limiter itself gives each worker rate / (nodes x workers)).
+    max_connections, max_inflight; each [[shaping]] rule's connections and rate (not with
+    [cluster] redis: every worker of every node draws from one shared budget of units and
+    of connection leases, and while Redis is down the limiter and the leases themselves
+    give each worker 1 / (nodes x workers) of the limit).
 
     Not [server] max_connections_per_ip: each worker holds it for its own connections.  The
     kernel gives a new connection to whichever worker accepts first, so one client's
@@ -452,7 +454,8 @@ def divide_limits(cfg: C.Config, workers: int) -> C.Config:
         max_connections=share(d.max_connections, workers),
         max_inflight=share(d.max_inflight, workers))
     shaping = tuple(dataclasses.replace(
-        rule, connections=share(rule.connections, workers) if rule.connections else 0,
+        rule, connections=(rule.connections if cfg.cluster.redis or not rule.connections
+                           else share(rule.connections, workers)),
         rate=rule.rate if cfg.cluster.redis else rule.rate / workers) for rule in cfg.shaping)
     return dataclasses.replace(cfg, server=server, delivery=delivery, shaping=shaping)
 
@@ -560,7 +563,8 @@ def build(cfg: C.Config, reactor: Any, *, worker: int = 0, workers: int = 1,
         data_timeout=cfg.server.data_timeout, tls_available=tls is not None,
         auth_available=checker is not None)
     delivery = build_delivery(cfg, reactor, queue, spool, metrics,
-                              limiter=shared.rate_limiter if cfg.cluster.redis else None)
+                              limiter=shared.rate_limiter if cfg.cluster.redis else None,
+                              leases=shared.leases if cfg.cluster.redis else None)
     delivery.setServiceParent(top)
     parts: list[Any] = [tls] if tls is not None else []
     parts += [SigningReload(receiver, queue), TLSPolicyReload(delivery.tls_policy)]
