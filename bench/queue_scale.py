@@ -368,7 +368,7 @@ def timed(fn: Callable[[], Any], repeat: int) -> tuple[list[float], Any]:
     for _ in range(repeat):
         start = time.perf_counter()
         result = fn()
-        took.append(round(time.perf_counter() - start, 3))
+        took.append(round(time.perf_counter() - start, 5))
     return took, result
 
 
@@ -413,6 +413,9 @@ def main() -> None:
     p.add_argument("--domains", type=int, default=300, help="destination domains of the backlog")
     p.add_argument("--big", type=int, default=10_000, help=f"messages at {BIG}, the flushed one")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--flush-domain", default=BIG,
+                   help="the domain flushed (with --spool: big.example was flushed and "
+                        "delivered by the last run; d013.example holds ~11,000)")
     p.add_argument("--intake", type=int, default=5000, help="smtp-source messages per run")
     p.add_argument("--sessions", type=int, default=20)
     p.add_argument("--size", type=int, default=4096)
@@ -468,8 +471,8 @@ def main() -> None:
                 print(f"  intake {d.name}: {rate:.0f} msg/s", file=sys.stderr)
         result["intake"] = runs
 
-        first = big.cli("queue", "list", "--json", "--limit", "1").stdout
-        some_id = json.loads(first)[0]["id"]
+        first = json.loads(big.cli("queue", "list", "--json", "--limit", "2").stdout)
+        some_id = first[-1]["id"]       # not the first: that one is at big.example
         commands: dict[str, Any] = {}
         commands["txmta --version (start-up alone)"], _ = timed(
             lambda: subprocess.run([sys.executable, "-m", "txmta.cli", "--version"], env=env(),
@@ -479,13 +482,14 @@ def main() -> None:
         commands["queue show ID"], _ = timed(lambda: big.cli("queue", "show", some_id),
                                              args.repeat)
         commands["dashboard GET /"], size = timed(lambda: dashboard(big.http_port), args.repeat)
-        took, out = timed(lambda: big.cli("queue", "flush", "--domain", BIG, "--json"), 1)
-        commands[f"queue flush --domain {BIG}"] = took
+        result["in_process"] = in_process(big_spool, some_id, args.repeat)
+        took, out = timed(lambda: big.cli("queue", "flush", "--domain", args.flush_domain,
+                                          "--json"), 1)
+        commands[f"queue flush --domain {args.flush_domain}"] = took
         commands["flushed"] = json.loads(out.stdout)["count"]
         commands["empty: queue list --limit 100"], _ = timed(
             lambda: empty.cli("queue", "list", "--limit", "100"), args.repeat)
         result["commands"] = commands
-        result["in_process"] = in_process(big_spool, some_id, args.repeat)
         time.sleep(5)
         result["rss_after"] = {"big": big.memory(), "empty": empty.memory()}
         result["status_big"] = json.loads(big.cli("status", "--json").stdout)
@@ -533,8 +537,9 @@ def report(r: dict[str, Any]) -> None:
     for name, took in r["commands"].items():
         if name == "flushed":
             continue
-        rows.append((name, " / ".join(f"{t:.2f}" for t in took) + " s", "< 1 s",
-                     ok(max(took) < TARGETS["command_s"]) if not name.startswith("empty") else ""))
+        baseline = name.startswith(("empty", "txmta --version"))
+        rows.append((name, " / ".join(f"{t:.2f}" for t in took) + " s", "" if baseline else "< 1 s",
+                     "" if baseline else ok(max(took) < TARGETS["command_s"])))
     rows.append(("messages flushed", str(r["commands"]["flushed"]), "", ""))
     for name, took in r.get("in_process", {}).items():
         rows.append((f"in process: {name}", " / ".join(f"{t * 1000:.1f}" for t in took) + " ms",

@@ -358,7 +358,7 @@ def svg_panel(title: str, unit: str, xs: list[float], series: dict[str, list[Any
         y = pad_top + h - h * k / 4
         out.append(f'<line x1="{left}" x2="{left + w}" y1="{y:.1f}" y2="{y:.1f}" stroke="#eee"/>')
         out.append(f'<text x="{left - 4}" y="{y + 4:.1f}" font-size="10" text-anchor="end">'
-                   f'{ymax * k / 4:.3g}</text>')
+                   f'{ymax * k / 4:.4g}</text>')
     for k in range(6):
         x = left + w * k / 5
         out.append(f'<text x="{x:.1f}" y="{pad_top + h + 14}" font-size="10" '
