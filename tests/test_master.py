@@ -67,6 +67,54 @@ def test_the_shares_of_a_limit_cover_it_and_are_never_zero(value: int, workers: 
     assert (one - 1) * workers < value or one == 1
 
 
+class FakeLimits:
+    """resource.getrlimit/setrlimit for RLIMIT_NOFILE, with the kernel's refusals."""
+
+    def __init__(self, soft: int, hard: int, refuse: bool = False) -> None:
+        self.limits = (soft, hard)
+        self.refuse = refuse
+
+    def getrlimit(self, which: int) -> tuple[int, int]:
+        return self.limits
+
+    def setrlimit(self, which: int, limits: tuple[int, int]) -> None:
+        if self.refuse or limits[0] > limits[1]:
+            raise ValueError("not allowed")
+        self.limits = limits
+
+
+@pytest.mark.parametrize("soft,hard,refuse,after,warns", [
+    (1024, 65536, False, 65536, False),          # a shell's soft limit is lifted
+    (1024, 1024, False, 1024, True),             # the hard limit is short: said at start
+    (1024, 524288, True, 1024, True),            # the kernel refused: said at start
+    (65536, 65536, False, 65536, False),
+])
+def test_the_master_lifts_the_open_file_limit_and_warns_when_it_is_short(
+        monkeypatch: pytest.MonkeyPatch, soft: int, hard: int, refuse: bool, after: int,
+        warns: bool) -> None:
+    """The soft RLIMIT_NOFILE goes up to the hard one (the workers inherit it); a limit below
+    2 x [server] max_connections + [delivery] max_connections + 100 (each worker's share)
+    is a warning naming the keys."""
+    import resource
+
+    from txmta import tap
+    fake = FakeLimits(soft, hard, refuse)
+    monkeypatch.setattr(resource, "getrlimit", fake.getrlimit)
+    monkeypatch.setattr(resource, "setrlimit", fake.setrlimit)
+    cfg = load_text("[server]\nworkers = 1\nmax_connections = 1000\n")
+    warning = tap.raise_file_limit(cfg)
+    assert fake.limits == (after, hard)
+    assert (warning is not None) is warns
+    if warning:
+        assert f"open file limit {after} is below the 2600 descriptors" in warning
+        assert "[server] max_connections = 1000" in warning
+    two = load_text("[server]\nworkers = 2\nmax_connections = 1000\n")
+    fake.limits = (1350, 1350)
+    assert tap.raise_file_limit(two) is None     # a worker's share: 2 x 500 + 250 + 100
+    fake.limits = (1349, 1349)
+    assert tap.raise_file_limit(two) is not None
+
+
 def test_divide_limits_divides_the_daemon_wide_limits_only() -> None:
     """The per-client limit is each worker's: one client's connections do not spread evenly."""
     cfg = load_text("[server]\nmax_connections = 100\nmax_connections_per_ip = 9\n"

@@ -434,6 +434,55 @@ def test_data_timeout_aborts_the_message():
 
 # -- PIPELINING (RFC 2920) -----------------------------------------------------------------
 
+def test_a_client_that_does_not_read_its_replies_stops_being_read():
+    """While the transport's write buffer is full (it pauses the server's producer), the
+    server parses no more commands and stops reading; when the client catches up, the rest
+    is answered in order.  A client pipelining commands without reading cannot make the
+    server buffer replies without bound."""
+    h, c = relay_client()
+    gate = c.transport.producer
+    assert gate is not None and c.transport.streaming
+    gate.pauseProducing()                      # the client's receive window is full
+    assert c.transport.producerState == "paused"
+    assert c.send(b"NOOP\r\n" * 1000 + MAIL) == []
+    assert len(c.proto._buffer) == 6 * 1000 + len(MAIL)
+    gate.resumeProducing()                     # it read: parsing goes on, in order
+    assert c.transport.producerState == "producing"
+    assert c.replies() == ["250 2.0.0"] * 1000 + ["250 2.1.0"]
+
+
+def test_output_pause_and_a_pending_commit_release_input_only_together():
+    """Input resumes only when both the commit's reply and the client's reading allow."""
+    spool = DelayedSpool()
+    h = Harness(spool=spool)
+    c = h.connect(RELAY_IP)
+    c.ehlo()
+    assert c.send(MAIL + RCPT + b"DATA\r\nx\r\n.\r\nNOOP\r\n") == ["250 2.1.0", "250 2.1.5", "354"]
+    c.transport.producer.pauseProducing()
+    spool.commit()
+    assert c.replies() == ["250 2.0.0"]            # written (into the full buffer) ...
+    assert c.transport.producerState == "paused"   # ... but no more input yet
+    c.transport.producer.resumeProducing()
+    assert c.replies() == ["250 2.0.0"] and c.transport.producerState == "producing"
+
+
+def test_a_closed_session_whose_client_does_not_read_is_aborted():
+    """After 421 or QUIT the connection closes once its last replies are out; a client that
+    never reads them is aborted after command_time_limit instead of being kept."""
+    h, c = relay_client()
+    c.send(b"QUIT\r\n")
+    assert c.closed and c.transport.producer is None    # unregistered: TLS may close
+    h.clock.advance(h.policy.command_time_limit - 1)
+    assert not c.transport.disconnected
+    h.clock.advance(1)
+    assert c.transport.disconnected
+    h2, c2 = relay_client()
+    c2.send(b"QUIT\r\n")
+    c2.disconnect()                                   # gone in time: nothing more happens
+    h2.clock.advance(h2.policy.command_time_limit)
+    assert not c2.transport.disconnected
+
+
 def test_whole_pipelined_transaction_is_answered_in_order():
     """EHLO..QUIT in one packet get their replies in command order (RFC 2920 3.1)."""
     h = Harness()

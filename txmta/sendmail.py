@@ -597,7 +597,9 @@ def serve_stdio(cfg: Any, reactor: Any, inv: Invocation) -> Any:
                               max_recipients=cfg.server.max_recipients,
                               max_errors=cfg.server.max_errors,
                               command_timeout=cfg.server.command_timeout,
-                              data_timeout=cfg.server.data_timeout)
+                              data_timeout=cfg.server.data_timeout,
+                              command_time_limit=cfg.server.command_time_limit,
+                              data_time_limit=cfg.server.data_time_limit)
         factory = _StdioFactory(policy, LocalListener(), _Recording(submission), reactor,
                               suppression=submission.queue.suppression,
                               reject_suppressed=cfg.suppression.action == "reject",

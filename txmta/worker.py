@@ -125,7 +125,7 @@ def build_delivery(cfg: C.Config, reactor: Any, queue: Queue,
     [[shaping]] rules' connections, or None for this process's own count."""
     from txmta.categories import Classifier
     from txmta.dispatch import Dispatcher
-    from txmta.outbound.client import ClientSettings
+    from txmta.outbound.client import ClientSettings, session_timeouts
     from txmta.outbound.deliverer import Deliverer
     from txmta.outbound.dns import Resolver, parse_nameserver
     from txmta.outbound.ippool import Source, SourceSelector
@@ -156,13 +156,16 @@ def build_delivery(cfg: C.Config, reactor: Any, queue: Queue,
 
     tls_policy = build_tls_policy(cfg, reactor, resolver, cache_store)
 
+    timeouts = session_timeouts(d.command_timeout, d.data_init_timeout, d.data_xfer_timeout,
+                                d.data_done_timeout)
+
     def settings_for(key: Any) -> ClientSettings:
         if key.destination in relay_auth:
             auth, plaintext_auth = relay_auth[key.destination]
             base = ClientSettings(helo_name=key.helo, auth=auth,
-                                  allow_plaintext_auth=plaintext_auth)
+                                  allow_plaintext_auth=plaintext_auth, timeouts=timeouts)
         else:
-            base = ClientSettings(helo_name=key.helo)
+            base = ClientSettings(helo_name=key.helo, timeouts=timeouts)
         return tls_policy.client_settings(key.tls, key.mx, base, connect.plaintext(key))
 
     connect = MayFallback(reactor, Connector(reactor, settings_for, d.connect_timeout, metrics))
@@ -560,7 +563,8 @@ def build(cfg: C.Config, reactor: Any, *, worker: int = 0, workers: int = 1,
         hostname=cfg.server.hostname, relay_networks=tuple(cfg.relay.networks),
         max_message_size=cfg.spool.max_message_size, max_recipients=cfg.server.max_recipients,
         max_errors=cfg.server.max_errors, command_timeout=cfg.server.command_timeout,
-        data_timeout=cfg.server.data_timeout, tls_available=tls is not None,
+        data_timeout=cfg.server.data_timeout, command_time_limit=cfg.server.command_time_limit,
+        data_time_limit=cfg.server.data_time_limit, tls_available=tls is not None,
         auth_available=checker is not None)
     delivery = build_delivery(cfg, reactor, queue, spool, metrics,
                               limiter=shared.rate_limiter if cfg.cluster.redis else None,
@@ -592,7 +596,8 @@ def build(cfg: C.Config, reactor: Any, *, worker: int = 0, workers: int = 1,
                                    max_per_ip=cfg.server.max_connections_per_ip, counts=counts,
                                    suppression=queue.suppression,
                                    reject_suppressed=cfg.suppression.action == "reject",
-                                   metrics=metrics, note_auth_failure=maillog.auth_failed)
+                                   metrics=metrics, note_auth_failure=maillog.auth_failed,
+                                   note_timeout=maillog.timeout)
         listening(reactor, factory, lst, tls, inherited[i] if inherited is not None else None
                   ).setServiceParent(top)
     if cfg.http:
