@@ -687,7 +687,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def mailq(argv: Sequence[str] | None = None) -> int:
-    """`mailq [--json] [--lane L] [--config FILE]`: `txmta queue list`."""
+    """`mailq [--json] [--lane L] [--limit N] [--after ID] [--config FILE]`: `txmta queue
+    list`."""
     from txmta import cli
     return cli.main(["queue", "list", *(sys.argv[1:] if argv is None else argv)])
 

@@ -342,6 +342,22 @@ def read_retrying(env: Any, fn: Callable[[Any], Any]) -> Any:
     raise SpoolError("spool map kept changing size while reading")
 
 
+def _ids_after(txn: Any, dbs: dict[bytes, Any], after: bytes | None, limit: int) -> list[str]:
+    """Up to `limit` message ids above `after` (from the first when None), in order."""
+    ids: list[str] = []
+    with txn.cursor(db=dbs[b"messages"]) as cur:
+        found = cur.set_range(after) if after is not None else cur.first()
+        if not found:
+            return ids
+        for key in cur.iternext(keys=True, values=False):
+            if after is not None and key == after:
+                continue
+            if len(ids) >= limit:
+                break
+            ids.append(bytes(key).decode("ascii", "replace"))
+    return ids
+
+
 class LmdbView:
     """Read-only view of a spool for other processes, with short read transactions."""
 
@@ -394,13 +410,22 @@ class LmdbView:
                 return [k.decode("ascii") for k in cur.iternext(keys=True, values=False)]
         return self._read(fn)  # type: ignore[no-any-return]
 
-    def messages(self) -> Iterator[StoredMessage]:
-        """Every message, in id (arrival) order; a record that cannot be decoded is skipped."""
-        ids = self.ids()
-        for start in range(0, len(ids), 500):
-            chunk = ids[start:start + 500]
+    def messages(self, after: str | None = None, chunk: int = 500) -> Iterator[StoredMessage]:
+        """The messages with an id above `after` (every one when None), in id (arrival) order,
+        read `chunk` at a time in short transactions as the caller takes them: taking the first
+        page reads that page, not the queue (DESIGN invariant 6).  A record that cannot be
+        decoded is skipped."""
+        start = after.encode("ascii", "replace") if after is not None else None
+        while True:
+            ids = self._read(lambda txn: _ids_after(txn, self._db, start, chunk))
+            if not ids:
+                return
+            yield from self._read(lambda txn: load_messages(txn, self._db, ids))
+            start = ids[-1].encode("ascii")
 
-            yield from self._read(lambda txn, chunk=chunk: load_messages(txn, self._db, chunk))
+    def count(self) -> int:
+        """Messages in the queue, from the database's statistics (no walk)."""
+        return self._read(lambda txn: txn.stat(self._db[b"messages"])["entries"])  # type: ignore[no-any-return]
 
     def history(self, message_id: str) -> tuple[StoredMessage, float] | None:
         """A finished message with its final states and when it finished, if still kept."""
