@@ -73,6 +73,12 @@ def intake_reserve(max_map_size: int) -> int:
     that drain a full spool (delivery outcomes, bounces with their DSN, admin changes), which
     need free pages too (LMDB copies every page it changes).  1/16 of the map, at most 64 MiB."""
     return min(max_map_size // 16, 64 * 1024 * 1024)
+
+
+# How far past max_map_size a write without new mail may grow the map.  The map is address
+# space, not disk: the file grows with the pages used, and what draining writes is bounded
+# by the mail already accepted.
+DRAIN_GROWTH = 4
 log = Logger()
 
 
@@ -441,11 +447,11 @@ class LmdbSpool(HookDeliveries):
 
     def _grow(self, intake: bool = True) -> bool:
         """Double the map, up to max_map_size; a group without new mail (delivery outcomes,
-        bounces, admin changes) up to twice that: draining a full spool writes history,
-        events and DSNs before LMDB frees the pages of what left (`_check_intake_room` keeps
-        new mail out of the extra room)."""
+        bounces, admin changes) up to DRAIN_GROWTH times that: draining a full spool writes
+        history, events and DSNs before LMDB can reuse the pages of what left
+        (`_check_intake_room` keeps new mail out of the extra room)."""
         current = self._env.info()["map_size"]
-        limit = self._max_map_size if intake else 2 * self._max_map_size
+        limit = self._max_map_size if intake else DRAIN_GROWTH * self._max_map_size
         if current >= limit:
             return False
         new = min(current * 2, limit)
