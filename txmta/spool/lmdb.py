@@ -21,7 +21,10 @@ group commit: sessions that arrive during a commit share the next one), then fir
 callers' Deferreds in the reactor thread.  Read-only operations of a batch run first, in a
 read transaction, and are answered before the batch's commit: they see the last commit, not
 writes queued beside them, so a caller that needs its own write must wait for it first.  A full map is grown live between transactions,
-up to `max_map_size`; past that, or on a full disk, operations fail with `SpoolFull`.
+up to `max_map_size`; past that, or on a full disk, operations fail with `SpoolFull`.  New
+mail keeps out of a reserve of the map (`intake_reserve`), and writes without new mail may
+grow it past `max_map_size` (DRAIN_GROWTH): recording the delivery of a full spool needs
+pages too, so a full spool always drains.
 
 The layout (databases, keys, readers) and `LmdbView`, the read-only view other processes use
 while the daemon runs, are in view.py; `MemoryBody`, the body writer, in bodies.py.
