@@ -392,9 +392,6 @@ def test_full_map(tmp_path: Path, start_daemon: Callable[..., Daemon]) -> None:
         sink.stop()
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "known bug: the daemon sometimes dies of SIGBUS (exit -7) when LMDB commits keep failing "
-    "with short writes (EIO) on a full disk while bounces and their DSNs are recorded"))
 def test_bounces_while_the_disk_is_full(loopfs: LoopFs, start_daemon: Callable[..., Daemon]) -> None:
     """Mail for a recipient the relayhost refuses (550), accepted until the disk is full,
     then bounced while it is still full: a bounce commits with its DSN or not at all (the
