@@ -25,7 +25,7 @@ and the exposition merges the files of all processes:
   and `totals` works the same way);
 * each worker calls `setup_multiprocess(directory, worker)` before it creates `Metrics`;
   it allocates the disk blocks of the worker's value files (`preallocate`), so that a full
-  spool disk cannot kill the worker with SIGBUS when a new series is stored;
+  spool disk cannot kill the worker with SIGBUS when a new series is stored.
   The files are named after the worker's index, not its pid: a worker restarted by the
   master takes over the files of the one that died, so its counters go on from where they
   were (no counter goes back, no file is left behind per restart); the restarted worker
