@@ -17,6 +17,10 @@ each with a unique X-Torture-Token header, until the spool is full.  Every reply
   new mail is accepted again without a restart, and every message that got a 250 reaches
   the relayhost exactly as sent; none that got a 452 does.
 
+A third test bounces mail while the disk is full (the relayhost answers 550): a bounce is
+committed with its DSN or not at all, and once space returns every accepted message has
+exactly one DSN.
+
 The figures (250s, 452s, seconds until intake recovers, messages delivered) are printed: run
 with -s to see them.
 """
