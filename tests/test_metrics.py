@@ -490,8 +490,9 @@ def test_a_dead_worker_keeps_its_counts_and_loses_its_gauges(tmp_path: Any) -> N
                   listener="smtp-25", source="smtp") == 7
     assert sample(f, "txmta_connections_in_open", "txmta_connections_in_open",
                   listener="smtp-25") == 2
-    # counter, histogram, gauge_livesum, gauge_livemax for each worker: none more per restart
-    assert len(os.listdir(directory)) == 8
+    # the value files of each worker (metrics.VALUE_FILES, allocated at its start): none
+    # more per restart
+    assert len(os.listdir(directory)) == 2 * len(metrics.VALUE_FILES)
 
 
 def test_prepare_directory_forgets_the_last_run(tmp_path: Any) -> None:
@@ -642,3 +643,29 @@ def test_queue_sampler_survives_a_failed_read() -> None:
     clock.advance(10.0)
     assert len(reads.pending) == 3
     sampler.stop()
+
+
+def test_value_files_are_allocated_on_disk_at_start(tmp_path: Any) -> None:
+    """prometheus-client grows its mapped files as sparse files: a store into an unallocated
+    page on a full disk is SIGBUS.  setup_multiprocess allocates each value file's blocks
+    (PREALLOCATE), keeping what a predecessor counted, and prometheus-client takes the file
+    as its capacity."""
+    directory = metrics.prepare_directory(str(tmp_path / "metrics"))
+    run_worker(directory, 0, 3)
+    before = metrics.totals(directory)["received"]
+    assert before == 3
+    saved = os.environ.get(metrics.ENV), metrics.values.ValueClass
+    try:
+        metrics.setup_multiprocess(directory, 0)        # restarted: the files are kept
+    finally:
+        if saved[0] is None:
+            os.environ.pop(metrics.ENV, None)
+        else:
+            os.environ[metrics.ENV] = saved[0]
+        metrics.values.ValueClass = saved[1]
+    for prefix in metrics.VALUE_FILES:
+        st = os.stat(os.path.join(directory, f"{prefix}_0.db"))
+        assert st.st_size >= metrics.PREALLOCATE
+        assert st.st_blocks * 512 >= metrics.PREALLOCATE     # allocated, not a hole
+    assert metrics.totals(directory)["received"] == before
+

@@ -19,6 +19,13 @@ committed with the attempt's outcomes, in the same `record()`.  Outcomes are mad
 deliverer from classify's verdicts; the only ones made here, for our own bugs, are classified
 too (`internal_error`).  A message whose deadline has passed (`queue.past_deadline`, see
 deadline.py) is not tried: its due recipients are recorded as expired.
+
+When the spool cannot commit an attempt's outcomes (`SpoolError`: a full disk or map), nothing
+of the attempt is kept: its recipients stay as they were, still due, and a bounce owed stays
+owed (the DSN is committed with the failure or not at all).  The message is then left out of
+the scans for RECORD_RETRY seconds instead of being tried again at once, over and over.  A
+next hop that accepted it will get it again (DESIGN invariant 3: the duplicate window between
+its 250 and our commit).
 """
 # test: tests/test_dispatch.py
 
@@ -40,6 +47,7 @@ from txmta.message import SpoolError
 
 log = Logger()
 SCAN_COALESCE = 0.002   # seconds: wake-ups this close together share one scan
+RECORD_RETRY = 10.0     # seconds a message whose outcomes the spool refused waits
 
 
 def internal_error(text: str) -> O.Outcome:
@@ -105,6 +113,7 @@ class Dispatcher:
         self._group_of: dict[str, int] = {}  # message in flight -> its group
         self._busy = [0] * len(self.groups)  # messages in flight per group
         self.throttled: dict[str, tuple[float, Reply]] = {}
+        self.unrecorded: dict[str, float] = {}  # message whose outcomes were refused -> until
         self._timer: IDelayedCall | None = None
         self._timer_at: float | None = None
         self._scanning = False
@@ -178,12 +187,13 @@ class Dispatcher:
             while self._running and more:
                 self._again = False
                 now = self.clock.seconds()
+                skip = self._skipped(now)
                 # one read for every group with room, highest priority first
                 batches = [min(max(0, self.max_inflight - busy), 500) for busy in self._busy]
                 if not any(batches):
                     break       # every group is full: a finishing attempt wakes us
                 found = yield self.queue.due_groups(now, list(zip(self.groups, batches)),
-                                                    exclude=self.inflight)
+                                                    exclude=skip)
                 for g, messages in enumerate(found):
                     if not self._running:
                         break
@@ -195,9 +205,12 @@ class Dispatcher:
                            if self._busy[g] < self.max_inflight]
             if self._running and open_groups:
                 classes = frozenset().union(*open_groups)
-                nxt = yield self.queue.next_due(exclude=self.inflight, classes=classes)
+                nxt = yield self.queue.next_due(exclude=self._skipped(self.clock.seconds()),
+                                                classes=classes)
                 if nxt is not None:
                     self.wake(nxt)
+                if self.unrecorded:
+                    self.wake(min(self.unrecorded.values()))
         except Exception:
             if self._running:
                 log.failure("dispatch scan failed; retrying in 5 s")
@@ -206,6 +219,14 @@ class Dispatcher:
             self._scanning = False
         if self._again:
             self.wake()
+
+    def _skipped(self, now: float) -> set[str]:
+        """The messages a scan passes over: those in flight, and those whose outcomes the
+        spool refused less than RECORD_RETRY ago."""
+        for mid, until in list(self.unrecorded.items()):
+            if until <= now:
+                del self.unrecorded[mid]
+        return self.inflight | self.unrecorded.keys()
 
     # -- attempts ---------------------------------------------------------------------------
 
@@ -230,6 +251,11 @@ class Dispatcher:
         if not self._running and failure.check(SpoolError):
             log.info("{id}: outcome not recorded during shutdown ({e}); due again at start",
                      id=message_id, e=failure.getErrorMessage())
+            return
+        if failure.check(SpoolError):
+            self.unrecorded[message_id] = self.clock.seconds() + RECORD_RETRY
+            log.warn("{id}: outcome not recorded ({e}); tried again in {s:.0f} s",
+                     id=message_id, e=failure.getErrorMessage(), s=RECORD_RETRY)
             return
         log.failure("attempt for {id} failed", failure, id=message_id)
 

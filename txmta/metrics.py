@@ -23,7 +23,9 @@ and the exposition merges the files of all processes:
   (`prepare_directory`): the master at its start, or the daemon itself with `workers = 1`
   (no master: it is worker 0, in multiprocess mode all the same, so there is one code path
   and `totals` works the same way);
-* each worker calls `setup_multiprocess(directory, worker)` before it creates `Metrics`.
+* each worker calls `setup_multiprocess(directory, worker)` before it creates `Metrics`;
+  it allocates the disk blocks of the worker's value files (`preallocate`), so that a full
+  spool disk cannot kill the worker with SIGBUS when a new series is stored.
   The files are named after the worker's index, not its pid: a worker restarted by the
   master takes over the files of the one that died, so its counters go on from where they
   were (no counter goes back, no file is left behind per restart); the restarted worker
@@ -247,7 +249,32 @@ def setup_multiprocess(directory: str, worker: int) -> None:
     os.environ[ENV] = directory
     ident = _file_id(worker)
     worker_died(directory, worker)
+    preallocate(directory, ident)
     values.ValueClass = values.MultiProcessValue(lambda: ident)
+
+
+# The files prometheus-client writes for our series (type, and the gauges' modes), and the
+# room each gets on disk at start.  prometheus-client maps them and grows them as sparse
+# files: a store into a page the filesystem cannot then allocate (the spool's disk full)
+# kills the process with SIGBUS.  Blocks allocated at start make that impossible up to
+# this size (far more than the series of one process take).
+VALUE_FILES = ("counter", "histogram", "gauge_livesum", "gauge_livemax", "gauge_livemin")
+PREALLOCATE = 1024 * 1024
+
+
+def preallocate(directory: str, ident: str) -> None:
+    """Allocate the disk blocks of this process's value files (keeping what they hold):
+    prometheus-client takes a file's size as its capacity and zeros as "empty"."""
+    for prefix in VALUE_FILES:
+        path = os.path.join(directory, f"{prefix}_{ident}.db")
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, max(PREALLOCATE, os.fstat(fd).st_size))
+            finally:
+                os.close(fd)
+        except OSError as e:
+            log.warn("metrics: cannot allocate {path}: {e}", path=path, e=e)
 
 
 def worker_died(directory: str, worker: int) -> None:

@@ -3,6 +3,10 @@
 A body is kept in memory up to the spool's inline limit and spilled to a file under
 `bodies/` past it; the writer thread fsyncs the file (`sync`) and then the directory
 (`fsync_dir`) before the commit that references it (DESIGN "Spool").
+
+A write that fails (a full disk: ENOSPC, EDQUOT) is not raised to the session streaming the
+body: the writer keeps the error, removes its file, ignores the rest of the data, and the
+spool's put() then fails with it (SpoolFull: the client gets 452 4.3.1 after its final dot).
 """
 # test: tests/test_spool_contract.py, tests/test_spool_lmdb.py
 
@@ -29,6 +33,7 @@ class MemoryBody:
         self._limit = limit
         self.path = path
         self.file: Any = None
+        self.error: OSError | None = None  # the write that failed; put() refuses the body
 
     @property
     def size(self) -> int:
@@ -39,19 +44,23 @@ class MemoryBody:
         return self.file is not None
 
     def write(self, data: bytes) -> None:
-        if not data:
+        if not data or self.error is not None:
             return
         self._size += len(data)
-        if self.file is not None:
-            self.file.write(data)
-            return
-        self._chunks.append(data)
-        if self._size > self._limit:
-            # "x": never truncate (and later abort-unlink) the body file of a stored message
-            self.file = open(self.path, "xb")
-            for chunk in self._chunks:
-                self.file.write(chunk)
-            self._chunks = []
+        try:
+            if self.file is not None:
+                self.file.write(data)
+                return
+            self._chunks.append(data)
+            if self._size > self._limit:
+                # "x": never truncate (and later abort-unlink) the body file of a stored message
+                self.file = open(self.path, "xb")
+                for chunk in self._chunks:
+                    self.file.write(chunk)
+                self._chunks = []
+        except OSError as e:
+            self.error = e
+            self.abort()
 
     def value(self) -> bytes:
         return b"".join(self._chunks)
@@ -112,9 +121,12 @@ class MemoryBody:
 
     def abort(self) -> None:
         self._chunks = []
-        if self.file is not None:
+        file, self.file = self.file, None
+        if file is not None:
             try:
-                self.file.close()
+                file.close()
+            except OSError:
+                pass    # the buffered rest could not be written (a full disk): it goes anyway
             finally:
                 try:
                     os.unlink(self.path)

@@ -31,7 +31,9 @@ from txmta.message import CommitFailed, SpoolError, SpoolFormatError, SpoolFull 
 
 
 class BodyWriter(Protocol):
-    """Collects one message body.  `write()` never blocks on fsync; the spool syncs at put()."""
+    """Collects one message body.  `write()` never blocks on fsync; the spool syncs at put().
+    `write()` never raises either: a write that fails (a full disk) is kept, and put() then
+    fails with it (SpoolFull) and stores nothing."""
 
     @property
     def size(self) -> int: ...

@@ -21,7 +21,10 @@ group commit: sessions that arrive during a commit share the next one), then fir
 callers' Deferreds in the reactor thread.  Read-only operations of a batch run first, in a
 read transaction, and are answered before the batch's commit: they see the last commit, not
 writes queued beside them, so a caller that needs its own write must wait for it first.  A full map is grown live between transactions,
-up to `max_map_size`; past that, or on a full disk, operations fail with `SpoolFull`.
+up to `max_map_size`; past that, or on a full disk, operations fail with `SpoolFull`.  New
+mail keeps out of a reserve of the map (`intake_reserve`), and writes without new mail may
+grow it past `max_map_size` (DRAIN_GROWTH): recording the delivery of a full spool needs
+pages too, so a full spool always drains.
 
 The layout (databases, keys, readers) and `LmdbView`, the read-only view other processes use
 while the daemon runs, are in view.py; `MemoryBody`, the body writer, in bodies.py.
@@ -41,7 +44,7 @@ from dataclasses import replace
 from typing import Any, Callable, Collection, Iterable, Iterator, Sequence
 
 import lmdb
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -64,6 +67,22 @@ from txmta.spool.view import (DB_NAMES, FORMAT, MAX_READERS, domain_key, domain_
 from txmta.lanes import MAX_PRIORITY, due_class
 
 READER_CHECK = 60.0   # seconds between sweeps of the reader slots dead processes left
+# An I/O error of a commit counts as a full disk when less than this is left free: LMDB
+# reports a short write (the filesystem filled during it) as EIO
+NEARLY_FULL = 16 * 1024 * 1024
+
+
+def intake_reserve(max_map_size: int) -> int:
+    """The part of the map at `max_map_size` that new mail may not use: kept for the writes
+    that drain a full spool (delivery outcomes, bounces with their DSN, admin changes), which
+    need free pages too (LMDB copies every page it changes).  1/16 of the map, at most 64 MiB."""
+    return min(max_map_size // 16, 64 * 1024 * 1024)
+
+
+# How far past max_map_size a write without new mail may grow the map.  The map is address
+# space, not disk: the file grows with the pages used, and what draining writes is bounded
+# by the mail already accepted.
+DRAIN_GROWTH = 4
 log = Logger()
 
 
@@ -170,22 +189,37 @@ def _count_lane(txn: Any, meta: Any, lane: str, delta: int) -> None:
         txn.delete(key, db=meta)
 
 
-def _is_disk_full(e: BaseException) -> bool:
-    if isinstance(e, lmdb.MapFullError):
+def _is_disk_full(e: BaseException, path: str | None = None) -> bool:
+    """Whether `e` means the map or the disk is full; with `path` (the spool), an I/O error
+    too when the filesystem there is nearly full (LMDB's short write)."""
+    if isinstance(e, (lmdb.MapFullError, lmdb.DiskError)):
         return True
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
-    return "No space left" in str(e) or "MDB_MAP_FULL" in str(e)
+    if "No space left" in str(e) or "MDB_MAP_FULL" in str(e):
+        return True
+    io_error = (isinstance(e, OSError) and e.errno == errno.EIO) or \
+        (isinstance(e, lmdb.Error) and "Input/output error" in str(e))
+    if io_error and path is not None:
+        try:
+            st = os.statvfs(path)
+        except OSError:
+            return False
+        return st.f_bavail * st.f_frsize < NEARLY_FULL
+    return False
 
 
 class _Op:
-    __slots__ = ("fn", "deferred", "pre", "post", "on_fail", "result", "failure", "read")
+    __slots__ = ("fn", "deferred", "pre", "post", "on_fail", "result", "failure", "read",
+                 "intake")
 
     def __init__(self, fn: Callable[[Any], Any], pre: Callable[[], None] | None = None,
                  post: Callable[[], None] | None = None,
-                 on_fail: Callable[[], None] | None = None, read: bool = False) -> None:
+                 on_fail: Callable[[], None] | None = None, read: bool = False,
+                 intake: bool = False) -> None:
         self.fn = fn
         self.read = read      # read-only: answered from the last commit, without waiting for one
+        self.intake = intake  # new mail: may not grow the map past max_map_size
         self.pre = pre
         self.post = post
         self.on_fail = on_fail
@@ -207,6 +241,7 @@ class LmdbSpool(HookDeliveries):
         # told (on the writer thread) the duration and size of each commit: the metrics
         self.on_commit: Callable[[float, int], None] | None = None
         self._max_map_size = max(max_map_size, map_size)
+        self._reserve = intake_reserve(self._max_map_size)
         os.makedirs(self.bodies, exist_ok=True)
         self._env = lmdb.open(path, map_size=map_size, max_dbs=len(DB_NAMES) + 2, subdir=True,
                               sync=True, metasync=True, writemap=False, map_async=False,
@@ -214,6 +249,7 @@ class LmdbSpool(HookDeliveries):
         try:
             self._check_readers()
             self._db = {name: self._env.open_db(name) for name in DB_NAMES}
+            self._main = self._env.open_db(None)
             self._check_format()
             self._remove_orphan_bodies()
         except BaseException:
@@ -347,7 +383,8 @@ class LmdbSpool(HookDeliveries):
                     op.pre()
                     synced_dir = True
                 except BaseException as e:
-                    op.failure = SpoolFull(str(e)) if _is_disk_full(e) else CommitFailed(str(e))
+                    op.failure = SpoolFull(str(e)) if _is_disk_full(e, self.path) \
+                        else CommitFailed(str(e))
         if synced_dir:
             try:
                 fsync_dir(self.bodies)
@@ -370,7 +407,7 @@ class LmdbSpool(HookDeliveries):
                 groups.insert(0, group)
                 continue
             if isinstance(error, lmdb.MapFullError):
-                if self._grow():
+                if self._grow(any(op.intake for op in group)):
                     groups.insert(0, group)
                     continue
                 if len(group) > 1:  # find the operations that do fit, one by one
@@ -378,7 +415,7 @@ class LmdbSpool(HookDeliveries):
                     continue
                 group[0].failure = SpoolFull("spool map is full (spool.max_map_size reached)")
                 continue
-            full = _is_disk_full(error)
+            full = _is_disk_full(error, self.path)
             for op in group:
                 op.failure = SpoolFull(str(error)) if full else CommitFailed(repr(error))
         for op in batch:
@@ -418,11 +455,37 @@ class LmdbSpool(HookDeliveries):
             self.on_commit(time.perf_counter() - started, len(group))
         return None
 
-    def _grow(self) -> bool:
+    def _room(self, txn: Any) -> int:
+        """Bytes of the map at `max_map_size` that no database of `txn` uses.  An estimate:
+        pages freed by a transaction that a reader still sees count as free."""
+        used = 2    # the meta pages
+        for db in (self._main, *self._db.values()):
+            st = txn.stat(db)
+            used += st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]
+        return self._max_map_size - used * self._env.stat()["psize"]
+
+    def _check_intake_room(self, txn: Any) -> None:
+        """SpoolFull if new mail would eat into the reserve (`intake_reserve`): a spool full
+        of mail must keep room to record its delivery.  Cheap while the map's high-water
+        mark is far from `max_map_size`."""
+        info = self._env.info()
+        if (info["last_pgno"] + 1) * self._env.stat()["psize"] + 2 * self._reserve \
+                <= self._max_map_size:
+            return
+        if self._room(txn) < self._reserve:
+            raise SpoolFull(f"spool map is full (the last {self._reserve} bytes of "
+                            "spool.max_map_size are kept for delivery)")
+
+    def _grow(self, intake: bool = True) -> bool:
+        """Double the map, up to max_map_size; a group without new mail (delivery outcomes,
+        bounces, admin changes) up to DRAIN_GROWTH times that: draining a full spool writes
+        history, events and DSNs before LMDB can reuse the pages of what left
+        (`_check_intake_room` keeps new mail out of the extra room)."""
         current = self._env.info()["map_size"]
-        if current >= self._max_map_size:
+        limit = self._max_map_size if intake else DRAIN_GROWTH * self._max_map_size
+        if current >= limit:
             return False
-        new = min(current * 2, self._max_map_size)
+        new = min(current * 2, limit)
         try:
             self._env.set_mapsize(new)
         except lmdb.Error:
@@ -464,6 +527,9 @@ class LmdbSpool(HookDeliveries):
     def put(self, message: StoredMessage, body: MemoryBody,
             outbox: Sequence[OutboxEntry] = (), idempotency: Idempotency | None = None
             ) -> Deferred[None]:
+        if body.error is not None:  # its file could not be written: nothing was stored
+            e = body.error
+            return fail(SpoolFull(str(e)) if _is_disk_full(e) else CommitFailed(str(e)))
         in_file = body.in_file
         if in_file != message.body_in_file:
             message = replace(message, body_in_file=in_file)
@@ -487,8 +553,9 @@ class LmdbSpool(HookDeliveries):
             self._write_lookup(txn, message)
             if message.recipients and not message.unfinished:  # all ended at intake (suppressed)
                 self._finish(txn, message, message, message.arrival)
+            self._check_intake_room(txn)
 
-        return self._submit(_Op(fn, pre=body.sync if in_file else None,
+        return self._submit(_Op(fn, pre=body.sync if in_file else None, intake=True,
                                 on_fail=body.abort if in_file else None))
 
     def _load(self, txn: Any, message_id: str) -> StoredMessage | None:
