@@ -51,6 +51,19 @@ DEFAULT_LINE_LIMIT = 512
 MAX_LINE = 12288
 
 
+MAX_REPLY_TEXT = 512 - len("250-\r\n")    # RFC 5321 4.5.3.1.5: a reply line is 512 octets
+
+
+def _fit(before: str, echo: str, after: str) -> str:
+    """`before + echo + after`, the client's `echo` shortened (with "...") so that the
+    reply line stays within 512 octets."""
+    room = MAX_REPLY_TEXT - len((before + after).encode("utf-8"))
+    data = echo.encode("utf-8")
+    if len(data) > room:
+        echo = data[:max(room - 3, 0)].decode("utf-8", "ignore") + "..."
+    return before + echo + after
+
+
 class IIntake(TypingProtocol):
     def write(self, data: bytes) -> None: ...
     def finish(self) -> Deferred[Reply]: ...
@@ -315,7 +328,7 @@ class SMTPServer(Protocol, TimeoutMixin):
         self._bdat_used = False    # including a BDAT transaction between chunks
         self._bdat = None
         self._abort_intake()
-        greeting = f"{self.policy.hostname} Hello {name} [{self.session.client_ip}]"
+        greeting = _fit(f"{self.policy.hostname} Hello ", name, f" [{self.session.client_ip}]")
         if not esmtp:
             return Reply(250, "", greeting)
         return Reply(250, "", "\n".join([greeting] + self._ehlo_lines()))
