@@ -10,6 +10,9 @@ Each target is a hypothesis property over random and mutated input:
 * `data stream`: DATA and BDAT (inbound/data.py), cut anywhere, give what a
   whole-stream reading of RFC 5321 4.1.1.4 / 4.5.2 gives: the end, the dot-unstuffed
   content, the bare CR/LF verdict, the fixed content, the octet count, the bytes after;
+* `client` (outbound/client.py): any reply lines from a next hop give well-formed Reply
+  values or MalformedReply, nothing else; a body dot-stuffed in random chunks reads back
+  through our own DATA reader as the body with CRLF line ends;
 * `spool codec` (spool/codec.py): records round-trip; random or mutated bytes decode to a
   well-typed value or raise CorruptRecord, nothing else;
 * `dsn` (dsn.py): reports on random envelopes, replies and originals keep the wire form
@@ -45,13 +48,14 @@ from txmta.api.submission import InvalidRequest
 from txmta.dsn import ACTIONS, RecipientReport, build_report
 from txmta.inbound.data import BdatStream, DataStream, fix_bare, has_bare
 from txmta.inbound.grammar import GrammarError, MailCommand, RcptCommand, parse_mail, parse_rcpt, xtext_decode
+from txmta.outbound.client import DotStuffer, MalformedReply, ReplyParser
 from txmta.message import (NULL_ADDRESS, Address, Envelope, Event, Labels, MessageFacts, OutboxRecord,
                            Recipient, RecipientState, StoredMessage, Suppression)
 from txmta.reply import Reply
 from txmta.spool import codec
 from txmta.xtext import xtext_encode
 
-TARGETS = 12                        # the calls of `fuzz` below
+TARGETS = 14                        # the calls of `fuzz` below
 LONG_SECONDS = 600 / TARGETS        # make torture: ten minutes in all
 ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}\Z")
 
@@ -336,6 +340,52 @@ def test_fuzz_data_stream() -> None:
     fuzz("DATA stream", target_data, 300, stream=data_stream(), fix=st.booleans())
     fuzz("BDAT stream", target_bdat, 200,
          chunks=st.lists(st.one_of(PIECES, st.binary(max_size=20)), max_size=20), fix=st.booleans())
+
+
+# -- the SMTP client: replies from the next hop, dot-stuffing ---------------------------------
+
+REPLY_LINES = st.one_of(
+    st.binary(max_size=40),
+    st.builds(lambda code, sep, text: code + sep + text,
+              st.sampled_from([b"250", b"220", b"421", b"550", b"199", b"600", b"25", b"2500", b"abc"]),
+              st.sampled_from([b" ", b"-", b"", b"\t"]),
+              st.one_of(st.binary(max_size=30),
+                        st.sampled_from([b"2.0.0 ok", b"5.1.1 no", b"4.4.1", b"2.0.0", b"5.0.0x",
+                                         "\u00fc".encode(), b"\xff\xfe", b"9.9.9 x"]))))
+
+
+def target_replies(lines: list[bytes]) -> None:
+    parser = ReplyParser()
+    for raw in lines:
+        try:
+            reply = parser.line(raw)
+        except MalformedReply:
+            parser = ReplyParser()      # the client gives up on the session
+            continue
+        if reply is not None:
+            assert 200 <= reply.code <= 599
+            assert reply.enhanced == "" or (ENHANCED.match(reply.enhanced)
+                                            and reply.enhanced[0] == str(reply.code)[0]), reply
+
+
+def target_dot_stuffing(chunks: list[bytes]) -> None:
+    stuffer = DotStuffer()
+    wire = b"".join(stuffer.feed(c) for c in chunks) + stuffer.end()
+    body = re.sub(rb"\r\n|\r|\n", b"\r\n", b"".join(chunks))
+    if body and not body.endswith(b"\r\n"):
+        body += b"\r\n"
+    reader = DataStream()
+    content, rest = reader.feed(wire)
+    assert reader.done and not reader.bare and rest == b""
+    assert content == body
+
+
+def test_fuzz_client() -> None:
+    """Next-hop replies parse to well-formed values or MalformedReply; our dot-stuffing
+    reads back through our own DATA reader exactly."""
+    fuzz("client replies", target_replies, 300, lines=st.lists(REPLY_LINES, max_size=8))
+    fuzz("dot-stuffing", target_dot_stuffing, 300,
+         chunks=st.lists(st.one_of(PIECES, st.binary(max_size=20)), max_size=20))
 
 
 # -- the spool codec -----------------------------------------------------------------------
