@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import base64
 import functools
-import itertools
 import re
 import select
 import socket
 import ssl
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -49,7 +49,14 @@ DEFAULT_LIMIT = 512                  # RFC 5321 4.5.3.1.4, with CRLF
 LINE_LIMITS = {b"MAIL": 2048, b"RCPT": 2048, b"AUTH": 12288}
 MAX_REPLY_LINE = 512                 # RFC 5321 4.5.3.1.5, with CRLF
 ENHANCED = re.compile(rb"([245])\.\d{1,3}\.\d{1,3} ")
-_ids = itertools.count()
+
+
+def new_token() -> str:
+    """A Message-ID local part never used before, always as long (the draws that cut the
+    message depend on its length, and hypothesis wants them the same on a replay)."""
+    return uuid.uuid4().hex
+
+
 COUNTS = {"connections": 0, "replies": 0, "stored": 0, "refused": 0, "closed by errors": 0,
           "starttls": 0}
 
@@ -497,7 +504,7 @@ class SessionMachine(RuleBasedStateMachine):
         reply = self._exchange(lines, draw)
         if reply is None or reply.code != 354:
             return
-        token = f"fz{next(_ids)}x{time.time_ns()}"
+        token = new_token()
         head, content = draw(message_content(token))
         stuffed = dot_stuff(head + content)
         wire_data = stuffed + (b".\r\n" if stuffed.endswith(b"\r\n") or not stuffed else b"\r\n.\r\n")
@@ -569,7 +576,7 @@ class SessionMachine(RuleBasedStateMachine):
                  _valid_rcpt("bdat@example.org", [], b"\r\n")]
         if self._exchange(lines, draw) is None or not self.model.rcpts:
             return
-        token = f"fz{next(_ids)}x{time.time_ns()}"
+        token = new_token()
         head, content = draw(message_content(token))
         if not head and content and not content.endswith(b"\r\n"):
             # a message that ends inside the header section gets its last line ended
@@ -637,7 +644,7 @@ class SessionMachine(RuleBasedStateMachine):
         """The client goes away, perhaps in the middle of a message: nothing is stored."""
         assert self.wire is not None
         if self.ready(5) and data.draw(st.booleans()):
-            token = f"fz{next(_ids)}x{time.time_ns()}"
+            token = new_token()
             lines = [Line(b"RSET\r\n", lambda m: (250,)),
                      Line(b"EHLO hangup.test.invalid\r\n", lambda m: (250,)),
                      _valid_mail("sender@example.com", [], b"\r\n"),
