@@ -45,7 +45,7 @@ test: venv debs
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 test-unit: venv
-	$(PY) -m pytest -q -p no:cacheprovider tests --ignore=tests/integration
+	$(PY) -m pytest -q -p no:cacheprovider tests --ignore=tests/integration --ignore=tests/torture
 
 # The benchmark (bench/README.md: Postfix, txmta-w1 and txmta-w2, pinned to one CPU and on
 # all CPUs, 20 sessions x 5000 x 4 KB, with py-spy profiles), then the soak tests (pytest -m

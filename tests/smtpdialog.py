@@ -205,13 +205,18 @@ class Harness:
                                    checker=self.checker, tls_options=self.tls_options,
                                    max_connections=self.max_connections, max_per_ip=self.max_per_ip)
 
-    def connect(self, ip: str = REMOTE_IP, port: int = 5555, tls: bool = False) -> Client:
-        """A new connection from `ip`; with `tls`, as if TLS was already up (implicit TLS)."""
+    def connect(self, ip: str = REMOTE_IP, port: int = 5555, tls: bool = False,
+                handshake: bool = True) -> Client:
+        """A new connection from `ip`; with `tls`, as if TLS was already up (implicit TLS):
+        the handshake completes at once unless `handshake` is False."""
         addr = IPv6Address("TCP", ip, port) if ":" in ip else IPv4Address("TCP", ip, port)
         transport = TLSStringTransport(peerAddress=addr)
         if tls:
             transport.handle = FakeTLSHandle()
-        return Client(self, ip, transport)
+        client = Client(self, ip, transport)
+        if tls and handshake:
+            client.proto.handshakeCompleted()
+        return client
 
     def stored(self) -> list[tuple[StoredMessage, bytes]]:
         """What the spool holds, in arrival order."""

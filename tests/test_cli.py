@@ -349,6 +349,55 @@ def test_queue_list_empty_spool(empty_conf, capsys):
     assert json.loads(capsys.readouterr().out) == []
 
 
+@pytest.fixture
+def thirty_conf(tmp_path):
+    """A spool of 30 one-recipient messages, ids in arrival order."""
+    spool = LmdbSpool(str(tmp_path / "spool"), ImmediateReactor())
+    try:
+        for i in range(30):
+            env = Envelope(Address("app", "example.org"), (Recipient(Address(f"u{i}", "example.com")),))
+            put(spool, StoredMessage(f"0000AAAAAA{i:02d}bcdf", env, ARRIVAL + i, 100,
+                                     (RecipientState(QUEUED, 1, ARRIVAL + 900),),
+                                     {"address": "127.0.0.1"}), b"Subject: x\r\n\r\nx\r\n")
+    finally:
+        wait(spool.close())
+    f = tmp_path / "txmta.toml"
+    f.write_text(f'[spool]\npath = "{tmp_path / "spool"}"\n')
+    return str(f)
+
+
+def test_queue_list_limit_reads_one_page_and_after_continues(thirty_conf, capsys, monkeypatch):
+    """--limit N lists the first N messages and reads only those (and one more, to tell
+    that more are queued); the last line names the queue's size and the next page's
+    --after; --after ID starts after ID and the last page has no such line."""
+    from txmta.spool import view
+    loaded = []
+    real = view.load_message
+    monkeypatch.setattr(view, "load_message",
+                        lambda txn, dbs, mid: (loaded.append(mid), real(txn, dbs, mid))[1])
+    assert cli.main(["queue", "list", "--limit", "4", "--config", thirty_conf]) == 0
+    out = capsys.readouterr().out
+    shown = [line.split()[0] for line in out.splitlines() if line.startswith("0000")]
+    assert shown == [f"0000AAAAAA{i:02d}bcdf" for i in range(4)]
+    assert len(loaded) <= 5
+    assert out.splitlines()[-1] == "-- 30 messages in the queue; the next page: --after 0000AAAAAA03bcdf"
+    assert cli.main(["queue", "list", "--json", "--limit", "10", "--after", "0000AAAAAA25bcdf",
+                     "--config", thirty_conf]) == 0
+    assert [m["id"] for m in json.loads(capsys.readouterr().out)] == [
+        f"0000AAAAAA{i:02d}bcdf" for i in range(26, 30)]
+    assert cli.main(["queue", "list", "--limit", "4", "--after", "0000AAAAAA25bcdf",
+                     "--config", thirty_conf]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "-- 1 Kbytes in 4 Requests."
+    assert cli.main(["queue", "list", "--limit", "0", "--config", thirty_conf]) == 1
+    assert "--limit" in capsys.readouterr().err
+
+
+def test_queue_list_without_limit_still_lists_every_message(thirty_conf, capsys):
+    """The whole queue, read a chunk at a time, as before."""
+    assert cli.main(["queue", "list", "--json", "--config", thirty_conf]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == 30
+
+
 def test_queue_list_missing_spool_is_a_clear_error(tmp_path, capsys):
     """A spool directory that does not exist: a message naming it, exit 1, no traceback."""
     f = tmp_path / "txmta.toml"

@@ -13,14 +13,16 @@ import pytest
 from hypothesis import given, settings as hsettings, strategies as st
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
+from twisted.internet.testing import StringTransport
 from twisted.test import iosim
 
 from txmta import outcome as O
 from txmta.message import Address, Envelope, Recipient
 from txmta.outbound.client import (
-    CHUNK, CLEAN_REUSE, ClientSettings, DotStuffer, PeerCheck, ReplyParser, SessionFailureError,
+    CHUNK, CLEAN_REUSE, DEFAULT_TIMEOUTS, MAX_REPLY, MAX_REPLY_LINE, ClientSettings, DotStuffer,
+    PeerCheck, ReplyParser, SessionFailureError,
     SMTPClient,
-    TransactionResult, dot_stuff)
+    TransactionResult, dot_stuff, session_timeouts)
 from txmta.reply import Reply
 from tests.scripted_remote import (
     Delay, Drop, FakeTLSOptions, Pair, ScriptedRemote, Silent)
@@ -147,8 +149,7 @@ def test_reply_parser_table() -> None:
     assert parser.line(b"250 two") == Reply(250, "", "one\ntwo")
 
 
-@pytest.mark.parametrize("garbage", [b"hello there\r\n", b"250-a\r\n251 b\r\n", b"99 x\r\n",
-                                     b"x" * 70000])
+@pytest.mark.parametrize("garbage", [b"hello there\r\n", b"250-a\r\n251 b\r\n", b"99 x\r\n"])
 def test_malformed_reply_fails_with_451_4_5_0(garbage: bytes) -> None:
     p = start({"MAIL": garbage})
     result = send(p)
@@ -157,6 +158,76 @@ def test_malformed_reply_fails_with_451_4_5_0(garbage: bytes) -> None:
     assert (result.failure.reply.code, result.failure.reply.enhanced) == (451, "4.5.0")
     assert "malformed reply from mx.example.net [192.0.2.25]" in result.failure.reply.text
     assert not p.client.usable
+
+
+@pytest.mark.parametrize("reply,text", [
+    (b"250 " + b"x" * MAX_REPLY_LINE + b"\r\n",
+     f"reply line too long (over {MAX_REPLY_LINE} bytes)"),
+    (b"250 " + b"x" * (MAX_REPLY_LINE + 10), f"reply line too long (over {MAX_REPLY_LINE} bytes)"),
+    ((b"250-" + b"x" * 1000 + b"\r\n") * (MAX_REPLY // 1000 + 1) + b"250 end\r\n",
+     f"reply too long (over {MAX_REPLY} bytes)"),
+])
+def test_a_reply_past_the_limits_fails_with_451_4_5_0(reply: bytes, text: str) -> None:
+    """RFC 5321 4.5.3.1.5 gives a reply line 512 octets; a line past MAX_REPLY_LINE (ended
+    or not), or a reply whose lines add up past MAX_REPLY, is a broken peer: dropped."""
+    p = start({"MAIL": reply})
+    result = send(p)
+    assert result.failure is not None and result.failure.stage == O.MAIL
+    assert result.failure.reply == Reply(451, "4.5.0", f"{text} from mx.example.net [192.0.2.25]")
+    assert not p.client.usable
+    assert p.pump.clientIO.disconnecting
+
+
+@pytest.mark.parametrize("first,unit", [(b"250 ", b"x" * 4096),
+                                        (b"", (b"250-" + b"y" * 60 + b"\r\n") * 64)])
+def test_an_endless_reply_is_cut_at_a_bounded_size(first: bytes, unit: bytes) -> None:
+    """A peer that streams one reply line that never ends (or continuation lines that never
+    end) is cut off once it passes the bound: the client never holds more than about
+    MAX_REPLY_LINE + one read of it, and closes the connection."""
+    p = start({"MAIL": Silent()})
+    out: list[Any] = []
+    client = p.client
+    client.send(Envelope(SENDER, (rcpt("a"),)), (rcpt("a"),), BODY).addBoth(out.append)
+    p.flush()
+    # the remote says nothing to MAIL: its reply is the flood, fed straight to the client
+    assert out == []
+    fed = 0
+    held = 0
+    client.dataReceived(first)
+    while not out and fed < 10 * 1024 * 1024:
+        client.dataReceived(unit)
+        fed += len(unit)
+        held = max(held, len(client._buffer), sum(map(len, client._parser._lines)))
+    [result] = out
+    assert result.failure.reply.enhanced == "4.5.0"
+    assert "too long" in result.failure.reply.text
+    assert fed <= max(MAX_REPLY, MAX_REPLY_LINE) + len(unit)
+    assert held <= max(MAX_REPLY, MAX_REPLY_LINE) + len(unit)
+    assert not client.usable
+
+
+@given(st.lists(st.integers(0, 400), max_size=12))
+@hsettings(max_examples=200, deadline=None)
+def test_replies_read_the_same_however_the_bytes_are_split(cuts: list[int]) -> None:
+    """The greeting and a multi-line EHLO reply, cut into pieces anywhere (a CR and its LF
+    apart, one byte at a time...), give the same session as when they come whole."""
+    wire = (b"220 mx.example.net ESMTP\r\n"
+            b"250-mx.example.net hello\r\n250-PIPELINING\r\n250-SIZE 1000\n"
+            b"250-8BITMIME\r\n250 ENHANCEDSTATUSCODES\r\n")
+    client = SMTPClient(PLAIN, Clock(), "mx.example.net", "192.0.2.25")
+    transport = StringTransport()
+    client.makeConnection(transport)
+    ready: list[Any] = []
+    client.ready.addBoth(ready.append)
+    points = sorted({c % (len(wire) + 1) for c in cuts} | {0, len(wire)})
+    for a, b in zip(points, points[1:]):
+        client.dataReceived(wire[a:b])
+    assert ready == [None]
+    assert client.extensions == {"PIPELINING": "", "SIZE": "1000", "8BITMIME": "",
+                                 "ENHANCEDSTATUSCODES": ""}
+    assert transport.value() == b"EHLO client.example\r\n"
+    assert client.usable
+
 
 
 # -- transactions -------------------------------------------------------------------------
@@ -444,6 +515,55 @@ def test_reply_timeouts(key: str, stage: str, seconds: float) -> None:
     assert result.failure.reply.code == 451 and result.failure.reply.enhanced == "4.4.2"
     assert "timeout waiting for" in result.failure.reply.text
     assert not p.client.usable
+
+
+def test_session_timeouts_come_from_the_delivery_settings() -> None:
+    """`[delivery] command_timeout` covers the greeting to RCPT (RSET and QUIT keep their
+    shorter waits), the data timeouts DATA, the content's writes and the final reply."""
+    t = session_timeouts(7, 3, 5, 11)
+    assert t == {"greeting": 7, "ehlo": 7, "starttls": 7, "auth": 7, "mail": 7, "rcpt": 7,
+                 "data": 3, "block": 5, "dot": 11, "rset": 7, "quit": 7}
+    assert session_timeouts() == DEFAULT_TIMEOUTS
+    assert session_timeouts(600)["rset"] == DEFAULT_TIMEOUTS["rset"]
+    settings = ClientSettings("client.example", tls="none", timeouts=t)
+    p = start({"GREETING": Silent()}, settings=settings)
+    p.advance(6.9)
+    assert p.results == []
+    p.advance(0.1)
+    assert ready_failure(p).stage == O.GREETING
+    for key, stage, seconds in (("EHLO", O.EHLO, 7), ("DATA", O.DATA, 3), ("DOT", O.DOT, 11)):
+        p = start({key: Silent()}, settings=settings)
+        out: list[Any] = []
+        if stage == O.EHLO:
+            p.advance(seconds - 0.1)
+            assert p.results == []
+            p.advance(0.1)
+            assert ready_failure(p).stage == O.EHLO
+            continue
+        p.client.send(Envelope(SENDER, (rcpt("a"),)), (rcpt("a"),), BODY).addBoth(out.append)
+        p.flush()
+        p.advance(seconds - 0.1)
+        assert out == []
+        p.advance(0.1)
+        assert out[0].failure.stage == stage
+        assert out[0].failure.reply.text.startswith("timeout waiting for")
+
+
+def test_a_reply_that_trickles_in_gets_no_more_time() -> None:
+    """The timeout counts for the whole reply: a peer that sends a byte now and then, and
+    never the line end, is left when the timeout is up, as one that says nothing."""
+    p = start({"MAIL": Silent()})
+    out: list[Any] = []
+    p.client.send(Envelope(SENDER, (rcpt("a"),)), (rcpt("a"),), BODY).addBoth(out.append)
+    p.flush()
+    for byte in b"250 2.1.0 Ok":
+        p.client.dataReceived(bytes([byte]))
+        p.advance(20)
+    assert out == []
+    p.advance(300 - 20 * len(b"250 2.1.0 Ok"))
+    [result] = out
+    assert result.failure.stage == O.MAIL
+    assert result.failure.reply.text.startswith("timeout waiting for reply to MAIL")
 
 
 def test_a_slow_reply_within_the_timeout_is_fine() -> None:

@@ -73,6 +73,7 @@ def test_defaults_match_documented_values():
     assert c.server.hostname
     assert c.server.max_errors == 20
     assert c.server.command_timeout == 300.0
+    assert (c.server.command_time_limit, c.server.data_time_limit) == (60.0, 1200.0)
     assert c.spool.max_message_size == 35 * 1024 * 1024
     assert c.spool.map_size == 1 << 30 and c.spool.max_map_size == 64 << 30
     assert c.spool.inline_body_limit == 256 * 1024
@@ -81,6 +82,10 @@ def test_defaults_match_documented_values():
     assert c.relay.networks == (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
     assert c.tls == config.TLSConfig() and c.auth == config.AuthConfig()
     assert c.delivery.relayhost == "" and c.dns.nameservers == () and c.log == config.LogConfig()
+    # RFC 5321 4.5.3.2: 5 min per command, 2 min for DATA, 3 per block, 10 after the dot
+    d = c.delivery
+    assert (d.command_timeout, d.data_init_timeout, d.data_xfer_timeout,
+            d.data_done_timeout) == (300.0, 120.0, 180.0, 600.0)
 
 
 def test_dataclass_defaults_equal_loaded_defaults():
@@ -132,6 +137,8 @@ max_recipients = 5
 max_errors = 3
 command_timeout = "30s"
 data_timeout = "10m"
+command_time_limit = "2m"
+data_time_limit = "1h"
 [[listen]]
 address = "0.0.0.0:25"
 [[listen]]
@@ -163,7 +170,7 @@ nameservers = ["127.0.0.1", "127.0.0.1:5353", "[::1]:53"]
 maillog = "/var/log/txmta/mail.log"
 format = "json"
 """, "t.toml")
-    assert c.server == config.ServerConfig("mx.example.org", 10, 2, 5, 3, 30.0, 600.0)
+    assert c.server == config.ServerConfig("mx.example.org", 10, 2, 5, 3, 30.0, 600.0, 120.0, 3600.0)
     assert c.listen[0] == config.ListenConfig("0.0.0.0:25", "0.0.0.0", 25)
     assert c.listen[1] == config.ListenConfig("[::1]:465", "::1", 465, "implicit", "required", "fix")
     assert c.tls == config.TLSConfig(str(cert), str(key), None)

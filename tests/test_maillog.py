@@ -121,6 +121,20 @@ def test_a_failed_auth_names_the_client_and_the_user_and_nothing_a_client_can_fo
     assert lines[1].count(" ") == 5       # the stamp, "AUTH", "failed:", client, mechanism, user
 
 
+def test_a_session_closed_by_a_time_limit_gets_a_timeout_line():
+    """Which limit closed a session, after which command, from which client; inside a
+    message, how much of it came (and that it was not stored)."""
+    out, clock = io.StringIO(), Clock()
+    log = MailLog(FileSink(out, clock, "text"))
+    log.timeout("192.0.2.1", "EHLO", "command_time_limit", 60.0, None)
+    log.timeout("192.0.2.2", "DATA", "data_time_limit", 1200.0, 4096)
+    clock.advance(1)
+    lines = out.getvalue().splitlines()
+    assert lines[0].endswith(" timeout after EHLO: client=[192.0.2.1] command_time_limit=60s")
+    assert lines[1].endswith(" timeout after DATA: client=[192.0.2.2] data_time_limit=1200s "
+                             "octets=4096 (message not stored)")
+
+
 def test_a_postponed_recipient_gets_a_deferred_line_with_the_throttles_reply():
     """A recipient of a throttled destination, not tried: status=deferred, relay=none, the
     throttle's reply and when it is tried next."""

@@ -6,23 +6,31 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet import defer
-from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.error import ConnectionDone, ProcessDone, ProcessTerminated
+from twisted.protocols import amp
 from twisted.python.failure import Failure
+from twisted.logger import globalLogPublisher
+from twisted.test.iosim import connectedServerAndClient
 
 from txmta import partition as P
 from txmta.config import ConfigError, load_text
-from txmta.control.amp import Delete, Flush, Hold, Pickup, Release, Requeue, Status, SuppressionAdd
-from txmta.control.channel import (MAX_BATCH, FanOut, MirrorSuppressions, WorkerNotRunning,
-                                   decode_entry, mirror_batches)
+from txmta.control.amp import (Delete, Flush, Hold, InternalError, Pickup, Release, Requeue,
+                               Status, SuppressionAdd)
+from txmta.control.channel import (MAX_BATCH, FanOut, MasterChannel, MirrorSuppressions,
+                                   WorkerChannel, WorkerNotRunning, decode_entry, mirror_batches)
 from txmta.message import MessageIds, Suppression
 from txmta.tap import BACKOFF_MAX, Backoff, describe_exit
 from txmta.worker import divide_limits, share
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # -- restart backoff ---------------------------------------------------------------------------
@@ -67,6 +75,54 @@ def test_the_shares_of_a_limit_cover_it_and_are_never_zero(value: int, workers: 
     assert (one - 1) * workers < value or one == 1
 
 
+class FakeLimits:
+    """resource.getrlimit/setrlimit for RLIMIT_NOFILE, with the kernel's refusals."""
+
+    def __init__(self, soft: int, hard: int, refuse: bool = False) -> None:
+        self.limits = (soft, hard)
+        self.refuse = refuse
+
+    def getrlimit(self, which: int) -> tuple[int, int]:
+        return self.limits
+
+    def setrlimit(self, which: int, limits: tuple[int, int]) -> None:
+        if self.refuse or limits[0] > limits[1]:
+            raise ValueError("not allowed")
+        self.limits = limits
+
+
+@pytest.mark.parametrize("soft,hard,refuse,after,warns", [
+    (1024, 65536, False, 65536, False),          # a shell's soft limit is lifted
+    (1024, 1024, False, 1024, True),             # the hard limit is short: said at start
+    (1024, 524288, True, 1024, True),            # the kernel refused: said at start
+    (65536, 65536, False, 65536, False),
+])
+def test_the_master_lifts_the_open_file_limit_and_warns_when_it_is_short(
+        monkeypatch: pytest.MonkeyPatch, soft: int, hard: int, refuse: bool, after: int,
+        warns: bool) -> None:
+    """The soft RLIMIT_NOFILE goes up to the hard one (the workers inherit it); a limit below
+    2 x [server] max_connections + [delivery] max_connections + 100 (each worker's share)
+    is a warning naming the keys."""
+    import resource
+
+    from txmta import tap
+    fake = FakeLimits(soft, hard, refuse)
+    monkeypatch.setattr(resource, "getrlimit", fake.getrlimit)
+    monkeypatch.setattr(resource, "setrlimit", fake.setrlimit)
+    cfg = load_text("[server]\nworkers = 1\nmax_connections = 1000\n")
+    warning = tap.raise_file_limit(cfg)
+    assert fake.limits == (after, hard)
+    assert (warning is not None) is warns
+    if warning:
+        assert f"open file limit {after} is below the 2600 descriptors" in warning
+        assert "[server] max_connections = 1000" in warning
+    two = load_text("[server]\nworkers = 2\nmax_connections = 1000\n")
+    fake.limits = (1350, 1350)
+    assert tap.raise_file_limit(two) is None     # a worker's share: 2 x 500 + 250 + 100
+    fake.limits = (1349, 1349)
+    assert tap.raise_file_limit(two) is not None
+
+
 def test_divide_limits_divides_the_daemon_wide_limits_only() -> None:
     """The per-client limit is each worker's: one client's connections do not spread evenly."""
     cfg = load_text("[server]\nmax_connections = 100\nmax_connections_per_ip = 9\n"
@@ -76,6 +132,15 @@ def test_divide_limits_divides_the_daemon_wide_limits_only() -> None:
     assert (two.delivery.max_per_destination, two.delivery.max_connections) == (5, 4)
     assert two.server.max_recipients == cfg.server.max_recipients
     assert divide_limits(cfg, 1) is cfg
+
+
+def test_a_shaping_rules_connections_are_divided_unless_the_cluster_shares_them() -> None:
+    rule = "[[shaping]]\nname = \"p\"\nmx = [\".p.test\"]\nconnections = 5\nrate = \"60/m\"\n"
+    [alone] = divide_limits(load_text(rule), 2).shaping
+    assert (alone.connections, alone.rate) == (3, 0.5)
+    shared = load_text("[cluster]\nredis = \"redis://127.0.0.1:6399/0\"\n" + rule)
+    [together] = divide_limits(shared, 2).shaping
+    assert (together.connections, together.rate) == (5, 1.0)     # leases and units in Redis
 
 
 # -- [server] workers, user, group ---------------------------------------------------------------
@@ -290,3 +355,93 @@ def test_sigusr1_is_passed_to_every_running_worker_by_number() -> None:
     master.processes = [running, None, gone]
     master.reopen()
     assert running.got == [sig.SIGUSR1]
+
+
+class DeadWorker(FakeWorker):
+    """The channel of a worker that just died: every request fails as the channel closes."""
+
+    def callRemote(self, command: type, **kw: Any) -> defer.Deferred[Any]:
+        self.calls.append((command, kw))
+        return defer.fail(ConnectionDone("the worker died"))
+
+
+def test_a_relay_past_a_dead_worker_tells_the_others_and_does_not_fail() -> None:
+    """Worker 1 died a moment ago (its channel not yet cleared): worker 0's change still
+    reaches worker 2, and the relay answers worker 0 without an error (an error answer used
+    to make AMP close worker 0's channel, and a worker whose channel closes stops)."""
+    workers, _ = fleet(3)
+    dead = DeadWorker(1, set())
+    fan = FanOut([workers[0], dead, workers[2]])
+    entry = Suppression("a@example.org", "invalid-recipient", 1.0, 2.0, "")
+    assert result(fan.relay(0, [entry], [])) is None
+    assert [c for c, _ in dead.calls] == [MirrorSuppressions]
+    (command, kw), = workers[2].calls
+    assert [decode_entry(v) for v in json.loads(kw["added"])] == [entry]
+
+
+def ask(server: amp.AMP, command: type[amp.Command], **kw: Any) -> tuple[Any, list[Any]]:
+    """`command` from an AMP peer connected to `server` in memory: the result (a Failure
+    for an error answer) and what was logged meanwhile."""
+    client, _, pump = connectedServerAndClient(lambda: server, amp.AMP)
+    logged: list[Any] = []
+    globalLogPublisher.addObserver(logged.append)
+    try:
+        box: list[Any] = []
+        client.callRemote(command, **kw).addBoth(box.append)
+        pump.flush()
+    finally:
+        globalLogPublisher.removeObserver(logged.append)
+    return box[0], logged
+
+
+def test_a_failing_relay_is_answered_as_internal_and_the_channel_stays_open() -> None:
+    """Whatever goes wrong in the master's relay, the worker gets the declared INTERNAL error
+    over a channel that stays open, not AMP's "Unknown Error" and a closed channel."""
+    lost: list[Any] = []
+    channel = MasterChannel(1, lambda *a: defer.fail(RuntimeError("a bug")),
+                            on_lost=lost.append)
+    answer, logged = ask(channel, MirrorSuppressions, added="[]", removed="[]")
+    assert isinstance(answer, Failure) and answer.check(InternalError), answer
+    assert "RuntimeError: a bug" in str(answer.value)
+    assert not lost and not channel.transport.disconnecting
+    assert any(e.get("log_failure") is not None for e in logged)
+
+
+def test_a_failing_mirror_update_is_answered_as_internal_and_the_worker_keeps_its_channel() -> None:
+    """The worker's end: a mirror that raises is an INTERNAL answer; the channel stays and
+    the worker does not stop."""
+    stopped: list[bool] = []
+    worker = WorkerChannel(on_lost=lambda: stopped.append(True))
+
+    class Broken:
+        def add(self, entry: Any) -> None:
+            raise RuntimeError("a bug")
+
+    worker.mirror = Broken()
+    entry = Suppression("a@example.org", "manual", 1.0, 2.0, "")
+    answer, logged = ask(worker, MirrorSuppressions, **next(mirror_batches([entry], [])))
+    assert isinstance(answer, Failure) and answer.check(InternalError), answer
+    assert not stopped and not worker.transport.disconnecting
+    assert any(e.get("log_failure") is not None for e in logged)
+
+
+# -- a worker outlives no master -------------------------------------------------------------------
+
+def test_a_worker_whose_master_died_before_it_started_does_not_start() -> None:
+    """A worker spawned just before its master's death asks for the parent-death signal too
+    late to get it: it sees that its parent is no longer the master it was given and exits
+    at once, instead of accepting on the inherited sockets beside the next master's
+    workers.  Under a live master it goes on."""
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    orphan = subprocess.run([sys.executable, "-m", "txmta.worker", "--index", "1", "--workers",
+                             "2", "--master", str(dead.pid)], env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert orphan.returncode == 1, orphan.stderr
+    assert f"the master (pid {dead.pid}) is gone; not starting" in orphan.stderr
+    supervised = subprocess.run(
+        [sys.executable, "-c", "import sys; from txmta.worker import _die_with_parent; "
+         "sys.exit(0 if _die_with_parent(int(sys.argv[1])) else 3)", str(os.getpid())],
+        env=env, capture_output=True, text=True, timeout=60)
+    assert supervised.returncode == 0, supervised.stderr

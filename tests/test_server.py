@@ -455,6 +455,55 @@ def test_data_timeout_aborts_the_message():
 
 # -- PIPELINING (RFC 2920) -----------------------------------------------------------------
 
+def test_a_client_that_does_not_read_its_replies_stops_being_read():
+    """While the transport's write buffer is full (it pauses the server's producer), the
+    server parses no more commands and stops reading; when the client catches up, the rest
+    is answered in order.  A client pipelining commands without reading cannot make the
+    server buffer replies without bound."""
+    h, c = relay_client(with_policy(junk_command_limit=0))     # 1,000 NOOPs: not junk here
+    gate = c.transport.producer
+    assert gate is not None and c.transport.streaming
+    gate.pauseProducing()                      # the client's receive window is full
+    assert c.transport.producerState == "paused"
+    assert c.send(b"NOOP\r\n" * 1000 + MAIL) == []
+    assert len(c.proto._buffer) == 6 * 1000 + len(MAIL)
+    gate.resumeProducing()                     # it read: parsing goes on, in order
+    assert c.transport.producerState == "producing"
+    assert c.replies() == ["250 2.0.0"] * 1000 + ["250 2.1.0"]
+
+
+def test_output_pause_and_a_pending_commit_release_input_only_together():
+    """Input resumes only when both the commit's reply and the client's reading allow."""
+    spool = DelayedSpool()
+    h = Harness(spool=spool)
+    c = h.connect(RELAY_IP)
+    c.ehlo()
+    assert c.send(MAIL + RCPT + b"DATA\r\nx\r\n.\r\nNOOP\r\n") == ["250 2.1.0", "250 2.1.5", "354"]
+    c.transport.producer.pauseProducing()
+    spool.commit()
+    assert c.replies() == ["250 2.0.0"]            # written (into the full buffer) ...
+    assert c.transport.producerState == "paused"   # ... but no more input yet
+    c.transport.producer.resumeProducing()
+    assert c.replies() == ["250 2.0.0"] and c.transport.producerState == "producing"
+
+
+def test_a_closed_session_whose_client_does_not_read_is_aborted():
+    """After 421 or QUIT the connection closes once its last replies are out; a client that
+    never reads them is aborted after command_time_limit instead of being kept."""
+    h, c = relay_client()
+    c.send(b"QUIT\r\n")
+    assert c.closed and c.transport.producer is None    # unregistered: TLS may close
+    h.clock.advance(h.policy.command_time_limit - 1)
+    assert not c.transport.disconnected
+    h.clock.advance(1)
+    assert c.transport.disconnected
+    h2, c2 = relay_client()
+    c2.send(b"QUIT\r\n")
+    c2.disconnect()                                   # gone in time: nothing more happens
+    h2.clock.advance(h2.policy.command_time_limit)
+    assert not c2.transport.disconnected
+
+
 def test_whole_pipelined_transaction_is_answered_in_order():
     """EHLO..QUIT in one packet get their replies in command order (RFC 2920 3.1)."""
     h = Harness()
@@ -737,3 +786,32 @@ def test_ipv4_mapped_client_counts_as_its_ipv4_address():
     h = Harness(max_per_ip=1)
     assert h.connect("192.0.2.7").greeting == ["220"]
     assert h.connect("::ffff:192.0.2.7").greeting == ["421 4.7.0"]
+
+
+def test_junk_commands_past_the_limit_count_as_errors():
+    """NOOP/VRFY/RSET/HELP are answered as usual, but past junk_command_limit each one is an
+    error, so a client that only keeps the line open is disconnected at max_errors."""
+    h = with_policy(max_errors=3, junk_command_limit=4)
+    c = h.connect()
+    assert c.send(b"NOOP\r\nRSET\r\nVRFY x\r\nHELP\r\n") == ["250 2.0.0", "250 2.0.0", "252 2.5.0",
+                                                            "214 2.0.0"]
+    assert not c.closed
+    assert c.send(b"NOOP\r\nNOOP\r\n") == ["250 2.0.0", "250 2.0.0"]
+    assert c.send(b"NOOP\r\n") == ["250 2.0.0", "421 4.7.0"]      # the third error
+    assert c.closed
+
+
+def test_junk_limit_zero_means_none():
+    h = with_policy(max_errors=2, junk_command_limit=0)
+    c = h.connect()
+    assert c.send(b"NOOP\r\n" * 50) == ["250 2.0.0"] * 50
+    assert not c.closed
+
+
+@pytest.mark.parametrize("request_line", [b"GET / HTTP/1.1", b"POST /email HTTP/1.1",
+                                          b"CONNECT mx.example:25 HTTP/1.0", b"get / HTTP/1.0"])
+def test_an_http_request_is_answered_once_and_disconnected(request_line):
+    h = with_policy()
+    c = h.connect()
+    assert c.send(request_line + b"\r\nHost: x\r\n\r\n") == ["221 2.7.0"]
+    assert c.closed

@@ -191,3 +191,103 @@ def test_messages_per_connection_and_the_rate_wait_before_a_connection():
     c.finish()
     assert all(o and o[0].final is not None for o in outs)
     assert c.sent == ["m0", "m1", "m2"] and c.quits == 1     # 3 messages, then closed
+
+
+# -- [cluster]: a provider's connections as leases shared by every node ---------------------
+
+class Leases:
+    """`ConnectionLeases` shared by the pools of two "nodes" (LocalConnectionLeases' counting),
+    recording what was asked; `hold` keeps the answers pending to test a slow Redis."""
+
+    def __init__(self) -> None:
+        from txmta.limits import LocalConnectionLeases
+        self.shared = LocalConnectionLeases()
+        self.asked: list[tuple[str, int]] = []
+        self.released: list[str] = []
+
+    def acquire(self, key: str, limit: int):
+        self.asked.append((key, limit))
+        return self.shared.acquire(key, limit)
+
+    def release(self, key: str) -> None:
+        self.released.append(key)
+        self.shared.release(key)
+
+
+def leased_pool(leases: Leases, clock: Clock, rule: Rule = replace(GOOGLE, rate=0.0)
+                ) -> tuple[ConnectionPool, Connector]:
+    connector = Connector()
+    return ConnectionPool(clock, connector, per_destination=20, initial_per_destination=20,
+                          shaper=Shaper([rule], clock.seconds), leases=leases,
+                          lease_retry=1.0), connector
+
+
+def test_two_nodes_together_open_at_most_the_rules_connections():
+    clock, leases = Clock(), Leases()
+    (a, ca), (b, cb) = leased_pool(leases, clock), leased_pool(leases, clock)
+    outs = [start(a, G1, f"a{i}") for i in range(3)] + [start(b, G2, f"b{i}") for i in range(3)]
+    # each node's own count allows 4, but the rule's 4 are for both nodes together
+    assert len(ca.pending) + len(cb.pending) == 4
+    assert leases.shared.held == {"google": 4}
+    assert all(limit == 4 for _, limit in leases.asked)
+    opened = [ca.open() for _ in range(len(ca.pending))] + [cb.open() for _ in range(len(cb.pending))]
+    assert len(opened) == 4
+    for c in opened:            # each sends one message and goes idle; then QUIT on timeout
+        c.finish()
+    for _ in range(3):          # the refused ones ask again each second: the idle
+        clock.advance(1.0)      # connections are reused, and no fifth one is opened
+        for c in opened:
+            while c.pending:
+                c.finish()
+        assert ca.pending == [] and cb.pending == []
+    assert all(o and o[0].final is not None for o in outs)
+    assert len(ca.clients) + len(cb.clients) == 4
+    clock.advance(60)           # idle timeout: every connection closed, every lease returned
+    assert leases.shared.held == {} and sorted(leases.released) == ["google"] * 4
+
+
+def test_a_refused_lease_frees_the_slot_and_is_asked_again():
+    clock, leases = Clock(), Leases()
+    leases.shared.held["google"] = 4                 # another node holds all four
+    pool, connector = leased_pool(leases, clock)
+    out = start(pool, G1, "m")
+    assert connector.pending == [] and out == []
+    assert pool.provider_connections("google") == 0 and pool.active("gmail.com") == 0
+    clock.advance(1.0)
+    assert connector.pending == [] and len(leases.asked) == 2
+    leases.shared.release("google")                  # the other node closes one
+    clock.advance(1.0)
+    assert len(connector.pending) == 1
+    c = connector.open()
+    c.finish()
+    assert out and out[0].final is not None and c.sent == ["m"]
+
+
+def test_a_failed_connection_returns_its_lease():
+    clock, leases = Clock(), Leases()
+    pool, connector = leased_pool(leases, clock)
+    out = start(pool, G1, "m")
+    connector.fail(ConnectionRefusedError("refused"))
+    assert out and out[0].failure is not None
+    assert leases.shared.held == {} and leases.released == ["google"]
+
+
+def test_no_lease_for_a_rule_without_a_connection_limit_or_another_provider():
+    clock, leases = Clock(), Leases()
+    pool, connector = leased_pool(leases, clock, rule=replace(GOOGLE, rate=0.0, connections=0))
+    start(pool, G1, "m")
+    start(pool, A, "other")
+    assert len(connector.pending) == 2 and leases.asked == []
+
+
+def test_closing_while_waiting_for_a_lease_ends_the_transaction():
+    clock, leases = Clock(), Leases()
+    leases.shared.held["google"] = 4
+    pool, connector = leased_pool(leases, clock)
+    out = start(pool, G1, "m")
+    closed = []
+    pool.close().addCallback(closed.append)
+    clock.advance(1.0)
+    assert out and out[0].failure is not None and out[0].failure.reply.code == 451
+    assert closed == [None] and connector.pending == []
+    assert leases.shared.held == {"google": 4}       # nothing taken, nothing given back

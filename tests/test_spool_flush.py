@@ -118,7 +118,7 @@ def test_a_format_2_spool_gets_its_domains_index_when_opened(open_lmdb, tmp_path
     wait(spool.close())
     env = lmdb.open(str(path), max_dbs=20, readonly=True)
     with env.begin() as txn:
-        assert txn.get(b"format", db=env.open_db(b"meta", txn=txn)) == b"5"      # 2 -> ... -> 5
+        assert txn.get(b"format", db=env.open_db(b"meta", txn=txn)) == b"6"      # 2 -> ... -> 6
     env.close()
     view = LmdbView(str(path))
     assert view.get(mixed.id).recipients[0].next_attempt == 5.0

@@ -135,7 +135,7 @@ def test_a_format_4_spool_gets_its_idempotency_time_index_when_opened(open_lmdb,
     assert wait(spool.idempotent_get(b"old", 0)) is None
     assert wait(spool.idempotent_get(b"new", 0)) == b"n"
     with spool._env.begin() as txn:
-        assert txn.get(b"format", db=spool._db[b"meta"]) == b"5"
+        assert txn.get(b"format", db=spool._db[b"meta"]) == b"6"
 
 
 def test_the_queue_trims_in_batches_until_none_is_left(wait):

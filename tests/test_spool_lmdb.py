@@ -319,3 +319,78 @@ def test_a_finished_message_moves_to_history_with_its_timeline_dsn_and_suppressi
     assert view.history(m.id) is None and view.events(m.id) == []
     assert view.find_by_header_id("<abc@example.com>") is None
     view.close()
+
+
+# -- messages by lane ----------------------------------------------------------------------------
+
+def lane_counts(spool, wait):
+    return {lane: n for lane, (n, _) in wait(spool.stats()).items()}
+
+
+def test_stats_count_messages_by_lane_as_they_come_and_go(open_lmdb, wait, make_message):
+    """Counted with each put (DSNs and mail suppressed at intake too) and each removal,
+    so a sample never walks the queue."""
+    from dataclasses import replace as dc_replace
+
+    from txmta.message import Change
+    spool = open_lmdb()
+    ms = [dc_replace(make_message(), lane=lane) for lane in ("bulk", "transactional", "bulk", "")]
+    for m in ms:
+        put(spool, wait, m)
+    assert lane_counts(spool, wait) == {"bulk": 2, "transactional": 1, "": 1}
+    wait(spool.remove(ms[0].id))
+    wait(spool.remove(ms[0].id))                     # gone already: counted once
+    assert lane_counts(spool, wait) == {"bulk": 1, "transactional": 1, "": 1}
+
+    def delivered(old):
+        return Change(dc_replace(old, recipients=tuple(
+            dc_replace(r, state="delivered") for r in old.recipients)), finished_at=2000.0)
+    wait(spool.modify(ms[1].id, delivered))
+    assert lane_counts(spool, wait) == {"bulk": 1, "": 1}
+    done = dc_replace(make_message(), lane="bulk",
+                      recipients=(RecipientState("suppressed", 0, 0.0),))
+    put(spool, wait, done)                          # ended at intake: in and out at once
+    assert lane_counts(spool, wait) == {"bulk": 1, "": 1}
+    for m in (ms[2], ms[3]):
+        wait(spool.remove(m.id))
+    assert wait(spool.stats()) == {}
+
+
+def test_each_lanes_oldest_is_found_from_the_oldest_message_on(open_lmdb, wait, make_message):
+    from dataclasses import replace as dc_replace
+
+    from txmta.message import message_id_time
+    from txmta.spool.view import lane_stats
+    spool = open_lmdb()
+    ms = [dc_replace(make_message(), lane=lane) for lane in ("bulk", "bulk", "transactional")]
+    for m in ms:
+        put(spool, wait, m)
+    now = message_id_time(ms[-1].id) + 100.0
+    with spool._env.begin() as txn:
+        full = lane_stats(txn, spool._db, now)
+        short = lane_stats(txn, spool._db, now, walk=1)
+    assert full == {"bulk": (2, now - message_id_time(ms[0].id)),
+                    "transactional": (1, now - message_id_time(ms[2].id))}
+    # read one message only: the other lane's oldest is younger than it, said as its age
+    assert short == {"bulk": (2, now - message_id_time(ms[0].id)),
+                     "transactional": (1, now - message_id_time(ms[0].id))}
+
+
+def test_a_format_5_spool_gets_its_lanes_counted(open_lmdb, wait, make_message, tmp_path):
+    from dataclasses import replace as dc_replace
+    path = tmp_path / "format5"
+    spool = open_lmdb(path)
+    for lane in ("bulk", "bulk", "", "transactional"):
+        put(spool, wait, dc_replace(make_message(), lane=lane))
+    wait(spool.close())
+    env = lmdb.open(str(path), max_dbs=30)          # as format 5 left it: no counts
+    with env.begin(write=True) as txn:
+        meta = env.open_db(b"meta", txn=txn)
+        for key in [bytes(k) for k, _ in txn.cursor(db=meta) if bytes(k).startswith(b"lane:")]:
+            txn.delete(key, db=meta)
+        txn.put(b"format", b"5", db=meta)
+    env.close()
+    spool = open_lmdb(path)
+    assert lane_counts(spool, wait) == {"bulk": 2, "": 1, "transactional": 1}
+    with spool._env.begin() as txn:
+        assert txn.get(b"format", db=spool._db[b"meta"]) == b"6"

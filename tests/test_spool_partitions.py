@@ -116,7 +116,7 @@ def test_a_format_1_spool_is_migrated_and_its_mail_stays_due(open_lmdb: Any, tmp
     env = lmdb.open(str(path), max_dbs=20)
     due, meta, domains = env.open_db(b"due"), env.open_db(b"meta"), env.open_db(b"domains")
     with env.begin() as txn:
-        assert txn.get(b"format", db=meta) == b"5"      # 1 -> 2 -> 3 -> 4 -> 5
+        assert txn.get(b"format", db=meta) == b"6"      # 1 -> 2 -> 3 -> 4 -> 5 -> 6
         assert sorted(k for k, _ in txn.cursor(db=due)) == sorted(keys)
         assert sorted(k for k, _ in txn.cursor(db=domains)) == sorted(
             domain_key("example.org", m.id, 0) for m in messages)

@@ -7,7 +7,8 @@ and the function that runs it.  Implemented here:
     txmta passwd [USER]                  print a `USER:HASH` line for the AUTH users file
     txmta doctor DOMAIN [--address IP]... [--json]   check DOMAIN's SPF, DKIM, DMARC, MX,
                                          reverse DNS, MTA-STS and TLS-RPT records in DNS
-    txmta queue list [--json] [--lane L] the queue, like Postfix mailq
+    txmta queue list [--json] [--lane L] [--limit N] [--after ID]   the queue, like Postfix
+                                         mailq (--limit: one page, read alone)
     txmta queue show ID [--json] [--body]    one message, queued or finished: envelope,
                                          states, timeline, header section (--body: the whole
                                          stored message, like postcat -q)
@@ -54,6 +55,7 @@ import re
 import sys
 import time
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any, Callable, Sequence
 
 from txmta import config
@@ -273,6 +275,10 @@ def _args_queue_list(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print a JSON list of messages")
     p.add_argument("--lane", metavar="L", default=None,
                    help="only the messages of this lane ([[lane]] name)")
+    p.add_argument("--limit", metavar="N", type=int, default=None,
+                   help="only the first N messages (a page; reads only those)")
+    p.add_argument("--after", metavar="ID", default=None,
+                   help="only messages after queue id ID (the next page: the last id shown)")
     _args_config(p)
 
 
@@ -326,13 +332,21 @@ def queue_list(args: argparse.Namespace) -> int:
         if args.lane not in lanes:
             raise CommandFailed(f"--lane {args.lane}: no such lane (configured: "
                                 + ", ".join(lane.name for lane in lanes) + ")")
+    if args.limit is not None and args.limit < 1:
+        raise CommandFailed("--limit: at least 1")
     view = _open_view(args)
     try:
-        messages = list(view.messages())
+        page = 500 if args.limit is None or lanes is not None else args.limit + 1
+        found = view.messages(after=args.after, chunk=min(500, page))
+        if lanes is not None:   # mail stored in a lane no longer configured is in the default lane
+            found = (m for m in found if lanes.name_of(m.lane) == args.lane)
+        # a page reads one message past it, to know whether there is more
+        messages = list(islice(found, None if args.limit is None else args.limit + 1))
+        more = args.limit is not None and len(messages) > args.limit
+        del messages[args.limit if more else len(messages):]
+        queued = view.count() if more else len(messages)
     finally:
         view.close()
-    if lanes is not None:   # mail stored in a lane no longer configured is in the default lane
-        messages = [m for m in messages if lanes.name_of(m.lane) == args.lane]
     if args.json:
         print(json.dumps([message_json(m) for m in messages], indent=2, ensure_ascii=False))
         return 0
@@ -346,6 +360,8 @@ def queue_list(args: argparse.Namespace) -> int:
     total = sum(m.size for m in messages)
     print(f"-- {(total + 1023) // 1024} Kbytes in {len(messages)} "
           f"Request{'s' if len(messages) != 1 else ''}.")
+    if more:
+        print(f"-- {queued} messages in the queue; the next page: --after {messages[-1].id}")
     return 0
 
 

@@ -548,8 +548,11 @@ _TABLE: dict[str, dict[str, _Key]] = {
         "max_connections_per_ip": _Key(50, _integer(1)),
         "max_recipients": _Key(1000, _integer(1)),
         "max_errors": _Key(20, _integer(1)),
+        "junk_command_limit": _Key(100, _integer(0)),
         "command_timeout": _Key("5m", _duration(positive=True)),
         "data_timeout": _Key("5m", _duration(positive=True)),
+        "command_time_limit": _Key("1m", _duration(positive=True)),
+        "data_time_limit": _Key("20m", _duration(positive=True)),
     },
     "listen": {
         "address": _Key(_MISSING, _listen_address),
@@ -649,6 +652,12 @@ _TABLE: dict[str, dict[str, _Key]] = {
         "max_messages_per_connection": _Key(100, _integer(1)),
         "idle_timeout": _Key("30s", _duration()),
         "connect_timeout": _Key("30s", _duration(positive=True)),
+        # RFC 5321 4.5.3.2: the replies to the greeting, EHLO, STARTTLS, AUTH, MAIL, RCPT;
+        # to DATA; the content's writes; the reply after the content
+        "command_timeout": _Key("5m", _duration(positive=True)),
+        "data_init_timeout": _Key("2m", _duration(positive=True)),
+        "data_xfer_timeout": _Key("3m", _duration(positive=True)),
+        "data_done_timeout": _Key("10m", _duration(positive=True)),
         "max_inflight": _Key(1000, _integer(1)),
         "shaping": _Key("", _optional_path),             # a file of [[shaping]] tables
         "smtp_port": _Key(25, _integer(1, 65535)),
@@ -739,6 +748,9 @@ class ServerConfig:
     max_errors: int = _default("server", "max_errors")
     command_timeout: float = _default("server", "command_timeout")
     data_timeout: float = _default("server", "data_timeout")
+    command_time_limit: float = _default("server", "command_time_limit")
+    data_time_limit: float = _default("server", "data_time_limit")
+    junk_command_limit: int = _default("server", "junk_command_limit")
     workers: int = _default("server", "workers")       # resolved: "auto" is the core count
     user: str = ""
     group: str = ""
@@ -800,6 +812,10 @@ class DeliveryConfig:
     max_messages_per_connection: int = _default("delivery", "max_messages_per_connection")
     idle_timeout: float = _default("delivery", "idle_timeout")
     connect_timeout: float = _default("delivery", "connect_timeout")
+    command_timeout: float = _default("delivery", "command_timeout")
+    data_init_timeout: float = _default("delivery", "data_init_timeout")
+    data_xfer_timeout: float = _default("delivery", "data_xfer_timeout")
+    data_done_timeout: float = _default("delivery", "data_done_timeout")
     max_inflight: int = _default("delivery", "max_inflight")
     smtp_port: int = _default("delivery", "smtp_port")
     shaping: str | None = None                          # a file of [[shaping]] tables

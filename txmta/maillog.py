@@ -269,6 +269,19 @@ class MailLog:
         self.sink.emit(fields, f"AUTH failed: client=[{client}] mechanism={mechanism} "
                                f"user={printable(user)}")
 
+    def timeout(self, client: str, after: str, limit: str, seconds: float,
+                octets: int | None) -> None:
+        """An SMTP session closed with 421 4.4.2 by a time limit: the client, the last
+        command (or "TLS handshake"), the [server] key that ended it; inside a message,
+        the octets received of it (nothing of it is stored)."""
+        fields: dict[str, Any] = {"event": "timeout", "client": client, "after": after,
+                                  "limit": limit, "seconds": seconds}
+        text = f"timeout after {after}: client=[{client}] {limit}={seconds:g}s"
+        if octets is not None:
+            fields["octets"] = octets
+            text += f" octets={octets} (message not stored)"
+        self.sink.emit(fields, text)
+
     def dsn(self, m: StoredMessage, report: StoredMessage) -> None:
         """A delivery status notification was queued for message `m` (as message `report`)."""
         to = ", ".join(str(r.address) for r in report.envelope.recipients)

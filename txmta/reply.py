@@ -79,8 +79,16 @@ CLOSING = Reply(221, "2.0.0", "Bye")
 BAD_SEQUENCE = Reply(503, "5.5.1", "Bad sequence of commands")
 UNKNOWN_COMMAND = Reply(500, "5.5.1", "Command unrecognized")
 LINE_TOO_LONG = Reply(500, "5.5.2", "Line too long")
+NOT_SMTP = Reply(221, "2.7.0", "This is an SMTP server, not a web server or proxy; closing")
 SERVICE_SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down, closing transmission channel")
 TIMEOUT = Reply(421, "4.4.2", "Timeout exceeded, closing transmission channel")
+# [server] command_time_limit and data_time_limit: a client too slow, not silent
+COMMAND_TIME_LIMIT = Reply(421, "4.4.2", "Command not completed within the time limit, "
+                                         "closing transmission channel")
+DATA_TIME_LIMIT = Reply(421, "4.4.2", "Message data not completed within the time limit, "
+                                      "closing transmission channel")
+TLS_IN_PLAINTEXT = Reply(421, "4.5.1", "TLS handshake on a plaintext connection (use STARTTLS), "
+                                       "closing transmission channel")
 COMMIT_FAILED = Reply(451, "4.3.0", "Temporary failure storing the message, try again later")
 SPOOL_FULL = Reply(452, "4.3.1", "Insufficient system storage, try again later")
 # RFC 3463 3.5 X.4.7 "delivery time expired": the message's own deadline (X-Txmta-Expires)

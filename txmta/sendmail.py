@@ -597,7 +597,9 @@ def serve_stdio(cfg: Any, reactor: Any, inv: Invocation) -> Any:
                               max_recipients=cfg.server.max_recipients,
                               max_errors=cfg.server.max_errors,
                               command_timeout=cfg.server.command_timeout,
-                              data_timeout=cfg.server.data_timeout)
+                              data_timeout=cfg.server.data_timeout,
+                              command_time_limit=cfg.server.command_time_limit,
+                              data_time_limit=cfg.server.data_time_limit)
         factory = _StdioFactory(policy, LocalListener(), _Recording(submission), reactor,
                               suppression=submission.queue.suppression,
                               reject_suppressed=cfg.suppression.action == "reject",
@@ -685,7 +687,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def mailq(argv: Sequence[str] | None = None) -> int:
-    """`mailq [--json] [--lane L] [--config FILE]`: `txmta queue list`."""
+    """`mailq [--json] [--lane L] [--limit N] [--after ID] [--config FILE]`: `txmta queue
+    list`."""
     from txmta import cli
     return cli.main(["queue", "list", *(sys.argv[1:] if argv is None else argv)])
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import gc
 import os
+import resource
 import signal
 import socket
 import sys
@@ -35,7 +36,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from txmta import config as C
-from txmta.worker import bind_to_cpu, build, drop_privileges, user_ids
+from txmta.worker import bind_to_cpu, build, divide_limits, drop_privileges, user_ids
 
 log = Logger(namespace="txmta.master")
 
@@ -187,7 +188,8 @@ class Master(service.Service):
             fds[first + i] = s.fileno()
         args = list(self.worker_command) + [
             "--index", str(index), "--workers", str(self.workers),
-            "--fds", ",".join(str(first + i) for i in range(len(self.sockets)))]
+            "--fds", ",".join(str(first + i) for i in range(len(self.sockets))),
+            "--master", str(os.getpid())]
         if self.cfg.path is not None:
             args += ["--config", self.cfg.path]
         channel = MasterChannel(index, self.fanout.relay, on_lost=self._channel_lost)
@@ -453,6 +455,32 @@ def check_material(cfg: C.Config) -> None:
                                 f"\"{cfg.api.tokens}\": {e}") from None
 
 
+def raise_file_limit(cfg: C.Config) -> str | None:
+    """Lift the soft RLIMIT_NOFILE to the hard one, for this process and the workers it
+    starts (they inherit it): an SMTP session holds a descriptor, and another for its body
+    file past inline_body_limit, and a shell's usual soft limit of 1024 is below the default
+    max_connections.  Returns a warning when even the hard limit is below what one worker's
+    share of [server] and [delivery] max_connections may need, else None."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        # an unlimited hard limit is capped by the kernel (fs.nr_open): ask for 2^20
+        want = hard if hard != resource.RLIM_INFINITY else 1 << 20
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        except (ValueError, OSError):
+            pass
+    share = divide_limits(cfg, cfg.server.workers)
+    need = 2 * share.server.max_connections + share.delivery.max_connections + 100
+    if soft != resource.RLIM_INFINITY and soft < need:
+        return (f"open file limit {soft} is below the {need} descriptors each worker may need "
+                f"for [server] max_connections = {cfg.server.max_connections} and [delivery] "
+                f"max_connections = {cfg.delivery.max_connections}: clients past it are "
+                f"closed without a reply; raise the limit (LimitNOFILE=, ulimit -n) or lower "
+                f"max_connections")
+    return None
+
+
 def tune_runtime() -> None:
     # The objects built at start live as long as the daemon: keep the cyclic collector from
     # walking them again and again, and let it run less often (a full collection under load
@@ -473,6 +501,9 @@ def makeService(options: Options) -> service.IService:
         check_spool(cfg)
         quiet_twisted_logs()
         log.info("{summary}", summary=startup_summary(cfg))
+        short = raise_file_limit(cfg)
+        if short is not None:
+            log.warn("{warning}", warning=short)
         ids = user_ids(cfg)
         if ids is not None and os.getuid() not in (0, ids[1]):
             raise C.ConfigError(f"{cfg.path}: server.user = \"{cfg.server.user}\": switching "

@@ -3,9 +3,10 @@
 A worker is the daemon minus listening and supervising: protocol, receiver, queue,
 dispatcher, pool, client and its own spool writer thread.  With `[server] workers = 1`
 `tap.py` builds one in the twistd process itself; with more, the master (tap.py) starts
-each as `python -m txmta.worker --config FILE --index K --workers N --fds FD,...` with the
-listening sockets it bound as inherited file descriptors (adopted here, not bound), its
-AMP channel as file descriptor 3, and its log lines on stdout for the master to re-log.
+each as `python -m txmta.worker --config FILE --index K --workers N --fds FD,... --master PID`
+with the listening sockets it bound as inherited file descriptors (adopted here, not bound),
+its AMP channel as file descriptor 3, and its log lines on stdout for the master to re-log.
+A worker whose master died before it asked for the parent-death signal does not start.
 
 Worker K of N owns the spool partitions `partition.owned(K, N)`: a replacement of a dead
 worker K owns the same ones and delivers their mail.  The per-destination and connection
@@ -119,12 +120,13 @@ def build_tls_policy(cfg: C.Config, reactor: Any, resolver: Any, cache_store: An
 
 def build_delivery(cfg: C.Config, reactor: Any, queue: Queue,
                    cache_store: Any = None, metrics: Any = None,
-                   limiter: Any = None) -> DeliveryService:
+                   limiter: Any = None, leases: Any = None) -> DeliveryService:
     """`limiter`: where the [[shaping]] rates are drawn from (the cluster's shared one), or
-    None for this process's own."""
+    None for this process's own; `leases`: the cluster's connection leases for the
+    [[shaping]] rules' connections, or None for this process's own count."""
     from txmta.categories import Classifier
     from txmta.dispatch import Dispatcher
-    from txmta.outbound.client import ClientSettings
+    from txmta.outbound.client import ClientSettings, session_timeouts
     from txmta.outbound.deliverer import Deliverer
     from txmta.outbound.dns import Resolver, parse_nameserver
     from txmta.outbound.ippool import Source, SourceSelector
@@ -155,13 +157,16 @@ def build_delivery(cfg: C.Config, reactor: Any, queue: Queue,
 
     tls_policy = build_tls_policy(cfg, reactor, resolver, cache_store)
 
+    timeouts = session_timeouts(d.command_timeout, d.data_init_timeout, d.data_xfer_timeout,
+                                d.data_done_timeout)
+
     def settings_for(key: Any) -> ClientSettings:
         if key.destination in relay_auth:
             auth, plaintext_auth = relay_auth[key.destination]
             base = ClientSettings(helo_name=key.helo, auth=auth,
-                                  allow_plaintext_auth=plaintext_auth)
+                                  allow_plaintext_auth=plaintext_auth, timeouts=timeouts)
         else:
-            base = ClientSettings(helo_name=key.helo)
+            base = ClientSettings(helo_name=key.helo, timeouts=timeouts)
         return tls_policy.client_settings(key.tls, key.mx, base, connect.plaintext(key))
 
     connect = MayFallback(reactor, Connector(reactor, settings_for, d.connect_timeout, metrics))
@@ -174,7 +179,7 @@ def build_delivery(cfg: C.Config, reactor: Any, queue: Queue,
                           max_messages_per_connection=d.max_messages_per_connection,
                           idle_timeout=d.idle_timeout,
                           initial_per_destination=d.initial_per_destination, lanes=cfg.lanes,
-                          shaper=shaper)
+                          shaper=shaper, leases=leases)
     rules = Classifier(extra=cfg.bounce.rules)
     # where connections come from: the [[pool]] addresses, else [delivery] source_address
     sources = SourceSelector(reactor, cfg.pools, fallback=Source(d.source_address, helo))
@@ -433,9 +438,10 @@ def share(value: int, workers: int) -> int:
 def divide_limits(cfg: C.Config, workers: int) -> C.Config:
     """`cfg` with the limits that hold for the whole daemon divided among `workers`:
     [server] max_connections; [delivery] max_per_destination, initial_per_destination,
-    max_connections, max_inflight; each [[shaping]] rule's connections and rate (not the
-    rate with [cluster] redis: every worker of every node draws from one shared budget, and
-    while Redis is down the limiter itself gives each worker rate / (nodes x workers)).
+    max_connections, max_inflight; each [[shaping]] rule's connections and rate (not with
+    [cluster] redis: every worker of every node draws from one shared budget of units and
+    of connection leases, and while Redis is down the limiter and the leases themselves
+    give each worker 1 / (nodes x workers) of the limit).
 
     Not [server] max_connections_per_ip: each worker holds it for its own connections.  The
     kernel gives a new connection to whichever worker accepts first, so one client's
@@ -452,7 +458,8 @@ def divide_limits(cfg: C.Config, workers: int) -> C.Config:
         max_connections=share(d.max_connections, workers),
         max_inflight=share(d.max_inflight, workers))
     shaping = tuple(dataclasses.replace(
-        rule, connections=share(rule.connections, workers) if rule.connections else 0,
+        rule, connections=(rule.connections if cfg.cluster.redis or not rule.connections
+                           else share(rule.connections, workers)),
         rate=rule.rate if cfg.cluster.redis else rule.rate / workers) for rule in cfg.shaping)
     return dataclasses.replace(cfg, server=server, delivery=delivery, shaping=shaping)
 
@@ -556,11 +563,14 @@ def build(cfg: C.Config, reactor: Any, *, worker: int = 0, workers: int = 1,
     policy = ServerPolicy(
         hostname=cfg.server.hostname, relay_networks=tuple(cfg.relay.networks),
         max_message_size=cfg.spool.max_message_size, max_recipients=cfg.server.max_recipients,
-        max_errors=cfg.server.max_errors, command_timeout=cfg.server.command_timeout,
-        data_timeout=cfg.server.data_timeout, tls_available=tls is not None,
+        max_errors=cfg.server.max_errors, junk_command_limit=cfg.server.junk_command_limit,
+        command_timeout=cfg.server.command_timeout,
+        data_timeout=cfg.server.data_timeout, command_time_limit=cfg.server.command_time_limit,
+        data_time_limit=cfg.server.data_time_limit, tls_available=tls is not None,
         auth_available=checker is not None)
     delivery = build_delivery(cfg, reactor, queue, spool, metrics,
-                              limiter=shared.rate_limiter if cfg.cluster.redis else None)
+                              limiter=shared.rate_limiter if cfg.cluster.redis else None,
+                              leases=shared.leases if cfg.cluster.redis else None)
     delivery.setServiceParent(top)
     parts: list[Any] = [tls] if tls is not None else []
     parts += [SigningReload(receiver, queue), TLSPolicyReload(delivery.tls_policy)]
@@ -588,7 +598,8 @@ def build(cfg: C.Config, reactor: Any, *, worker: int = 0, workers: int = 1,
                                    max_per_ip=cfg.server.max_connections_per_ip, counts=counts,
                                    suppression=queue.suppression,
                                    reject_suppressed=cfg.suppression.action == "reject",
-                                   metrics=metrics, note_auth_failure=maillog.auth_failed)
+                                   metrics=metrics, note_auth_failure=maillog.auth_failed,
+                                   note_timeout=maillog.timeout)
         listening(reactor, factory, lst, tls, inherited[i] if inherited is not None else None
                   ).setServiceParent(top)
     if cfg.http:
@@ -650,18 +661,22 @@ def bind_to_cpu(cfg: C.Config, worker: int) -> int | None:
 
 # -- the worker process -----------------------------------------------------------------------
 
-def _die_with_parent() -> None:
-    """Linux: get SIGKILL when the master dies (a backstop for the channel's close)."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-    import signal
-    PR_SET_PDEATHSIG = 1
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
+def _die_with_parent(master: int | None = None) -> bool:
+    """Linux: get SIGKILL when the master dies (a backstop for the channel's close).  False
+    when the master (pid `master`) has died already: a worker spawned just before its
+    master's death asks for the signal too late to get it, and would start unsupervised,
+    accepting on the inherited sockets beside the next master's workers, until it noticed
+    the closed channel.  Asked first, checked after: a death in between sends the signal."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+        PR_SET_PDEATHSIG = 1
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+    return master is None or os.getppid() == master
 
 
 # What Twisted says of every port and channel a worker opens or closes: the master's startup
@@ -698,9 +713,10 @@ def _log_to_stdout() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m txmta.worker --config FILE --index K --workers N --fds FD,FD...`: run
-    worker K of N on the listening sockets FD... (one per [[listen]] table, in order),
-    talking to the master over file descriptor 3, until SIGTERM or until the master goes."""
+    """`python -m txmta.worker --config FILE --index K --workers N --fds FD,FD... --master PID`:
+    run worker K of N on the listening sockets FD... (one per [[listen]] table, in order),
+    talking to the master (PID) over file descriptor 3, until SIGTERM or until the master
+    goes."""
     import argparse
 
     from txmta.control.channel import CHANNEL_FD, WorkerChannel
@@ -710,8 +726,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--index", type=int, required=True)
     p.add_argument("--workers", type=int, required=True)
     p.add_argument("--fds", default="")
+    p.add_argument("--master", type=int, default=None, help="the master's pid")
     args = p.parse_args(argv)
-    _die_with_parent()
+    if not _die_with_parent(args.master):
+        sys.stderr.write(f"txmta: worker {args.index}: the master (pid {args.master}) is gone; "
+                         "not starting\n")
+        return 1
     _log_to_stdout()
     reactor = global_reactor()
     try:

@@ -232,3 +232,50 @@ def test_two_daemons_deliver_at_most_the_shared_rate(start_daemon: Callable[...,
         assert len(within) <= 120 + 1
         assert len(within) >= 100            # the shared budget is used, not lost
         assert min(by_node.values()) >= 20   # by both nodes
+
+
+def test_two_daemons_hold_at_most_the_rules_connections_together(
+        start_daemon: Callable[..., Daemon], redis: RedisServer) -> None:
+    """One [[shaping]] rule, connections = 2, on two nodes sharing Redis (node B with two
+    workers; alone, each node and each of B's workers may open 2): 20 messages queued on
+    each node for the provider, which takes 0.3 s per message.  At no moment are more than
+    2 transactions open at the provider (each needs its own connection), every message
+    arrives, and both nodes deliver some of them."""
+    lock = threading.Lock()
+    now = [0]
+    peak = [0]
+
+    def slow(sender: str, rcpts: list[str]) -> float:
+        with lock:
+            now[0] += 1
+            peak[0] = max(peak[0], now[0])
+        time.sleep(0.3)
+        with lock:
+            now[0] -= 1
+        return 0.0
+
+    with running(PROVIDER_ZONE) as dns, \
+            SmtpSink(PROVIDER_IP, common_free_port(PROVIDER_IP), accept_delay=slow) as provider:
+        nodes = []
+        for name in ("node-a", "node-b"):
+            conf = delivery_sections(provider.port, dns, schedule=("1s", "2s"),
+                                     helo_name=f"{name}.test.invalid", idle_timeout="1s")
+            conf["server"] = {"workers": 2 if name == "node-b" else 1}
+            conf["cluster"] = {"redis": redis.url, "node": name, "nodes": 2}
+            conf["shaping"] = [{"name": "provider", "mx": [".provider.test"],
+                                "connections": 2}]        # type: ignore[dict-item]
+            nodes.append(start_daemon(**conf))
+        a, b = nodes
+        wait_until(lambda: connected(a, 2) and connected(b, 3), 20, "both nodes connected")
+        for d in nodes:
+            with smtplib.SMTP(d.host, d.port, timeout=10) as s:
+                for i in range(20):
+                    domain = "provider.test" if i % 2 else "hosted.test"
+                    s.sendmail("app@app.test", [f"u{i}@{domain}"], f"Subject: m{i}\r\n\r\nhi\r\n")
+        wait_until(lambda: len(provider.transactions) >= 40, 90, "all 40 messages delivered")
+        by_node = {name: sum(1 for t in provider.transactions if t.helo.startswith(name))
+                   for name in ("node-a", "node-b")}
+        print(f"provider: at most {peak[0]} transactions at once (rule: 2 connections), "
+              f"{by_node}")
+        assert peak[0] == 2
+        assert by_node == {"node-a": 20, "node-b": 20}

@@ -110,6 +110,10 @@ def page_routes(h: Any, cfg: C.Config, reactor: Any, allowed: Callable[[Any], bo
         reader = SpoolReader(spool)
 
         def snapshot() -> Any:
+            # sampled now too: each worker keeps its own history, and a page must not show
+            # an older sample than the one a moment ago from another worker
+            watch.sample()
+
             def made(snap: Any) -> Any:
                 for key in ("queue_depth", "oldest_age", "webhook_backlog"):
                     if key in watch.last:

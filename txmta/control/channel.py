@@ -19,7 +19,12 @@ change goes to one worker, which writes the spool and, before it answers, has th
 update the other workers' mirrors.
 
 A worker whose channel closes (the master died, even by SIGKILL) stops: nothing runs
-unsupervised.  This module decides nothing about the queue; it carries requests and answers.
+unsupervised.  So neither end may let AMP close a channel for anything less: a request that
+fails is answered with the declared INTERNAL error (AMP answers an undeclared one with
+"Unknown Error" and drops the connection), and the master's relay of suppression changes
+does not fail because one of the other workers cannot be told (it died: it reads the list
+from the spool when it starts again).  This module decides nothing about the queue; it
+carries requests and answers.
 """
 # test: tests/test_channel.py
 
@@ -29,13 +34,14 @@ import json
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
-from twisted.internet import defer
+from twisted.internet import defer, error
 from twisted.logger import Logger
 from twisted.protocols import amp
+from twisted.python.failure import Failure
 
 from txmta import events, partition, suppression
-from txmta.control.amp import (_ERRORS, ControlProtocol, Delete, Flush, Hold, Pickup, Release,
-                               Requeue, WebhookReplay,
+from txmta.control.amp import (_ERRORS, ControlProtocol, Delete, Flush, Hold, InternalError,
+                               Pickup, Release, Requeue, WebhookReplay,
                                Status, SuppressionAdd, SuppressionImport, SuppressionRemove)
 from txmta.faces import AdminQueue
 from txmta.message import Suppression
@@ -98,6 +104,15 @@ class Caller(Protocol):
     """What the master needs of a worker's channel (an AMP protocol; a fake in tests)."""
 
     def callRemote(self, command: type[amp.Command], **kwargs: Any) -> "defer.Deferred[Any]": ...
+
+
+def answered(what: str, f: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
+    """`f(*args)` as a responder's answer: a failure (our bug) is logged and answered as the
+    declared INTERNAL error, which keeps the channel open."""
+    def internal(failure: Failure) -> None:
+        _log.failure("{what} failed", failure, what=what)
+        raise InternalError(f"{failure.type.__name__}: {failure.getErrorMessage()}")
+    return defer.maybeDeferred(f, *args).addErrback(internal)
 
 
 def send_mirror(channel: Caller, added: Sequence[Suppression], removed: Sequence[str]
@@ -201,7 +216,10 @@ class WorkerChannel(ControlProtocol):
                                    address=entry.address))
 
     @MirrorSuppressions.responder
-    def mirror_suppressions(self, added: str, removed: str) -> dict[str, Any]:
+    def mirror_suppressions(self, added: str, removed: str) -> defer.Deferred[dict[str, Any]]:
+        return answered("mirroring suppression changes", self._mirror, added, removed)
+
+    def _mirror(self, added: str, removed: str) -> dict[str, Any]:
         entries = [decode_entry(v) for v in json.loads(added)]
         addresses = [str(a) for a in json.loads(removed)]
         if self.mirror is not None:
@@ -240,9 +258,12 @@ class MasterChannel(amp.AMP):
         self.on_lost = on_lost
 
     @MirrorSuppressions.responder
-    def mirror_suppressions(self, added: str, removed: str) -> Any:
-        entries = [decode_entry(v) for v in json.loads(added)]
-        return self.relay(self.index, entries, list(json.loads(removed))).addCallback(lambda _: {})
+    def mirror_suppressions(self, added: str, removed: str) -> defer.Deferred[dict[str, Any]]:
+        def relay() -> defer.Deferred[dict[str, Any]]:
+            entries = [decode_entry(v) for v in json.loads(added)]
+            return self.relay(self.index, entries, list(json.loads(removed))).addCallback(
+                lambda _: {})
+        return answered(f"relaying worker {self.index}'s suppression changes", relay)
 
     def connectionLost(self, reason: Any) -> None:
         super().connectionLost(reason)
@@ -372,8 +393,19 @@ class FanOut:
     def relay(self, source: int, added: list[Suppression], removed: list[str]
               ) -> defer.Deferred[None]:
         """Suppression changes worker `source` committed: update every other running worker's
-        mirror; fires when they have (a worker being restarted loads the list from the spool)."""
-        ds = [send_mirror(c, added, removed) for k, c in enumerate(self.channels)
-              if c is not None and k != source]
-        return defer.gatherResults(ds, consumeErrors=True).addCallback(lambda _: None)
+        mirror; fires when each has answered or could not be told.  Never fails: a worker
+        being restarted, or whose channel closed as it died, loads the list from the spool
+        when it starts, and `source`, whose change is committed, could do nothing about it."""
+        def not_told(failure: Failure, index: int) -> None:
+            if failure.check(defer.FirstError):         # send_mirror's: the request's own
+                failure = failure.value.subFailure
+            if failure.check(error.ConnectionClosed):
+                _log.info("worker {index} was not told of a suppression change: its channel "
+                          "closed (it reads the list from the spool when it starts)", index=index)
+            else:
+                _log.failure("worker {index} was not told of a suppression change", failure,
+                             index=index)
+        ds = [send_mirror(c, added, removed).addErrback(not_told, k)
+              for k, c in enumerate(self.channels) if c is not None and k != source]
+        return defer.gatherResults(ds).addCallback(lambda _: None)
 

@@ -52,8 +52,11 @@ class ServerPolicy:
     max_message_size: int = 35 * 1024 * 1024
     max_recipients: int = 1000
     max_errors: int = 20
-    command_timeout: float = 300.0
-    data_timeout: float = 300.0
+    junk_command_limit: int = 100        # NOOP/VRFY/RSET/HELP before each counts as an error
+    command_timeout: float = 300.0       # idle: silence allowed while a command is awaited
+    data_timeout: float = 300.0          # idle: silence allowed inside DATA/BDAT
+    command_time_limit: float = 60.0     # total: one command line (or a TLS handshake)
+    data_time_limit: float = 1200.0      # total: one message's data, 354 (or BDAT) to its end
     tls_available: bool = False          # cert and key configured
     auth_available: bool = False         # a users file is configured
     extra: dict[str, str] = field(default_factory=dict)

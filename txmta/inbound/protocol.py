@@ -5,10 +5,23 @@ PIPELINING (RFC 2920), SIZE (1870), 8BITMIME (6152), SMTPUTF8 (6531), ENHANCEDST
 (2034/3463), DSN (3461), CHUNKING/BDAT (3030), STARTTLS (3207), AUTH PLAIN/LOGIN (4954) and,
 under TLS only, REQUIRETLS (8689).
 
+Two kinds of time limit close a session with 421 4.4.2 (RFC 5321 4.5.3.2): the idle
+timeouts (`command_timeout`, `data_timeout`: silence between reads, TimeoutMixin) and the
+total ones, which a client dripping a byte at a time cannot stretch: a command line must be
+complete within `command_time_limit` of its first byte (so must a TLS handshake, from
+STARTTLS or the connection of an implicit TLS listener), and one message's data within
+`data_time_limit` of DATA's 354 or of the transaction's first BDAT.  Time spent waiting on
+our own replies (the commit) never counts.  A session closed inside a message stores
+nothing of it; the mail log tells why (`note_timeout`).
+
 Each command handler returns a `Reply` (or a Deferred of one); `_send()` is the one place
 that writes replies.  While a reply waits on a Deferred (the spool commit after DATA, an
 AUTH check), the protocol stops parsing and pauses the transport, so pipelined commands
-are answered strictly in order.  It knows nothing of the spool: mail goes to an
+are answered strictly in order.  It does the same while the client does not read its
+replies (the transport's write buffer is full: `_OutputGate`), so a client that pipelines
+commands without reading cannot make the server buffer replies without bound; a session
+being closed that has not gone within `command_time_limit` (its last reply unread, a TLS
+handshake never finished) is aborted.  It knows nothing of the spool: mail goes to an
 `IReceiver` (inbound/receiver.py), which answers 250 only after the durable commit.
 
 Not here: relay decisions (inbound/policy.py), path grammar (inbound/grammar.py), the DATA
@@ -25,7 +38,7 @@ from typing import Any, Callable, Protocol as TypingProtocol
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IHandshakeListener, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IPushProducer, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
@@ -49,6 +62,11 @@ log = Logger()
 LINE_LIMITS = {b"MAIL": 2048, b"RCPT": 2048, b"AUTH": 12288}
 DEFAULT_LINE_LIMIT = 512
 MAX_LINE = 12288
+# commands of other protocols: answered once and disconnected (Postfix's
+# smtpd_forbidden_commands); an HTTP request would otherwise collect 500s until max_errors
+HTTP_VERBS = frozenset({b"GET", b"POST", b"HEAD", b"PUT", b"CONNECT", b"OPTIONS"})
+# the commands a client can repeat forever without ever sending mail (junk_command_limit)
+JUNK_VERBS = frozenset({b"NOOP", b"VRFY", b"RSET", b"HELP"})
 
 
 MAX_REPLY_TEXT = 512 - len("250-\r\n")    # RFC 5321 4.5.3.1.5: a reply line is 512 octets
@@ -81,6 +99,28 @@ class ListenerSettings(TypingProtocol):
     bare_newlines: str
 
 
+@implementer(IPushProducer)
+class _OutputGate:
+    """Registered with the transport as a streaming producer of the replies: the transport
+    pauses it while its write buffer is full (the client does not read), and the server
+    then reads and parses no more commands until it is resumed."""
+
+    def __init__(self, server: "SMTPServer") -> None:
+        self.server = server
+
+    def pauseProducing(self) -> None:
+        # TLS holds our writes during its handshake (and pauses us): reading must go on
+        # then, or the handshake never ends
+        if not self.server._handshaking:
+            self.server._hold_input("output")
+
+    def resumeProducing(self) -> None:
+        self.server._release_input("output")
+
+    def stopProducing(self) -> None:
+        pass
+
+
 @implementer(IHandshakeListener)
 class SMTPServer(Protocol, TimeoutMixin):
     def __init__(self, factory: "SMTPFactory") -> None:
@@ -94,8 +134,11 @@ class SMTPServer(Protocol, TimeoutMixin):
         self._buffer = b""
         self._mode = "command"     # command | data | bdat | auth | closed
         self._discarding = False   # inside an over-long command line
-        self._waiting = False      # a reply is pending on a Deferred
+        self._holds: set[str] = set()   # why input is paused: "reply" (a Deferred), "output"
+        self._gate: _OutputGate | None = None
+        self._linger: IDelayedCall | None = None   # aborts a closed session that stays
         self._errors = 0
+        self._junk = 0             # NOOP, VRFY, RSET, HELP so far (junk_command_limit)
         self._data: DataStream | None = None
         self._bdat: BdatStream | None = None
         self._bdat_left = 0
@@ -109,6 +152,10 @@ class SMTPServer(Protocol, TimeoutMixin):
         self._loopback = False
         self._relay_client = False
         self._fix_bare = False
+        self._handshaking = False  # a TLS handshake is under way (STARTTLS or implicit)
+        self._line_clock: IDelayedCall | None = None   # command_time_limit of the line being read
+        self._data_clock: IDelayedCall | None = None   # data_time_limit of the message's data
+        self._last_verb = "CONNECT"  # the last command, for the mail log's timeout line
 
     # -- connection -----------------------------------------------------------------------
 
@@ -133,20 +180,34 @@ class SMTPServer(Protocol, TimeoutMixin):
             self.session.local_user = self.factory.local_user
             self._relay_client = True
             self._fix_bare = True
+        # on an implicit TLS listener, what we write waits in TLS for the handshake, which
+        # must end within command_time_limit (handshakeCompleted stops the clock)
+        self._handshaking = self.listener.tls == "implicit"
         refusal = self.factory.admit(self)
         if refusal is not None:
             self._mode = "closed"
             self.transport.write(refusal.to_bytes())  # type: ignore[union-attr]
             self.transport.loseConnection()  # type: ignore[union-attr]
+            if self._handshaking:       # the 421 goes out after a handshake, if one comes
+                self._line_clock = self.factory.clock.callLater(
+                    self.policy.command_time_limit,
+                    self.transport.abortConnection)  # type: ignore[union-attr]
             return
         self._counted = True
+        self._gate = _OutputGate(self)
+        self.transport.registerProducer(self._gate, True)  # type: ignore[union-attr]
         self.setTimeout(self.policy.command_timeout)
-        if self.listener.tls == "implicit":
+        if self._handshaking:
             self._note_tls()
+            self._start_line_clock()
         self._send(Reply(220, "", f"{self.policy.hostname} ESMTP txmta"))
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
         self.setTimeout(None)
+        self._stop_clocks()
+        linger, self._linger = self._linger, None
+        if linger is not None and linger.active():
+            linger.cancel()
         if self._counted:
             self._counted = False
             self.factory.release(self)
@@ -154,11 +215,69 @@ class SMTPServer(Protocol, TimeoutMixin):
         self._abort_intake()
 
     def timeoutConnection(self) -> None:
+        """TimeoutMixin: the client was silent for command_timeout or data_timeout."""
+        if self._mode == "closed":
+            return
+        in_data = self._mode in ("data", "bdat")
+        self._timed_out("data_timeout" if in_data else "command_timeout", self.timeOut or 0.0)
         self._send(R.TIMEOUT)
         self._close()
 
+    def _start_line_clock(self) -> None:
+        if self._line_clock is None:
+            self._line_clock = self.factory.clock.callLater(self.policy.command_time_limit,
+                                                            self._line_time_up)
+
+    def _stop_line_clock(self) -> None:
+        clock, self._line_clock = self._line_clock, None
+        if clock is not None and clock.active():
+            clock.cancel()
+
+    def _start_data_clock(self) -> None:
+        if self._data_clock is None:
+            self._data_clock = self.factory.clock.callLater(self.policy.data_time_limit,
+                                                            self._data_time_up)
+
+    def _stop_data_clock(self) -> None:
+        clock, self._data_clock = self._data_clock, None
+        if clock is not None and clock.active():
+            clock.cancel()
+
+    def _stop_clocks(self) -> None:
+        self._stop_line_clock()
+        self._stop_data_clock()
+
+    def _line_time_up(self) -> None:
+        self._line_clock = None
+        if self._mode == "closed":
+            return
+        self._timed_out("command_time_limit", self.policy.command_time_limit)
+        self._send(R.COMMAND_TIME_LIMIT)
+
+    def _data_time_up(self) -> None:
+        self._data_clock = None
+        if self._mode == "closed":
+            return
+        self._timed_out("data_time_limit", self.policy.data_time_limit)
+        self._send(R.DATA_TIME_LIMIT)
+
+    def _timed_out(self, key: str, seconds: float) -> None:
+        """Tell the mail log which limit ended the session, after which command, and how
+        much of a message had come (it is not stored)."""
+        stream: DataStream | BdatStream | None = self._data or self._bdat
+        octets = stream.size if stream is not None else None
+        ip = self.session.client_ip if self.session else ""
+        after = "TLS handshake" if self._handshaking else self._last_verb
+        if self.factory.note_timeout is not None:
+            self.factory.note_timeout(ip, after, key, seconds, octets)
+        else:
+            log.info("timeout after {after}: client=[{ip}] {key}={seconds:g}s", after=after,
+                     ip=ip, key=key, seconds=seconds)
+
     def handshakeCompleted(self) -> None:
         """IHandshakeListener: called by Twisted's TLS layer."""
+        self._handshaking = False
+        self._stop_line_clock()
         self._note_tls()
 
     def _note_tls(self) -> None:
@@ -177,9 +296,44 @@ class SMTPServer(Protocol, TimeoutMixin):
                 pass
 
     def _close(self) -> None:
+        if self._mode == "closed":
+            return
         self._mode = "closed"
+        self.setTimeout(None)
+        self._stop_clocks()
         self._abort_intake()
+        if self._gate is not None:       # (TLS waits for a producer to go before closing)
+            self._gate = None
+            self.transport.unregisterProducer()  # type: ignore[union-attr]
+        if self._handshaking:
+            # TLS in its handshake holds what we wrote (the greeting, a 421) and with it the
+            # connection until the client finishes the handshake, which it may never do
+            self.transport.abortConnection()  # type: ignore[union-attr]
+            return
         self.transport.loseConnection()  # type: ignore[union-attr]
+        # the last replies go out first; a client that does not read them is not waited for
+        self._linger = self.factory.clock.callLater(self.policy.command_time_limit, self._abort)
+
+    def _abort(self) -> None:
+        """Drop the connection now, unsent output and all (standard input and output, for
+        txmta-sendmail -bs, can only be closed)."""
+        abort = getattr(self.transport, "abortConnection", None)
+        (abort or self.transport.loseConnection)()  # type: ignore[union-attr]
+
+    def _hold_input(self, why: str) -> None:
+        """Stop reading (and parsing) the client's commands until `_release_input(why)`."""
+        if not self._holds and self._mode != "closed":
+            self.transport.pauseProducing()  # type: ignore[union-attr]
+        self._holds.add(why)
+
+    def _release_input(self, why: str) -> None:
+        if why not in self._holds:
+            return
+        self._holds.discard(why)
+        if not self._holds and self._mode != "closed":
+            self.transport.resumeProducing()  # type: ignore[union-attr]
+            if why == "output":     # (a reply resumes in _answer, which parses on)
+                self._process()
 
     def _send(self, reply: Reply) -> None:
         if reply.code >= 400 and reply.code != 421:
@@ -201,7 +355,7 @@ class SMTPServer(Protocol, TimeoutMixin):
         self._process()
 
     def _process(self) -> None:
-        while self._buffer and not self._waiting and self._mode != "closed":
+        while self._buffer and not self._holds and self._mode != "closed":
             if self._mode == "data":
                 self._process_data()
             elif self._mode == "bdat":
@@ -213,12 +367,21 @@ class SMTPServer(Protocol, TimeoutMixin):
     def _process_line(self) -> bool:
         """Handle one command line; False when no complete line is buffered."""
         buf = self._buffer
+        if buf[:2] == b"\x16\x03" and not self._discarding and self._mode == "command":
+            # a TLS record (a ClientHello) where a command belongs: a TLS client on a
+            # plaintext port; it will not read a reply, but our bytes end its wait at once
+            log.info("TLS handshake in plaintext: client=[{ip}]",
+                     ip=self.session.client_ip if self.session else "")
+            self._send(R.TLS_IN_PLAINTEXT)
+            return False
         idx = buf.find(b"\n")
         if idx < 0:
+            self._start_line_clock()    # a line has begun: it must end in command_time_limit
             if len(buf) > MAX_LINE:
                 self._discarding = True
                 self._buffer = b""
             return False
+        self._stop_line_clock()
         line, self._buffer = buf[:idx], buf[idx + 1:]
         if self._discarding:
             self._discarding = False
@@ -237,10 +400,24 @@ class SMTPServer(Protocol, TimeoutMixin):
         if len(line) + 2 > LINE_LIMITS.get(verb, DEFAULT_LINE_LIMIT):
             self._send(R.LINE_TOO_LONG)
             return True
+        if verb in HTTP_VERBS:
+            # a web client (or a proxy probe) on the SMTP port: no point in answering on
+            log.info("non-SMTP command from client=[{ip}]: {verb}",
+                     ip=self.session.client_ip if self.session else "",
+                     verb=verb.decode("ascii"))
+            self.transport.write(R.NOT_SMTP.to_bytes())  # type: ignore[union-attr]
+            self._close()
+            return False
         handler = getattr(self, "do_" + verb.decode("ascii", "replace"), None) if verb.isalpha() else None
         if handler is None:
+            self._last_verb = "UNKNOWN"
             self._send(R.UNKNOWN_COMMAND)
             return True
+        self._last_verb = verb.decode("ascii")
+        if verb in JUNK_VERBS and self.policy.junk_command_limit:
+            self._junk += 1
+            if self._junk > self.policy.junk_command_limit:
+                self._errors += 1     # answered as usual; max_errors ends the session
         try:
             text = arg.decode("utf-8")
         except UnicodeDecodeError:
@@ -260,24 +437,24 @@ class SMTPServer(Protocol, TimeoutMixin):
         if isinstance(result, Reply):
             self._send(result)
             return
-        self._waiting = True
-        self.transport.pauseProducing()  # type: ignore[union-attr]
+        self._hold_input("reply")
         # our own wait (the commit) never counts against the client's timeout
         timeout = self.timeOut
         self.setTimeout(None)
         synchronous = [True]
 
         def done(reply: Reply) -> None:
-            self._waiting = False
             if self._mode != "closed":
                 self.setTimeout(timeout)
             if self._mode == "closed":
                 return
             self._send(reply)
             if self._mode != "closed":
-                self.transport.resumeProducing()  # type: ignore[union-attr]
-                if not synchronous[0]:  # else the caller's loop goes on parsing
-                    self._process()
+                self._holds.discard("reply")
+                if not self._holds:
+                    self.transport.resumeProducing()  # type: ignore[union-attr]
+                    if not synchronous[0]:  # else the caller's loop goes on parsing
+                        self._process()
 
         def failed(f: Failure) -> None:
             log.failure("reply failed", f)
@@ -327,6 +504,7 @@ class SMTPServer(Protocol, TimeoutMixin):
         self.envelope = None       # RFC 5321 4.1.4: EHLO/HELO reset like RSET,
         self._bdat_used = False    # including a BDAT transaction between chunks
         self._bdat = None
+        self._stop_data_clock()
         self._abort_intake()
         greeting = _fit(f"{self.policy.hostname} Hello ", name, f" [{self.session.client_ip}]")
         if not esmtp:
@@ -397,6 +575,7 @@ class SMTPServer(Protocol, TimeoutMixin):
         self._intake = self.receiver.begin(self.session, self.envelope)
         self._mode = "data"
         self.setTimeout(self.policy.data_timeout)
+        self._start_data_clock()
         return Reply(354, "", "End data with <CR><LF>.<CR><LF>")
 
     def _process_data(self) -> None:
@@ -420,6 +599,7 @@ class SMTPServer(Protocol, TimeoutMixin):
         self._end_message(self._data_error)
 
     def _end_message(self, error: Reply | None) -> None:
+        self._stop_data_clock()     # the data is in; our own commit never counts
         intake, self._intake = self._intake, None
         self.envelope = None
         if error is not None or intake is None:
@@ -469,6 +649,7 @@ class SMTPServer(Protocol, TimeoutMixin):
             self._intake = self.receiver.begin(self.session, self.envelope)
         self._mode = "bdat"
         self.setTimeout(self.policy.data_timeout)
+        self._start_data_clock()    # from the transaction's first BDAT to the end of LAST
         if size == 0:
             self._bdat_chunk_done()
         return None
@@ -491,6 +672,7 @@ class SMTPServer(Protocol, TimeoutMixin):
         self._mode = "command"
         self.setTimeout(self.policy.command_timeout)
         if self._bdat_error is not None:
+            self._stop_data_clock()
             error, self._bdat_error = self._bdat_error, None
             self._bdat = None
             self._bdat_used = False
@@ -524,6 +706,7 @@ class SMTPServer(Protocol, TimeoutMixin):
         self.envelope = None
         self._bdat_used = False
         self._bdat = None
+        self._stop_data_clock()
         self._abort_intake()
         return Reply(250, "2.0.0", "Reset OK")
 
@@ -559,11 +742,16 @@ class SMTPServer(Protocol, TimeoutMixin):
         self.transport.write(Reply(220, "2.0.0", "Ready to start TLS").to_bytes())  # type: ignore[union-attr]
         # RFC 3207 4.2: discard anything pipelined after STARTTLS and every fact learned so far
         self._buffer = b""
+        self._stop_data_clock()
         self._abort_intake()
         self.envelope = None
+        self._bdat = None
+        self._bdat_used = False
         self.session = Session(self.session.client_ip, self.session.client_port, self.session.listener,
                                relay_client=self._relay_client)
         self.transport.startTLS(self.factory.tls_options)  # type: ignore[union-attr]
+        self._handshaking = True        # until handshakeCompleted(), within command_time_limit
+        self._start_line_clock()
         return None
 
     # -- AUTH (RFC 4954) ------------------------------------------------------------------
@@ -696,8 +884,13 @@ class SMTPFactory(Factory):
                  counts: dict[str, int] | None = None, suppression: Any = None,
                  reject_suppressed: bool = True, metrics: Any = None,
                  local_user: str | None = None,
-                 note_auth_failure: Callable[[str, str, str], None] | None = None) -> None:
+                 note_auth_failure: Callable[[str, str, str], None] | None = None,
+                 note_timeout: Callable[[str, str, str, float, int | None], None] | None = None
+                 ) -> None:
         self.policy = policy
+        # a session closed by a time limit (client address, after which command, the
+        # limit's key, its seconds, octets of the unfinished message): the mail log's line
+        self.note_timeout = note_timeout
         # a failed AUTH (client address, user name tried, mechanism): the mail log's line
         self.note_auth_failure = note_auth_failure
         self.local_user = local_user              # txmta-sendmail -bs: the user on stdin

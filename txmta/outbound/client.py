@@ -9,7 +9,10 @@ Remote behaviour is never an exception (DESIGN invariant 4): `ready` errbacks wi
 `SessionFailureError` carrying a `SessionFailure` value, and `send()` always fires with a
 `TransactionResult` holding the replies per recipient.  Failures of our side (timeout, lost
 connection, TLS handshake, a garbled reply) become made-up 4xx replies.  Deciding what a
-reply means is `outcome.classify()`'s job, not this module's (STYLE habit 2).
+reply means is `outcome.classify()`'s job, not this module's (STYLE habit 2).  Each timeout
+(`session_timeouts()`, from the [delivery] settings) counts for a whole reply, however it
+trickles in; a reply line over MAX_REPLY_LINE, or a reply over MAX_REPLY in all, ends the
+connection with 451 4.5.0, so what a peer sends costs bounded memory.
 
 The message body goes out in 64 KiB chunks, dot-stuffed and CRLF-normalised chunk by chunk
 (line starts are tracked across chunks, so a "." line on a chunk boundary is stuffed), as a
@@ -64,9 +67,29 @@ DEFAULT_TIMEOUTS: dict[str, float] = {
     "data": 120, "block": 180, "dot": 600, "rset": 60, "quit": 10,
 }
 
+
+def session_timeouts(command: float = DEFAULT_TIMEOUTS["mail"],
+                     data_init: float = DEFAULT_TIMEOUTS["data"],
+                     data_xfer: float = DEFAULT_TIMEOUTS["block"],
+                     data_done: float = DEFAULT_TIMEOUTS["dot"]) -> dict[str, float]:
+    """The timeouts of a session from `[delivery] command_timeout` (the greeting, EHLO,
+    STARTTLS, AUTH, MAIL and RCPT; RSET and QUIT keep their shorter ones when it is longer),
+    `data_init_timeout` (the reply to DATA), `data_xfer_timeout` (the transport taking no
+    more of the content) and `data_done_timeout` (the reply after the content)."""
+    out = {key: command for key in ("greeting", "ehlo", "starttls", "auth", "mail", "rcpt")}
+    out.update(data=data_init, block=data_xfer, dot=data_done,
+               rset=min(command, DEFAULT_TIMEOUTS["rset"]),
+               quit=min(command, DEFAULT_TIMEOUTS["quit"]))
+    return out
+
+
 CHUNK = 64 * 1024            # body bytes per write
 CLEAN_REUSE = 2.0            # seconds a cleanly finished connection is reused without RSET
-MAX_REPLY_LINE = 64 * 1024   # a reply line longer than this is garbage (RFC 5321 says 512)
+# RFC 5321 4.5.3.1.5 allows a reply line 512 octets; real servers go past that (a long
+# text, a URL), never by much.  Past these bounds the peer is broken or hostile: the
+# connection is dropped (451 4.5.0), so what a peer sends costs bounded memory.
+MAX_REPLY_LINE = 64 * 1024   # one reply line
+MAX_REPLY = 64 * 1024        # one reply, all its lines together
 
 
 @dataclass(frozen=True)
@@ -123,16 +146,28 @@ class MalformedReply(Exception):
     pass
 
 
-class ReplyParser:
-    """Collects reply lines (RFC 5321 4.2.1: "code-text" continues, "code text" ends)."""
+class ReplyTooLong(MalformedReply):
+    pass
 
-    def __init__(self) -> None:
+
+class ReplyParser:
+    """Collects reply lines (RFC 5321 4.2.1: "code-text" continues, "code text" ends), at
+    most `limit` bytes of them (line ends included) for one reply."""
+
+    def __init__(self, limit: int = MAX_REPLY) -> None:
+        self.limit = limit
         self._code: bytes | None = None
         self._lines: list[str] = []
         self._enhanced = ""
+        self._size = 0
 
     def line(self, raw: bytes) -> Reply | None:
         """Feed one line without its CRLF; returns the Reply when it is complete."""
+        if len(raw) > MAX_REPLY_LINE:
+            raise ReplyTooLong(f"reply line too long (over {MAX_REPLY_LINE} bytes)")
+        self._size += len(raw) + 2
+        if self._size > self.limit:
+            raise ReplyTooLong(f"reply too long (over {self.limit} bytes)")
         m = _REPLY_LINE.match(raw)
         if m is None or (self._code is not None and m.group(1) != self._code):
             raise MalformedReply(raw[:80].decode("ascii", "replace"))
@@ -148,7 +183,7 @@ class ReplyParser:
         if sep == b"-":
             return None
         reply = Reply(int(code), self._enhanced, "\n".join(self._lines))
-        self._code, self._lines, self._enhanced = None, [], ""
+        self._code, self._lines, self._enhanced, self._size = None, [], "", 0
         return reply
 
 
@@ -428,23 +463,36 @@ class SMTPClient(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._state == "closed":
             return
-        self._buffer += data
+        buffer = self._buffer + data if self._buffer else data
+        start = 0     # lines are sliced off the buffer, which is copied once per reply only
         while self._state != "closed":
-            idx = self._buffer.find(b"\n")
+            idx = buffer.find(b"\n", start)
             if idx < 0:
-                if len(self._buffer) > MAX_REPLY_LINE:
-                    self._malformed()
-                return
-            line, self._buffer = self._buffer[:idx], self._buffer[idx + 1:]
-            if line.endswith(b"\r"):
-                line = line[:-1]
+                break
+            end = idx - 1 if idx > start and buffer[idx - 1] == 0x0D else idx   # CRLF or LF
+            line, start = buffer[start:end], idx + 1
             try:
                 reply = self._parser.line(line)
+            except ReplyTooLong as e:
+                self._buffer = b""
+                self._malformed(str(e))
+                return
             except MalformedReply:
+                self._buffer = b""
                 self._malformed()
                 return
             if reply is not None:
+                # what follows the reply is in _buffer while it is handled (STARTTLS looks)
+                self._buffer = buffer = buffer[start:]
+                start = 0
                 self._reply(reply)
+        if self._state == "closed":
+            self._buffer = b""
+            return
+        self._buffer = buffer[start:] if start else buffer
+        if len(self._buffer) > MAX_REPLY_LINE:
+            self._buffer = b""
+            self._malformed(f"reply line too long (over {MAX_REPLY_LINE} bytes)")
 
     # -- replies and timeouts -------------------------------------------------------------
 
@@ -495,9 +543,9 @@ class SMTPClient(Protocol):
         reply = Reply(451, "4.4.2", f"timeout waiting for {head.what} from {self._peer()}")
         self._break(SessionFailure(head.stage, reply))
 
-    def _malformed(self) -> None:
+    def _malformed(self, what: str = "malformed reply") -> None:
         stage = self._waiters[0].stage if self._waiters else O.MAIL
-        self._break(SessionFailure(stage, Reply(451, "4.5.0", f"malformed reply from {self._peer()}")))
+        self._break(SessionFailure(stage, Reply(451, "4.5.0", f"{what} from {self._peer()}")))
 
     def _break(self, failure: SessionFailure) -> None:
         """The connection is unusable: fail whatever waits, close without QUIT."""

@@ -25,6 +25,11 @@ touch the window.
 `transaction()` never errbacks for remote behaviour: a failed connection comes back as a
 `TransactionResult` whose `failure` says at which stage (DESIGN invariant 4).
 
+With [cluster] (`leases`): before opening a connection to a provider whose shaping rule
+limits connections, the pool takes one of the cluster's leases for that provider (the rule's
+`connections` shared by every node); a refused lease gives the slot back and asks again
+every `lease_retry` seconds, and the lease is returned when the connection closes.
+
 Not here: the SMTP dialogue (client.py), building endpoints and TLS options (the caller's
 `connect`), deciding what a result means (outcome.py).
 """
@@ -38,11 +43,13 @@ from typing import Any, Callable, Protocol as TypingProtocol, Sequence
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from txmta import outcome as O
 from txmta.lanes import Lanes
+from txmta.limits import ConnectionLeases
 from txmta.message import Envelope, Recipient
 from txmta.outbound.shaping import Shaper
 from txmta.outbound.client import SessionFailure, SessionFailureError, TransactionResult
@@ -82,6 +89,7 @@ class _Connection:
     client: PooledClient
     messages: int = 0
     idle_timer: IDelayedCall | None = None
+    lease: str = ""      # the provider whose shared connection lease it holds, if any
 
 
 @dataclass(eq=False)
@@ -105,10 +113,15 @@ class ConnectionPool:
                  per_destination: int = 20, total: int = 500,
                  max_messages_per_connection: int = 100, idle_timeout: float = 30.0,
                  initial_per_destination: int = 5, lanes: Lanes | None = None,
-                 shaper: Shaper | None = None) -> None:
+                 shaper: Shaper | None = None, leases: ConnectionLeases | None = None,
+                 lease_retry: float = 1.0) -> None:
         self.clock = reactor
         self.lanes = lanes          # None: one lane, no reserved shares
         self.shaper = shaper        # per-provider limits and backoff (shaping.py), or None
+        # [cluster]: a provider's connections are leases shared by every node (the rule's
+        # `connections` in all); a refused lease is asked again every `lease_retry` seconds
+        self.leases = leases
+        self.lease_retry = lease_retry
         self._provider_open: dict[str, int] = {}     # connections by provider (shaping rule)
         self._connect = connect
         self.per_destination = per_destination
@@ -178,7 +191,6 @@ class ConnectionPool:
         if self.shaper is not None:
             wait = await self.shaper.rate_wait(key.mx)
             if wait > 0 and not self._closing:
-                from twisted.internet.task import deferLater
                 await deferLater(self.clock, wait)
         retried = False
         while True:
@@ -186,9 +198,18 @@ class ConnectionPool:
             if got is SHUTTING_DOWN:
                 return failed(SessionFailure(O.CONNECT, SHUTTING_DOWN))
             if got is None:
+                lease = await self._lease(key)
+                if lease is None:           # the cluster's connections are all taken
+                    self._forget(self._destination(key.destination), key.lane, key)
+                    self._dispatch()
+                    if not self._closing:
+                        await deferLater(self.clock, self.lease_retry)
+                    continue
                 try:
-                    conn = _Connection(key, await self._connect(key))
+                    conn = _Connection(key, await self._connect(key), lease=lease)
                 except Exception as e:
+                    if lease:
+                        self.leases.release(lease)
                     return failed(self._connect_failed(key, e))
             else:
                 conn = got
@@ -254,6 +275,25 @@ class ConnectionPool:
         while n > 0 and self._rank(waiters[n - 1].key.lane) > rank:
             n -= 1
         waiters.insert(n, w)
+
+    async def _lease(self, key: PoolKey) -> str | None:
+        """Before a new connection to a provider whose rule limits connections: take one
+        of the cluster's leases.  The provider's name when taken, "" when no lease is
+        needed, None when the limit is reached (or the pool closed meanwhile)."""
+        provider = self._provider(key)
+        if self.leases is None or not provider:
+            return ""
+        limit = self.shaper.shared_connection_limit(provider)
+        if not limit:
+            return ""
+        if self._closing:
+            return None
+        if not await self.leases.acquire(provider, limit):
+            return None
+        if self._closing:
+            self.leases.release(provider)
+            return None
+        return provider
 
     def _connect_failed(self, key: PoolKey, error: Exception) -> SessionFailure:
         dest = self._destination(key.destination)
@@ -420,6 +460,9 @@ class ConnectionPool:
             conn.client.quit()
         except Exception:
             log.failure("closing connection to {mx}", Failure(), mx=conn.key.mx)
+        if conn.lease:
+            self.leases.release(conn.lease)
+            conn.lease = ""
         self._forget(self._destination(conn.key.destination), conn.key.lane, conn.key)
         if dispatch:
             self._dispatch()

@@ -156,6 +156,11 @@ class Shaper:
             base = max(1, p.open_at_slowdown or open_now)
         return max(1, int(base * factor))
 
+    def shared_connection_limit(self, name: str) -> int:
+        """The rule's `connections` as configured (0: none): with [cluster], the number of
+        leases all nodes may hold together; the backoff stays each process's own."""
+        return self._providers[name].rule.connections
+
     def suspended_until(self, name: str) -> float | None:
         """The end of the provider's suspension of new connections, or None."""
         b = self._providers[name].backoff

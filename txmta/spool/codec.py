@@ -82,6 +82,15 @@ def encode_message(m: StoredMessage) -> bytes:
     return _dumps(record)
 
 
+def message_lane(data: bytes) -> str:
+    """The lane of an encoded message, without decoding the rest."""
+    d = _loads(data)
+    if not isinstance(d, dict):
+        raise CorruptRecord("a message record is not an object")
+    lane = d.get("lane", "")
+    return lane if isinstance(lane, str) else ""
+
+
 def decode_message(data: bytes, states: tuple[RecipientState, ...] | None = None) -> StoredMessage:
     d = _loads(data)
     try:

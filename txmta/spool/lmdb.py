@@ -56,6 +56,7 @@ from txmta.spool.bodies import MemoryBody, fsync_dir
 from txmta.spool.hooks import HookDeliveries
 from txmta.spool.interface import CommitFailed, SpoolError, SpoolFormatError, SpoolFull
 from txmta.spool.view import (DB_NAMES, FORMAT, MAX_READERS, domain_key, domain_prefix,
+                              lane_count_key, lane_stats,
                               due_id, due_key, event_key, finished_key, load_message,
                               load_messages, rcpt_key, read_outbox, read_suppressions,
                               split_rcpt_key, encode_idempotent, decode_idempotent,
@@ -131,6 +132,21 @@ def _migrate_idemtime_4_to_5(txn: Any, dbs: dict[bytes, Any]) -> int:
     return n
 
 
+def _migrate_lanes_5_to_6(txn: Any, dbs: dict[bytes, Any]) -> int:
+    """Format 5 kept no message counts by lane: count the stored messages."""
+    counts: dict[str, int] = {}
+    with txn.cursor(db=dbs[b"messages"]) as cur:
+        for raw in cur.iternext(keys=False, values=True):
+            try:
+                lane = codec.message_lane(bytes(raw))
+            except codec.CorruptRecord:
+                lane = ""
+            counts[lane] = counts.get(lane, 0) + 1
+    for lane, n in counts.items():
+        txn.put(lane_count_key(lane), n.to_bytes(8, "big"), db=dbs[b"meta"])
+    return len(counts)
+
+
 # Each older format, migrated one step at a time when a spool of it is opened: (format,
 # migration (txn, databases) -> entries written, what they are, for the log line).
 _MIGRATIONS: tuple[tuple[bytes, Callable[[Any, dict[bytes, Any]], int], str], ...] = (
@@ -139,7 +155,19 @@ _MIGRATIONS: tuple[tuple[bytes, Callable[[Any, dict[bytes, Any]], int], str], ..
     (b"2", _migrate_domains_2_to_3, "recipients in the domains index"),
     (b"3", _migrate_due_3_to_4, "due entries keyed by class"),
     (b"4", _migrate_idemtime_4_to_5, "idempotency keys in the time index"),
+    (b"5", _migrate_lanes_5_to_6, "lanes counted"),
 )
+
+
+def _count_lane(txn: Any, meta: Any, lane: str, delta: int) -> None:
+    """Add `delta` to the count of messages in `lane` (kept in the meta database)."""
+    key = lane_count_key(lane)
+    raw = txn.get(key, db=meta)
+    n = max(0, (int.from_bytes(raw, "big") if raw else 0) + delta)
+    if n:
+        txn.put(key, n.to_bytes(8, "big"), db=meta)
+    elif raw is not None:
+        txn.delete(key, db=meta)
 
 
 def _is_disk_full(e: BaseException) -> bool:
@@ -448,6 +476,7 @@ class LmdbSpool(HookDeliveries):
             if idempotency is not None:
                 self._write_idempotent(txn, idempotency, message.arrival)
             txn.put(key, codec.encode_message(message), db=self._db[b"messages"])
+            _count_lane(txn, self._db[b"meta"], message.lane, +1)
             if inline is not None:
                 txn.put(key, inline, db=self._db[b"bodies"])
             self._write_recipients(txn, message, None)
@@ -485,7 +514,8 @@ class LmdbSpool(HookDeliveries):
                            db=self._db[b"domains"])
             txn.delete(rcpt_key(m.id, i), db=self._db[b"recipients"])
         txn.delete(key, db=self._db[b"bodies"])
-        txn.delete(key, db=self._db[b"messages"])
+        if txn.delete(key, db=self._db[b"messages"]):
+            _count_lane(txn, self._db[b"meta"], m.lane, -1)
 
     def _unlink_body(self, message_id: str) -> None:
         try:
@@ -630,20 +660,9 @@ class LmdbSpool(HookDeliveries):
         return self._submit(_Op(fn))
 
     def stats(self) -> Deferred[dict[str, tuple[int, float]]]:
-        """{"": (messages queued, age of the oldest)} over every partition: the count from
-        the database's statistics, the oldest from the first id (ids sort by arrival).
-        (One lane until lanes are stored.)"""
-        def fn(txn: Any) -> dict[str, tuple[int, float]]:
-            db = self._db[b"messages"]
-            n = txn.stat(db)["entries"]
-            oldest = 0.0
-            if n:
-                with txn.cursor(db=db) as cur:
-                    if cur.first():
-                        arrival = message_id_time(bytes(cur.key()).decode("ascii", "replace"))
-                        oldest = max(0.0, time.time() - arrival) if arrival else 0.0
-            return {"": (n, oldest)}
-        return self._submit(_Op(fn, read=True))
+        """{lane: (messages queued, age of the oldest)} over every partition (see
+        `lane_stats`)."""
+        return self._submit(_Op(lambda txn: lane_stats(txn, self._db, time.time()), read=True))
 
     def outbox_read(self, after: bytes | None = None, limit: int = 1000
                     ) -> Deferred[list[tuple[bytes, OutboxRecord]]]:
@@ -683,6 +702,7 @@ class LmdbSpool(HookDeliveries):
             txn.put(key, body, db=self._db[b"bodies"])
             message = replace(message, body_in_file=False, size=len(body))
         txn.put(key, codec.encode_message(message), db=self._db[b"messages"])
+        _count_lane(txn, self._db[b"meta"], message.lane, +1)
         self._write_recipients(txn, message, None)
         self._write_events(txn, message.id, (received_event(message),))
         self._write_lookup(txn, message)

@@ -21,7 +21,8 @@ import lmdb
 from twisted.logger import Logger
 
 from txmta.events import id_time, time_key
-from txmta.message import Event, OutboxRecord, Search, format_message_id, RecipientState, StoredMessage, Suppression
+from txmta.message import (Event, OutboxRecord, Search, format_message_id, RecipientState,
+                           StoredMessage, Suppression, message_id_time)
 from txmta.lanes import due_class
 from txmta.partition import partition_of
 from txmta.spool import codec
@@ -32,7 +33,7 @@ log = Logger()
 # 2: due keys start with the partition byte (1 had none); 3: the domains index (2 had none);
 # 4: due keys have the class byte after the partition (lanes.due_class); 5: the idempotency
 # keys' time index (4 had none); older formats are migrated at open
-FORMAT = b"5"
+FORMAT = b"6"
 MAX_READERS = 512     # every worker's threads and every `txmta queue` read share the table
 DB_NAMES = (b"messages", b"bodies", b"recipients", b"due", b"events", b"meta",
             b"history", b"finished", b"msgids", b"suppression", b"cache", b"domains",
@@ -132,6 +133,46 @@ def lookup_recent(txn: Any, dbs: dict[bytes, Any], kind: bytes, value: str, limi
                 out.append(stored)
             found = cur.prev()
     return out
+
+
+LANE_COUNT = b"lane:"        # meta keys: lane:<name> -> messages of that lane (8 bytes)
+OLDEST_WALK = 2000          # messages read from the oldest on, to find each lane's oldest
+
+
+def lane_count_key(lane: str) -> bytes:
+    return LANE_COUNT + lane.encode("utf-8")
+
+
+def lane_stats(txn: Any, dbs: dict[bytes, Any], now: float,
+               walk: int = OLDEST_WALK) -> dict[str, tuple[int, float]]:
+    """{lane: (messages, age of the oldest)}.  The counts are kept with every put and
+    delete; the oldest are found by reading messages from the oldest id on (ids sort by
+    arrival) until each counted lane has been seen, at most `walk` of them: a lane not seen
+    by then gets the age of the last one read, which its oldest message is younger than."""
+    counts: dict[str, int] = {}
+    with txn.cursor(db=dbs[b"meta"]) as cur:
+        if cur.set_range(LANE_COUNT):
+            for key, value in cur:
+                if not bytes(key).startswith(LANE_COUNT):
+                    break
+                counts[bytes(key)[len(LANE_COUNT):].decode("utf-8", "replace")] = \
+                    int.from_bytes(value, "big")
+    oldest: dict[str, float] = {}
+    last = 0.0
+    with txn.cursor(db=dbs[b"messages"]) as cur:
+        read = 0
+        for key, raw in cur:
+            if len(oldest) == len(counts) or read >= walk:
+                break
+            read += 1
+            arrival = message_id_time(bytes(key).decode("ascii", "replace"))
+            last = max(0.0, now - arrival) if arrival else last
+            try:
+                lane = codec.message_lane(bytes(raw))
+            except codec.CorruptRecord:
+                continue
+            oldest.setdefault(lane, last)
+    return {lane: (n, oldest.get(lane, last)) for lane, n in counts.items()}
 
 
 def split_rcpt_key(key: bytes) -> tuple[str, int]:
@@ -301,6 +342,22 @@ def read_retrying(env: Any, fn: Callable[[Any], Any]) -> Any:
     raise SpoolError("spool map kept changing size while reading")
 
 
+def _ids_after(txn: Any, dbs: dict[bytes, Any], after: bytes | None, limit: int) -> list[str]:
+    """Up to `limit` message ids above `after` (from the first when None), in order."""
+    ids: list[str] = []
+    with txn.cursor(db=dbs[b"messages"]) as cur:
+        found = cur.set_range(after) if after is not None else cur.first()
+        if not found:
+            return ids
+        for key in cur.iternext(keys=True, values=False):
+            if after is not None and key == after:
+                continue
+            if len(ids) >= limit:
+                break
+            ids.append(bytes(key).decode("ascii", "replace"))
+    return ids
+
+
 class LmdbView:
     """Read-only view of a spool for other processes, with short read transactions."""
 
@@ -353,13 +410,22 @@ class LmdbView:
                 return [k.decode("ascii") for k in cur.iternext(keys=True, values=False)]
         return self._read(fn)  # type: ignore[no-any-return]
 
-    def messages(self) -> Iterator[StoredMessage]:
-        """Every message, in id (arrival) order; a record that cannot be decoded is skipped."""
-        ids = self.ids()
-        for start in range(0, len(ids), 500):
-            chunk = ids[start:start + 500]
+    def messages(self, after: str | None = None, chunk: int = 500) -> Iterator[StoredMessage]:
+        """The messages with an id above `after` (every one when None), in id (arrival) order,
+        read `chunk` at a time in short transactions as the caller takes them: taking the first
+        page reads that page, not the queue (DESIGN invariant 6).  A record that cannot be
+        decoded is skipped."""
+        start = after.encode("ascii", "replace") if after is not None else None
+        while True:
+            ids = self._read(lambda txn: _ids_after(txn, self._db, start, chunk))
+            if not ids:
+                return
+            yield from self._read(lambda txn: load_messages(txn, self._db, ids))
+            start = ids[-1].encode("ascii")
 
-            yield from self._read(lambda txn, chunk=chunk: load_messages(txn, self._db, chunk))
+    def count(self) -> int:
+        """Messages in the queue, from the database's statistics (no walk)."""
+        return self._read(lambda txn: txn.stat(self._db[b"messages"])["entries"])  # type: ignore[no-any-return]
 
     def history(self, message_id: str) -> tuple[StoredMessage, float] | None:
         """A finished message with its final states and when it finished, if still kept."""

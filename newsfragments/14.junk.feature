@@ -1,0 +1,1 @@
+SMTP server: `[server] junk_command_limit` (100): past it each NOOP, VRFY, RSET or HELP counts as an error, so a client that only keeps the line open is disconnected at `max_errors`; an HTTP request line (GET, POST, HEAD, PUT, CONNECT, OPTIONS) is answered `221 2.7.0` once and disconnected.

@@ -1,0 +1,1 @@
+The daemon raises its soft open-file limit (RLIMIT_NOFILE) to the hard limit at start, for its workers too, and warns in the daemon log when even the hard limit is below what `[server] max_connections` and `[delivery] max_connections` may need; started from a shell with a soft limit of 1024, it used to close clients past about 1,000 connections without a reply.

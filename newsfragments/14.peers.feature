@@ -1,0 +1,1 @@
+`[delivery] command_timeout`, `data_init_timeout`, `data_xfer_timeout` and `data_done_timeout` set how long delivery waits for the next hop (RFC 5321 4.5.3.2 defaults: 5, 2, 3 and 10 minutes), and a reply over 64 KiB in all (endless continuation lines) now drops the connection with 451 4.5.0 like an over-long reply line, instead of being read to its end.
