@@ -29,6 +29,24 @@ def test_test_token_always_works_and_never_sends(tmp_path):
     assert store.check("anything else") is None
 
 
+@pytest.mark.parametrize("path, body", [
+    (b"/email", {"From": "app@example.com", "To": "bob@example.org", "Subject": "a" * 1200,
+                 "TextBody": "x"}),
+    (b"/v1/messages", {"from": "app@example.com", "to": ["bob@example.org"],
+                       "subject": "a" * 1200, "text": "x"}),
+])
+def test_a_test_token_is_refused_what_a_real_token_is_refused(path, body):
+    """A request the message builder refuses (a Subject word too long for a 998-octet line)
+    gets the same 422 with the test token as with a real one: not a 500, not a 200."""
+    from test_api_deadlines import api, post
+    for token in (T.TEST, T.Token("app")):
+        resource, spool, _ = api()
+        resource.tokens.check = lambda presented, token=token: token
+        status, answer = post(resource, path, body)
+        assert status == 422, (token, answer)
+        assert "too long" in str(answer) and spool.messages == {}
+
+
 def test_names_are_unique_and_checked(tmp_path):
     path = str(tmp_path / "tokens")
     T.add_token(path, "a")

@@ -128,10 +128,34 @@ def test_message_record_with_wrong_field_types_is_corrupt():
         (RecipientState(),), {}))[1:])
     for key, bad in [("from", 5), ("from", ["a"]), ("rcpt", 3), ("rcpt", [["a@b"]]),
                      ("arrival", "noon"), ("size", float("inf")), ("client", 7),
-                     ("extra", [1, 2, 3])]:
+                     ("extra", [1, 2, 3]),
+                     # these used to come back as values of the wrong type
+                     ("id", 5), ("esize", "big"), ("esize", True), ("body", ["7BIT"]),
+                     ("utf8", [1]), ("ret", 0), ("envid", {}), ("auth", False),
+                     ("client", {"address": 7}), ("extra", {"X": None}),
+                     ("rcpt", [["a@b", "NOTIFY", None]]), ("rcpt", [["a@b", [1], None]]),
+                     ("rcpt", [["a@b", [], 5]]), ("arrival", float("nan"))]:
         record = b"\x01" + json.dumps({**good, key: bad}).encode()
         with pytest.raises(CorruptRecord):
             codec.decode_message(record)
+
+
+@pytest.mark.parametrize("data", [
+    b'\x01["bounced",1e300,' + b"1" * 400 + b',""]',      # a number too big for a float
+    b'\x01["bounced",NaN,1,""]',
+], ids=["overflow", "nan"])
+def test_suppression_record_with_numbers_out_of_range_is_corrupt(data):
+    """A suppression record whose times are not numbers a float can hold is corrupt."""
+    with pytest.raises(CorruptRecord):
+        codec.decode_suppression("a@example.org", data)
+
+
+def test_nan_makes_a_record_corrupt_and_infinity_does_not():
+    """NaN compares with nothing, so no time in a record may be NaN; an infinite time is
+    still a time."""
+    with pytest.raises(CorruptRecord):
+        codec.decode_recipient(b'\x01["queued",0,NaN,null]')
+    assert codec.decode_recipient(b'\x01["queued",0,Infinity,null]').next_attempt == float("inf")
 
 
 json_value = st.recursive(

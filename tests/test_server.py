@@ -117,6 +117,27 @@ def test_helo_answers_250_without_extensions():
     assert c.send(MAIL + RCPT) == ["250 2.1.0", "250 2.1.5"]
 
 
+@pytest.mark.parametrize("verb", [b"EHLO", b"HELO"])
+@pytest.mark.parametrize("name", ["b" * 500, "\u00fc" * 250, "x" * 440])
+def test_hello_reply_lines_stay_within_512_octets(verb, name):
+    """A long EHLO/HELO name is echoed shortened: no reply line is longer than 512 octets
+    with its CRLF (RFC 5321 4.5.3.1.5), and the extension lines are unchanged."""
+    c = Harness().connect(RELAY_IP)
+    c.raw()
+    c.proto.dataReceived(verb + b" " + name.encode() + b"\r\n")
+    out = c.raw()
+    lines = out.split(b"\r\n")[:-1]
+    assert all(len(line) + 2 <= 512 for line in lines), [len(line) for line in lines]
+    first = lines[0].decode()
+    assert first.startswith(f"250{'-' if verb == b'EHLO' else ' '}{HOSTNAME} Hello ")
+    assert first.endswith(f" [{RELAY_IP}]")
+    assert name[:100] in first
+    if len(name.encode()) > 440:
+        assert "... [" in first
+    if verb == b"EHLO":
+        assert ehlo_keywords(out)[0] == "PIPELINING" and ehlo_keywords(out)[-1] == "HELP"
+
+
 @pytest.mark.parametrize("line", [b"EHLO\r\n", b"EHLO \r\n", b"HELO\r\n", b"EHLO a b\r\n"])
 def test_hello_without_a_single_name_is_501(line):
     """EHLO/HELO need exactly one domain argument (RFC 5321 4.1.1.1)."""

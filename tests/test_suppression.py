@@ -31,6 +31,21 @@ def test_rejection_says_suppressed_since_when_and_why():
     assert "suppressed since 2023-11-14" in r.text and "invalid-recipient" in r.text
 
 
+def test_rejection_is_one_reply_line_of_at_most_512_octets():
+    """A long address and a stored reply holding CR, LF, NUL or many UTF-8 octets still
+    give one well-formed reply line (RFC 5321 4.2, 4.5.3.1.5): the next hop's text never
+    reaches the client raw."""
+    for address, reply in [("a" * 1500 + "@example.org", "550 5.1.1 " + "y" * 300),
+                           ("bob@example.net", "550 5.1.1 no\r\nsuch\ruser\x00\nhere"),
+                           ("\u00fc" * 700 + "@example.org", "550 5.1.1 " + "\u00e9" * 400)]:
+        r = rejection(address, Suppression(address, "invalid-recipient", T0, T0 + 60, reply))
+        wire = r.to_bytes()
+        assert wire.startswith(b"550 5.1.1 <") and wire.endswith(b")\r\n")
+        assert wire.count(b"\r") == 1 and wire.count(b"\n") == 1 and b"\x00" not in wire
+        assert len(wire) <= 512, len(wire)
+        assert "suppressed since 2023-11-14" in r.text
+
+
 def test_rcpt_to_a_suppressed_address_is_refused_and_others_accepted():
     """With action = reject, RCPT of a suppressed address gets 550 5.1.1; nothing else changes."""
     h = Harness()

@@ -260,10 +260,13 @@ class ApiResource(Resource):
             expires = deadline_of(sub.expires_at, sub.ttl, submitted)
         except InvalidRequest as e:
             return succeed(dict(P.error_response(e, to, submitted), status=e.status))
-        if token.test:
-            data = mime.build_message(sub, message_id="test", date=submitted, hostname=self.hostname)
-            if len(data) > self.submitter.max_message_size:
-                e = self._too_large()
+        if token.test:      # validated as for a real token: the build may refuse it too
+            try:
+                data = mime.build_message(sub, message_id="test", date=submitted,
+                                          hostname=self.hostname)
+                if len(data) > self.submitter.max_message_size:
+                    raise self._too_large()
+            except InvalidRequest as e:
                 return succeed(dict(P.error_response(e, to, submitted), status=e.status))
             fake = self.submitter.receiver.queue.new_message_id(submitted)
             return succeed(dict(P.ok_response(P.queue_id_to_uuid(fake), to, submitted), status=200))
@@ -424,6 +427,9 @@ class ApiResource(Resource):
                 data = b""
                 envelope = self._envelope(token, parsed.sender, parsed.recipients,
                                           from_field="from", to_field="to", status=400)
+                if token.test:  # validated as for a real token: the build may refuse it
+                    data = mime.build_message(parsed.submission, message_id="test",
+                                              date=self.clock.seconds(), hostname=self.hostname)
             if len(data) > self.submitter.max_message_size:
                 raise self._too_large()
             submitted = self.clock.seconds()

@@ -69,6 +69,19 @@ HTTP_VERBS = frozenset({b"GET", b"POST", b"HEAD", b"PUT", b"CONNECT", b"OPTIONS"
 JUNK_VERBS = frozenset({b"NOOP", b"VRFY", b"RSET", b"HELP"})
 
 
+MAX_REPLY_TEXT = 512 - len("250-\r\n")    # RFC 5321 4.5.3.1.5: a reply line is 512 octets
+
+
+def _fit(before: str, echo: str, after: str) -> str:
+    """`before + echo + after`, the client's `echo` shortened (with "...") so that the
+    reply line stays within 512 octets."""
+    room = MAX_REPLY_TEXT - len((before + after).encode("utf-8"))
+    data = echo.encode("utf-8")
+    if len(data) > room:
+        echo = data[:max(room - 3, 0)].decode("utf-8", "ignore") + "..."
+    return before + echo + after
+
+
 class IIntake(TypingProtocol):
     def write(self, data: bytes) -> None: ...
     def finish(self) -> Deferred[Reply]: ...
@@ -493,7 +506,7 @@ class SMTPServer(Protocol, TimeoutMixin):
         self._bdat = None
         self._stop_data_clock()
         self._abort_intake()
-        greeting = f"{self.policy.hostname} Hello {name} [{self.session.client_ip}]"
+        greeting = _fit(f"{self.policy.hostname} Hello ", name, f" [{self.session.client_ip}]")
         if not esmtp:
             return Reply(250, "", greeting)
         return Reply(250, "", "\n".join([greeting] + self._ehlo_lines()))

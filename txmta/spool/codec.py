@@ -26,13 +26,38 @@ def _dumps(obj: Any) -> bytes:
     return _V + json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
+def _constant(name: str) -> float:
+    """JSON's non-numbers: infinities are kept, NaN (which no record holds and which no
+    time comparison survives) makes the record corrupt."""
+    if name == "NaN":
+        raise ValueError("NaN in a record")
+    return float(name)
+
+
 def _loads(data: bytes) -> Any:
     if not data or data[0] != VERSION:
         raise CorruptRecord(f"unknown record version {data[:1]!r}")
     try:
-        return json.loads(bytes(data[1:]).decode("utf-8"))
+        return json.loads(bytes(data[1:]).decode("utf-8"), parse_constant=_constant)
     except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: deep nesting
         raise CorruptRecord(str(e)) from e
+
+
+def _is(value: Any, kind: type | tuple[type, ...], optional: bool = False) -> Any:
+    """`value` if it is a `kind` (or None when `optional`): a record whose JSON has the
+    wrong type in a field is corrupt, not a value with a list where a string belongs."""
+    if (value is None and optional) or (isinstance(value, kind) and not (
+            isinstance(value, bool) and kind is int)):
+        return value
+    raise TypeError(f"{value!r:.40} is not {kind}")
+
+
+def _strings(value: Any) -> dict[str, str]:
+    """A JSON object of strings (the client facts, the envelope's extra parameters)."""
+    _is(value, dict)
+    for k, v in value.items():
+        _is(v, str)
+    return dict(value)
 
 
 def encode_message(m: StoredMessage) -> bytes:
@@ -69,18 +94,21 @@ def message_lane(data: bytes) -> str:
 def decode_message(data: bytes, states: tuple[RecipientState, ...] | None = None) -> StoredMessage:
     d = _loads(data)
     try:
-        rcpts = tuple(Recipient(Address.parse_stored(a), tuple(n), o) for a, n, o in d["rcpt"])
-        env = Envelope(Address.parse_stored(d["from"]), rcpts, d["esize"], d["body"], d["utf8"],
-                       d["ret"], d["envid"], d["auth"], dict(d["extra"]), bool(d.get("rtls", 0)),
-                       bool(d.get("tlsno", 0)))
+        rcpts = tuple(Recipient(Address.parse_stored(_is(a, str)),
+                                tuple(_is(x, str) for x in _is(n, list)), _is(o, str, True))
+                      for a, n, o in d["rcpt"])
+        env = Envelope(Address.parse_stored(_is(d["from"], str)), rcpts, _is(d["esize"], int, True),
+                       _is(d["body"], str), _is(d["utf8"], bool), _is(d["ret"], str, True),
+                       _is(d["envid"], str, True), _is(d["auth"], str, True), _strings(d["extra"]),
+                       bool(d.get("rtls", 0)), bool(d.get("tlsno", 0)))
         if states is None:
             states = tuple(RecipientState() for _ in rcpts)
         labels = NO_LABELS
         if "lab" in d:
             tag, metadata, stream = d["lab"]
             labels = Labels(str(tag), tuple((str(k), str(v)) for k, v in metadata), str(stream))
-        return StoredMessage(d["id"], env, float(d["arrival"]), int(d["size"]), states,
-                             dict(d["client"]), bool(d["file"]), str(d.get("hid", "")), labels,
+        return StoredMessage(_is(d["id"], str), env, float(d["arrival"]), int(d["size"]), states,
+                             _strings(d["client"]), bool(d["file"]), str(d.get("hid", "")), labels,
                              str(d.get("lane", "")),
                              float(d["exp"]) if d.get("exp") is not None else None,
                              int(d.get("pri", 0)))
@@ -148,7 +176,7 @@ def decode_suppression(address: str, data: bytes) -> "Suppression":
     try:
         reason, since, expires, reply = d
         return Suppression(address, str(reason), float(since), float(expires), str(reply))
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, OverflowError) as e:
         raise CorruptRecord(f"bad suppression record: {e}") from e
 
 
