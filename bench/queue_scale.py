@@ -55,7 +55,9 @@ from typing import Any, Callable
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(BENCH))
 
+from run import children  # noqa: E402  (bench/run.py: the master's worker processes)
 from txmta.message import (Address, Envelope, MessageIds, Recipient,  # noqa: E402
                            RecipientState, StoredMessage)
 from txmta.partition import ALL  # noqa: E402
@@ -181,20 +183,6 @@ def banner(port: int, timeout: float = 2.0) -> bytes:
             return s.recv(512)
     except OSError:
         return b""
-
-
-def children(pid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                out.append(int(entry))
-    return sorted(out)
 
 
 def rss(pid: int) -> dict[str, float]:

@@ -179,6 +179,11 @@ def proc_children():
     return tree
 
 
+def children(pid):
+    """The child processes of `pid`, sorted (a master's workers)."""
+    return sorted(proc_children().get(pid, []))
+
+
 def proc_tree_cpu(root_pid):
     """utime+stime (+ reaped children) of root_pid and all its descendants, in seconds."""
     tree = proc_children()

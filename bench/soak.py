@@ -43,6 +43,10 @@ from typing import Any
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
+sys.path.insert(0, str(BENCH))
+
+from run import children  # noqa: E402  (bench/run.py: the master's worker processes)
+
 SINK_HOST = "127.0.0.3"
 HOST = "127.0.0.1"
 
@@ -247,20 +251,6 @@ def free_port(host: str) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
-
-
-def children(pid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                out.append(int(entry))
-    return sorted(out)
 
 
 def proc_sample(pid: int) -> tuple[float, float, float]:
