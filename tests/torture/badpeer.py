@@ -111,19 +111,23 @@ class _Session:
         else:
             self.sock.sendall(data)
 
+    def recv(self) -> bytes:
+        """What the client sent next; _Closed (noting how) when it reset or closed."""
+        try:
+            chunk = self.sock.recv(65536)
+        except (ConnectionResetError, BrokenPipeError):
+            self.closed("reset")
+            raise _Closed() from None
+        if not chunk:
+            self.closed("eof")
+            raise _Closed()
+        return chunk
+
     def readline(self) -> bytes:
         while b"\n" not in self.buf:
             if len(self.buf) > LINE_LIMIT:
                 raise _Closed("line too long")
-            try:
-                chunk = self.sock.recv(65536)
-            except (ConnectionResetError, BrokenPipeError):
-                self.closed("reset")
-                raise _Closed() from None
-            if not chunk:
-                self.closed("eof")
-                raise _Closed()
-            self.buf += chunk
+            self.buf += self.recv()
         line, self.buf = self.buf.split(b"\n", 1)
         return line.rstrip(b"\r")
 
@@ -142,14 +146,7 @@ class _Session:
     def wait_for_close(self) -> None:
         """Say nothing; read (and drop) whatever comes until the client closes."""
         while True:
-            try:
-                chunk = self.sock.recv(65536)
-            except (ConnectionResetError, BrokenPipeError):
-                self.closed("reset")
-                raise _Closed() from None
-            if not chunk:
-                self.closed("eof")
-                raise _Closed()
+            self.recv()
 
     def wait_for_close_unread(self) -> None:
         """Say nothing and read nothing (the data stays in the TCP window) until the client
