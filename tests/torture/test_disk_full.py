@@ -323,6 +323,16 @@ def daemon_sections(sink: SmtpSink, **spool: Any) -> dict[str, Any]:
 
 # -- the tests ----------------------------------------------------------------------------------
 
+def open_and_drain(ledger: "Ledger", arrivals: "Arrivals") -> float:
+    """Let the relayhost accept; the seconds until every acked message has arrived."""
+    arrivals.open.set()
+    opened = time.monotonic()
+    wait_until(lambda: ledger.acked() <= arrivals.tokens(), size(60, 300),
+               "every acked message at the relayhost", interval=0.2,
+               diagnose=lambda: f"missing {sorted(ledger.acked() - arrivals.tokens())[:20]}")
+    return time.monotonic() - opened
+
+
 def test_full_disk(loopfs: LoopFs, start_daemon: Callable[..., Daemon]) -> None:
     free = size(6 * MiB, 24 * MiB)
     arrivals = Arrivals()
@@ -346,12 +356,7 @@ def test_full_disk(loopfs: LoopFs, start_daemon: Callable[..., Daemon]) -> None:
 
         loopfs.unfill()
         recovered, _ = probe_until_accepted(d, ledger, timeout=20)
-        arrivals.open.set()
-        opened = time.monotonic()
-        wait_until(lambda: ledger.acked() <= arrivals.tokens(), size(60, 300),
-                   "every acked message at the relayhost", interval=0.2,
-                   diagnose=lambda: f"missing {sorted(ledger.acked() - arrivals.tokens())[:20]}")
-        drained = time.monotonic() - opened
+        drained = open_and_drain(ledger, arrivals)
         wait_until(lambda: not d.spool_ids(), 30, "the spool to drain", interval=0.2)
         delivered = check_arrived(ledger, arrivals)
         assert_clean_log(d)
@@ -380,12 +385,7 @@ def test_full_map(tmp_path: Path, start_daemon: Callable[..., Daemon]) -> None:
         still_serving(d)
         assert_clean_log(d)
 
-        arrivals.open.set()
-        opened = time.monotonic()
-        wait_until(lambda: ledger.acked() <= arrivals.tokens(), size(60, 300),
-                   "every acked message at the relayhost", interval=0.2,
-                   diagnose=lambda: f"missing {sorted(ledger.acked() - arrivals.tokens())[:20]}")
-        drained = time.monotonic() - opened
+        drained = open_and_drain(ledger, arrivals)
         recovered, token = probe_until_accepted(d, ledger, timeout=30)
         wait_until(lambda: token in arrivals.tokens(), 30, "the probe at the relayhost")
         delivered = check_arrived(ledger, arrivals)
