@@ -231,7 +231,9 @@ class FakeQueue:
         self.events.publish(events.Due(self.clock.seconds()))
         return succeed(True)
 
-    def flush(self, message_id: str | None = None, domain: str | None = None) -> Deferred[int]:
+    def flush(self, message_id: str | None = None, domain: str | None = None,
+              background: bool = False) -> Deferred[int]:
+        # background: the same here (all is done before the answer, which the face allows)
         if message_id is not None:
             return self._change(message_id, lambda r, now: replace(r, next_attempt=now)
                                 if r.state == QUEUED else r, "flushed",

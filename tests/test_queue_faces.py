@@ -289,6 +289,30 @@ def test_flush_of_a_domain_makes_only_its_recipients_due(face: Face) -> None:
     assert due.recipients[1].next_attempt == now and due.recipients[0].next_attempt > now
 
 
+def test_flush_of_a_domain_in_the_background_answers_with_the_count(face: Face) -> None:
+    """flush --domain D from an admin command (background): the count of messages with
+    recipients to make due; they are due once the batches ran, with the same events, and
+    a domain with nothing deferred still lifts its throttles."""
+    q = face.queue
+    ms = [put(face, 2) for _ in range(3)]
+    for m in ms:
+        face.wait(q.record(m, {0: O.TempFailed(LATER), 1: O.TempFailed(LATER)}))
+    told = heard(face)
+    assert face.wait(q.flush(domain="nowhere.example", background=True)) == 0
+    assert told == [events.RetryNow(None, domain="nowhere.example")]
+    del told[:]
+    domain = ms[0].envelope.recipients[1].address.domain
+    assert face.wait(q.flush(domain=domain.upper(), background=True)) == 3
+    if getattr(q, "background_flush", None) is not None:    # the real queue: batches follow
+        face.wait(q.background_flush)
+    now = face.clock.seconds()
+    assert told[0] == events.RetryNow(None, domain=domain) and events.Due(now) in told
+    due = face.wait(q.due(now, 10))
+    assert sorted(m.id for m in due) == sorted(m.id for m in ms)
+    assert all(m.recipients[1].next_attempt == now < m.recipients[0].next_attempt for m in due)
+    assert face.wait(q.flush(domain=domain, background=True)) == 0   # nothing left to move
+
+
 def test_suppression_add_remove_import(face: Face) -> None:
     """The admin's suppression commands change the list the queue checks."""
     q: AdminQueue = face.queue

@@ -82,7 +82,10 @@ class AdminQueue(Protocol):
 
     def release(self, message_id: str) -> "Deferred[bool]": ...
 
-    def flush(self, message_id: str | None = None, domain: str | None = None) -> "Deferred[int]": ...
+    def flush(self, message_id: str | None = None, domain: str | None = None,
+              background: bool = False) -> "Deferred[int]":
+        """Messages with recipients made due (`background`, a domain: counted, then made
+        due after the answer)."""
 
     def delete(self, message_id: str) -> "Deferred[bool]": ...
 

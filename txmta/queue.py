@@ -39,6 +39,7 @@ from typing import Any, Callable, Collection, Iterable, Mapping, Sequence
 
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 
 from txmta import deadline, dsn, retry, suppression
 from txmta import events as E      # events.Deferred beside twisted's Deferred; `events` below is a timeline
@@ -55,6 +56,8 @@ from txmta.spool.interface import BodyWriter, Spool
 DEFAULT_SCHEDULE = (60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0)
 DSN_FULL_LIMIT = 256 * 1024     # above this, a DSN returns only the header section unless RET=FULL
 PICKED_KEPT = 10000             # pickup(): how many told-of ids a worker remembers
+
+log = Logger()
 
 
 SignReport = Callable[[bytes, float], bytes]
@@ -89,6 +92,7 @@ class Queue:
         partitions = tuple(partitions)
         self.ids = MessageIds(partitions, clock=clock.seconds)   # this worker's partitions
         self.flush_batch = 1000     # recipients per spool transaction of a flush of all / a domain
+        self.background_flush: Deferred[Any] | None = None  # the last one started: fires when done
         # no two workers share a partition, so no two make the same event id
         self.event_ids = E.EventIds(min(partitions))
         self.events = events or E.EventStream()
@@ -523,31 +527,61 @@ class Queue:
                             if r.state in (QUEUED, HELD) else r, event="deleted")
 
     @inlineCallbacks
-    def flush(self, message_id: str | None = None, domain: str | None = None) -> Any:
+    def flush(self, message_id: str | None = None, domain: str | None = None,
+              background: bool = False) -> Any:
         """Make queued recipients due now: one message, one recipient domain, or all.
 
         A domain or all goes through the spool's indexes `flush_batch` recipients per transaction
         (intake commits in between), never loading a message (DESIGN invariant 6); fires
-        with the number of messages that had recipients made due."""
+        with the number of messages that had recipients made due.
+
+        `background` (the admin commands' flush of a domain, like `postqueue -s`): count them
+        in a read, fire with the count, then make them due batch by batch, waking the
+        dispatcher after each, so delivery starts with the first batch and the command does
+        not wait for the last.  A restart in the middle leaves the rest as it was."""
         now = self.clock.seconds()
         if message_id is not None:
             found = yield self._change(message_id, lambda r, n: replace(r, next_attempt=n)
                                        if r.state == QUEUED else r, retry_now=True, event="flushed")
             return 1 if found else 0
-        # an admin asked: whatever throttles the destinations concerned is lifted
-        if domain is None:
-            self.events.publish(E.RetryNow(None))
-        else:
+        if domain is not None:
             domain = domain.lower()
-            self.events.publish(E.RetryNow(None, domain=domain))
+        if background and domain is not None:
+            count = yield self._flush_count(now, domain)
+            d = self._flush_batches(now, domain, wake_each=True)   # lifts throttles even if 0
+            d.addErrback(lambda f: log.info("flush of {domain} stopped: {why}",
+                                            domain=domain, why=f.getErrorMessage()))
+            self.background_flush = d
+            return count
+        count = yield self._flush_batches(now, domain)
+        return count
+
+    @inlineCallbacks
+    def _flush_count(self, now: float, domain: str | None) -> Any:
+        """The messages a flush at `now` would make due, counted in reads of 10 batches."""
+        count, after = 0, None
+        while True:
+            messages, _, after = yield self.spool.flush(now, domain, after,
+                                                        10 * self.flush_batch, dry_run=True)
+            count += messages
+            if after is None:
+                return count
+
+    @inlineCallbacks
+    def _flush_batches(self, now: float, domain: str | None, wake_each: bool = False) -> Any:
+        # an admin asked: whatever throttles the destinations concerned is lifted
+        self.events.publish(E.RetryNow(None, domain=domain) if domain is not None
+                            else E.RetryNow(None))
         count = 0
         after = None
         while True:
             messages, _, after = yield self.spool.flush(now, domain, after, self.flush_batch)
             count += messages
+            if wake_each and messages:
+                self.events.publish(E.Due(now))
             if after is None:
                 break
-        if count:
+        if count and not wake_each:
             self.events.publish(E.Due(now))     # one wake-up of the dispatcher for all of them
         return count
 

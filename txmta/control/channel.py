@@ -136,7 +136,8 @@ class WorkerControl:
         self.tell = tell
 
     def flush(self, message_id: str | None, domain: str | None) -> Any:
-        return self.queue.flush(message_id, domain)
+        # a domain's recipients are counted, then made due after the answer (Queue.flush)
+        return self.queue.flush(message_id, domain, background=domain is not None)
 
     def pickup(self, message_id: str) -> Any:
         return self.queue.pickup(message_id)
