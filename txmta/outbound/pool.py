@@ -71,6 +71,15 @@ class PoolKey:
     helo: str
     lane: str = ""       # the lane whose share of the destination's connections it uses
 
+    def __post_init__(self) -> None:
+        # hashed once: the pool looks keys up for every waiter at every dispatch
+        object.__setattr__(self, "_hash", hash((self.destination, self.mx, self.address,
+                                                self.port, self.tls, self.source, self.helo,
+                                                self.lane)))
+
+    def __hash__(self) -> int:
+        return self._hash       # type: ignore[attr-defined,no-any-return]
+
 
 class PooledClient(TypingProtocol):
     """What the pool needs of a connection (`SMTPClient` provides it)."""
