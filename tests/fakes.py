@@ -233,7 +233,13 @@ class FakeQueue:
 
     def flush(self, message_id: str | None = None, domain: str | None = None,
               background: bool = False) -> Deferred[int]:
-        # background: the same here (all is done before the answer, which the face allows)
+        # background: the answer counts the domain's queued messages; all is done before it
+        if background and domain is not None:
+            wanted = domain.lower()
+            queued = sum(1 for m in self.messages.values() if any(
+                r.state in (QUEUED, HELD) and rcpt.address.domain.lower() == wanted
+                for rcpt, r in zip(m.envelope.recipients, m.recipients)))
+            return self.flush(None, domain).addCallback(lambda _: queued)
         if message_id is not None:
             return self._change(message_id, lambda r, now: replace(r, next_attempt=now)
                                 if r.state == QUEUED else r, "flushed",

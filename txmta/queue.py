@@ -535,10 +535,12 @@ class Queue:
         (intake commits in between), never loading a message (DESIGN invariant 6); fires
         with the number of messages that had recipients made due.
 
-        `background` (the admin commands' flush of a domain, like `postqueue -s`): count them
-        in a read, fire with the count, then make them due batch by batch, waking the
-        dispatcher after each, so delivery starts with the first batch and the command does
-        not wait for the last.  A restart in the middle leaves the rest as it was."""
+        `background` (the admin commands' flush of a domain, like `postqueue -s`): fire with
+        the number of messages still queued for the domain (deferred, due or held: counted
+        from the domains index's keys, no record read), then make its recipients due batch by
+        batch, waking the dispatcher after each, so delivery starts with the first batch and
+        the command does not wait for the last.  A restart in the middle leaves the rest as
+        it was."""
         now = self.clock.seconds()
         if message_id is not None:
             found = yield self._change(message_id, lambda r, n: replace(r, next_attempt=n)
@@ -547,7 +549,7 @@ class Queue:
         if domain is not None:
             domain = domain.lower()
         if background and domain is not None:
-            count = yield self._flush_count(now, domain)
+            count = yield self.spool.queued_at(domain)
             d = self._flush_batches(now, domain, wake_each=True)   # lifts throttles even if 0
             d.addErrback(lambda f: log.info("flush of {domain} stopped: {why}",
                                             domain=domain, why=f.getErrorMessage()))
@@ -555,17 +557,6 @@ class Queue:
             return count
         count = yield self._flush_batches(now, domain)
         return count
-
-    @inlineCallbacks
-    def _flush_count(self, now: float, domain: str | None) -> Any:
-        """The messages a flush at `now` would make due, counted in reads of 10 batches."""
-        count, after = 0, None
-        while True:
-            messages, _, after = yield self.spool.flush(now, domain, after,
-                                                        10 * self.flush_batch, dry_run=True)
-            count += messages
-            if after is None:
-                return count
 
     @inlineCallbacks
     def _flush_batches(self, now: float, domain: str | None, wake_each: bool = False) -> Any:

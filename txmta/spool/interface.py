@@ -105,14 +105,18 @@ class Spool(Protocol):
         first group it is found in only."""
 
     def flush(self, now: float, domain: str | None = None, after: Any = None,
-              limit: int = 1000, dry_run: bool = False) -> "Deferred[tuple[int, int, Any]]":
+              limit: int = 1000) -> "Deferred[tuple[int, int, Any]]":
         """Make QUEUED recipients due after `now` due at `now`: all of this spool's
         partitions, or those at `domain` (case ignored); HELD ones stay held.  One batch of
         about `limit` recipients (whole messages) in one transaction, from the indexes alone
         (no message record is read); fires with (messages, recipients) made due and the
-        `after` of the next batch, None when there is none; `dry_run` counts them the same
-        way and changes nothing (a read).  Cost grows with the mail flushed (with the
-        domain's mail), not with the queue (DESIGN invariant 6)."""
+        `after` of the next batch, None when there is none.  Cost grows with the mail
+        flushed (with the domain's mail), not with the queue (DESIGN invariant 6)."""
+
+    def queued_at(self, domain: str) -> "Deferred[int]":
+        """Messages with a recipient at `domain` (case ignored) still in the queue (deferred,
+        due or held), in this spool's partitions; from the index alone, cost grows with the
+        domain's mail."""
 
     def count(self) -> "Deferred[int]": ...
 

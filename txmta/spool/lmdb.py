@@ -866,21 +866,40 @@ class LmdbSpool(HookDeliveries):
     # -- flush: due now, in batches, from the indexes alone ------------------------------------
 
     def flush(self, now: float, domain: str | None = None, after: bytes | None = None,
-              limit: int = 1000, dry_run: bool = False
-              ) -> Deferred[tuple[int, int, bytes | None]]:
+              limit: int = 1000) -> Deferred[tuple[int, int, bytes | None]]:
         """Make the QUEUED recipients of this spool's partitions that are due after `now` due
         at `now`: all of them, or those at `domain`.  One batch per call, in one write
         transaction: about `limit` index entries, whole messages; fires with (messages,
         recipients) made due and where to go on (`after` of the next call), None at the end.
-        `dry_run`: count them in a read transaction, change nothing.
 
         Reads only index keys and recipient records, never a message record: all walks the
         due index from `now` on, a domain walks its entries in the domains index."""
         def fn(txn: Any) -> tuple[int, int, bytes | None]:
             if domain is None:
-                return self._flush_due(txn, now, after, max(1, limit), dry_run)
-            return self._flush_domain(txn, now, domain, after, max(1, limit), dry_run)
-        return self._submit(_Op(fn, read=dry_run))
+                return self._flush_due(txn, now, after, max(1, limit))
+            return self._flush_domain(txn, now, domain, after, max(1, limit))
+        return self._submit(_Op(fn))
+
+    def queued_at(self, domain: str) -> Deferred[int]:
+        """Messages of this spool's partitions with a recipient at `domain` (case ignored)
+        still in the queue: deferred, due or held.  A read of the domains index's keys alone,
+        no record: what an admin's flush of the domain counts before it answers."""
+        def fn(txn: Any) -> int:
+            count = 0
+            with txn.cursor(db=self._db[b"domains"]) as cur:
+                for p in self.partitions:
+                    prefix = domain_prefix(p, domain)
+                    if not cur.set_range(prefix):
+                        break           # nothing at or after this partition's prefix
+                    last = b""
+                    for key in cur.iternext(keys=True, values=False):
+                        if not key.startswith(prefix):
+                            break
+                        mid = bytes(key[len(prefix):]).rsplit(b"/", 1)[0]
+                        count += mid != last
+                        last = mid
+            return count
+        return self._submit(_Op(fn, read=True))
 
     def _index_walk(self, txn: Any, db: bytes, after: bytes | None, limit: int,
                     start: Callable[[int], bytes], inside: Callable[[int, bytes], bool]
@@ -906,10 +925,9 @@ class LmdbSpool(HookDeliveries):
         return keys, None
 
     def _make_due(self, txn: Any, message_id: str, index: int, raw: bytes | None, now: float,
-                  priority: int, dry_run: bool = False) -> bool:
+                  priority: int) -> bool:
         """Move one recipient (its record `raw`; its message's `priority`) due after `now` to
-        `now` (`dry_run`: only say whether it would be); False if it is not QUEUED, already
-        due, or gone."""
+        `now`; False if it is not QUEUED, already due, or gone."""
         if raw is None:
             return False
         try:
@@ -920,8 +938,6 @@ class LmdbSpool(HookDeliveries):
             return False
         if st.state != QUEUED or st.next_attempt <= now:
             return False
-        if dry_run:
-            return True
         klass = due_class(priority, st.attempts)
         txn.delete(due_key(st.next_attempt, message_id, index, klass), db=self._db[b"due"])
         txn.put(due_key(now, message_id, index, klass), b"", db=self._db[b"due"])
@@ -929,8 +945,8 @@ class LmdbSpool(HookDeliveries):
                 db=self._db[b"recipients"])
         return True
 
-    def _flush_due(self, txn: Any, now: float, after: bytes | None, limit: int,
-                   dry_run: bool = False) -> tuple[int, int, bytes | None]:
+    def _flush_due(self, txn: Any, now: float, after: bytes | None, limit: int
+                   ) -> tuple[int, int, bytes | None]:
         """Every recipient of a message met in the due index at once: its later entries
         leave the walk's range, so each message is counted once.  The walk covers every class
         of the partition; recipients due already are passed over."""
@@ -953,14 +969,13 @@ class LmdbSpool(HookDeliveries):
                             break
                         states.append((int(k[len(prefix):], 16), bytes(v)))
             priority = MAX_PRIORITY - (key[1] >> 1)    # the class byte: lanes.due_class
-            moved = sum(self._make_due(txn, mid, i, raw, now, priority, dry_run)
-                        for i, raw in states)
+            moved = sum(self._make_due(txn, mid, i, raw, now, priority) for i, raw in states)
             messages += moved > 0
             recipients += moved
         return messages, recipients, last
 
-    def _flush_domain(self, txn: Any, now: float, domain: str, after: bytes | None, limit: int,
-                      dry_run: bool = False) -> tuple[int, int, bytes | None]:
+    def _flush_domain(self, txn: Any, now: float, domain: str, after: bytes | None, limit: int
+                      ) -> tuple[int, int, bytes | None]:
         """A domain's entries are in message order: a batch ends between two messages."""
         prefixes = {p: domain_prefix(p, domain) for p in self.partitions}
         keys, last = self._index_walk(txn, b"domains", after, limit, prefixes.__getitem__,
@@ -985,8 +1000,7 @@ class LmdbSpool(HookDeliveries):
                 value = txn.get(key, db=self._db[b"domains"])
                 priority = value[0] if value else 0
             raw = txn.get(rcpt_key(mid, index), db=self._db[b"recipients"])
-            if self._make_due(txn, mid, index, None if raw is None else bytes(raw), now, priority,
-                              dry_run):
+            if self._make_due(txn, mid, index, None if raw is None else bytes(raw), now, priority):
                 moved += 1
                 recipients += 1
         messages += moved > 0

@@ -241,10 +241,10 @@ class MemorySpool:
         return succeed(c)
 
     def flush(self, now: float, domain: str | None = None,
-              after: tuple[int, str] | None = None, limit: int = 1000, dry_run: bool = False
+              after: tuple[int, str] | None = None, limit: int = 1000
               ) -> Deferred[tuple[int, int, tuple[int, str] | None]]:
         """As LmdbSpool.flush: whole messages, in (partition, id) order, about `limit`
-        recipients a call (`dry_run`: counted, nothing changed)."""
+        recipients a call."""
         err = self._failing()
         if err is not None:
             return fail(err)
@@ -271,18 +271,22 @@ class MemorySpool:
             moved = [i for i in mine if states[i].state == QUEUED and states[i].next_attempt > now]
             for i in moved:
                 states[i] = replace(states[i], next_attempt=now)
-            if moved and dry_run:
-                messages += 1
-                recipients += len(moved)
-            elif moved:
+            if moved:
                 self._unindex(m)
                 self.messages[m.id] = replace(m, recipients=tuple(states))
                 self._index(self.messages[m.id])
                 messages += 1
                 recipients += len(moved)
-        if not dry_run:
-            self.commits += 1       # one transaction a batch, as LMDB
+        self.commits += 1       # one transaction a batch, as LMDB
         return succeed((messages, recipients, after if more else None))
+
+    def queued_at(self, domain: str) -> Deferred[int]:
+        """As LmdbSpool.queued_at."""
+        wanted = domain.lower()
+        return succeed(sum(
+            1 for mid, m in self.messages.items() if partition_of(mid) in self.partitions
+            and any(r.state in UNFINISHED and rcpt.address.domain.lower() == wanted
+                    for rcpt, r in zip(m.envelope.recipients, m.recipients))))
 
     def cache_get(self, key: str) -> Deferred[bytes | None]:
         return succeed(self.cache.get(key))
