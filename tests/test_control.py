@@ -444,6 +444,18 @@ def test_call_times_out(tmp_path):
         s.close()
 
 
+def test_a_flush_of_all_is_waited_for_longer_than_other_commands():
+    """A flush of all answers when it is done (minutes on a queue of a million): the CLI and
+    the API wait an hour for it, 60 s for anything else, a flush of one message or of a
+    domain (which answers before its batches) included."""
+    from txmta.control.amp import CALL_TIMEOUT, FLUSH_TIMEOUT, timeout_for
+    assert timeout_for(Flush, {}) == timeout_for(Flush, {"domain": None}) == FLUSH_TIMEOUT
+    assert timeout_for(Flush, {"domain": "example.com"}) == CALL_TIMEOUT
+    assert timeout_for(Flush, {"message_id": MID, "domain": None}) == CALL_TIMEOUT
+    assert timeout_for(Hold, {"message_id": MID}) == timeout_for(Status, {}) == CALL_TIMEOUT
+    assert FLUSH_TIMEOUT > CALL_TIMEOUT
+
+
 # -- the pickup socket --------------------------------------------------------------------------
 
 def test_the_pickup_protocol_answers_pickup_and_nothing_else():

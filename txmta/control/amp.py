@@ -46,6 +46,15 @@ import txmta
 CONTROL_SOCKET_NAME = "control.sock"
 PICKUP_SOCKET_NAME = "pickup.sock"   # mode 0666: txmta-sendmail wakes the daemon (Pickup only)
 CALL_TIMEOUT = 60.0        # seconds the CLI waits for the daemon's answer
+# a flush of all answers when it is done: about 100 s for a million deferred recipients
+FLUSH_TIMEOUT = 3600.0
+
+
+def timeout_for(command: type[amp.Command], kwargs: dict[str, Any]) -> float:
+    """How long a caller waits for `command`'s answer: a flush of all, longer."""
+    if command is Flush and kwargs.get("message_id") is None and kwargs.get("domain") is None:
+        return FLUSH_TIMEOUT
+    return CALL_TIMEOUT
 INTERNAL_ERROR = b"INTERNAL"
 
 _log = Logger()
@@ -455,9 +464,12 @@ def parse_answer(command: type[amp.Command], box: dict[bytes, bytes]) -> dict[st
     return out
 
 
-def call(socket_path: str, command: type[amp.Command], timeout: float = CALL_TIMEOUT,
+def call(socket_path: str, command: type[amp.Command], timeout: float | None = None,
          **kwargs: Any) -> dict[str, Any]:
-    """Send one command to the daemon at `socket_path` and return its response (blocking)."""
+    """Send one command to the daemon at `socket_path` and return its response (blocking);
+    `timeout` None: `timeout_for` the command."""
+    if timeout is None:
+        timeout = timeout_for(command, kwargs)
     ask = b"1"
     request = encode_box(request_box(command, ask, kwargs))
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -501,10 +513,12 @@ def call(socket_path: str, command: type[amp.Command], timeout: float = CALL_TIM
 # -- the asynchronous client (the HTTP API's admin endpoints, in a worker) -------------------
 
 def call_async(reactor: Any, socket_path: str, command: type[amp.Command],
-               timeout: float = CALL_TIMEOUT, **kwargs: Any) -> defer.Deferred:
+               timeout: float | None = None, **kwargs: Any) -> defer.Deferred:
     """`call()` on the reactor: one command over a new connection to the control socket,
     firing with its response, or failing with ControlError (no daemon, an error answer,
-    no answer within `timeout`)."""
+    no answer within `timeout`, by default `timeout_for` the command)."""
+    if timeout is None:
+        timeout = timeout_for(command, kwargs)
     from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
     args = {k: v for k, v in kwargs.items() if v is not None}
     endpoint = UNIXClientEndpoint(reactor, socket_path, timeout=int(timeout))
