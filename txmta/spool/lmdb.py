@@ -54,7 +54,7 @@ from txmta.message import (QUEUED, UNFINISHED, Change, OutboxEntry, OutboxRecord
                            RecipientState, StoredMessage, Suppression, intake_events,
                            received_event, AlreadySubmitted, Idempotency, message_id_time)
 from txmta.partition import ALL, partition_of
-from txmta.spool import codec
+from txmta.spool import codec, maptrim
 from txmta.spool.bodies import MemoryBody, fsync_dir
 from txmta.spool.hooks import HookDeliveries
 from txmta.spool.interface import CommitFailed, SpoolError, SpoolFormatError, SpoolFull
@@ -66,7 +66,8 @@ from txmta.spool.view import (DB_NAMES, FORMAT, MAX_READERS, domain_key, domain_
                               idempotent_time_key, lookup_keys, recipient_due_key)
 from txmta.lanes import MAX_PRIORITY, due_class
 
-READER_CHECK = 60.0   # seconds between sweeps of the reader slots dead processes left
+READER_CHECK = 60.0   # seconds between sweeps of the reader slots dead processes left (and
+                      # trims of the map's pages from the resident set: maptrim.py)
 # An I/O error of a commit counts as a full disk when less than this is left free: LMDB
 # reports a short write (the filesystem filled during it) as EIO
 NEARLY_FULL = 16 * 1024 * 1024
@@ -335,6 +336,7 @@ class LmdbSpool(HookDeliveries):
                     self._check_readers()
                 except lmdb.Error:
                     log.failure("spool reader check")
+                self.trim_map()
             if not batch:
                 continue
             reads = [op for op in batch if op.read]
@@ -348,6 +350,13 @@ class LmdbSpool(HookDeliveries):
                 self._run_batch(batch)
                 self._reactor.callFromThread(self._fire, batch)
         self._reactor.callFromThread(self._exit)
+
+    def trim_map(self) -> bool:
+        """Drop the pages of the data file this process has read from its resident set (the
+        writer thread does it every READER_CHECK seconds, between its transactions; a read
+        on another thread meanwhile faults its page back in, unchanged); see
+        txmta/spool/maptrim.py."""
+        return maptrim.trim(os.path.join(self.path, "data.mdb"))
 
     def _adopt_map_size(self) -> None:
         """Another worker grew the map: take its size (MDB_MAP_RESIZED)."""
