@@ -48,13 +48,6 @@ PICKUP_SOCKET_NAME = "pickup.sock"   # mode 0666: txmta-sendmail wakes the daemo
 CALL_TIMEOUT = 60.0        # seconds the CLI waits for the daemon's answer
 # a flush of all answers when it is done: about 100 s for a million deferred recipients
 FLUSH_TIMEOUT = 3600.0
-
-
-def timeout_for(command: type[amp.Command], kwargs: dict[str, Any]) -> float:
-    """How long a caller waits for `command`'s answer: a flush of all, longer."""
-    if command is Flush and kwargs.get("message_id") is None and kwargs.get("domain") is None:
-        return FLUSH_TIMEOUT
-    return CALL_TIMEOUT
 INTERNAL_ERROR = b"INTERNAL"
 
 _log = Logger()
@@ -462,6 +455,13 @@ def parse_answer(command: type[amp.Command], box: dict[bytes, bytes]) -> dict[st
         else:
             raise ControlError(f"bad AMP answer to {command.__name__}: no {key}")
     return out
+
+
+def timeout_for(command: type[amp.Command], kwargs: dict[str, Any]) -> float:
+    """How long a caller waits for `command`'s answer: a flush of all, longer."""
+    if command is Flush and kwargs.get("message_id") is None and kwargs.get("domain") is None:
+        return FLUSH_TIMEOUT
+    return CALL_TIMEOUT
 
 
 def call(socket_path: str, command: type[amp.Command], timeout: float | None = None,

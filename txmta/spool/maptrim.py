@@ -73,7 +73,7 @@ def trim(path: str) -> bool:
                 err = ctypes.get_errno()
                 raise OSError(err, os.strerror(err))
         return True
-    except (OSError, AttributeError) as e:
+    except Exception as e:      # never into the writer thread, whose caller this is
         if not _warned:
             _warned = True
             log.info("spool map pages are left in the resident set: {e}", e=e)
