@@ -207,6 +207,19 @@ def test_header_word_longer_than_a_line_is_refused() -> None:
     assert (info.value.error_code, info.value.field) == (300, "Headers")
 
 
+def test_a_word_too_long_is_refused_naming_the_field_it_came_in() -> None:
+    """A Subject (or a Content-ID) that cannot be folded within 998 octets names the field
+    the request gave it in, not Headers."""
+    with pytest.raises(InvalidRequest) as info:
+        build(Submission(sender="a@example.com", to=("b@example.com",), text="t",
+                         subject="y" * 1000))
+    assert (info.value.error_code, info.value.field) == (300, "Subject")
+    with pytest.raises(InvalidRequest) as info:
+        build(Submission(sender="a@example.com", to=("b@example.com",), text="t",
+                         attachments=(Attachment("a.txt", b"x", "text/plain", "c" * 1000),)))
+    assert (info.value.error_code, info.value.field) == (300, "Attachments")
+
+
 def test_non_ascii_extra_header_is_rfc2047_encoded() -> None:
     data = build(Submission(sender="a@example.com", to=("b@example.com",), text="t",
                             headers=(("X-Mood", "très bien ☀"),)))

@@ -114,9 +114,9 @@ def _address_field(msg: MIMEPart, name: str, texts: tuple[str, ...], field_name:
     msg.set_raw(name, ",\r\n ".join(mailboxes))
 
 
-def _fold(name: str, value: str) -> str:
+def _fold(name: str, value: str, field_name: str) -> str:
     """`value` folded before white space where its line would pass 78 characters; refused
-    when a line cannot be kept within 998 octets."""
+    (naming the request's `field_name`) when a line cannot be kept within 998 octets."""
     pieces = [p for p in _WSP_RUN.split(value) if p]
     lines = [""]
     width = len(name) + 2
@@ -129,7 +129,7 @@ def _fold(name: str, value: str) -> str:
     lines[0] = f"{name}: {lines[0]}"
     if any(len(line.encode("utf-8")) > _LINE_MAX for line in lines):
         raise InvalidRequest(300, f"The header '{name}' has a word too long for a line of "
-                                  f"{_LINE_MAX} octets.", "Headers")
+                                  f"{_LINE_MAX} octets.", field_name)
     return "\r\n".join(lines)[len(name) + 2:]
 
 
@@ -168,7 +168,7 @@ def _attach(container: MIMEPart, att: Attachment, disposition: str, related: boo
     if att.content_id:
         part = container.get_payload()[-1]
         assert isinstance(part, MIMEPart)
-        part.set_raw("Content-ID", _fold("Content-ID", f"<{att.content_id}>"))
+        part.set_raw("Content-ID", _fold("Content-ID", f"<{att.content_id}>", "Attachments"))
 
 
 def _text_kwargs(text: str) -> dict[str, str]:
@@ -245,7 +245,7 @@ def build_message(sub: Submission, *, message_id: str, date: float, hostname: st
             _address_field(msg, name, texts, field_name)
     if sub.subject:
         if sub.subject.isascii() and sub.subject.isprintable():
-            msg.set_raw("Subject", _fold("Subject", sub.subject))
+            msg.set_raw("Subject", _fold("Subject", sub.subject, "Subject"))
         else:
             msg["Subject"] = sub.subject
     if "date" not in extra:    # ASCII we made: set as it is, the parser would only re-read it
@@ -254,7 +254,7 @@ def build_message(sub: Submission, *, message_id: str, date: float, hostname: st
         msg.set_raw("Message-ID", f"<{message_id}@{hostname}>")
     for name, value in sub.headers:
         if utf8 or value.isascii():
-            msg.set_raw(name, _fold(name, value))
+            msg.set_raw(name, _fold(name, value, "Headers"))
         else:
             msg.set_raw(name, _UNSTRUCTURED(name, value))
     msg["MIME-Version"] = "1.0"
