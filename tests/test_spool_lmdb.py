@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import lmdb
@@ -394,3 +395,53 @@ def test_a_format_5_spool_gets_its_lanes_counted(open_lmdb, wait, make_message, 
     assert lane_counts(spool, wait) == {"bulk": 2, "": 1, "transactional": 1}
     with spool._env.begin() as txn:
         assert txn.get(b"format", db=spool._db[b"meta"]) == b"6"
+
+
+LOCK_HOLDER = r"""
+import lmdb, sys
+env = lmdb.open(sys.argv[1], max_dbs=64, subdir=True)
+txn = env.begin(write=True)         # holds the environment's write lock, as another worker's commit
+print("locked", flush=True)
+sys.stdin.readline()
+txn.abort()
+"""
+
+
+def test_writes_that_arrive_while_another_process_holds_the_lock_join_the_commit(
+        open_lmdb, wait, make_message, tmp_path):
+    """Two workers share one write lock.  Writes submitted while this spool's writer waits
+    for it go into the commit it is waiting to make, not into one more commit (one fsync
+    for all of them)."""
+    spool = open_lmdb(tmp_path / "shared")
+    sizes = []
+    spool.on_commit = lambda seconds, n: sizes.append(n)
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(tmp_path / "shared")],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        messages = [make_message() for _ in range(5)]
+        ds = []
+
+        def submit(m):
+            w = spool.body_writer(m.id)
+            w.write(b"Subject: t\r\n\r\nbody\r\n")
+            ds.append(spool.put(m, w))
+
+        submit(messages[0])
+        for _ in range(5000):           # until the writer took it (it then waits for the lock)
+            if not spool._pending:
+                break
+            time.sleep(0.001)
+        assert not spool._pending
+        for m in messages[1:]:
+            submit(m)
+        assert sizes == []              # nothing committed while the lock is held
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+        for d in ds:
+            wait(d)
+    finally:
+        holder.stdin.close()
+        holder.wait(10)
+    assert sizes == [5]
+    assert all(wait(spool.get(m.id)) is not None for m in messages)

@@ -403,11 +403,28 @@ class LmdbSpool(HookDeliveries):
                         op.failure = CommitFailed(f"fsync of {self.bodies}: {e}")
         groups = [[op for op in batch if op.failure is None]]
         resized = 0
+
+        def more() -> list[_Op]:
+            """Writes submitted since `batch` was taken that need nothing before their commit
+            (no body file to sync): they join it.  `_commit` asks once it holds the write
+            lock, so what arrived while another worker's commit held it is in this commit,
+            not the next one (fewer, larger commits when workers share the spool)."""
+            with self._cond:
+                taken = [op for op in self._pending if not op.read and op.pre is None]
+                if taken:
+                    self._pending = [op for op in self._pending
+                                     if op.read or op.pre is not None]
+            batch.extend(taken)
+            return taken
+
+        first = True
         while groups:
             group = groups.pop(0)
             if not group:
                 continue
-            error = self._commit(group)
+            # only the first try takes more: a retry or a split (a full map) must end
+            error = self._commit(group, more if first else None)
+            first = False
             if error is None:
                 continue
             if isinstance(error, lmdb.MapResizedError) and resized < 10:
@@ -437,16 +454,21 @@ class LmdbSpool(HookDeliveries):
             except Exception:
                 log.failure("spool cleanup after commit")
 
-    def _commit(self, group: list[_Op]) -> BaseException | None:
+    def _commit(self, group: list[_Op], more: Callable[[], list[_Op]] | None = None
+                ) -> BaseException | None:
         """Run `group` in one write transaction; each operation in a child transaction so one
         operation's error fails only that operation.  Returns the error that prevented the
-        commit (the whole group then failed), or None."""
+        commit (the whole group then failed), or None.  `more()`, asked once the write lock
+        is held, gives operations that join `group` (new ones: nothing to reset; they stay
+        in `group` for a retry)."""
         for op in group:
             op.failure = None
             op.result = None
         started = time.perf_counter()
         try:
             with self._env.begin(write=True) as txn:
+                if more is not None:
+                    group.extend(more())
                 for op in group:
                     child = self._env.begin(write=True, parent=txn)
                     try:
