@@ -1,6 +1,8 @@
 """Replies render per RFC 5321 4.2.1 with enhanced codes per RFC 2034."""
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from txmta.reply import Reply
 
@@ -37,3 +39,16 @@ def test_code_out_of_range_is_refused(code):
 def test_stated_enhanced_reads_a_code_left_at_the_start_of_the_text(enhanced: str, text: str,
                                                                      stated: str) -> None:
     assert Reply(451, enhanced, text).stated_enhanced == stated
+
+
+@given(st.text(), st.integers(min_value=3, max_value=600))
+def test_cut_keeps_text_within_its_octets(text, octets):
+    """reply.cut: short text unchanged; a longer one a prefix of it within `octets` octets of
+    UTF-8, ending in "..." (never a broken character)."""
+    from txmta.reply import cut
+    shown = cut(text, octets)
+    if len(text.encode("utf-8")) <= octets:
+        assert shown == text
+    else:
+        assert shown.endswith("...") and text.startswith(shown[:-3])
+        assert len(shown.encode("utf-8")) <= octets

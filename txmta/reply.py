@@ -73,6 +73,15 @@ def multiline(code: int, enhanced: str, lines: list[str]) -> Reply:
     return Reply(code, enhanced, "\n".join(lines))
 
 
+def cut(text: str, octets: int) -> str:
+    """`text` in at most `octets` octets of UTF-8, "..." marking a cut: a client's or a next
+    hop's words shown in a reply line, which RFC 5321 4.5.3.1.5 bounds to 512 octets."""
+    data = text.encode("utf-8")
+    if len(data) <= octets:
+        return text
+    return data[:max(octets - 3, 0)].decode("utf-8", "ignore") + "..."
+
+
 # Replies the server sends often (RFC 5321 4.2.2 codes, RFC 3463 enhanced codes).
 OK = Reply(250, "2.0.0", "OK")
 CLOSING = Reply(221, "2.0.0", "Bye")

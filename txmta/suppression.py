@@ -13,7 +13,7 @@ import re
 import time
 from typing import Iterable
 
-from txmta.reply import Reply
+from txmta.reply import Reply, cut
 from txmta.message import Suppression
 
 
@@ -54,20 +54,13 @@ _CONTROLS = re.compile(r"[\x00-\x1f\x7f]+")
 _REPLY_TEXT = 512 - len("550-5.1.1 \r\n")     # RFC 5321 4.5.3.1.5: 512 octets a line
 
 
-def _cut(text: str, octets: int) -> str:
-    """`text` in at most `octets` octets of UTF-8, "..." marking a cut."""
-    data = text.encode("utf-8")
-    if len(data) <= octets:
-        return text
-    return data[:max(octets - 3, 0)].decode("utf-8", "ignore") + "..."
-
-
 def rejection(address: str, entry: Suppression) -> Reply:
     """550 5.1.1 saying the address is suppressed, since when and why: one reply line of
     at most 512 octets, whatever the address and the stored reply (a next hop's text, which
     may hold CR, LF or other controls) were."""
     since = time.strftime("%Y-%m-%d", time.gmtime(entry.since))
     why = _CONTROLS.sub(" ", entry.reason + (f": {entry.reply}" if entry.reply else ""))
-    shown = _cut(_CONTROLS.sub(" ", address), 200)
+    shown = cut(_CONTROLS.sub(" ", address), 200)
     text = f"<{shown}>: recipient address suppressed since {since} after a hard bounce ("
-    return Reply(550, "5.1.1", text + _cut(why[:200], _REPLY_TEXT - len(text.encode("utf-8")) - 1) + ")")
+    room = _REPLY_TEXT - len(text.encode("utf-8")) - 1
+    return Reply(550, "5.1.1", text + cut(why[:200], room) + ")")

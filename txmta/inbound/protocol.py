@@ -75,11 +75,7 @@ MAX_REPLY_TEXT = 512 - len("250-\r\n")    # RFC 5321 4.5.3.1.5: a reply line is 
 def _fit(before: str, echo: str, after: str) -> str:
     """`before + echo + after`, the client's `echo` shortened (with "...") so that the
     reply line stays within 512 octets."""
-    room = MAX_REPLY_TEXT - len((before + after).encode("utf-8"))
-    data = echo.encode("utf-8")
-    if len(data) > room:
-        echo = data[:max(room - 3, 0)].decode("utf-8", "ignore") + "..."
-    return before + echo + after
+    return before + R.cut(echo, MAX_REPLY_TEXT - len((before + after).encode("utf-8"))) + after
 
 
 class IIntake(TypingProtocol):
