@@ -668,20 +668,24 @@ def _built(sub: Any) -> None:
         email.message_from_bytes(data, policy=email.policy.default)
 
 
-def target_postmark(obj: Any) -> None:
+def _parsed(parse: Any, obj: Any) -> Any:
+    """`parse(obj)`, or None when it refuses the request with a well-formed InvalidRequest."""
     try:
-        sub = parse_email(obj)
+        return parse(obj)
     except InvalidRequest as e:
         assert isinstance(e.error_code, int) and e.message, e
-        return
-    _built(sub)
+        return None
+
+
+def target_postmark(obj: Any) -> None:
+    sub = _parsed(parse_email, obj)
+    if sub is not None:
+        _built(sub)
 
 
 def target_native(obj: Any) -> None:
-    try:
-        req = parse_native(obj)
-    except InvalidRequest as e:
-        assert isinstance(e.error_code, int) and e.message, e
+    req = _parsed(parse_native, obj)
+    if req is None:
         return
     assert req.recipients and (req.raw is None) != (req.submission is None)
     if req.submission is not None:
