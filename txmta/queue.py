@@ -561,8 +561,7 @@ class Queue:
     @inlineCallbacks
     def _flush_batches(self, now: float, domain: str | None, wake_each: bool = False) -> Any:
         # an admin asked: whatever throttles the destinations concerned is lifted
-        self.events.publish(E.RetryNow(None, domain=domain) if domain is not None
-                            else E.RetryNow(None))
+        self.events.publish(E.RetryNow(None, domain=domain))
         count = 0
         after = None
         while True:
