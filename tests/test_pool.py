@@ -366,3 +366,66 @@ def test_each_lane_with_a_share_gets_one_connection_at_a_window_of_one() -> None
     start(pool, BULK, "b1")
     start(pool, T, "t1")
     assert sorted(k.lane for k, _ in connector.pending) == ["bulk", "transactional"]
+
+
+# -- any interleaving: everything is served, nothing waits beside an idle connection -----------
+
+from hypothesis import given, settings   # noqa: E402
+from hypothesis import strategies as st   # noqa: E402
+
+KEYS = [T, _replace(A2, lane="transactional"), BULK, _replace(A2, lane="bulk"), B]
+STEPS = st.lists(st.one_of(st.tuples(st.just("start"), st.integers(0, len(KEYS) - 1)),
+                           st.tuples(st.just("open"), st.integers(0, 50)),
+                           st.tuples(st.just("fail"), st.integers(0, 50)),
+                           st.tuples(st.just("finish"), st.integers(0, 50))), max_size=80)
+
+
+def _no_waiter_beside_an_idle_connection(pool: ConnectionPool) -> None:
+    idle = {conn.key for conn in pool._idle}
+    for dest in pool._destinations.values():
+        for line in dest.lines.values():
+            assert not (idle & line.by_key.keys())
+            assert len(line) > 0                # an empty line is removed
+    waiting = sum(pool.waiting(d) for d in ("a.example", "b.example"))
+    assert bool(waiting) == bool(pool._waiting)
+
+
+@settings(max_examples=150, deadline=None)
+@given(STEPS, st.integers(1, 3), st.sampled_from([None, LANES]))
+def test_any_interleaving_serves_every_transaction(steps: list[tuple[str, int]], window: int,
+                                                   lanes: Lanes | None) -> None:
+    """Random starts, connects, connect failures and finished sends, then a drain: every
+    transaction ends with a result, connections per destination stay within the window plus
+    the lanes' reserved minimum, and no waiter ever sits beside an idle connection of its key."""
+    pool, connector, _ = make(per_destination=window, initial_per_destination=window,
+                              lanes=lanes, max_messages_per_connection=3)
+    results: list[list[Any]] = []
+
+    def busy() -> list[FakeClient]:
+        return [c for c in connector.clients if c.pending]
+
+    def step(op: str, n: int) -> None:
+        if op == "start":
+            results.append(start(pool, KEYS[n], f"m{len(results)}"))
+        elif op == "open" and connector.pending:
+            connector.open()
+        elif op == "fail" and connector.pending:
+            connector.fail(SessionFailureError(SessionFailure(O.CONNECT, Reply(421, "4.4.2", "x"))))
+        elif op == "finish" and busy():
+            clients = busy()
+            clients[n % len(clients)].finish()
+        _no_waiter_beside_an_idle_connection(pool)
+        for d in ("a.example", "b.example"):
+            assert pool.active(d) <= window + (2 if lanes else 0)
+
+    for op, n in steps:
+        step(op, n)
+    for _ in range(10 * len(results) + 10):          # drain
+        if connector.pending:
+            step("open", 0)
+        elif busy():
+            step("finish", 0)
+        else:
+            break
+    assert all(len(r) == 1 for r in results)
+    assert pool.waiting("a.example") == pool.waiting("b.example") == 0

@@ -37,7 +37,8 @@ Not here: the SMTP dialogue (client.py), building endpoints and TLS options (the
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+from collections import OrderedDict
+from itertools import count
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol as TypingProtocol, Sequence
 
@@ -107,14 +108,53 @@ class _Waiter:
     # fires with a connection to reuse, None for "a slot is reserved: connect", or
     # SHUTTING_DOWN when the pool closes
     deferred: Deferred[Any] = field(default_factory=Deferred)
+    seq: int = field(default_factory=count().__next__)      # order of arrival
+
+
+class _Line:
+    """One lane's waiters at a destination: in order of arrival, and by key, so that handing
+    a connection on and serving the line cost the same with ten waiters or a thousand."""
+
+    __slots__ = ("rank", "order", "by_key")
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+        self.order: OrderedDict[_Waiter, None] = OrderedDict()
+        self.by_key: dict[PoolKey, OrderedDict[_Waiter, None]] = {}
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def add(self, w: _Waiter) -> None:
+        self.order[w] = None
+        self.by_key.setdefault(w.key, OrderedDict())[w] = None
+
+    def remove(self, w: _Waiter) -> None:
+        del self.order[w]
+        same = self.by_key[w.key]
+        del same[w]
+        if not same:
+            del self.by_key[w.key]
+
+    def first(self, key: PoolKey | None = None) -> _Waiter | None:
+        """The first to arrive (of `key`, if given), or None."""
+        waiters = self.order if key is None else self.by_key.get(key)
+        return next(iter(waiters)) if waiters else None
 
 
 @dataclass(eq=False)
 class _Destination:
     limit: int
     connections: int = 0            # open, opening or idle
-    waiters: deque[_Waiter] = field(default_factory=deque)    # by lane rank, then FIFO
+    lines: dict[str, _Line] = field(default_factory=dict)     # the waiters of each lane
     by_lane: dict[str, int] = field(default_factory=dict)     # connections of each lane
+
+    def waiting(self) -> int:
+        return sum(len(line) for line in self.lines.values())
+
+    def in_rank_order(self) -> list[tuple[str, _Line]]:
+        """Its lines, higher lanes first."""
+        return sorted(self.lines.items(), key=lambda item: item[1].rank)
 
 
 class ConnectionPool:
@@ -167,7 +207,7 @@ class ConnectionPool:
 
     def waiting(self, destination: str) -> int:
         d = self._destinations.get(destination)
-        return len(d.waiters) if d is not None else 0
+        return d.waiting() if d is not None else 0
 
     def close(self) -> Deferred[None]:
         """QUIT idle connections, refuse new work, close the rest as they finish; fires when
@@ -177,9 +217,11 @@ class ConnectionPool:
             self._discard(conn)
         for name in list(self._waiting):
             dest = self._destinations[name]
-            waiters, dest.waiters = dest.waiters, deque()
-            for w in waiters:
-                w.deferred.callback(SHUTTING_DOWN)
+            lines = dest.in_rank_order()
+            dest.lines = {}
+            for _, line in lines:
+                for w in line.order:
+                    w.deferred.callback(SHUTTING_DOWN)
         self._waiting.clear()
         d: Deferred[None] = Deferred()
         if self._open == 0:
@@ -248,42 +290,29 @@ class ConnectionPool:
         if self._closing:
             return succeed(SHUTTING_DOWN)
         dest = self._destination(key.destination)
-        rank = self._rank(key.lane)
-        if not self._lane_waiting(dest, key.lane, rank):
+        line = dest.lines.get(key.lane)
+        if not line:
             # nobody of this lane waits (higher lanes' waiters are blocked by their share)
             conn = self._take_idle(key)
             if conn is not None:
                 return succeed(conn)
             if self._reserve(dest, key.lane, key):
                 return succeed(None)
+            line = dest.lines[key.lane] = _Line(self._rank(key.lane))
+        # behind the waiters of its lane and of higher lanes, ahead of lower lanes'
         w = _Waiter(key)
-        self._enqueue(dest, w, rank)
+        line.add(w)
         self._waiting.setdefault(key.destination, None)
         return w.deferred
 
-    def _lane_waiting(self, dest: _Destination, lane: str, rank: int) -> bool:
-        """Whether a waiter of `lane` (of `rank`) is in `dest`'s line (sorted by rank)."""
-        if not dest.waiters:
-            return False
-        if rank <= self._rank(dest.waiters[0].key.lane):
-            scan: Any = dest.waiters
-        else:
-            scan = reversed(dest.waiters)
-        for w in scan:
-            r = self._rank(w.key.lane)
-            if w.key.lane == lane:
-                return True
-            if (r > rank) if scan is dest.waiters else (r < rank):
-                return False
-        return False
-
-    def _enqueue(self, dest: _Destination, w: _Waiter, rank: int) -> None:
-        """Behind the waiters of its lane and of higher lanes, ahead of lower lanes'."""
-        waiters = dest.waiters
-        n = len(waiters)
-        while n > 0 and self._rank(waiters[n - 1].key.lane) > rank:
-            n -= 1
-        waiters.insert(n, w)
+    def _served(self, dest: _Destination, lane: str, w: _Waiter) -> None:
+        """Take `w` out of the line (it is about to be granted)."""
+        line = dest.lines[lane]
+        line.remove(w)
+        if not line:
+            del dest.lines[lane]
+            if not dest.lines:
+                self._waiting.pop(w.key.destination, None)
 
     async def _lease(self, key: PoolKey) -> str | None:
         """Before a new connection to a provider whose rule limits connections: take one
@@ -324,17 +353,14 @@ class ConnectionPool:
                 or conn.messages >= self._max_messages(conn.key)):
             self._discard(conn)
             return
-        rank = self._rank(conn.key.lane)
-        for w in dest.waiters:          # the same key first (FIFO among them)
-            if self._rank(w.key.lane) < rank:
-                break                   # a higher lane waits: the slot is for it (_grants)
-            if w.key == conn.key:
-                dest.waiters.remove(w)
-                if not dest.waiters:
-                    self._waiting.pop(conn.key.destination, None)
-                w.deferred.callback(conn)
-                self._dispatch()        # the window may have grown
-                return
+        line = dest.lines.get(conn.key.lane)
+        # a higher lane waits: the slot is for it (_grants); else the same key first (FIFO)
+        w = line.first(conn.key) if line else None
+        if w is not None and not any(other.rank < line.rank for other in dest.lines.values()):
+            self._served(dest, conn.key.lane, w)
+            w.deferred.callback(conn)
+            self._dispatch()        # the window may have grown
+            return
         self._make_idle(conn)
         self._dispatch()
 
@@ -500,23 +526,28 @@ class ConnectionPool:
             return grants
         for name in list(self._waiting):
             dest = self._destinations[name]
-            lanes: dict[str, list[_Waiter]] = {}        # in rank order: higher lanes first
-            for w in dest.waiters:
-                lanes.setdefault(w.key.lane, []).append(w)
-            for waiters in lanes.values():
-                left = []
-                for w in waiters:                       # idle connections of their key first
-                    conn = self._take_idle(w.key)
-                    if conn is not None:
-                        dest.waiters.remove(w)
-                        grants.append((w, conn))
-                    else:
-                        left.append(w)
-                for w in left:                          # then new ones, while the lane may
-                    if not self._reserve(dest, w.key.lane, w.key):
+            for lane, line in dest.in_rank_order():     # higher lanes first
+                reused: list[tuple[_Waiter, _Connection | None]] = []
+                for key in [k for k in line.by_key if k in self._idle_by_key]:
+                    while key in line.by_key:           # idle connections of their key first
+                        conn = self._take_idle(key)
+                        if conn is None:
+                            break
+                        w = line.first(key)
+                        assert w is not None
+                        line.remove(w)
+                        reused.append((w, conn))
+                reused.sort(key=lambda grant: grant[0].seq)     # in order of arrival
+                grants.extend(reused)
+                while line:                             # then new ones, while the lane may
+                    w = line.first()
+                    assert w is not None
+                    if not self._reserve(dest, lane, w.key):
                         break
-                    dest.waiters.remove(w)
+                    line.remove(w)
                     grants.append((w, None))
-            if not dest.waiters:
+                if not line:
+                    del dest.lines[lane]
+            if not dest.lines:
                 del self._waiting[name]
         return grants
