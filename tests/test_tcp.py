@@ -205,3 +205,29 @@ def test_outgoing_connections_do_not_log_factory_start_and_stop():
             reactor.iterate(0.01)
     assert not [e for e in events if "factory" in str(e.get("log_format", "")).lower()]
     srv.close()
+
+
+def test_corked_writes_leave_together_at_the_end_of_the_block(served):
+    _, proto, client = served
+    with proto.transport.corked():
+        proto.transport.writeSequence([b"HTTP/1.1 200 OK\r\n", b"Content-Length: 2\r\n\r\n"])
+        proto.transport.write(b"{}")
+        client.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            client.recv(100)                        # nothing left inside the block
+    client.settimeout(5)
+    # no reactor iteration: the three pieces were one write at the end of the block
+    assert client.recv(100) == b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"
+    assert not proto.transport.dataBuffer and not proto.transport._tempDataBuffer
+
+
+def test_a_sequence_written_outside_a_cork_still_waits_for_the_reactor(served):
+    """Uncorked, writeSequence stays buffered: sent at once, header lines and a body written
+    just after them would leave as two segments, and the second could wait for Nagle."""
+    reactor, proto, client = served
+    proto.transport.writeSequence([b"a", b"b"])
+    proto.transport.write(b"c")
+    assert proto.transport._tempDataBuffer or proto.transport.dataBuffer
+    reactor.iterate(0)
+    client.settimeout(5)
+    assert client.recv(100) == b"abc"

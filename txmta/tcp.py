@@ -7,7 +7,8 @@ relays through us) wait for each reply before they send the next command, so eve
 a full reactor iteration of latency plus two epoll_ctl calls.  `EagerServer.write` sends
 straight away when nothing is queued before it and the socket takes all of it; anything else
 (a partial send, EAGAIN, an error, TLS) takes Twisted's ordinary buffered path, which keeps
-ordering, flow control (producers) and error reporting exactly as they were.
+ordering, flow control (producers) and error reporting exactly as they were.  `corked()`
+gathers several writes into one (the HTTP API's responses: header lines, then the body).
 
 `TCPServerEndpoint` listens with such connections (the worker gives one to each [[listen]]
 table); `AdoptedServerEndpoint` does the same on a socket the master bound and passed down
@@ -19,7 +20,8 @@ group and the message content leave in the same reactor turn that produced them)
 from __future__ import annotations
 
 import socket
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 from twisted.internet import defer, tcp
 from twisted.internet.interfaces import IStreamServerEndpoint
@@ -30,7 +32,34 @@ from zope.interface import implementer
 class _EagerWrite:
     """Mixed in before a tcp.Connection class: sends in `write()` when it can."""
 
+    _held: list[bytes] | None = None
+
+    @contextmanager
+    def corked(self) -> Iterator[None]:
+        """Everything written inside the block leaves together at its end, in one `write()`:
+        an HTTP response's header lines (which twisted.web writes with `writeSequence`) and
+        its body go out in one send instead of waiting for the reactor's next turn."""
+        if self._held is not None:
+            yield
+            return
+        self._held = held = []
+        try:
+            yield
+        finally:
+            self._held = None
+            if held:
+                self.write(b"".join(held))
+
+    def writeSequence(self, seq: Any) -> None:
+        if self._held is not None:
+            self._held.extend(seq)
+            return
+        super().writeSequence(seq)  # type: ignore[misc]
+
     def write(self, data: bytes) -> None:
+        if self._held is not None:
+            self._held.append(data)
+            return
         if (not self.TLS and self.connected and not self.disconnecting
                 and not self._writeDisconnected and not self.dataBuffer
                 and not self._tempDataBuffer and type(data) is bytes):

@@ -75,6 +75,16 @@ class ApiRequest(server.Request):
             return
         server.Request.handleContentChunk(self, data)
 
+    def write(self, data: bytes) -> None:
+        # the first write sends the header lines too: both in one send (txmta.tcp), not
+        # buffered until the reactor's next turn
+        corked = None if self.startedWriting else getattr(self.channel.transport, "corked", None)
+        if corked is None:
+            server.Request.write(self, data)
+            return
+        with corked():
+            server.Request.write(self, data)
+
 
 class ApiSite(server.Site):
     """A twisted.web site without an access log (the mail log has what matters), and
