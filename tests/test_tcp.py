@@ -5,6 +5,7 @@ Real sockets on loopback and a private epoll reactor that the test iterates by h
 
 from __future__ import annotations
 
+import os
 import socket
 from typing import Any
 
@@ -231,3 +232,123 @@ def test_a_sequence_written_outside_a_cork_still_waits_for_the_reactor(served):
     reactor.iterate(0)
     client.settimeout(5)
     assert client.recv(100) == b"abc"
+
+
+def test_a_shared_listening_socket_accepts_one_connection_per_wakeup():
+    """Workers share the master's socket: each wakeup takes one connection, so a burst is
+    spread over the workers instead of going to the first one awake."""
+    from txmta.tcp import AdoptedServerEndpoint, listening_socket
+
+    reactor = EPollReactor()
+    made: list[Any] = []
+    sock = listening_socket("127.0.0.1", 0)
+    ports: list[Any] = []
+    AdoptedServerEndpoint(reactor, sock.fileno(), socket.AF_INET, shared=True).listen(
+        Factory.forProtocol(lambda: Keep(made))).addCallback(ports.append)
+    port = ports[0]
+    clients = [socket.create_connection(sock.getsockname(), timeout=5) for _ in range(5)]
+    try:
+        for n in range(1, 6):
+            port.doRead()           # what the reactor calls when the socket is readable
+            assert len(made) == n
+        assert isinstance(made[0].transport, EagerServer)
+    finally:
+        for c in clients:
+            c.close()
+        for p in made:
+            p.transport.abortConnection()
+        port.stopListening()
+        sock.close()
+        for _ in range(5):
+            reactor.iterate(0)
+
+
+def test_accept_balance_counts_are_shared_and_each_worker_writes_its_own_slot():
+    from txmta.tcp import AcceptBalance, map_counts, shared_counts
+
+    fd = shared_counts(listeners=2, workers=3)
+    assert fd is not None
+    a, b = map_counts(fd), map_counts(fd)          # two workers' mappings of the same memory
+    os.close(fd)
+    w0 = AcceptBalance(a, listener=1, index=0, workers=3)
+    w1 = AcceptBalance(b, listener=1, index=1, workers=3)
+    w2 = AcceptBalance(b, listener=1, index=2, workers=3)
+    other_listener = AcceptBalance(a, listener=0, index=1, workers=3)
+    assert not any(w.ahead() for w in (w0, w1, w2))
+    w0.opened()
+    assert not w0.ahead()                          # one more than the others: even enough
+    w0.opened()
+    assert w0.ahead() and not w1.ahead()           # two more: let the others take the next
+    w1.opened(), w1.opened(), w2.opened(), w2.opened()
+    assert not w0.ahead()
+    for _ in range(9):
+        other_listener.opened()                    # another socket's counts do not mix in
+    assert not w1.ahead()
+    w0.closed(), w0.closed()
+    assert w1.ahead() and w2.ahead() and not w0.ahead()
+    replacement = AcceptBalance(b, listener=1, index=1, workers=3)   # a restarted worker 1
+    assert replacement.held == 0 and not replacement.ahead() and w2.ahead()
+
+
+@pytest.mark.parametrize("held,other,ahead", [(2, 0, True), (3, 1, True), (11, 9, False),
+                                               (12, 8, True), (25, 20, False), (26, 20, True)])
+def test_ahead_means_more_than_one_and_a_tenth_above(held, other, ahead):
+    from txmta.tcp import AcceptBalance, map_counts, shared_counts
+
+    fd = shared_counts(1, 2)
+    counts = map_counts(fd)
+    os.close(fd)
+    mine, theirs = AcceptBalance(counts, 0, 0, 2), AcceptBalance(counts, 0, 1, 2)
+    for _ in range(held):
+        mine.opened()
+    for _ in range(other):
+        theirs.opened()
+    assert mine.ahead() is ahead
+
+
+def test_a_worker_ahead_of_another_leaves_the_connection_then_takes_it_if_still_waiting():
+    from txmta.tcp import AcceptBalance, AdoptedServerEndpoint, listening_socket, map_counts
+    from txmta.tcp import shared_counts
+
+    reactor = EPollReactor()
+    made: list[Any] = []
+    fd = shared_counts(1, 2)
+    counts = map_counts(fd)
+    os.close(fd)
+    mine, other = AcceptBalance(counts, 0, 0, 2), AcceptBalance(counts, 0, 1, 2)
+    sock = listening_socket("127.0.0.1", 0)
+    ports: list[Any] = []
+    AdoptedServerEndpoint(reactor, sock.fileno(), socket.AF_INET, shared=True,
+                          balance=mine).listen(
+        Factory.forProtocol(lambda: Keep(made))).addCallback(ports.append)
+    port = ports[0]
+    clients = [socket.create_connection(sock.getsockname(), timeout=5) for _ in range(5)]
+    try:
+        port.doRead()                       # takes connections until it is ahead: two
+        assert len(made) == 2 and mine.held == 2
+        port.doRead()                       # ahead of the other worker: leaves the third
+        assert len(made) == 2 and port not in reactor.getReaders()
+        [call] = [c for c in reactor.getDelayedCalls() if c.func == port._resume]
+        assert call.getTime() - reactor.seconds() <= port.YIELD
+        call.cancel()
+        port._resume()                      # still waiting: taken after all, only that one
+        assert port in reactor.getReaders()
+        port.doRead()
+        assert len(made) == 3 and mine.held == 3
+        other.opened(), other.opened(), other.opened()
+        port.doRead()                       # even again: the rest at once
+        assert len(made) == 5
+        made[0].transport.abortConnection()
+        for _ in range(5):
+            reactor.iterate(0)
+        assert mine.held == 4               # a closed one is uncounted
+        assert all(isinstance(p.transport, EagerServer) for p in made)
+    finally:
+        for c in clients:
+            c.close()
+        for p in made:
+            p.transport.abortConnection()
+        port.stopListening()
+        sock.close()
+        for _ in range(5):
+            reactor.iterate(0)

@@ -139,6 +139,9 @@ class Master(service.Service):
         self.ids = ids
         self.spawn = spawn or reactor.spawnProcess
         self.worker_command = worker_command or [sys.executable, "-m", "txmta.worker"]
+        # the workers' connection counts on the sockets they share (tcp.AcceptBalance)
+        from txmta.tcp import shared_counts
+        self.accept_counts = shared_counts(len(sockets), workers) if workers > 1 else None
         self.channels: list[Any] = [None] * workers
         self.fanout = FanOut(self.channels)
         self.processes: list[Any] = [None] * workers       # IProcessTransport per index
@@ -190,6 +193,9 @@ class Master(service.Service):
             "--index", str(index), "--workers", str(self.workers),
             "--fds", ",".join(str(first + i) for i in range(len(self.sockets))),
             "--master", str(os.getpid())]
+        if self.accept_counts is not None:      # after the sockets
+            fds[first + len(self.sockets)] = self.accept_counts
+            args += ["--balance", str(first + len(self.sockets))]
         if self.cfg.path is not None:
             args += ["--config", self.cfg.path]
         channel = MasterChannel(index, self.fanout.relay, on_lost=self._channel_lost)

@@ -19,7 +19,10 @@ group and the message content leave in the same reactor turn that produced them)
 
 from __future__ import annotations
 
+import mmap
+import os
 import socket
+import struct
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -83,6 +86,123 @@ class EagerClient(_EagerWrite, tcp.Client):
 
 class EagerPort(tcp.Port):
     transport = EagerServer
+
+
+class AcceptBalance:
+    """The connections each worker holds on one shared listening socket, counted in memory
+    the workers share (`shared_counts`: a memfd the master made, one 8-byte slot per
+    listener and worker), so that a worker ahead of another lets it take the next one.
+    Each worker writes only its own slot; a replacement worker starts it again at zero."""
+
+    def __init__(self, counts: Any, listener: int, index: int, workers: int) -> None:
+        self._counts = counts
+        self._slot = 8 * (listener * workers + index)
+        self._others = [8 * (listener * workers + k) for k in range(workers) if k != index]
+        self.held = 0
+        self._store()
+
+    def _store(self) -> None:
+        struct.pack_into("<q", self._counts, self._slot, self.held)
+
+    def opened(self) -> None:
+        self.held += 1
+        self._store()
+
+    def closed(self) -> None:
+        self.held -= 1
+        self._store()
+
+    def ahead(self) -> bool:
+        """Whether this worker holds clearly more connections than another one: more than
+        one above it, and more than a tenth of the two together (connections that come and
+        go all the time, one per message, vary that much without any imbalance)."""
+        held = self.held
+        for o in self._others:
+            other = struct.unpack_from("<q", self._counts, o)[0]
+            if held - other > 1 + (held + other) // 10:
+                return True
+        return False
+
+
+def shared_counts(listeners: int, workers: int) -> int | None:
+    """A file descriptor of zeroed memory for the AcceptBalance slots of `listeners` x
+    `workers`, to pass to every worker (None where memfd_create is missing: no balancing)."""
+    create = getattr(os, "memfd_create", None)
+    if create is None:
+        return None
+    fd = create("txmta-accept-balance", 0)         # not close-on-exec: the workers inherit it
+    os.ftruncate(fd, max(8, 8 * listeners * workers))
+    return fd
+
+
+def map_counts(fd: int) -> Any:
+    """The shared slots of `shared_counts`, mapped in this process."""
+    return mmap.mmap(fd, os.fstat(fd).st_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+
+
+class BalancedServer(EagerServer):
+    """A connection accepted on a SharedPort: counted in its worker's slot while open."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self._balance = self.server.balance
+        if self._balance is not None:
+            self._balance.opened()
+
+    def connectionLost(self, reason: Any) -> None:
+        if self._balance is not None:
+            self._balance.closed()
+            self._balance = None
+        super().connectionLost(reason)
+
+
+class SharedPort(EagerPort):
+    """A listening socket that several worker processes accept on, taking connections only
+    while this worker does not hold clearly more than another.
+
+    Twisted's port accepts up to a hundred (and more) whenever it wakes, so the first worker
+    to wake took every connection of a burst; with kept connections one worker could serve
+    most of the clients while the other idled (the worker on the CPU the clients did not use
+    won nearly every race).  Now a worker accepts while it is not ahead (`AcceptBalance`, up
+    to `BURST` a wakeup); once ahead, it stops listening for `YIELD` seconds so that the
+    others, woken by the same connection, take it, and if the connection still waits when
+    the pause ends (the others are busy), it takes it after all.  Without a balance (no
+    shared memory) it takes one connection a wakeup (nginx's `multi_accept off`)."""
+
+    transport = BalancedServer
+    balance: AcceptBalance | None = None
+    YIELD = 0.001
+    BURST = 50
+    _force = False
+
+    @property
+    def numberAccepts(self) -> int:
+        return 1
+
+    @numberAccepts.setter
+    def numberAccepts(self, value: int) -> None:
+        pass
+
+    def doRead(self) -> None:
+        force, self._force = self._force, False
+        balance = self.balance
+        if balance is None:
+            super().doRead()
+            return
+        if not force and balance.ahead():
+            self.stopReading()
+            self.reactor.callLater(self.YIELD, self._resume)
+            return
+        for _ in range(self.BURST):     # more while they wait and this worker is not ahead
+            before = self.sessionno
+            super().doRead()
+            if self.sessionno == before or balance.ahead():
+                return
+
+    def _resume(self) -> None:
+        if self.connected and not self.disconnecting:
+            self._force = True
+            self.startReading()
 
 
 class _EagerConnector(tcp.Connector):
@@ -166,18 +286,24 @@ def listening_socket(host: str, port: int, backlog: int = 1024) -> socket.socket
 @implementer(IStreamServerEndpoint)
 class AdoptedServerEndpoint:
     """Accept with `EagerServer` connections on `fd`, a socket already listening (inherited
-    from the master); `family` is its address family (AF_INET or AF_INET6).  Like
+    from the master; `shared` with other workers: a `SharedPort`, balanced by `balance` if
+    given); `family` is its address family (AF_INET or AF_INET6).  Like
     `reactor.adoptStreamPort`, with our eager connections."""
 
-    def __init__(self, reactor: Any, fd: int, family: int) -> None:
+    def __init__(self, reactor: Any, fd: int, family: int, shared: bool = False,
+                 balance: AcceptBalance | None = None) -> None:
         self._reactor = reactor
         self._fd = fd
         self._family = family
+        self._port = SharedPort if shared else EagerPort
+        self._balance = balance
 
     def listen(self, factory: Any) -> defer.Deferred[Any]:
         def start() -> Any:
-            port = EagerPort._fromListeningDescriptor(self._reactor, self._fd, self._family,
-                                                      factory)
+            port = self._port._fromListeningDescriptor(self._reactor, self._fd, self._family,
+                                                       factory)
+            if self._balance is not None:
+                port.balance = self._balance
             port.startListening()
             return port
         return defer.execute(start)

@@ -38,7 +38,7 @@ from txmta.inbound.receiver import Receiver
 from txmta.maillog import FileSink, MailLog, SyslogSink, open_file
 from txmta.queue import Queue
 from txmta.spool.lmdb import LmdbSpool
-from txmta.tcp import AdoptedServerEndpoint, TCPServerEndpoint
+from txmta.tcp import AcceptBalance, AdoptedServerEndpoint, TCPServerEndpoint
 
 
 class Connector:
@@ -468,16 +468,19 @@ def family_of(host: str) -> int:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
-def listening(reactor: Any, factory: Any, listener: Any, tls: Any, fd: int | None
-              ) -> StreamServerEndpointService:
+def listening(reactor: Any, factory: Any, listener: Any, tls: Any, fd: int | None,
+              workers: int = 1, balance: Any = None) -> StreamServerEndpointService:
     """The service of one [[listen]] or [[http]] listener: `factory` on the socket `fd` the
     master bound (None: bound here, at the listener's host and port), inside TLS from the
-    first byte when the listener's tls is "implicit"."""
+    first byte when the listener's tls is "implicit".  With several `workers` sharing the
+    socket, each accepts one connection per wakeup, and `balance` (a tcp.AcceptBalance)
+    keeps their numbers of connections even (txmta.tcp.SharedPort)."""
     if listener.tls == "implicit":
         factory = TLSMemoryBIOFactory(tls, False, factory)
     endpoint: Any
     if fd is not None:
-        endpoint = AdoptedServerEndpoint(reactor, fd, family_of(listener.host))
+        endpoint = AdoptedServerEndpoint(reactor, fd, family_of(listener.host),
+                                         shared=workers > 1, balance=balance)
     else:
         endpoint = TCPServerEndpoint(reactor, listener.port, backlog=1024,
                                      interface=listener.host)
@@ -485,12 +488,15 @@ def listening(reactor: Any, factory: Any, listener: Any, tls: Any, fd: int | Non
 
 
 def build(cfg: C.Config, reactor: Any, *, worker: int = 0, workers: int = 1,
-          inherited: Sequence[int] | None = None, channel: Any = None) -> service.MultiService:
+          inherited: Sequence[int] | None = None, channel: Any = None,
+          accept_counts: Any = None) -> service.MultiService:
     """Every part of worker `worker` of `workers`, as one service.  `inherited`: the
     listening sockets (file descriptors, one per [[listen]] table, then one per [[http]]
     table, in order) the master bound; without them the worker binds its listeners itself.  `channel`: its
     `control.channel.WorkerChannel` to the master, which then answers the admin commands
-    (the master serves the control socket) and hears of this worker's suppressions."""
+    (the master serves the control socket) and hears of this worker's suppressions.
+    `accept_counts`: the workers' shared connection counts (tcp.map_counts), to balance the
+    listening sockets they share."""
     from txmta import metrics as M
     from txmta import partition
     cfg = divide_limits(cfg, workers)
@@ -591,6 +597,11 @@ def build(cfg: C.Config, reactor: Any, *, worker: int = 0, workers: int = 1,
         queue.events.subscribe(channel.suppressed, events.SuppressionAdded)
     top.partitions = owned_partitions     # type: ignore[attr-defined]
     top.queue = queue                     # type: ignore[attr-defined]
+    def balance(i: int) -> AcceptBalance | None:
+        if accept_counts is None or workers < 2:
+            return None
+        return AcceptBalance(accept_counts, i, worker, workers)
+
     counts: dict[str, int] = {}
     for i, lst in enumerate(cfg.listen):
         factory: Any = SMTPFactory(policy, lst, receiver, reactor, checker=checker, tls_options=tls,
@@ -600,14 +611,15 @@ def build(cfg: C.Config, reactor: Any, *, worker: int = 0, workers: int = 1,
                                    reject_suppressed=cfg.suppression.action == "reject",
                                    metrics=metrics, note_auth_failure=maillog.auth_failed,
                                    note_timeout=maillog.timeout)
-        listening(reactor, factory, lst, tls, inherited[i] if inherited is not None else None
-                  ).setServiceParent(top)
+        listening(reactor, factory, lst, tls, inherited[i] if inherited is not None else None,
+                  workers, balance(i)).setServiceParent(top)
     if cfg.http:
         from txmta.api.build import http_services
         first = len(cfg.listen)
         for svc in http_services(cfg, reactor, receiver, queue, tls, workers,
                                  inherited[first:] if inherited is not None else None,
-                                 metrics=metrics, metrics_dir=metrics_dir, spool=spool):
+                                 metrics=metrics, metrics_dir=metrics_dir, spool=spool,
+                                 balance=lambda i: balance(first + i)):
             svc.setServiceParent(top)
     return top
 
@@ -726,6 +738,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--index", type=int, required=True)
     p.add_argument("--workers", type=int, required=True)
     p.add_argument("--fds", default="")
+    p.add_argument("--balance", type=int, default=None,
+                   help="fd of the connection counts the workers share (tcp.shared_counts)")
     p.add_argument("--master", type=int, default=None, help="the master's pid")
     args = p.parse_args(argv)
     if not _die_with_parent(args.master):
@@ -752,8 +766,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         channel = WorkerChannel(on_lost=master_gone)
         bind_to_cpu(cfg, args.index)     # before any thread starts: every thread inherits it
+        accept_counts = None
+        if args.balance is not None:
+            from txmta.tcp import map_counts
+            accept_counts = map_counts(args.balance)
+            os.close(args.balance)
         top = build(cfg, reactor, worker=args.index, workers=args.workers, inherited=fds,
-                    channel=channel)
+                    channel=channel, accept_counts=accept_counts)
     except C.ConfigError as e:
         sys.stderr.write(f"txmta: {e}\n")
         return 2

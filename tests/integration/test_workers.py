@@ -243,6 +243,32 @@ def test_many_connections_each_worker_delivers_its_own(start_daemon: Callable[..
     assert events_of(d, "bounced") == []
 
 
+def test_kept_connections_are_shared_evenly_between_the_workers(
+        start_daemon: Callable[..., Daemon]) -> None:
+    """Ten clients connect at once and keep their connections (an application's pool, or
+    smtp-source -d): each worker takes about half, and a message sent over each of them is
+    received by the worker holding that connection."""
+    n = 10
+    with SmtpSink(SINK_IP, 0) as sink:
+        d = start_relaying(start_daemon, sink)
+        clients = []
+        try:
+            for _ in range(n):                  # every connection open before any mail
+                s = smtplib.SMTP(d.host, d.port, timeout=20)
+                clients.append(s)
+            for s in clients:
+                s.ehlo("client.test.invalid")
+                smtp_send(s, "r@dest.test")
+        finally:
+            for s in clients:
+                s.quit()
+        wait_until(lambda: len(received_by(d)) >= n, 10, f"{n} received lines")
+    per_worker = collections.Counter(received_by(d).values())
+    print(f"\nkept connections per worker: {dict(sorted(per_worker.items()))}")
+    assert sum(per_worker.values()) == n
+    assert abs(per_worker[0] - per_worker[1]) <= 2, f"received per worker: {per_worker}"
+
+
 # -- 2. admin commands reach the right worker -----------------------------------------------------
 
 def state_of(d: Daemon, qid: str) -> str:
