@@ -352,3 +352,21 @@ def test_a_worker_ahead_of_another_leaves_the_connection_then_takes_it_if_still_
         sock.close()
         for _ in range(5):
             reactor.iterate(0)
+
+
+def test_no_connection_is_left_to_a_worker_that_is_not_running():
+    from txmta.tcp import AcceptBalance, map_counts, shared_counts, worker_gone
+
+    fd = shared_counts(2, 2)
+    counts = map_counts(fd)
+    os.close(fd)
+    live = [AcceptBalance(counts, listener, 0, 2) for listener in (0, 1)]
+    dead = [AcceptBalance(counts, listener, 1, 2) for listener in (0, 1)]
+    for b in live:
+        for _ in range(5):
+            b.opened()
+    assert all(b.ahead() for b in live)
+    worker_gone(counts, 1, 2)                  # the master saw worker 1 exit
+    assert not any(b.ahead() for b in live)
+    AcceptBalance(counts, 0, 1, 2)             # its replacement starts on listener 0
+    assert live[0].ahead() and not live[1].ahead()

@@ -140,8 +140,9 @@ class Master(service.Service):
         self.spawn = spawn or reactor.spawnProcess
         self.worker_command = worker_command or [sys.executable, "-m", "txmta.worker"]
         # the workers' connection counts on the sockets they share (tcp.AcceptBalance)
-        from txmta.tcp import shared_counts
+        from txmta.tcp import map_counts, shared_counts
         self.accept_counts = shared_counts(len(sockets), workers) if workers > 1 else None
+        self._counts = map_counts(self.accept_counts) if self.accept_counts is not None else None
         self.channels: list[Any] = [None] * workers
         self.fanout = FanOut(self.channels)
         self.processes: list[Any] = [None] * workers       # IProcessTransport per index
@@ -225,6 +226,9 @@ class Master(service.Service):
         k = process.index
         from txmta import metrics
         metrics.worker_died(self.metrics_dir, k)   # its gauges go, its counts stay
+        if self._counts is not None:
+            from txmta.tcp import worker_gone
+            worker_gone(self._counts, k, self.workers)
         self.processes[k] = None
         self.channels[k] = None
         why = describe_exit(reason)

@@ -140,6 +140,16 @@ def map_counts(fd: int) -> Any:
     return mmap.mmap(fd, os.fstat(fd).st_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
 
 
+GONE = 1 << 62      # the count of a worker that is not running: nobody waits for it
+
+
+def worker_gone(counts: Any, index: int, workers: int) -> None:
+    """The master's call when worker `index` exited: until its replacement starts (and
+    zeroes its slots), the others do not leave connections to it."""
+    for slot in range(index, len(counts) // 8, workers):
+        struct.pack_into("<q", counts, 8 * slot, GONE)
+
+
 class BalancedServer(EagerServer):
     """A connection accepted on a SharedPort: counted in its worker's slot while open."""
 
