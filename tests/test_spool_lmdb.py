@@ -222,6 +222,51 @@ def test_one_failing_put_does_not_fail_the_others_in_its_batch(open_lmdb, wait, 
     assert wait(spool.count()) == 5
 
 
+def test_a_batch_runs_each_change_once_and_again_only_after_a_failure(open_lmdb, wait,
+                                                                      make_message):
+    """Changes run straight in the commit's transaction: once each while none fails.  When
+    one fails, the batch runs again with each change in a child transaction: the failing
+    one fails alone, the others are committed (their changes are pure, so running them
+    twice is harmless)."""
+    from dataclasses import replace as _replace
+
+    spool = open_lmdb()
+    ms = [make_message() for _ in range(3)]
+    for m in ms:
+        put(spool, wait, m)
+    runs: dict[str, int] = {}
+
+    def change(fail: bool):
+        def fn(old: StoredMessage) -> StoredMessage:
+            runs[old.id] = runs.get(old.id, 0) + 1
+            if fail:
+                raise ValueError("refused")
+            return _replace(old, recipients=tuple(_replace(r, state=HELD)
+                                                  for r in old.recipients))
+        return fn
+
+    def batch(failing: int | None) -> list[str]:
+        runs.clear()
+        with spool._cond:
+            ds = [spool.apply(m.id, change(i == failing)) for i, m in enumerate(ms)]
+        out = []
+        for d in ds:
+            try:
+                wait(d)
+                out.append("ok")
+            except CommitFailed:
+                out.append("failed")
+        return out
+
+    assert batch(None) == ["ok", "ok", "ok"]
+    assert sorted(runs.values()) == [1, 1, 1]
+    assert batch(1) == ["ok", "failed", "ok"]
+    # the first try stopped at the failure; the second ran all three
+    assert [runs.get(m.id) for m in ms] == [2, 2, 1]
+    states = {m.id: wait(spool.get(m.id)).recipients[0].state for m in ms}
+    assert states == {m.id: HELD for m in ms}          # the failed change wrote nothing
+
+
 def test_duplicate_id_with_a_large_body_never_touches_the_first_body_file(
         open_lmdb, wait, make_message, inline_limit):
     """A second body for a stored id cannot overwrite or delete the first message's body file."""

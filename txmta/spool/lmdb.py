@@ -229,6 +229,10 @@ class _Op:
         self.failure: BaseException | None = None
 
 
+class _OneFailed(Exception):
+    """An operation of a group run without child transactions failed: run it again with."""
+
+
 class LmdbSpool(HookDeliveries):
     def __init__(self, path: str, reactor: IReactorFromThreads, *, map_size: int = 1 << 30,
                  max_map_size: int = 1 << 36, inline_limit: int = 256 * 1024,
@@ -454,13 +458,18 @@ class LmdbSpool(HookDeliveries):
             except Exception:
                 log.failure("spool cleanup after commit")
 
-    def _commit(self, group: list[_Op], more: Callable[[], list[_Op]] | None = None
-                ) -> BaseException | None:
-        """Run `group` in one write transaction; each operation in a child transaction so one
-        operation's error fails only that operation.  Returns the error that prevented the
+    def _commit(self, group: list[_Op], more: Callable[[], list[_Op]] | None = None,
+                nested: bool = False) -> BaseException | None:
+        """Run `group` in one write transaction.  Returns the error that prevented the
         commit (the whole group then failed), or None.  `more()`, asked once the write lock
         is held, gives operations that join `group` (new ones: nothing to reset; they stay
-        in `group` for a retry)."""
+        in `group` for a retry).
+
+        The operations first run straight in the transaction.  If one of them fails, the
+        transaction is abandoned and the group runs again with each operation in a child
+        transaction (`nested`), so that the error fails only that operation (operations may
+        run more than once: see `apply`).  A child transaction for every operation cost the
+        writer thread about 6 % of its CPU (0.38 -> 0.36 ms a message) while nothing failed."""
         for op in group:
             op.failure = None
             op.result = None
@@ -469,17 +478,28 @@ class LmdbSpool(HookDeliveries):
             with self._env.begin(write=True) as txn:
                 if more is not None:
                     group.extend(more())
-                for op in group:
-                    child = self._env.begin(write=True, parent=txn)
+                if not nested:
                     try:
-                        op.result = op.fn(child)
-                        child.commit()
+                        for op in group:
+                            op.result = op.fn(txn)
                     except (lmdb.MapFullError, lmdb.MapResizedError):
-                        child.abort()
                         raise
-                    except Exception as e:
-                        child.abort()
-                        op.failure = e if isinstance(e, SpoolError) else CommitFailed(repr(e))
+                    except Exception:
+                        raise _OneFailed() from None
+                else:
+                    for op in group:
+                        child = self._env.begin(write=True, parent=txn)
+                        try:
+                            op.result = op.fn(child)
+                            child.commit()
+                        except (lmdb.MapFullError, lmdb.MapResizedError):
+                            child.abort()
+                            raise
+                        except Exception as e:
+                            child.abort()
+                            op.failure = e if isinstance(e, SpoolError) else CommitFailed(repr(e))
+        except _OneFailed:
+            return self._commit(group, nested=True)
         except Exception as e:
             return e
         if self.on_commit is not None:
