@@ -266,7 +266,8 @@ def test_kept_connections_are_shared_evenly_between_the_workers(
     per_worker = collections.Counter(received_by(d).values())
     print(f"\nkept connections per worker: {dict(sorted(per_worker.items()))}")
     assert sum(per_worker.values()) == n
-    assert abs(per_worker[0] - per_worker[1]) <= 2, f"received per worker: {per_worker}"
+    # 5 and 5 on an idle machine, 4 and 6 under load; without the balance 1 and 9
+    assert min(per_worker[0], per_worker[1]) >= 3, f"received per worker: {per_worker}"
 
 
 # -- 2. admin commands reach the right worker -----------------------------------------------------
