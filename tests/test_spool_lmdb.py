@@ -28,6 +28,21 @@ def put(spool, wait, message, body=b"Subject: t\r\n\r\nbody\r\n"):
     return wait(spool.put(message, writer))
 
 
+def outcomes(wait, deferreds) -> list[str]:
+    """How each of a batch's operations ended: "ok", "full" (SpoolFull) or "failed"
+    (CommitFailed)."""
+    out = []
+    for d in deferreds:
+        try:
+            wait(d)
+            out.append("ok")
+        except SpoolFull:
+            out.append("full")
+        except CommitFailed:
+            out.append("failed")
+    return out
+
+
 # -- (a) a failed commit leaves nothing behind ---------------------------------------------------
 
 @pytest.mark.parametrize("big_body", [False, True], ids=["inline-body", "file-body"])
@@ -211,14 +226,7 @@ def test_one_failing_put_does_not_fail_the_others_in_its_batch(open_lmdb, wait, 
             writer = spool.body_writer(m.id)
             writer.write(b"x")
             deferreds.append(spool.put(m, writer))
-    outcomes = []
-    for d in deferreds:
-        try:
-            wait(d)
-            outcomes.append("ok")
-        except CommitFailed:
-            outcomes.append("failed")
-    assert outcomes == ["ok", "ok", "failed", "ok", "ok"]
+    assert outcomes(wait, deferreds) == ["ok", "ok", "failed", "ok", "ok"]
     assert wait(spool.count()) == 5
 
 
@@ -249,14 +257,7 @@ def test_a_batch_runs_each_change_once_and_again_only_after_a_failure(open_lmdb,
         runs.clear()
         with spool._cond:
             ds = [spool.apply(m.id, change(i == failing)) for i, m in enumerate(ms)]
-        out = []
-        for d in ds:
-            try:
-                wait(d)
-                out.append("ok")
-            except CommitFailed:
-                out.append("failed")
-        return out
+        return outcomes(wait, ds)
 
     assert batch(None) == ["ok", "ok", "ok"]
     assert sorted(runs.values()) == [1, 1, 1]
@@ -307,14 +308,7 @@ def test_a_put_too_big_for_the_map_fails_alone_in_its_batch(open_lmdb, wait, mak
             writer = spool.body_writer(m.id)
             writer.write(body)
             deferreds.append(spool.put(m, writer))
-    outcomes = []
-    for d in deferreds:
-        try:
-            wait(d)
-            outcomes.append("ok")
-        except SpoolFull:
-            outcomes.append("full")
-    assert outcomes == ["ok", "full", "ok", "ok"]
+    assert outcomes(wait, deferreds) == ["ok", "full", "ok", "ok"]
     assert wait(spool.count()) == 3
     assert wait(spool.get(ms[1].id)) is None
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import pytest
 from twisted.internet.epollreactor import EPollReactor
@@ -234,24 +235,36 @@ def test_a_sequence_written_outside_a_cork_still_waits_for_the_reactor(served):
     assert client.recv(100) == b"abc"
 
 
-def test_a_shared_listening_socket_accepts_one_connection_per_wakeup():
-    """Workers share the master's socket: each wakeup takes one connection, so a burst is
-    spread over the workers instead of going to the first one awake."""
+def slots(listeners: int, workers: int) -> Any:
+    """Shared connection counts as the master makes them, mapped here."""
+    from txmta.tcp import map_counts, shared_counts
+
+    fd = shared_counts(listeners, workers)
+    assert fd is not None
+    try:
+        return map_counts(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def shared_port(waiting: int, balance: Any = None) -> Iterator[tuple[Any, Any, list[Any]]]:
+    """A worker's port on a listening socket shared with others (a private reactor the test
+    drives by calling doRead), with `waiting` clients already connected: (reactor, port,
+    the protocols it made)."""
     from txmta.tcp import AdoptedServerEndpoint, listening_socket
 
     reactor = EPollReactor()
     made: list[Any] = []
     sock = listening_socket("127.0.0.1", 0)
     ports: list[Any] = []
-    AdoptedServerEndpoint(reactor, sock.fileno(), socket.AF_INET, shared=True).listen(
+    AdoptedServerEndpoint(reactor, sock.fileno(), socket.AF_INET, shared=True,
+                          balance=balance).listen(
         Factory.forProtocol(lambda: Keep(made))).addCallback(ports.append)
     port = ports[0]
-    clients = [socket.create_connection(sock.getsockname(), timeout=5) for _ in range(5)]
+    clients = [socket.create_connection(sock.getsockname(), timeout=5) for _ in range(waiting)]
     try:
-        for n in range(1, 6):
-            port.doRead()           # what the reactor calls when the socket is readable
-            assert len(made) == n
-        assert isinstance(made[0].transport, EagerServer)
+        yield reactor, port, made
     finally:
         for c in clients:
             c.close()
@@ -261,6 +274,16 @@ def test_a_shared_listening_socket_accepts_one_connection_per_wakeup():
         sock.close()
         for _ in range(5):
             reactor.iterate(0)
+
+
+def test_a_shared_listening_socket_accepts_one_connection_per_wakeup():
+    """Workers share the master's socket: each wakeup takes one connection, so a burst is
+    spread over the workers instead of going to the first one awake."""
+    with shared_port(5) as (_, port, made):
+        for n in range(1, 6):
+            port.doRead()           # what the reactor calls when the socket is readable
+            assert len(made) == n
+        assert isinstance(made[0].transport, EagerServer)
 
 
 def test_accept_balance_counts_are_shared_and_each_worker_writes_its_own_slot():
@@ -293,11 +316,9 @@ def test_accept_balance_counts_are_shared_and_each_worker_writes_its_own_slot():
 @pytest.mark.parametrize("held,other,ahead", [(2, 0, True), (3, 1, True), (11, 9, False),
                                                (12, 8, True), (25, 20, False), (26, 20, True)])
 def test_ahead_means_more_than_one_and_a_tenth_above(held, other, ahead):
-    from txmta.tcp import AcceptBalance, map_counts, shared_counts
+    from txmta.tcp import AcceptBalance
 
-    fd = shared_counts(1, 2)
-    counts = map_counts(fd)
-    os.close(fd)
+    counts = slots(1, 2)
     mine, theirs = AcceptBalance(counts, 0, 0, 2), AcceptBalance(counts, 0, 1, 2)
     for _ in range(held):
         mine.opened()
@@ -307,23 +328,11 @@ def test_ahead_means_more_than_one_and_a_tenth_above(held, other, ahead):
 
 
 def test_a_worker_ahead_of_another_leaves_the_connection_then_takes_it_if_still_waiting():
-    from txmta.tcp import AcceptBalance, AdoptedServerEndpoint, listening_socket, map_counts
-    from txmta.tcp import shared_counts
+    from txmta.tcp import AcceptBalance
 
-    reactor = EPollReactor()
-    made: list[Any] = []
-    fd = shared_counts(1, 2)
-    counts = map_counts(fd)
-    os.close(fd)
+    counts = slots(1, 2)
     mine, other = AcceptBalance(counts, 0, 0, 2), AcceptBalance(counts, 0, 1, 2)
-    sock = listening_socket("127.0.0.1", 0)
-    ports: list[Any] = []
-    AdoptedServerEndpoint(reactor, sock.fileno(), socket.AF_INET, shared=True,
-                          balance=mine).listen(
-        Factory.forProtocol(lambda: Keep(made))).addCallback(ports.append)
-    port = ports[0]
-    clients = [socket.create_connection(sock.getsockname(), timeout=5) for _ in range(5)]
-    try:
+    with shared_port(5, balance=mine) as (reactor, port, made):
         port.doRead()                       # takes connections until it is ahead: two
         assert len(made) == 2 and mine.held == 2
         port.doRead()                       # ahead of the other worker: leaves the third
@@ -343,23 +352,12 @@ def test_a_worker_ahead_of_another_leaves_the_connection_then_takes_it_if_still_
             reactor.iterate(0)
         assert mine.held == 4               # a closed one is uncounted
         assert all(isinstance(p.transport, EagerServer) for p in made)
-    finally:
-        for c in clients:
-            c.close()
-        for p in made:
-            p.transport.abortConnection()
-        port.stopListening()
-        sock.close()
-        for _ in range(5):
-            reactor.iterate(0)
 
 
 def test_no_connection_is_left_to_a_worker_that_is_not_running():
-    from txmta.tcp import AcceptBalance, map_counts, shared_counts, worker_gone
+    from txmta.tcp import AcceptBalance, worker_gone
 
-    fd = shared_counts(2, 2)
-    counts = map_counts(fd)
-    os.close(fd)
+    counts = slots(2, 2)
     live = [AcceptBalance(counts, listener, 0, 2) for listener in (0, 1)]
     dead = [AcceptBalance(counts, listener, 1, 2) for listener in (0, 1)]
     for b in live:

@@ -597,11 +597,10 @@ def build(cfg: C.Config, reactor: Any, *, worker: int = 0, workers: int = 1,
         queue.events.subscribe(channel.suppressed, events.SuppressionAdded)
     top.partitions = owned_partitions     # type: ignore[attr-defined]
     top.queue = queue                     # type: ignore[attr-defined]
-    def balance(i: int) -> AcceptBalance | None:
-        if accept_counts is None or workers < 2:
-            return None
-        return AcceptBalance(accept_counts, i, worker, workers)
-
+    listeners = len(cfg.listen) + len(cfg.http)
+    balances: list[AcceptBalance | None] = (
+        [AcceptBalance(accept_counts, i, worker, workers) for i in range(listeners)]
+        if accept_counts is not None and workers > 1 else [None] * listeners)
     counts: dict[str, int] = {}
     for i, lst in enumerate(cfg.listen):
         factory: Any = SMTPFactory(policy, lst, receiver, reactor, checker=checker, tls_options=tls,
@@ -612,14 +611,14 @@ def build(cfg: C.Config, reactor: Any, *, worker: int = 0, workers: int = 1,
                                    metrics=metrics, note_auth_failure=maillog.auth_failed,
                                    note_timeout=maillog.timeout)
         listening(reactor, factory, lst, tls, inherited[i] if inherited is not None else None,
-                  workers, balance(i)).setServiceParent(top)
+                  workers, balances[i]).setServiceParent(top)
     if cfg.http:
         from txmta.api.build import http_services
         first = len(cfg.listen)
         for svc in http_services(cfg, reactor, receiver, queue, tls, workers,
                                  inherited[first:] if inherited is not None else None,
                                  metrics=metrics, metrics_dir=metrics_dir, spool=spool,
-                                 balance=lambda i: balance(first + i)):
+                                 balances=balances[first:]):
             svc.setServiceParent(top)
     return top
 

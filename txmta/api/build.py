@@ -133,9 +133,9 @@ def page_routes(h: Any, cfg: C.Config, reactor: Any, allowed: Callable[[Any], bo
 def http_services(cfg: C.Config, reactor: Any, receiver: Any, queue: Any, tls: Any,
                   workers: int, inherited: Sequence[int] | None, *, metrics: Any = None,
                   metrics_dir: str | None = None, spool: Any = None,
-                  balance: Any = None) -> list[IService]:
+                  balances: Sequence[Any] = ()) -> list[IService]:
     """One service per [[http]] table; `inherited`: their sockets, in order, or None;
-    `balance(i)`: the AcceptBalance of the i-th one's shared socket, or None."""
+    `balances`: the AcceptBalance of each one's shared socket (or None), in order."""
     from txmta.worker import listening, share
     try:
         tokens = TokenStore(cfg.api.tokens, reactor.seconds)
@@ -164,7 +164,7 @@ def http_services(cfg: C.Config, reactor: Any, receiver: Any, queue: Any, tls: A
         services.append(listening(reactor, build_site(resource, cfg.spool.max_message_size,
                                                       reactor),
                                   h, tls, inherited[i] if inherited is not None else None,
-                                  workers, balance(i) if balance is not None else None))
+                                  workers, balances[i] if balances else None))
     return services
 
 
